@@ -1,0 +1,19 @@
+"""The block library. Importing this package registers every kind (one module per family).
+
+Families: ``norm``, ``embed``, ``heads``, ``attention``, ``mlp`` (MLP, SwiGLU, GeGLU),
+``moe``, ``recurrent`` (linear attention, GLA, RetNet, RWKV), ``ssm`` (Mamba, S4D),
+``conv`` (Hyena, PoolFormer pooling, ConvFormer separable convolution, MLP-Mixer token MLP,
+identity).
+"""
+
+from archir.blocks import (  # noqa: F401
+    attention,
+    conv,
+    embed,
+    heads,
+    mlp,
+    moe,
+    norm,
+    recurrent,
+    ssm,
+)

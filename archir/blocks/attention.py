@@ -1,0 +1,175 @@
+"""Multi-head softmax attention (role ``token_mixer``).
+
+Vaswani et al., 2017, "Attention Is All You Need"; grouped-query heads from Ainslie et al.,
+2023, "GQA"; RoPE from Su et al., 2021, "RoFormer"; ALiBi from Press et al., 2022, "Train
+Short, Test Long"; sliding windows as in Beltagy et al., 2020, "Longformer".
+
+Shapes: ``x [batch, seq, d_model] -> [batch, seq, d_model]``; ``head_dim = d_model / n_heads``.
+Cost: FLOPs per token at length L = projections ``2·d·(2d + 2·kv_dim)`` plus scores and
+values ``4·L·d`` (computed densely, as the kernel does; a window masks but does not skip).
+Inference state: KV cache ``2 · n_kv_heads · head_dim · min(L, window) · 4`` bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from archir.blocks.common import init_linear
+from archir.registry import BlockKind, BuildContext, KindParams, register
+
+
+class AttentionParams(KindParams):
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1)
+    pos: Literal["rope", "alibi", "none"] = "rope"
+    rope_base: float = Field(10000.0, gt=1)
+    window: int | None = Field(None, ge=1)
+    causal: bool | None = None
+    qkv_bias: bool = False
+
+
+def rope_cos_sin(
+    seq: int, head_dim: int, base: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real-valued rotary tables ``cos, sin: [seq, head_dim]`` (rotate-half layout)."""
+    half = head_dim // 2
+    inv = 1.0 / (base ** (torch.arange(half, dtype=torch.float32, device=device) / half))
+    ang = torch.arange(seq, dtype=torch.float32, device=device)[:, None] * inv[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [batch, heads, seq, head_dim]`` by position (sin/cos, no complex numbers)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Per-head ALiBi slopes (geometric sequence, Press et al., 2022). ``[n_heads]``."""
+
+    def pow2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        vals = pow2(n_heads)
+    else:
+        closest = 2 ** math.floor(math.log2(n_heads))
+        vals = pow2(closest) + pow2(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(vals, dtype=torch.float32)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with RoPE, ALiBi or no positions.
+
+    ``[batch, seq, d_model] -> [batch, seq, d_model]``.
+    """
+
+    def __init__(self, d: int, p: AttentionParams, causal: bool) -> None:
+        super().__init__()
+        self.n_heads = p.n_heads
+        self.n_kv = p.n_kv_heads or p.n_heads
+        self.hd = d // p.n_heads
+        self.pos = p.pos
+        self.base = p.rope_base
+        self.window = p.window
+        self.causal = causal if p.causal is None else p.causal
+        self.q = nn.Linear(d, d, bias=p.qkv_bias)
+        self.k = nn.Linear(d, self.n_kv * self.hd, bias=p.qkv_bias)
+        self.v = nn.Linear(d, self.n_kv * self.hd, bias=p.qkv_bias)
+        self.o = nn.Linear(d, d, bias=False)
+        for layer in (self.q, self.k, self.v, self.o):
+            init_linear(layer)
+        if self.pos == "alibi":
+            self.register_buffer("slopes", alibi_slopes(p.n_heads), persistent=False)
+
+    def _mask(self, T: int, device: torch.device) -> torch.Tensor | None:
+        if self.pos != "alibi" and self.window is None:
+            return None
+        i = torch.arange(T, device=device)[:, None]
+        j = torch.arange(T, device=device)[None, :]
+        allowed = torch.ones(T, T, dtype=torch.bool, device=device)
+        if self.causal:
+            allowed = allowed & (j <= i)
+        if self.window is not None:
+            allowed = allowed & ((i - j).abs() < self.window)
+        bias = torch.zeros(T, T, device=device).masked_fill(~allowed, float("-inf"))
+        if self.pos == "alibi":
+            dist = (i - j).abs().float()
+            bias = bias[None] - self.slopes[:, None, None] * dist[None]
+        return bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if self.pos == "rope":
+            cos, sin = rope_cos_sin(T, self.hd, self.base, x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        mask = self._mask(T, x.device)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _kv_dim(p: AttentionParams, c: BuildContext) -> int:
+    return (p.n_kv_heads or p.n_heads) * (c.d_model // p.n_heads)
+
+
+def _check(p: AttentionParams, c: BuildContext) -> None:
+    if c.d_model % p.n_heads:
+        raise ValueError(f"n_heads {p.n_heads} does not divide d_model {c.d_model}")
+    if p.n_kv_heads is not None and p.n_heads % p.n_kv_heads:
+        raise ValueError(f"n_kv_heads {p.n_kv_heads} does not divide n_heads {p.n_heads}")
+    if p.pos == "rope" and (c.d_model // p.n_heads) % 2:
+        raise ValueError(f"rope needs an even head_dim, got {c.d_model // p.n_heads}")
+
+
+def _params(p: AttentionParams, c: BuildContext) -> int:
+    d, kv = c.d_model, _kv_dim(p, c)
+    n = d * d + 2 * d * kv + d * d
+    if p.qkv_bias:
+        n += d + 2 * kv
+    return n
+
+
+def _flops(p: AttentionParams, c: BuildContext, L: int) -> float:
+    d, kv = c.d_model, _kv_dim(p, c)
+    return 2.0 * d * (2 * d + 2 * kv) + 4.0 * L * d
+
+
+def _state(p: AttentionParams, c: BuildContext, L: int) -> int:
+    ctx = min(L, p.window) if p.window else L
+    return 2 * _kv_dim(p, c) * ctx * 4
+
+
+register(
+    BlockKind(
+        name="attention",
+        role="token_mixer",
+        params=AttentionParams,
+        build=lambda p, c: Attention(c.d_model, p, c.causal),
+        n_params=_params,
+        flops=_flops,
+        state_bytes=_state,
+        check=_check,
+        paper="Vaswani et al., 2017, 'Attention Is All You Need' (+ GQA, RoPE, ALiBi, windows)",
+        summary="multi-head softmax attention; causal/bidirectional, rope/alibi/none, GQA, window",
+    )
+)

@@ -1,0 +1,26 @@
+"""Small helpers shared by block families."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+
+def hidden_size(d_model: int, expansion: float, d_ff: int | None, multiple_of: int = 1) -> int:
+    """Hidden width of a channel mixer: ``d_ff`` if given, else ``expansion·d_model`` rounded
+    up to a multiple of ``multiple_of``."""
+    if d_ff is not None:
+        return d_ff
+    h = int(round(expansion * d_model))
+    return max(multiple_of, int(math.ceil(h / multiple_of) * multiple_of))
+
+
+def linear_params(d_in: int, d_out: int, bias: bool) -> int:
+    return d_in * d_out + (d_out if bias else 0)
+
+
+def init_linear(layer: nn.Linear, std: float = 0.02) -> None:
+    nn.init.normal_(layer.weight, mean=0.0, std=std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)

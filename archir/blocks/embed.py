@@ -1,0 +1,148 @@
+"""Embeddings (role ``embedding``): the graph's entry.
+
+* ``token_embedding``: ``tokens [batch, seq] (int64) -> [batch, seq, d_model]``, with optional
+  learned or sinusoidal absolute positions.
+* ``patch_embedding``: ``images [batch, channels, H, W] -> [batch, n_patches (+1), d_model]``
+  (ViT; Dosovitskiy et al., 2021).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from archir.registry import BlockKind, BuildContext, KindParams, register
+
+
+class TokenEmbeddingParams(KindParams):
+    pos: Literal["none", "learned", "sinusoidal"] = "none"
+
+
+def sinusoidal(positions: torch.Tensor, d: int) -> torch.Tensor:
+    """Sinusoidal position codes (Vaswani et al., 2017). ``[T] -> [T, d]``."""
+    half = d // 2
+    freq = torch.exp(
+        -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=positions.device) / half
+    )
+    ang = positions.float()[:, None] * freq[None, :]
+    out = torch.cat([ang.sin(), ang.cos()], dim=-1)
+    if d % 2:
+        out = torch.cat([out, torch.zeros_like(out[:, :1])], dim=-1)
+    return out
+
+
+class TokenEmbedding(nn.Module):
+    """Token lookup table, plus absolute positions when ``pos`` is learned/sinusoidal.
+
+    ``[batch, seq] int64 -> [batch, seq, d_model]``.
+    """
+
+    def __init__(self, vocab: int, d: int, max_len: int, pos: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(vocab, d) * 0.02)
+        self.pos = pos
+        self.d = d
+        if pos == "learned":
+            self.pos_weight = nn.Parameter(torch.randn(max_len, d) * 0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.embedding(tokens, self.weight)
+        if self.pos == "learned":
+            x = x + self.pos_weight[: tokens.shape[1]]
+        elif self.pos == "sinusoidal":
+            x = x + sinusoidal(torch.arange(tokens.shape[1], device=tokens.device), self.d)
+        return x
+
+
+class PatchEmbeddingParams(KindParams):
+    patch_size: int = Field(2, ge=1)
+    cls_token: bool = False
+    pos: Literal["none", "learned"] = "learned"
+
+
+class PatchEmbedding(nn.Module):
+    """Non-overlapping patches projected to ``d_model`` (Dosovitskiy et al., 2021, "An Image
+    is Worth 16x16 Words"). ``[batch, C, H, W] -> [batch, (H/p)·(W/p) (+1 CLS), d_model]``."""
+
+    def __init__(self, channels: int, d: int, image: int, patch: int, cls: bool, pos: str):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, d, kernel_size=patch, stride=patch)
+        n = (image // patch) ** 2 + (1 if cls else 0)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d)) if cls else None
+        self.pos_weight = nn.Parameter(torch.randn(1, n, d) * 0.02) if pos == "learned" else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.proj(images).flatten(2).transpose(1, 2)
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_weight is not None:
+            x = x + self.pos_weight
+        return x
+
+
+def _check_token(p: TokenEmbeddingParams, c: BuildContext) -> None:
+    if c.vocab_size <= 0:
+        raise ValueError("token_embedding needs model.vocab_size > 0")
+
+
+def _n_patches(p: PatchEmbeddingParams, c: BuildContext) -> int:
+    return (c.image_size // p.patch_size) ** 2
+
+
+def _check_patch(p: PatchEmbeddingParams, c: BuildContext) -> None:
+    if c.image_size <= 0:
+        raise ValueError("patch_embedding needs model.image_size > 0")
+    if c.image_size % p.patch_size:
+        raise ValueError(f"patch_size {p.patch_size} does not divide image_size {c.image_size}")
+
+
+register(
+    BlockKind(
+        name="token_embedding",
+        role="embedding",
+        params=TokenEmbeddingParams,
+        build=lambda p, c: TokenEmbedding(c.vocab_size, c.d_model, c.max_seq_len, p.pos),
+        n_params=lambda p, c: (
+            c.vocab_size * c.d_model + (c.max_seq_len * c.d_model if p.pos == "learned" else 0)
+        ),
+        flops=lambda p, c, L: 0.0,
+        check=_check_token,
+        paper="Vaswani et al., 2017, 'Attention Is All You Need' (positions: learned or sinusoidal)",
+        summary="token lookup table [batch, seq] -> [batch, seq, d_model]; pos none/learned/sinusoidal",
+    )
+)
+register(
+    BlockKind(
+        name="patch_embedding",
+        role="embedding",
+        params=PatchEmbeddingParams,
+        build=lambda p, c: PatchEmbedding(
+            c.channels, c.d_model, c.image_size, p.patch_size, p.cls_token, p.pos
+        ),
+        n_params=lambda p, c: (
+            c.channels * p.patch_size**2 * c.d_model
+            + c.d_model
+            + (c.d_model if p.cls_token else 0)
+            + (
+                (_n_patches(p, c) + (1 if p.cls_token else 0)) * c.d_model
+                if p.pos == "learned"
+                else 0
+            )
+        ),
+        flops=lambda p, c, L: 2.0 * c.channels * p.patch_size**2 * c.d_model,
+        check=_check_patch,
+        paper="Dosovitskiy et al., 2021, 'An Image is Worth 16x16 Words'",
+        summary="image patches -> tokens [batch, C, H, W] -> [batch, n_patches(+CLS), d_model]",
+        extra={
+            "out_shape": lambda p, c, shape: (
+                shape[0],
+                _n_patches(p, c) + (1 if p.cls_token else 0),
+                c.d_model,
+            )
+        },
+    )
+)

@@ -1,0 +1,84 @@
+"""The ``archir`` command line. The top floor: it may import searchers and exporters (lazily).
+
+Each subcommand lives in its own module exposing ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``; only the module of the command being run is imported. User errors
+(:class:`~archir.errors.ArchirError`) print one or two lines and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from archir.errors import ArchirError
+
+COMMANDS: dict[str, str] = {
+    "validate": "archir.commands.validate",
+    "show": "archir.commands.show",
+    "blocks": "archir.commands.blocks",
+    "schema": "archir.commands.schema",
+    "train": "archir.commands.train",
+    "tasks": "archir.commands.tasks",
+    "mad": "archir.commands.mad",
+    "search": "searchers.cli_search",
+    "report": "searchers.cli_report",
+    "export": "exporters.cli_export",
+    "latency": "exporters.cli_latency",
+}
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(COMMANDS[name])
+    except ModuleNotFoundError as exc:
+        if exc.name == COMMANDS[name]:
+            return None
+        raise
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    from archir import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="archir",
+        description="Declarative graph compiler and neural-architecture search engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"archir {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        if only is not None and name != only:
+            continue
+        mod = _module(name)
+        if mod is None:
+            continue
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    only = first if first in COMMANDS else None
+    if only is not None and _module(only) is None:
+        print(f"archir: command '{only}' is not available in this build", file=sys.stderr)
+        return 2
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except ArchirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

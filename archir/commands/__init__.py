@@ -1,0 +1,1 @@
+"""Subcommands of the ``archir`` CLI, one module each."""

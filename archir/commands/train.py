@@ -1,0 +1,52 @@
+"""``archir train SPEC``: train a concrete spec on a task; write checkpoint + metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "train a concrete spec on a task (text:pydoc, text:<file>, digits, mad:<task>)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="concrete spec file")
+    p.add_argument("--task", help="task name (default: the spec's train.task)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--time-budget", type=float, dest="time_budget_s", help="seconds")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--out", help="output folder (default runs/<name>/train)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from archir.spec import load_spec
+    from archir.train import train
+
+    spec = load_spec(args.spec)
+    cfg = spec.model.train
+    updates = {
+        k: v
+        for k, v in {
+            "task": args.task,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "lr": args.lr,
+            "seed": args.seed,
+            "time_budget_s": args.time_budget_s,
+            "threads": args.threads,
+        }.items()
+        if v is not None
+    }
+    cfg = cfg.model_validate({**cfg.model_dump(), **updates})
+    out = Path(args.out) if args.out else Path("runs") / spec.name / "train"
+    result = train(spec, out_dir=out, cfg=cfg, progress=not args.no_progress)
+    m = {k: v for k, v in result.metrics.items() if k != "history"}
+    print(json.dumps(m, indent=2, default=float))
+    print(f"wrote {out}/model.safetensors, spec.yaml, metrics.json")
+    return 0 if result.status != "failed" else 1

@@ -1,0 +1,133 @@
+"""The cost pass: exact parameters, FLOPs per token, inference state and weight bytes.
+
+Units:
+    params          trainable parameters; tied and shared weights counted once.
+    flops_per_token forward FLOPs per token at sequence length ``seq_len`` (a multiply-add is
+                    2 FLOPs; matmul-class operations as counted by ``torch.utils.flop_counter``,
+                    plus the scans of state-space mixers, which have no matmul form).
+    state_bytes     inference state per sequence at ``seq_len`` in fp32 (KV caches grow with
+                    length, recurrent state does not).
+    weight_bytes    parameters × bits / 8 at each node's weight ``bits``.
+    weight_bits_avg parameter-weighted mean of the weight bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from archir import registry
+from archir.ir import Graph, Node, build_graph
+from archir.spec.loader import Spec
+from archir.spec.models import SpecModel
+
+
+@dataclass
+class NodeCost:
+    name: str
+    role: str
+    kind: str
+    shape: str
+    params: int
+    flops_per_token: float
+    state_bytes: int
+    weight_bytes: float
+    bits: float
+    shared_with: str | None = None
+
+
+@dataclass
+class CostReport:
+    """Totals and per-node rows of the cost pass (``archir show --json``)."""
+
+    name: str
+    seq_len: int
+    params: int
+    flops_per_token: float
+    state_bytes: int
+    weight_bytes: float
+    weight_bits_avg: float
+    blocks: list[NodeCost] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _norm_params(name: str | None, node: Node) -> int:
+    if name is None:
+        return 0
+    k = registry.get(name)
+    assert node.ctx is not None
+    return k.n_params(k.params(), node.ctx)
+
+
+def node_cost(node: Node, seq_len: int) -> NodeCost:
+    """Cost of one IR node (weights of a node sharing another's are counted as 0)."""
+    ctx = node.ctx
+    assert ctx is not None
+    params = 0
+    flops = 0.0
+    state = 0
+    role = node.op
+    kind_name = node.kind or node.merge
+    if node.op == "merge":
+        role = "merge"
+        params = len(node.inputs) if node.merge == "weighted" else 0
+    else:
+        kind = registry.get(node.kind or "")
+        role = kind.role
+        params = kind.n_params(node.params, ctx)
+        flops = float(kind.flops(node.params, ctx, seq_len))
+        state = int(kind.state_bytes(node.params, ctx, seq_len))
+        if node.op == "block":
+            params += _norm_params(node.norm, node)
+            if node.residual == "peri_norm":
+                params += _norm_params(node.norm, node)
+            elif node.residual == "post_norm" and node.norm is None:
+                pass
+    if node.weights_of is not None:
+        params = 0
+    return NodeCost(
+        name=node.name,
+        role=role,
+        kind=kind_name,
+        shape=str(node.out) if node.out else "?",
+        params=params,
+        flops_per_token=flops,
+        state_bytes=state,
+        weight_bytes=params * node.bits / 8.0,
+        bits=node.bits,
+        shared_with=node.weights_of,
+    )
+
+
+def analyze_graph(graph: Graph, seq_len: int | None = None) -> CostReport:
+    """Run the cost pass over a built graph."""
+    m = graph.spec.model
+    L = int(seq_len or min(graph.spec.train.seq_len, m.max_seq_len))
+    rows = [node_cost(n, L) for n in graph]
+    params = sum(r.params for r in rows)
+    bits_w = sum(r.params * r.bits for r in rows)
+    return CostReport(
+        name=graph.spec.name,
+        seq_len=L,
+        params=params,
+        flops_per_token=sum(r.flops_per_token for r in rows),
+        state_bytes=sum(r.state_bytes for r in rows),
+        weight_bytes=sum(r.weight_bytes for r in rows),
+        weight_bits_avg=(bits_w / params) if params else 0.0,
+        blocks=rows,
+    )
+
+
+def analyze(spec: Spec | SpecModel, seq_len: int | None = None) -> CostReport:
+    """Cost report of a concrete spec (the numbers ``archir show --json`` prints).
+
+    Args:
+        spec: a concrete :class:`Spec` or :class:`SpecModel`.
+        seq_len: sequence length for FLOPs and state (default: ``train.seq_len``).
+
+    Raises:
+        SpecError: the spec is open; GraphError: the graph does not validate.
+    """
+    return analyze_graph(build_graph(spec), seq_len)

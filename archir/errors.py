@@ -1,0 +1,105 @@
+"""Errors a user can cause.
+
+Every error a spec, a command line or a data file can trigger is an :class:`ArchirError`
+carrying a *location* (file, line, column, field path) and a *hint*. The CLI prints
+``str(err)`` — one or two lines — and exits with code 2. Tracebacks are reserved for bugs.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where in a spec file something is.
+
+    ``field`` is a dotted path such as ``model.layers.0.blocks.1.n_heads``; ``line`` and
+    ``column`` are 1-based and ``None`` when unknown (e.g. a spec built in Python).
+    """
+
+    file: str | None = None
+    line: int | None = None
+    column: int | None = None
+    field: str | None = None
+
+    def __str__(self) -> str:
+        parts: list[str] = []
+        if self.file:
+            pos = self.file
+            if self.line is not None:
+                pos += f":{self.line}"
+                if self.column is not None:
+                    pos += f":{self.column}"
+            parts.append(pos)
+        if self.field:
+            parts.append(self.field)
+        return ": ".join(parts)
+
+
+class ArchirError(Exception):
+    """Base class of all user-facing errors.
+
+    Attributes:
+        message: what is wrong, and what was expected.
+        location: where (file:line:col and field path), may be ``None``.
+        hint: what to do about it (e.g. the nearest valid name), may be ``None``.
+    """
+
+    exit_code = 2
+
+    def __init__(
+        self, message: str, location: Location | None = None, hint: str | None = None
+    ) -> None:
+        self.message = message
+        self.location = location
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        loc = str(self.location) if self.location else ""
+        text = f"{loc}: {self.message}" if loc else self.message
+        if self.hint:
+            text += f" (hint: {self.hint})"
+        return text
+
+
+class SpecError(ArchirError):
+    """A spec file is malformed: bad YAML, unknown field or kind, wrong type, bad value."""
+
+
+class GraphError(ArchirError):
+    """The graph a spec describes is invalid: shape mismatch, cycle, unknown input name."""
+
+
+class BudgetError(ArchirError):
+    """A model or run exceeds a hard limit (e.g. parameter count) and was refused."""
+
+
+class TaskError(ArchirError):
+    """A task or its data cannot be used (missing file, too short, unknown task name)."""
+
+
+class TrainingError(ArchirError):
+    """Training failed in a way that is the input's fault (e.g. loss became NaN)."""
+
+
+class SearchError(ArchirError):
+    """A search cannot start or continue (bad objective, unreachable storage ...)."""
+
+
+class ExportError(ArchirError):
+    """An export was refused (parity failure, unsupported precision ...)."""
+
+
+def did_you_mean(name: str, options: Iterable[str]) -> str | None:
+    """Return ``"did you mean 'x'?"`` for the closest option, or a list of options."""
+    opts = sorted(set(options))
+    close = difflib.get_close_matches(str(name), opts, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    if len(opts) <= 12:
+        return "expected one of: " + ", ".join(opts)
+    return None

@@ -1,0 +1,388 @@
+"""The intermediate representation: a typed DAG of blocks.
+
+``build_graph(spec)`` expands a concrete spec into a :class:`Graph` — a networkx ``DiGraph``
+whose nodes are :class:`Node` objects with stable path names (``embed``,
+``layers.3.blocks.1``, ``final_norm``, ``head``) — and runs the shape pass: every node gets
+an output :class:`TensorType` and every edge is checked. Errors name the node path, both
+shapes and the spec location.
+
+Node kinds:
+
+* a **block** node wraps one registered kind in its residual structure
+  (``pre_norm``: ``x + s·f(norm(x))``; ``post_norm``: ``norm(x + s·f(x))``;
+  ``peri_norm``: ``x + s·norm(f(norm(x)))``; ``residual: false``: ``f(norm(x))``);
+* a **merge** node combines several outputs (``sum``, ``mean`` or learned softmax
+  ``weighted`` average) — made for ``inputs:`` lists and for parallel layers
+  (``x + f₁(norm(x)) + f₂(norm(x))``, GPT-J / PaLM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from archir import registry
+from archir.errors import GraphError, Location
+from archir.registry import BlockKind, BuildContext, KindParams
+from archir.spec.loader import Spec
+from archir.spec.models import SpecModel
+from archir.spec.source import PathKey, SourceMap
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """A symbolic tensor type: shape with named dynamic axes, dtype and bits.
+
+    ``shape`` mixes ints and names, e.g. ``("batch", "seq", 256)``.
+    """
+
+    shape: tuple[Dim, ...]
+    dtype: str = "float32"
+    bits: float = 16
+
+    def __str__(self) -> str:
+        return "[" + ", ".join(str(d) for d in self.shape) + "]"
+
+
+@dataclass
+class Node:
+    """One node of the IR.
+
+    Attributes:
+        name: stable path name, e.g. ``layers.2.blocks.0``.
+        op: ``"embed"``, ``"block"``, ``"merge"``, ``"norm"`` (final norm) or ``"head"``.
+        kind: registry kind name (``None`` for merge nodes).
+        params: the kind's validated parameters.
+        inputs: names of input nodes, in order.
+        ctx: build context (d_model, bits, path ...).
+        norm: pre-norm kind (``None`` for none).
+        residual: ``pre_norm``/``post_norm``/``peri_norm``, or ``None`` (no skip).
+        residual_scale: branch multiplier.
+        merge: for merge nodes: ``sum``/``mean``/``weighted``.
+        weights_of: name of the node whose weights this node reuses (``share_weights``),
+            ``None`` when it owns its weights.
+        spec_path: where the node was written in the spec (for errors).
+        out: output type (set by the shape pass).
+    """
+
+    name: str
+    op: str
+    kind: str | None = None
+    params: KindParams | None = None
+    inputs: list[str] = field(default_factory=list)
+    ctx: BuildContext | None = None
+    norm: str | None = None
+    residual: str | None = None
+    residual_scale: float = 1.0
+    merge: str = "sum"
+    weights_of: str | None = None
+    spec_path: PathKey = ()
+    out: TensorType | None = None
+
+    @property
+    def block_kind(self) -> BlockKind | None:
+        return registry.get(self.kind) if self.kind else None
+
+    @property
+    def bits(self) -> float:
+        return self.ctx.bits if self.ctx else 16
+
+
+class Graph:
+    """A typed DAG of :class:`Node` objects in execution (topological, spec) order."""
+
+    def __init__(self, spec: SpecModel, source: SourceMap | None = None) -> None:
+        self.spec = spec
+        self.source = source
+        self.g: nx.DiGraph = nx.DiGraph()
+        self._order: list[str] = []
+
+    # container protocol ---------------------------------------------------------------
+    def add(self, node: Node) -> Node:
+        self.g.add_node(node.name, node=node)
+        for src in node.inputs:
+            self.g.add_edge(src, node.name)
+        self._order.append(node.name)
+        return node
+
+    def __getitem__(self, name: str) -> Node:
+        return self.g.nodes[name]["node"]
+
+    def __iter__(self) -> Iterator[Node]:
+        return (self[n] for n in self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @property
+    def output(self) -> str:
+        return self._order[-1]
+
+    def locate(self, node: Node, sub: str | None = None) -> Location | None:
+        if self.source is None:
+            return Location(field=".".join(str(p) for p in node.spec_path) or None)
+        return self.source.locate(node.spec_path + ((sub,) if sub else ()))
+
+
+def _ctx(m: Any, bits: float | None, path: str) -> BuildContext:
+    causal = m.task == "causal_lm"
+    return BuildContext(
+        d_model=m.d_model,
+        vocab_size=m.vocab_size,
+        max_seq_len=m.max_seq_len,
+        causal=causal,
+        n_classes=m.n_classes,
+        image_size=m.image_size,
+        channels=m.channels,
+        bits=float(bits if bits is not None else m.bits),
+        path=path,
+    )
+
+
+def build_graph(spec: Spec | SpecModel, *, check: bool = True) -> Graph:
+    """Expand a concrete spec into the IR and run the shape/validation pass.
+
+    Raises:
+        SpecError: the spec is open (has search nodes).
+        GraphError: unknown or forward ``inputs`` names, cycles, a kind's parameters that do
+            not fit the model (e.g. heads not dividing ``d_model``), or mismatched shapes.
+    """
+    source = spec.smap if isinstance(spec, Spec) else None
+    sm = spec.model if isinstance(spec, Spec) else spec
+    m = sm.model
+    graph = Graph(sm, source)
+
+    def node_loc(path: PathKey) -> Location | None:
+        return source.locate(path) if source else Location(field=".".join(map(str, path)))
+
+    embed = graph.add(
+        Node(
+            "embed",
+            "embed",
+            m.embed.kind,
+            m.embed.params,
+            [],
+            _ctx(m, m.embed.bits, "embed"),
+            spec_path=("model", "embed"),
+        )
+    )
+    names: dict[str, str] = {"embed": embed.name}
+    prev = embed.name
+    layer = 0
+    merges = 0
+    for gi, group in enumerate(m.layers):
+        first_of_group: dict[int, str] = {}
+        for rep in range(group.repeat):
+            layer_in = prev
+            branch_outs: list[str] = []
+            seen_here: set[str] = set()
+            for bi, block in enumerate(group.blocks):
+                spath: PathKey = ("model", "layers", gi, "blocks", bi)
+                name = f"layers.{layer}.blocks.{bi}"
+                if block.inputs:
+                    srcs = []
+                    for ref in block.inputs:
+                        if ref not in names:
+                            later = any(b.name == ref for g in m.layers for b in g.blocks)
+                            raise GraphError(
+                                f"input '{ref}' is not the name of an earlier block"
+                                + (
+                                    " (it names a later block: that would make a cycle)"
+                                    if later
+                                    else ""
+                                ),
+                                node_loc(spath + ("inputs",)),
+                                "inputs may name 'embed' or blocks written above this one",
+                            )
+                        srcs.append(names[ref])
+                    if len(srcs) == 1:
+                        x_in = srcs[0]
+                    else:
+                        merges += 1
+                        mname = f"{name}.merge"
+                        graph.add(
+                            Node(
+                                mname,
+                                "merge",
+                                inputs=srcs,
+                                merge=block.merge,
+                                ctx=_ctx(m, None, mname),
+                                spec_path=spath + ("inputs",),
+                            )
+                        )
+                        x_in = mname
+                elif group.residual == "parallel":
+                    x_in = layer_in
+                else:
+                    x_in = prev
+                if group.residual == "parallel":
+                    residual = None
+                else:
+                    residual = group.residual if block.residual else None
+                norm = block.norm if block.norm is not None else m.norm
+                node = Node(
+                    name,
+                    "block",
+                    block.kind,
+                    block.params,
+                    [x_in],
+                    _ctx(m, block.bits, name),
+                    norm=None if norm == "none" else norm,
+                    residual=residual,
+                    residual_scale=block.residual_scale,
+                    spec_path=spath,
+                )
+                if group.share_weights and rep > 0:
+                    node.weights_of = first_of_group[bi]
+                else:
+                    first_of_group[bi] = name
+                graph.add(node)
+                if block.name:
+                    if block.name in seen_here or (rep == 0 and block.name in names):
+                        raise GraphError(
+                            f"block name '{block.name}' is used twice",
+                            node_loc(spath + ("name",)),
+                            "give every named block its own name",
+                        )
+                    seen_here.add(block.name)
+                    names[block.name] = name
+                branch_outs.append(name)
+                prev = name
+            if group.residual == "parallel":
+                mname = f"layers.{layer}.parallel"
+                graph.add(
+                    Node(
+                        mname,
+                        "merge",
+                        inputs=[layer_in, *branch_outs],
+                        merge="sum",
+                        ctx=_ctx(m, None, mname),
+                        spec_path=("model", "layers", gi, "residual"),
+                    )
+                )
+                prev = mname
+            layer += 1
+    final = m.final_norm if m.final_norm is not None else m.norm
+    if final != "none":
+        graph.add(
+            Node(
+                "final_norm",
+                "norm",
+                final,
+                registry.get(final).params(),
+                [prev],
+                _ctx(m, None, "final_norm"),
+                spec_path=("model", "final_norm") if m.final_norm else ("model", "norm"),
+            )
+        )
+        prev = "final_norm"
+    graph.add(
+        Node(
+            "head",
+            "head",
+            m.head.kind,
+            m.head.params,
+            [prev],
+            _ctx(m, m.head.bits, "head"),
+            spec_path=("model", "head"),
+        )
+    )
+    if not nx.is_directed_acyclic_graph(graph.g):  # pragma: no cover - guarded above
+        cycle = " -> ".join(u for u, _ in nx.find_cycle(graph.g))
+        raise GraphError(f"the graph has a cycle: {cycle}")
+    if check:
+        infer_shapes(graph)
+    return graph
+
+
+def _input_type(m: Any) -> TensorType:
+    if m.task == "image_classification":
+        return TensorType(("batch", m.channels, m.image_size, m.image_size))
+    return TensorType(("batch", "seq"), dtype="int64")
+
+
+def infer_shapes(graph: Graph) -> None:
+    """Shape inference and validation over the whole graph (in place).
+
+    Raises:
+        GraphError: naming the node path, the shapes involved and the spec location.
+    """
+    m = graph.spec.model
+    for node in graph:
+        kind = node.block_kind
+        if kind is not None and node.ctx is not None:
+            try:
+                kind.check(node.params, node.ctx)
+            except ValueError as exc:
+                raise GraphError(f"{node.name}: {exc}", graph.locate(node)) from None
+        if node.norm is not None:
+            registry.get(node.norm).check(registry.get(node.norm).params(), node.ctx)
+        if node.op == "embed":
+            assert kind is not None
+            in_t = _input_type(m)
+            out_shape = kind.extra.get("out_shape")
+            node.out = TensorType(
+                out_shape(node.params, node.ctx, in_t.shape)
+                if out_shape
+                else (*in_t.shape[:2], m.d_model),
+                bits=node.bits,
+            )
+            continue
+        in_types = [graph[s].out for s in node.inputs]
+        assert all(t is not None for t in in_types)
+        if node.op == "merge":
+            first = in_types[0]
+            for src, t in zip(node.inputs[1:], in_types[1:]):
+                if t != first:
+                    raise GraphError(
+                        f"{node.name}: inputs disagree: {node.inputs[0]} gives {first}, "
+                        f"{src} gives {t}",
+                        graph.locate(node),
+                        "merged outputs must have the same shape",
+                    )
+            node.out = first
+            continue
+        x = in_types[0]
+        assert x is not None
+        if len(x.shape) != 3 or x.shape[-1] != m.d_model:
+            raise GraphError(
+                f"{node.name}: expects [batch, seq, {m.d_model}] but {node.inputs[0]} gives {x}",
+                graph.locate(node),
+                "check the embedding and the inputs of this block",
+            )
+        if node.op == "head":
+            assert kind is not None
+            out_shape = kind.extra.get("out_shape")
+            node.out = TensorType(
+                out_shape(node.params, node.ctx, x.shape) if out_shape else x.shape, bits=node.bits
+            )
+        else:
+            node.out = TensorType(x.shape, bits=node.bits)
+
+
+def graph_summary(graph: Graph) -> list[dict[str, Any]]:
+    """A plain-data description of the nodes (used by ``show`` and the canonical hash)."""
+    rows = []
+    for n in graph:
+        rows.append(
+            {
+                "name": n.name,
+                "op": n.op,
+                "kind": n.kind,
+                "params": n.params.model_dump() if n.params is not None else {},
+                "inputs": list(n.inputs),
+                "norm": n.norm,
+                "residual": n.residual,
+                "residual_scale": n.residual_scale,
+                "merge": n.merge if n.op == "merge" else None,
+                "weights_of": n.weights_of,
+                "bits": n.bits,
+                "shape": [str(d) for d in n.out.shape] if n.out else None,
+            }
+        )
+    return rows

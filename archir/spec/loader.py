@@ -1,0 +1,408 @@
+"""Loading and validating spec files: ``load_spec(path) -> Spec``.
+
+A :class:`Spec` wraps the spec data as written (possibly holding search-space nodes), the
+source map used to locate errors, and — for a concrete spec — the validated
+:class:`~archir.spec.models.SpecModel`. An *open* spec (one with search nodes) is validated
+by checking every option of every node against the typed models, so a typo in an option that
+a search would only reach after an hour is reported at load time.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from archir import registry
+from archir.errors import SpecError, did_you_mean
+from archir.spec.models import COMMON_BLOCK_KEYS, BlockSpec, ComponentSpec, SpecModel
+from archir.spec.source import PathKey, SourceMap, parse_source, path_str, read_source
+from archir.spec.space import (
+    Decide,
+    SearchNode,
+    default_decisions,
+    find_nodes,
+    fix,
+    is_node,
+)
+
+Trace = dict[PathKey, PathKey]
+
+
+def _translate(path: PathKey, trace: Trace | None) -> PathKey:
+    """Map a path in fixed (concrete) data back to the path in the written spec."""
+    if not trace:
+        return path
+    for n in range(len(path), -1, -1):
+        src = trace.get(path[:n])
+        if src is not None:
+            return src + path[n:]
+    return path
+
+
+def _model_fields(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Valid field names of the pydantic model that sits at ``loc`` (for hints)."""
+    from archir.spec import models as m
+    from archir.spec import sections as s
+
+    table: dict[tuple[Any, ...], type[BaseModel]] = {
+        (): m.SpecModel,
+        ("model",): m.ModelSpec,
+        ("train",): s.TrainSection,
+        ("search",): s.SearchSection,
+        ("search", "budget"): s.BudgetSection,
+    }
+    if len(loc) == 3 and loc[:1] == ("model",) and loc[1] == "layers":
+        return _model_fields(m.LayerGroup)
+    model = table.get(tuple(loc))
+    return _model_fields(model) if model else []
+
+
+def _raise_validation(
+    exc: ValidationError,
+    prefix: PathKey,
+    smap: SourceMap | None,
+    trace: Trace | None,
+    fields_hint: list[str] | None = None,
+    what: str = "",
+) -> None:
+    err = exc.errors(include_url=False)[0]
+    loc = prefix + tuple(err["loc"])
+    src = _translate(loc, trace)
+    typ = err["type"]
+    hint = None
+    if typ == "extra_forbidden":
+        key = str(loc[-1])
+        options = fields_hint if fields_hint is not None else _fields_at(tuple(err["loc"])[:-1])
+        hint = did_you_mean(key, options) if options else None
+        msg = f"unknown field '{key}'{what}"
+        location = smap.locate(src, key=True) if smap else None
+    elif typ == "missing":
+        msg = f"missing required field '{loc[-1]}'{what}"
+        location = smap.locate(src[:-1]) if smap else None
+        location = (
+            type(location)(location.file, location.line, location.column, path_str(src))
+            if location
+            else None
+        )
+    else:
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if "input" in err and not isinstance(err["input"], dict | list):
+            msg += f", got {err['input']!r}"
+        if typ == "literal_error":
+            hint = None
+        location = smap.locate(src) if smap else None
+    more = len(exc.errors()) - 1
+    if more > 0:
+        hint = (hint + "; " if hint else "") + f"{more} more problem(s) after this one"
+    raise SpecError(msg, location, hint) from None
+
+
+def _validate_component(
+    comp: BlockSpec | ComponentSpec,
+    path: PathKey,
+    expected_roles: tuple[str, ...],
+    smap: SourceMap | None,
+    trace: Trace | None,
+) -> None:
+    def loc(p: PathKey) -> Any:
+        return smap.locate(_translate(p, trace)) if smap else None
+
+    try:
+        kind = registry.get(comp.kind)
+    except KeyError:
+        role_word = "/".join(expected_roles)
+        raise SpecError(
+            f"unknown {role_word} kind '{comp.kind}'",
+            loc(path + ("kind",)),
+            did_you_mean(comp.kind, [k.name for r in expected_roles for k in registry.kinds(r)])
+            or "run 'archir blocks' to list kinds",
+        ) from None
+    if kind.role not in expected_roles:
+        raise SpecError(
+            f"kind '{comp.kind}' is a {kind.role}, not a {'/'.join(expected_roles)}",
+            loc(path + ("kind",)),
+            "run 'archir blocks' to list kinds by role",
+        )
+    if isinstance(comp, BlockSpec) and comp.role is not None and comp.role != kind.role:
+        raise SpecError(
+            f"role '{comp.role}' does not match kind '{comp.kind}', which is a {kind.role}",
+            loc(path + ("role",)),
+            f"write role: {kind.role} or leave role out",
+        )
+    try:
+        params = kind.params.model_validate(comp.kind_params())
+    except ValidationError as exc:
+        common = COMMON_BLOCK_KEYS if isinstance(comp, BlockSpec) else {"kind", "bits"}
+        _raise_validation(
+            exc,
+            path,
+            smap,
+            trace,
+            list(kind.params.model_fields) + sorted(common),
+            f" for kind '{comp.kind}'",
+        )
+    comp._params = params
+
+
+def _check_norm(name: str | None, path: PathKey, smap: SourceMap | None, trace: Trace | None):
+    if name is None or name == "none":
+        return
+    if name not in registry.names("norm"):
+        raise SpecError(
+            f"unknown norm kind '{name}'",
+            smap.locate(_translate(path, trace)) if smap else None,
+            did_you_mean(name, registry.names("norm") + ["none"]),
+        )
+
+
+def validate_concrete(
+    data: Any, smap: SourceMap | None = None, trace: Trace | None = None
+) -> SpecModel:
+    """Validate concrete spec data into a :class:`SpecModel` with each kind's params attached.
+
+    Raises:
+        SpecError: located at the offending field, with a hint where one is known.
+    """
+    if not isinstance(data, dict):
+        raise SpecError(
+            "a spec must be a mapping with 'archir', 'name' and 'model'",
+            smap.locate(()) if smap else None,
+            "see specs/zoo/transformer.yaml",
+        )
+    try:
+        spec = SpecModel.model_validate(data)
+    except ValidationError as exc:
+        _raise_validation(exc, (), smap, trace)
+    m = spec.model
+    _validate_component(m.embed, ("model", "embed"), ("embedding",), smap, trace)
+    _validate_component(m.head, ("model", "head"), ("head",), smap, trace)
+    _check_norm(m.norm, ("model", "norm"), smap, trace)
+    _check_norm(m.final_norm, ("model", "final_norm"), smap, trace)
+    for gi, group in enumerate(m.layers):
+        for bi, block in enumerate(group.blocks):
+            path: PathKey = ("model", "layers", gi, "blocks", bi)
+            _validate_component(block, path, ("token_mixer", "channel_mixer", "norm"), smap, trace)
+            _check_norm(block.norm, path + ("norm",), smap, trace)
+    return spec
+
+
+def _prune_choice_kind(raw: Any, concrete: Any) -> Any:
+    """A block whose ``kind`` was a choice keeps only the keys its chosen kind accepts."""
+    if not (isinstance(raw, dict) and isinstance(concrete, dict) and is_node(raw.get("kind"))):
+        return concrete
+    try:
+        accepted = set(registry.get(str(concrete.get("kind"))).params.model_fields)
+    except KeyError:
+        return concrete
+    return {k: v for k, v in concrete.items() if k in COMMON_BLOCK_KEYS or k in accepted}
+
+
+def _check_choice_kind_keys(data: Any, smap: SourceMap | None) -> None:
+    """Keys beside a ``kind: {choice: [...]}`` must be accepted by at least one option."""
+
+    def walk(v: Any, path: PathKey) -> None:
+        if isinstance(v, dict):
+            kn = v.get("kind")
+            if is_node(kn) and "choice" in kn and all(isinstance(o, str) for o in kn["choice"]):
+                accepted: set[str] = set(COMMON_BLOCK_KEYS)
+                for opt in kn["choice"]:
+                    try:
+                        accepted |= set(registry.get(opt).params.model_fields)
+                    except KeyError:
+                        pass  # reported by the per-option validation
+                for key in v:
+                    if key not in accepted:
+                        raise SpecError(
+                            f"unknown field '{key}': no kind in {kn['choice']} accepts it",
+                            smap.locate(path + (key,), key=True) if smap else None,
+                            did_you_mean(key, sorted(accepted)),
+                        )
+            for k, sub in v.items():
+                walk(sub, path + (k,))
+        elif isinstance(v, list):
+            for i, sub in enumerate(v):
+                walk(sub, path + (i,))
+
+    walk(data, ())
+
+
+class Spec:
+    """A spec as written: data (possibly open), where it came from, and its validation.
+
+    Attributes:
+        data: the spec data as loaded (search nodes kept).
+        smap: positions of fields in the source text (for errors).
+        nodes: the open decisions (empty for a concrete spec).
+        decisions: for a spec made by :meth:`fix`, the decisions that made it.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        smap: SourceMap | None = None,
+        *,
+        decisions: dict[str, Any] | None = None,
+        trace: Trace | None = None,
+    ) -> None:
+        self.data = data
+        self.smap = smap or SourceMap()
+        self.decisions = decisions or {}
+        self.nodes: list[SearchNode] = find_nodes(data, self.smap)
+        self._model: SpecModel | None = None
+        if self.nodes:
+            self._validate_open()
+        else:
+            self._model = validate_concrete(data, self.smap, trace)
+
+    # -- properties -------------------------------------------------------------------
+    @property
+    def file(self) -> str | None:
+        return self.smap.file
+
+    @property
+    def is_concrete(self) -> bool:
+        return not self.nodes
+
+    @property
+    def name(self) -> str:
+        return str(self.data.get("name", "spec")) if isinstance(self.data, dict) else "spec"
+
+    @property
+    def model(self) -> SpecModel:
+        """The validated concrete spec. Raises SpecError for an open spec."""
+        if self._model is None:
+            raise SpecError(
+                f"the spec has {len(self.nodes)} open search node(s) (first: {self.nodes[0].name})",
+                self.smap.locate(self.nodes[0].path),
+                "fix the choices (archir search does) or replace them by values",
+            )
+        return self._model
+
+    # -- operations --------------------------------------------------------------------
+    def fix(self, decide: Decide) -> Spec:
+        """The concrete spec for the given decisions (mapping or ``node -> value``).
+
+        Raises:
+            SpecError: missing/invalid decision, or the fixed spec does not validate.
+        """
+        trace: Trace = {}
+        concrete, decisions = _fix_traced(self.data, decide, self.smap, trace)
+        return Spec._concrete(concrete, self.smap, decisions, trace)
+
+    @classmethod
+    def _concrete(cls, data: Any, smap: SourceMap, decisions: dict[str, Any], trace: Trace) -> Spec:
+        obj = cls.__new__(cls)
+        obj.data = data
+        obj.smap = SourceMap(file=smap.file)
+        obj.decisions = decisions
+        obj.nodes = []
+        # Errors in a fixed spec point at the written spec's text via the trace.
+        obj._model = validate_concrete(data, _TracedMap(smap, trace), None)
+        return obj
+
+    def to_yaml(self) -> str:
+        """The spec as YAML text; for a concrete spec it loads back to the same graph."""
+        return yaml.safe_dump(self.data, sort_keys=False, allow_unicode=True, width=100)
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(self.to_yaml(), encoding="utf-8")
+        return p
+
+    def _validate_open(self) -> None:
+        _check_choice_kind_keys(self.data, self.smap)
+        by_name: dict[str, SearchNode] = {n.name: n for n in self.nodes}
+        base = default_decisions(self.nodes)
+        for node in self.nodes:
+            values: list[Any]
+            if node.type == "choice":
+                values = (
+                    list(node.options)
+                    if node.scalar_options
+                    else list(range(len(node.options or ())))
+                )
+            else:
+                values = [node.low, node.high]
+            # ancestors of a conditional node must choose the option that holds it
+            forced: dict[str, Any] = {}
+            for other in self.nodes:
+                plen = len(other.path)
+                if (
+                    other.type == "choice"
+                    and len(node.path) > plen + 1
+                    and node.path[:plen] == other.path
+                    and node.path[plen] == "choice"
+                ):
+                    idx = int(node.path[plen + 1])
+                    forced[other.name] = other.options[idx] if other.scalar_options else idx  # type: ignore[index]
+            for value in values:
+
+                def decide(
+                    n: SearchNode,
+                    _v: Any = value,
+                    _t: str = node.name,
+                    _f: dict[str, Any] = forced,
+                ) -> Any:
+                    if n.name == _t:
+                        return _v
+                    if n.name in _f:
+                        return _f[n.name]
+                    return base(by_name.get(n.name, n))
+
+                trace: Trace = {}
+                concrete, _ = _fix_traced(self.data, decide, self.smap, trace)
+                validate_concrete(concrete, self.smap, trace)
+
+    def __repr__(self) -> str:
+        state = "concrete" if self.is_concrete else f"{len(self.nodes)} open nodes"
+        return f"Spec({self.name!r}, {state})"
+
+
+class _TracedMap(SourceMap):
+    """A source map that first translates fixed-data paths to written-spec paths."""
+
+    def __init__(self, inner: SourceMap, trace: Trace) -> None:
+        super().__init__(inner.file, inner.values, inner.keys)
+        self._trace = trace
+
+    def locate(self, path: PathKey, *, key: bool = False):  # type: ignore[override]
+        return super().locate(_translate(tuple(path), self._trace), key=key)
+
+
+def _fix_traced(
+    data: Any, decide: Decide, smap: SourceMap, trace: Trace
+) -> tuple[Any, dict[str, Any]]:
+    """:func:`fix` recording concrete path -> source path, pruning keys a chosen kind rejects."""
+    return fix(data, decide, smap, trace=trace, post=_prune_choice_kind)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Load, parse and validate a spec file (YAML or JSON).
+
+    Raises:
+        SpecError: with file, line, column, field path and a hint.
+    """
+    data, smap = read_source(path)
+    return Spec(data, smap)
+
+
+def spec_from_text(text: str, file: str | None = None) -> Spec:
+    """Like :func:`load_spec` for text already in memory."""
+    data, smap = parse_source(text, file)
+    return Spec(data, smap)
+
+
+def spec_from_dict(data: dict[str, Any]) -> Spec:
+    """A spec built in Python (no source positions)."""
+    return Spec(copy.deepcopy(data))

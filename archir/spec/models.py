@@ -1,0 +1,145 @@
+"""Typed models of a *concrete* spec (pydantic v2).
+
+The grammar::
+
+    archir: 1
+    name: transformer
+    model:
+      task: causal_lm            # causal_lm | seq_classification | image_classification
+      vocab_size: 256
+      d_model: 256
+      max_seq_len: 512
+      norm: rmsnorm             # default norm kind for every block
+      embed: {kind: token_embedding}
+      layers:                   # layer groups, each repeated
+        - repeat: 6
+          share_weights: false  # one set of weights reused by every repeat (Universal Transformer)
+          residual: pre_norm    # pre_norm | post_norm | peri_norm | parallel
+          blocks:
+            - {kind: attention, n_heads: 4, pos: rope}
+            - {kind: swiglu, expansion: 2.667}
+      head: {kind: lm_head, tie_embeddings: true}
+    train: {...}
+    search: {...}
+
+Each block's own keys (``n_heads``, ``d_state`` ...) are validated by its kind's parameter
+model from the registry; common keys (``role``, ``name``, ``inputs``, ``merge``, ``norm``,
+``bits``, ``residual``, ``residual_scale``) are defined here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+from archir.registry import ALLOWED_BITS, KindParams
+from archir.spec.sections import SearchSection, Strict, TrainSection
+
+Task = Literal["causal_lm", "seq_classification", "image_classification"]
+Residual = Literal["pre_norm", "post_norm", "peri_norm", "parallel"]
+Merge = Literal["sum", "mean", "weighted"]
+
+COMMON_BLOCK_KEYS = frozenset(
+    {"role", "kind", "name", "inputs", "merge", "norm", "bits", "residual", "residual_scale"}
+)
+
+
+def _check_bits(v: float | None) -> float | None:
+    if v is not None and float(v) not in ALLOWED_BITS:
+        allowed = ", ".join(str(b) for b in ALLOWED_BITS)
+        raise ValueError(f"bits must be one of {allowed}, got {v}")
+    return v
+
+
+class BlockSpec(BaseModel):
+    """One block instance of a layer group; the kind's own parameters sit beside these keys.
+
+    ``role`` may be omitted (it follows from ``kind``). ``name`` makes the output addressable
+    by later blocks' ``inputs``; ``inputs`` replaces the default input (the previous block's
+    output) by a merge of named outputs (``sum``, ``mean`` or a learned softmax-``weighted``
+    average, as in DenseFormer). ``norm`` overrides the model's default norm kind
+    (``none`` for no norm). ``residual: false`` drops the skip connection.
+    ``residual_scale`` multiplies the branch (0.5 for Macaron half-step FFNs).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str | None = None
+    kind: str
+    name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+    inputs: list[str] | None = Field(None, min_length=1)
+    merge: Merge = "sum"
+    norm: str | None = None
+    bits: float | None = None
+    residual: bool = True
+    residual_scale: float = 1.0
+
+    _params: KindParams | None = PrivateAttr(default=None)
+
+    _bits = field_validator("bits")(_check_bits)
+
+    @property
+    def params(self) -> KindParams:
+        assert self._params is not None, "block params not validated"
+        return self._params
+
+    def kind_params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ComponentSpec(BaseModel):
+    """An embedding or a head: ``kind`` plus that kind's parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str
+    bits: float | None = None
+    _params: KindParams | None = PrivateAttr(default=None)
+    _bits = field_validator("bits")(_check_bits)
+
+    @property
+    def params(self) -> KindParams:
+        assert self._params is not None, "params not validated"
+        return self._params
+
+    def kind_params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class LayerGroup(Strict):
+    """``blocks`` applied in order, the whole group repeated ``repeat`` times."""
+
+    repeat: int = Field(1, ge=1, le=1024)
+    share_weights: bool = False
+    residual: Residual = "pre_norm"
+    blocks: list[BlockSpec] = Field(min_length=1)
+
+
+class ModelSpec(Strict):
+    task: Task = "causal_lm"
+    vocab_size: int = Field(0, ge=0)
+    n_classes: int = Field(0, ge=0)
+    image_size: int = Field(0, ge=0)
+    channels: int = Field(1, ge=1)
+    d_model: int = Field(gt=0)
+    max_seq_len: int = Field(2048, gt=0)
+    norm: str = "rmsnorm"
+    final_norm: str | None = None
+    bits: float = 16
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    embed: ComponentSpec
+    layers: list[LayerGroup] = Field(min_length=1)
+    head: ComponentSpec
+
+    _bits = field_validator("bits")(_check_bits)
+
+
+class SpecModel(Strict):
+    """A whole concrete spec file."""
+
+    archir: Literal[1] = 1
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    model: ModelSpec
+    train: TrainSection = Field(default_factory=TrainSection)
+    search: SearchSection | None = None

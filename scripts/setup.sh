@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up archir on a fresh machine: a virtual environment in .venv with everything installed.
+# torch is pinned to 2.13.0 (the CPU build; an unpinned torch pulls a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev]"
