@@ -1,1 +1,506 @@
-"""Placeholder: filled in by the block-library work."""
+"""Convolution and MetaFormer token mixers (role ``token_mixer``).
+
+Kinds: ``hyena`` (implicit long convolution), ``pooling`` (PoolFormer), ``sepconv``
+(ConvFormer), ``token_mlp`` (MLP-Mixer token mixing) and ``identity``.
+
+Shapes: every module maps ``x [batch, seq, d_model] -> [batch, seq, d_model]`` and accepts
+any ``seq`` up to ``max_seq_len`` (``pooling``, ``sepconv`` and ``identity`` accept any
+length). In a causal model (``ctx.causal``) every mixer here is causal: output ``t`` depends
+only on inputs ``<= t``. ``hyena`` is causal always (it is a causal operator by design).
+
+Cost units: FLOPs per token at sequence length ``L`` (a multiply-add is 2 FLOPs); state bytes
+are the fp32 inference state a decoder keeps per sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from archir.blocks.common import hidden_size, init_linear, linear_params
+from archir.registry import BlockKind, BuildContext, KindParams, NoParams, register
+
+
+def exporting() -> bool:
+    """True while ``torch.onnx.export`` / ``torch.export`` traces the module."""
+    return bool(torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting())
+
+
+# --------------------------------------------------------------------------- hyena
+
+
+class HyenaParams(KindParams):
+    """Parameters of ``hyena``.
+
+    Attributes:
+        order: recurrence depth N (N gates and N long filters; the paper's default is 2).
+        short_kernel: width of the short depthwise causal convolution over projections.
+        filter_width: hidden width of the implicit-filter MLP.
+        filter_layers: hidden (Linear + Sin) layers of the filter MLP after the first.
+        emb_dim: positional features fed to the filter MLP (odd: time + sin/cos bands).
+        decay_fast, decay_slow: fractions of the sequence over which the fastest / slowest
+            channel's exponential window decays to 1e-2.
+        fft: long-convolution path. ``auto``: FFT, except while exporting (ONNX's DFT
+            lowering does not run in onnxruntime), where a direct causal convolution
+            (a masked Toeplitz matmul, O(T²)) is used; ``on``/``off`` force FFT / direct.
+        bias: biases on the input and output projections.
+    """
+
+    order: int = Field(2, ge=1, le=8)
+    short_kernel: int = Field(3, ge=1, le=64)
+    filter_width: int = Field(64, ge=1)
+    filter_layers: int = Field(1, ge=0, le=8)
+    emb_dim: int = Field(9, ge=3)
+    decay_fast: float = Field(0.3, gt=0)
+    decay_slow: float = Field(1.5, gt=0)
+    fft: Literal["auto", "on", "off"] = "auto"
+    bias: bool = True
+
+
+class Sin(nn.Module):
+    """``sin(ω ⊙ x)`` with a trainable frequency per feature (the Hyena filter activation).
+    ``[..., width] -> [..., width]``."""
+
+    def __init__(self, width: int, w: float = 1.0) -> None:
+        super().__init__()
+        self.freq = nn.Parameter(torch.full((width,), w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.freq * x)
+
+
+class ImplicitFilter(nn.Module):
+    """Hyena's implicit long filter: an MLP over sinusoidal positional features, times an
+    exponentially decaying window, one filter per channel (Poli et al., 2023, §3.3).
+
+    ``forward(T) -> h [n_out, T]`` (the first ``T`` taps of the length-``max_len`` filter,
+    so the filter at a position never depends on the sequence length).
+    """
+
+    def __init__(self, n_out: int, max_len: int, p: HyenaParams) -> None:
+        super().__init__()
+        bands = (p.emb_dim - 1) // 2
+        t = torch.linspace(0, 1, max_len)[:, None]
+        w = 2 * math.pi * torch.arange(max_len, dtype=torch.float32)[:, None] / max_len
+        f = torch.linspace(1e-4, bands - 1, bands)[None, :]
+        z = torch.cat([t, torch.cos(f * w), torch.sin(-f * w)], dim=-1)  # [L, 1 + 2·bands]
+        self.register_buffer("z", z, persistent=False)
+        target = 1e-2
+        max_decay = math.log(target) / p.decay_fast
+        min_decay = math.log(target) / p.decay_slow
+        deltas = torch.linspace(min_decay, max_decay, n_out)[None, :]
+        self.register_buffer("window", torch.exp(-t * deltas.abs()), persistent=False)
+        layers: list[nn.Module] = [nn.Linear(z.shape[1], p.filter_width), Sin(p.filter_width)]
+        for _ in range(p.filter_layers):
+            layers += [nn.Linear(p.filter_width, p.filter_width), Sin(p.filter_width)]
+        layers.append(nn.Linear(p.filter_width, n_out, bias=False))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, T: int) -> torch.Tensor:
+        h = self.mlp(self.z[:T]) * self.window[:T]  # [T, n_out]
+        return h.transpose(0, 1)
+
+
+def causal_conv_fft(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Causal long convolution ``y[t] = Σ_{s<=t} h[t-s]·z[s]`` by FFT (zero-padded to 2T).
+
+    ``z [batch, channels, T]``, ``h [channels, T]`` -> ``[batch, channels, T]``.
+    """
+    T = z.shape[-1]
+    n = 2 * T
+    y = torch.fft.irfft(torch.fft.rfft(z, n=n) * torch.fft.rfft(h, n=n), n=n)
+    return y[..., :T]
+
+
+def causal_conv_direct(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The same causal convolution as a masked Toeplitz matmul (O(T²), export-friendly).
+
+    ``z [batch, channels, T]``, ``h [channels, T]`` -> ``[batch, channels, T]``.
+    """
+    T = z.shape[-1]
+    pos = torch.arange(T, device=z.device)
+    lag = pos[:, None] - pos[None, :]  # [T(t), T(s)]
+    toeplitz = h[:, lag.clamp(min=0)] * (lag >= 0).to(h.dtype)  # [C, T, T]
+    return torch.matmul(toeplitz, z.permute(1, 2, 0)).permute(2, 0, 1)
+
+
+class Hyena(nn.Module):
+    """Hyena operator (Poli et al., 2023, "Hyena Hierarchy: Towards Larger Convolutional
+    Language Models").
+
+    ``x [batch, seq, d] -> [batch, seq, d]``, causal, ``seq <= max_seq_len``. The input is
+    projected to ``(N+1)·d`` channels, passed through a short depthwise causal convolution
+    and split into gates ``x¹..x^N`` and a value ``v``; then ``z¹ = v``,
+    ``z^{n+1} = x^n ⊙ (h^n * z^n + D^n ⊙ z^n)`` with implicit long filters ``h^n``; the
+    output projection maps ``z^{N+1}`` back to ``d``.
+
+    Step form: ``init_state(batch)`` returns ``(short-conv buffer [B, (N+1)d, k-1],
+    history [B, N, d, max_seq_len], position [] int64)``; ``step(x_t [B, d], state)`` agrees
+    with ``forward`` to 1e-5. Raises ``ValueError`` past ``max_seq_len``.
+    """
+
+    def __init__(self, d: int, max_len: int, p: HyenaParams) -> None:
+        super().__init__()
+        self.d, self.order, self.max_len, self.k = d, p.order, max_len, p.short_kernel
+        self.fft = p.fft
+        C = (p.order + 1) * d
+        self.in_proj = nn.Linear(d, C, bias=p.bias)
+        self.short = nn.Conv1d(C, C, p.short_kernel, groups=C, bias=True)
+        self.filter = ImplicitFilter(p.order * d, max_len, p)
+        self.skip = nn.Parameter(torch.randn(p.order, d) * 0.02)  # D^n
+        self.out_proj = nn.Linear(d, d, bias=p.bias)
+        init_linear(self.in_proj)
+        init_linear(self.out_proj)
+
+    def _use_fft(self) -> bool:
+        if self.fft == "auto":
+            return not exporting()
+        return self.fft == "on"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        x = self.in_proj(x).transpose(1, 2)  # [B, C, T]
+        x = self.short(F.pad(x, (self.k - 1, 0)))
+        parts = x.split(d, dim=1)
+        gates, z = parts[:-1], parts[-1]
+        h = self.filter(T).view(self.order, d, T)
+        conv = causal_conv_fft if self._use_fft() else causal_conv_direct
+        for n in range(self.order):
+            z = gates[n] * (conv(z, h[n]) + self.skip[n][:, None] * z)
+        return self.out_proj(z.transpose(1, 2))
+
+    def init_state(
+        self,
+        batch: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        C = (self.order + 1) * self.d
+        return (
+            torch.zeros(batch, C, self.k - 1, device=device, dtype=dtype),
+            torch.zeros(batch, self.order, self.d, self.max_len, device=device, dtype=dtype),
+            torch.zeros((), dtype=torch.long, device=device),
+        )
+
+    def step(
+        self, x_t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        buf, hist, pos = state
+        if not exporting() and int(pos) >= self.max_len:
+            raise ValueError(f"hyena: step past max_seq_len {self.max_len}")
+        x = self.in_proj(x_t)[..., None]  # [B, C, 1]
+        win = torch.cat([buf, x], dim=-1)  # [B, C, k]
+        xc = (win * self.short.weight[:, 0, :]).sum(-1) + self.short.bias
+        parts = xc.split(self.d, dim=-1)
+        gates, z = parts[:-1], parts[-1]
+        L = self.max_len
+        h = self.filter(L).view(self.order, self.d, L)
+        s = torch.arange(L, device=x_t.device)
+        lag = pos - s
+        taps = h[:, :, lag.clamp(min=0)] * (lag >= 0).to(h.dtype)  # [N, d, L]: h[t - s]
+        here = (s == pos)[None, None, :]
+        new_hist = []
+        for n in range(self.order):
+            hn = torch.where(here, z[..., None], hist[:, n])  # [B, d, L]
+            new_hist.append(hn)
+            z = gates[n] * ((hn * taps[n]).sum(-1) + self.skip[n] * z)
+        y = self.out_proj(z)
+        return y, (win[..., 1:], torch.stack(new_hist, dim=1), pos + 1)
+
+
+def _hyena_params(p: HyenaParams, c: BuildContext) -> int:
+    d, N, w = c.d_model, p.order, p.filter_width
+    C = (N + 1) * d
+    n = linear_params(d, C, p.bias) + C * p.short_kernel + C
+    n += linear_params(1 + 2 * ((p.emb_dim - 1) // 2), w, True) + w
+    n += p.filter_layers * (linear_params(w, w, True) + w)
+    n += w * N * d + N * d
+    return n + linear_params(d, d, p.bias)
+
+
+def _fft_flops(n: int) -> float:
+    """Real FFT of length ``n``: the usual ``2.5·n·log2(n)`` estimate."""
+    return 2.5 * n * math.log2(max(n, 2))
+
+
+def _hyena_flops(p: HyenaParams, c: BuildContext, L: int) -> float:
+    """Per token: projections, short conv, the filter MLP (evaluated once per position),
+    per order the long convolution (FFT path: 3 real FFTs of length 2L plus the complex
+    product, divided by L; direct path: the dense T×T Toeplitz matmul, 2·L per channel),
+    the skip term and the gate."""
+    d, N, w = c.d_model, p.order, p.filter_width
+    C = (N + 1) * d
+    f = 2.0 * d * C + 2.0 * C * p.short_kernel + 2.0 * d * d
+    emb = 1 + 2 * ((p.emb_dim - 1) // 2)
+    f += 2.0 * (emb * w + p.filter_layers * w * w + w * N * d) + N * d  # MLP + window
+    if p.fft == "off":
+        long = 2.0 * L
+    else:
+        long = (3 * _fft_flops(2 * L) + 6.0 * (L + 1)) / L
+    return f + N * d * (long + 3.0)
+
+
+def _hyena_state(p: HyenaParams, c: BuildContext, L: int) -> int:
+    d, N = c.d_model, p.order
+    return 4 * (N * d * L + (N + 1) * d * (p.short_kernel - 1))
+
+
+def _hyena_check(p: HyenaParams, c: BuildContext) -> None:
+    if p.emb_dim % 2 == 0:
+        raise ValueError(f"hyena emb_dim must be odd (time + sin/cos pairs), got {p.emb_dim}")
+
+
+register(
+    BlockKind(
+        name="hyena",
+        role="token_mixer",
+        params=HyenaParams,
+        build=lambda p, c: Hyena(c.d_model, c.max_seq_len, p),
+        n_params=_hyena_params,
+        flops=_hyena_flops,
+        state_bytes=_hyena_state,
+        check=_hyena_check,
+        recurrent=True,
+        paper="Poli et al., 2023, 'Hyena Hierarchy: Towards Larger Convolutional Language Models'",
+        summary="gated implicit long convolution (FFT; Toeplitz matmul when exporting), causal",
+    )
+)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+class PoolingParams(KindParams):
+    """``pool_size``: window length (odd when the model is bidirectional)."""
+
+    pool_size: int = Field(3, ge=1, le=1024)
+
+
+class Pooling(nn.Module):
+    """PoolFormer token mixer ``avgpool(x) - x`` (Yu et al., 2022, "MetaFormer Is Actually
+    What You Need for Vision").
+
+    ``[batch, seq, d] -> [batch, seq, d]``. Bidirectional: centred window, padding not
+    counted. Causal: the mean of the last ``min(t+1, pool_size)`` tokens.
+    """
+
+    def __init__(self, pool_size: int, causal: bool) -> None:
+        super().__init__()
+        self.k, self.causal = pool_size, causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xt = x.transpose(1, 2)  # [B, d, T]
+        if self.causal:
+            s = F.avg_pool1d(F.pad(xt, (self.k - 1, 0)), self.k, stride=1) * self.k
+            T = x.shape[1]
+            count = torch.arange(1, T + 1, device=x.device, dtype=x.dtype).clamp(max=self.k)
+            y = s / count
+        else:
+            y = F.avg_pool1d(xt, self.k, stride=1, padding=self.k // 2, count_include_pad=False)
+        return y.transpose(1, 2) - x
+
+
+def _pool_check(p: PoolingParams, c: BuildContext) -> None:
+    if not c.causal and p.pool_size % 2 == 0:
+        raise ValueError(f"bidirectional pooling needs an odd pool_size, got {p.pool_size}")
+
+
+register(
+    BlockKind(
+        name="pooling",
+        role="token_mixer",
+        params=PoolingParams,
+        build=lambda p, c: Pooling(p.pool_size, c.causal),
+        n_params=lambda p, c: 0,
+        flops=lambda p, c, L: float(c.d_model * (p.pool_size + 1)),
+        state_bytes=lambda p, c, L: 4 * c.d_model * (p.pool_size - 1) if c.causal else 0,
+        check=_pool_check,
+        paper="Yu et al., 2022, 'MetaFormer Is Actually What You Need for Vision'",
+        summary="PoolFormer: average pool minus identity (causal window in causal models)",
+    )
+)
+
+
+# --------------------------------------------------------------------------- sepconv
+
+
+class SepConvParams(KindParams):
+    """Parameters of ``sepconv``: hidden ``expansion`` of the pointwise layers, depthwise
+    ``kernel_size`` (odd when bidirectional), ``activation`` after the first pointwise layer
+    (``starrelu`` = ``s·relu(x)² + b`` with two learned scalars, as in ConvFormer)."""
+
+    expansion: float = Field(2.0, gt=0, le=16)
+    kernel_size: int = Field(7, ge=1, le=1024)
+    activation: Literal["starrelu", "gelu", "relu", "silu"] = "starrelu"
+    bias: bool = False
+
+
+class StarReLU(nn.Module):
+    """``s·relu(x)² + b`` with learned scalars ``s, b`` (Yu et al., 2023)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.shift = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.relu(x).square() + self.shift
+
+
+_ACTS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "starrelu": StarReLU}
+
+
+class SepConv(nn.Module):
+    """ConvFormer token mixer (Yu et al., 2023, "MetaFormer Baselines for Vision"):
+    pointwise expand -> activation -> depthwise conv over the sequence -> pointwise project.
+
+    ``[batch, seq, d] -> [batch, seq, d]``; the depthwise conv is left-padded (causal) in
+    causal models and centred otherwise.
+    """
+
+    def __init__(self, d: int, p: SepConvParams, causal: bool) -> None:
+        super().__init__()
+        h = hidden_size(d, p.expansion, None)
+        self.pw1 = nn.Linear(d, h, bias=p.bias)
+        self.act = _ACTS[p.activation]()
+        self.dw = nn.Conv1d(h, h, p.kernel_size, groups=h, bias=p.bias)
+        self.pw2 = nn.Linear(h, d, bias=p.bias)
+        k = p.kernel_size
+        self.pad = (k - 1, 0) if causal else (k // 2, k // 2)
+        init_linear(self.pw1)
+        init_linear(self.pw2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.pw1(x)).transpose(1, 2)
+        y = self.dw(F.pad(y, self.pad)).transpose(1, 2)
+        return self.pw2(y)
+
+
+def _sep_h(p: SepConvParams, c: BuildContext) -> int:
+    return hidden_size(c.d_model, p.expansion, None)
+
+
+def _sep_params(p: SepConvParams, c: BuildContext) -> int:
+    d, h = c.d_model, _sep_h(p, c)
+    n = linear_params(d, h, p.bias) + h * p.kernel_size + (h if p.bias else 0)
+    n += linear_params(h, d, p.bias)
+    return n + (2 if p.activation == "starrelu" else 0)
+
+
+def _sep_check(p: SepConvParams, c: BuildContext) -> None:
+    if not c.causal and p.kernel_size % 2 == 0:
+        raise ValueError(f"bidirectional sepconv needs an odd kernel_size, got {p.kernel_size}")
+
+
+register(
+    BlockKind(
+        name="sepconv",
+        role="token_mixer",
+        params=SepConvParams,
+        build=lambda p, c: SepConv(c.d_model, p, c.causal),
+        n_params=_sep_params,
+        # matmuls and the depthwise conv (what torch.utils.flop_counter counts)
+        flops=lambda p, c, L: 4.0 * c.d_model * _sep_h(p, c) + 2.0 * _sep_h(p, c) * p.kernel_size,
+        state_bytes=lambda p, c, L: 4 * _sep_h(p, c) * (p.kernel_size - 1) if c.causal else 0,
+        check=_sep_check,
+        paper="Yu et al., 2023, 'MetaFormer Baselines for Vision' (ConvFormer)",
+        summary="separable conv: pointwise expand, act, depthwise conv, pointwise project",
+    )
+)
+
+
+# --------------------------------------------------------------------------- token_mlp
+
+
+class TokenMLPParams(KindParams):
+    """Parameters of ``token_mlp``: hidden width ``round(expansion · max_seq_len)``."""
+
+    expansion: float = Field(0.5, gt=0, le=8)
+    activation: Literal["gelu", "relu", "silu"] = "gelu"
+
+
+class TokenMLP(nn.Module):
+    """MLP-Mixer token mixing (Tolstikhin et al., 2021, "MLP-Mixer: An all-MLP Architecture
+    for Vision"): one MLP across the sequence axis, shared by all channels.
+
+    ``[batch, seq, d] -> [batch, seq, d]`` for ``seq <= max_seq_len``: a shorter sequence
+    acts as if zero-padded to ``max_seq_len`` (the weights are sliced). Causal: hidden unit
+    ``j`` belongs to position ``p_j = floor(j·L/H)``; ``W1[j, s]`` is kept for ``s <= p_j`` and
+    ``W2[t, j]`` for ``p_j <= t`` (lower-triangular masks), so output ``t`` sees inputs ``<= t``.
+    """
+
+    def __init__(self, max_len: int, p: TokenMLPParams, causal: bool) -> None:
+        super().__init__()
+        H = hidden_size(max_len, p.expansion, None)
+        self.fc1 = nn.Linear(max_len, H)
+        self.fc2 = nn.Linear(H, max_len)
+        self.act = _ACTS[p.activation]()
+        self.causal = causal
+        init_linear(self.fc1)
+        init_linear(self.fc2)
+        owner = torch.arange(H) * max_len // H  # position of each hidden unit
+        pos = torch.arange(max_len)
+        self.register_buffer("m1", (pos[None, :] <= owner[:, None]).float(), persistent=False)
+        self.register_buffer("m2", (owner[None, :] <= pos[:, None]).float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        w1, w2 = self.fc1.weight[:, :T], self.fc2.weight[:T]
+        if self.causal:
+            w1, w2 = w1 * self.m1[:, :T], w2 * self.m2[:T]
+        xt = x.transpose(1, 2)  # [B, d, T]
+        h = self.act(F.linear(xt, w1, self.fc1.bias))
+        return F.linear(h, w2, self.fc2.bias[:T]).transpose(1, 2)
+
+
+def _tok_h(p: TokenMLPParams, c: BuildContext) -> int:
+    return hidden_size(c.max_seq_len, p.expansion, None)
+
+
+register(
+    BlockKind(
+        name="token_mlp",
+        role="token_mixer",
+        params=TokenMLPParams,
+        build=lambda p, c: TokenMLP(c.max_seq_len, p, c.causal),
+        n_params=lambda p, c: (
+            linear_params(c.max_seq_len, _tok_h(p, c), True)
+            + linear_params(_tok_h(p, c), c.max_seq_len, True)
+        ),
+        # per token: two [d, T]x[T, H] matmuls per sequence, divided by T tokens
+        flops=lambda p, c, L: 4.0 * c.d_model * _tok_h(p, c),
+        state_bytes=lambda p, c, L: 4 * c.d_model * L,
+        paper="Tolstikhin et al., 2021, 'MLP-Mixer: An all-MLP Architecture for Vision'",
+        summary="MLP across the sequence axis (lower-triangular masked when causal)",
+    )
+)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+class Identity(nn.Module):
+    """The no-op token mixer ``y = x`` (a search candidate that skips mixing).
+    ``[batch, seq, d] -> [batch, seq, d]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+register(
+    BlockKind(
+        name="identity",
+        role="token_mixer",
+        params=NoParams,
+        build=lambda p, c: Identity(),
+        n_params=lambda p, c: 0,
+        flops=lambda p, c, L: 0.0,
+        paper="Yu et al., 2022, 'MetaFormer Is Actually What You Need for Vision' (identity)",
+        summary="no-op token mixer (skip)",
+    )
+)
