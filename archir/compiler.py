@@ -9,18 +9,14 @@ would not fit (``ARCHIR_MAX_PARAMS``, default 2e9).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from archir import registry
-from archir.errors import BudgetError
+from archir.cost import DEFAULT_MAX_PARAMS, max_params  # noqa: F401  (re-exported)
 from archir.ir import Graph, Node, build_graph
 from archir.spec.loader import Spec
 from archir.spec.models import SpecModel
-
-DEFAULT_MAX_PARAMS = 2e9
 
 
 class Residual(nn.Module):
@@ -56,8 +52,10 @@ class Residual(nn.Module):
         if style == "post_norm":
             return self.norm(x + self.scale * self.drop(self.fn(x)))
         if style == "peri_norm":
-            assert self.norm_out is not None
-            return x + self.scale * self.drop(self.norm_out(self.fn(self.norm(x))))
+            y = self.fn(self.norm(x))
+            if self.norm_out is not None:
+                y = self.norm_out(y)
+            return x + self.scale * self.drop(y)
         return self.scale * self.fn(self.norm(x)) if self.scale != 1.0 else self.fn(self.norm(x))
 
 
@@ -135,8 +133,6 @@ class CompiledModel(nn.Module):
                     fn = registry.get(n.kind or "").build(n.params, n.ctx)
                     norm = _build_norm(n.norm, n)
                     norm_out = _build_norm(n.norm, n) if n.residual == "peri_norm" else None
-                    if n.residual == "post_norm" and norm is None:
-                        norm = None
                     self.blocks.append(
                         Residual(fn, norm, n.residual, n.residual_scale, norm_out, dropout)
                     )
@@ -203,13 +199,6 @@ class CompiledModel(nn.Module):
         return total
 
 
-def max_params() -> float:
-    try:
-        return float(os.environ.get("ARCHIR_MAX_PARAMS", DEFAULT_MAX_PARAMS))
-    except ValueError:
-        return DEFAULT_MAX_PARAMS
-
-
 def compile(spec: Spec | SpecModel, *, seed: int | None = None) -> CompiledModel:  # noqa: A001
     """Lower a concrete spec to a PyTorch module.
 
@@ -222,20 +211,10 @@ def compile(spec: Spec | SpecModel, *, seed: int | None = None) -> CompiledModel
         BudgetError: the parameter count exceeds ``ARCHIR_MAX_PARAMS`` (checked by the cost
             pass before any memory is allocated).
     """
-    from archir.cost import analyze_graph
+    from archir.cost import check_budget
 
     graph = build_graph(spec)
-    report = analyze_graph(graph)
-    limit = max_params()
-    if report.params > limit:
-        biggest = max(report.blocks, key=lambda r: r.params)
-        raise BudgetError(
-            f"the model would have {report.params:.3g} parameters "
-            f"({report.params * 4 / 2**30:.1f} GiB in fp32), over the limit of {limit:.3g}; "
-            f"largest node {biggest.name} ({biggest.params:.3g})",
-            graph.locate(graph[biggest.name]) if graph.source else None,
-            "reduce d_model, vocab_size or depth (or raise ARCHIR_MAX_PARAMS)",
-        )
+    check_budget(graph)
     if seed is not None:
         torch.manual_seed(seed)
     return CompiledModel(graph)

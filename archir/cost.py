@@ -13,10 +13,12 @@ Units:
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from archir import registry
+from archir.errors import BudgetError
 from archir.ir import Graph, Node, build_graph
 from archir.spec.loader import Spec
 from archir.spec.models import SpecModel
@@ -118,6 +120,40 @@ def analyze_graph(graph: Graph, seq_len: int | None = None) -> CostReport:
         weight_bits_avg=(bits_w / params) if params else 0.0,
         blocks=rows,
     )
+
+
+DEFAULT_MAX_PARAMS = 2e9
+
+
+def max_params() -> float:
+    """The parameter limit: ``ARCHIR_MAX_PARAMS`` (default 2e9)."""
+    try:
+        return float(os.environ.get("ARCHIR_MAX_PARAMS", DEFAULT_MAX_PARAMS))
+    except ValueError:
+        return DEFAULT_MAX_PARAMS
+
+
+def check_budget(graph: Graph, report: CostReport | None = None) -> CostReport:
+    """Refuse a graph whose parameter count exceeds :func:`max_params` (no memory allocated).
+
+    Returns:
+        the cost report (computed when not given).
+
+    Raises:
+        BudgetError: located at the largest node, with the total and the limit.
+    """
+    report = report or analyze_graph(graph)
+    limit = max_params()
+    if report.params > limit:
+        biggest = max(report.blocks, key=lambda r: r.params)
+        raise BudgetError(
+            f"the model would have {report.params:.3g} parameters "
+            f"({report.params * 4 / 2**30:.1f} GiB in fp32), over the limit of {limit:.3g}; "
+            f"largest node {biggest.name} ({biggest.params:.3g})",
+            graph.locate(graph[biggest.name]),
+            "reduce d_model, vocab_size or depth (or raise ARCHIR_MAX_PARAMS)",
+        )
+    return report
 
 
 def analyze(spec: Spec | SpecModel, seq_len: int | None = None) -> CostReport:

@@ -25,7 +25,7 @@ from typing import Any
 import networkx as nx
 
 from archir import registry
-from archir.errors import GraphError, Location
+from archir.errors import GraphError, Location, did_you_mean
 from archir.registry import BlockKind, BuildContext, KindParams
 from archir.spec.loader import Spec
 from archir.spec.models import SpecModel
@@ -144,15 +144,19 @@ def _ctx(m: Any, bits: float | None, path: str) -> BuildContext:
     )
 
 
-def build_graph(spec: Spec | SpecModel, *, check: bool = True) -> Graph:
+def build_graph(
+    spec: Spec | SpecModel, *, check: bool = True, source: SourceMap | None = None
+) -> Graph:
     """Expand a concrete spec into the IR and run the shape/validation pass.
 
     Raises:
         SpecError: the spec is open (has search nodes).
-        GraphError: unknown or forward ``inputs`` names, cycles, a kind's parameters that do
+        GraphError: (located via ``source``, default: the spec's own source map)
+            unknown or forward ``inputs`` names, cycles, a kind's parameters that do
             not fit the model (e.g. heads not dividing ``d_model``), or mismatched shapes.
     """
-    source = spec.smap if isinstance(spec, Spec) else None
+    if source is None and isinstance(spec, Spec):
+        source = spec.smap
     sm = spec.model if isinstance(spec, Spec) else spec
     m = sm.model
     graph = Graph(sm, source)
@@ -189,15 +193,17 @@ def build_graph(spec: Spec | SpecModel, *, check: bool = True) -> Graph:
                     for ref in block.inputs:
                         if ref not in names:
                             later = any(b.name == ref for g in m.layers for b in g.blocks)
+                            if ref == block.name:
+                                why = " (it is this block's own name: that would make a cycle)"
+                            elif later:
+                                why = " (it names a later block: that would make a cycle)"
+                            else:
+                                why = ""
                             raise GraphError(
-                                f"input '{ref}' is not the name of an earlier block"
-                                + (
-                                    " (it names a later block: that would make a cycle)"
-                                    if later
-                                    else ""
-                                ),
+                                f"input '{ref}' is not the name of an earlier block{why}",
                                 node_loc(spath + ("inputs",)),
-                                "inputs may name 'embed' or blocks written above this one",
+                                (None if later else did_you_mean(ref, list(names)))
+                                or "inputs may name 'embed' or blocks written above this one",
                             )
                         srcs.append(names[ref])
                     if len(srcs) == 1:
@@ -306,6 +312,12 @@ def _input_type(m: Any) -> TensorType:
     return TensorType(("batch", "seq"), dtype="int64")
 
 
+def _at(node: Node) -> str:
+    """`` (node layers.4.blocks.0)`` when the node path differs from where it was written."""
+    written = ".".join(str(p) for p in node.spec_path)
+    return "" if written in (node.name, f"model.{node.name}") else f" (node {node.name})"
+
+
 def infer_shapes(graph: Graph) -> None:
     """Shape inference and validation over the whole graph (in place).
 
@@ -319,7 +331,11 @@ def infer_shapes(graph: Graph) -> None:
             try:
                 kind.check(node.params, node.ctx)
             except ValueError as exc:
-                raise GraphError(f"{node.name}: {exc}", graph.locate(node)) from None
+                # "n_heads 6 does not divide ..." points at the n_heads field when written
+                word = str(exc).split(" ", 1)[0]
+                fields = type(node.params).model_fields if node.params is not None else {}
+                sub = word if word in fields else None
+                raise GraphError(f"{exc}{_at(node)}", graph.locate(node, sub)) from None
         if node.norm is not None:
             registry.get(node.norm).check(registry.get(node.norm).params(), node.ctx)
         if node.op == "embed":
@@ -337,15 +353,16 @@ def infer_shapes(graph: Graph) -> None:
         assert all(t is not None for t in in_types)
         if node.op == "merge":
             first = in_types[0]
+            assert first is not None
             for src, t in zip(node.inputs[1:], in_types[1:]):
-                if t != first:
+                if t is None or t.shape != first.shape:
                     raise GraphError(
                         f"{node.name}: inputs disagree: {node.inputs[0]} gives {first}, "
                         f"{src} gives {t}",
                         graph.locate(node),
                         "merged outputs must have the same shape",
                     )
-            node.out = first
+            node.out = TensorType(first.shape, first.dtype, node.bits)
             continue
         x = in_types[0]
         assert x is not None

@@ -15,6 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from archir.cost import check_budget
     from archir.ir import build_graph
     from archir.spec import load_spec
 
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             spec = load_spec(path)
             if spec.is_concrete:
-                build_graph(spec)
+                check_budget(build_graph(spec))
                 print(f"ok: {path}")
             else:
                 print(f"ok: {path} (search space, {len(spec.nodes)} open node(s))")

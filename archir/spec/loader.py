@@ -10,6 +10,8 @@ a search would only reach after an hour is reported at load time.
 from __future__ import annotations
 
 import copy
+import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,40 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     return _model_fields(model) if model else []
 
 
+_KIND_OF = {dict: "a mapping", list: "a list"}
+
+
+def _clean_message(err: Any) -> str:
+    """Pydantic's message as ``must be ..., got <value>`` (one ``got``, no internals)."""
+    msg = str(err["msg"])
+    typ = str(err["type"])
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if msg.startswith("Assertion failed, "):
+        msg = msg[len("Assertion failed, ") :]
+    if typ.endswith(("_parsing", "_type", "_from_float")) and ", " in msg:
+        msg = msg.split(", ")[0]  # "Input should be a valid integer, unable to parse ..."
+    if msg.startswith("Input should be "):
+        msg = "must be " + msg[len("Input should be ") :]
+    elif msg.startswith("String should "):
+        msg = "must " + msg[len("String should ") :]
+    elif msg.startswith("List should "):
+        msg = "must " + msg[len("List should ") :]
+        msg = msg.replace(" after validation", "")
+    value = err.get("input")
+    if isinstance(value, dict | list):
+        if typ.endswith("_type") or typ == "literal_error":
+            msg += f", got {_KIND_OF[type(value)]}"
+    elif "got " not in msg:
+        msg += f", got {value!r}"
+    return msg
+
+
+def _literal_options(err: Any) -> list[str]:
+    expected = str((err.get("ctx") or {}).get("expected", ""))
+    return re.findall(r"'([^']*)'", expected)
+
+
 def _raise_validation(
     exc: ValidationError,
     prefix: PathKey,
@@ -73,7 +109,9 @@ def _raise_validation(
     fields_hint: list[str] | None = None,
     what: str = "",
 ) -> None:
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    # an unknown key is usually a typo of a required one: report it before 'missing'
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = prefix + tuple(err["loc"])
     src = _translate(loc, trace)
     typ = err["type"]
@@ -93,18 +131,22 @@ def _raise_validation(
             else None
         )
     else:
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        if "input" in err and not isinstance(err["input"], dict | list):
-            msg += f", got {err['input']!r}"
-        if typ == "literal_error":
-            hint = None
+        msg = _clean_message(err)
+        if typ == "literal_error" and isinstance(err.get("input"), str):
+            hint = did_you_mean(err["input"], _literal_options(err))
+            if hint and hint.startswith("expected one of"):
+                hint = None  # the message already lists them
         location = smap.locate(src) if smap else None
-    more = len(exc.errors()) - 1
+        if tuple(loc) == ("archir",):
+            hint = "this version of archir reads spec format 'archir: 1'"
+    more = len(errors) - 1
     if more > 0:
         hint = (hint + "; " if hint else "") + f"{more} more problem(s) after this one"
     raise SpecError(msg, location, hint) from None
+
+
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
 
 
 def _validate_component(
@@ -120,7 +162,7 @@ def _validate_component(
     try:
         kind = registry.get(comp.kind)
     except KeyError:
-        role_word = "/".join(expected_roles)
+        role_word = "block" if len(expected_roles) > 1 else expected_roles[0]
         raise SpecError(
             f"unknown {role_word} kind '{comp.kind}'",
             loc(path + ("kind",)),
@@ -129,7 +171,7 @@ def _validate_component(
         ) from None
     if kind.role not in expected_roles:
         raise SpecError(
-            f"kind '{comp.kind}' is a {kind.role}, not a {'/'.join(expected_roles)}",
+            f"kind '{comp.kind}' is a {kind.role}, not {_a(' or '.join(expected_roles))}",
             loc(path + ("kind",)),
             "run 'archir blocks' to list kinds by role",
         )
@@ -303,11 +345,11 @@ class Spec:
     def _concrete(cls, data: Any, smap: SourceMap, decisions: dict[str, Any], trace: Trace) -> Spec:
         obj = cls.__new__(cls)
         obj.data = data
-        obj.smap = SourceMap(file=smap.file)
+        # Errors in a fixed spec (also graph errors) point at the written text via the trace.
+        obj.smap = _TracedMap(smap, trace)
         obj.decisions = decisions
         obj.nodes = []
-        # Errors in a fixed spec point at the written spec's text via the trace.
-        obj._model = validate_concrete(data, _TracedMap(smap, trace), None)
+        obj._model = validate_concrete(data, obj.smap, None)
         return obj
 
     def to_yaml(self) -> str:
@@ -321,19 +363,20 @@ class Spec:
         return p
 
     def _validate_open(self) -> None:
+        """Check every option of every node: types at once, graph rules (heads dividing
+        d_model ...) against some value of the other nodes that could make it work.
+
+        Raises:
+            SpecError: an option does not type-check (at the defaults of the other nodes).
+            GraphError: an option fails the graph checks for every combination tried.
+        """
+        from archir.errors import GraphError
+        from archir.ir import build_graph
+
         _check_choice_kind_keys(self.data, self.smap)
         by_name: dict[str, SearchNode] = {n.name: n for n in self.nodes}
         base = default_decisions(self.nodes)
         for node in self.nodes:
-            values: list[Any]
-            if node.type == "choice":
-                values = (
-                    list(node.options)
-                    if node.scalar_options
-                    else list(range(len(node.options or ())))
-                )
-            else:
-                values = [node.low, node.high]
             # ancestors of a conditional node must choose the option that holds it
             forced: dict[str, Any] = {}
             for other in self.nodes:
@@ -346,27 +389,122 @@ class Spec:
                 ):
                     idx = int(node.path[plen + 1])
                     forced[other.name] = other.options[idx] if other.scalar_options else idx  # type: ignore[index]
-            for value in values:
+            relevant = [
+                o
+                for o in by_name.values()
+                if o.name != node.name and o.name not in forced and _related(node, o)
+            ]
+            for value in _values(node):
+                first_error: GraphError | None = None
+                for combo in _combos(relevant, limit=_MAX_COMBOS):
 
-                def decide(
-                    n: SearchNode,
-                    _v: Any = value,
-                    _t: str = node.name,
-                    _f: dict[str, Any] = forced,
-                ) -> Any:
-                    if n.name == _t:
-                        return _v
-                    if n.name in _f:
-                        return _f[n.name]
-                    return base(by_name.get(n.name, n))
+                    def decide(
+                        n: SearchNode,
+                        _v: Any = value,
+                        _t: str = node.name,
+                        _f: dict[str, Any] = forced,
+                        _c: dict[str, Any] = combo,
+                    ) -> Any:
+                        if n.name == _t:
+                            return _v
+                        if n.name in _f:
+                            return _f[n.name]
+                        if n.name in _c:
+                            return _c[n.name]
+                        return base(by_name.get(n.name, n))
 
-                trace: Trace = {}
-                concrete, _ = _fix_traced(self.data, decide, self.smap, trace)
-                validate_concrete(concrete, self.smap, trace)
+                    trace: Trace = {}
+                    try:
+                        concrete, _ = _fix_traced(self.data, decide, self.smap, trace)
+                        model = validate_concrete(concrete, self.smap, trace)
+                    except SpecError:
+                        if first_error is None and not combo:
+                            raise  # a type error of this option at the defaults
+                        continue
+                    try:
+                        build_graph(model, source=_TracedMap(self.smap, trace))
+                    except GraphError as exc:
+                        first_error = first_error or exc
+                        continue
+                    first_error = None
+                    break
+                if first_error is not None:
+                    where = node.path
+                    if node.type == "choice":
+                        idx = value if not node.scalar_options else node.options.index(value)  # type: ignore[union-attr]
+                        where = node.path + ("choice", idx)
+                    first_error.location = self.smap.locate(where)
+                    others = ", ".join(o.name for o in relevant)
+                    extra = f"no value of {others} makes it fit" if others else None
+                    if extra:
+                        first_error.hint = (
+                            f"{first_error.hint}; {extra}" if first_error.hint else extra
+                        )
+                        first_error.args = (str(first_error),)
+                    raise first_error
 
     def __repr__(self) -> str:
         state = "concrete" if self.is_concrete else f"{len(self.nodes)} open nodes"
         return f"Spec({self.name!r}, {state})"
+
+
+_MAX_COMBOS = 64
+
+
+def _values(node: SearchNode) -> list[Any]:
+    """The decisions tried for ``node`` when validating an open spec."""
+    if node.type == "choice":
+        n = len(node.options or ())
+        return list(node.options or ()) if node.scalar_options else list(range(n))
+    assert node.low is not None and node.high is not None
+    if node.type == "int":
+        step = node.step or 1
+        last = int(node.low + (node.high - node.low) // step * step)
+        return sorted({int(node.low), last})
+    return [node.low, node.high]
+
+
+def _combos(nodes: list[SearchNode], limit: int) -> list[dict[str, Any]]:
+    """``{}`` (everyone at the default) then up to ``limit`` assignments of ``nodes``."""
+    out: list[dict[str, Any]] = [{}]
+    if not nodes:
+        return out
+    pools = []
+    for n in nodes:
+        vals = _values(n)
+        if n.type == "int" and n.low is not None and n.high is not None:
+            step = n.step or 1
+            if (n.high - n.low) // step < 16:
+                vals = list(range(int(n.low), int(n.high) + 1, step))
+        pools.append(vals)
+    for i, combo in enumerate(itertools.product(*pools)):
+        if i >= limit:
+            break
+        out.append({n.name: v for n, v in zip(nodes, combo, strict=True)})
+    return out
+
+
+def _related(node: SearchNode, other: SearchNode) -> bool:
+    """Could ``other``'s decision change whether ``node``'s option passes the graph checks?
+
+    A block's checks depend on its own parameters and the model-wide fields (``d_model``
+    ...); a model-wide field's checks depend on every block.
+    """
+
+    def block_of(p: PathKey) -> PathKey | None:
+        if len(p) >= 5 and p[:2] == ("model", "layers") and p[3] == "blocks":
+            return p[:5]
+        return None
+
+    def model_wide(p: PathKey) -> bool:
+        return len(p) >= 2 and p[0] == "model" and p[1] not in ("layers", "embed", "head")
+
+    if other.path[:1] != ("model",):
+        return False
+    if model_wide(node.path) or model_wide(other.path):
+        return True
+    b = block_of(node.path)
+    return b is not None and b == block_of(other.path)
 
 
 class _TracedMap(SourceMap):

@@ -48,7 +48,7 @@ COMMON_BLOCK_KEYS = frozenset(
 def _check_bits(v: float | None) -> float | None:
     if v is not None and float(v) not in ALLOWED_BITS:
         allowed = ", ".join(str(b) for b in ALLOWED_BITS)
-        raise ValueError(f"bits must be one of {allowed}, got {v}")
+        raise ValueError(f"bits must be one of {allowed}")
     return v
 
 

@@ -45,8 +45,31 @@ class SourceMap:
         return Location(self.file, line, col, path_str(path) or None)
 
 
-def _build(loader: yaml.SafeLoader, node: yaml.Node, path: PathKey, smap: SourceMap) -> Any:
-    smap.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
+def _build(
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    path: PathKey,
+    smap: SourceMap,
+    active: frozenset[int] = frozenset(),
+) -> Any:
+    pos = (node.start_mark.line + 1, node.start_mark.column + 1)
+    smap.values[path] = pos
+    if id(node) in active:
+        raise SpecError(
+            "a YAML alias refers to a mapping or list that contains it",
+            Location(smap.file, pos[0], pos[1], path_str(path) or None),
+            "specs must be trees: remove the recursive '*alias'",
+        )
+    active = active | {id(node)}
+    if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_TAGS:
+        raise SpecError(
+            f"the YAML tag '{node.tag}' is not allowed",
+            Location(smap.file, pos[0], pos[1], path_str(path) or None),
+            "specs hold plain data only (a spec can never run code); remove the '!!' tag",
+        )
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         out: dict[str, Any] = {}
@@ -66,10 +89,10 @@ def _build(loader: yaml.SafeLoader, node: yaml.Node, path: PathKey, smap: Source
                     "each field may appear once in a mapping",
                 )
             smap.keys[path + (key,)] = kpos
-            out[key] = _build(loader, vnode, path + (key,), smap)
+            out[key] = _build(loader, vnode, path + (key,), smap, active)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_build(loader, v, path + (i,), smap) for i, v in enumerate(node.value)]
+        return [_build(loader, v, path + (i,), smap, active) for i, v in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
 
 
@@ -87,6 +110,13 @@ def parse_source(text: str, file: str | None = None) -> tuple[Any, SourceMap]:
         if node is None:
             raise SpecError("the spec file is empty", Location(file, 1, 1), "see specs/zoo/")
         data = _build(loader, node, (), smap)
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise SpecError(
+            f"invalid YAML: {exc.problem or exc.context}",
+            Location(file, mark.line + 1 if mark else None, mark.column + 1 if mark else None),
+            "specs hold plain data only (a spec can never run code); remove the '!!' tag",
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None

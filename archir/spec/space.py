@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from archir.errors import SpecError
+from archir.errors import SpecError, did_you_mean
 from archir.spec.source import PathKey, SourceMap, path_str
 
 NODE_KEYS = ("choice", "int", "float")
@@ -79,6 +79,33 @@ def is_node(value: Any) -> bool:
         and sum(k in value for k in NODE_KEYS) == 1
         and all(k in NODE_KEYS or k in NODE_OPTIONAL for k in value)
     )
+
+
+def check_node_shape(value: Any, path: PathKey, smap: SourceMap | None) -> None:
+    """Reject mappings that look like a search node but are not one (a typo'd key, two kinds).
+
+    Raises:
+        SpecError: e.g. ``{choice: [64, 128], tied: width}`` or ``{int: [1, 4], choice: [2]}``.
+    """
+    if not isinstance(value, dict) or is_node(value):
+        return
+    present = [k for k in NODE_KEYS if k in value]
+    if not present:
+        return
+    loc = smap.locate(path) if smap else None
+    if len(present) > 1:
+        raise SpecError(
+            f"a search node has exactly one of 'choice', 'int', 'float', got {present}",
+            loc,
+            "split it into separate fields",
+        )
+    for key in value:
+        if key not in NODE_KEYS and key not in NODE_OPTIONAL:
+            raise SpecError(
+                f"unknown key '{key}' in a '{present[0]}' search node",
+                smap.locate(path + (key,), key=True) if smap else None,
+                did_you_mean(str(key), sorted(NODE_OPTIONAL)),
+            )
 
 
 def parse_node(
@@ -153,6 +180,7 @@ def find_nodes(data: Any, smap: SourceMap | None = None) -> list[SearchNode]:
     out: list[SearchNode] = []
 
     def walk(v: Any, path: PathKey, cond: bool) -> None:
+        check_node_shape(v, path, smap)
         if is_node(v):
             node = parse_node(v, path, smap, cond)
             out.append(node)
@@ -208,6 +236,12 @@ def _check_decision(node: SearchNode, value: Any, smap: SourceMap | None) -> Any
     if node.type == "int":
         if not float(value).is_integer():
             raise SpecError(f"decision for '{node.name}' must be an integer", loc)
+        if node.step and (int(value) - int(node.low)) % node.step:
+            raise SpecError(
+                f"decision {value} for '{node.name}' is not on the grid {node.low}, "
+                f"{int(node.low) + node.step}, ... (step {node.step})",
+                loc,
+            )
         return int(value)
     return float(value)
 
