@@ -8,6 +8,7 @@ used: a spec can never run code. JSON is a subset of YAML and goes through the s
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,27 @@ class SourceMap:
         line, col = pos if pos else (None, None)
         return Location(self.file, line, col, path_str(path) or None)
 
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, reading floats as YAML 1.2 and JSON do (``1e-3`` is a number)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
@@ -104,7 +126,7 @@ def parse_source(text: str, file: str | None = None) -> tuple[Any, SourceMap]:
             or has duplicate keys or non-string keys.
     """
     smap = SourceMap(file=file)
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
