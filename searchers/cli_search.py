@@ -1,0 +1,47 @@
+"""``archir search SPEC``: search the choices a spec leaves open (Optuna)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "search the open choices of a spec (TPE / NSGA-II / random / GP); resumable"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="spec file with search nodes and a search: section")
+    p.add_argument("--trials", type=int, help="finished trials to reach (budget)")
+    p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "gp"])
+    p.add_argument("--workers", type=int, help="processes sharing the study")
+    p.add_argument("--seed", type=int, help="sampler seed (same seed, same proposals)")
+    p.add_argument("--fidelity", choices=["cost", "proxy", "full"])
+    p.add_argument("--steps", type=int, help="training steps per trial (proxy fidelity)")
+    p.add_argument("--timeout", type=float, dest="timeout_s", help="search wall-time budget, s")
+    p.add_argument("--storage", help="Optuna storage URL (default: runs/<name>/study.journal)")
+    p.add_argument("--study", help="study name (default: the spec's name)")
+    p.add_argument("--out", help="run folder (default: runs/<name>)")
+    p.add_argument("--no-export", action="store_true", help="skip best/model.onnx")
+
+
+def run(args: argparse.Namespace) -> int:
+    from searchers.cli_report import print_report
+    from searchers.run import run_search
+
+    res = run_search(
+        args.spec,
+        out=args.out,
+        storage=args.storage,
+        study=args.study,
+        sampler=args.sampler,
+        trials=args.trials,
+        workers=args.workers,
+        seed=args.seed,
+        fidelity=args.fidelity,
+        steps=args.steps,
+        timeout_s=args.timeout_s,
+        export=not args.no_export,
+        say=lambda s: print(s, flush=True),
+    )
+    print_report(res.run_dir, brief=True)
+    print(f"search finished in {res.wall_s:.1f} s: {res.run_dir}")
+    exp = (res.best or {}).get("export", {})
+    return 1 if isinstance(exp, dict) and "error" in exp else 0

@@ -1,0 +1,311 @@
+"""Pareto bookkeeping: the front, ``pareto.json``, ``pareto.png`` and ``best/``.
+
+The front is computed over feasible COMPLETE trials (every constraint met). ``pareto.json``
+lists each member with every objective and constraint value and the path of its concrete
+spec; ``pareto.png`` draws all trials on the first two objectives (one objective: value per
+trial), infeasible ones greyed, the front highlighted. ``best/`` holds the chosen member
+(best on the first objective among the front): ``spec.yaml``, ``model.safetensors``,
+``model.onnx`` (parity-checked against onnxruntime) and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from archir.errors import ArchirError
+from searchers.objectives import Constraint, Objective
+
+if TYPE_CHECKING:
+    from searchers.run import SearchConfig, SearchResult
+
+
+def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
+    """True when ``a`` is at least as good as ``b`` everywhere and better somewhere."""
+    better = False
+    for x, y, d in zip(a, b, directions):
+        if d == "maximize":
+            x, y = -x, -y
+        if x > y:
+            return False
+        if x < y:
+            better = True
+    return better
+
+
+def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
+    """Indices of the non-dominated points (duplicates of a front point are all kept)."""
+    return [
+        i
+        for i, p in enumerate(points)
+        if not any(dominates(q, p, directions) for j, q in enumerate(points) if j != i)
+    ]
+
+
+def hypervolume_2d(
+    points: Sequence[Sequence[float]], directions: Sequence[str], ref: Sequence[float]
+) -> float:
+    """Area dominated by ``points`` up to the reference point ``ref`` (two objectives)."""
+    pts = []
+    for p in points:
+        q = [(-v if d == "maximize" else v) for v, d in zip(p, directions)]
+        r = [(-v if d == "maximize" else v) for v, d in zip(ref, directions)]
+        if q[0] < r[0] and q[1] < r[1]:
+            pts.append(q)
+    if not pts:
+        return 0.0
+    r = [(-v if d == "maximize" else v) for v, d in zip(ref, directions)]
+    pts.sort()
+    area, best_y = 0.0, r[1]
+    for i, (x, y) in enumerate(pts):
+        nx = pts[i + 1][0] if i + 1 < len(pts) else r[0]
+        best_y = min(best_y, y)
+        area += (nx - x) * (r[1] - best_y)
+    return area
+
+
+def feasible(t: FrozenTrial) -> bool:
+    return t.state == TrialState.COMPLETE and all(
+        v <= 0 for v in t.user_attrs.get("violations", [0.0])
+    )
+
+
+def trial_row(t: FrozenTrial, objectives: list[Objective], constraints: list[Constraint]):
+    vals = dict(t.user_attrs.get("values", {}))
+    row: dict[str, Any] = {
+        "trial": t.number,
+        "state": t.state.name,
+        "status": t.user_attrs.get("status", t.state.name.lower()),
+        "spec": t.user_attrs.get("spec", f"trials/{t.number}/spec.yaml"),
+        "objectives": {o.metric: vals.get(o.metric) for o in objectives},
+        "constraints": {
+            c.metric: {
+                "expr": c.text,
+                "value": vals.get(c.metric),
+                "ok": c.metric in vals and c.ok(float(vals[c.metric])),
+            }
+            for c in constraints
+        },
+        "values": vals,
+        "params": dict(t.params),
+    }
+    if t.user_attrs.get("reason"):
+        row["reason"] = t.user_attrs["reason"]
+    if t.user_attrs.get("duplicate_of") is not None:
+        row["duplicate_of"] = t.user_attrs["duplicate_of"]
+    return row
+
+
+def front_trials(trials: list[FrozenTrial], objectives: list[Objective]) -> list[FrozenTrial]:
+    ok = [t for t in trials if feasible(t) and t.values is not None]
+    ok = [t for t in ok if all(math.isfinite(v) for v in t.values)]
+    idx = pareto_front([t.values for t in ok], [o.direction for o in objectives])
+    front = [ok[i] for i in idx]
+    # keep one member per distinct model (duplicates reuse results)
+    seen: set[Any] = set()
+    out = []
+    for t in sorted(front, key=lambda t: (tuple(t.values), t.number)):
+        key = t.user_attrs.get("spec_hash", t.number)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(t)
+    return out
+
+
+def plot_front(
+    path: Path,
+    trials: list[FrozenTrial],
+    front: list[FrozenTrial],
+    objectives: list[Objective],
+    title: str,
+) -> None:
+    """Write the front as a PNG (matplotlib Agg): feasible points coloured, infeasible grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+    m0 = objectives[0].metric
+    if len(objectives) >= 2:
+        m1 = objectives[1].metric
+
+        def xy(t: FrozenTrial) -> tuple[float, float] | None:
+            v = t.user_attrs.get("values", {})
+            if v.get(m0) is None or v.get(m1) is None:
+                return None
+            return float(v[m1]), float(v[m0])
+
+        grey = [p for t in trials if not feasible(t) for p in [xy(t)] if p]
+        ok = [p for t in trials if feasible(t) for p in [xy(t)] if p]
+        fr = sorted(p for t in front for p in [xy(t)] if p)
+        if grey:
+            ax.scatter(
+                [p[0] for p in grey],
+                [p[1] for p in grey],
+                c="0.75",
+                s=18,
+                label="infeasible / not finished",
+            )
+        if ok:
+            ax.scatter([p[0] for p in ok], [p[1] for p in ok], c="tab:blue", s=22, label="feasible")
+        if fr:
+            ax.plot(
+                *zip(*fr), "o-", c="tab:red", ms=6, label="Pareto front", drawstyle="steps-post"
+            )
+        ax.set_xlabel(f"{m1} ({objectives[1].direction})")
+        ax.set_ylabel(f"{m0} ({objectives[0].direction})")
+    else:
+        grey, ok = [], []
+        for t in trials:
+            v = t.user_attrs.get("values", {}).get(m0)
+            if v is None:
+                continue
+            (ok if feasible(t) else grey).append((t.number, float(v)))
+        if grey:
+            ax.scatter(
+                [p[0] for p in grey],
+                [p[1] for p in grey],
+                c="0.75",
+                s=18,
+                label="infeasible / not finished",
+            )
+        if ok:
+            ax.scatter([p[0] for p in ok], [p[1] for p in ok], c="tab:blue", s=22, label="feasible")
+        if front:
+            ax.scatter(
+                [t.number for t in front],
+                [t.values[0] for t in front],
+                c="tab:red",
+                s=50,
+                label="best",
+            )
+        ax.set_xlabel("trial")
+        ax.set_ylabel(f"{m0} ({objectives[0].direction})")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def export_best(best_dir: Path, spec: Any, model: Any) -> dict[str, Any]:
+    """Write ``best_dir/model.onnx`` with a parity check (the exporters package)."""
+    from exporters import export_onnx
+
+    report = export_onnx(spec, best_dir / "model.onnx", model=model, precision="fp32", check=True)
+    out: dict[str, Any] = report.to_dict()
+    return out
+
+
+def finalize(
+    cfg: SearchConfig,
+    objectives: list[Objective],
+    constraints: list[Constraint],
+    *,
+    export: bool = True,
+    say: Callable[[str], None] = print,
+) -> SearchResult:
+    """Write ``pareto.json``, ``pareto.png`` and ``best/``; drop weights of trials off the
+    front; return the :class:`~searchers.run.SearchResult`."""
+    from archir.spec.loader import load_spec
+    from searchers.run import SearchResult, open_storage
+
+    run_dir = Path(cfg.run_dir)
+    storage = open_storage(cfg.storage_url, cfg.journal, cfg.heartbeat_interval, cfg.grace_period)
+    study = optuna.load_study(study_name=cfg.study_name, storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    front = front_trials(trials, objectives)
+    states: dict[str, int] = {}
+    for t in trials:
+        key = (
+            t.user_attrs.get("status", t.state.name.lower())
+            if t.state != TrialState.RUNNING
+            else "running"
+        )
+        states[key] = states.get(key, 0) + 1
+    rows = [trial_row(t, objectives, constraints) for t in front]
+    best_t = front[0] if front else None
+    if front:
+        best_t = sorted(
+            front,
+            key=lambda t: t.values[0] if objectives[0].direction == "minimize" else -t.values[0],
+        )[0]
+    doc = {
+        "study": cfg.study_name,
+        "objectives": {o.metric: o.direction for o in objectives},
+        "constraints": {c.metric: c.text for c in constraints},
+        "n_trials": len(trials),
+        "states": states,
+        "front": rows,
+        "best": best_t.number if best_t else None,
+        "trials": [trial_row(t, objectives, constraints) for t in trials],
+    }
+    (run_dir / "pareto.json").write_text(json.dumps(doc, indent=2, default=str))
+    plot_front(
+        run_dir / "pareto.png", trials, front, objectives, f"{cfg.study_name}: {len(trials)} trials"
+    )
+    # weights: keep the front's only
+    keep = {t.number for t in front}
+    for t in trials:
+        w = run_dir / "trials" / str(t.number) / "model.safetensors"
+        if t.number not in keep and w.exists():
+            w.unlink()
+    best: dict[str, Any] | None = None
+    if best_t is not None:
+        bdir = run_dir / "best"
+        if bdir.exists():
+            shutil.rmtree(bdir)
+        bdir.mkdir()
+        tdir = run_dir / "trials" / str(best_t.number)
+        src_dir = tdir
+        if best_t.user_attrs.get("duplicate_of") is not None:
+            src_dir = run_dir / "trials" / str(best_t.user_attrs["duplicate_of"])
+        shutil.copy(tdir / "spec.yaml", bdir / "spec.yaml")
+        best = trial_row(best_t, objectives, constraints)
+        weights = src_dir / "model.safetensors"
+        if weights.exists():
+            shutil.copy(weights, bdir / "model.safetensors")
+        if export and weights.exists():
+            from safetensors.torch import load_model
+
+            from archir.compiler import compile as compile_spec
+
+            bspec = load_spec(bdir / "spec.yaml")
+            model = compile_spec(bspec, seed=0)
+            load_model(model, str(weights))
+            model.eval()
+            t0 = time.perf_counter()
+            try:
+                best["export"] = export_best(bdir, bspec, model)
+                best["export"]["wall_s"] = time.perf_counter() - t0
+                say(f"exported {bdir / 'model.onnx'} (parity checked)")
+            except ModuleNotFoundError as exc:
+                best["export"] = {"error": f"exporters unavailable: {exc}"}
+                say(f"no ONNX export: {exc}")
+            except ArchirError as exc:  # e.g. ExportError on a parity failure
+                best["export"] = {"error": str(exc)}
+                say(f"ONNX export failed: {exc}")
+        elif export:
+            best["export"] = {"skipped": "no trained weights (fidelity cost)"}
+        (bdir / "report.json").write_text(json.dumps(best, indent=2, default=str))
+    return SearchResult(
+        run_dir=run_dir,
+        study_name=cfg.study_name,
+        storage=cfg.storage_url or str(cfg.journal),
+        n_trials=len(trials),
+        states=states,
+        front=rows,
+        best=best,
+        wall_s=0.0,
+    )

@@ -1,0 +1,97 @@
+"""A spec's search-space nodes as Optuna define-by-run suggestions.
+
+``suggest(trial)`` returns a decider for :meth:`archir.spec.loader.Spec.fix`: the spec walks
+its data and asks the decider only for nodes it actually reaches, so a parameter inside an
+option that was not chosen is never suggested (conditional spaces for free). Tied nodes are
+asked once, under their ``tie`` name.
+
+========================= ================================================================
+node                      Optuna call
+========================= ================================================================
+``{choice: [a, b]}``      ``suggest_categorical(name, [a, b])`` (scalars)
+``{choice: [{..}, {..}]}``  ``suggest_categorical(name, [0, 1])`` (option index)
+``{int: [lo, hi], step}`` ``suggest_int(name, lo, hi, step=step, log=log)``
+``{float: [lo, hi]}``     ``suggest_float(name, lo, hi, log=log)``
+========================= ================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from archir.spec.space import SearchNode
+
+
+def suggest(trial: optuna.Trial) -> Callable[[SearchNode], Any]:
+    """A decider mapping each reached node to an Optuna suggestion on ``trial``."""
+
+    def decide(node: SearchNode) -> Any:
+        if node.type == "choice":
+            opts = node.options or ()
+            if node.scalar_options:
+                return trial.suggest_categorical(node.name, list(opts))
+            return trial.suggest_categorical(node.name, list(range(len(opts))))
+        assert node.low is not None and node.high is not None
+        if node.type == "int":
+            return trial.suggest_int(
+                node.name,
+                int(node.low),
+                int(node.high),
+                step=1 if node.log else int(node.step or 1),
+                log=node.log,
+            )
+        return trial.suggest_float(node.name, float(node.low), float(node.high), log=node.log)
+
+    return decide
+
+
+def random_decider(rng: random.Random) -> Callable[[SearchNode], Any]:
+    """A decider drawing uniformly (log-uniformly for ``log`` ranges) with ``rng``."""
+    import math
+
+    def decide(node: SearchNode) -> Any:
+        if node.type == "choice":
+            opts = node.options or ()
+            i = rng.randrange(len(opts))
+            return opts[i] if node.scalar_options else i
+        assert node.low is not None and node.high is not None
+        if node.type == "int":
+            step = int(node.step or 1)
+            if node.log:
+                return int(round(math.exp(rng.uniform(math.log(node.low), math.log(node.high)))))
+            return int(node.low) + step * rng.randrange(
+                (int(node.high) - int(node.low)) // step + 1
+            )
+        if node.log:
+            return math.exp(rng.uniform(math.log(node.low), math.log(node.high)))
+        return rng.uniform(node.low, node.high)
+
+    return decide
+
+
+def space_description(nodes: list[SearchNode]) -> list[list[str]]:
+    """``[[decision name, description], ...]`` once per decision name (ties merged)."""
+    seen: dict[str, str] = {}
+    for n in nodes:
+        seen.setdefault(n.name, n.describe())
+    return [[k, v] for k, v in seen.items()]
+
+
+def space_hash(nodes: list[SearchNode]) -> str:
+    """A short stable hash of the space (decision names and their options/ranges); a study
+    whose stored hash differs was made from a different space."""
+    text = json.dumps(space_description(nodes), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def spec_hash(data: Any) -> str:
+    """Hash of concrete spec data with ``name`` and ``search``/``description`` dropped: two
+    trials with the same hash build the same model (used to reuse a duplicate's result)."""
+    d = {k: v for k, v in data.items() if k not in ("name", "description", "search")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
