@@ -1,0 +1,343 @@
+"""Convolution / MetaFormer token mixers (hyena, pooling, sepconv, token_mlp, identity) and
+the mixture-of-experts channel mixer."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import archir
+from archir import registry
+from archir.blocks.conv import causal_conv_direct, causal_conv_fft
+from archir.registry import BuildContext
+from archir.spec import spec_from_dict
+from tests.conftest import ZOO
+
+TOKEN_MIXERS = ["hyena", "pooling", "sepconv", "token_mlp", "identity"]
+D = 32
+MAX = 320
+
+VARIANTS: dict[str, list[dict[str, Any]]] = {
+    "hyena": [{}, {"order": 3, "short_kernel": 4, "filter_layers": 0, "bias": False}],
+    "pooling": [{}, {"pool_size": 5}],
+    "sepconv": [{}, {"expansion": 1.5, "kernel_size": 5, "activation": "gelu", "bias": True}],
+    "token_mlp": [{}, {"expansion": 0.25, "activation": "relu"}],
+    "identity": [{}],
+    "moe": [
+        {},
+        {"n_experts": 3, "top_k": 1, "expert_kind": "swiglu", "expansion": 1.5},
+        {"n_experts": 4, "d_ff": 20, "capacity_factor": None},
+    ],
+}
+
+
+def build(name: str, causal: bool = True, **kw: Any) -> tuple[Any, Any, BuildContext]:
+    kind = registry.get(name)
+    ctx = BuildContext(d_model=D, vocab_size=64, max_seq_len=MAX, causal=causal)
+    p = kind.params(**kw)
+    kind.check(p, ctx)
+    torch.manual_seed(0)
+    return kind.build(p, ctx), p, ctx
+
+
+@pytest.mark.parametrize("name", TOKEN_MIXERS + ["moe"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_shapes_any_length(name: str, causal: bool) -> None:
+    m, _, _ = build(name, causal)
+    for T in (1, 17, 64, 300):
+        x = torch.randn(2, T, D)
+        y = m(x)
+        assert y.shape == (2, T, D)
+        assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "kw"), [(n, kw) for n, vs in VARIANTS.items() for kw in vs], ids=str
+)
+def test_exact_param_count(name: str, kw: dict[str, Any]) -> None:
+    kind = registry.get(name)
+    m, p, ctx = build(name, **kw)
+    assert sum(q.numel() for q in m.parameters()) == kind.n_params(p, ctx)
+
+
+@pytest.mark.parametrize("name", TOKEN_MIXERS)
+def test_causal_mixers_do_not_look_ahead(name: str) -> None:
+    m, _, _ = build(name, causal=True)
+    x = torch.randn(2, 40, D)
+    x2 = x.clone()
+    x2[:, 25] += torch.randn(D)
+    with torch.no_grad():
+        y, y2 = m(x), m(x2)
+    assert torch.allclose(y[:, :25], y2[:, :25], atol=1e-6, rtol=0)
+    if name != "identity":
+        assert not torch.allclose(y[:, 25:], y2[:, 25:])
+
+
+@pytest.mark.parametrize("name", ["pooling", "sepconv", "token_mlp"])
+def test_bidirectional_mixers_do_look_ahead(name: str) -> None:
+    m, _, _ = build(name, causal=False)
+    x = torch.randn(1, 20, D)
+    x2 = x.clone()
+    x2[:, 10] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(m(x)[:, :10], m(x2)[:, :10])
+
+
+def test_pooling_values() -> None:
+    m, _, _ = build("pooling", causal=True, pool_size=3)
+    x = torch.arange(5.0).view(1, 5, 1).expand(1, 5, D)
+    mean = torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0])
+    assert torch.allclose(m(x)[0, :, 0], mean - torch.arange(5.0))
+    m, _, _ = build("pooling", causal=False, pool_size=3)
+    mean = torch.tensor([0.5, 1.0, 2.0, 3.0, 3.5])
+    assert torch.allclose(m(x)[0, :, 0], mean - torch.arange(5.0))
+
+
+def test_even_kernel_refused_when_bidirectional() -> None:
+    with pytest.raises(ValueError, match="odd pool_size"):
+        build("pooling", causal=False, pool_size=4)
+    with pytest.raises(ValueError, match="odd kernel_size"):
+        build("sepconv", causal=False, kernel_size=4)
+    build("sepconv", causal=True, kernel_size=4)
+
+
+# --------------------------------------------------------------------------- hyena
+
+
+def test_fft_and_direct_long_conv_agree() -> None:
+    z, h = torch.randn(2, 8, 300), torch.randn(8, 300) / 300**0.5
+    assert torch.allclose(causal_conv_fft(z, h), causal_conv_direct(z, h), atol=1e-5)
+    m, _, _ = build("hyena")
+    x = torch.randn(2, 300, D)
+    with torch.no_grad():
+        m.fft = "on"
+        y_fft = m(x)
+        m.fft = "off"
+        y_dir = m(x)
+    assert torch.allclose(y_fft, y_dir, atol=1e-5)
+
+
+def test_hyena_step_matches_forward() -> None:
+    kind = registry.get("hyena")
+    assert kind.recurrent
+    m, _, _ = build("hyena", order=2, short_kernel=4)
+    T = 24
+    x = torch.randn(2, T, D)
+    with torch.no_grad():
+        full = m(x)
+        state = m.init_state(2)
+        ys = []
+        for t in range(T):
+            y, state = m.step(x[:, t], state)
+            ys.append(y)
+    assert torch.allclose(torch.stack(ys, 1), full, atol=1e-5)
+
+
+def test_hyena_step_past_max_len_raises() -> None:
+    kind = registry.get("hyena")
+    ctx = BuildContext(d_model=8, max_seq_len=2)
+    m = kind.build(kind.params(), ctx)
+    state = m.init_state(1)
+    with torch.no_grad():
+        for _ in range(2):
+            _, state = m.step(torch.randn(1, 8), state)
+        with pytest.raises(ValueError, match="max_seq_len 2"):
+            m.step(torch.randn(1, 8), state)
+
+
+def test_hyena_state_bytes_grow_with_length() -> None:
+    kind = registry.get("hyena")
+    p, ctx = kind.params(), BuildContext(d_model=D)
+    assert kind.state_bytes(p, ctx, 200) - kind.state_bytes(p, ctx, 100) == 4 * 2 * D * 100
+
+
+# --------------------------------------------------------------------------- moe
+
+
+def test_moe_gates_and_aux_loss() -> None:
+    m, _, _ = build("moe", n_experts=6, top_k=2, capacity_factor=None)
+    x = torch.randn(3, 11, D)
+    y = m(x)
+    assert y.shape == x.shape
+    assert m.has_aux_loss
+    aux = m.aux_loss
+    assert aux is not None and aux.ndim == 0 and torch.isfinite(aux)
+    # a perfectly balanced router gives aux == weight; any router gives >= weight·(1-ε)
+    assert aux.item() > 0
+    gates = m.last_gates
+    assert gates.shape == (33, 6)
+    assert torch.allclose(gates.sum(-1), torch.ones(33), atol=1e-6)
+    assert ((gates > 0).sum(-1) == 2).all()
+    aux.backward()
+    assert m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0
+
+
+def test_moe_capacity_drops_overflow_tokens() -> None:
+    m, _, _ = build("moe", n_experts=4, top_k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        m.router.weight.zero_()
+        m.router.weight[0, 0] = 10.0  # every token (x[..., 0] > 0) prefers expert 0
+    x = torch.randn(1, 12, D)
+    x[..., 0] = x[..., 0].abs() + 1.0
+    y = m(x)
+    cap = math.ceil(1.0 * 12 * 1 / 4)
+    kept = (m.last_gates[:, 0] > 0).nonzero().squeeze(-1).tolist()
+    assert kept == list(range(cap))  # first tokens win, the rest are dropped
+    assert (y[0, cap:] == 0).all() and (y[0, :cap] != 0).any()
+    # f_0 = 1, P_0 ≈ 1: the balancing loss is at its maximum ≈ weight · E
+    assert m.aux_loss is not None and m.aux_loss.item() > 0.01 * 4 * 0.9
+
+
+@pytest.mark.parametrize("expert_kind", ["mlp", "swiglu"])
+def test_moe_sparse_and_dense_paths_agree(expert_kind: str) -> None:
+    m, _, _ = build("moe", expert_kind=expert_kind, capacity_factor=1.0)
+    x = torch.randn(2, 17, D)
+    m.dispatch = "sparse"
+    ys = m(x)
+    m.dispatch = "dense"
+    yd = m(x)
+    assert torch.allclose(ys, yd, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [
+        ("sepconv", {}),
+        ("sepconv", {"kernel_size": 3, "expansion": 3}),
+        ("moe", {"capacity_factor": None, "dispatch": "sparse"}),
+        ("moe", {"capacity_factor": None, "dispatch": "sparse", "expert_kind": "swiglu"}),
+        ("token_mlp", {}),
+    ],
+    ids=str,
+)
+def test_flops_match_flop_counter(name: str, kw: dict[str, Any]) -> None:
+    """These kinds are matmul/conv only, so the counter sees everything the formula counts
+    (moe: sparse path, router + top_k experts per token; token_mlp at T = max_seq_len)."""
+    kind = registry.get(name)
+    m, p, ctx = build(name, **kw)
+    B, T = 2, MAX if name == "token_mlp" else 50
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(torch.randn(B, T, D))
+    assert fc.get_total_flops() == pytest.approx(kind.flops(p, ctx, T) * B * T, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _export_and_compare(m: torch.nn.Module, seq_lens: tuple[int, ...]) -> float:
+    ort = pytest.importorskip("onnxruntime")
+    import tempfile
+    from pathlib import Path
+
+    m.eval()
+    batch = torch.export.Dim("batch", max=64)
+    seq = torch.export.Dim("seq", min=2, max=MAX)
+    worst = 0.0
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = str(Path(tmp) / "m.onnx")
+        torch.onnx.export(
+            m,
+            (torch.randn(2, 16, D),),
+            path,
+            dynamo=True,
+            dynamic_shapes={"x": {0: batch, 1: seq}},
+            verbose=False,
+        )
+        sess = ort.InferenceSession(path)
+        for T in seq_lens:
+            x = torch.randn(3, T, D)
+            (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+            with torch.no_grad():
+                ref = m(x).numpy()
+            worst = max(worst, float(abs(out - ref).max()))
+    return worst
+
+
+@pytest.mark.parametrize("name", ["hyena", "moe"])
+def test_onnx_export_dynamic_seq(name: str) -> None:
+    """hyena exports through the direct (Toeplitz) long convolution; moe through the dense
+    dispatch. Both run in onnxruntime at lengths other than the traced 16."""
+    m, _, _ = build(name)
+    assert _export_and_compare(m, (37, 300)) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pooling", "sepconv", "token_mlp", "identity"])
+def test_onnx_export_dynamic_seq_metaformer(name: str) -> None:
+    m, _, _ = build(name)
+    assert _export_and_compare(m, (37, 300)) < 1e-5
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def _tiny_spec(mixer: dict[str, Any], channel: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "archir": 1,
+        "name": "tiny",
+        "model": {
+            "task": "causal_lm",
+            "vocab_size": 32,
+            "d_model": 32,
+            "max_seq_len": 32,
+            "norm": "rmsnorm",
+            "embed": {"kind": "token_embedding"},
+            "layers": [
+                {
+                    "repeat": 2,
+                    "blocks": [
+                        {"role": "token_mixer", **mixer},
+                        {"role": "channel_mixer", **channel},
+                    ],
+                }
+            ],
+            "head": {"kind": "lm_head", "tie_embeddings": True},
+        },
+    }
+
+
+MLP = {"kind": "mlp", "expansion": 2}
+SPEC_CASES = [({"kind": k}, MLP) for k in TOKEN_MIXERS] + [
+    ({"kind": "attention", "n_heads": 2}, {"kind": "moe", "n_experts": 4, "top_k": 2})
+]
+
+
+@pytest.mark.parametrize(("mixer", "channel"), SPEC_CASES, ids=lambda c: c["kind"])
+def test_spec_compiles_and_trains(mixer: dict[str, Any], channel: dict[str, Any]) -> None:
+    spec = spec_from_dict(_tiny_spec(mixer, channel))
+    model = archir.compile(spec, seed=0)
+    assert archir.analyze(spec).params == sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 32, (8, 25), generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 32), tokens[:, 1:].reshape(-1))
+        aux = model.aux_loss()
+        if channel["kind"] == "moe":
+            assert aux is not None and torch.isfinite(aux)
+        opt.zero_grad()
+        (loss + aux if aux is not None else loss).backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+
+
+@pytest.mark.parametrize("name", ["hyena", "moe-transformer", "poolformer", "convformer"])
+def test_zoo_spec_params(name: str) -> None:
+    spec = archir.load_spec(ZOO / f"{name}.yaml")
+    model = archir.compile(spec)
+    assert archir.analyze(spec).params == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        out = model(torch.randint(0, 256, (1, 9)))
+    assert out.shape == (1, 9, 256)
