@@ -1,0 +1,588 @@
+"""Export a concrete spec's lowered model to ONNX, gated by a parity check.
+
+``export_onnx(spec, out_path)`` compiles the spec (or takes a trained model), exports it with
+``torch.onnx.export(..., dynamo=True)`` — the torch.export/onnxscript exporter, the default
+and supported path on torch 2.x; the TorchScript exporter is deprecated (``exporter=
+"legacy"`` still selects it, ``"auto"`` falls back to it when the dynamo path fails) — with
+dynamic ``batch`` and ``seq`` axes (images: dynamic ``batch``), stores the concrete spec,
+archir version, precision and input descriptions in ``metadata_props``, passes
+``onnx.checker.check_model(full_check=True)``, then runs onnxruntime against PyTorch on real
+inputs before writing. A parity failure raises :class:`~archir.errors.ExportError` naming
+the first diverging output and position, unless ``force=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+import archir
+from archir.errors import ExportError
+from exporters import parity as par
+from exporters import quantize as qz
+
+DEFAULT_OPSET = 20
+META_PREFIX = "archir."
+
+
+@dataclass
+class TensorInfo:
+    """An input or output of the ONNX graph: name, element type, symbolic shape."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+    description: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+
+
+@dataclass
+class ExportReport:
+    """What an export produced.
+
+    Attributes:
+        path: the written file (``None`` for ``check_only`` / a refused export).
+        opset: ONNX opset of the default domain.
+        inputs, outputs: graph inputs/outputs with symbolic shapes (``batch``, ``seq``).
+        file_bytes: size of the (final-precision) model; ``fp32_bytes`` of the fp32 export.
+        parity: fp32 parity against PyTorch (the gate), ``None`` when ``check=False``.
+        quantized_parity: the final-precision model vs PyTorch (reported, not gated).
+        precision: requested precision; ``block_precision``: IR block -> precision used.
+        quality: task metric of PyTorch vs the exported file (``metric``, ``torch``,
+            ``onnx``, ``delta``), when a task is available and ``check`` ran.
+        export_s: wall seconds of the whole export; ``exporter``: ``dynamo`` or ``legacy``.
+        written: whether ``path`` was written; ``forced``: written despite a parity failure.
+        notes: anything the user should know (fallbacks, bits without a kernel ...).
+    """
+
+    path: str | None
+    opset: int
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    file_bytes: int
+    parity: par.ParityReport | None
+    precision: str
+    block_precision: dict[str, str]
+    export_s: float
+    exporter: str = "dynamo"
+    fp32_bytes: int = 0
+    quantized_parity: par.ParityReport | None = None
+    quality: dict[str, Any] | None = None
+    written: bool = False
+    forced: bool = False
+    spec_name: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size_ratio(self) -> float:
+        """fp32 bytes / final bytes (1.0 for fp32)."""
+        return self.fp32_bytes / self.file_bytes if self.file_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size_ratio"] = self.size_ratio
+        return d
+
+    def __str__(self) -> str:
+        lines = [
+            f"export {self.spec_name} -> {self.path or '(not written)'}",
+            f"  exporter: torch.onnx ({self.exporter}), opset {self.opset}, "
+            f"precision {self.precision}, {self.export_s:.1f}s",
+            "  inputs:  " + "; ".join(str(t) for t in self.inputs),
+            "  outputs: " + "; ".join(str(t) for t in self.outputs),
+            f"  size: {_human_bytes(self.file_bytes)}"
+            + (
+                f" (fp32 {_human_bytes(self.fp32_bytes)}, {self.size_ratio:.2f}x smaller)"
+                if self.precision != "fp32" and self.fp32_bytes
+                else ""
+            ),
+        ]
+        if self.parity is not None:
+            lines.append(f"  parity fp32: {self.parity.summary()}")
+            if self.parity.first_divergence:
+                lines.append(f"    first divergence: {self.parity.first_divergence}")
+        if self.quantized_parity is not None:
+            lines.append(f"  parity {self.precision}: {self.quantized_parity.summary()}")
+        if self.quality:
+            q = self.quality
+            lines.append(
+                f"  quality ({q['task']}, {q['metric']}): torch {q['torch']:.4f}, "
+                f"onnx {q['onnx']:.4f}, delta {q['delta']:+.4f}"
+            )
+        counts: dict[str, int] = {}
+        for v in self.block_precision.values():
+            counts[v] = counts.get(v, 0) + 1
+        line = "  precision per block: " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
+        if len(counts) > 1:
+            common = max(counts, key=lambda k: counts[k])
+            rest = [f"{b}={p}" for b, p in self.block_precision.items() if p != common]
+            line += f" (all {common} but " + ", ".join(rest[:12])
+            line += (" ..." if len(rest) > 12 else "") + ")"
+        lines.append(line)
+        lines.extend(f"  note: {n}" for n in self.notes)
+        if self.forced:
+            lines.append("  WARNING: written with --force despite a parity failure")
+        return "\n".join(lines)
+
+    def __rich__(self) -> str:
+        from rich.markup import escape
+
+        return escape(str(self))
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+# -- model and graph bookkeeping --------------------------------------------------------------
+
+
+def load_weights(model: torch.nn.Module, weights: str | os.PathLike) -> None:
+    """Load a safetensors checkpoint into ``model`` (strict).
+
+    Raises:
+        ExportError: missing file, or keys/shapes that do not match the spec.
+    """
+    from safetensors.torch import load_model
+
+    p = Path(weights)
+    if not p.is_file():
+        raise ExportError(f"weights file '{p}' does not exist", hint="give a .safetensors file")
+    try:
+        load_model(model, str(p), strict=True)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+        raise ExportError(
+            f"weights '{p}' do not fit the spec: {str(exc).splitlines()[0][:300]}",
+            hint="export with the spec.yaml that was saved beside the weights",
+        ) from None
+
+
+def module_to_block(model: Any) -> dict[str, str]:
+    """Top-level module path of the CompiledModel (``blocks.3``, ``embed``...) -> IR node name
+    (``layers.1.blocks.1``). Shared blocks map to their owner."""
+    out: dict[str, str] = {}
+    graph = getattr(model, "graph", None)
+    plan = getattr(model, "_plan", None)
+    if graph is None or plan is None:
+        return out
+    for node, (op, idx, _) in zip(list(graph), plan):
+        if op == "block":
+            out.setdefault(f"blocks.{idx}", node.name)
+        elif op == "merge":
+            out.setdefault(f"merges.{idx}", node.name)
+        elif op == "embed":
+            out["embed"] = node.name
+        elif op == "norm":
+            out["final_norm"] = node.name
+        elif op == "head":
+            out["head"] = node.name
+    return out
+
+
+def block_bits(model: Any) -> dict[str, float]:
+    """IR node name -> weight bits, for nodes that own weights (shared nodes excluded)."""
+    out: dict[str, float] = {}
+    for node in getattr(model, "graph", []):
+        if node.op == "merge" or getattr(node, "weights_of", None):
+            continue
+        out[node.name] = float(node.bits)
+    return out
+
+
+def _scope_of(node: onnx.NodeProto) -> str | None:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = json.loads(p.value.replace("'", '"'))
+            except ValueError:
+                return None
+            return scopes[1] if len(scopes) > 1 else None
+    return None
+
+
+def _tag_and_strip(proto: onnx.ModelProto, mod2block: dict[str, str]) -> None:
+    """Tag every node with its IR block (``archir.block``), drop torch's bulky per-node
+    metadata (stack traces hold local paths), and name unnamed nodes."""
+    for i, n in enumerate(proto.graph.node):
+        scope = _scope_of(n)
+        if scope is None and n.name:
+            # legacy exporter: node names like /blocks.0/fn/q/MatMul
+            parts = n.name.strip("/").split("/")
+            scope = parts[0] if parts and parts[0] in mod2block else None
+            if scope is None and len(parts) > 1 and parts[0] == "blocks":
+                scope = f"blocks.{parts[1]}" if parts[1].isdigit() else None
+        block = mod2block.get(scope or "")
+        del n.metadata_props[:]
+        if block:
+            n.metadata_props.add(key=qz.BLOCK_KEY, value=block)
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+
+
+_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+}
+
+
+def tensor_infos(values: Any) -> list[TensorInfo]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dims: list[int | str] = [
+            d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else "?")
+            for d in t.shape.dim
+        ]
+        out.append(TensorInfo(v.name, _DTYPES.get(t.elem_type, str(t.elem_type)), dims))
+    return out
+
+
+def _io_names(spec_model: Any) -> tuple[str, str, dict[int, str], dict[int, str]]:
+    m = spec_model.model
+    if m.task == "image_classification":
+        return "images", "logits", {0: "batch"}, {0: "batch"}
+    if m.task == "causal_lm":
+        return "tokens", "logits", {0: "batch", 1: "seq"}, {0: "batch", 1: "seq"}
+    return "tokens", "logits", {0: "batch", 1: "seq"}, {0: "batch"}
+
+
+def input_descriptions(spec_model: Any) -> dict[str, str]:
+    m = spec_model.model
+    if m.task == "image_classification":
+        return {
+            "images": f"float32 [batch, {m.channels}, {m.image_size}, {m.image_size}] images",
+            "logits": f"float32 [batch, {m.n_classes}] class logits",
+        }
+    desc = {
+        "tokens": f"int64 [batch, seq] token ids in [0, {m.vocab_size}), "
+        f"seq <= {m.max_seq_len} (max_seq_len)",
+    }
+    if m.task == "causal_lm":
+        desc["logits"] = f"float32 [batch, seq, {m.vocab_size}] next-token logits (causal)"
+    else:
+        desc["logits"] = f"float32 [batch, {m.n_classes}] class logits"
+    return desc
+
+
+def _fix_dim_names(proto: onnx.ModelProto, in_axes: dict[int, str], out_axes: dict[int, str]):
+    """Give the dynamic axes their archir names (``batch``, ``seq``) on inputs/outputs."""
+    for v, axes in ((proto.graph.input[0], in_axes), (proto.graph.output[0], out_axes)):
+        dims = v.type.tensor_type.shape.dim
+        for i, name in axes.items():
+            if i < len(dims) and not dims[i].HasField("dim_value"):
+                dims[i].dim_param = name
+
+
+# -- the exporter -----------------------------------------------------------------------------
+
+
+def _example_input(spec_model: Any) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    m = spec_model.model
+    # neither 0 nor 1 on a dynamic axis (torch.export would specialize them)
+    return par.random_input(spec_model, 2, max(2, min(7, m.max_seq_len)), gen)
+
+
+def _torch_export(
+    model: torch.nn.Module, spec_model: Any, opset: int, exporter: str
+) -> tuple[onnx.ModelProto, str]:
+    x = _example_input(spec_model)
+    in_name, out_name, in_axes, out_axes = _io_names(spec_model)
+    errors: list[str] = []
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    order = ["dynamo", "legacy"] if exporter == "auto" else [exporter]
+    for which in order:
+        buf = io.StringIO()
+        try:
+            with (
+                contextlib.redirect_stdout(buf),
+                warnings.catch_warnings(),
+                torch.no_grad(),
+            ):
+                warnings.simplefilter("ignore")
+                if which == "dynamo":
+                    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1)}
+                    if 1 in in_axes:
+                        dims[1] = torch.export.Dim("seq", min=1, max=spec_model.model.max_seq_len)
+                    prog = torch.onnx.export(
+                        model,
+                        (x,),
+                        None,
+                        dynamo=True,
+                        opset_version=opset,
+                        input_names=[in_name],
+                        output_names=[out_name],
+                        dynamic_shapes=({k: v for k, v in dims.items()},),
+                        optimize=True,
+                        verbose=False,
+                    )
+                    assert prog is not None
+                    proto = prog.model_proto
+                else:
+                    f = io.BytesIO()
+                    torch.onnx.export(
+                        model,
+                        (x,),
+                        f,
+                        dynamo=False,
+                        opset_version=min(opset, 18),
+                        input_names=[in_name],
+                        output_names=[out_name],
+                        dynamic_axes={in_name: in_axes, out_name: out_axes},
+                    )
+                    proto = onnx.load_from_string(f.getvalue())
+            _fix_dim_names(proto, in_axes, out_axes)
+            return proto, which
+        except Exception as exc:  # noqa: BLE001 - exporter internals
+            msg = str(exc).strip().splitlines()
+            errors.append(f"{which}: {type(exc).__name__}: {' '.join(msg[:3])[:600]}")
+    raise ExportError(
+        "torch.onnx.export failed for this model: " + " | ".join(errors),
+        hint="a block's forward may use data-dependent shapes or a Python loop over time; "
+        "the message names the operation",
+    )
+
+
+def _set_metadata(
+    proto: onnx.ModelProto, spec: Any, precision: str, exporter: str, plan: dict[str, str]
+) -> None:
+    spec_model = spec.model
+    meta = {
+        "archir.version": archir.__version__,
+        "archir.spec": spec.to_yaml(),
+        "archir.spec_name": spec_model.name,
+        "archir.precision": precision,
+        "archir.block_precision": json.dumps(plan),
+        "archir.inputs": json.dumps(input_descriptions(spec_model)),
+        "archir.task": spec_model.model.task,
+        "archir.exporter": f"torch.onnx {exporter} (torch {torch.__version__})",
+    }
+    keep = [p for p in proto.metadata_props if not p.key.startswith(META_PREFIX)]
+    del proto.metadata_props[:]
+    for p in keep:
+        proto.metadata_props.add(key=p.key, value=p.value)
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    proto.doc_string = f"archir {archir.__version__}: {spec_model.name} ({precision})"
+    descs = input_descriptions(spec_model)
+    for v in list(proto.graph.input) + list(proto.graph.output):
+        if v.name in descs:
+            v.doc_string = descs[v.name]
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (weights not loaded)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def _check_model(proto: onnx.ModelProto, where: str) -> None:
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:  # noqa: BLE001 - checker/shape-inference errors
+        raise ExportError(
+            f"onnx.checker rejected the {where} model: {str(exc).splitlines()[0][:400]}"
+        ) from None
+
+
+def _quality(task: Any, spec_model: Any, model: torch.nn.Module, session: Any) -> dict[str, Any]:
+    cfg = spec_model.train
+    L = max(2, min(cfg.seq_len, spec_model.model.max_seq_len))
+    batches = 2
+    t = task.evaluate(model, 8, L, batches)
+    o = task.evaluate(par.OrtModule(session), 8, L, batches)
+    metric = task.metric
+    return {
+        "task": task.name,
+        "metric": metric,
+        "torch": float(t[metric]),
+        "onnx": float(o[metric]),
+        "delta": float(o[metric]) - float(t[metric]),
+        "direction": task.direction,
+    }
+
+
+def export_onnx(
+    spec: Any,
+    out_path: str | os.PathLike | None,
+    *,
+    model: torch.nn.Module | None = None,
+    weights: str | os.PathLike | None = None,
+    precision: str = "fp32",
+    check: bool = True,
+    force: bool = False,
+    task: Any = None,
+    opset: int | None = None,
+    exporter: str = "auto",
+    check_only: bool = False,
+    quality: bool = True,
+    threads: int | None = 1,
+) -> ExportReport:
+    """Export a concrete spec (or its trained model) to ONNX.
+
+    Args:
+        spec: a concrete :class:`archir.Spec`.
+        out_path: file to write (may be ``None`` with ``check_only``).
+        model: an already-trained ``CompiledModel`` (default: ``archir.compile(spec, seed=0)``
+            with ``weights`` loaded when given).
+        weights: a ``.safetensors`` checkpoint for the compiled spec.
+        precision: ``fp32 | fp16 | int8 | int8-static | int4 | auto`` (see
+            :mod:`exporters.quantize`; ``auto`` follows the IR's per-block ``bits``).
+        check: run the parity gate (onnxruntime vs PyTorch, fp32 max abs error ≤ 1e-4 ×
+            output scale) and, for reduced precisions, the quality report.
+        force: write even when parity fails (the report says so).
+        task: a Task or task name for real inputs, calibration and the quality report
+            (default: the spec's ``train.task``; ``"random"``: random inputs only).
+        opset: ONNX opset (default 20).
+        exporter: ``dynamo`` (torch.export based), ``legacy`` (TorchScript, deprecated) or
+            ``auto`` (dynamo, falling back to legacy).
+        check_only: run everything but write nothing.
+        quality: compute the task-quality report for reduced precisions (needs a task).
+        threads: onnxruntime intra-op threads for the checks.
+
+    Returns:
+        ExportReport (``str(report)`` is the CLI's rendering).
+
+    Raises:
+        ExportError: parity failure (names the first diverging output/position), export or
+            quantization failure, checker failure, bad weights or precision.
+        SpecError: the spec is open.
+    """
+    t0 = time.perf_counter()
+    spec_model = spec.model  # raises SpecError for an open spec
+    if precision not in qz.PRECISIONS:
+        raise ExportError(
+            f"unknown precision '{precision}'", hint="expected one of: " + ", ".join(qz.PRECISIONS)
+        )
+    if exporter not in ("auto", "dynamo", "legacy"):
+        raise ExportError(f"unknown exporter '{exporter}'", hint="dynamo, legacy or auto")
+    opset = opset or DEFAULT_OPSET
+    if model is None:
+        model = archir.compile(spec, seed=0)
+        if weights is not None:
+            load_weights(model, weights)
+    was_training = model.training
+    model.eval()
+    notes: list[str] = []
+    try:
+        proto, used = _torch_export(model, spec_model, opset, exporter)
+        if used != exporter and exporter == "auto" and used == "legacy":
+            notes.append("the dynamo exporter failed; used the legacy TorchScript exporter")
+        mod2block = module_to_block(model)
+        bits = block_bits(model)
+        _tag_and_strip(proto, mod2block)
+        _set_metadata(proto, spec, "fp32", used, {b: "fp32" for b in bits})
+        _check_model(proto, "fp32")
+        fp32_bytes = proto.ByteSize()
+        the_task = (
+            par.resolve_task(spec_model, task) if check or precision == "int8-static" else None
+        )
+        parity_report = None
+        if check:
+            inputs, source = par.parity_inputs(spec_model, the_task)
+            sess = par.make_session(proto.SerializeToString(), threads)
+            parity_report = par.compare(sess, model, inputs, source=source)
+        final, plan = proto, {b: "fp32" for b in bits}
+        q_parity = None
+        quality_report = None
+        if precision != "fp32":
+            calib = None
+            if precision == "int8-static":
+                in_name = proto.graph.input[0].name
+                calib = par.TaskCalibrationReader(
+                    in_name, par.calibration_batches(spec_model, the_task)
+                )
+            final, plan = qz.quantize(proto, precision, bits, calib)
+            low = {b: v for b, v in bits.items() if v < 4 and plan.get(b) == "int4"}
+            if low:
+                notes.append(
+                    "bits below 4 have no onnxruntime kernel; stored at 4 bits: "
+                    + ", ".join(f"{b} ({v:g})" for b, v in low.items())
+                )
+            _set_metadata(final, spec, precision, used, plan)
+            _check_model(final, precision)
+            if check:
+                qsess = par.make_session(final.SerializeToString(), threads)
+                inputs, source = par.parity_inputs(spec_model, the_task)
+                q_parity = par.compare(qsess, model, inputs, source=source, gated=False)
+                if quality and the_task is not None:
+                    try:
+                        quality_report = _quality(the_task, spec_model, model, qsess)
+                    except Exception as exc:  # noqa: BLE001 - a task that cannot evaluate
+                        notes.append(f"quality report skipped: {exc}")
+                elif the_task is None:
+                    notes.append("no task data for this model: quality not measured")
+        data = final.SerializeToString()
+        in_infos = tensor_infos(final.graph.input)
+        descs = input_descriptions(spec_model)
+        for t in in_infos:
+            t.description = descs.get(t.name, "")
+        out_infos = tensor_infos(final.graph.output)
+        for t in out_infos:
+            t.description = descs.get(t.name, "")
+        report = ExportReport(
+            path=None,
+            opset=next((o.version for o in final.opset_import if o.domain in ("", "ai.onnx")), 0),
+            inputs=in_infos,
+            outputs=out_infos,
+            file_bytes=len(data),
+            parity=parity_report,
+            precision=precision,
+            block_precision=plan,
+            export_s=0.0,
+            exporter=used,
+            fp32_bytes=fp32_bytes,
+            quantized_parity=q_parity,
+            quality=quality_report,
+            spec_name=spec_model.name,
+            notes=notes,
+        )
+        failed = parity_report is not None and not parity_report.passed
+        if failed and not force:
+            report.export_s = time.perf_counter() - t0
+            pr = parity_report
+            assert pr is not None
+            raise ExportError(
+                f"parity check failed: onnxruntime and PyTorch differ by {pr.max_abs_err:.3g} "
+                f"(tolerance {pr.tolerance:.3g}); first divergence: {pr.first_divergence or pr.where}",
+                hint="the export is wrong for this block; --force writes it anyway",
+            )
+        if not check_only and out_path is not None:
+            out = Path(out_path)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if len(data) > 1_900_000_000:
+                onnx.save(final, str(out), save_as_external_data=True)
+            else:
+                tmp = tempfile.NamedTemporaryFile(
+                    dir=out.parent, prefix=out.name, suffix=".tmp", delete=False
+                )
+                with tmp:
+                    tmp.write(data)
+                os.replace(tmp.name, out)
+            report.path = str(out)
+            report.written = True
+            report.forced = failed
+        report.export_s = time.perf_counter() - t0
+        return report
+    finally:
+        model.train(was_training)

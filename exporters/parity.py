@@ -1,0 +1,276 @@
+"""Parity between an exported ONNX file and the PyTorch model it came from.
+
+The gate runs onnxruntime and PyTorch on the same *real* inputs — batches of the spec's task
+when the task can feed this model, otherwise random tokens (language models) or random
+images — at several batch sizes and sequence lengths, including ones the exporter never saw,
+and reports the largest absolute difference and the first position beyond tolerance.
+
+Tolerance (fp32): ``max |onnx - torch| <= rtol · max(1, max |torch|)`` with ``rtol = 1e-4``:
+an absolute error relative to the output's scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+FP32_RTOL = 1e-4
+
+
+@dataclass
+class ParityReport:
+    """Outcome of comparing onnxruntime with PyTorch.
+
+    Attributes:
+        max_abs_err: largest ``|onnx - torch|`` over every input and output element.
+        where: ``"output 'logits' input #2 [3, 64] at index (1, 40, 7)"`` for that maximum.
+        first_divergence: the first (in input order, then C order) element beyond tolerance,
+            ``None`` when none is.
+        tolerance: the absolute tolerance used (``rtol · scale``).
+        scale: ``max(1, max |torch output|)`` over the inputs.
+        passed: ``max_abs_err <= tolerance`` and every output is finite.
+        gated: whether a failure refuses the export (fp32), or is only reported (quantized).
+        shapes: the input shapes checked.
+        source: ``"task:<name>"`` or ``"random"`` — where the inputs came from.
+    """
+
+    max_abs_err: float
+    where: str
+    tolerance: float
+    scale: float
+    passed: bool
+    gated: bool = True
+    first_divergence: str | None = None
+    shapes: list[list[int]] = field(default_factory=list)
+    source: str = "random"
+    rtol: float = FP32_RTOL
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verdict = "ok" if self.passed else ("FAILED" if self.gated else "beyond fp32 tolerance")
+        return (
+            f"{verdict}: max |Δ| {self.max_abs_err:.3g} (tolerance {self.tolerance:.3g}) "
+            f"at {self.where}; {len(self.shapes)} input(s) from {self.source}"
+        )
+
+
+def make_session(model: str | bytes, threads: int | None = 1) -> Any:
+    """An onnxruntime CPU ``InferenceSession`` for a file path or serialized model bytes."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+class OrtModule(torch.nn.Module):
+    """Wrap an onnxruntime session as a PyTorch module (``forward(x) -> torch.Tensor``), so
+    that a task's ``evaluate`` can score the exported file exactly as it scores the model."""
+
+    def __init__(self, session: Any) -> None:
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().cpu().numpy()})[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+
+def is_image_model(spec_model: Any) -> bool:
+    return spec_model.model.task == "image_classification"
+
+
+def random_input(spec_model: Any, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+    """A random model input: tokens ``[batch, seq]`` int64, or images ``[batch, C, H, W]``."""
+    m = spec_model.model
+    if is_image_model(spec_model):
+        return torch.randn(batch, m.channels, m.image_size, m.image_size, generator=gen)
+    return torch.randint(0, max(m.vocab_size, 1), (batch, seq), generator=gen)
+
+
+def resolve_task(spec_model: Any, task: Any) -> Any:
+    """The task whose data feeds parity/calibration, or ``None`` for random inputs.
+
+    ``task`` may be a Task, a task name, ``"random"`` (force random inputs) or ``None``
+    (the spec's ``train.task``). A task that cannot feed this model (wrong model kind,
+    missing data) gives ``None``: the gate falls back to random inputs.
+    """
+    from archir.errors import ArchirError
+    from archir.tasks import get_task
+
+    if task == "random" or task is False:
+        return None
+    try:
+        if task is None or isinstance(task, str):
+            name = task or spec_model.train.task
+            opts = spec_model.train.task_options if task is None else None
+            task = get_task(name, opts)
+        task.check_model(spec_model.model)
+    except (ArchirError, ValueError, OSError):
+        return None
+    return task
+
+
+def parity_inputs(
+    spec_model: Any, task: Any, seed: int = 0, shapes: Sequence[tuple[int, int]] | None = None
+) -> tuple[list[torch.Tensor], str]:
+    """Inputs for the gate: ``(inputs, source)``.
+
+    Token models get ``[batch, seq]`` for ``shapes`` (default ``(1, 1), (3, 17), (2, L)``
+    with ``L = min(train.seq_len, max_seq_len)``); image models get batches 1 and 3.
+    """
+    m = spec_model.model
+    L = max(2, min(spec_model.train.seq_len, m.max_seq_len))
+    if shapes is None:
+        shapes = [(1, 1), (3, min(17, m.max_seq_len)), (2, L)]
+        if is_image_model(spec_model):
+            shapes = [(1, 0), (3, 0)]
+    gen = torch.Generator().manual_seed(seed)
+    out: list[torch.Tensor] = []
+    source = "random"
+    if task is not None:
+        try:
+            for b, t in shapes:
+                x = task.train_batch(b, max(t, 1), gen)[0]
+                if not is_image_model(spec_model):
+                    x = x[:, : max(t, 1)]
+                out.append(x)
+            source = f"task:{task.name}"
+        except Exception:  # noqa: BLE001 - data too short for a shape etc.: random instead
+            out = []
+    if not out:
+        out = [random_input(spec_model, b, max(t, 1), gen) for b, t in shapes]
+    return out, source
+
+
+def _fmt_index(idx: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(i) for i in idx) + ")"
+
+
+def compare(
+    session: Any,
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    *,
+    rtol: float = FP32_RTOL,
+    gated: bool = True,
+    source: str = "random",
+    output_names: Sequence[str] | None = None,
+) -> ParityReport:
+    """Run ``session`` and ``model`` on every input and compare all outputs.
+
+    Returns a :class:`ParityReport`; the caller decides whether a failure refuses.
+    """
+    names = list(output_names or [o.name for o in session.get_outputs()])
+    in_name = session.get_inputs()[0].name
+    refs: list[list[np.ndarray]] = []
+    outs: list[list[np.ndarray]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                r = model(x)
+                rs = list(r) if isinstance(r, tuple | list) else [r]
+                refs.append([t.detach().float().numpy() for t in rs])
+                o = session.run(None, {in_name: x.numpy()})
+                outs.append([np.asarray(a, dtype=np.float32) for a in o])
+    finally:
+        model.train(was_training)
+    scale = 1.0
+    for rs in refs:
+        for r in rs:
+            if r.size:
+                scale = max(scale, float(np.abs(r).max()))
+    tol = rtol * scale
+    best, where, first = -1.0, "no output", None
+    finite = True
+    for i, (x, rs, os_) in enumerate(zip(inputs, refs, outs)):
+        for j, (r, o) in enumerate(zip(rs, os_)):
+            name = names[j] if j < len(names) else f"#{j}"
+            label = f"output '{name}' input #{i} {list(x.shape)}"
+            if r.shape != o.shape:
+                return ParityReport(
+                    math.inf,
+                    f"{label}: shape {list(o.shape)} != torch {list(r.shape)}",
+                    tol,
+                    scale,
+                    False,
+                    gated,
+                    f"{label}: shape {list(o.shape)} != torch {list(r.shape)}",
+                    [list(t.shape) for t in inputs],
+                    source,
+                    rtol,
+                )
+            if not r.size:
+                continue
+            diff = np.abs(o.astype(np.float64) - r.astype(np.float64))
+            bad_nan = ~np.isfinite(o) & np.isfinite(r)
+            if bad_nan.any():
+                finite = False
+                diff = np.where(bad_nan, np.inf, diff)
+            diff = np.nan_to_num(diff, nan=0.0)
+            k = int(diff.argmax())
+            m = float(diff.flat[k])
+            if m > best:
+                best = m
+                where = f"{label} at index {_fmt_index(np.unravel_index(k, diff.shape))}"
+            if first is None:
+                over = np.flatnonzero(diff.reshape(-1) > tol)
+                if over.size:
+                    idx = np.unravel_index(int(over[0]), diff.shape)
+                    first = (
+                        f"{label} at index {_fmt_index(idx)}"
+                        + (f" (batch {idx[0]}, position {idx[1]})" if len(idx) >= 3 else "")
+                        + f": onnx {float(o[idx]):.6g} vs torch {float(r[idx]):.6g}"
+                    )
+    best = max(best, 0.0)
+    return ParityReport(
+        best,
+        where,
+        tol,
+        scale,
+        finite and best <= tol,
+        gated,
+        first,
+        [list(t.shape) for t in inputs],
+        source,
+        rtol,
+    )
+
+
+class TaskCalibrationReader:
+    """``onnxruntime.quantization.CalibrationDataReader`` over task batches (or random
+    inputs): yields ``{input_name: array}`` dicts, ``n`` of them."""
+
+    def __init__(self, input_name: str, batches: Sequence[torch.Tensor]) -> None:
+        self.input_name = input_name
+        self._batches = list(batches)
+        self._it: Iterator[torch.Tensor] = iter(self._batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self._it, None)
+        return None if x is None else {self.input_name: x.numpy()}
+
+    def rewind(self) -> None:
+        self._it = iter(self._batches)
+
+
+def calibration_batches(
+    spec_model: Any, task: Any, n: int = 8, batch: int = 4, seed: int = 1234
+) -> list[torch.Tensor]:
+    """``n`` calibration inputs of the training shape (task data when known)."""
+    L = max(2, min(spec_model.train.seq_len, spec_model.model.max_seq_len))
+    xs, _ = parity_inputs(spec_model, task, seed, [(batch, L)] * n)
+    return xs

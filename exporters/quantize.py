@@ -1,0 +1,242 @@
+"""Reduced-precision variants of an exported fp32 ONNX model.
+
+Precisions (``--precision``):
+
+* ``fp32`` — the export as is.
+* ``fp16`` — every float tensor and op in float16 (``onnxruntime.transformers.float16``),
+  inputs and outputs kept float32; runs on onnxruntime's CPU provider.
+* ``int8`` — dynamic quantization (``onnxruntime.quantization.quantize_dynamic``): weights of
+  every MatMul/Gemm with a constant weight (and the token-embedding Gather) stored as int8,
+  activations quantized on the fly (per-tensor, unsigned).
+* ``int8-static`` — QDQ static quantization (``quantize_static``) of the weight MatMuls/Convs,
+  activation ranges calibrated (MinMax) on task batches (random inputs without a task).
+* ``int4`` — weight-only 4-bit blockwise quantization to ``MatMulNBits`` (and
+  ``GatherBlockQuantized`` for the embedding) with ``onnxruntime.quantization.
+  matmul_nbits_quantizer`` (RTN, symmetric, block 32).
+* ``auto`` — the IR's per-block ``bits`` decide: ``bits >= 16`` stays float32; ``bits == 8``
+  gets int8 (dynamic); ``bits <= 4`` gets int4 weight-only (2, 1.58 and 1 bits have no
+  onnxruntime kernel and are stored at 4 bits — the report says so).
+
+Each graph node carries the IR block it came from in its ``metadata_props`` key
+``archir.block`` (set by the exporter); quantization picks nodes per block with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from archir.errors import ExportError
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int4", "auto")
+BLOCK_KEY = "archir.block"
+INT4_BLOCK = 32
+
+
+def node_block(node: onnx.NodeProto) -> str | None:
+    for p in node.metadata_props:
+        if p.key == BLOCK_KEY:
+            return p.value
+    return None
+
+
+def weight_nodes(model: onnx.ModelProto, op_types: Sequence[str] = ("MatMul", "Gemm")) -> list:
+    """Nodes of ``op_types`` whose weight operand (input 1; input 0 for Gather) is an
+    initializer: ``[(node, block)]``."""
+    inits = {i.name for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in op_types:
+            continue
+        w = n.input[0] if n.op_type == "Gather" else (n.input[1] if len(n.input) > 1 else "")
+        if w in inits:
+            out.append((n, node_block(n)))
+    return out
+
+
+def plan_precision(
+    model: onnx.ModelProto, precision: str, block_bits: dict[str, float]
+) -> dict[str, str]:
+    """Per-IR-block precision label for ``precision`` (``fp32``/``fp16``/``int8``/``int4``).
+
+    Blocks without quantizable weights (norms, parameter-free mixers) stay ``fp32`` except
+    under ``fp16``.
+    """
+    if precision not in PRECISIONS:
+        raise ExportError(
+            f"unknown precision '{precision}'", hint="expected one of: " + ", ".join(PRECISIONS)
+        )
+    has_weights = {b for _, b in weight_nodes(model, ("MatMul", "Gemm", "Gather", "Conv")) if b}
+    plan: dict[str, str] = {}
+    for block, bits in block_bits.items():
+        if precision == "fp16":
+            plan[block] = "fp16"
+        elif block not in has_weights or precision == "fp32":
+            plan[block] = "fp32"
+        elif precision == "int8":
+            plan[block] = "int8"
+        elif precision == "int8-static":
+            plan[block] = "int8-static"
+        elif precision == "int4":
+            plan[block] = "int4"
+        else:  # auto
+            plan[block] = "fp32" if bits >= 16 else ("int8" if bits >= 8 else "int4")
+    return plan
+
+
+def _names(model: onnx.ModelProto, plan: dict[str, str], label: str, ops: Sequence[str]):
+    return [n.name for n, b in weight_nodes(model, ops) if b is not None and plan.get(b) == label]
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    out = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    wrapped = OnnxModel(out)
+    wrapped.topological_sort()
+    return wrapped.model
+
+
+def to_int4(model: onnx.ModelProto, nodes: list[str], gather_nodes: list[str]) -> onnx.ModelProto:
+    """Weight-only 4-bit (MatMulNBits / GatherBlockQuantized) on the named nodes."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    ops: tuple[str, ...] = ("MatMul",) + (("Gather",) if gather_nodes else ())
+    cfg = DefaultWeightOnlyQuantConfig(
+        block_size=INT4_BLOCK,
+        is_symmetric=True,
+        op_types_to_quantize=ops,
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+        bits=4,
+    )
+    q = MatMulNBitsQuantizer(
+        model,
+        bits=4,
+        block_size=INT4_BLOCK,
+        is_symmetric=True,
+        nodes_to_include=list(nodes) + list(gather_nodes),
+        op_types_to_quantize=ops,
+        algo_config=cfg,
+    )
+    q.process()
+    return q.model.model
+
+
+def to_int8_dynamic(model: onnx.ModelProto, nodes: list[str], tmp: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = tmp / "in8.onnx", tmp / "out8.onnx"
+    onnx.save(model, str(src))
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+        nodes_to_quantize=nodes,
+        weight_type=QuantType.QInt8,
+        per_channel=False,
+        extra_options={"MatMulConstBOnly": True},
+    )
+    return onnx.load(str(dst))
+
+
+def to_int8_static(
+    model: onnx.ModelProto, nodes: list[str], reader: Any, tmp: Path
+) -> onnx.ModelProto:
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    src, dst = tmp / "in8s.onnx", tmp / "out8s.onnx"
+    onnx.save(model, str(src))
+    quantize_static(
+        str(src),
+        str(dst),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+        nodes_to_quantize=nodes,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
+    return onnx.load(str(dst))
+
+
+def quantize(
+    model: onnx.ModelProto,
+    precision: str,
+    block_bits: dict[str, float],
+    calibration: Any = None,
+) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """Turn an fp32 export into ``precision``. Returns ``(model, per-block precision)``.
+
+    Args:
+        model: the fp32 model (nodes tagged with ``archir.block``).
+        precision: one of :data:`PRECISIONS`.
+        block_bits: IR block name -> bits (used by ``auto``).
+        calibration: a CalibrationDataReader (needed by ``int8-static``).
+
+    Raises:
+        ExportError: unknown precision, or a quantizer failed.
+    """
+    plan = plan_precision(model, precision, block_bits)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizers log advice at WARNING on the root logger
+    try:
+        return _quantize(model, precision, plan, calibration)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(
+    model: onnx.ModelProto, precision: str, plan: dict[str, str], calibration: Any
+) -> tuple[onnx.ModelProto, dict[str, str]]:
+    if precision == "fp32" or all(v == "fp32" for v in plan.values()):
+        return model, plan
+    if precision == "fp16":
+        return to_fp16(model), plan
+    with tempfile.TemporaryDirectory(prefix="archir-q-") as td:
+        tmp = Path(td)
+        try:
+            out = model
+            int4 = _names(out, plan, "int4", ("MatMul",))
+            int4_gather = _names(out, plan, "int4", ("Gather",))
+            if int4 or int4_gather:
+                out = to_int4(out, int4, int4_gather)
+            int8 = _names(out, plan, "int8", ("MatMul", "Gemm", "Gather"))
+            if int8:
+                out = to_int8_dynamic(out, int8, tmp)
+            static = _names(out, plan, "int8-static", ("MatMul", "Gemm", "Conv"))
+            if static:
+                if calibration is None:
+                    raise ExportError("int8-static needs calibration data")
+                out = to_int8_static(out, static, calibration, tmp)
+        except ExportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - quantizer internals
+            raise ExportError(
+                f"onnxruntime could not quantize the model to {precision}: "
+                f"{type(exc).__name__}: {exc}",
+                hint="try another --precision, or report the block kind",
+            ) from exc
+    return out, plan
+
+
+def file_size(path: str | os.PathLike) -> int:
+    return os.path.getsize(path)
