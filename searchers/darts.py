@@ -1,0 +1,825 @@
+"""One-shot architecture search: DARTS, GDAS-style Gumbel sampling and SPOS (DESIGN.md §7).
+
+``run_oneshot(spec, run_dir, method=..., relax=...)`` trains one supernet
+(:mod:`searchers.supernet`) holding every candidate of the spec's open choices, picks
+architectures from it, retrains each from scratch at the search's trial budget, and records
+them in the same run folder and Optuna study as every other search (DESIGN.md §9):
+``spec.yaml``, ``run.json``, ``study.journal``, ``trials/<n>/{spec.yaml, metrics.json}``,
+``pareto.json``/``pareto.png``, ``best/{spec.yaml, model.safetensors, report.json}`` — plus
+``arch_weights.json`` (final architecture distribution, history, collapse-guard events).
+
+Methods
+-------
+``darts`` / ``relax="softmax"`` — first-order DARTS (Liu et al., 2019, "DARTS: Differentiable
+    Architecture Search"): each step alternates an architecture step (Adam on ``alpha``,
+    validation batch, every candidate weighted by ``softmax(alpha)``) and a weight step
+    (AdamW with the trainer's schedule, training batch, ``alpha`` fixed). The first
+    ``warmup_frac`` of the steps trains weights only (uniform mixture).
+``darts`` / ``relax="gumbel"`` — GDAS (Dong & Yang, 2019, "Searching for a Robust Neural
+    Architecture in Four GPU Hours"): both steps run one path sampled by hard Gumbel-softmax;
+    the architecture step back-propagates through the straight-through one-hot weight. The
+    temperature decays exponentially from ``tau_max`` to ``tau_min`` over the architecture
+    phase.
+``spos`` — single-path one-shot (Guo et al., 2020, "Single Path One-Shot Neural
+    Architecture Search with Uniform Sampling"): weights are trained on one uniformly sampled
+    path per step; then an evolutionary search (``population``, ``generations``, mutation and
+    crossover) scores sub-networks by validation loss with inherited weights; candidates
+    that break a pre-training constraint (exact cost of their fixed spec) are never kept.
+
+Hardware-aware loss
+-------------------
+The architecture loss adds, for each constraint of ``search.constraints`` on a cost metric
+(``params``, ``flops_per_token``, ``state_bytes``, ``weight_bytes``, ``weight_bits_avg``,
+``latency_ms``), ``hw_weight · relu(E[m] / (bound·(1-margin)) - 1)`` (mirrored for ``>=``),
+and for each cost *objective* ``obj_weight · E[m] / m_ref``. ``E[m]`` is the expectation under
+``softmax(alpha)`` of the exact per-candidate cost rows (registry cost rules through
+``archir.cost.node_cost``). ``latency_ms`` is predicted as ``E[flops] · (ms per FLOP)`` with
+the ratio measured once on the reference model on this machine (a one-point linear
+predictor; no per-kind calibration exists yet).
+
+Collapse guard
+--------------
+DARTS tends to let parameter-free candidates (``identity``) win because they make the
+supernet train fastest early on (Zela et al., 2020, "Understanding and Robustifying
+Differentiable Architecture Search"; Liang et al., 2019, "DARTS+"). After every architecture
+step the guard measures, for each decision with both parameter-free and parametric values,
+the probability mass on the parameter-free ones. Above ``guard_threshold`` it triggers:
+(1) ``alpha`` is rolled back to the last snapshot in which no decision was dominated;
+(2) a penalty ``beta · Σ P(parameter-free)`` joins the architecture loss (``beta`` starts at
+``guard_beta`` and doubles at every further trigger); (3) after ``guard_max_triggers``
+triggers the architecture weights are frozen at that snapshot (early stopping, as in
+DARTS+). Every trigger is recorded in ``arch_weights.json`` (``collapse``). Depth decisions
+are not guarded (fewer layers may be the right answer under a size constraint).
+
+Discretize and verify
+---------------------
+DARTS/GDAS take the argmax of every decision; when that architecture breaks a pre-training
+constraint on its exact cost, the most probable architecture that meets them is retrained
+as well (``repaired``). SPOS retrains the ``n_final`` best feasible sub-networks. Each one is
+a normal trial of the study (the search helper's :class:`searchers.run.Evaluator`: exact
+cost, latency, training with ``archir.train.train`` at the trial fidelity, quantized
+evaluation, constraint check on the discrete model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from archir.errors import ArchirError, SearchError
+from archir.spec.loader import Spec, load_spec
+from archir.spec.sections import SearchSection, TrainSection
+from searchers.objectives import COST_METRICS, Constraint, Objective
+from searchers.supernet import SuperNet, build_supernet
+
+HW_METRICS = frozenset(COST_METRICS) | {"latency_ms"}
+
+
+@dataclass
+class OneShotConfig:
+    """Knobs of a one-shot search (keyword arguments of :func:`run_oneshot`).
+
+    Attributes:
+        steps: supernet training steps (default: ``max(10, trials · trial_steps / 2)`` for
+            DARTS, twice that for SPOS, i.e. about the CPU of the trial budget).
+        warmup_frac: DARTS: share of the steps that train weights only.
+        arch_lr, arch_wd: Adam on ``alpha`` (DARTS paper: 3e-4 / 1e-3; larger here for
+            short runs).
+        tau_max, tau_min: Gumbel temperature schedule (exponential decay).
+        hw_weight, hw_margin, obj_weight: hardware-aware loss (module docstring).
+        guard, guard_threshold, guard_beta, guard_max_triggers: collapse guard.
+        population, generations, mutate_p, eval_batches: SPOS evolution.
+        n_final: architectures retrained (SPOS: the best feasible ones).
+        export: write ``best/model.onnx`` (parity-checked) at the end.
+        log_every: supernet history interval (steps).
+    """
+
+    steps: int | None = None
+    warmup_frac: float = 0.25
+    arch_lr: float = 3e-2
+    arch_wd: float = 1e-3
+    tau_max: float = 5.0
+    tau_min: float = 0.5
+    hw_weight: float = 2.0
+    hw_margin: float = 0.05
+    obj_weight: float = 0.05
+    guard: bool = True
+    guard_threshold: float = 0.6
+    guard_beta: float = 0.5
+    guard_max_triggers: int = 3
+    population: int = 8
+    generations: int = 4
+    mutate_p: float = 0.3
+    eval_batches: int = 2
+    n_final: int = 1
+    export: bool = False
+    log_every: int = 10
+
+
+# -- hardware loss ------------------------------------------------------------------------
+class HardwareLoss:
+    """``E[cost]`` penalties from the constraints and cost objectives (module docstring)."""
+
+    def __init__(
+        self,
+        net: SuperNet,
+        constraints: list[Constraint],
+        objectives: list[Objective],
+        cfg: OneShotConfig,
+        ms_per_flop: float | None = None,
+    ) -> None:
+        self.net = net
+        self.cons = [c for c in constraints if c.metric in HW_METRICS]
+        self.objs = [o for o in objectives if o.metric in HW_METRICS]
+        self.cfg = cfg
+        self.ms_per_flop = ms_per_flop
+        with torch.no_grad():
+            e0 = self.expected()
+        self.ref = {k: max(float(v), 1e-9) for k, v in e0.items()}
+
+    def expected(self, probs: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        e = self.net.expected_costs(probs)
+        if self.ms_per_flop is not None:
+            e["latency_ms"] = e["flops_per_token"] * self.ms_per_flop
+        return e
+
+    def __call__(self, probs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        e = self.expected(probs)
+        total = torch.zeros(())
+        for c in self.cons:
+            if c.metric not in e:
+                continue
+            v = e[c.metric]
+            if c.op in ("<=", "<"):
+                total = total + self.cfg.hw_weight * torch.relu(
+                    v / (c.bound * (1 - self.cfg.hw_margin)) - 1
+                )
+            elif c.op in (">=", ">"):
+                total = total + self.cfg.hw_weight * torch.relu(
+                    1 - v / (c.bound * (1 + self.cfg.hw_margin))
+                )
+        for o in self.objs:
+            if o.metric in e:
+                sign = 1.0 if o.direction == "minimize" else -1.0
+                total = total + sign * self.cfg.obj_weight * e[o.metric] / self.ref[o.metric]
+        return total
+
+
+# -- collapse guard -----------------------------------------------------------------------
+@dataclass
+class CollapseGuard:
+    """Detects parameter-free dominance and applies the remedy (module docstring)."""
+
+    net: SuperNet
+    threshold: float = 0.6
+    beta0: float = 0.5
+    max_triggers: int = 3
+    beta: float = 0.0
+    frozen: bool = False
+    events: list[dict[str, Any]] = field(default_factory=list)
+    snapshot: list[torch.Tensor] | None = None
+
+    def guarded(self) -> list[int]:
+        return [
+            i
+            for i, d in enumerate(self.net.decisions)
+            if any(d.param_free) and not all(d.param_free)
+        ]
+
+    def free_mass(self, probs: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        out = {}
+        for i in self.guarded():
+            mask = torch.tensor([1.0 if f else 0.0 for f in self.net.decisions[i].param_free])
+            out[i] = (probs[i] * mask).sum()
+        return out
+
+    def penalty(self, probs: list[torch.Tensor]) -> torch.Tensor:
+        if self.beta <= 0:
+            return torch.zeros(())
+        mass = self.free_mass(probs)
+        total = torch.zeros(())
+        for v in mass.values():
+            total = total + v
+        return self.beta * total
+
+    def check(self, step: int) -> dict[str, Any] | None:
+        """Call after an architecture step; returns the event when it triggered."""
+        with torch.no_grad():
+            mass = self.free_mass(self.net.probs())
+        dominated = {
+            self.net.decisions[i].name: float(v) for i, v in mass.items() if v > self.threshold
+        }
+        if not dominated:
+            self.snapshot = [a.detach().clone() for a in self.net.alphas]
+            return None
+        restored = self.snapshot is not None
+        if self.snapshot is not None:
+            with torch.no_grad():
+                for a, s in zip(self.net.alphas, self.snapshot):
+                    a.copy_(s)
+        self.beta = self.beta0 if self.beta <= 0 else self.beta * 2
+        ev: dict[str, Any] = {
+            "step": step,
+            "dominated": dominated,
+            "action": "rolled back alpha" if restored else "no healthy snapshot yet",
+            "penalty_beta": self.beta,
+        }
+        if len(self.events) + 1 >= self.max_triggers:
+            self.frozen = True
+            ev["action"] += "; architecture weights frozen (early stop)"
+        self.events.append(ev)
+        return ev
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _val_stream(task: Any, batch: int, seq_len: int, seed: int):
+    """Batches for architecture steps: the task's validation split when it exposes one
+    (``val_batches``), else an independent stream of training batches."""
+    if hasattr(task, "val_batches"):
+        pool = list(task.val_batches(batch, seq_len, 64))
+        if pool:
+            i = 0
+            while True:
+                yield pool[i % len(pool)]
+                i += 1
+    gen = torch.Generator().manual_seed(seed + 7777)
+    while True:
+        yield task.train_batch(batch, seq_len, gen)
+
+
+def _lr(step: int, total: int, cfg: TrainSection) -> float:
+    from archir.train import lr_at
+
+    return lr_at(step, cfg.model_copy(update={"steps": total}))
+
+
+def _arch_cost(net: SuperNet, arch: dict[str, int], ms_per_flop: float | None) -> dict[str, float]:
+    from archir.cost import analyze
+
+    rep = analyze(net.fix(arch))
+    vals = {k: float(getattr(rep, k)) for k in COST_METRICS}
+    if ms_per_flop is not None:
+        vals["latency_ms"] = vals["flops_per_token"] * ms_per_flop
+    return vals
+
+
+def _feasible(constraints: list[Constraint], vals: dict[str, float]) -> bool:
+    return all(c.ok(vals[c.metric]) for c in constraints if c.metric in vals)
+
+
+def _log_prob(net: SuperNet, arch: dict[str, int]) -> float:
+    probs = net.probs()
+    return sum(math.log(max(float(p[arch[d.name]]), 1e-12)) for d, p in zip(net.decisions, probs))
+
+
+def _labels(net: SuperNet, arch: dict[str, int]) -> dict[str, str]:
+    return {d.name: d.labels[arch[d.name]] for d in net.decisions}
+
+
+def _weights_doc(net: SuperNet) -> dict[str, Any]:
+    probs = net.probs()
+    return {
+        d.name: {
+            "category": d.category,
+            "values": d.labels,
+            "alpha": [round(float(x), 5) for x in a.detach()],
+            "probs": [round(float(x), 5) for x in p],
+            "argmax": d.labels[int(p.argmax())],
+            "param_free": d.param_free,
+        }
+        for d, a, p in zip(net.decisions, net.alphas, probs)
+    }
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# -- supernet training ----------------------------------------------------------------------
+def train_supernet(
+    net: SuperNet,
+    task: Any,
+    train_cfg: TrainSection,
+    method: str,
+    relax: str,
+    steps: int,
+    cfg: OneShotConfig,
+    hw: HardwareLoss | None,
+    guard: CollapseGuard | None,
+    seed: int,
+) -> dict[str, Any]:
+    """Train the supernet (weights, and ``alpha`` for DARTS/GDAS). Returns a log dict with
+    ``history`` and timings."""
+    from archir.train import make_optimizer
+
+    torch.manual_seed(seed)
+    extra = task.extra_modules(net) if hasattr(task, "extra_modules") else None
+    params = net.weight_parameters()
+    holder = torch.nn.Module()
+    holder.ps = torch.nn.ParameterList(params)
+    w_opt = (
+        make_optimizer(holder, train_cfg, extra)
+        if extra is not None
+        else make_optimizer(holder, train_cfg)
+    )
+    a_opt = torch.optim.Adam(
+        list(net.alphas), lr=cfg.arch_lr, betas=(0.5, 0.999), weight_decay=cfg.arch_wd
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    pgen = torch.Generator().manual_seed(seed + 2)
+    seq_len = min(train_cfg.seq_len, net.spec.model.max_seq_len)
+    vstream = _val_stream(task, train_cfg.batch_size, seq_len, seed)
+    warm = int(steps * cfg.warmup_frac) if method == "darts" else steps
+    arch_steps = max(1, steps - warm)
+    history: list[dict[str, Any]] = []
+    step_times: list[float] = []
+    net.train()
+    last_loss = float("nan")
+    all_params = params + (list(extra.parameters()) if extra is not None else [])
+    for step in range(steps):
+        t0 = time.perf_counter()
+        lr = _lr(step, steps, train_cfg)
+        for g in w_opt.param_groups:
+            g["lr"] = lr
+        tau = 1.0
+        arch_on = method == "darts" and step >= warm and not (guard and guard.frozen)
+        if relax == "gumbel":
+            frac = max(0, step - warm) / arch_steps
+            tau = cfg.tau_max * (cfg.tau_min / cfg.tau_max) ** min(1.0, frac)
+        # -- architecture step (validation batch) --
+        arch_loss = None
+        if arch_on:
+            xv, yv = next(vstream)
+            if relax == "gumbel":
+                net.set_path("gumbel", tau=tau, gen=pgen)
+            else:
+                net.set_path("soft")
+            loss_a = task.loss(net, xv, yv)
+            probs = net.probs()
+            if hw is not None:
+                loss_a = loss_a + hw(probs)
+            if guard is not None:
+                loss_a = loss_a + guard.penalty(probs)
+            a_opt.zero_grad(set_to_none=True)
+            w_opt.zero_grad(set_to_none=True)
+            loss_a.backward()
+            a_opt.step()
+            arch_loss = float(loss_a.detach())
+            if guard is not None:
+                guard.check(step)
+        # -- weight step (training batch) --
+        x, y = task.train_batch(train_cfg.batch_size, seq_len, gen)
+        if method == "spos":
+            net.set_path("uniform", gen=pgen)
+        elif relax == "gumbel":
+            net.set_path("gumbel", tau=tau, gen=pgen, grad=False)
+        else:
+            net.set_path("soft", grad=False)
+        loss = task.loss(net, x, y)
+        aux = net.aux_loss()
+        total = loss + aux if aux is not None else loss
+        if not torch.isfinite(total):
+            raise SearchError(f"supernet loss became {float(total)} at step {step}")
+        w_opt.zero_grad(set_to_none=True)
+        a_opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(all_params, train_cfg.grad_clip)
+        w_opt.step()
+        last_loss = float(loss.detach())
+        step_times.append(time.perf_counter() - t0)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            row: dict[str, Any] = {"step": step + 1, "train_loss": round(last_loss, 5)}
+            if arch_loss is not None:
+                row["arch_loss"] = round(arch_loss, 5)
+            if relax == "gumbel" and method == "darts":
+                row["tau"] = round(tau, 4)
+            if method == "darts":
+                row["argmax"] = _labels(net, net.argmax())
+                if hw is not None:
+                    with torch.no_grad():
+                        row["expected"] = {k: float(v) for k, v in hw.expected().items()}
+            history.append(row)
+    return {
+        "steps": steps,
+        "warmup_steps": warm if method == "darts" else None,
+        "final_train_loss": last_loss,
+        "step_time_s": sum(step_times) / max(1, len(step_times)),
+        "history": history,
+    }
+
+
+@torch.no_grad()
+def score_arch(net: SuperNet, task: Any, arch: dict[str, int], batches: list[Any]) -> float:
+    """Mean validation loss of one sub-network with inherited weights."""
+    net.eval()
+    net.set_path("fixed", arch=arch)
+    total = 0.0
+    for x, y in batches:
+        total += float(task.loss(net, x, y))
+    net.train()
+    return total / max(1, len(batches))
+
+
+def evolve(
+    net: SuperNet,
+    task: Any,
+    batches: list[Any],
+    constraints: list[Constraint],
+    cfg: OneShotConfig,
+    seed: int,
+    ms_per_flop: float | None,
+) -> tuple[list[tuple[float, dict[str, int]]], list[dict[str, Any]]]:
+    """SPOS evolutionary search. Returns ``[(score, arch)]`` best first and a log."""
+    rng = random.Random(seed)
+    cache: dict[tuple[int, ...], float] = {}
+    names = [d.name for d in net.decisions]
+    sizes = [len(d.values) for d in net.decisions]
+    pre = [c for c in constraints if c.metric in HW_METRICS]
+    log: list[dict[str, Any]] = []
+
+    def key(a: dict[str, int]) -> tuple[int, ...]:
+        return tuple(a[n] for n in names)
+
+    def fitness(a: dict[str, int]) -> float:
+        k = key(a)
+        if k not in cache:
+            if pre and not _feasible(pre, _arch_cost(net, a, ms_per_flop)):
+                cache[k] = math.inf
+            else:
+                cache[k] = score_arch(net, task, a, batches)
+        return cache[k]
+
+    def rand() -> dict[str, int]:
+        return {n: rng.randrange(s) for n, s in zip(names, sizes)}
+
+    pop: list[dict[str, int]] = []
+    tries = 0
+    while len(pop) < cfg.population and tries < cfg.population * 20:
+        tries += 1
+        a = rand()
+        if key(a) in {key(p) for p in pop}:
+            if len(cache) >= math.prod(sizes):
+                break
+            continue
+        if math.isfinite(fitness(a)):
+            pop.append(a)
+    for gen in range(cfg.generations):
+        pop.sort(key=fitness)
+        parents = pop[: max(2, len(pop) // 2)]
+        children: list[dict[str, int]] = []
+        tries = 0
+        while len(children) < cfg.population - len(parents) and tries < cfg.population * 20:
+            tries += 1
+            if rng.random() < 0.5 and len(parents) >= 2:
+                p1, p2 = rng.sample(parents, 2)
+                c = {n: (p1 if rng.random() < 0.5 else p2)[n] for n in names}
+            else:
+                p = rng.choice(parents)
+                c = {
+                    n: (rng.randrange(s) if rng.random() < cfg.mutate_p else p[n])
+                    for n, s in zip(names, sizes)
+                }
+            if key(c) in {key(q) for q in parents + children}:
+                continue
+            if math.isfinite(fitness(c)):
+                children.append(c)
+        pop = parents + children
+        best = min(pop, key=fitness) if pop else None
+        log.append(
+            {
+                "generation": gen,
+                "evaluated": len(cache),
+                "best_score": fitness(best) if best else None,
+                "best": _labels(net, best) if best else None,
+            }
+        )
+    ranked = sorted(
+        ((v, dict(zip(names, k))) for k, v in cache.items() if math.isfinite(v)),
+        key=lambda t: t[0],
+    )
+    return ranked, log
+
+
+def most_probable_feasible(
+    net: SuperNet, constraints: list[Constraint], ms_per_flop: float | None, seed: int
+) -> dict[str, int] | None:
+    """The most probable architecture meeting the pre-training constraints (exhaustive over
+    up to 4096 architectures, else over 512 samples of the distribution)."""
+    pre = [c for c in constraints if c.metric in HW_METRICS]
+    space = math.prod(len(d.values) for d in net.decisions)
+    if space <= 4096:
+        cands = net.arch_space()
+    else:
+        g = torch.Generator().manual_seed(seed)
+        probs = net.probs()
+        cands = []
+        for _ in range(512):
+            cands.append(
+                {
+                    d.name: int(torch.multinomial(p.detach(), 1, generator=g))
+                    for d, p in zip(net.decisions, probs)
+                }
+            )
+    cands.sort(key=lambda a: -_log_prob(net, a))
+    for a in cands[:256]:
+        if _feasible(pre, _arch_cost(net, a, ms_per_flop)):
+            return a
+    return None
+
+
+# -- the entry point ------------------------------------------------------------------------
+def run_oneshot(
+    spec: Spec | str | Path,
+    run_dir: str | Path,
+    method: str = "darts",
+    relax: str = "softmax",
+    seed: int = 0,
+    steps: int | None = None,
+    *,
+    say: Any = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """One-shot search of an open spec; writes the run folder (module docstring).
+
+    Args:
+        spec: an open spec (or its path) with a ``search:`` section.
+        run_dir: the run folder (created; an existing study of the same name is extended).
+        method: ``darts`` (first-order DARTS / GDAS) or ``spos``.
+        relax: ``softmax`` (DARTS) or ``gumbel`` (GDAS); ignored by SPOS.
+        seed: seeds the supernet, the path sampling and the evolution.
+        steps: supernet training steps (see :class:`OneShotConfig`).
+        options: other :class:`OneShotConfig` fields.
+
+    Returns:
+        A summary: ``best`` (trial row), ``trials``, ``arch_weights``, ``collapse``,
+        ``supernet`` (params, step time, memory), ``cpu_s`` per phase, ``run_dir``.
+
+    Raises:
+        SearchError: unknown method/relax/option, nothing searchable, or a block with too
+            many configurations. SpecError: the spec is invalid.
+    """
+    from searchers.pareto import finalize
+    from searchers.run import (
+        Evaluator,
+        SearchConfig,
+        TrialFailed,
+        _objectives,
+        _silence,
+        open_storage,
+        trial_train_cfg,
+    )
+    from searchers.space import space_description, space_hash
+
+    _silence()
+    say = say or (lambda s: None)
+    if method not in ("darts", "spos"):
+        raise SearchError(f"unknown one-shot method '{method}'", hint="darts or spos")
+    if relax not in ("softmax", "gumbel"):
+        raise SearchError(f"unknown relaxation '{relax}'", hint="softmax or gumbel")
+    known = {f.name for f in fields(OneShotConfig)}
+    bad = sorted(set(options) - known)
+    if bad:
+        raise SearchError(f"unknown one-shot option '{bad[0]}'", hint=", ".join(sorted(known)))
+    ocfg = OneShotConfig(**options)
+    if steps is not None:
+        ocfg.steps = steps
+    if isinstance(spec, str | Path):
+        spec = load_spec(spec)
+    if spec.is_concrete:
+        raise SearchError(f"spec '{spec.name}' has no search nodes: nothing to search")
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+
+    # -- configuration, exactly as run_search builds it -----------------------------------
+    run_dir = Path(run_dir)
+    searcher = method if method == "spos" else f"darts-{relax}"
+    torch.manual_seed(seed)
+    net = build_supernet(spec)
+    ref = net.ref_spec
+    sec = ref.model.search or SearchSection.model_validate(spec.data.get("search") or {})
+    sec = sec.model_copy(update={"pruner": "none", "seed": seed})
+    train_sec = ref.model.train
+    shash = space_hash(spec.nodes)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(spec.to_yaml(), encoding="utf-8")
+    cfg = SearchConfig(
+        spec_path=str(run_dir / "spec.yaml"),
+        run_dir=str(run_dir),
+        storage_url=None,
+        study_name=spec.name,
+        search=sec.model_dump(),
+        train=train_sec.model_dump(),
+        space_hash=shash,
+        trials=ocfg.n_final,
+        timeout_s=None,
+        workers=1,
+    )
+    objectives, constraints, _ = _objectives(cfg)
+    trial_cfg = trial_train_cfg(cfg)
+    (run_dir / "run.json").write_text(
+        json.dumps(
+            {
+                "spec": str(spec.file or run_dir / "spec.yaml"),
+                "study": spec.name,
+                "storage": "study.journal",
+                "space_hash": shash,
+                "space": space_description(spec.nodes),
+                "objectives": {o.metric: o.direction for o in objectives},
+                "constraints": {c.metric: c.text for c in constraints},
+                "search": sec.model_dump(),
+                "searcher": searcher,
+            },
+            indent=2,
+        )
+    )
+    from archir.tasks.base import get_task
+
+    task = get_task(train_sec.task, train_sec.task_options)
+    task.check_model(ref.model.model)
+    if trial_cfg.threads:
+        torch.set_num_threads(trial_cfg.threads)
+    trial_steps = trial_cfg.steps
+    n_steps = ocfg.steps or max(10, sec.budget.trials * trial_steps // 2)
+    if ocfg.steps is None and method == "spos":
+        n_steps *= 2
+
+    # -- latency predictor (one point, this machine) ---------------------------------------
+    ms_per_flop = None
+    used = {c.metric for c in constraints} | {o.metric for o in objectives}
+    if "latency_ms" in used:
+        from archir.compiler import compile as compile_spec
+        from searchers.latency import example_input, measure_latency_ms
+
+        m = compile_spec(ref, seed=0)
+        lat = sec.latency
+        x = example_input(ref.model, lat.batch, lat.seq_len or trial_cfg.seq_len)
+        ms = measure_latency_ms(m, x, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats)
+        from archir.cost import analyze
+
+        ms_per_flop = ms / max(1.0, analyze(ref).flops_per_token)
+
+    # -- supernet -----------------------------------------------------------------------------
+    hw = (
+        HardwareLoss(net, constraints, objectives, ocfg, ms_per_flop) if method == "darts" else None
+    )
+    guard = (
+        CollapseGuard(net, ocfg.guard_threshold, ocfg.guard_beta, ocfg.guard_max_triggers)
+        if method == "darts" and ocfg.guard
+        else None
+    )
+    say(
+        f"supernet: {len(net.decisions)} decisions, "
+        f"{sum(p.numel() for p in net.weight_parameters())} weights, {n_steps} steps ({method}"
+        + (f", {relax}" if method == "darts" else "")
+        + ")"
+    )
+    rss0 = _max_rss_mb()
+    cpu_s0 = time.process_time()
+    log = train_supernet(net, task, trial_cfg, method, relax, n_steps, ocfg, hw, guard, seed)
+    cpu_supernet = time.process_time() - cpu_s0
+
+    # -- choose architectures --------------------------------------------------------------
+    cpu_s0 = time.process_time()
+    finals: list[tuple[dict[str, int], dict[str, Any]]] = []
+    evo_log: list[dict[str, Any]] = []
+    if method == "darts":
+        a = net.argmax()
+        finals.append((a, {"how": "argmax", "log_prob": _log_prob(net, a)}))
+        pre = [c for c in constraints if c.metric in HW_METRICS]
+        if pre and not _feasible(pre, _arch_cost(net, a, ms_per_flop)):
+            r = most_probable_feasible(net, constraints, ms_per_flop, seed)
+            if r is not None and r != a:
+                finals.append((r, {"how": "repaired", "log_prob": _log_prob(net, r)}))
+    else:
+        seq_len = min(trial_cfg.seq_len, net.spec.model.max_seq_len)
+        vs = _val_stream(task, trial_cfg.batch_size, seq_len, seed)
+        batches = [next(vs) for _ in range(ocfg.eval_batches)]
+        ranked, evo_log = evolve(net, task, batches, constraints, ocfg, seed, ms_per_flop)
+        if not ranked:
+            raise SearchError(
+                "SPOS evolution found no sub-network meeting the constraints",
+                hint="loosen search.constraints",
+            )
+        for score, arch in ranked[: ocfg.n_final]:
+            finals.append((arch, {"how": "evolution", "supernet_val_loss": score}))
+    cpu_select = time.process_time() - cpu_s0
+
+    # -- arch weights --------------------------------------------------------------------------
+    sdesc = net.describe()
+    doc: dict[str, Any] = {
+        "method": method,
+        "relax": relax if method == "darts" else None,
+        "decisions": _weights_doc(net),
+        "held": {k: v for k, v in net.held.items()},
+        "supernet": sdesc,
+        "training": log,
+        "collapse": {
+            "guard": bool(guard),
+            "threshold": ocfg.guard_threshold,
+            "triggered": bool(guard and guard.events),
+            "events": guard.events if guard else [],
+            "frozen": bool(guard and guard.frozen),
+        },
+        "evolution": evo_log,
+        "chosen": [{"arch": _labels(net, a), **info} for a, info in finals],
+        "config": asdict(ocfg),
+    }
+    (run_dir / "arch_weights.json").write_text(json.dumps(doc, indent=2, default=str))
+
+    # -- retrain and record each as a trial --------------------------------------------------
+    cpu_s0 = time.process_time()
+    storage = open_storage(None, cfg.journal)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=cfg.study_name,
+        directions=[str(o.direction) for o in objectives],  # type: ignore[misc]
+        load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(seed=seed),
+        pruner=optuna.pruners.NopPruner(),
+    )
+    if "archir:space_hash" not in study.user_attrs:
+        study.set_user_attr("archir:space_hash", shash)
+        study.set_user_attr("archir:objectives", [[o.metric, o.direction] for o in objectives])
+        study.set_user_attr("archir:constraints", [[c.metric, c.text] for c in constraints])
+        study.set_user_attr("archir:spec", spec.to_yaml())
+    evaluator = Evaluator(cfg, spec)
+    evaluator._task = task
+    numbers = []
+    for arch, info in finals:
+        fixed = net.fix(arch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            study.enqueue_trial(
+                dict(fixed.decisions),
+                user_attrs={"searcher": searcher, "oneshot": info["how"]},
+                skip_if_exists=False,
+            )
+        study.optimize(evaluator, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
+        t = study.trials[-1]
+        numbers.append(t.number)
+        say(
+            f"trial {t.number} ({info['how']}): {t.user_attrs.get('status')} "
+            f"{t.user_attrs.get('values', {})}"
+        )
+    cpu_retrain = time.process_time() - cpu_s0
+    try:
+        result = finalize(cfg, objectives, constraints, export=ocfg.export, say=say)
+    except ArchirError:
+        raise
+    best = result.best
+    if best is not None and (run_dir / "best").exists():
+        rep_path = run_dir / "best" / "report.json"
+        rep = json.loads(rep_path.read_text()) if rep_path.exists() else {}
+        rep["oneshot"] = {
+            "method": method,
+            "relax": doc["relax"],
+            "arch_weights": {k: v["probs"] for k, v in doc["decisions"].items()},
+            "collapse": doc["collapse"],
+        }
+        rep_path.write_text(json.dumps(rep, indent=2, default=str))
+    trial_rows = []
+    for n in numbers:
+        t = study.trials[n]
+        trial_rows.append(
+            {
+                "trial": n,
+                "status": t.user_attrs.get("status", t.state.name.lower()),
+                "values": t.user_attrs.get("values", {}),
+                "how": t.user_attrs.get("oneshot"),
+            }
+        )
+    out = {
+        "method": method,
+        "relax": doc["relax"],
+        "run_dir": str(run_dir),
+        "best": best,
+        "trials": trial_rows,
+        "arch_weights": {k: v["probs"] for k, v in doc["decisions"].items()},
+        "chosen": doc["chosen"],
+        "collapse": doc["collapse"],
+        "supernet": {
+            "weights": sdesc["params"],
+            "steps": n_steps,
+            "step_time_s": log["step_time_s"],
+            "max_rss_mb": _max_rss_mb(),
+            "rss_growth_mb": _max_rss_mb() - rss0,
+        },
+        "cpu_s": {
+            "supernet": cpu_supernet,
+            "select": cpu_select,
+            "retrain": cpu_retrain,
+            "total": time.process_time() - cpu0,
+        },
+        "wall_s": time.perf_counter() - wall0,
+    }
+    (run_dir / "oneshot.json").write_text(json.dumps(out, indent=2, default=str))
+    return out
