@@ -642,7 +642,7 @@ class SuperNet(nn.Module):
                 continue
             xin = vals[op.ins[0]]
             g = self._gate(op.gate) if op.gate is not None else None
-            if g is not None and state.hard is not None and float(g) == 0.0:
+            if g is not None and state.hard is not None and float(g.detach()) == 0.0:
                 vals.append(xin)  # the optional layer is skipped on this path
                 continue
             if op.op == "block":
