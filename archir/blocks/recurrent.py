@@ -1,1 +1,584 @@
-"""Placeholder: filled in by the block-library work."""
+"""Recurrent token mixers with a parallel form and a step form (role ``token_mixer``, plus the
+RWKV channel mixer).
+
+Kinds: ``linear_attention`` (Katharopoulos et al., 2020), ``gla`` (Yang et al., 2024),
+``retnet`` (Sun et al., 2023), ``rwkv`` time mixing and ``rwkv_cmix`` channel mixing
+(Peng et al., 2023, RWKV-4).
+
+Every module maps ``x [batch, seq, d_model] -> [batch, seq, d_model]`` in ``forward`` with a
+fully parallel form: an ``L×L`` causally masked matrix (decays enter as ``exp`` of masked
+log-decay differences, so nothing overflows), with no loop over time steps and no complex
+numbers, so ``torch.onnx.export`` with a dynamic sequence axis works. Each also provides
+``init_state(batch, device=None, dtype=None)`` and ``step(x_t [batch, d_model], state) ->
+(y_t [batch, d_model], state)``; stepping through a sequence reproduces ``forward``.
+
+Cost conventions: FLOPs per token at length ``L`` count the parallel form as ``forward``
+computes it (dense ``L×L`` products; a multiply-add is 2 FLOPs, ``exp`` not counted);
+state bytes are the fixed recurrent state of the step form in fp32 (independent of ``L``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from archir.blocks.common import hidden_size, init_linear
+from archir.registry import BlockKind, BuildContext, KindParams, register
+
+State = tuple[torch.Tensor, ...]
+
+
+def causal_mask(T: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[T, T]`` bool, True where key position ``s <= t`` (query position)."""
+    i = torch.arange(T, device=device)
+    return i[:, None] >= i[None, :]
+
+
+def token_shift(x: torch.Tensor) -> torch.Tensor:
+    """The previous token's features (zeros before the first). ``[B, T, d] -> [B, T, d]``."""
+    return F.pad(x, (0, 0, 1, 0))[:, :-1]
+
+
+def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, T, n·e] -> [B, n, T, e]``."""
+    B, T, _ = x.shape
+    return x.view(B, T, n, -1).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """``[B, n, T, e] -> [B, T, n·e]``."""
+    B, n, T, e = x.shape
+    return x.transpose(1, 2).reshape(B, T, n * e)
+
+
+# --------------------------------------------------------------------------- linear attention
+
+
+class LinearAttentionParams(KindParams):
+    n_heads: int = Field(4, ge=1)
+    feature_map: Literal["elu", "relu"] = "elu"
+    eps: float = Field(1e-6, gt=0)
+
+
+class LinearAttention(nn.Module):
+    """Causal linear attention (Katharopoulos et al., 2020, "Transformers are RNNs").
+
+    ``y_t = φ(q_t)ᵀ S_t / (φ(q_t)ᵀ z_t + eps)`` with ``S_t = Σ_{s≤t} φ(k_s) v_sᵀ``,
+    ``z_t = Σ_{s≤t} φ(k_s)``, ``φ = elu + 1`` (or ReLU), per head; then an output projection.
+    ``forward``: ``[B, T, d] -> [B, T, d]`` via the masked ``T×T`` form.
+    State: ``S [B, H, hd, hd]``, ``z [B, H, hd]``.
+    """
+
+    def __init__(self, d: int, p: LinearAttentionParams) -> None:
+        super().__init__()
+        self.h = p.n_heads
+        self.hd = d // p.n_heads
+        self.eps = p.eps
+        self.elu = p.feature_map == "elu"
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, d, bias=False)
+        self.v = nn.Linear(d, d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        for layer in (self.q, self.k, self.v, self.o):
+            init_linear(layer)
+
+    def _phi(self, x: torch.Tensor) -> torch.Tensor:
+        return F.elu(x) + 1.0 if self.elu else F.relu(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        q = self._phi(_heads(self.q(x), self.h))
+        k = self._phi(_heads(self.k(x), self.h))
+        v = _heads(self.v(x), self.h)
+        a = (q @ k.transpose(-1, -2)) * causal_mask(T, x.device).to(q.dtype)
+        y = (a @ v) / (a.sum(-1, keepdim=True) + self.eps)
+        return self.o(_merge(y))
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
+        S = torch.zeros(batch, self.h, self.hd, self.hd, device=device, dtype=dtype)
+        z = torch.zeros(batch, self.h, self.hd, device=device, dtype=dtype)
+        return (S, z)
+
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        B = x.shape[0]
+        S, z = state
+        q = self._phi(self.q(x).view(B, self.h, self.hd))
+        k = self._phi(self.k(x).view(B, self.h, self.hd))
+        v = self.v(x).view(B, self.h, self.hd)
+        S = S + k[..., :, None] * v[..., None, :]
+        z = z + k
+        num = torch.einsum("bhi,bhij->bhj", q, S)
+        den = (q * z).sum(-1, keepdim=True) + self.eps
+        return self.o((num / den).reshape(B, -1)), (S, z)
+
+
+def _check_heads(p: LinearAttentionParams, c: BuildContext) -> None:
+    if c.d_model % p.n_heads:
+        raise ValueError(f"n_heads {p.n_heads} does not divide d_model {c.d_model}")
+
+
+register(
+    BlockKind(
+        name="linear_attention",
+        role="token_mixer",
+        params=LinearAttentionParams,
+        build=lambda p, c: LinearAttention(c.d_model, p),
+        n_params=lambda p, c: 4 * c.d_model * c.d_model,
+        flops=lambda p, c, L: 8.0 * c.d_model**2 + 4.0 * L * c.d_model + 2.0 * L * p.n_heads,
+        state_bytes=lambda p, c, L: 4 * (c.d_model * (c.d_model // p.n_heads) + c.d_model),
+        check=_check_heads,
+        paper=(
+            "Katharopoulos et al., 2020, 'Transformers are RNNs: Fast Autoregressive "
+            "Transformers with Linear Attention'"
+        ),
+        summary="causal linear attention, feature map elu+1 (or relu), normalized, per head",
+        recurrent=True,
+    )
+)
+
+
+# --------------------------------------------------------------------------- GLA
+
+
+class GLAParams(KindParams):
+    n_heads: int = Field(4, ge=1)
+    expand_k: float = Field(0.5, gt=0, le=8)
+    expand_v: float = Field(1.0, gt=0, le=8)
+    gate_rank: int = Field(16, ge=1)
+    gate_normalizer: float = Field(16.0, gt=0)
+    eps: float = Field(1e-5, gt=0)
+
+
+def _gla_dims(p: GLAParams, d: int) -> tuple[int, int]:
+    return int(round(p.expand_k * d)), int(round(p.expand_v * d))
+
+
+class GLA(nn.Module):
+    """Gated linear attention (Yang et al., 2024, "Gated Linear Attention Transformers with
+    Hardware-Efficient Training").
+
+    Per head: ``S_t = diag(α_t) S_{t-1} + k_t v_tᵀ``, ``o_t = S_tᵀ q_t`` with a data-dependent
+    per-key-dimension forget gate ``log α_t = logsigmoid(W₂W₁x_t + b) / gate_normalizer``
+    (low-rank ``gate_rank``); output ``W_o(swish(W_g x) ⊙ RMSNorm_head(o))``.
+    Widths: keys ``dk = expand_k·d``, values ``dv = expand_v·d``, split over ``n_heads``.
+    ``forward``: ``[B, T, d] -> [B, T, d]`` via ``A_ts = Σ_i q_ti k_si exp(G_ti − G_si)``
+    (``G`` the cumulative log-gate, masked to ``s ≤ t`` before ``exp``).
+    State: ``S [B, H, dk/H, dv/H]``.
+    """
+
+    def __init__(self, d: int, p: GLAParams) -> None:
+        super().__init__()
+        dk, dv = _gla_dims(p, d)
+        self.h = p.n_heads
+        self.hk, self.hv = dk // p.n_heads, dv // p.n_heads
+        self.scale = self.hk**-0.5
+        self.norm_gate = p.gate_normalizer
+        self.eps = p.eps
+        self.q = nn.Linear(d, dk, bias=False)
+        self.k = nn.Linear(d, dk, bias=False)
+        self.v = nn.Linear(d, dv, bias=False)
+        self.g = nn.Linear(d, dv, bias=False)
+        self.gk1 = nn.Linear(d, p.gate_rank, bias=False)
+        self.gk2 = nn.Linear(p.gate_rank, dk, bias=True)
+        self.o = nn.Linear(dv, d, bias=False)
+        self.norm_weight = nn.Parameter(torch.ones(dv))
+        for layer in (self.q, self.k, self.v, self.g, self.gk1, self.gk2, self.o):
+            init_linear(layer)
+
+    def _log_gate(self, x: torch.Tensor) -> torch.Tensor:
+        return F.logsigmoid(self.gk2(self.gk1(x))) / self.norm_gate
+
+    def _out(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``o [..., H, hv]`` -> normalized, gated, projected ``[..., d]``."""
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps)
+        o = o.flatten(-2) * self.norm_weight
+        return self.o(F.silu(self.g(x)) * o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        q = _heads(self.q(x), self.h) * self.scale
+        k = _heads(self.k(x), self.h)
+        v = _heads(self.v(x), self.h)
+        G = _heads(self._log_gate(x), self.h).cumsum(2)  # [B, H, T, hk]
+        diff = G[:, :, :, None, :] - G[:, :, None, :, :]  # [B, H, T, S, hk]
+        mask = causal_mask(T, x.device)[:, :, None]
+        decay = diff.masked_fill(~mask, float("-inf")).exp()
+        a = torch.einsum("bhtsd,bhsd->bhts", decay * q[:, :, :, None, :], k)
+        o = (a @ v).transpose(1, 2)  # [B, T, H, hv]
+        return self._out(o, x)
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
+        return (torch.zeros(batch, self.h, self.hk, self.hv, device=device, dtype=dtype),)
+
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        B = x.shape[0]
+        (S,) = state
+        q = self.q(x).view(B, self.h, self.hk) * self.scale
+        k = self.k(x).view(B, self.h, self.hk)
+        v = self.v(x).view(B, self.h, self.hv)
+        a = self._log_gate(x).view(B, self.h, self.hk).exp()
+        S = a[..., None] * S + k[..., :, None] * v[..., None, :]
+        o = torch.einsum("bhi,bhij->bhj", q, S)
+        return self._out(o, x), (S,)
+
+
+def _gla_check(p: GLAParams, c: BuildContext) -> None:
+    dk, dv = _gla_dims(p, c.d_model)
+    if dk % p.n_heads or dv % p.n_heads:
+        raise ValueError(
+            f"n_heads {p.n_heads} must divide the key width {dk} (expand_k·d_model) "
+            f"and the value width {dv} (expand_v·d_model)"
+        )
+
+
+def _gla_params(p: GLAParams, c: BuildContext) -> int:
+    d = c.d_model
+    dk, dv = _gla_dims(p, d)
+    return 2 * d * dk + 2 * d * dv + d * p.gate_rank + p.gate_rank * dk + dk + dv * d + dv
+
+
+def _gla_flops(p: GLAParams, c: BuildContext, L: int) -> float:
+    d = c.d_model
+    dk, dv = _gla_dims(p, d)
+    proj = 2.0 * d * (2 * dk + 2 * dv) + 2.0 * (d * p.gate_rank + p.gate_rank * dk) + 2.0 * dv * d
+    # q⊙decay (1) + multiply-add with k (2) per key dim; A·V multiply-add per value dim
+    return proj + 3.0 * L * dk + 2.0 * L * dv
+
+
+register(
+    BlockKind(
+        name="gla",
+        role="token_mixer",
+        params=GLAParams,
+        build=lambda p, c: GLA(c.d_model, p),
+        n_params=_gla_params,
+        flops=_gla_flops,
+        state_bytes=lambda p, c, L: (
+            4 * _gla_dims(p, c.d_model)[0] * (_gla_dims(p, c.d_model)[1] // p.n_heads)
+        ),
+        check=_gla_check,
+        paper=(
+            "Yang et al., 2024, 'Gated Linear Attention Transformers with Hardware-Efficient "
+            "Training'"
+        ),
+        summary="gated linear attention: data-dependent per-key forget gate, swish output gate",
+        recurrent=True,
+    )
+)
+
+
+# --------------------------------------------------------------------------- RetNet
+
+
+class RetNetParams(KindParams):
+    n_heads: int = Field(4, ge=1)
+    expand_v: float = Field(2.0, gt=0, le=8)
+    pos: Literal["rope", "none"] = "rope"
+    rope_base: float = Field(10000.0, gt=1)
+    eps: float = Field(1e-5, gt=0)
+
+
+def _retnet_dv(p: RetNetParams, d: int) -> int:
+    return int(round(p.expand_v * d))
+
+
+def _rope_at(pos: torch.Tensor, hd: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables at positions ``pos [...]`` -> ``cos, sin [..., hd]`` (rotate-half)."""
+    half = hd // 2
+    inv = 1.0 / (base ** (torch.arange(half, dtype=torch.float32, device=pos.device) / half))
+    ang = pos.to(torch.float32)[..., None] * inv
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class RetNet(nn.Module):
+    """Multi-scale retention (Sun et al., 2023, "Retentive Network: A Successor to
+    Transformer for Large Language Models").
+
+    Per head ``h`` a fixed decay ``γ_h = 1 − 2^(−5−h)``: ``S_t = γ_h S_{t-1} + k_t v_tᵀ``,
+    ``o_t = S_tᵀ q_t`` (keys scaled by ``hd^-½``; optional rotary positions on q, k — the
+    xPos length-extrapolation scale is omitted); then per-head GroupNorm, swish gate and output
+    projection: ``W_o(swish(W_g x) ⊙ GN(o))``. The retention-score normalizations of the paper
+    are omitted: GroupNorm is invariant to a per-head, per-token scale.
+    Values have width ``dv = expand_v·d`` (the paper uses 2).
+    ``forward``: ``[B, T, d] -> [B, T, d]`` via ``(QKᵀ ⊙ D) V``, ``D_ts = γ^(t−s)`` for ``s ≤ t``.
+    State: ``S [B, H, d/H, dv/H]`` and the position ``[B]``.
+    """
+
+    def __init__(self, d: int, p: RetNetParams) -> None:
+        super().__init__()
+        dv = _retnet_dv(p, d)
+        self.h = p.n_heads
+        self.hk, self.hv = d // p.n_heads, dv // p.n_heads
+        self.rope = p.pos == "rope"
+        self.base = p.rope_base
+        self.eps = p.eps
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, d, bias=False)
+        self.v = nn.Linear(d, dv, bias=False)
+        self.g = nn.Linear(d, dv, bias=False)
+        self.o = nn.Linear(dv, d, bias=False)
+        self.gn_weight = nn.Parameter(torch.ones(dv))
+        self.gn_bias = nn.Parameter(torch.zeros(dv))
+        for layer in (self.q, self.k, self.v, self.g, self.o):
+            init_linear(layer)
+        log_gamma = torch.log1p(-(2.0 ** (-5.0 - torch.arange(p.n_heads, dtype=torch.float64))))
+        self.register_buffer("log_gamma", log_gamma.float(), persistent=False)
+
+    def _out(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``o [..., H, hv]`` -> GroupNorm, swish gate, output projection ``[..., d]``."""
+        mu = o.mean(-1, keepdim=True)
+        var = (o - mu).pow(2).mean(-1, keepdim=True)
+        o = ((o - mu) * torch.rsqrt(var + self.eps)).flatten(-2) * self.gn_weight + self.gn_bias
+        return self.o(F.silu(self.g(x)) * o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        q = _heads(self.q(x), self.h)
+        k = _heads(self.k(x), self.h) * self.hk**-0.5
+        v = _heads(self.v(x), self.h)
+        pos = torch.arange(T, device=x.device)
+        if self.rope:
+            cos, sin = _rope_at(pos, self.hk, self.base)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        rel = (pos[:, None] - pos[None, :]).to(x.dtype)  # t - s
+        logd = rel[None] * self.log_gamma.to(x.dtype)[:, None, None]  # [H, T, S]
+        decay = logd.masked_fill(~causal_mask(T, x.device), float("-inf")).exp()
+        o = ((q @ k.transpose(-1, -2)) * decay) @ v  # [B, H, T, hv]
+        return self._out(o.transpose(1, 2), x)
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
+        S = torch.zeros(batch, self.h, self.hk, self.hv, device=device, dtype=dtype)
+        return (S, torch.zeros(batch, dtype=torch.long, device=device))
+
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        B = x.shape[0]
+        S, pos = state
+        q = self.q(x).view(B, self.h, self.hk)
+        k = self.k(x).view(B, self.h, self.hk) * self.hk**-0.5
+        v = self.v(x).view(B, self.h, self.hv)
+        if self.rope:
+            cos, sin = _rope_at(pos, self.hk, self.base)
+            q, k = _rotate(q, cos[:, None], sin[:, None]), _rotate(k, cos[:, None], sin[:, None])
+        gamma = self.log_gamma.to(x.dtype).exp()[None, :, None, None]
+        S = gamma * S + k[..., :, None] * v[..., None, :]
+        o = torch.einsum("bhi,bhij->bhj", q, S)
+        return self._out(o, x), (S, pos + 1)
+
+
+def _retnet_check(p: RetNetParams, c: BuildContext) -> None:
+    dv = _retnet_dv(p, c.d_model)
+    if c.d_model % p.n_heads or dv % p.n_heads:
+        raise ValueError(
+            f"n_heads {p.n_heads} must divide d_model {c.d_model} and the value width {dv}"
+        )
+    if p.pos == "rope" and (c.d_model // p.n_heads) % 2:
+        raise ValueError(f"rope needs an even head_dim, got {c.d_model // p.n_heads}")
+
+
+def _retnet_params(p: RetNetParams, c: BuildContext) -> int:
+    d, dv = c.d_model, _retnet_dv(p, c.d_model)
+    return 2 * d * d + 2 * d * dv + dv * d + 2 * dv
+
+
+def _retnet_flops(p: RetNetParams, c: BuildContext, L: int) -> float:
+    d, dv = c.d_model, _retnet_dv(p, c.d_model)
+    proj = 2.0 * d * (2 * d + 2 * dv) + 2.0 * dv * d
+    return proj + 2.0 * L * d + 1.0 * L * p.n_heads + 2.0 * L * dv
+
+
+register(
+    BlockKind(
+        name="retnet",
+        role="token_mixer",
+        params=RetNetParams,
+        build=lambda p, c: RetNet(c.d_model, p),
+        n_params=_retnet_params,
+        flops=_retnet_flops,
+        state_bytes=lambda p, c, L: 4 * c.d_model * (_retnet_dv(p, c.d_model) // p.n_heads),
+        check=_retnet_check,
+        paper=(
+            "Sun et al., 2023, 'Retentive Network: A Successor to Transformer for Large "
+            "Language Models'"
+        ),
+        summary="multi-scale retention: per-head decay 1-2^(-5-h), rotary, GroupNorm, swish gate",
+        recurrent=True,
+    )
+)
+
+
+# --------------------------------------------------------------------------- RWKV
+
+
+class RWKVParams(KindParams):
+    """RWKV time mixing has no hyperparameters besides ``d_model``."""
+
+
+def _ramp(d: int) -> torch.Tensor:
+    return torch.arange(d, dtype=torch.float32) / max(1, d - 1)
+
+
+class RWKVTimeMix(nn.Module):
+    """RWKV-4 time mixing (Peng et al., 2023, "RWKV: Reinventing RNNs for the Transformer
+    Era").
+
+    Token shift ``x'_t = μ⊙x_t + (1−μ)⊙x_{t−1}`` (separate μ for k, v, r); per channel ``c``
+    ``wkv_t = (Σ_{s<t} e^{(t−1−s)w + k_s} v_s + e^{u + k_t} v_t) / (same with v = 1)`` with
+    decay ``w = −exp(decay) < 0`` and bonus ``u``; output ``W_o(σ(r_t) ⊙ wkv_t)``.
+    ``forward``: ``[B, T, d] -> [B, T, d]``; the ``wkv`` ratio is exactly a softmax over
+    ``s ≤ t`` of the log-weights, computed as one masked ``[B, T, T, d]`` softmax (stable).
+    State: previous ``x``, and the running numerator, denominator and max exponent ``[B, d]``.
+    """
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        r = _ramp(d)
+        self.mu_k = nn.Parameter(r.pow(0.5))
+        self.mu_v = nn.Parameter(r.pow(0.5) * 0.9 + 0.05)
+        self.mu_r = nn.Parameter(r.pow(0.25))
+        self.decay = nn.Parameter(-5.0 + 8.0 * r.pow(1.5))
+        zigzag = (torch.arange(d) % 3 - 1).float() * 0.5
+        self.bonus = nn.Parameter(torch.full((d,), math.log(0.3)) + zigzag)
+        self.key = nn.Linear(d, d, bias=False)
+        self.value = nn.Linear(d, d, bias=False)
+        self.receptance = nn.Linear(d, d, bias=False)
+        self.output = nn.Linear(d, d, bias=False)
+        for layer in (self.key, self.value, self.receptance, self.output):
+            init_linear(layer)
+
+    def _mix(
+        self, x: torch.Tensor, prev: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k = self.key(x * self.mu_k + prev * (1 - self.mu_k))
+        v = self.value(x * self.mu_v + prev * (1 - self.mu_v))
+        r = self.receptance(x * self.mu_r + prev * (1 - self.mu_r))
+        return k, v, r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        k, v, r = self._mix(x, token_shift(x))
+        w = -torch.exp(self.decay)
+        pos = torch.arange(T, device=x.device)
+        rel = (pos[:, None] - pos[None, :] - 1).to(x.dtype)  # t - 1 - s
+        eye = (pos[:, None] == pos[None, :])[..., None]
+        bias = torch.where(eye, self.bonus, rel[..., None] * w)  # [T, S, d]
+        bias = bias.masked_fill(~causal_mask(T, x.device)[..., None], float("-inf"))
+        p = torch.softmax(bias[None] + k[:, None, :, :], dim=2)  # [B, T, S, d]
+        wkv = (p * v[:, None, :, :]).sum(2)
+        return self.output(torch.sigmoid(r) * wkv)
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
+        d = self.key.in_features
+        z = torch.zeros(batch, d, device=device, dtype=dtype)
+        return (z, z.clone(), z.clone(), torch.full_like(z, -1e38))
+
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        prev, aa, bb, pp = state
+        k, v, r = self._mix(x, prev)
+        w = -torch.exp(self.decay)
+        ww = self.bonus + k
+        p = torch.maximum(pp, ww)
+        e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
+        wkv = (e1 * aa + e2 * v) / (e1 * bb + e2)
+        ww = pp + w
+        p = torch.maximum(ww, k)
+        e1, e2 = torch.exp(ww - p), torch.exp(k - p)
+        state = (x, e1 * aa + e2 * v, e1 * bb + e2, p)
+        return self.output(torch.sigmoid(r) * wkv), state
+
+
+register(
+    BlockKind(
+        name="rwkv",
+        role="token_mixer",
+        params=RWKVParams,
+        build=lambda p, c: RWKVTimeMix(c.d_model),
+        n_params=lambda p, c: 4 * c.d_model * c.d_model + 5 * c.d_model,
+        # projections; per (t, s, channel): logit add, softmax shift/sum/divide, p·v multiply-add
+        flops=lambda p, c, L: 8.0 * c.d_model**2 + 6.0 * L * c.d_model,
+        state_bytes=lambda p, c, L: 4 * 4 * c.d_model,
+        paper="Peng et al., 2023, 'RWKV: Reinventing RNNs for the Transformer Era' (RWKV-4)",
+        summary="RWKV-4 time mixing: token shift, per-channel decay w and bonus u, receptance",
+        recurrent=True,
+    )
+)
+
+
+class RWKVChannelMixParams(KindParams):
+    expansion: float = Field(4.0, gt=0, le=64)
+    d_ff: int | None = Field(None, gt=0)
+    multiple_of: int = Field(1, ge=1)
+
+
+def _cmix_h(p: RWKVChannelMixParams, c: BuildContext) -> int:
+    return hidden_size(c.d_model, p.expansion, p.d_ff, p.multiple_of)
+
+
+class RWKVChannelMix(nn.Module):
+    """RWKV channel mixing (Peng et al., 2023): token shift, then
+    ``σ(W_r x'_r) ⊙ W_v(relu(W_k x'_k)²)``; hidden width ``h``.
+
+    ``forward``: ``[B, T, d] -> [B, T, d]``. State: the previous token ``[B, d]``.
+    """
+
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        r = _ramp(d)
+        self.mu_k = nn.Parameter(r.pow(0.5))
+        self.mu_r = nn.Parameter(r.pow(0.5))
+        self.key = nn.Linear(d, h, bias=False)
+        self.value = nn.Linear(h, d, bias=False)
+        self.receptance = nn.Linear(d, d, bias=False)
+        for layer in (self.key, self.value, self.receptance):
+            init_linear(layer)
+
+    def _ffn(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        k = F.relu(self.key(x * self.mu_k + prev * (1 - self.mu_k))).square()
+        r = torch.sigmoid(self.receptance(x * self.mu_r + prev * (1 - self.mu_r)))
+        return r * self.value(k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._ffn(x, token_shift(x))
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
+        return (torch.zeros(batch, self.key.in_features, device=device, dtype=dtype),)
+
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        return self._ffn(x, state[0]), (x,)
+
+
+register(
+    BlockKind(
+        name="rwkv_cmix",
+        role="channel_mixer",
+        params=RWKVChannelMixParams,
+        build=lambda p, c: RWKVChannelMix(c.d_model, _cmix_h(p, c)),
+        n_params=lambda p, c: 2 * c.d_model + 2 * c.d_model * _cmix_h(p, c) + c.d_model**2,
+        flops=lambda p, c, L: 4.0 * c.d_model * _cmix_h(p, c) + 2.0 * c.d_model**2,
+        state_bytes=lambda p, c, L: 4 * c.d_model,
+        paper="Peng et al., 2023, 'RWKV: Reinventing RNNs for the Transformer Era' (RWKV-4)",
+        summary="RWKV channel mixing: token shift, squared-ReLU FFN, receptance gate",
+        recurrent=True,
+    )
+)

@@ -1,1 +1,346 @@
-"""Placeholder: filled in by the block-library work."""
+"""State-space token mixers (role ``token_mixer``): Mamba selective SSM and S4D.
+
+``mamba``: Gu & Dao, 2023, "Mamba: Linear-Time Sequence Modeling with Selective State
+Spaces". ``s4d``: Gu et al., 2022, "On the Parameterization and Initialization of Diagonal
+State Space Models".
+
+Both map ``x [batch, seq, d_model] -> [batch, seq, d_model]`` in ``forward`` without a loop
+over time steps and without complex tensors (so ``torch.onnx.export`` with a dynamic
+sequence axis works), and provide ``init_state`` / ``step`` for decoding with a fixed-size
+state that reproduces ``forward``.
+
+Cost conventions: FLOPs per token at length ``L`` count what ``forward`` computes
+(a multiply-add is 2 FLOPs; ``exp``/``cos``/``sin`` not counted); state bytes are the fixed
+recurrent state in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from archir.blocks.common import init_linear
+from archir.registry import BlockKind, BuildContext, KindParams, register
+
+State = tuple[torch.Tensor, ...]
+
+# Mamba's parallel scan works in chunks of CHUNK steps; within a chunk the state is a
+# cumulative sum rescaled by exp(-log-decay), so the per-step log-decay Δ·A is clamped to
+# [-MAX_LOG_DECAY, 0] (a decay factor ≥ e^-4 ≈ 0.018 per step) in both forms, which bounds
+# every exponent by CHUNK·MAX_LOG_DECAY = 64 (fp32-safe).
+CHUNK = 16
+MAX_LOG_DECAY = 4.0
+
+
+def segsum(g: torch.Tensor) -> torch.Tensor:
+    """Segment sums along the last axis: ``g [..., n] -> [..., n, n]`` with
+    ``out[..., i, j] = Σ_{j<r≤i} g[r]`` for ``j ≤ i`` and ``-inf`` above the diagonal.
+
+    Computed by a masked cumulative sum (no subtraction of large prefix sums, so it stays
+    exact for long sequences).
+    """
+    n = g.shape[-1]
+    idx = torch.arange(n, device=g.device)
+    strict = idx[:, None] > idx[None, :]
+    x = g[..., :, None].expand(*g.shape, n).masked_fill(~strict, 0.0)
+    s = x.cumsum(-2)
+    return s.masked_fill(idx[:, None] < idx[None, :], float("-inf"))
+
+
+# --------------------------------------------------------------------------- Mamba
+
+
+class MambaParams(KindParams):
+    d_state: int = Field(16, ge=1)
+    d_conv: int = Field(4, ge=1)
+    expansion: float = Field(2.0, gt=0, le=16)
+    dt_rank: int | None = Field(None, ge=1)
+    dt_min: float = Field(0.001, gt=0)
+    dt_max: float = Field(0.1, gt=0)
+    conv_bias: bool = True
+
+
+def _mamba_dims(p: MambaParams, d: int) -> tuple[int, int]:
+    """``(d_inner, dt_rank)``."""
+    return int(round(p.expansion * d)), p.dt_rank or math.ceil(d / 16)
+
+
+class Mamba(nn.Module):
+    """Mamba selective SSM block (Gu & Dao, 2023).
+
+    ``x, z = in_proj(x)`` (each ``d_inner = expansion·d``); ``x = silu(causal depthwise
+    conv_{d_conv}(x))``; input-dependent ``Δ = softplus(dt_proj(·))`` (low rank ``dt_rank``),
+    ``B, C [d_state]`` from ``x_proj``; per channel ``c`` and state ``n``:
+    ``h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t x_t``, ``y_t = C_t·h_t + D x_t`` with
+    ``A = −exp(A_log) [d_inner, d_state]`` (log-decay clamped, see ``MAX_LOG_DECAY``);
+    output ``out_proj(y ⊙ silu(z))``.
+
+    ``forward``: ``[B, T, d] -> [B, T, d]`` by a chunked parallel scan: cumulative sums within
+    chunks of ``CHUNK`` steps and a masked ``exp(segsum)`` matrix between chunks.
+    State: conv window ``[B, d_inner, d_conv−1]`` and SSM state ``[B, d_inner, d_state]``.
+    """
+
+    def __init__(self, d: int, p: MambaParams) -> None:
+        super().__init__()
+        di, R = _mamba_dims(p, d)
+        self.di, self.R, self.N, self.K = di, R, p.d_state, p.d_conv
+        self.in_proj = nn.Linear(d, 2 * di, bias=False)
+        self.conv = nn.Conv1d(di, di, p.d_conv, groups=di, padding=p.d_conv - 1, bias=p.conv_bias)
+        self.x_proj = nn.Linear(di, R + 2 * p.d_state, bias=False)
+        self.dt_proj = nn.Linear(R, di, bias=True)
+        self.out_proj = nn.Linear(di, d, bias=False)
+        for layer in (self.in_proj, self.x_proj, self.out_proj):
+            init_linear(layer)
+        nn.init.uniform_(self.dt_proj.weight, -(R**-0.5), R**-0.5)
+        dt = torch.exp(
+            torch.rand(di) * (math.log(p.dt_max) - math.log(p.dt_min)) + math.log(p.dt_min)
+        )
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+        a = torch.arange(1, p.d_state + 1, dtype=torch.float32).repeat(di, 1)
+        self.A_log = nn.Parameter(torch.log(a))
+        self.D = nn.Parameter(torch.ones(di))
+
+    def _ssm_inputs(
+        self, xc: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``xc [..., di]`` -> log-decay ``[..., di, N]``, input ``Δ·B·x [..., di, N]``,
+        ``C [..., N]``, and ``Δ [..., di]``."""
+        dbc = self.x_proj(xc)
+        dt, Bm, Cm = torch.split(dbc, [self.R, self.N, self.N], dim=-1)
+        dt = F.softplus(self.dt_proj(dt))
+        A = -torch.exp(self.A_log)
+        log_decay = (dt[..., None] * A).clamp(min=-MAX_LOG_DECAY)
+        u = (dt * xc)[..., None] * Bm[..., None, :]
+        return log_decay, u, Cm, dt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        Bsz, T, _ = x.shape
+        xi, z = self.in_proj(x).chunk(2, dim=-1)
+        xc = F.silu(self.conv(xi.transpose(1, 2))[..., :T].transpose(1, 2))
+        la, u, Cm, _ = self._ssm_inputs(xc)
+        y = self._scan(la, u, Cm, T) + xc * self.D
+        return self.out_proj(y * F.silu(z))
+
+    def _scan(self, la: torch.Tensor, u: torch.Tensor, Cm: torch.Tensor, T: int) -> torch.Tensor:
+        """``y_t = C_t·h_t`` for ``h_t = exp(la_t) h_{t−1} + u_t``, ``h_{−1} = 0``.
+
+        ``la, u [B, T, di, N]``, ``Cm [B, T, N]`` -> ``[B, T, di]``.
+        """
+        Bsz, di, N = la.shape[0], self.di, self.N
+        pad = (CHUNK - T % CHUNK) % CHUNK
+        la = F.pad(la, (0, 0, 0, 0, 0, pad))
+        u = F.pad(u, (0, 0, 0, 0, 0, pad))
+        Cm = F.pad(Cm, (0, 0, 0, pad))
+        nc = la.shape[1] // CHUNK
+        la = la.reshape(Bsz, nc, CHUNK, di, N)
+        u = u.reshape(Bsz, nc, CHUNK, di, N)
+        Cm = Cm.reshape(Bsz, nc, CHUNK, N)
+        # cumulative sums within a chunk as a matmul with a lower-triangular ones matrix
+        # (much faster than cumsum over a strided axis on CPU, and plain MatMul in ONNX)
+        tril = torch.ones(CHUNK, CHUNK, dtype=la.dtype, device=la.device).tril()
+        G = (tril @ la.flatten(3)).view_as(la)  # log-decay since chunk start, ≥ -CHUNK·MAX
+        eG = torch.exp(G)
+        h_in = eG * (tril @ (u / eG).flatten(3)).view_as(u)  # chunk-local states
+        # states carried between chunks: E_i = Σ_{j≤i} exp(Σ_{j<r≤i} g_r) S_j
+        g = G[:, :, -1].permute(0, 2, 3, 1)  # [B, di, N, nc] per-chunk total log-decay
+        trans = torch.exp(segsum(g))  # [B, di, N, nc, nc]
+        S = h_in[:, :, -1].permute(0, 2, 3, 1)  # [B, di, N, nc]
+        E = (trans @ S[..., None]).squeeze(-1)  # [B, di, N, nc]
+        carry = F.pad(E, (1, 0))[..., :-1].permute(0, 3, 1, 2)  # entering chunk i
+        h = h_in + eG * carry[:, :, None]
+        y = torch.einsum("bkcdn,bkcn->bkcd", h, Cm)
+        return y.reshape(Bsz, nc * CHUNK, di)[:, :T]
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
+        conv = torch.zeros(batch, self.di, self.K - 1, device=device, dtype=dtype)
+        h = torch.zeros(batch, self.di, self.N, device=device, dtype=dtype)
+        return (conv, h)
+
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        conv, h = state
+        xi, z = self.in_proj(x).chunk(2, dim=-1)
+        window = torch.cat([conv, xi[..., None]], dim=-1)  # [B, di, K]
+        xc = (window * self.conv.weight[:, 0, :]).sum(-1)
+        if self.conv.bias is not None:
+            xc = xc + self.conv.bias
+        xc = F.silu(xc)
+        la, u, Cm, _ = self._ssm_inputs(xc)
+        h = torch.exp(la) * h + u
+        y = (h * Cm[:, None, :]).sum(-1) + xc * self.D
+        return self.out_proj(y * F.silu(z)), (window[..., 1:], h)
+
+
+def _mamba_check(p: MambaParams, c: BuildContext) -> None:
+    if p.dt_min > p.dt_max:
+        raise ValueError(f"dt_min {p.dt_min} is larger than dt_max {p.dt_max}")
+
+
+def _mamba_params(p: MambaParams, c: BuildContext) -> int:
+    d = c.d_model
+    di, R = _mamba_dims(p, d)
+    N, K = p.d_state, p.d_conv
+    return (
+        d * 2 * di  # in_proj
+        + di * K
+        + (di if p.conv_bias else 0)  # depthwise conv
+        + di * (R + 2 * N)  # x_proj
+        + R * di
+        + di  # dt_proj
+        + di * N  # A_log
+        + di  # D
+        + di * d  # out_proj
+    )
+
+
+def _mamba_flops(p: MambaParams, c: BuildContext, L: int) -> float:
+    d = c.d_model
+    di, R = _mamba_dims(p, d)
+    N, K = p.d_state, p.d_conv
+    dense = 2.0 * d * 2 * di + 2.0 * di * K + 2.0 * di * (R + 2 * N) + 2.0 * R * di + 2.0 * di * d
+    # per (channel, state): Δ·A, Δx·B, exp(-G)·u, cumsum, exp(G)·(·), carry multiply-add,
+    # C·h multiply-add = 9; between chunks the nc×nc transfer matrix: ~2·nc/CHUNK per token
+    nc = math.ceil(max(L, 1) / CHUNK)
+    scan = 9.0 * di * N + 2.0 * di * N * nc / CHUNK
+    return dense + scan + 4.0 * di  # + D skip and gate
+
+
+register(
+    BlockKind(
+        name="mamba",
+        role="token_mixer",
+        params=MambaParams,
+        build=lambda p, c: Mamba(c.d_model, p),
+        n_params=_mamba_params,
+        flops=_mamba_flops,
+        state_bytes=lambda p, c, L: 4 * _mamba_dims(p, c.d_model)[0] * (p.d_state + p.d_conv - 1),
+        check=_mamba_check,
+        paper="Gu & Dao, 2023, 'Mamba: Linear-Time Sequence Modeling with Selective State Spaces'",
+        summary="selective SSM: input-dependent Δ, B, C; causal depthwise conv; SiLU gate",
+        recurrent=True,
+    )
+)
+
+
+# --------------------------------------------------------------------------- S4D
+
+
+class S4DParams(KindParams):
+    d_state: int = Field(64, ge=2)
+    dt_min: float = Field(0.001, gt=0)
+    dt_max: float = Field(0.1, gt=0)
+
+
+class S4D(nn.Module):
+    """Diagonal state-space layer S4D (Gu et al., 2022, "On the Parameterization and
+    Initialization of Diagonal State Space Models"), S4D-Lin initialization
+    ``A_n = −½ + iπn``, zero-order-hold discretization, in real arithmetic.
+
+    Each of ``d`` channels has ``M = d_state/2`` complex modes, kept as (real, imaginary)
+    pairs. Kernel ``K_l = 2·Re(Σ_n C̃_n λ_n^l)`` with ``λ = exp(ΔA)``,
+    ``C̃ = C·(λ−1)/A``; ``y = K * x + D⊙x`` (causal convolution as a masked Toeplitz matmul),
+    then ``GLU(W·GELU(y))`` back to ``d``.
+    ``forward``: ``[B, T, d] -> [B, T, d]``. State: ``[B, d, M, 2]`` (``d·d_state`` reals)
+    with ``h_t = λ h_{t−1} + x_t``, ``y_t = 2·Re(C̃·h_t) + D x_t``.
+    """
+
+    def __init__(self, d: int, p: S4DParams) -> None:
+        super().__init__()
+        M = p.d_state // 2
+        self.d, self.M = d, M
+        log_dt = torch.rand(d) * (math.log(p.dt_max) - math.log(p.dt_min)) + math.log(p.dt_min)
+        self.log_dt = nn.Parameter(log_dt)
+        self.log_A_real = nn.Parameter(torch.log(0.5 * torch.ones(d, M)))
+        self.A_imag = nn.Parameter(math.pi * torch.arange(M, dtype=torch.float32).repeat(d, 1))
+        self.C = nn.Parameter(torch.randn(d, M, 2) * 0.5**0.5)
+        self.D = nn.Parameter(torch.randn(d))
+        self.out = nn.Linear(d, 2 * d, bias=True)
+        init_linear(self.out)
+
+    def _modes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Discrete ``λ = exp(ΔA)`` as (log-magnitude, angle) and ``C̃`` as (re, im),
+        each ``[d, M]``."""
+        dt = torch.exp(self.log_dt)[:, None]
+        ar, ai = -torch.exp(self.log_A_real), self.A_imag
+        log_mag, ang = ar * dt, ai * dt
+        # (λ − 1) / A with λ = e^{log_mag}(cos ang + i sin ang)
+        lr, li = torch.exp(log_mag) * torch.cos(ang) - 1.0, torch.exp(log_mag) * torch.sin(ang)
+        den = ar * ar + ai * ai
+        qr, qi = (lr * ar + li * ai) / den, (li * ar - lr * ai) / den
+        cr, ci = self.C[..., 0], self.C[..., 1]
+        return log_mag, ang, cr * qr - ci * qi, cr * qi + ci * qr
+
+    def _post(self, y: torch.Tensor) -> torch.Tensor:
+        return F.glu(self.out(F.gelu(y)), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        log_mag, ang, cr, ci = self._modes()
+        pos = torch.arange(T, device=x.device)
+        lf = pos.to(x.dtype)
+        mag = torch.exp(log_mag[..., None] * lf)  # [d, M, T]
+        th = ang[..., None] * lf
+        K = 2.0 * (mag * (cr[..., None] * torch.cos(th) - ci[..., None] * torch.sin(th))).sum(1)
+        lag = pos[:, None] - pos[None, :]  # [T, S] = t − s
+        toe = K[:, lag.clamp(min=0)] * (lag >= 0).to(x.dtype)  # [d, T, S]
+        y = (toe @ x.permute(2, 1, 0)).permute(2, 1, 0)  # [B, T, d]
+        return self._post(y + x * self.D)
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
+        return (torch.zeros(batch, self.d, self.M, 2, device=device, dtype=dtype),)
+
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        (h,) = state
+        log_mag, ang, cr, ci = self._modes()
+        lam_r, lam_i = torch.exp(log_mag) * torch.cos(ang), torch.exp(log_mag) * torch.sin(ang)
+        hr, hi = h[..., 0], h[..., 1]
+        hr, hi = lam_r * hr - lam_i * hi + x[..., None], lam_r * hi + lam_i * hr
+        y = 2.0 * (cr * hr - ci * hi).sum(-1) + x * self.D
+        return self._post(y), (torch.stack([hr, hi], dim=-1),)
+
+
+def _s4d_check(p: S4DParams, c: BuildContext) -> None:
+    if p.d_state % 2:
+        raise ValueError(f"d_state {p.d_state} must be even (complex modes as real pairs)")
+    if p.dt_min > p.dt_max:
+        raise ValueError(f"dt_min {p.dt_min} is larger than dt_max {p.dt_max}")
+
+
+def _s4d_params(p: S4DParams, c: BuildContext) -> int:
+    d, M = c.d_model, p.d_state // 2
+    return d + 2 * d * M + 2 * d * M + d + (d * 2 * d + 2 * d)
+
+
+def _s4d_flops(p: S4DParams, c: BuildContext, L: int) -> float:
+    d, M = c.d_model, p.d_state // 2
+    # dense Toeplitz conv + kernel generation (per sequence, ~6 FLOPs per (channel, mode,
+    # lag), i.e. 6·d·M per token) + D skip + output GLU projection
+    return 2.0 * L * d + 6.0 * d * M + 2.0 * d + 2.0 * d * 2 * d
+
+
+register(
+    BlockKind(
+        name="s4d",
+        role="token_mixer",
+        params=S4DParams,
+        build=lambda p, c: S4D(c.d_model, p),
+        n_params=_s4d_params,
+        flops=_s4d_flops,
+        state_bytes=lambda p, c, L: 4 * c.d_model * (p.d_state // 2) * 2,
+        check=_s4d_check,
+        paper=(
+            "Gu et al., 2022, 'On the Parameterization and Initialization of Diagonal State "
+            "Space Models' (S4D)"
+        ),
+        summary="diagonal SSM, S4D-Lin init, ZOH, real-arithmetic kernel as causal convolution",
+        recurrent=True,
+    )
+)
