@@ -49,7 +49,9 @@ def print_report(run: str | Path, *, brief: bool = False, show_all: bool = False
 
     run = Path(run)
     doc = load_pareto(run)
-    console = Console()
+    import sys
+
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     objs = list(doc["objectives"])
     cons = doc["constraints"]
     rows = doc["trials"] if show_all else doc["front"]
@@ -60,7 +62,7 @@ def print_report(run: str | Path, *, brief: bool = False, show_all: bool = False
         table.add_column(f"{o} ({doc['objectives'][o][:3]})", justify="right")
     for c, expr in cons.items():
         table.add_column(f"{c} {expr}", justify="right")
-    table.add_column("spec")
+    table.add_column(f"spec (in {run})")
     for r in rows:
         cells = [str(r["trial"]), r["status"]]
         cells += [_fmt(r["objectives"].get(o)) for o in objs]
@@ -68,7 +70,7 @@ def print_report(run: str | Path, *, brief: bool = False, show_all: bool = False
             st = r["constraints"].get(c, {})
             mark = "ok" if st.get("ok") else "NO"
             cells.append(f"{_fmt(st.get('value'))} {mark}")
-        cells.append(str(run / r["spec"]))
+        cells.append(str(r["spec"]))
         table.add_row(*cells)
     console.print(table)
     states = ", ".join(f"{k}: {v}" for k, v in sorted(doc["states"].items()))

@@ -17,7 +17,7 @@ trainer's intermediate evaluations; multi-objective searches stop diverging tria
 
 Resume and parallel work come from Optuna's storage: the same command resumes the study; a
 trial left RUNNING by a killed process (its heartbeat is stale, or its process is gone on
-this host) is marked FAIL and its configuration retried once (``RetryFailedTrialCallback``);
+this host) is marked FAIL and its configuration retried once (``RetryHeartbeatStaleTrialCallback``);
 ``workers`` processes share one study.
 """
 
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import JournalStorage, RetryFailedTrialCallback
+from optuna.storages import JournalStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
@@ -88,7 +88,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     A running trial writes a ``archir:heartbeat`` timestamp every ``heartbeat_interval``
     seconds; a RUNNING trial whose last beat is older than ``grace_period`` seconds — or whose
     process on this host no longer exists — is stale, and Optuna marks it FAIL and calls the
-    stale-trial callback (a :class:`RetryFailedTrialCallback` re-enqueues its parameters).
+    stale-trial callback (a :class:`RetryHeartbeatStaleTrialCallback` re-enqueues its parameters).
     """
 
     def __init__(
@@ -134,7 +134,7 @@ def open_storage(
     Raises:
         SearchError: the URL cannot be opened or reached.
     """
-    retry = RetryFailedTrialCallback(max_retry=1)
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
     if url is None:
         return HeartbeatJournalStorage(str(journal), heartbeat_interval, grace_period, retry)
     try:
@@ -163,18 +163,18 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
 
     Returns the numbers of the trials failed.
     """
-    retry = RetryFailedTrialCallback(max_retry=1)
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
     done = []
     storage = study._storage
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not _dead_here(t):
             continue
         try:
+            storage.set_trial_user_attr(t._trial_id, "status", "failed")
+            storage.set_trial_user_attr(
+                t._trial_id, "reason", "its process died (killed); configuration retried once"
+            )
             if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                storage.set_trial_user_attr(t._trial_id, "status", "failed")
-                storage.set_trial_user_attr(
-                    t._trial_id, "reason", "its process died (killed); retried once"
-                )
                 retry(study, storage.get_trial(t._trial_id))
                 done.append(t.number)
         except optuna.exceptions.UpdateFinishedTrialError:

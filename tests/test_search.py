@@ -1,0 +1,339 @@
+"""Search end to end: space -> Optuna, constraints, outputs, resume after kill -9, workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from archir.errors import SearchError
+from archir.quant import quantize_model, quantize_tensor
+from archir.spec import load_spec
+from searchers.objectives import parse_constraint
+from searchers.run import run_search
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "specs" / "search" / "tiny.yaml"
+
+
+def make_spec(tmp_path: Path, name: str = "tiny", **search) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    data["name"] = name
+    for k, v in search.items():
+        data["search"][k] = v
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def study_of(run: Path, name: str = "tiny") -> optuna.Study:
+    from searchers.run import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(None, run / "study.journal"))
+
+
+# -- quantization ------------------------------------------------------------------------
+def test_quantize_tensor_levels():
+    w = torch.randn(6, 40)
+    for bits, levels in ((8, 255), (4, 15), (2, 3)):
+        q = quantize_tensor(w, bits)
+        assert q.shape == w.shape
+        for row in q:
+            assert len(torch.unique(row)) <= levels
+        # per-channel symmetric: the largest magnitude of each row is kept
+        assert torch.allclose(q.abs().amax(1), w.abs().amax(1), rtol=1e-5)
+    t = quantize_tensor(w, 1.58)
+    gamma = w.abs().mean()
+    assert set(torch.unique((t / gamma).round()).tolist()) <= {-1.0, 0.0, 1.0}
+    b = quantize_tensor(w, 1)
+    assert torch.allclose(b.abs(), w.abs().mean(1, keepdim=True).expand_as(w))
+    assert torch.equal(torch.sign(b), torch.where(w >= 0, 1.0, -1.0))
+    assert quantize_tensor(w, 16) is w
+    with pytest.raises(ValueError):
+        quantize_tensor(w, 3)
+
+
+def test_quantize_model_only_low_bit_blocks():
+    import archir
+
+    spec = load_spec(TINY).fix(
+        {
+            "model.d_model": 16,
+            "model.layers.0.repeat": 1,
+            "model.layers.0.blocks.0": 0,
+            "model.layers.0.blocks.0.choice.0.n_heads": 2,
+            "model.layers.0.blocks.1.bits": 4,
+        }
+    )
+    model = archir.compile(spec)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = quantize_model(model)
+    assert info["quantized"] == {"layers.0.blocks.1": 4.0}
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("blocks.1.fn.") for k in changed)
+
+
+# -- objectives / constraints -------------------------------------------------------------
+def test_parse_constraint():
+    c = parse_constraint("params", "<= 2e6")
+    assert (c.op, c.bound) == ("<=", 2e6) and c.ok(2e6) and not c.ok(2e6 + 1)
+    assert c.violation(3e6) == pytest.approx(1e6)
+    assert parse_constraint("params", "< 2M").bound == 2e6
+    assert parse_constraint("accuracy", ">= 0.9").violation(0.8) == pytest.approx(0.1)
+    for bad in ("2e6", "<== 3", "<= lots", "", 5):
+        with pytest.raises(SearchError, match="malformed constraint"):
+            parse_constraint("params", bad)
+
+
+# -- cost-fidelity searches (no training) -------------------------------------------------
+def test_cost_search_outputs_and_front_compiles(tmp_path):
+    import archir
+
+    spec = make_spec(
+        tmp_path,
+        objectives={"params": "minimize", "flops_per_token": "minimize"},
+        constraints={"weight_bytes": "<= 60000"},
+        fidelity="cost",
+        budget={"trials": 12},
+    )
+    run = tmp_path / "run"
+    res = run_search(spec, out=run, say=lambda s: None)
+    assert res.n_trials >= 12
+    for f in ("spec.yaml", "study.journal", "pareto.json", "pareto.png", "run.json"):
+        assert (run / f).is_file(), f
+    doc = json.loads((run / "pareto.json").read_text())
+    assert doc["front"]
+    for row in doc["front"]:
+        assert set(row["objectives"]) == {"params", "flops_per_token"}
+        assert row["constraints"]["weight_bytes"]["ok"]
+        concrete = load_spec(run / row["spec"])  # validates on its own
+        assert concrete.is_concrete
+        model = archir.compile(concrete)
+        assert sum(p.numel() for p in model.parameters()) == row["values"]["params"]
+    assert (run / "best" / "spec.yaml").is_file()
+    assert json.loads((run / "best" / "report.json").read_text())["trial"] == doc["best"]
+    for n in range(res.n_trials):
+        assert (run / "trials" / str(n) / "metrics.json").is_file()
+        assert (run / "trials" / str(n) / "log").is_file()
+
+
+def test_infeasible_recorded_before_training(tmp_path):
+    spec = make_spec(
+        tmp_path,
+        objectives={"params": "minimize"},
+        constraints={"params": "<= 12000"},
+        fidelity="cost",
+        budget={"trials": 10},
+        sampler="random",
+    )
+    run = tmp_path / "run"
+    run_search(spec, out=run, say=lambda s: None)
+    doc = json.loads((run / "pareto.json").read_text())
+    bad = [t for t in doc["trials"] if t["status"] == "infeasible"]
+    good = [t for t in doc["trials"] if t["status"] == "ok"]
+    assert bad and good
+    for t in bad:
+        assert "params <= 12000" in t["reason"] and t["state"] == "PRUNED"
+        m = json.loads((run / "trials" / str(t["trial"]) / "metrics.json").read_text())
+        assert m["status"] == "infeasible" and "train" not in m
+    assert all(t["values"]["params"] <= 12000 for t in doc["front"])
+
+
+def test_conditional_space_and_seed_reproduces(tmp_path):
+    def proposals(seed: int, sub: str) -> list[dict]:
+        spec = make_spec(
+            tmp_path,
+            objectives={"params": "minimize"},
+            constraints={},
+            fidelity="cost",
+            budget={"trials": 8},
+            sampler="tpe",
+            seed=seed,
+        )
+        run_search(spec, out=tmp_path / sub, say=lambda s: None)
+        return [t.params for t in study_of(tmp_path / sub).trials]
+
+    a, b, c = proposals(3, "a"), proposals(3, "b"), proposals(4, "c")
+    assert a == b and a != c
+    for p in a:  # define-by-run: only the chosen mixer's parameters are suggested
+        chosen = p["model.layers.0.blocks.0"]
+        assert ("model.layers.0.blocks.0.choice.0.n_heads" in p) == (chosen == 0)
+        assert ("model.layers.0.blocks.0.choice.1.d_state" in p) == (chosen == 1)
+
+
+# -- bad input ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("search", "match"),
+    [
+        ({"objectives": {"val_bpbb": "minimize"}}, "unknown objective 'val_bpbb'"),
+        ({"constraints": {"params": "at most 5"}}, "malformed constraint"),
+        ({"constraints": {"parms": "<= 5"}}, "unknown constraint metric 'parms'"),
+        ({"constraints": {"params": "<= 10"}}, "no candidate meets the constraints.*closest"),
+        (
+            {"objectives": {"val_bpb": "minimize"}, "fidelity": "cost"},
+            "needs training",
+        ),
+    ],
+)
+def test_bad_search_input_leaves_nothing(tmp_path, search, match):
+    spec = make_spec(tmp_path, **search)
+    run = tmp_path / "run"
+    with pytest.raises(SearchError, match=match):
+        run_search(spec, out=run, say=lambda s: None)
+    assert not run.exists()
+
+
+def test_unreachable_storage(tmp_path):
+    spec = make_spec(tmp_path, fidelity="cost", objectives={"params": "minimize"})
+    for url in ("sqlite:////nonexistent-dir/x/y.db", "postgresql://nobody@127.0.0.1:1/none"):
+        with pytest.raises(SearchError, match="cannot open storage"):
+            run_search(spec, out=tmp_path / "run", storage=url, say=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_study_with_different_space(tmp_path):
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    spec = make_spec(
+        tmp_path, fidelity="cost", objectives={"params": "minimize"}, budget={"trials": 2}
+    )
+    run_search(spec, out=tmp_path / "r1", storage=db, study="shared", say=lambda s: None)
+    data = yaml.safe_load(spec.read_text())
+    data["model"]["d_model"] = {"choice": [16, 48]}
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(SearchError, match="different search space"):
+        run_search(other, out=tmp_path / "r2", storage=db, study="shared", say=lambda s: None)
+    assert not (tmp_path / "r2").exists()
+
+
+def test_concrete_spec_has_nothing_to_search(zoo):
+    with pytest.raises(SearchError, match="nothing to search"):
+        run_search(zoo / "transformer.yaml", say=lambda s: None)
+
+
+# -- training fidelity, resume, workers ----------------------------------------------------
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "archir.cli", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_kill9_then_resume_loses_nothing(tmp_path):
+    spec = make_spec(
+        tmp_path,
+        objectives={"val_bpb": "minimize"},
+        budget={"trials": 4},
+        fidelity={"kind": "proxy", "steps": 6},
+        pruner="none",
+        sampler="random",
+    )
+    run = tmp_path / "run"
+    cmd = _cli("search", str(spec), "--out", str(run), "--no-export")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = run / "trials" / "2"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (target / "spec.yaml").exists():
+        if proc.poll() is not None:
+            pytest.fail(f"search ended early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {
+        t.number: t.values
+        for t in study_of(run).trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    }
+    assert len(before) >= 2
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    trials = study_of(run).trials
+    done = {t.number: t.values for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(done) == 4
+    for n, v in before.items():  # no completed trial lost or changed
+        assert done[n] == v
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    if failed:  # the killed trial was failed and its configuration retried once
+        retries = [t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]
+        assert len(retries) == 1 and retries[0].params == failed[0].params
+    assert "resuming" in out.stdout
+
+
+def test_two_workers_share_a_study(tmp_path):
+    spec = make_spec(
+        tmp_path,
+        objectives={"params": "minimize", "flops_per_token": "minimize"},
+        constraints={},
+        fidelity="cost",
+        budget={"trials": 10},
+    )
+    run = tmp_path / "run"
+    out = subprocess.run(
+        _cli("search", str(spec), "--out", str(run), "--workers", "2"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    trials = study_of(run).trials
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 10 <= len(done) <= 11  # two workers may each start the last trial
+    assert "[w0]" in out.stdout and "[w1]" in out.stdout
+    for t in done:
+        spec_file = run / t.user_attrs["spec"]
+        assert load_spec(spec_file).is_concrete
+
+
+def test_proxy_search_single_objective_with_bits_and_report(tmp_path):
+    spec = make_spec(
+        tmp_path,
+        objectives={"val_bpb": "minimize"},
+        constraints={"params": "<= 40000"},
+        budget={"trials": 3},
+        fidelity={"kind": "proxy", "steps": 2},
+        sampler="random",
+    )
+    run = tmp_path / "run"
+    res = run_search(spec, out=run, export=False, say=lambda s: None)
+    assert res.best is not None and (run / "best" / "model.safetensors").is_file()
+    for n in range(3):
+        m = json.loads((run / "trials" / str(n) / "metrics.json").read_text())
+        if m["status"] == "ok" and m.get("quantized"):
+            assert "val_bpb_fp" in m["values"]
+    out = subprocess.run(
+        _cli("report", str(run)), env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "Pareto front" in out.stdout and "spec.yaml" in out.stdout
+    bad = subprocess.run(
+        _cli("report", str(tmp_path)), env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and "no pareto.json" in bad.stderr
+
+
+def test_best_is_exported_with_parity(tmp_path):
+    pytest.importorskip("exporters")
+    spec = make_spec(
+        tmp_path,
+        objectives={"val_bpb": "minimize"},
+        constraints={},
+        budget={"trials": 2},
+        fidelity={"kind": "proxy", "steps": 2},
+    )
+    run = tmp_path / "run"
+    res = run_search(spec, out=run, say=lambda s: None)
+    assert (run / "best" / "model.onnx").is_file(), res.best
+    assert "error" not in res.best["export"]
