@@ -1,0 +1,230 @@
+"""Recurrent and state-space token mixers: linear attention, GLA, RetNet, RWKV (time and
+channel mixing), Mamba, S4D.
+
+For every kind: output shape, exact parameter count (module vs registry formula), step form
+vs parallel form, causality, state bytes vs the real state, a spec using it compiles and
+trains, and ONNX export with a dynamic sequence axis matches onnxruntime at other lengths.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import warnings
+
+import pytest
+import torch
+
+import archir
+from archir import registry
+from archir.registry import BuildContext
+from tests.conftest import ZOO
+
+KINDS = ["linear_attention", "gla", "retnet", "rwkv", "rwkv_cmix", "mamba", "s4d"]
+D = 32
+
+
+def _build(name: str, d: int = D, **params: object) -> tuple[torch.nn.Module, object]:
+    kind = registry.get(name)
+    ctx = BuildContext(d_model=d, vocab_size=256)
+    p = kind.params(**params)
+    kind.check(p, ctx)
+    return kind.build(p, ctx), p
+
+
+def _run_steps(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    state = m.init_state(x.shape[0], device=x.device, dtype=x.dtype)  # type: ignore[operator]
+    ys = []
+    for t in range(x.shape[1]):
+        y, state = m.step(x[:, t], state)  # type: ignore[operator]
+        ys.append(y)
+    return torch.stack(ys, dim=1)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_registered_metadata(name: str) -> None:
+    kind = registry.get(name)
+    assert kind.recurrent
+    assert kind.role == ("channel_mixer" if name == "rwkv_cmix" else "token_mixer")
+    assert kind.paper and kind.summary
+    cls = type(_build(name)[0])
+    assert cls.__doc__ and "[B, T, d]" in cls.__doc__
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_shape_and_exact_param_count(name: str) -> None:
+    torch.manual_seed(0)
+    m, p = _build(name)
+    ctx = BuildContext(d_model=D, vocab_size=256)
+    n = sum(q.numel() for q in m.parameters())
+    assert n == registry.get(name).n_params(p, ctx)
+    for T in (1, 17, 64):
+        assert m(torch.randn(2, T, D)).shape == (2, T, D)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("gla", {"n_heads": 2, "expand_k": 1.0, "expand_v": 2.0, "gate_rank": 4}),
+        ("retnet", {"pos": "none", "expand_v": 1.0}),
+        ("mamba", {"d_state": 4, "d_conv": 2, "expansion": 1.5, "dt_rank": 3, "conv_bias": False}),
+        ("s4d", {"d_state": 6}),
+        ("rwkv_cmix", {"d_ff": 50}),
+        ("linear_attention", {"feature_map": "relu", "n_heads": 8}),
+    ],
+)
+def test_param_count_non_default(name: str, params: dict[str, object]) -> None:
+    m, p = _build(name, **params)
+    ctx = BuildContext(d_model=D, vocab_size=256)
+    assert sum(q.numel() for q in m.parameters()) == registry.get(name).n_params(p, ctx)
+    x = torch.randn(1, 19, D, dtype=torch.float64)
+    m = m.double()
+    torch.testing.assert_close(_run_steps(m, x), m(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_step_matches_parallel(name: str) -> None:
+    torch.manual_seed(1)
+    m, _ = _build(name)
+    m = m.double()
+    for T in (1, 17, 40):  # 40 > Mamba's chunk: crosses chunk boundaries
+        x = torch.randn(2, T, D, dtype=torch.float64)
+        torch.testing.assert_close(_run_steps(m, x), m(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_step_matches_parallel_fp32(name: str) -> None:
+    torch.manual_seed(2)
+    m, _ = _build(name)
+    x = torch.randn(2, 33, D)
+    torch.testing.assert_close(_run_steps(m, x), m(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_causal(name: str) -> None:
+    torch.manual_seed(3)
+    m, _ = _build(name)
+    m = m.double()
+    x = torch.randn(2, 24, D, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 11:] = torch.randn(2, 13, D, dtype=torch.float64)
+    y, y2 = m(x), m(x2)
+    torch.testing.assert_close(y[:, :11], y2[:, :11], atol=1e-12, rtol=0)
+    assert (y[:, 11:] - y2[:, 11:]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_state_bytes_fixed_and_equal_to_real_state(name: str) -> None:
+    kind = registry.get(name)
+    m, p = _build(name)
+    ctx = BuildContext(d_model=D, vocab_size=256)
+    short, long = kind.state_bytes(p, ctx, 16), kind.state_bytes(p, ctx, 4096)
+    assert short == long > 0
+    state = m.init_state(1)  # type: ignore[operator]
+    real = sum(t.numel() * 4 for t in state if t.is_floating_point())
+    assert real == short
+    assert kind.flops(p, ctx, 256) > kind.flops(p, ctx, 16) > 0 or name == "rwkv_cmix"
+
+
+def test_mamba_long_sequence_fp32_is_stable() -> None:
+    torch.manual_seed(4)
+    m, _ = _build("mamba")
+    x = torch.randn(1, 1024, D)
+    y = m(x)
+    ref = m.double()(x.double())
+    assert torch.isfinite(y).all()
+    assert (y.double() - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+def test_check_errors() -> None:
+    ctx = BuildContext(d_model=30)
+    with pytest.raises(ValueError, match="n_heads 4 does not divide d_model 30"):
+        registry.get("linear_attention").check(registry.get("linear_attention").params(), ctx)
+    with pytest.raises(ValueError, match="must divide the key width 15"):
+        registry.get("gla").check(registry.get("gla").params(), ctx)
+    with pytest.raises(ValueError, match="d_state 5 must be even"):
+        registry.get("s4d").check(registry.get("s4d").params(d_state=5), ctx)
+
+
+def _spec(name: str) -> dict[str, object]:
+    if name == "rwkv_cmix":
+        blocks = [{"kind": "rwkv"}, {"kind": "rwkv_cmix", "expansion": 2}]
+    else:
+        blocks = [{"kind": name}, {"kind": "swiglu", "expansion": 2}]
+    return {
+        "archir": 1,
+        "name": f"tiny-{name}",
+        "model": {
+            "task": "causal_lm",
+            "vocab_size": 256,
+            "d_model": D,
+            "max_seq_len": 64,
+            "norm": "rmsnorm",
+            "embed": {"kind": "token_embedding"},
+            "layers": [{"repeat": 2, "blocks": blocks}],
+            "head": {"kind": "lm_head", "tie_embeddings": True},
+        },
+        "train": {"steps": 10, "batch_size": 4, "seq_len": 32, "lr": 3e-3},
+    }
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_spec_compiles_and_trains(name: str) -> None:
+    spec = archir.spec_from_dict(_spec(name))
+    model = archir.compile(spec, seed=0)
+    assert archir.analyze(spec).params == sum(p.numel() for p in model.parameters())
+    text = b"def f(x):\n    return x + 1\n# the quick brown fox jumps over the lazy dog\n" * 4
+    data = torch.tensor(list(text[: 4 * 33]), dtype=torch.long).view(4, 33)
+    x, y = data[:, :-1], data[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+@pytest.mark.parametrize("zoo_name", ["mamba", "gla", "retnet", "rwkv"])
+def test_zoo_spec(zoo_name: str) -> None:
+    spec = archir.load_spec(ZOO / f"{zoo_name}.yaml")
+    model = archir.compile(spec, seed=0)
+    report = archir.analyze(spec)
+    assert report.params == sum(p.numel() for p in model.parameters())
+    assert report.state_bytes == archir.analyze(spec, seq_len=512).state_bytes > 0
+    assert model(torch.randint(0, 256, (1, 9))).shape == (1, 9, 256)
+
+
+_HAS_ORT = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+
+
+@pytest.mark.skipif(not _HAS_ORT, reason="onnx/onnxruntime not installed")
+@pytest.mark.parametrize("name", KINDS)
+def test_onnx_export_dynamic_seq(name: str) -> None:
+    import onnxruntime as ort
+
+    torch.manual_seed(5)
+    m, _ = _build(name, d=16)
+    m.eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            m,
+            (torch.randn(2, 8, 16),),
+            buf,
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch", 1: "seq"}, "y": {0: "batch", 1: "seq"}},
+        )
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    for T in (1, 13, 40):
+        x = torch.randn(3, T, 16)
+        (got,) = sess.run(None, {"x": x.numpy()})
+        with torch.no_grad():
+            ref = m(x).numpy()
+        assert abs(got - ref).max() < 1e-5
