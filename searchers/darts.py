@@ -279,7 +279,9 @@ def _feasible(constraints: list[Constraint], vals: dict[str, float]) -> bool:
 
 def _log_prob(net: SuperNet, arch: dict[str, int]) -> float:
     probs = net.probs()
-    return sum(math.log(max(float(p[arch[d.name]]), 1e-12)) for d, p in zip(net.decisions, probs))
+    return sum(
+        math.log(max(float(p.detach()[arch[d.name]]), 1e-12)) for d, p in zip(net.decisions, probs)
+    )
 
 
 def _labels(net: SuperNet, arch: dict[str, int]) -> dict[str, str]:
