@@ -17,6 +17,7 @@ import torch
 
 import archir
 from archir import registry
+from archir.blocks.ssm import S4DParams
 from archir.registry import BuildContext
 from tests.conftest import ZOO
 
@@ -143,7 +144,7 @@ def test_check_errors() -> None:
     with pytest.raises(ValueError, match="must divide the key width 15"):
         registry.get("gla").check(registry.get("gla").params(), ctx)
     with pytest.raises(ValueError, match="d_state 5 must be even"):
-        registry.get("s4d").check(registry.get("s4d").params(d_state=5), ctx)
+        registry.get("s4d").check(S4DParams(d_state=5), ctx)
 
 
 def _spec(name: str) -> dict[str, object]:
