@@ -144,7 +144,7 @@ def test_check_errors() -> None:
     with pytest.raises(ValueError, match="must divide the key width 15"):
         registry.get("gla").check(registry.get("gla").params(), ctx)
     with pytest.raises(ValueError, match="d_state 5 must be even"):
-        registry.get("s4d").check(S4DParams(d_state=5), ctx)
+        registry.get("s4d").check(S4DParams.model_validate({"d_state": 5}), ctx)
 
 
 def _spec(name: str) -> dict[str, object]:
