@@ -289,7 +289,7 @@ def _labels(net: SuperNet, arch: dict[str, int]) -> dict[str, str]:
 
 
 def _weights_doc(net: SuperNet) -> dict[str, Any]:
-    probs = net.probs()
+    probs = [p.detach() for p in net.probs()]
     return {
         d.name: {
             "category": d.category,
