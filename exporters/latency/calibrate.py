@@ -1,0 +1,527 @@
+"""Calibration: measure a designed set of specs on this machine, store it, load it safely.
+
+A calibration file is JSON (``format: archir-latency-calibration``, ``version``) holding the
+**key** it is valid for — CPU model and logical CPU count, runtime (``ort``/``torch``) and its
+version, intra-op threads — and the raw samples (concrete spec data, batch, seq, median,
+trimmed mean, CV). The predictor (:class:`~.predictor.LatencyPredictor`) is refitted from
+the samples on load (well under a second), so the file stays readable, diffable and free of
+pickles. Loading a file whose key differs from the machine/runtime/threads asked for raises
+:class:`CalibrationMismatchError`; a file of another format version raises
+:class:`CalibrationFormatError`.
+
+The designed set covers the search spaces: specs drawn from every space in
+``specs/search/`` (random decisions through ``Spec.fix``) and from a built-in space of mixed
+token mixers (every registered token mixer that builds), widths 64–512, depth 2–12, channel
+mixers and bits, measured at sequence lengths 128–1024. Samples are stratified: the kind,
+width and depth of the i-th spec cycle through shuffled levels so a budget cut early still
+covers every kind and width.
+
+Files live in ``$ARCHIR_CACHE/latency/`` (default ``~/.cache/archir/latency/``) named
+``<runtime>-t<threads>-<cpu slug>.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from exporters.latency.harness import (
+    DEFAULT_THREADS,
+    LatencyError,
+    Runner,
+    RuntimeUnavailableError,
+    time_limit,
+)
+from exporters.latency.predictor import FEATURE_VERSION, LatencyPredictor, graph_features
+
+FORMAT = "archir-latency-calibration"
+VERSION = 1
+WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
+SEQS = (128, 192, 256, 384, 512, 768, 1024)
+DEPTH = (2, 12)
+BITS = (4, 8, 16)
+# kinds that are not model mixers, or need setups the random space cannot give
+_SKIP_KINDS: set[str] = set()
+
+
+class CalibrationError(LatencyError):
+    """A calibration file cannot be used."""
+
+
+class CalibrationMismatchError(CalibrationError):
+    """The calibration file was made on another machine, runtime, version or thread count."""
+
+
+class CalibrationFormatError(CalibrationError):
+    """The file is not a calibration file of this format version."""
+
+
+class CalibrationMissingError(CalibrationError):
+    """No calibration file matches this machine/runtime/threads."""
+
+
+# --------------------------------------------------------------------------------------
+# keys and files
+
+
+def cpu_model() -> str:
+    """The CPU model name (``/proc/cpuinfo``'s ``model name``, else ``platform``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def runtime_version(runtime: str) -> str:
+    if runtime == "ort":
+        import onnxruntime
+
+        return str(onnxruntime.__version__)
+    import torch
+
+    return str(torch.__version__)
+
+
+def machine_key(runtime: str = "ort", threads: int = DEFAULT_THREADS) -> dict[str, Any]:
+    """What a calibration is valid for: cpu, cpus, runtime, runtime_version, threads."""
+    return {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count() or 1,
+        "runtime": runtime,
+        "runtime_version": runtime_version(runtime),
+        "threads": int(threads),
+    }
+
+
+def cache_dir() -> Path:
+    """``$ARCHIR_CACHE/latency`` or ``~/.cache/archir/latency``."""
+    base = os.environ.get("ARCHIR_CACHE")
+    root = Path(base) if base else Path.home() / ".cache" / "archir"
+    return root / "latency"
+
+
+def default_path(runtime: str = "ort", threads: int = DEFAULT_THREADS) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") or "cpu"
+    return cache_dir() / f"{runtime}-t{int(threads)}-{slug}.json"
+
+
+def save_calibration(data: dict[str, Any], path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
+    tmp.replace(p)
+    return p
+
+
+def check_key(found: dict[str, Any], expected: dict[str, Any], path: str | Path) -> None:
+    """Raise :class:`CalibrationMismatchError` naming every differing field."""
+    diffs = [
+        f"{k}: file has {found.get(k)!r}, this run needs {v!r}"
+        for k, v in expected.items()
+        if found.get(k) != v
+    ]
+    if diffs:
+        raise CalibrationMismatchError(
+            f"calibration {path} does not match: " + "; ".join(diffs),
+            hint=(
+                f"run `archir latency calibrate --runtime {expected.get('runtime')} "
+                f"--threads {expected.get('threads')}` on this machine, or measure instead "
+                "of predicting"
+            ),
+        )
+
+
+def load_calibration(
+    path: str | Path, *, runtime: str | None = None, threads: int | None = None
+) -> dict[str, Any]:
+    """Read a calibration file and check it against this machine.
+
+    Args:
+        path: the JSON file.
+        runtime, threads: what the caller will predict for (default: the file's own).
+
+    Raises:
+        CalibrationFormatError: unreadable, another format or version.
+        CalibrationMismatchError: another CPU, runtime, runtime version or thread count.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise CalibrationFormatError(
+            f"cannot read calibration {p}: {exc}", hint="run `archir latency calibrate`"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CalibrationFormatError(
+            f"{p} is not an archir latency calibration file",
+            hint="run `archir latency calibrate`",
+        )
+    if data.get("version") != VERSION:
+        raise CalibrationFormatError(
+            f"calibration {p} has format version {data.get('version')}, this archir reads "
+            f"version {VERSION}",
+            hint="re-run `archir latency calibrate`",
+        )
+    key = data.get("key") or {}
+    rt = runtime or key.get("runtime", "ort")
+    th = int(threads if threads is not None else key.get("threads", DEFAULT_THREADS))
+    check_key(key, machine_key(rt, th), p)
+    return data
+
+
+def find_calibration(runtime: str = "ort", threads: int = DEFAULT_THREADS) -> Path | None:
+    """The default calibration path for this machine/runtime/threads if it exists."""
+    p = default_path(runtime, threads)
+    return p if p.exists() else None
+
+
+def predictor_from(data: dict[str, Any]) -> LatencyPredictor:
+    """Fit a predictor from a loaded calibration (cached per file content)."""
+    return _fit_cached(json.dumps(data["samples"], sort_keys=True))
+
+
+@lru_cache(maxsize=8)
+def _fit_cached(samples_json: str) -> LatencyPredictor:
+    from archir.spec import spec_from_dict
+
+    feats, ys = [], []
+    for s in json.loads(samples_json):
+        try:
+            spec = spec_from_dict(s["spec"])
+            feats.append(graph_features(spec, int(s["batch"]), int(s["seq"])))
+        except Exception:  # a kind that no longer exists / changed: skip the sample
+            continue
+        ys.append(float(s["median_ms"]))
+    if len(feats) < 3:
+        raise CalibrationFormatError(
+            "the calibration has fewer than 3 usable samples",
+            hint="re-run `archir latency calibrate` with a larger --budget-s",
+        )
+    return LatencyPredictor().fit(feats, ys)
+
+
+# --------------------------------------------------------------------------------------
+# the designed space
+
+
+def _kind_ok(kind: str, role: str) -> bool:
+    """The kind builds in a tiny model with drawn parameters."""
+    rng = random.Random(0)
+    try:
+        from archir.ir import build_graph
+        from archir.spec import spec_from_dict
+
+        tm = kind if role == "token_mixer" else "attention"
+        cm = kind if role == "channel_mixer" else "swiglu"
+        data = make_spec_data(rng, tm, cm, 64, 2, 128, 16)
+        build_graph(spec_from_dict(data))
+        return True
+    except Exception:
+        return False
+
+
+def available_kinds() -> tuple[list[str], list[str]]:
+    """(token mixers, channel mixers) registered and buildable with drawn parameters."""
+    import archir.blocks  # noqa: F401  (registers kinds)
+    from archir import registry
+
+    tms = [
+        k.name for k in registry.kinds() if k.role == "token_mixer" and k.name not in _SKIP_KINDS
+    ]
+    cms = [
+        k.name for k in registry.kinds() if k.role == "channel_mixer" and k.name not in _SKIP_KINDS
+    ]
+    return [k for k in tms if _kind_ok(k, "token_mixer")], [
+        k for k in cms if _kind_ok(k, "channel_mixer")
+    ]
+
+
+def _draw_params(rng: random.Random, kind: str, d_model: int) -> dict[str, Any]:
+    """Draw values for the standard fields a kind declares (others keep their defaults)."""
+    from archir import registry
+
+    fields = registry.get(kind).params.model_fields
+    out: dict[str, Any] = {}
+    if "n_heads" in fields:
+        heads = [h for h in (1, 2, 4, 8) if d_model % h == 0 and d_model // h >= 16]
+        out["n_heads"] = rng.choice(heads or [1])
+    if "d_state" in fields:
+        out["d_state"] = rng.choice([8, 16, 32, 64])
+    if "expansion" in fields:
+        out["expansion"] = rng.choice([1.5, 2, 2.667, 3, 4])
+    if "n_experts" in fields:
+        out["n_experts"] = rng.choice([4, 8])
+    if "top_k" in fields:
+        out["top_k"] = rng.choice([1, 2])
+    if "d_conv" in fields:
+        out["d_conv"] = rng.choice([3, 4])
+    if "window" in fields and rng.random() < 0.25:
+        out["window"] = rng.choice([64, 128, 256])
+    return out
+
+
+def make_spec_data(
+    rng: random.Random,
+    token_mixer: str,
+    channel_mixer: str,
+    d_model: int,
+    depth: int,
+    max_seq: int,
+    bits: float,
+    second_mixer: str | None = None,
+) -> dict[str, Any]:
+    """Spec data of a causal LM from the built-in space (one group, or two for a hybrid)."""
+
+    def layer(tm: str, repeat: int) -> dict[str, Any]:
+        return {
+            "repeat": repeat,
+            "blocks": [
+                {"role": "token_mixer", "kind": tm, **_draw_params(rng, tm, d_model)},
+                {
+                    "role": "channel_mixer",
+                    "kind": channel_mixer,
+                    "bits": bits,
+                    **_draw_params(rng, channel_mixer, d_model),
+                },
+            ],
+        }
+
+    if second_mixer and depth >= 2:
+        k = rng.randint(1, depth - 1)
+        layers = [layer(token_mixer, k), layer(second_mixer, depth - k)]
+    else:
+        layers = [layer(token_mixer, depth)]
+    return {
+        "archir": 1,
+        "name": f"lat-{token_mixer}-{channel_mixer}-d{d_model}-l{depth}",
+        "model": {
+            "task": "causal_lm",
+            "vocab_size": 256,
+            "d_model": d_model,
+            "max_seq_len": max(1024, max_seq),
+            "norm": "rmsnorm",
+            "embed": {"kind": "token_embedding"},
+            "layers": layers,
+            "head": {"kind": "lm_head", "tie_embeddings": True},
+        },
+        "train": {"seq_len": min(max_seq, 1024)},
+    }
+
+
+def _random_decider(rng: random.Random) -> Callable[[Any], Any]:
+    def decide(node: Any) -> Any:
+        if node.type == "choice":
+            i = rng.randrange(len(node.options))
+            return node.options[i] if node.scalar_options else i
+        if node.type == "int":
+            step = node.step or 1
+            n = int((node.high - node.low) // step)
+            return int(node.low + step * rng.randint(0, n))
+        if node.log:
+            return math.exp(rng.uniform(math.log(node.low), math.log(node.high)))
+        return rng.uniform(node.low, node.high)
+
+    return decide
+
+
+def search_spaces(root: str | Path | None = None) -> list[Any]:
+    """Open specs from ``specs/search/`` (those that load; others are skipped)."""
+    from archir.spec import load_spec
+
+    base = Path(root) if root else Path(__file__).resolve().parents[2] / "specs" / "search"
+    out = []
+    for p in sorted(base.glob("*.y*ml")) if base.is_dir() else []:
+        try:
+            s = load_spec(p)
+        except Exception:
+            continue
+        if s.nodes:
+            out.append(s)
+    return out
+
+
+def draw_from_space(space: Any, rng: random.Random, tries: int = 20) -> Any | None:
+    """A random concrete spec from an open spec (``Spec.fix`` with random decisions),
+    restricted to causal LMs of width ≤ 512; ``None`` when no draw builds."""
+    from archir.ir import build_graph
+
+    for _ in range(tries):
+        try:
+            s = space.fix(_random_decider(rng))
+            m = s.model.model
+            if m.task != "causal_lm" or m.d_model > 512:
+                continue
+            build_graph(s)
+            return s
+        except Exception:
+            continue
+    return None
+
+
+def random_specs(
+    n: int,
+    seed: int,
+    *,
+    spaces: list[Any] | None = None,
+    kinds: tuple[list[str], list[str]] | None = None,
+) -> Iterator[tuple[Any, int]]:
+    """``n`` stratified random (concrete spec, seq) pairs: half from ``specs/search/``
+    spaces when there are any, the rest from the built-in space."""
+    from archir.spec import spec_from_dict
+
+    rng = random.Random(seed)
+    tms, cms = kinds or available_kinds()
+    spaces = search_spaces() if spaces is None else spaces
+
+    def levels(xs: Any) -> Iterator[Any]:
+        while True:
+            xs = list(xs)
+            rng.shuffle(xs)
+            yield from xs
+
+    tm_it, w_it, s_it = levels(tms), levels(WIDTHS), levels(SEQS)
+    d_it = levels(range(DEPTH[0], DEPTH[1] + 1))
+    made = 0
+    i = 0
+    while made < n:
+        i += 1
+        seq = next(s_it)
+        if spaces and i % 2 == 0:
+            s = draw_from_space(spaces[i // 2 % len(spaces)], rng)
+            if s is not None:
+                if s.model.model.max_seq_len < seq:  # the issue's seq range: 128-1024
+                    data = copy.deepcopy(s.data)
+                    data["model"]["max_seq_len"] = seq
+                    s = spec_from_dict(data)
+                made += 1
+                yield s, seq
+                continue
+        tm = next(tm_it)
+        second = rng.choice(tms) if len(tms) > 1 and rng.random() < 0.25 else None
+        data = make_spec_data(
+            rng, tm, rng.choice(cms), next(w_it), next(d_it), seq, rng.choice(BITS), second
+        )
+        try:
+            spec = spec_from_dict(data)
+        except Exception:
+            continue
+        made += 1
+        yield spec, seq
+
+
+# --------------------------------------------------------------------------------------
+# running a calibration
+
+
+def calibrate(
+    runtime: str = "ort",
+    *,
+    threads: int = DEFAULT_THREADS,
+    budget_s: float = 480.0,
+    out: str | Path | None = None,
+    seed: int = 1234,
+    max_specs: int = 10_000,
+    seqs_per_spec: int = 2,
+    measure_budget_s: float = 0.25,
+    exporter: str = "direct",
+    progress: Callable[[str], None] | None = None,
+    spec_limit_s: float = 30.0,
+) -> tuple[Path, dict[str, Any]]:
+    """Measure the designed set until ``budget_s`` seconds have passed; write the file.
+
+    Each spec is prepared once (compiled, exported) and measured at ``seqs_per_spec``
+    sequence lengths (batch 1; every fourth spec also at batch 4). A spec taking more than
+    ``spec_limit_s`` (or the budget left) is abandoned and counted under ``skipped``.
+
+    Returns:
+        (path written, calibration data).
+
+    Raises:
+        RuntimeUnavailableError: no sample could be measured.
+    """
+    t0 = time.perf_counter()
+    key = machine_key(runtime, threads)
+    path = Path(out) if out else default_path(runtime, threads)
+    rng = random.Random(seed + 1)
+    samples: list[dict[str, Any]] = []
+    skipped: dict[str, int] = {}
+    cvs: list[float] = []
+    kinds = available_kinds()
+    for i, (spec, seq) in enumerate(random_specs(max_specs, seed, kinds=kinds)):
+        if time.perf_counter() - t0 > budget_s:
+            break
+        shapes = [(1, seq)]
+        others = [s for s in SEQS if s != seq and s <= spec.model.model.max_seq_len]
+        for s in rng.sample(others, min(len(others), seqs_per_spec - 1)):
+            shapes.append((1, s))
+        if i % 4 == 3:
+            shapes.append((4, min(256, seq)))
+        left = budget_s - (time.perf_counter() - t0)
+        try:
+            with (
+                time_limit(max(1.0, min(spec_limit_s, left))),
+                Runner(spec, runtime, threads=threads, exporter=exporter) as r,
+            ):
+                for b, s in shapes:
+                    m = r.measure(
+                        b, s, warmup=2, min_runs=5, budget_s=measure_budget_s, max_attempts=2
+                    )
+                    cvs.append(m.cv)
+                    samples.append(
+                        {
+                            "spec": spec.data,
+                            "batch": b,
+                            "seq": s,
+                            "median_ms": m.median_ms,
+                            "trimmed_mean_ms": m.trimmed_mean_ms,
+                            "cv": m.cv,
+                            "runs": m.runs,
+                            "noisy": m.noisy,
+                        }
+                    )
+                    if time.perf_counter() - t0 > budget_s:
+                        break
+        except Exception as exc:  # keep calibrating the others (export failure, timeout)
+            name = type(exc).__name__
+            skipped[name] = skipped.get(name, 0) + 1
+            continue
+        if progress:
+            progress(f"[{time.perf_counter() - t0:6.1f}s] {len(samples):4d} samples  {spec.name}")
+    if not samples:
+        raise RuntimeUnavailableError(
+            f"no calibration sample could be measured on runtime '{runtime}' ({skipped})"
+        )
+    wall = time.perf_counter() - t0
+    import archir
+
+    data = {
+        "format": FORMAT,
+        "version": VERSION,
+        "feature_version": FEATURE_VERSION,
+        "key": key,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "archir_version": archir.__version__,
+        "platform": platform.platform(),
+        "exporter": exporter,
+        "wall_s": round(wall, 1),
+        "kinds": {"token_mixer": kinds[0], "channel_mixer": kinds[1]},
+        "skipped": skipped,
+        "cv_median": sorted(cvs)[len(cvs) // 2] if cvs else None,
+        "samples": samples,
+    }
+    return save_calibration(data, path), data

@@ -1,0 +1,463 @@
+"""The latency measurement harness: fixed threads, warm-up, time-bounded runs, robust stats.
+
+A measurement of one callable (one forward pass) goes:
+
+1. ``warmup`` untimed calls (allocator, caches, lazy initialisation);
+2. timed calls until ``budget_s`` of timed work has passed, at least ``min_runs`` and at most
+   ``max_runs`` of them;
+3. statistics over the run times in milliseconds: the **median**, the **10 %/10 % trimmed
+   mean** (drop the fastest and slowest tenth, average the rest) and the **coefficient of
+   variation** (standard deviation / mean of that trimmed sample, so one stray slow run from
+   another process does not decide it);
+4. when the CV is above ``cv_threshold`` the machine is too noisy to trust: the whole
+   measurement is repeated (up to ``max_attempts`` in all) and the attempt with the lowest CV
+   is kept; if even that one is above the threshold the result says ``noisy=True``.
+
+Runtimes (:func:`measure_spec`): ``"ort"`` — onnxruntime ``CPUExecutionProvider`` on the
+exported model (by default a direct TorchScript ``torch.onnx.export`` — the same graph the
+calibration measured, and ~20x faster to produce than the dynamo path; ``exporter="auto"``
+or ``"exporters"`` measures the file ``exporters.export_onnx`` writes), ``"torch"`` — torch eager under ``torch.no_grad``, ``"compile"`` —
+``torch.compile`` (inductor; raises :class:`RuntimeUnavailableError` where it does not work).
+Threads are fixed for the duration: ``torch.set_num_threads`` / ORT ``intra_op_num_threads``
+and one inter-op thread.
+
+The approach (warm-up, many runs, robust central value, refuse a noisy machine) follows the
+practice of nn-Meter (Zhang et al., 2021, "nn-Meter: towards accurate latency prediction of
+deep-learning model inference on diverse edge devices") and of ``timeit``/``pyperf``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from archir.errors import ArchirError
+
+RUNTIMES: tuple[str, ...] = ("ort", "torch", "compile")
+DEFAULT_THREADS = 1
+DEFAULT_CV_THRESHOLD = 0.05
+
+
+class LatencyError(ArchirError):
+    """Base of the latency errors (bad runtime name, unusable calibration ...)."""
+
+
+class RuntimeUnavailableError(LatencyError):
+    """The requested runtime cannot run this model here (e.g. ``torch.compile`` without a
+    working compiler, or an export that fails)."""
+
+
+@dataclass
+class Measurement:
+    """The result of one measurement (all times in milliseconds).
+
+    Attributes:
+        median_ms: median run time.
+        trimmed_mean_ms: mean after dropping the fastest and slowest 10 % of runs.
+        cv: coefficient of variation of the trimmed runs (std / mean, unitless).
+        runs: number of timed runs of the kept attempt.
+        noisy: the CV stayed above the threshold after every attempt.
+        attempts: how many measurements were taken (1 + re-measures).
+        runtime, threads, batch, seq: what was measured (filled by :func:`measure_spec`).
+        times_ms: the kept attempt's run times, in order.
+    """
+
+    median_ms: float
+    trimmed_mean_ms: float
+    cv: float
+    runs: int
+    noisy: bool
+    attempts: int = 1
+    runtime: str = ""
+    threads: int = DEFAULT_THREADS
+    batch: int = 1
+    seq: int = 0
+    times_ms: list[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self, times: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not times:
+            d.pop("times_ms")
+        return d
+
+
+def trimmed_mean(xs: list[float], proportion: float = 0.1) -> float:
+    """Mean of ``xs`` after removing ``floor(proportion·n)`` values from each end.
+
+    Raises:
+        ValueError: ``xs`` is empty.
+    """
+    return statistics.fmean(_trim(xs, proportion))
+
+
+def _trim(xs: list[float], proportion: float = 0.1) -> list[float]:
+    if not xs:
+        raise ValueError("no samples")
+    s = sorted(xs)
+    k = int(math.floor(proportion * len(s)))
+    return s[k : len(s) - k] if len(s) - 2 * k > 0 else s
+
+
+def coefficient_of_variation(xs: list[float], proportion: float = 0.1) -> float:
+    """Population std / mean of the trimmed sample (0 for fewer than two samples)."""
+    t = _trim(xs, proportion)
+    if len(t) < 2:
+        return 0.0
+    mean = statistics.fmean(t)
+    return statistics.pstdev(t) / mean if mean > 0 else 0.0
+
+
+def summarize(times_ms: list[float], cv_threshold: float = DEFAULT_CV_THRESHOLD) -> Measurement:
+    """Statistics of one list of run times (milliseconds)."""
+    cv = coefficient_of_variation(times_ms)
+    return Measurement(
+        median_ms=float(statistics.median(times_ms)),
+        trimmed_mean_ms=trimmed_mean(times_ms),
+        cv=cv,
+        runs=len(times_ms),
+        noisy=cv > cv_threshold,
+        times_ms=list(times_ms),
+    )
+
+
+def time_runs(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 3,
+    min_runs: int = 5,
+    max_runs: int = 200,
+    budget_s: float = 1.0,
+    timer: Callable[[], float] = time.perf_counter,
+) -> list[float]:
+    """Call ``fn`` ``warmup`` times, then time it until ``budget_s`` seconds of timed calls
+    have passed (at least ``min_runs``, at most ``max_runs`` calls). Returns milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < max_runs and (len(times) < min_runs or spent < budget_s):
+        t0 = timer()
+        fn()
+        dt = timer() - t0
+        spent += dt
+        times.append(dt * 1e3)
+    return times
+
+
+def measure(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 3,
+    min_runs: int = 5,
+    max_runs: int = 200,
+    budget_s: float = 1.0,
+    cv_threshold: float = DEFAULT_CV_THRESHOLD,
+    max_attempts: int = 3,
+    timer: Callable[[], float] = time.perf_counter,
+) -> Measurement:
+    """Measure ``fn`` (see the module docstring); re-measure while the CV is above
+    ``cv_threshold``, keep the attempt with the lowest CV, flag ``noisy`` if it stays high.
+
+    Args:
+        fn: a no-argument callable doing one forward pass.
+        warmup: untimed calls before every attempt.
+        min_runs, max_runs: bounds on the timed calls of one attempt.
+        budget_s: seconds of timed calls per attempt (the time bound).
+        cv_threshold: CV above which an attempt is not trusted (0.05 = 5 %).
+        max_attempts: total attempts including the first.
+        timer: seconds clock (injectable for tests).
+    """
+    best: Measurement | None = None
+    attempts = 0
+    for _ in range(max(1, max_attempts)):
+        attempts += 1
+        times = time_runs(
+            fn,
+            warmup=warmup,
+            min_runs=min_runs,
+            max_runs=max_runs,
+            budget_s=budget_s,
+            timer=timer,
+        )
+        m = summarize(times, cv_threshold)
+        if best is None or m.cv < best.cv:
+            best = m
+        if not m.noisy:
+            break
+    assert best is not None
+    best.attempts = attempts
+    best.noisy = best.cv > cv_threshold
+    return best
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`TimeoutError` in the main thread after ``seconds`` (SIGALRM; a no-op
+    off the main thread or without SIGALRM). Interrupts at the next Python bytecode, so a
+    single long native kernel finishes first."""
+    import signal
+    import threading
+
+    if seconds <= 0 or not hasattr(signal, "setitimer"):
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"took longer than {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# --------------------------------------------------------------------------------------
+# runtimes
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Fix torch intra-op threads (and inter-op to 1 where still allowed) for a block."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # can only be set before the first parallel work; intra-op is what matters
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def example_tokens(spec_model: Any, batch: int, seq: int) -> Any:
+    """Deterministic model input: tokens ``[batch, seq]`` int64 or images
+    ``[batch, C, H, W]`` float32."""
+    import torch
+
+    m = spec_model.model
+    gen = torch.Generator().manual_seed(0)
+    if m.task == "image_classification":
+        return torch.randn(batch, m.channels, m.image_size, m.image_size, generator=gen)
+    return torch.randint(0, max(1, m.vocab_size), (batch, seq), generator=gen)
+
+
+def default_seq(spec_model: Any, seq: int | None) -> int:
+    """``seq`` or the spec's ``train.seq_len``, capped at ``max_seq_len``."""
+    m = spec_model.model
+    s = int(seq or spec_model.train.seq_len)
+    return max(1, min(s, m.max_seq_len))
+
+
+def export_onnx_file(spec: Any, path: str | Path, model: Any = None, exporter: str = "auto") -> str:
+    """Write the ONNX file that onnxruntime measurements run. Returns the exporter used.
+
+    ``exporter``: ``"auto"`` (``exporters.export_onnx`` if importable, else direct),
+    ``"exporters"`` or ``"direct"`` (``torch.onnx.export`` TorchScript path, dynamic batch
+    and sequence axes, opset 17 — about 20x faster to export, used by calibration).
+
+    Raises:
+        RuntimeUnavailableError: the export fails.
+    """
+    import torch
+
+    if exporter in ("auto", "exporters"):
+        try:
+            from exporters import export_onnx  # type: ignore[attr-defined]
+        except ImportError:
+            if exporter == "exporters":
+                raise RuntimeUnavailableError(
+                    "exporters.export_onnx is not available", hint="use exporter='direct'"
+                ) from None
+        else:
+            try:
+                export_onnx(spec, str(path), model=model, check=False, force=True)
+                return "exporters"
+            except ArchirError:
+                raise
+            except Exception as exc:  # a bug or an unsupported op in that exporter
+                if exporter == "exporters":
+                    raise RuntimeUnavailableError(f"ONNX export failed: {exc}") from exc
+    import archir
+
+    mod = model if model is not None else archir.compile(spec)
+    mod.eval()
+    sm = spec.model
+    x = example_tokens(sm, 1, min(16, sm.model.max_seq_len))
+    image = sm.model.task == "image_classification"
+    axes = {"input": {0: "batch"}} if image else {"input": {0: "batch", 1: "seq"}}
+    axes["output"] = {0: "batch"}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                mod,
+                (x,),
+                str(path),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes=axes,
+                opset_version=17,
+            )
+    except Exception as exc:
+        raise RuntimeUnavailableError(
+            f"ONNX export of '{spec.name}' failed: {type(exc).__name__}: {exc}",
+            hint="measure with --runtime torch",
+        ) from exc
+    return "direct"
+
+
+def ort_session(path: str | Path, threads: int) -> Any:
+    """An onnxruntime CPU session with fixed intra-op threads and one inter-op thread."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, int(threads))
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class Runner:
+    """A prepared model on one runtime, callable at several (batch, seq) shapes.
+
+    Building it does the expensive part once (compile, export, session); :meth:`measure`
+    then times one input shape. Use as a context manager to remove the temporary ONNX file.
+    """
+
+    def __init__(
+        self,
+        spec: Any,
+        runtime: str = "ort",
+        *,
+        threads: int = DEFAULT_THREADS,
+        exporter: str = "direct",
+        model: Any = None,
+    ) -> None:
+        import archir
+
+        if runtime not in RUNTIMES:
+            raise LatencyError(
+                f"unknown runtime '{runtime}'", hint=f"use one of {', '.join(RUNTIMES)}"
+            )
+        self.spec = spec
+        self.runtime = runtime
+        self.threads = int(threads)
+        self.exporter_used: str | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._sm = spec.model
+        with torch_threads(self.threads):
+            self.model = model if model is not None else archir.compile(spec)
+            self.model.eval()
+            if runtime == "ort":
+                self._tmp = tempfile.TemporaryDirectory(prefix="archir-lat-")
+                path = Path(self._tmp.name) / "model.onnx"
+                self.exporter_used = export_onnx_file(spec, path, self.model, exporter)
+                self.session = ort_session(path, self.threads)
+                self.input_name = self.session.get_inputs()[0].name
+            elif runtime == "compile":
+                import torch
+
+                try:
+                    self.fn = torch.compile(self.model)
+                except Exception as exc:  # pragma: no cover - depends on the toolchain
+                    raise RuntimeUnavailableError(f"torch.compile failed: {exc}") from exc
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call_for(self, batch: int, seq: int) -> Callable[[], Any]:
+        """A no-argument callable running one forward pass at ``[batch, seq]``."""
+        import torch
+
+        x = example_tokens(self._sm, batch, seq)
+        if self.runtime == "ort":
+            feed = {self.input_name: x.numpy()}
+            sess = self.session
+            return lambda: sess.run(None, feed)
+        fn = self.fn if self.runtime == "compile" else self.model
+
+        def run() -> Any:
+            with torch.no_grad():
+                return fn(x)
+
+        return run
+
+    def measure(self, batch: int = 1, seq: int | None = None, **kw: Any) -> Measurement:
+        """Measure one input shape (keywords go to :func:`measure`).
+
+        Raises:
+            RuntimeUnavailableError: the runtime fails on this input (e.g. torch.compile).
+        """
+        s = default_seq(self._sm, seq)
+        with torch_threads(self.threads):
+            fn = self.call_for(batch, s)
+            try:
+                m = measure(fn, **kw)
+            except ArchirError:
+                raise
+            except Exception as exc:
+                if self.runtime == "compile":
+                    raise RuntimeUnavailableError(
+                        f"torch.compile does not run this model here: {type(exc).__name__}",
+                        hint="use --runtime torch",
+                    ) from exc
+                raise
+        m.runtime, m.threads, m.batch, m.seq = self.runtime, self.threads, batch, s
+        return m
+
+
+def measure_spec(
+    spec: Any,
+    runtime: str = "ort",
+    *,
+    batch: int = 1,
+    seq: int | None = None,
+    threads: int = DEFAULT_THREADS,
+    exporter: str = "direct",
+    **kw: Any,
+) -> Measurement:
+    """Measured latency of one forward pass of a concrete spec on ``runtime``.
+
+    Args:
+        spec: a concrete :class:`archir.Spec`.
+        runtime: ``"ort"``, ``"torch"`` or ``"compile"``.
+        batch, seq: input shape ``[batch, seq]`` (seq defaults to ``train.seq_len``, capped
+            at ``max_seq_len``).
+        threads: intra-op threads.
+        kw: :func:`measure` options (``budget_s``, ``cv_threshold`` ...).
+
+    Raises:
+        LatencyError: unknown runtime; RuntimeUnavailableError: export/compile failure.
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    with Runner(spec, runtime, threads=threads, exporter=exporter) as r:
+        return r.measure(batch, seq, **kw)

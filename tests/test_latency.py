@@ -1,0 +1,190 @@
+"""Latency harness statistics, re-measure logic, calibration files, predictor, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from archir.cli import main
+from archir.spec import spec_from_dict
+from exporters.latency import (
+    CalibrationFormatError,
+    CalibrationMismatchError,
+    CalibrationMissingError,
+    LatencyPredictor,
+    graph_features,
+    latency_ms,
+    load_calibration,
+    machine_key,
+    measure,
+)
+from exporters.latency.calibrate import FORMAT, VERSION, make_spec_data, save_calibration
+from exporters.latency.harness import coefficient_of_variation, summarize, trimmed_mean
+
+TINY = {
+    "archir": 1,
+    "name": "tiny-lat",
+    "model": {
+        "task": "causal_lm",
+        "vocab_size": 32,
+        "d_model": 16,
+        "max_seq_len": 32,
+        "embed": {"kind": "token_embedding"},
+        "layers": [
+            {
+                "repeat": 1,
+                "blocks": [
+                    {"role": "token_mixer", "kind": "attention", "n_heads": 2},
+                    {"role": "channel_mixer", "kind": "swiglu", "expansion": 2},
+                ],
+            }
+        ],
+        "head": {"kind": "lm_head", "tie_embeddings": True},
+    },
+    "train": {"seq_len": 16},
+}
+
+
+class FakeClock:
+    """A clock that advances by the next duration each time ``fn`` runs."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self.t = 0.0
+        self.durations = list(durations)
+        self.calls = 0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def fn(self) -> None:
+        self.t += self.durations[self.calls % len(self.durations)]
+        self.calls += 1
+
+
+def test_statistics_on_known_samples() -> None:
+    xs = [1.0] * 8 + [100.0, 0.01]
+    assert trimmed_mean(xs) == pytest.approx(1.0)  # one value dropped at each end
+    assert coefficient_of_variation(xs) == pytest.approx(0.0)
+    m = summarize([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert m.median_ms == 3.0 and m.runs == 5
+    assert m.trimmed_mean_ms == pytest.approx(22.0)  # 5 * 0.1 rounds down: nothing trimmed
+
+
+def test_runs_are_bounded_by_time_and_counts() -> None:
+    clock = FakeClock([0.0078125])  # 7.8125 ms per call (exact in binary)
+    m = measure(clock.fn, warmup=2, min_runs=3, max_runs=1000, budget_s=0.125, timer=clock)
+    assert m.runs == 16  # 0.125 s of 7.8125 ms calls
+    assert clock.calls == 18  # + 2 warm-up
+    assert m.median_ms == pytest.approx(7.8125) and m.cv == pytest.approx(0.0)
+    assert not m.noisy and m.attempts == 1
+    clock = FakeClock([1.0])
+    m = measure(clock.fn, warmup=0, min_runs=4, budget_s=0.1, timer=clock)
+    assert m.runs == 4  # the minimum, though the budget ran out after one
+    clock = FakeClock([0.001])
+    assert measure(clock.fn, warmup=0, max_runs=7, budget_s=10, timer=clock).runs == 7
+
+
+def test_noisy_measurement_is_remeasured_and_best_kept() -> None:
+    # first attempt alternates 1/3 ms (CV 0.5), afterwards steady 2 ms
+    clock = FakeClock([0.001, 0.003] * 5 + [0.002] * 100)
+    m = measure(clock.fn, warmup=0, min_runs=10, max_runs=10, cv_threshold=0.05, timer=clock)
+    assert m.attempts == 2 and not m.noisy and m.median_ms == pytest.approx(2.0)
+    clock = FakeClock([0.001, 0.003])
+    m = measure(
+        clock.fn, warmup=0, min_runs=10, max_runs=10, max_attempts=3, cv_threshold=0.05, timer=clock
+    )
+    assert m.attempts == 3 and m.noisy and m.cv == pytest.approx(0.5)
+
+
+def _cal_file(path: Path, samples: list[dict], **key_over: object) -> Path:
+    key = {**machine_key("ort", 1), **key_over}
+    data = {"format": FORMAT, "version": VERSION, "key": key, "samples": samples}
+    return save_calibration(data, path)
+
+
+def test_calibration_mismatch_and_version_refused(tmp_path: Path) -> None:
+    p = _cal_file(tmp_path / "a.json", [], cpu="Some Other CPU 9000")
+    with pytest.raises(CalibrationMismatchError) as e:
+        load_calibration(p, runtime="ort", threads=1)
+    assert "Some Other CPU 9000" in str(e.value) and "archir latency calibrate" in str(e.value)
+    p = _cal_file(tmp_path / "b.json", [])
+    with pytest.raises(CalibrationMismatchError, match="threads"):
+        load_calibration(p, runtime="ort", threads=2)
+    data = json.loads(p.read_text())
+    data["version"] = VERSION + 1
+    p.write_text(json.dumps(data))
+    with pytest.raises(CalibrationFormatError, match="version"):
+        load_calibration(p)
+    (tmp_path / "c.json").write_text("{}")
+    with pytest.raises(CalibrationFormatError):
+        load_calibration(tmp_path / "c.json")
+
+
+def _synthetic_samples(n: int, seed: int = 0) -> list[dict]:
+    """Specs from the built-in space with a made-up 'true' latency per node feature."""
+    rng = random.Random(seed)
+    true = {"lin": 3.0, "quad": 9.0, "act": 0.5, "w": 0.2, "one": 0.01}
+    out = []
+    for _ in range(n):
+        tm = rng.choice(["attention", "attention", "swiglu"])
+        tm = "attention" if tm == "swiglu" else tm
+        data = make_spec_data(
+            rng,
+            tm,
+            rng.choice(["swiglu", "mlp"]),
+            rng.choice([64, 128, 256]),
+            rng.randint(2, 6),
+            512,
+            16,
+        )
+        seq = rng.choice([128, 256, 512])
+        g = graph_features(spec_from_dict(data), 1, seq)
+        ms = 0.05 + sum(sum(c * x for c, x in zip(true.values(), n.x)) for n in g.nodes)
+        out.append({"spec": data, "batch": 1, "seq": seq, "median_ms": ms})
+    return out
+
+
+def test_predictor_fits_synthetic_calibration() -> None:
+    samples = _synthetic_samples(60)
+    feats = [graph_features(spec_from_dict(s["spec"]), 1, s["seq"]) for s in samples]
+    ys = [s["median_ms"] for s in samples]
+    p = LatencyPredictor().fit(feats[:45], ys[:45])
+    for g, y in zip(feats[45:], ys[45:]):
+        pr = p.predict(g)
+        assert abs(pr.ms / y - 1) < 0.1
+        assert pr.band_ms[0] <= pr.ms <= pr.band_ms[1]
+        assert set(pr.per_node_ms) == {n.name for n in g.nodes}
+    with pytest.raises(ValueError):
+        LatencyPredictor().fit(feats[:2], ys[:2])
+
+
+def test_latency_ms_predicts_with_calibration_and_refuses_without(tmp_path: Path) -> None:
+    spec = spec_from_dict(make_spec_data(random.Random(3), "attention", "swiglu", 128, 3, 256, 8))
+    p = _cal_file(tmp_path / "cal.json", _synthetic_samples(40, seed=1))
+    r = latency_ms(spec, "ort", predict=True, seq=256, calibration=p)
+    assert r["predicted"] and r["median_ms"] > 0 and r["band_ms"][0] <= r["median_ms"]
+    with pytest.raises(CalibrationMissingError):
+        latency_ms(spec, "ort", predict=True, calibration=None, threads=37)
+    bad = _cal_file(tmp_path / "bad.json", _synthetic_samples(5), runtime_version="0.0.1")
+    with pytest.raises(CalibrationMismatchError):
+        latency_ms(spec, "ort", predict=True, calibration=bad)
+
+
+def test_latency_ms_measures_tiny_spec_on_torch() -> None:
+    r = latency_ms(spec_from_dict(TINY), "torch", predict=False, seq=16, budget_s=0.05)
+    assert not r["predicted"] and r["runs"] >= 5 and r["median_ms"] > 0
+    assert set(r) >= {"median_ms", "trimmed_mean_ms", "cv", "runs", "noisy", "band_ms"}
+
+
+def test_cli_measures_and_predicts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "tiny.yaml"
+    f.write_text(json.dumps(TINY))
+    rc = main(["latency", str(f), "--runtime", "both", "--budget-s", "0.05", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["seq"] == 16 and out["ort"]["runs"] >= 5 and out["torch"]["runs"] >= 5
+    bad = _cal_file(tmp_path / "bad.json", [], cpu="elsewhere")
+    rc = main(["latency", str(f), "--predict", "--runtime", "ort", "--calibration", str(bad)])
+    assert rc == 2 and "does not match" in capsys.readouterr().err
