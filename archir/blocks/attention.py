@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archir.blocks.common import init_linear
+from archir.blocks.common import linear
 from archir.registry import BlockKind, BuildContext, KindParams, register
 
 
@@ -83,12 +83,10 @@ class Attention(nn.Module):
         self.base = p.rope_base
         self.window = p.window
         self.causal = causal if p.causal is None else p.causal
-        self.q = nn.Linear(d, d, bias=p.qkv_bias)
-        self.k = nn.Linear(d, self.n_kv * self.hd, bias=p.qkv_bias)
-        self.v = nn.Linear(d, self.n_kv * self.hd, bias=p.qkv_bias)
-        self.o = nn.Linear(d, d, bias=False)
-        for layer in (self.q, self.k, self.v, self.o):
-            init_linear(layer)
+        self.q = linear(d, d, bias=p.qkv_bias)
+        self.k = linear(d, self.n_kv * self.hd, bias=p.qkv_bias)
+        self.v = linear(d, self.n_kv * self.hd, bias=p.qkv_bias)
+        self.o = linear(d, d, bias=False)
         if self.pos == "alibi":
             self.register_buffer("slopes", alibi_slopes(p.n_heads), persistent=False)
 

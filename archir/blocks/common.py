@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from torch import nn
+from torch.nn.utils import skip_init
 
 
 def hidden_size(d_model: int, expansion: float, d_ff: int | None, multiple_of: int = 1) -> int:
@@ -18,6 +19,17 @@ def hidden_size(d_model: int, expansion: float, d_ff: int | None, multiple_of: i
 
 def linear_params(d_in: int, d_out: int, bias: bool) -> int:
     return d_in * d_out + (d_out if bias else 0)
+
+
+def linear(d_in: int, d_out: int, bias: bool = False, std: float = 0.02) -> nn.Linear:
+    """``nn.Linear`` initialized once: weights N(0, std²), zero bias.
+
+    Skips PyTorch's default Kaiming init (which would be drawn and then overwritten), which
+    halves model build time.
+    """
+    layer = skip_init(nn.Linear, d_in, d_out, bias=bias)
+    init_linear(layer, std)
+    return layer
 
 
 def init_linear(layer: nn.Linear, std: float = 0.02) -> None:

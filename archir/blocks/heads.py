@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from archir.blocks.common import init_linear
+from archir.blocks.common import linear
 from archir.registry import BlockKind, BuildContext, KindParams, register
 
 
@@ -48,8 +48,7 @@ class Classifier(nn.Module):
     def __init__(self, d: int, n_classes: int, pool: str, bias: bool) -> None:
         super().__init__()
         self.pool = pool
-        self.fc = nn.Linear(d, n_classes, bias=bias)
-        init_linear(self.fc)
+        self.fc = linear(d, n_classes, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool == "mean":

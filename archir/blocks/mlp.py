@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archir.blocks.common import hidden_size, init_linear, linear_params
+from archir.blocks.common import hidden_size, linear, linear_params
 from archir.registry import BlockKind, BuildContext, KindParams, register
 
 Activation = Literal["gelu", "relu", "silu", "relu2"]
@@ -50,11 +50,9 @@ class MLP(nn.Module):
 
     def __init__(self, d: int, h: int, activation: str = "gelu", bias: bool = False) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(d, h, bias=bias)
-        self.fc2 = nn.Linear(h, d, bias=bias)
+        self.fc1 = linear(d, h, bias=bias)
+        self.fc2 = linear(h, d, bias=bias)
         self.act = _ACT[activation]
-        init_linear(self.fc1)
-        init_linear(self.fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -69,12 +67,10 @@ class GLU(nn.Module):
 
     def __init__(self, d: int, h: int, activation: str, bias: bool = False) -> None:
         super().__init__()
-        self.w_gate = nn.Linear(d, h, bias=bias)
-        self.w_up = nn.Linear(d, h, bias=bias)
-        self.w_down = nn.Linear(h, d, bias=bias)
+        self.w_gate = linear(d, h, bias=bias)
+        self.w_up = linear(d, h, bias=bias)
+        self.w_down = linear(h, d, bias=bias)
         self.act = _ACT[activation]
-        for layer in (self.w_gate, self.w_up, self.w_down):
-            init_linear(layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))
