@@ -146,6 +146,21 @@ register(
 
 # --------------------------------------------------------------------------- GLA
 
+# GLA's parallel form works in chunks of GLA_CHUNK steps with queries/keys rescaled by
+# exp(±cumulative log-gate) inside a chunk; the per-step log-gate is clamped to
+# [-GLA_MAX_LOG_DECAY, 0] in both forms (binds only for gate logits below −64 with the
+# default normalizer 16), which bounds every exponent by 64 (fp32-safe).
+GLA_CHUNK = 16
+GLA_MAX_LOG_DECAY = 4.0
+
+
+def _segsum(g: torch.Tensor) -> torch.Tensor:
+    """``g [..., n] -> [..., n, n]``: ``Σ_{j<r≤i} g[r]`` for ``j ≤ i``, ``-inf`` above."""
+    n = g.shape[-1]
+    idx = torch.arange(n, device=g.device)
+    x = g[..., :, None].expand(*g.shape, n).masked_fill(idx[:, None] <= idx[None, :], 0.0)
+    return x.cumsum(-2).masked_fill(idx[:, None] < idx[None, :], float("-inf"))
+
 
 class GLAParams(KindParams):
     n_heads: int = Field(4, ge=1)
@@ -168,8 +183,10 @@ class GLA(nn.Module):
     per-key-dimension forget gate ``log α_t = logsigmoid(W₂W₁x_t + b) / gate_normalizer``
     (low-rank ``gate_rank``); output ``W_o(swish(W_g x) ⊙ RMSNorm_head(o))``.
     Widths: keys ``dk = expand_k·d``, values ``dv = expand_v·d``, split over ``n_heads``.
-    ``forward``: ``[B, T, d] -> [B, T, d]`` via ``A_ts = Σ_i q_ti k_si exp(G_ti − G_si)``
-    (``G`` the cumulative log-gate, masked to ``s ≤ t`` before ``exp``).
+    ``forward``: ``[B, T, d] -> [B, T, d]`` by the chunked form: within chunks of
+    ``GLA_CHUNK`` steps ``A_ts = Σ_i q_ti k_si exp(G_ti − G_si)`` as one matmul of rescaled
+    queries and keys; between chunks the end states through a masked ``exp(segsum)``
+    (log-gate clamped, see ``GLA_MAX_LOG_DECAY``).
     State: ``S [B, H, dk/H, dv/H]``.
     """
 
@@ -193,7 +210,8 @@ class GLA(nn.Module):
             init_linear(layer)
 
     def _log_gate(self, x: torch.Tensor) -> torch.Tensor:
-        return F.logsigmoid(self.gk2(self.gk1(x))) / self.norm_gate
+        la = F.logsigmoid(self.gk2(self.gk1(x))) / self.norm_gate
+        return la.clamp(min=-GLA_MAX_LOG_DECAY)
 
     def _out(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``o [..., H, hv]`` -> normalized, gated, projected ``[..., d]``."""
@@ -202,16 +220,34 @@ class GLA(nn.Module):
         return self.o(F.silu(self.g(x)) * o)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.shape[1]
-        q = _heads(self.q(x), self.h) * self.scale
-        k = _heads(self.k(x), self.h)
-        v = _heads(self.v(x), self.h)
-        G = _heads(self._log_gate(x), self.h).cumsum(2)  # [B, H, T, hk]
-        diff = G[:, :, :, None, :] - G[:, :, None, :, :]  # [B, H, T, S, hk]
-        mask = causal_mask(T, x.device)[:, :, None]
-        decay = diff.masked_fill(~mask, float("-inf")).exp()
-        a = torch.einsum("bhtsd,bhsd->bhts", decay * q[:, :, :, None, :], k)
-        o = (a @ v).transpose(1, 2)  # [B, T, H, hv]
+        B, T, _ = x.shape
+        C, H, hk, hv = GLA_CHUNK, self.h, self.hk, self.hv
+        pad = (C - T % C) % C
+        xp = F.pad(x, (0, 0, 0, pad))
+        nc = xp.shape[1] // C
+
+        def chunks(t: torch.Tensor, e: int) -> torch.Tensor:  # [B, T', H·e] -> [B, H, nc, C, e]
+            return t.view(B, nc, C, H, e).permute(0, 3, 1, 2, 4)
+
+        q = chunks(self.q(xp), hk) * self.scale
+        k = chunks(self.k(xp), hk)
+        v = chunks(self.v(xp), hv)
+        la = chunks(self._log_gate(xp), hk)
+        tril = torch.ones(C, C, dtype=x.dtype, device=x.device).tril()
+        G = tril @ la  # log-gate since the chunk start (inclusive), in [-C·MAX, 0]
+        eG = torch.exp(G)
+        qg, kg = q * eG, k / eG
+        # within a chunk: A_ts = Σ_i q_ti k_si exp(G_ti − G_si) for s ≤ t
+        att = (qg @ kg.transpose(-1, -2)).masked_fill(tril == 0, 0.0)
+        o = att @ v  # [B, H, nc, C, hv]
+        # each chunk's own end state, then states carried across chunks (masked segsum)
+        g_end = G[..., -1, :]  # [B, H, nc, hk]
+        S = (k * torch.exp(g_end[..., None, :] - G)).transpose(-1, -2) @ v  # [B,H,nc,hk,hv]
+        trans = torch.exp(_segsum(g_end.transpose(-1, -2)))  # [B, H, hk, nc, nc]
+        E = torch.einsum("bhkij,bhjkv->bhikv", trans, S)
+        carry = F.pad(E, (0, 0, 0, 0, 1, 0))[:, :, :-1]  # state entering chunk i
+        o = o + qg @ carry
+        o = o.permute(0, 2, 3, 1, 4).reshape(B, nc * C, H, hv)[:, :T]
         return self._out(o, x)
 
     def init_state(
@@ -250,8 +286,15 @@ def _gla_flops(p: GLAParams, c: BuildContext, L: int) -> float:
     d = c.d_model
     dk, dv = _gla_dims(p, d)
     proj = 2.0 * d * (2 * dk + 2 * dv) + 2.0 * (d * p.gate_rank + p.gate_rank * dk) + 2.0 * dv * d
-    # q⊙decay (1) + multiply-add with k (2) per key dim; A·V multiply-add per value dim
-    return proj + 3.0 * L * dk + 2.0 * L * dv
+    # chunked form: intra-chunk QKᵀ and AV (C×C per chunk), chunk end states,
+    # inter-chunk transfer (nc×nc per key/value pair) and the carried-state read-out
+    C = GLA_CHUNK
+    nc = math.ceil(max(L, 1) / C)
+    hv = dv // p.n_heads
+    intra = 2.0 * C * dk + 2.0 * C * dv
+    states = 2.0 * dk * hv + 2.0 * dk * hv  # end states per token + carried read-out
+    inter = 2.0 * nc * dk * hv / C
+    return proj + intra + states + inter
 
 
 register(
@@ -442,8 +485,11 @@ class RWKVTimeMix(nn.Module):
     Token shift ``x'_t = μ⊙x_t + (1−μ)⊙x_{t−1}`` (separate μ for k, v, r); per channel ``c``
     ``wkv_t = (Σ_{s<t} e^{(t−1−s)w + k_s} v_s + e^{u + k_t} v_t) / (same with v = 1)`` with
     decay ``w = −exp(decay) < 0`` and bonus ``u``; output ``W_o(σ(r_t) ⊙ wkv_t)``.
-    ``forward``: ``[B, T, d] -> [B, T, d]``; the ``wkv`` ratio is exactly a softmax over
-    ``s ≤ t`` of the log-weights, computed as one masked ``[B, T, T, d]`` softmax (stable).
+    ``forward``: ``[B, T, d] -> [B, T, d]``; per channel the numerator and denominator are one
+    batched matmul with the masked decay matrix ``[d, T, T]`` (shared by the batch), with
+    ``e^{k}`` taken relative to the per-sequence maximum of ``k`` (the scale cancels in the
+    ratio). Only keys spanning more than ~80 nats within one channel of one sequence would
+    underflow.
     State: previous ``x``, and the running numerator, denominator and max exponent ``[B, d]``.
     """
 
@@ -472,16 +518,20 @@ class RWKVTimeMix(nn.Module):
         return k, v, r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.shape[1]
+        B, T, d = x.shape
         k, v, r = self._mix(x, token_shift(x))
         w = -torch.exp(self.decay)
         pos = torch.arange(T, device=x.device)
         rel = (pos[:, None] - pos[None, :] - 1).to(x.dtype)  # t - 1 - s
         eye = (pos[:, None] == pos[None, :])[..., None]
-        bias = torch.where(eye, self.bonus, rel[..., None] * w)  # [T, S, d]
-        bias = bias.masked_fill(~causal_mask(T, x.device)[..., None], float("-inf"))
-        p = torch.softmax(bias[None] + k[:, None, :, :], dim=2)  # [B, T, S, d]
-        wkv = (p * v[:, None, :, :]).sum(2)
+        logw = torch.where(eye, self.bonus, rel[..., None] * w)  # [T, S, d]
+        logw = logw.masked_fill(~causal_mask(T, x.device)[..., None], float("-inf"))
+        weights = torch.exp(logw.permute(2, 0, 1))  # [d, T, S], shared by the batch
+        # e^{k_s} scaled by the per-sequence max of k (cancels in the ratio; keeps exp finite)
+        ek = torch.exp(k - k.detach().amax(1, keepdim=True))
+        rhs = torch.cat([ek * v, ek], dim=0).permute(2, 1, 0)  # [d, S, 2B]
+        nd = weights @ rhs  # [d, T, 2B]: numerator and denominator per channel
+        wkv = (nd[..., :B] / nd[..., B:]).permute(2, 1, 0)
         return self.output(torch.sigmoid(r) * wkv)
 
     def init_state(
@@ -513,8 +563,8 @@ register(
         params=RWKVParams,
         build=lambda p, c: RWKVTimeMix(c.d_model),
         n_params=lambda p, c: 4 * c.d_model * c.d_model + 5 * c.d_model,
-        # projections; per (t, s, channel): logit add, softmax shift/sum/divide, p·v multiply-add
-        flops=lambda p, c, L: 8.0 * c.d_model**2 + 6.0 * L * c.d_model,
+        # projections; per (t, s, channel) two multiply-adds (numerator and denominator)
+        flops=lambda p, c, L: 8.0 * c.d_model**2 + 4.0 * L * c.d_model,
         state_bytes=lambda p, c, L: 4 * 4 * c.d_model,
         paper="Peng et al., 2023, 'RWKV: Reinventing RNNs for the Transformer Era' (RWKV-4)",
         summary="RWKV-4 time mixing: token shift, per-channel decay w and bonus u, receptance",
