@@ -21,6 +21,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--out", help="output folder (default runs/<name>/train)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--preset", help="task preset (MAD: lite or full) — sets the setting and train budget"
+    )
+    p.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task option, e.g. vocab_size=32 (repeatable)",
+    )
+    p.add_argument("--checkpoint-every", type=int, help="write checkpoint.pt every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,9 +55,30 @@ def run(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    cfg = cfg.model_validate({**cfg.model_dump(), **updates})
+    from archir.errors import TaskError
+    from archir.tasks import get_task
+
+    options = dict(cfg.task_options)
+    for item in args.task_option:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise TaskError(f"--task-option '{item}' is not KEY=VALUE")
+        options[key] = value
+    if args.preset:
+        options["preset"] = args.preset
+    task = get_task(updates.get("task", cfg.task), options)
+    suggested = dict(task.recommended_train)
+    cfg = cfg.model_validate({**cfg.model_dump(), **suggested, **updates, "task_options": options})
     out = Path(args.out) if args.out else Path("runs") / spec.name / "train"
-    result = train(spec, out_dir=out, cfg=cfg, progress=not args.no_progress)
+    result = train(
+        spec,
+        task,
+        out_dir=out,
+        cfg=cfg,
+        progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+    )
     m = {k: v for k, v in result.metrics.items() if k != "history"}
     print(json.dumps(m, indent=2, default=float))
     print(f"wrote {out}/model.safetensors, spec.yaml, metrics.json")

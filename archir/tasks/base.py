@@ -23,12 +23,22 @@ class Task(ABC):
         metric: headline metric name, e.g. ``val_bpb`` or ``accuracy``.
         direction: ``"minimize"`` or ``"maximize"`` for the metric.
         model_task: the spec ``model.task`` it needs (``causal_lm`` ...).
+        recommended_train: ``train:`` fields a preset suggests (``steps``, ``lr`` ...); the
+            ``archir train`` command applies them under the user's explicit flags.
     """
 
     name: str = ""
     metric: str = "val_loss"
     direction: str = "minimize"
     model_task: str = "causal_lm"
+    recommended_train: dict[str, Any] = {}
+
+    def extra_modules(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """Trainable modules the task adds around ``model`` (e.g. MAD compression's MLP
+        decoder), or None. The trainer optimizes, clips, switches train/eval mode and
+        checkpoints them with the model; the task uses them in :meth:`loss` and
+        :meth:`evaluate`. Calling it twice with the same model returns the same module."""
+        return None
 
     def check_model(self, model_spec: Any) -> None:
         """Raise TaskError when the spec's model cannot run this task."""
