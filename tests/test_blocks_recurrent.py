@@ -127,9 +127,10 @@ def test_state_bytes_fixed_and_equal_to_real_state(name: str) -> None:
     assert kind.flops(p, ctx, 256) > kind.flops(p, ctx, 16) > 0 or name == "rwkv_cmix"
 
 
-def test_mamba_long_sequence_fp32_is_stable() -> None:
+@pytest.mark.parametrize("name", ["mamba", "gla", "rwkv"])
+def test_long_sequence_fp32_is_stable(name: str) -> None:
     torch.manual_seed(4)
-    m, _ = _build("mamba")
+    m, _ = _build(name)
     x = torch.randn(1, 1024, D)
     y = m(x)
     ref = m.double()(x.double())
