@@ -3,7 +3,7 @@
 1,797 grayscale 8x8 images of the digits 0-9 (UCI optdigits test set, shipped inside
 scikit-learn: ``sklearn.datasets.load_digits``; nothing is downloaded). Pixels (0-16) are
 scaled to [0, 1]. Split: fixed and stratified — for each class, a seeded permutation puts
-20% of its images in the test set (360 test, 1,437 train). Metric: test ``accuracy``.
+20% of its images in the test set (359 test, 1,438 train). Metric: test ``accuracy``.
 
 Inputs ``[batch, 1, 8, 8]`` float32, targets ``[batch]`` int64 class indices.
 """
