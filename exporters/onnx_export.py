@@ -293,6 +293,16 @@ def _fix_dim_names(proto: onnx.ModelProto, in_axes: dict[int, str], out_axes: di
                 dims[i].dim_param = name
 
 
+def _specialized_axes(proto: onnx.ModelProto, in_axes: dict[int, str]) -> dict[str, int]:
+    """Dynamic axes that the exporter turned into constants: ``{axis name: value}``."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return {
+        name: dims[i].dim_value
+        for i, name in in_axes.items()
+        if i < len(dims) and dims[i].HasField("dim_value")
+    }
+
+
 # -- the exporter -----------------------------------------------------------------------------
 
 
@@ -351,6 +361,15 @@ def _torch_export(
                         dynamic_axes={in_name: in_axes, out_name: out_axes},
                     )
                     proto = onnx.load_from_string(f.getvalue())
+            fixed = _specialized_axes(proto, in_axes)
+            if fixed:
+                raise ExportError(
+                    "torch.export specialized the dynamic axes "
+                    + ", ".join(f"{n}={v}" for n, v in fixed.items())
+                    + " to the example input (a shape computation in forward() that "
+                    "torch.export cannot prove for every length, e.g. padding to a chunk "
+                    "multiple then reshaping by a computed count)"
+                )
             _fix_dim_names(proto, in_axes, out_axes)
             return proto, which
         except Exception as exc:  # noqa: BLE001 - exporter internals

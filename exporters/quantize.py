@@ -60,6 +60,21 @@ def weight_nodes(model: onnx.ModelProto, op_types: Sequence[str] = ("MatMul", "G
     return out
 
 
+def retag(model: onnx.ModelProto, tags: dict[str, str]) -> onnx.ModelProto:
+    """Restore ``archir.block`` tags a quantizer dropped: a new node takes the tag of the
+    longest original node name it starts with (``node_linear_Q4`` <- ``node_linear``)."""
+    names = sorted(tags, key=len, reverse=True)
+    for n in model.graph.node:
+        if node_block(n) is not None:
+            continue
+        hit = tags.get(n.name) or next((tags[o] for o in names if n.name.startswith(o)), None)
+        if hit is None:  # quantizer helper nodes are named after their input tensor
+            hit = next((tags[o] for o in names if any(i.startswith(o) for i in n.input)), None)
+        if hit is not None:
+            n.metadata_props.add(key=BLOCK_KEY, value=hit)
+    return model
+
+
 def plan_precision(
     model: onnx.ModelProto, precision: str, block_bits: dict[str, float]
 ) -> dict[str, str]:
@@ -119,12 +134,17 @@ def to_int4(model: onnx.ModelProto, nodes: list[str], gather_nodes: list[str]) -
         quant_axes=(("MatMul", 0), ("Gather", 1)),
         bits=4,
     )
+    chosen = set(nodes) | set(gather_nodes)
+    # nodes_to_include does not restrict the quantizer in every version: exclude the rest
+    others = [n.name for n, _ in weight_nodes(model, ("MatMul", "Gather")) if n.name not in chosen]
+    others += [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
     q = MatMulNBitsQuantizer(
         model,
         bits=4,
         block_size=INT4_BLOCK,
         is_symmetric=True,
-        nodes_to_include=list(nodes) + list(gather_nodes),
+        nodes_to_exclude=sorted(set(others)),
+        nodes_to_include=sorted(chosen),
         op_types_to_quantize=ops,
         algo_config=cfg,
     )
@@ -215,18 +235,19 @@ def _quantize(
         tmp = Path(td)
         try:
             out = model
+            tags = {n.name: b for n in model.graph.node if (b := node_block(n))}
             int4 = _names(out, plan, "int4", ("MatMul",))
             int4_gather = _names(out, plan, "int4", ("Gather",))
             if int4 or int4_gather:
-                out = to_int4(out, int4, int4_gather)
+                out = retag(to_int4(out, int4, int4_gather), tags)
             int8 = _names(out, plan, "int8", ("MatMul", "Gemm", "Gather"))
             if int8:
-                out = to_int8_dynamic(out, int8, tmp)
+                out = retag(to_int8_dynamic(out, int8, tmp), tags)
             static = _names(out, plan, "int8-static", ("MatMul", "Gemm", "Conv"))
             if static:
                 if calibration is None:
                     raise ExportError("int8-static needs calibration data")
-                out = to_int8_static(out, static, calibration, tmp)
+                out = retag(to_int8_static(out, static, calibration, tmp), tags)
         except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - quantizer internals

@@ -1,0 +1,276 @@
+"""ONNX export: metadata round trip, the parity gate, quantized variants, the safetensors
+bundle and the ``archir export`` / ``archir show x.onnx`` command lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import archir
+from archir.cli import main
+from archir.errors import ExportError
+from archir.spec import spec_from_dict
+from exporters import export_onnx, export_safetensors, load_bundle, read_metadata
+from exporters import onnx_export as oe
+from exporters.parity import make_session
+
+
+def lm_spec(d: int = 32, layers: int = 2, expansion: float = 4.0, **block: Any) -> Any:
+    return spec_from_dict(
+        {
+            "archir": 1,
+            "name": "tiny-lm",
+            "model": {
+                "task": "causal_lm",
+                "vocab_size": 64,
+                "d_model": d,
+                "max_seq_len": 256,
+                "embed": {"kind": "token_embedding"},
+                "layers": [
+                    {
+                        "repeat": layers,
+                        "blocks": [
+                            {"kind": "attention", "n_heads": 4, **block},
+                            {"kind": "mlp", "expansion": expansion},
+                        ],
+                    }
+                ],
+                "head": {"kind": "lm_head"},
+            },
+            "train": {"seq_len": 32},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def fp32_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Any]:
+    spec = lm_spec()
+    path = tmp_path_factory.mktemp("exp") / "m.onnx"
+    report = export_onnx(spec, path, task="random")
+    return spec, path, report
+
+
+def test_report_and_metadata_round_trip(fp32_file: tuple[Any, Path, Any]) -> None:
+    spec, path, report = fp32_file
+    assert report.written and report.path == str(path)
+    assert report.parity is not None and report.parity.passed
+    assert report.parity.max_abs_err <= report.parity.tolerance
+    assert report.file_bytes == path.stat().st_size
+    assert [str(t) for t in report.inputs] == ["tokens: int64[batch, seq]"]
+    assert [str(t) for t in report.outputs] == ["logits: float32[batch, seq, 64]"]
+    assert report.opset >= 18
+    assert set(report.block_precision.values()) == {"fp32"}
+    assert "layers.0.blocks.0" in report.block_precision
+    d = report.to_dict()
+    json.dumps(d, default=str)
+    assert d["parity"]["passed"] is True
+    assert "parity fp32: ok" in str(report)
+
+    meta = read_metadata(path)
+    assert meta["archir.version"] == archir.__version__
+    assert meta["archir.precision"] == "fp32"
+    assert "tokens" in json.loads(meta["archir.inputs"])
+    # the stored spec is the concrete spec: it loads back and compiles to the same graph
+    again = archir.spec_from_text(meta["archir.spec"])
+    assert again.model == spec.model
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    # every weight MatMul is tagged with its IR block
+    tags = {p.value for n in proto.graph.node for p in n.metadata_props}
+    assert {"layers.0.blocks.0", "layers.1.blocks.1", "embed"} <= tags
+
+
+def test_dynamic_axes_unseen_shapes(fp32_file: tuple[Any, Path, Any]) -> None:
+    spec, path, _ = fp32_file
+    model = archir.compile(spec, seed=0).eval()
+    sess = make_session(str(path))
+    for b, t in [(1, 1), (5, 3), (2, 200)]:
+        x = torch.randint(0, 64, (b, t))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = sess.run(None, {"tokens": x.numpy()})[0]
+        assert out.shape == (b, t, 64)
+        assert np.abs(out - ref).max() < 1e-4
+
+
+def test_show_onnx_reads_metadata(fp32_file, capsys) -> None:
+    _, path, _ = fp32_file
+    assert main(["show", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["precision"] == "fp32" and info["spec_name"] == "tiny-lm"
+    assert info["inputs"][0]["shape"] == ["batch", "seq"]
+    assert "name: tiny-lm" in info["spec"]
+    assert main(["show", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "tokens: int64[batch, seq]" in text and "precision fp32" in text
+
+
+def test_parity_gate_refuses_a_broken_export(tmp_path: Path, monkeypatch) -> None:
+    spec = lm_spec(layers=1)
+    real = oe._torch_export
+
+    def corrupt(model, spec_model, opset, exporter):
+        proto, used = real(model, spec_model, opset, exporter)
+        # scale one weight matrix: a wrong graph that still loads
+        init = max(proto.graph.initializer, key=lambda i: len(i.raw_data))
+        arr = onnx.numpy_helper.to_array(init) * 1.5
+        init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+        return proto, used
+
+    monkeypatch.setattr(oe, "_torch_export", corrupt)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError) as exc:
+        export_onnx(spec, out, task="random")
+    msg = str(exc.value)
+    assert "parity check failed" in msg and "output 'logits'" in msg
+    assert "position" in msg and "--force" in msg
+    assert not out.exists()
+    report = export_onnx(spec, out, task="random", force=True)
+    assert out.exists() and report.forced and not report.parity.passed
+    assert "--force" in str(report)
+    # the CLI maps the refusal to exit 2 with the located message
+    spec_file = tmp_path / "s.yaml"
+    spec.save(spec_file)
+    assert main(["export", str(spec_file), "--out", str(tmp_path / "c.onnx")]) == 2
+    assert not (tmp_path / "c.onnx").exists()
+
+
+def test_quantized_variants_smaller_and_reported(tmp_path: Path) -> None:
+    spec = lm_spec(d=128, layers=2, expansion=4.0)  # linear-heavy
+    sizes = {}
+    for prec in ("fp32", "int8", "int4", "fp16"):
+        r = export_onnx(spec, tmp_path / f"{prec}.onnx", precision=prec, task="random")
+        sizes[prec] = (tmp_path / f"{prec}.onnx").stat().st_size
+        assert read_metadata(tmp_path / f"{prec}.onnx")["archir.precision"] == prec
+        if prec != "fp32":
+            # quantized files are not refused by the fp32 tolerance; deviation is reported
+            assert r.quantized_parity is not None and not r.quantized_parity.gated
+            assert r.quantized_parity.max_abs_err < 0.5 * r.quantized_parity.scale
+    assert sizes["fp32"] / sizes["int8"] >= 3.0
+    assert sizes["fp32"] / sizes["int4"] >= 4.0
+    assert sizes["fp32"] / sizes["fp16"] >= 1.8
+
+
+def test_auto_precision_follows_block_bits(tmp_path: Path) -> None:
+    data = lm_spec(d=64, layers=1).data
+    blocks = data["model"]["layers"][0]["blocks"]
+    blocks[0]["bits"] = 8
+    blocks[1]["bits"] = 4
+    spec = spec_from_dict(data)
+    r = export_onnx(spec, tmp_path / "a.onnx", precision="auto", task="random")
+    assert r.block_precision["layers.0.blocks.0"] == "int8"
+    assert r.block_precision["layers.0.blocks.1"] == "int4"
+    assert r.block_precision["embed"] == "fp32"
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "a.onnx")).graph.node}
+    assert "MatMulNBits" in ops and ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops)
+
+
+def test_int8_static_with_task_calibration_and_quality(tmp_path: Path) -> None:
+    data = lm_spec(d=32, layers=1).data
+    data["model"]["vocab_size"] = 256
+    spec = spec_from_dict(data)
+    r = export_onnx(spec, tmp_path / "s.onnx", precision="int8-static")
+    assert r.parity is not None and r.parity.source == "task:text:pydoc"
+    assert r.quality is not None and r.quality["metric"] == "val_bpb"
+    assert abs(r.quality["delta"]) < 0.5
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "s.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def test_safetensors_bundle_round_trip(tmp_path: Path) -> None:
+    spec = lm_spec(layers=1)
+    model = archir.compile(spec, seed=3).eval()
+    info = export_safetensors(spec, tmp_path / "b", model=model)
+    assert Path(info["weights"]).is_file() and Path(info["spec"]).is_file()
+    # plain core loading: compile + load_state_dict
+    from safetensors.torch import load_file
+
+    fresh = archir.compile(archir.load_spec(tmp_path / "b" / "spec.yaml"))
+    fresh.load_state_dict(load_file(str(tmp_path / "b" / "model.safetensors")))
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model(x))
+        assert torch.equal(load_bundle(tmp_path / "b")(x), model(x))
+    # the bundle is also a run dir: export it with its weights
+    r = export_onnx(
+        archir.load_spec(tmp_path / "b" / "spec.yaml"),
+        tmp_path / "b.onnx",
+        weights=tmp_path / "b" / "model.safetensors",
+        task="random",
+    )
+    sess = make_session(str(tmp_path / "b.onnx"))
+    out = sess.run(None, {"tokens": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(out - model(x).numpy()).max() < 1e-4
+    assert r.parity.passed
+
+
+def test_cli_export_run_dir_check_only_and_errors(tmp_path: Path, capsys) -> None:
+    spec = lm_spec(layers=1)
+    run_dir = tmp_path / "runs" / "x" / "best"
+    export_safetensors(spec, run_dir)
+    out = tmp_path / "best.onnx"
+    assert main(["export", str(run_dir), "--out", str(out), "--task", "random"]) == 0
+    assert out.exists() and "parity fp32: ok" in capsys.readouterr().out
+    assert main(["export", str(run_dir), "--check-only", "--task", "random", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["written"] is False and rep["parity"]["passed"] is True
+    assert (
+        main(["export", str(run_dir), "--format", "safetensors", "--out", str(tmp_path / "d")]) == 0
+    )
+    assert (tmp_path / "d" / "model.safetensors").is_file()
+    # user errors: exit 2 with a message
+    assert main(["export", str(tmp_path / "nope.yaml"), "--out", str(out)]) == 2
+    assert main(["export", str(tmp_path), "--out", str(out)]) == 2  # no spec.yaml
+    assert "no spec.yaml" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "export",
+                str(run_dir),
+                "--weights",
+                str(tmp_path / "w.safetensors"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert main(["show", str(tmp_path / "missing.onnx")]) == 2
+
+
+def test_wrong_weights_are_refused(tmp_path: Path) -> None:
+    export_safetensors(lm_spec(d=64, layers=1), tmp_path / "big")
+    with pytest.raises(ExportError, match="do not fit"):
+        export_onnx(
+            lm_spec(layers=1), None, weights=tmp_path / "big" / "model.safetensors", check_only=True
+        )
+
+
+def test_open_spec_and_bad_precision_refused(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="unknown precision"):
+        export_onnx(lm_spec(layers=1), tmp_path / "x.onnx", precision="int3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zoo", sorted(Path("specs/zoo").glob("*.yaml")), ids=lambda p: p.stem)
+def test_zoo_spec_exports(zoo: Path, tmp_path: Path) -> None:
+    spec = archir.load_spec(zoo)
+    r = export_onnx(spec, tmp_path / f"{zoo.stem}.onnx")
+    assert r.parity is not None and r.parity.passed, r.parity
+    model = archir.compile(spec, seed=0).eval()
+    sess = make_session(str(tmp_path / f"{zoo.stem}.onnx"))
+    from exporters.parity import compare, random_input
+
+    gen = torch.Generator().manual_seed(5)
+    m = spec.model.model
+    shapes = [(1, 1), (3, 17), (1, min(300, m.max_seq_len))]
+    inputs = [random_input(spec.model, b, t, gen) for b, t in shapes]
+    rep = compare(sess, model, inputs)
+    assert rep.passed, rep.summary()
