@@ -177,6 +177,21 @@ def test_moe_gates_and_aux_loss() -> None:
     assert m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0
 
 
+def test_moe_switch_gates_train_the_router() -> None:
+    m, _, _ = build(
+        "moe",
+        n_experts=4,
+        top_k=1,
+        normalize_gates=False,
+        aux_loss_weight=0.0,
+        capacity_factor=None,
+    )
+    m(torch.randn(2, 9, D)).sum().backward()
+    g = m.last_gates
+    assert ((g > 0).sum(-1) == 1).all() and (g.sum(-1) < 1).all()
+    assert m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0
+
+
 def test_moe_capacity_drops_overflow_tokens() -> None:
     m, _, _ = build("moe", n_experts=4, top_k=1, capacity_factor=1.0)
     with torch.no_grad():

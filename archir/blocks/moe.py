@@ -8,7 +8,8 @@ Shapes: ``x [batch, seq, d_model] -> [batch, seq, d_model]``; tokens are routed
 independently (``N = batch·seq`` tokens per forward).
 
 Routing: ``p = softmax(x·W_r)`` over ``n_experts``; each token goes to its ``top_k`` experts
-with gates ``p_i / Σ_topk p`` (renormalized, summing to 1) and its output is
+with gates ``p_i / Σ_topk p`` (renormalized, summing to 1; ``normalize_gates: false``
+keeps ``p_i`` as Switch does for ``top_k: 1``) and its output is
 ``Σ gate_i · expert_i(x)``. Capacity: each expert takes at most
 ``C = ceil(capacity_factor · N · top_k / n_experts)`` tokens; slots are filled in priority
 order (every token's first choice before any second choice, earlier tokens first) and tokens
@@ -53,6 +54,9 @@ class MoEParams(KindParams):
         expert_kind: ``mlp`` (``W2·gelu(W1·x)``) or ``swiglu`` (``W2·(silu(Wg·x) ⊙ Wu·x)``).
         capacity_factor: tokens per expert ``= ceil(cf·N·top_k/E)``; ``null`` = no limit.
         aux_loss_weight: scale of the load-balancing loss.
+        normalize_gates: renormalize the top-k probabilities to sum to 1; ``false`` keeps the
+            raw router probabilities (Switch with ``top_k: 1``, where renormalized gates
+            would all be 1 and the router would learn only from the auxiliary loss).
         dispatch: ``auto`` | ``sparse`` | ``dense`` (see the module docstring).
     """
 
@@ -63,6 +67,7 @@ class MoEParams(KindParams):
     expert_kind: Literal["mlp", "swiglu"] = "mlp"
     capacity_factor: float | None = Field(1.25, gt=0)
     aux_loss_weight: float = Field(0.01, ge=0)
+    normalize_gates: bool = True
     dispatch: Literal["auto", "sparse", "dense"] = "auto"
 
 
@@ -89,6 +94,7 @@ class MoE(nn.Module):
         self.capacity_factor = p.capacity_factor
         self.aux_weight = p.aux_loss_weight
         self.dispatch = p.dispatch
+        self.normalize = p.normalize_gates
         self.router = nn.Linear(d, E, bias=False)
         n_in = 2 if p.expert_kind == "swiglu" else 1
         self.w_in = nn.Parameter(torch.randn(E, d, n_in * h) * 0.02)  # [E, d, h | 2h]
@@ -110,7 +116,7 @@ class MoE(nn.Module):
         E, k = self.E, self.k
         probs = torch.softmax(self.router(x).float(), dim=-1)  # [N, E]
         top_p, top_i = probs.topk(k, dim=-1)  # [N, k]
-        gates = top_p / top_p.sum(-1, keepdim=True)
+        gates = top_p / top_p.sum(-1, keepdim=True) if self.normalize else top_p
         chosen = F.one_hot(top_i, E).to(probs.dtype)  # [N, k, E]
         if self.capacity_factor is not None:
             slots = chosen.transpose(0, 1).reshape(-1, E)  # [k·N, E], first choices first
