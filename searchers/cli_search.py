@@ -20,11 +20,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", help="study name (default: the spec's name)")
     p.add_argument("--out", help="run folder (default: runs/<name>)")
     p.add_argument("--no-export", action="store_true", help="skip best/model.onnx")
+    p.add_argument(
+        "--searcher",
+        choices=["optuna", "darts", "spos"],
+        default="optuna",
+        help="optuna: trial by trial (default); darts: one-shot supernet with relaxed "
+        "choices (first-order DARTS); spos: single-path one-shot + evolutionary selection",
+    )
+    p.add_argument(
+        "--relax",
+        choices=["softmax", "gumbel"],
+        default="softmax",
+        help="DARTS relaxation: softmax mixing or Gumbel-softmax path sampling (GDAS)",
+    )
+
+
+def _run_oneshot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from archir.spec import load_spec
+    from searchers.cli_report import print_report
+    from searchers.darts import run_oneshot
+
+    spec = load_spec(args.spec)
+    run_dir = Path(args.out) if args.out else Path("runs") / spec.name
+    res = run_oneshot(
+        spec,
+        run_dir,
+        method=args.searcher,
+        relax=args.relax,
+        seed=args.seed or 0,
+        steps=args.steps,
+        export=not args.no_export,
+        say=lambda s: print(s, flush=True),
+    )
+    print_report(run_dir, brief=True)
+    best = res.get("best") or {}
+    weights = ", ".join(
+        f"{name}: " + "/".join(f"{p:.2f}" for p in probs)
+        for name, probs in res.get("arch_weights", {}).items()
+    )
+    print(f"final architecture weights: {weights}")
+    collapse = res.get("collapse") or {}
+    if collapse.get("triggered"):
+        print(f"collapse guard triggered: {collapse.get('events')}")
+    print(
+        f"{args.searcher} search finished in {res.get('wall_s', 0.0):.1f} s: {run_dir} "
+        f"(best trial: {best.get('trial', '-')})"
+    )
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from searchers.cli_report import print_report
     from searchers.run import run_search
+
+    if args.searcher != "optuna":
+        return _run_oneshot(args)
 
     res = run_search(
         args.spec,
