@@ -17,6 +17,7 @@ recurrent state in fp32.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +29,12 @@ from archir.registry import BlockKind, BuildContext, KindParams, register
 
 State = tuple[torch.Tensor, ...]
 
-# Mamba's parallel scan works in chunks of CHUNK steps; within a chunk the state is a
-# cumulative sum rescaled by exp(-log-decay), so the per-step log-decay Δ·A is clamped to
-# [-MAX_LOG_DECAY, 0] (a decay factor ≥ e^-4 ≈ 0.018 per step) in both forms, which bounds
-# every exponent by CHUNK·MAX_LOG_DECAY = 64 (fp32-safe).
-CHUNK = 16
+# Mamba's parallel scan works in chunks of CHUNK steps. Within a chunk the log-decay
+# G_t = Σ_{s≤t} Δ_s·A is cumulated and centered on half the chunk total, so the state is
+# exp(G_t)·Σ_{s≤t} exp(−G_s)·u_s with both factors bounded by exp(CHUNK·MAX_LOG_DECAY/2) =
+# e^64 (fp32-safe): the per-step log-decay Δ·A is clamped to [−MAX_LOG_DECAY, 0] (a decay
+# factor ≥ e^-4 ≈ 0.018 per step) in both the parallel and the step form.
+CHUNK = 32
 MAX_LOG_DECAY = 4.0
 
 
@@ -49,6 +51,180 @@ def segsum(g: torch.Tensor) -> torch.Tensor:
     x = g[..., :, None].expand(*g.shape, n).masked_fill(~strict, 0.0)
     s = x.cumsum(-2)
     return s.masked_fill(idx[:, None] < idx[None, :], float("-inf"))
+
+
+# Scratch buffers of the scan, reused between calls: on CPU a fresh [B, T, di, N] tensor is
+# served by mmap and costs more in page faults than the arithmetic done on it. Only scratch
+# that is dead when the forward or backward returns goes back (never saved activations);
+# at most _POOL_BYTES are kept per thread.
+_POOL = threading.local()
+_POOL_BYTES = 256 * 2**20
+
+
+def _take(
+    shape: tuple[int, ...], like: torch.Tensor, avoid: tuple[torch.Tensor, ...] = ()
+) -> torch.Tensor:
+    """An uninitialized scratch tensor of ``shape`` (``like``'s dtype and device) that shares
+    no memory with ``avoid``."""
+    bufs: list[torch.Tensor] = getattr(_POOL, "bufs", [])
+    n = math.prod(shape)
+    ptrs = {t.data_ptr() for t in avoid}
+    for i, b in enumerate(bufs):
+        if (
+            b.numel() == n
+            and b.dtype == like.dtype
+            and b.device == like.device
+            and b.data_ptr() not in ptrs
+        ):
+            return bufs.pop(i).view(shape)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _give(*ts: torch.Tensor) -> None:
+    """Return scratch tensors (no longer referenced by the caller) to the pool."""
+    bufs: list[torch.Tensor] = getattr(_POOL, "bufs", [])
+    for t in ts:
+        if all(b.data_ptr() != t.data_ptr() for b in bufs):  # a retained graph gives twice
+            bufs.insert(0, t)
+    total = 0
+    for i, b in enumerate(bufs):
+        total += b.numel() * b.element_size()
+        if total > _POOL_BYTES:
+            del bufs[i:]
+            break
+    _POOL.bufs = bufs
+
+
+def _scan_forward(
+    dt: torch.Tensor, A: torch.Tensor, ux: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Chunked selective scan, run without an autograd graph (intermediates are updated in
+    place: on CPU a fresh ``[B, T, di, N]`` tensor costs more in page faults than the
+    arithmetic on it).
+
+    ``dt, ux [B, nc, Q, di]``, ``A [di, N]``, ``Bm, Cm [B, nc, Q, N]`` -> ``y [B, nc, Q, di]``
+    with ``y_t = C_t·h_t``, ``h_t = exp(clamp(Δ_t A)) h_{t−1} + ux_t B_t``, and what the
+    backward pass needs: ``(eG, h, L, ehalf)``.
+    """
+    Bsz, nc, Q, di = dt.shape
+    N = A.shape[1]
+    shape, flat = (Bsz, nc, Q, di, N), (Bsz, nc, Q, di * N)
+    tril = torch.ones(Q, Q, dtype=dt.dtype, device=dt.device).tril()
+    tracing = torch.jit.is_tracing()  # ONNX export: no out= arguments, no pool
+    buf = dt[..., None] * A if tracing else torch.mul(dt[..., None], A, out=_take(shape, dt))
+    buf.clamp_(min=-MAX_LOG_DECAY)  # per-step log-decay
+    # cumulative sums within a chunk as a matmul with a lower-triangular ones matrix
+    # (much faster than cumsum over a strided axis on CPU, and plain MatMul in ONNX)
+    if tracing:
+        G = torch.matmul(tril, buf.view(flat)).view(shape)
+    else:
+        G = torch.matmul(tril, buf.view(flat), out=_take(flat, dt)).view(shape)
+    half = 0.5 * G[:, :, -1:]  # [B, nc, 1, di, N]: half the chunk's total log-decay
+    G.sub_(half)  # centered: |G| ≤ Q·MAX_LOG_DECAY/2
+    eG = torch.exp(G) if tracing else torch.exp(G, out=_take(shape, dt))
+    if tracing:
+        v = ux[..., None] * Bm[..., None, :] / eG
+        h = torch.matmul(tril, v.view(flat)).view(shape)
+    else:  # reuse the buffers of the log-decays and of G
+        v = torch.mul(ux[..., None], Bm[..., None, :], out=buf).div_(eG)
+        h = torch.matmul(tril, v.view(flat), out=G.view(flat)).view(shape)  # chunk-local
+        _give(buf)
+        del buf, v
+    # states carried between chunks: E_k = Σ_{j≤k} exp(Σ_{j<r≤k} g_r) S_j with S_j the end
+    # state of chunk j started from zero and g_r the total log-decay of chunk r
+    ehalf = torch.exp(half[:, :, 0])  # [B, nc, di, N]
+    S = eG[:, :, -1] * h[:, :, -1]  # [B, nc, di, N]
+    L = torch.exp(segsum(2.0 * half[:, :, 0].permute(0, 2, 3, 1)))  # [B, di, N, nc, nc]
+    E = (L @ S.permute(0, 2, 3, 1)[..., None]).squeeze(-1)  # [B, di, N, nc]
+    carry = F.pad(E, (1, 0))[..., :-1].permute(0, 3, 1, 2)  # [B, nc, di, N] entering chunk
+    h.add_((ehalf * carry)[:, :, None]).mul_(eG)  # [B, nc, Q, di, N]
+    y = torch.einsum("bkqdn,bkqn->bkqd", h, Cm)
+    return y, (eG, h, L, ehalf)
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """``_scan_forward`` with a hand-written backward: the adjoint recurrence
+    ``δ_t = C_t gy_t + exp(la_{t+1}) δ_{t+1}`` run as the same chunked scan backwards in time,
+    then ``∂la_t = δ_t (h_t − u_t)``, ``∂u_t = δ_t``, ``∂C_t = Σ_d gy_t h_t``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        ux: torch.Tensor,
+        Bm: torch.Tensor,
+        Cm: torch.Tensor,
+    ) -> torch.Tensor:
+        y, (eG, h, L, ehalf) = _scan_forward(dt, A, ux, Bm, Cm)
+        # whether any Δ·A was clamped (then the clamp's zero gradient must be applied)
+        clamped = bool((dt.amax(dim=(0, 1, 2))[:, None] * A).amin() < -MAX_LOG_DECAY)
+        ctx.clamped = clamped  # type: ignore[attr-defined]
+        ctx.save_for_backward(dt, A, ux, Bm, Cm, eG, h, L, ehalf)
+        return y
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, gy: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        dt, A, ux, Bm, Cm, eG, h, L, ehalf = ctx.saved_tensors  # type: ignore[attr-defined]
+        Bsz, nc, Q, di = dt.shape
+        N = A.shape[1]
+        shape, flat = (Bsz, nc, Q, di, N), (Bsz, nc, Q, di * N)
+        gy = gy.contiguous()
+        triu = torch.ones(Q, Q, dtype=dt.dtype, device=dt.device).triu()
+        w = torch.mul(eG, Cm[..., None, :], out=_take(shape, eG, (eG, h))).mul_(gy[..., None])
+        # w = exp(G_s − Gm)·C_s·gy_s; rc: Σ_{s≥t} w_s within the chunk
+        rc = torch.matmul(triu, w.view(flat), out=_take(flat, eG, (eG, h))).view(shape)
+        # gradient entering chunk k from later chunks: F_k = Σ_{m≥k} L[m, k] R_{m+1} with
+        # R_j = Σ_{s∈j} exp(G_s) C_s gy_s (G from chunk j's start)
+        R = ehalf * rc[:, :, 0]  # [B, nc, di, N]
+        Rs = F.pad(R.permute(0, 2, 3, 1)[..., 1:], (0, 1))  # [B, di, N, nc]
+        Fk = (L.transpose(-1, -2) @ Rs[..., None]).squeeze(-1).permute(0, 3, 1, 2)
+        delta = rc.add_((ehalf * Fk)[:, :, None]).div_(eG)  # ∂loss/∂h_t (total)
+        gla = torch.addcmul(h, ux[..., None], Bm[..., None, :], value=-1.0, out=w).mul_(delta)
+        if ctx.clamped:  # type: ignore[attr-defined]
+            gla.mul_(dt[..., None] * A >= -MAX_LOG_DECAY)
+        gdt = gla.mul_(A).sum(-1)  # Σ_n ∂la·A
+        gA = gla.mul_(dt[..., None]).view(-1, di, N).sum(0).div_(A)  # Σ_{b,t} ∂la·Δ
+        gux = torch.einsum("bkqdn,bkqn->bkqd", delta, Bm)
+        gB = (ux[..., None, :] @ delta).squeeze(-2)
+        gC = (gy[..., None, :] @ h).squeeze(-2)
+        del gla, delta
+        # scratch and the saved eG, h are dead now (a second backward through this graph
+        # would be refused by autograd's version check on saved tensors, not go wrong)
+        _give(w, rc, eG, h)
+        return gdt, gA, gux, gB, gC
+
+
+def selective_scan(
+    dt: torch.Tensor, A: torch.Tensor, ux: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor
+) -> torch.Tensor:
+    """Mamba's selective scan ``y_t = C_t·h_t``, ``h_t = exp(clamp(Δ_t A)) h_{t−1} + ux_t B_t``
+    (``h_{−1} = 0``; ``clamp`` to ``[−MAX_LOG_DECAY, 0]``).
+
+    ``dt, ux [B, T, di]`` (``Δ`` and ``Δ·x``), ``A [di, N]`` (negative),
+    ``Bm, Cm [B, T, N]`` -> ``y [B, T, di]``. Chunked parallel form, no loop over time;
+    under autograd a hand-written backward (same chunked scan run backwards in time).
+    """
+    Bsz, T, di = dt.shape
+    pad = (CHUNK - T % CHUNK) % CHUNK
+    if pad:
+        dt, ux = F.pad(dt, (0, 0, 0, pad)), F.pad(ux, (0, 0, 0, pad))
+        Bm, Cm = F.pad(Bm, (0, 0, 0, pad)), F.pad(Cm, (0, 0, 0, pad))
+    nc = dt.shape[1] // CHUNK
+    args = [t.reshape(Bsz, nc, CHUNK, t.shape[-1]).contiguous() for t in (dt, ux, Bm, Cm)]
+    dt, ux, Bm, Cm = args
+    A = A.contiguous()
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (dt, A, ux, Bm, Cm))
+    if needs_grad and not torch.jit.is_tracing():
+        y = _SelectiveScan.apply(dt, A, ux, Bm, Cm)
+    else:
+        with torch.no_grad():
+            y, (eG, h, _, _) = _scan_forward(dt, A, ux, Bm, Cm)
+            if not torch.jit.is_tracing():
+                _give(eG, h)
+    return y.reshape(Bsz, nc * CHUNK, di)[:, :T]
 
 
 # --------------------------------------------------------------------------- Mamba
@@ -119,42 +295,13 @@ class Mamba(nn.Module):
         return log_decay, u, Cm, dt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        Bsz, T, _ = x.shape
+        T = x.shape[1]
         xi, z = self.in_proj(x).chunk(2, dim=-1)
         xc = F.silu(self.conv(xi.transpose(1, 2))[..., :T].transpose(1, 2))
-        la, u, Cm, _ = self._ssm_inputs(xc)
-        y = self._scan(la, u, Cm, T) + xc * self.D
+        dt, Bm, Cm = torch.split(self.x_proj(xc), [self.R, self.N, self.N], dim=-1)
+        dt = F.softplus(self.dt_proj(dt))
+        y = selective_scan(dt, -torch.exp(self.A_log), dt * xc, Bm, Cm) + xc * self.D
         return self.out_proj(y * F.silu(z))
-
-    def _scan(self, la: torch.Tensor, u: torch.Tensor, Cm: torch.Tensor, T: int) -> torch.Tensor:
-        """``y_t = C_t·h_t`` for ``h_t = exp(la_t) h_{t−1} + u_t``, ``h_{−1} = 0``.
-
-        ``la, u [B, T, di, N]``, ``Cm [B, T, N]`` -> ``[B, T, di]``.
-        """
-        Bsz, di, N = la.shape[0], self.di, self.N
-        pad = (CHUNK - T % CHUNK) % CHUNK
-        la = F.pad(la, (0, 0, 0, 0, 0, pad))
-        u = F.pad(u, (0, 0, 0, 0, 0, pad))
-        Cm = F.pad(Cm, (0, 0, 0, pad))
-        nc = la.shape[1] // CHUNK
-        la = la.reshape(Bsz, nc, CHUNK, di, N)
-        u = u.reshape(Bsz, nc, CHUNK, di, N)
-        Cm = Cm.reshape(Bsz, nc, CHUNK, N)
-        # cumulative sums within a chunk as a matmul with a lower-triangular ones matrix
-        # (much faster than cumsum over a strided axis on CPU, and plain MatMul in ONNX)
-        tril = torch.ones(CHUNK, CHUNK, dtype=la.dtype, device=la.device).tril()
-        G = (tril @ la.flatten(3)).view_as(la)  # log-decay since chunk start, ≥ -CHUNK·MAX
-        eG = torch.exp(G)
-        h_in = eG * (tril @ (u / eG).flatten(3)).view_as(u)  # chunk-local states
-        # states carried between chunks: E_i = Σ_{j≤i} exp(Σ_{j<r≤i} g_r) S_j
-        g = G[:, :, -1].permute(0, 2, 3, 1)  # [B, di, N, nc] per-chunk total log-decay
-        trans = torch.exp(segsum(g))  # [B, di, N, nc, nc]
-        S = h_in[:, :, -1].permute(0, 2, 3, 1)  # [B, di, N, nc]
-        E = (trans @ S[..., None]).squeeze(-1)  # [B, di, N, nc]
-        carry = F.pad(E, (1, 0))[..., :-1].permute(0, 3, 1, 2)  # entering chunk i
-        h = h_in + eG * carry[:, :, None]
-        y = torch.einsum("bkcdn,bkcn->bkcd", h, Cm)
-        return y.reshape(Bsz, nc * CHUNK, di)[:, :T]
 
     def init_state(
         self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
