@@ -38,19 +38,21 @@ CHUNK = 32
 MAX_LOG_DECAY = 4.0
 
 
-def segsum(g: torch.Tensor) -> torch.Tensor:
-    """Segment sums along the last axis: ``g [..., n] -> [..., n, n]`` with
-    ``out[..., i, j] = Σ_{j<r≤i} g[r]`` for ``j ≤ i`` and ``-inf`` above the diagonal.
+def carry_matrix(g: torch.Tensor) -> torch.Tensor:
+    """Decay between chunks: ``g [B, nc, X]`` (each chunk's total log-decay) ->
+    ``[B, nc, nc, X]`` with ``out[:, i, j] = exp(Σ_{j<r<i} g_r)`` for ``j < i`` and 0 otherwise,
+    so the state entering chunk ``i`` is ``Σ_j out[:, i, j]·S_j`` (``S_j``: chunk ``j``'s end
+    state started from zero).
 
-    Computed by a masked cumulative sum (no subtraction of large prefix sums, so it stays
-    exact for long sequences).
+    The sums are a matmul with a constant 0/1 matrix (sums of same-sign terms, no
+    subtraction of large prefix sums, so exact for long sequences; plain MatMul in ONNX).
     """
-    n = g.shape[-1]
-    idx = torch.arange(n, device=g.device)
-    strict = idx[:, None] > idx[None, :]
-    x = g[..., :, None].expand(*g.shape, n).masked_fill(~strict, 0.0)
-    s = x.cumsum(-2)
-    return s.masked_fill(idx[:, None] < idx[None, :], float("-inf"))
+    Bsz, nc, X = g.shape
+    idx = torch.arange(nc, device=g.device)
+    i, j, r = idx[:, None, None], idx[None, :, None], idx[None, None, :]
+    between = ((j < r) & (r < i)).to(g.dtype).reshape(nc * nc, nc)
+    below = (idx[:, None] > idx[None, :]).to(g.dtype).reshape(nc * nc, 1)
+    return (torch.exp(torch.matmul(between, g)) * below).view(Bsz, nc, nc, X)
 
 
 # Scratch buffers of the scan, reused between calls: on CPU a fresh [B, T, di, N] tensor is
@@ -95,8 +97,18 @@ def _give(*ts: torch.Tensor) -> None:
     _POOL.bufs = bufs
 
 
+def _any_clamped(dt: torch.Tensor, A: torch.Tensor) -> bool:
+    """Whether some ``Δ·A`` (``dt [..., di]``, ``A [di, N]``) is below ``−MAX_LOG_DECAY``."""
+    return bool((dt.reshape(-1, dt.shape[-1]).amax(0)[:, None] * A).amin() < -MAX_LOG_DECAY)
+
+
 def _scan_forward(
-    dt: torch.Tensor, A: torch.Tensor, ux: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    ux: torch.Tensor,
+    Bm: torch.Tensor,
+    Cm: torch.Tensor,
+    clamped: bool = True,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Chunked selective scan, run without an autograd graph (intermediates are updated in
     place: on CPU a fresh ``[B, T, di, N]`` tensor costs more in page faults than the
@@ -104,23 +116,33 @@ def _scan_forward(
 
     ``dt, ux [B, nc, Q, di]``, ``A [di, N]``, ``Bm, Cm [B, nc, Q, N]`` -> ``y [B, nc, Q, di]``
     with ``y_t = C_t·h_t``, ``h_t = exp(clamp(Δ_t A)) h_{t−1} + ux_t B_t``, and what the
-    backward pass needs: ``(eG, h, L, ehalf)``.
+    backward pass needs: ``(eG, h, L, ehalf)``. ``clamped=False`` promises that no ``Δ·A``
+    reaches the clamp (see ``_any_clamped``); then ``G = cumsum(Δ)·A`` is formed directly.
     """
     Bsz, nc, Q, di = dt.shape
     N = A.shape[1]
     shape, flat = (Bsz, nc, Q, di, N), (Bsz, nc, Q, di * N)
     tril = torch.ones(Q, Q, dtype=dt.dtype, device=dt.device).tril()
     tracing = torch.jit.is_tracing()  # ONNX export: no out= arguments, no pool
-    buf = dt[..., None] * A if tracing else torch.mul(dt[..., None], A, out=_take(shape, dt))
-    buf.clamp_(min=-MAX_LOG_DECAY)  # per-step log-decay
-    # cumulative sums within a chunk as a matmul with a lower-triangular ones matrix
-    # (much faster than cumsum over a strided axis on CPU, and plain MatMul in ONNX)
+    # G: log-decay since the chunk start, centered on half the chunk's total (|G| ≤
+    # Q·MAX_LOG_DECAY/2). Cumulative sums within a chunk are a matmul with a lower-triangular
+    # ones matrix (much faster than cumsum over a strided axis on CPU; MatMul in ONNX).
     if tracing:
+        buf = (dt[..., None] * A).clamp(min=-MAX_LOG_DECAY)
         G = torch.matmul(tril, buf.view(flat)).view(shape)
-    else:
+        half = 0.5 * G[:, :, -1:]  # [B, nc, 1, di, N]
+        G = G - half
+    elif clamped:
+        buf = torch.mul(dt[..., None], A, out=_take(shape, dt)).clamp_(min=-MAX_LOG_DECAY)
         G = torch.matmul(tril, buf.view(flat), out=_take(flat, dt)).view(shape)
-    half = 0.5 * G[:, :, -1:]  # [B, nc, 1, di, N]: half the chunk's total log-decay
-    G.sub_(half)  # centered: |G| ≤ Q·MAX_LOG_DECAY/2
+        half = 0.5 * G[:, :, -1:]
+        G.sub_(half)
+    else:  # no clamp: cumulate Δ [B, nc, Q, di] only, then scale by A
+        Dc = torch.matmul(tril, dt)
+        Dhalf = 0.5 * Dc[:, :, -1:]
+        G = torch.mul((Dc - Dhalf)[..., None], A, out=_take(shape, dt))
+        half = Dhalf[..., None] * A
+        buf = _take(shape, dt)
     eG = torch.exp(G) if tracing else torch.exp(G, out=_take(shape, dt))
     if tracing:
         v = ux[..., None] * Bm[..., None, :] / eG
@@ -133,10 +155,9 @@ def _scan_forward(
     # states carried between chunks: E_k = Σ_{j≤k} exp(Σ_{j<r≤k} g_r) S_j with S_j the end
     # state of chunk j started from zero and g_r the total log-decay of chunk r
     ehalf = torch.exp(half[:, :, 0])  # [B, nc, di, N]
-    S = eG[:, :, -1] * h[:, :, -1]  # [B, nc, di, N]
-    L = torch.exp(segsum(2.0 * half[:, :, 0].permute(0, 2, 3, 1)))  # [B, di, N, nc, nc]
-    E = (L @ S.permute(0, 2, 3, 1)[..., None]).squeeze(-1)  # [B, di, N, nc]
-    carry = F.pad(E, (1, 0))[..., :-1].permute(0, 3, 1, 2)  # [B, nc, di, N] entering chunk
+    S = (eG[:, :, -1] * h[:, :, -1]).view(Bsz, nc, 1, di * N)
+    L = carry_matrix((2.0 * half).view(Bsz, nc, di * N))  # [B, nc, nc, di·N]
+    carry = (L * S.transpose(1, 2)).sum(2).view(Bsz, nc, di, N)  # entering each chunk
     h.add_((ehalf * carry)[:, :, None]).mul_(eG)  # [B, nc, Q, di, N]
     y = torch.einsum("bkqdn,bkqn->bkqd", h, Cm)
     return y, (eG, h, L, ehalf)
@@ -156,9 +177,9 @@ class _SelectiveScan(torch.autograd.Function):
         Bm: torch.Tensor,
         Cm: torch.Tensor,
     ) -> torch.Tensor:
-        y, (eG, h, L, ehalf) = _scan_forward(dt, A, ux, Bm, Cm)
         # whether any Δ·A was clamped (then the clamp's zero gradient must be applied)
-        clamped = bool((dt.amax(dim=(0, 1, 2))[:, None] * A).amin() < -MAX_LOG_DECAY)
+        clamped = _any_clamped(dt, A)
+        y, (eG, h, L, ehalf) = _scan_forward(dt, A, ux, Bm, Cm, clamped)
         ctx.clamped = clamped  # type: ignore[attr-defined]
         ctx.save_for_backward(dt, A, ux, Bm, Cm, eG, h, L, ehalf)
         return y
@@ -176,11 +197,10 @@ class _SelectiveScan(torch.autograd.Function):
         w = torch.mul(eG, Cm[..., None, :], out=_take(shape, eG, (eG, h))).mul_(gy[..., None])
         # w = exp(G_s − Gm)·C_s·gy_s; rc: Σ_{s≥t} w_s within the chunk
         rc = torch.matmul(triu, w.view(flat), out=_take(flat, eG, (eG, h))).view(shape)
-        # gradient entering chunk k from later chunks: F_k = Σ_{m≥k} L[m, k] R_{m+1} with
-        # R_j = Σ_{s∈j} exp(G_s) C_s gy_s (G from chunk j's start)
-        R = ehalf * rc[:, :, 0]  # [B, nc, di, N]
-        Rs = F.pad(R.permute(0, 2, 3, 1)[..., 1:], (0, 1))  # [B, di, N, nc]
-        Fk = (L.transpose(-1, -2) @ Rs[..., None]).squeeze(-1).permute(0, 3, 1, 2)
+        # gradient entering chunk k from later chunks: F_k = Σ_i L[i, k] R_i with
+        # R_i = Σ_{s∈i} exp(G_s) C_s gy_s (G from chunk i's start)
+        R = (ehalf * rc[:, :, 0]).view(Bsz, nc, 1, di * N)
+        Fk = (L * R).sum(1).view(Bsz, nc, di, N)
         delta = rc.add_((ehalf * Fk)[:, :, None]).div_(eG)  # ∂loss/∂h_t (total)
         gla = torch.addcmul(h, ux[..., None], Bm[..., None, :], value=-1.0, out=w).mul_(delta)
         if ctx.clamped:  # type: ignore[attr-defined]
@@ -221,8 +241,10 @@ def selective_scan(
         y = _SelectiveScan.apply(dt, A, ux, Bm, Cm)
     else:
         with torch.no_grad():
-            y, (eG, h, _, _) = _scan_forward(dt, A, ux, Bm, Cm)
-            if not torch.jit.is_tracing():
+            tracing = torch.jit.is_tracing()
+            clamped = tracing or _any_clamped(dt, A)
+            y, (eG, h, _, _) = _scan_forward(dt, A, ux, Bm, Cm, clamped)
+            if not tracing:
                 _give(eG, h)
     return y.reshape(Bsz, nc * CHUNK, di)[:, :T]
 
@@ -256,7 +278,7 @@ class Mamba(nn.Module):
     output ``out_proj(y ⊙ silu(z))``.
 
     ``forward``: ``[B, T, d] -> [B, T, d]`` by a chunked parallel scan: cumulative sums within
-    chunks of ``CHUNK`` steps and a masked ``exp(segsum)`` matrix between chunks.
+    chunks of ``CHUNK`` steps and a decay matrix between chunks (``carry_matrix``).
     State: conv window ``[B, d_inner, d_conv−1]`` and SSM state ``[B, d_inner, d_state]``.
     """
 
