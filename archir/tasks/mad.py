@@ -411,6 +411,8 @@ def full_settings(task: str) -> list[MADSetting]:
 #: The lite preset's settings: shortened versions of each baseline plus, for recall, one
 #: harder vocabulary, so a fixed-state mixer's degradation shows. Train sets are small
 #: and sequences short so a 4-layer width-128 model runs each in well under a minute.
+#: Caveat: 300 steps rank early training speed; attention's in-context-recall phase change
+#: needs ~1,000 steps (see benchmarks/README.md, "MAD lite").
 LITE_SETTINGS: dict[str, list[MADSetting]] = {
     "in-context-recall": [
         MADSetting("in-context-recall", 16, 64, 2_000, num_test=256),
