@@ -39,7 +39,7 @@ def test_check_model_errors(zoo):
 
 def test_vit_digits_learns(zoo):
     spec = load_spec(zoo / "vit-digits.yaml")
-    cfg = TrainSection(task="digits", steps=200, batch_size=64, lr=3e-3, warmup_steps=10)
+    cfg = TrainSection(task="digits", steps=300, batch_size=64, lr=3e-3, warmup_steps=10)
     res = train(spec, cfg=cfg)
     assert res.status == "ok"
-    assert res.metrics["accuracy"] > 0.7  # chance is 0.1; about 0.8 at 200 steps, 0.88 at 300
+    assert res.metrics["accuracy"] > 0.7  # chance is 0.1; about 0.84 at 300 steps
