@@ -47,7 +47,7 @@ class HyenaParams(KindParams):
             channel's exponential window decays to 1e-2.
         fft: long-convolution path. ``auto``: FFT, except while exporting (ONNX's DFT
             lowering does not run in onnxruntime), where a direct causal convolution
-            (a masked Toeplitz matmul, O(T²)) is used; ``on``/``off`` force FFT / direct.
+            (a depthwise conv1d with a length-T kernel, O(T²)) is used; ``on``/``off`` force FFT / direct.
         bias: biases on the input and output projections.
     """
 
@@ -118,15 +118,15 @@ def causal_conv_fft(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 def causal_conv_direct(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The same causal convolution as a masked Toeplitz matmul (O(T²), export-friendly).
+    """The same causal convolution as a depthwise ``conv1d`` with a length-T kernel
+    (O(T²) multiply-adds, no FFT: export-friendly — ONNX ``Conv`` with a computed kernel).
 
     ``z [batch, channels, T]``, ``h [channels, T]`` -> ``[batch, channels, T]``.
+    Left zero-padding by T-1 (built with ``cat``, so the length stays symbolic) makes it
+    causal; the kernel is flipped because ``conv1d`` is a cross-correlation.
     """
-    T = z.shape[-1]
-    pos = torch.arange(T, device=z.device)
-    lag = pos[:, None] - pos[None, :]  # [T(t), T(s)]
-    toeplitz = h[:, lag.clamp(min=0)] * (lag >= 0).to(h.dtype)  # [C, T, T]
-    return torch.matmul(toeplitz, z.permute(1, 2, 0)).permute(2, 0, 1)
+    padded = torch.cat([torch.zeros_like(z)[..., 1:], z], dim=-1)
+    return F.conv1d(padded, h.flip(-1).unsqueeze(1), groups=h.shape[0])
 
 
 class Hyena(nn.Module):
@@ -231,7 +231,7 @@ def _fft_flops(n: int) -> float:
 def _hyena_flops(p: HyenaParams, c: BuildContext, L: int) -> float:
     """Per token: projections, short conv, the filter MLP (evaluated once per position),
     per order the long convolution (FFT path: 3 real FFTs of length 2L plus the complex
-    product, divided by L; direct path: the dense T×T Toeplitz matmul, 2·L per channel),
+    product, divided by L; direct path: the depthwise length-T convolution, 2·L per channel),
     the skip term and the gate."""
     d, N, w = c.d_model, p.order, p.filter_width
     C = (N + 1) * d
@@ -267,7 +267,7 @@ register(
         check=_hyena_check,
         recurrent=True,
         paper="Poli et al., 2023, 'Hyena Hierarchy: Towards Larger Convolutional Language Models'",
-        summary="gated implicit long convolution (FFT; Toeplitz matmul when exporting), causal",
+        summary="gated implicit long convolution (FFT; direct depthwise conv when exporting), causal",
     )
 )
 
