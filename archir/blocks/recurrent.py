@@ -6,15 +6,17 @@ Kinds: ``linear_attention`` (Katharopoulos et al., 2020), ``gla`` (Yang et al., 
 (Peng et al., 2023, RWKV-4).
 
 Every module maps ``x [batch, seq, d_model] -> [batch, seq, d_model]`` in ``forward`` with a
-fully parallel form: an ``L×L`` causally masked matrix (decays enter as ``exp`` of masked
-log-decay differences, so nothing overflows), with no loop over time steps and no complex
-numbers, so ``torch.onnx.export`` with a dynamic sequence axis works. Each also provides
+fully parallel form: an ``L×L`` causally masked matrix, or for GLA and RWKV the chunked
+equivalent (decays enter as ``exp`` of masked log-decay differences, so nothing overflows),
+with no loop over time steps and no complex numbers, so ``torch.onnx.export`` with a dynamic
+sequence axis works. Each also provides
 ``init_state(batch, device=None, dtype=None)`` and ``step(x_t [batch, d_model], state) ->
 (y_t [batch, d_model], state)``; stepping through a sequence reproduces ``forward``.
 
 Cost conventions: FLOPs per token at length ``L`` count the parallel form as ``forward``
-computes it (dense ``L×L`` products; a multiply-add is 2 FLOPs, ``exp`` not counted);
-state bytes are the fixed recurrent state of the step form in fp32 (independent of ``L``).
+computes it (dense ``L×L`` or chunked products; a multiply-add is 2 FLOPs, ``exp`` not
+counted); state bytes are the fixed recurrent state of the step form in fp32 (independent
+of ``L``).
 """
 
 from __future__ import annotations
@@ -470,6 +472,58 @@ register(
 # --------------------------------------------------------------------------- RWKV
 
 
+# RWKV's wkv works in chunks of RWKV_CHUNK steps: within a chunk a [C+1, C] decay matrix per
+# channel (shared by the batch and the chunks), between chunks the chunk end states carried
+# through an [nc, nc] decay matrix. Keys enter as e^{k − R} with R a per-(sequence, chunk,
+# channel) reference (the chunk's largest key, or the largest decayed key carried in from
+# earlier chunks if that is larger), so every exponent is ≤ 0 apart from the bonus u: nothing
+# overflows, and underflow needs keys spanning ~80 nats within one chunk (fp32).
+RWKV_CHUNK = 32
+
+
+def rwkv_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """RWKV-4 ``wkv`` (Peng et al., 2023), chunked parallel form.
+
+    ``w [d]`` per-step log-decay (< 0), ``u [d]`` bonus, ``k, v [B, T, d]`` ->
+    ``wkv [B, T, d]``: ``wkv_t = (Σ_{s<t} e^{(t−1−s)w + k_s} v_s + e^{u + k_t} v_t) /
+    (same with v = 1)``. Cost ``O(T·RWKV_CHUNK·d)`` per sequence plus ``O((T/RWKV_CHUNK)²·d)``;
+    no loop over time (exports to ONNX with a dynamic sequence axis).
+    """
+    B, T, d = k.shape
+    C = RWKV_CHUNK
+    pad = (C - T % C) % C
+    # padded keys are −inf: e^{k} = 0, so padding adds nothing and leaves the chunk max alone
+    kp = F.pad(k, (0, 0, 0, pad), value=float("-inf"))
+    nc = kp.shape[1] // C
+    kc = kp.view(B, nc, C, d)
+    vc = F.pad(v, (0, 0, 0, pad)).view(B, nc, C, d)
+    m = kc.detach().amax(2)  # [B, nc, d]: largest key of each chunk
+    # within a chunk, rows t = 0..C (row C: the chunk's end state, as seen from the next step)
+    it = torch.arange(C + 1, device=k.device)
+    rel = (it[:, None] - 1 - it[None, :C]).to(k.dtype)  # t − 1 − s   [C+1, C]
+    logw = torch.where((rel == -1)[..., None], u, rel[..., None] * w)  # [C+1, C, d]
+    logw = logw.masked_fill((rel < -1)[..., None], float("-inf"))
+    D = torch.exp(logw.permute(2, 0, 1))  # [d, C+1, C]
+    ek = torch.exp(kc - m[:, :, None])  # ≤ 1
+    rhs = torch.stack([ek * vc, ek], dim=-1)  # [B, nc, C, d, 2]
+    intra = torch.matmul(D, rhs.permute(3, 2, 0, 1, 4).reshape(d, C, B * nc * 2))
+    intra = intra.view(d, C + 1, B, nc, 2).permute(2, 3, 1, 0, 4)  # [B, nc, C+1, d, 2]
+    S = intra[:, :, C]  # [B, nc, d, 2]: each chunk's end state (from zero), scale e^{m}
+    # carried state entering chunk n: Σ_{j<n} e^{(n−1−j)·C·w + m_j} S_j, relative to R_n
+    ic = torch.arange(nc, device=k.device)
+    gap = (ic[:, None] - 1 - ic[None, :]).to(k.dtype)  # [nc, nc]
+    expo = (gap[..., None] * (C * w)) + m[:, None]  # [B, nc, nc, d]
+    expo = expo.masked_fill((gap < 0)[..., None], float("-inf"))
+    R = torch.maximum(m, expo.detach().amax(2))  # [B, nc, d]
+    carry = torch.einsum("bnjc,bjcz->bncz", torch.exp(expo - R[:, :, None]), S)
+    # within chunk n, the carried state decays by e^{(t − nC)·w} before step t
+    into = torch.exp(it[:C, None].to(k.dtype) * w)  # [C, d]
+    nd = intra[:, :, :C] * torch.exp(m - R)[:, :, None, :, None]
+    nd = nd + into[..., None] * carry[:, :, None]  # [B, nc, C, d, 2]
+    nd = nd.reshape(B, nc * C, d, 2)[:, :T]
+    return nd[..., 0] / nd[..., 1]
+
+
 class RWKVParams(KindParams):
     """RWKV time mixing has no hyperparameters besides ``d_model``."""
 
@@ -485,11 +539,10 @@ class RWKVTimeMix(nn.Module):
     Token shift ``x'_t = μ⊙x_t + (1−μ)⊙x_{t−1}`` (separate μ for k, v, r); per channel ``c``
     ``wkv_t = (Σ_{s<t} e^{(t−1−s)w + k_s} v_s + e^{u + k_t} v_t) / (same with v = 1)`` with
     decay ``w = −exp(decay) < 0`` and bonus ``u``; output ``W_o(σ(r_t) ⊙ wkv_t)``.
-    ``forward``: ``[B, T, d] -> [B, T, d]``; per channel the numerator and denominator are one
-    batched matmul with the masked decay matrix ``[d, T, T]`` (shared by the batch), with
-    ``e^{k}`` taken relative to the per-sequence maximum of ``k`` (the scale cancels in the
-    ratio). Only keys spanning more than ~80 nats within one channel of one sequence would
-    underflow.
+    ``forward``: ``[B, T, d] -> [B, T, d]`` by the chunked form ``rwkv_wkv`` (chunks of
+    ``RWKV_CHUNK`` steps; ``e^{k}`` taken relative to a per-chunk reference, which cancels in
+    the ratio). Only keys spanning more than ~80 nats within one chunk of one channel
+    (fp32) would underflow; no clamp, so ``forward`` and ``step`` compute the same function.
     State: previous ``x``, and the running numerator, denominator and max exponent ``[B, d]``.
     """
 
@@ -518,20 +571,8 @@ class RWKVTimeMix(nn.Module):
         return k, v, r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, d = x.shape
         k, v, r = self._mix(x, token_shift(x))
-        w = -torch.exp(self.decay)
-        pos = torch.arange(T, device=x.device)
-        rel = (pos[:, None] - pos[None, :] - 1).to(x.dtype)  # t - 1 - s
-        eye = (pos[:, None] == pos[None, :])[..., None]
-        logw = torch.where(eye, self.bonus, rel[..., None] * w)  # [T, S, d]
-        logw = logw.masked_fill(~causal_mask(T, x.device)[..., None], float("-inf"))
-        weights = torch.exp(logw.permute(2, 0, 1))  # [d, T, S], shared by the batch
-        # e^{k_s} scaled by the per-sequence max of k (cancels in the ratio; keeps exp finite)
-        ek = torch.exp(k - k.detach().amax(1, keepdim=True))
-        rhs = torch.cat([ek * v, ek], dim=0).permute(2, 1, 0)  # [d, S, 2B]
-        nd = weights @ rhs  # [d, T, 2B]: numerator and denominator per channel
-        wkv = (nd[..., :B] / nd[..., B:]).permute(2, 1, 0)
+        wkv = rwkv_wkv(-torch.exp(self.decay), self.bonus, k, v)
         return self.output(torch.sigmoid(r) * wkv)
 
     def init_state(
@@ -556,6 +597,14 @@ class RWKVTimeMix(nn.Module):
         return self.output(torch.sigmoid(r) * wkv), state
 
 
+def _rwkv_flops(d: int, L: int) -> float:
+    """Projections, then per channel and token (numerator and denominator): ``C+1`` within-chunk
+    multiply-adds (chunk end states included) and ``⌈L/C⌉/C`` for the carried states."""
+    C = RWKV_CHUNK
+    nc = math.ceil(max(L, 1) / C)
+    return 8.0 * d**2 + 4.0 * (C + 1) * d + 4.0 * nc * d / C
+
+
 register(
     BlockKind(
         name="rwkv",
@@ -563,8 +612,7 @@ register(
         params=RWKVParams,
         build=lambda p, c: RWKVTimeMix(c.d_model),
         n_params=lambda p, c: 4 * c.d_model * c.d_model + 5 * c.d_model,
-        # projections; per (t, s, channel) two multiply-adds (numerator and denominator)
-        flops=lambda p, c, L: 8.0 * c.d_model**2 + 4.0 * L * c.d_model,
+        flops=lambda p, c, L: _rwkv_flops(c.d_model, L),
         state_bytes=lambda p, c, L: 4 * 4 * c.d_model,
         paper="Peng et al., 2023, 'RWKV: Reinventing RNNs for the Transformer Era' (RWKV-4)",
         summary="RWKV-4 time mixing: token shift, per-channel decay w and bonus u, receptance",
