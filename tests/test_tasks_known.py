@@ -2,10 +2,11 @@
 
 * In-context recall needs token mixing: attention + SwiGLU learns a small multi-query
   recall setting while an MLP-only model (token mixer ``identity``) stays near chance.
-* Memorization depends on channel-mixer capacity.
+* Memorization depends on channel-mixer capacity: NOT tested yet — at the sizes tried,
+  embeddings + attention memorize the map without the channel mixer (see the report).
 
-The full >= 0.9 recall run takes ~1,000 steps (minutes on a shared CPU) and is marked
-``slow``; the fast test checks the same ordering after a short run.
+The full >= 0.9 recall run (2,000-step cosine schedule; solved by ~900 steps; ~2 min on
+one core) is marked ``slow``; the fast test checks the same ordering after a short run.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def test_recall_attention_beats_mlp_only_fast():
 
 @pytest.mark.slow
 def test_recall_attention_reaches_090_mlp_only_near_chance():
-    attn = recall(32, 1200, [ATTN, {"kind": "swiglu", "expansion": 2}])
-    mlp = recall(32, 1200, mlp_blocks())
+    attn = recall(32, 2000, [ATTN, {"kind": "swiglu", "expansion": 2}])
+    mlp = recall(32, 2000, mlp_blocks())
     assert attn >= 0.9
     assert mlp < 0.35
