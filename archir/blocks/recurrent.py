@@ -477,7 +477,8 @@ register(
 # through an [nc, nc] decay matrix. Keys enter as e^{k − R} with R a per-(sequence, chunk,
 # channel) reference (the chunk's largest key, or the largest decayed key carried in from
 # earlier chunks if that is larger), so every exponent is ≤ 0 apart from the bonus u: nothing
-# overflows, and underflow needs keys spanning ~80 nats within one chunk (fp32).
+# overflows, and underflow (0/0) needs keys of one channel spanning ~80 nats within about two
+# consecutive chunks (fp32); keys drifting over any range across the sequence are fine.
 RWKV_CHUNK = 32
 
 
@@ -541,7 +542,7 @@ class RWKVTimeMix(nn.Module):
     decay ``w = −exp(decay) < 0`` and bonus ``u``; output ``W_o(σ(r_t) ⊙ wkv_t)``.
     ``forward``: ``[B, T, d] -> [B, T, d]`` by the chunked form ``rwkv_wkv`` (chunks of
     ``RWKV_CHUNK`` steps; ``e^{k}`` taken relative to a per-chunk reference, which cancels in
-    the ratio). Only keys spanning more than ~80 nats within one chunk of one channel
+    the ratio). Only keys of one channel spanning more than ~80 nats within about two chunks
     (fp32) would underflow; no clamp, so ``forward`` and ``step`` compute the same function.
     State: previous ``x``, and the running numerator, denominator and max exponent ``[B, d]``.
     """
