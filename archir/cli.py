@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from archir.errors import ArchirError
 
@@ -37,10 +38,17 @@ def _module(name: str):
         raise
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (plus a pointer to --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from archir import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="archir",
         description="Declarative graph compiler and neural-architecture search engine.",
     )
@@ -78,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # output piped into a reader that stopped early (e.g. `| head`): not an error
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

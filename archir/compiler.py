@@ -9,14 +9,18 @@ would not fit (``ARCHIR_MAX_PARAMS``, default 2e9).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from archir import registry
 from archir.cost import DEFAULT_MAX_PARAMS, max_params  # noqa: F401  (re-exported)
 from archir.ir import Graph, Node, build_graph
-from archir.spec.loader import Spec
 from archir.spec.models import SpecModel
+
+if TYPE_CHECKING:
+    from archir.spec.loader import Spec
 
 
 class Residual(nn.Module):

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from archir import registry
 from archir.errors import BudgetError
 from archir.ir import Graph, Node, build_graph
-from archir.spec.loader import Spec
 from archir.spec.models import SpecModel
+
+if TYPE_CHECKING:
+    from archir.spec.loader import Spec
 
 
 @dataclass
@@ -106,7 +108,9 @@ def node_cost(node: Node, seq_len: int) -> NodeCost:
 def analyze_graph(graph: Graph, seq_len: int | None = None) -> CostReport:
     """Run the cost pass over a built graph."""
     m = graph.spec.model
-    L = int(seq_len or min(graph.spec.train.seq_len, m.max_seq_len))
+    if seq_len is not None and seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    L = int(seq_len if seq_len is not None else min(graph.spec.train.seq_len, m.max_seq_len))
     rows = [node_cost(n, L) for n in graph]
     params = sum(r.params for r in rows)
     bits_w = sum(r.params * r.bits for r in rows)

@@ -103,3 +103,18 @@ def did_you_mean(name: str, options: Iterable[str]) -> str | None:
     if len(opts) <= 12:
         return "expected one of: " + ", ".join(opts)
     return None
+
+
+def describe_validation_error(exc: Exception, prefix: str = "") -> str:
+    """One line from a pydantic ``ValidationError``: ``field: message, got value``."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return str(exc)
+    first = errors(include_url=False)[0]
+    field = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    text = f"{field}: {msg}" if field else msg
+    if got is not None and not isinstance(got, dict | list):
+        text += f", got {got!r}"
+    return text

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 from archir.ir import Graph, build_graph, graph_summary
-from archir.spec.loader import Spec
 from archir.spec.models import SpecModel
+
+if TYPE_CHECKING:
+    from archir.spec.loader import Spec
 
 
 def graph_hash(graph: Graph) -> str:

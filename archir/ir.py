@@ -20,16 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
 from archir import registry
 from archir.errors import GraphError, Location, did_you_mean
 from archir.registry import BlockKind, BuildContext, KindParams
-from archir.spec.loader import Spec
 from archir.spec.models import SpecModel
 from archir.spec.source import PathKey, SourceMap
+
+if TYPE_CHECKING:
+    from archir.spec.loader import Spec
 
 Dim = int | str
 
@@ -155,9 +157,9 @@ def build_graph(
             unknown or forward ``inputs`` names, cycles, a kind's parameters that do
             not fit the model (e.g. heads not dividing ``d_model``), or mismatched shapes.
     """
-    if source is None and isinstance(spec, Spec):
+    if source is None and not isinstance(spec, SpecModel):
         source = spec.smap
-    sm = spec.model if isinstance(spec, Spec) else spec
+    sm = spec.model if not isinstance(spec, SpecModel) else spec
     m = sm.model
     graph = Graph(sm, source)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from archir.commands import positive_int
+
 HELP = "show a spec's graph: every block's shape, params, FLOPs/token, state bytes, bits"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="spec file (or an exported .onnx file)")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length for costs")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="sequence length for costs")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 

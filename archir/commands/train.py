@@ -6,19 +6,21 @@ import argparse
 import json
 from pathlib import Path
 
+from archir.commands import positive_float, positive_int
+
 HELP = "train a concrete spec on a task (text:pydoc, text:<file>, digits, mad:<task>)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="concrete spec file")
     p.add_argument("--task", help="task name (default: the spec's train.task)")
-    p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--steps", type=positive_int, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--seq-len", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--time-budget", type=float, dest="time_budget_s", help="seconds")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--time-budget", type=positive_float, dest="time_budget_s", help="seconds")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads")
     p.add_argument("--out", help="output folder (default runs/<name>/train)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
@@ -31,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="task option, e.g. vocab_size=32 (repeatable)",
     )
-    p.add_argument("--checkpoint-every", type=int, help="write checkpoint.pt every N steps")
+    p.add_argument(
+        "--checkpoint-every", type=positive_int, help="write checkpoint.pt every N steps"
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
 
 
@@ -68,7 +72,19 @@ def run(args: argparse.Namespace) -> int:
         options["preset"] = args.preset
     task = get_task(updates.get("task", cfg.task), options)
     suggested = dict(task.recommended_train)
-    cfg = cfg.model_validate({**cfg.model_dump(), **suggested, **updates, "task_options": options})
+    from pydantic import ValidationError
+
+    from archir.errors import ArchirError, describe_validation_error
+
+    try:
+        cfg = cfg.model_validate(
+            {**cfg.model_dump(), **suggested, **updates, "task_options": options}
+        )
+    except ValidationError as exc:
+        raise ArchirError(
+            f"bad training option: {describe_validation_error(exc)}",
+            hint="see 'archir train --help'",
+        ) from None
     out = Path(args.out) if args.out else Path("runs") / spec.name / "train"
     result = train(
         spec,

@@ -102,8 +102,20 @@ class TextTask(Task):
     "text:<path> (any UTF-8 file); metric val_bpb",
 )
 def make_text_task(arg: str, options: dict[str, Any]) -> Task:
+    unknown = sorted(set(options) - {"val_fraction"})
+    if unknown:
+        raise TaskError(
+            f"text tasks take no option {', '.join(repr(u) for u in unknown)}",
+            hint="the only text option is val_fraction (default 0.1)",
+        )
+    try:
+        val_fraction = float(options.get("val_fraction", 0.1))
+    except (TypeError, ValueError):
+        raise TaskError(f"val_fraction must be a number, got {options['val_fraction']!r}") from None
+    if not 0.0 < val_fraction < 1.0:
+        raise TaskError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if arg in ("", "pydoc"):
-        return TextTask("text:pydoc", pydoc_bytes())
+        return TextTask("text:pydoc", pydoc_bytes(), val_fraction)
     p = Path(arg)
     if not p.is_file():
         raise TaskError(f"text file '{arg}' does not exist", hint="give a path to a UTF-8 file")
@@ -114,4 +126,4 @@ def make_text_task(arg: str, options: dict[str, Any]) -> Task:
         raise TaskError(f"text file '{arg}' is not UTF-8 (byte {exc.start})") from None
     if not raw.strip():
         raise TaskError(f"text file '{arg}' is empty", hint="give a file with some text")
-    return TextTask(f"text:{arg}", raw)
+    return TextTask(f"text:{arg}", raw, val_fraction)
