@@ -33,9 +33,33 @@ The architecture loss adds, for each constraint of ``search.constraints`` on a c
 ``latency_ms``), ``hw_weight · relu(E[m] / (bound·(1-margin)) - 1)`` (mirrored for ``>=``),
 and for each cost *objective* ``obj_weight · E[m] / m_ref``. ``E[m]`` is the expectation under
 ``softmax(alpha)`` of the exact per-candidate cost rows (registry cost rules through
-``archir.cost.node_cost``). ``latency_ms`` is predicted as ``E[flops] · (ms per FLOP)`` with
-the ratio measured once on the reference model on this machine (a one-point linear
-predictor; no per-kind calibration exists yet).
+``archir.cost.node_cost``).
+
+``latency_ms`` (:class:`LatencyModel`) comes from the calibrated latency predictor of
+:mod:`exporters.latency` when a calibration matches this machine, the runtime and the
+thread count of ``search.latency`` (``latency_calibration`` names a file explicitly): every
+block candidate gets its own predicted milliseconds (the predictor's per-node sum of parts on
+the candidate's IR node at ``[search.latency.batch, search.latency.seq_len]``), the other
+nodes a constant, and the predictor's map from sum of parts to whole-model milliseconds
+enters as the affine fit ``a · Σ + b`` over every candidate graph's prediction — so
+``E[latency]`` is the predictor's own value at every one-hot distribution when that map is
+affine (the per-part predictor's composition stage is). Discrete
+architectures (repair, SPOS feasibility) use the predictor's full prediction of their fixed
+spec. Without a calibration (or with ``latency_model="flops"``) the fallback is
+``E[flops] · (ms per FLOP)``, the ratio measured once on the reference model with the
+search's latency settings (measured with :func:`exporters.latency.latency_ms`). Which one
+ran is printed and recorded (``arch_weights.json`` → ``latency``). ``search.latency.predict:
+true`` requires the predictor, ``false`` forces the FLOPs fallback; the runtime is
+``search.latency.runtime`` (``latency_runtime`` overrides it; ``torch`` when the section has
+none) — the same runtime the trials' latency uses.
+
+Held decisions
+--------------
+Decisions outside blocks (``d_model``, a group's ``residual``, ``train.*`` ...) are not
+searched by the supernet (:mod:`searchers.supernet`): they are held at the value given in
+``held={name: value}`` or else at their default (first option of a choice, low end of an
+int range, middle of a float range). The run prints them at the start and records them in
+``arch_weights.json`` and ``oneshot.json`` (``held``).
 
 Collapse guard
 --------------
@@ -92,6 +116,25 @@ class OneShotConfig:
     Attributes:
         steps: supernet training steps (default: ``max(10, trials · trial_steps / 2)`` for
             DARTS, twice that for SPOS, i.e. about the CPU of the trial budget).
+        trials: the trial budget the supernet is sized to (overrides
+            ``search.budget.trials``; only used when ``steps`` is not given). The number of
+            architectures retrained is ``n_final``.
+        timeout_s: wall-clock budget in seconds (overrides ``search.budget.timeout_s``):
+            supernet training and the SPOS evolution stop when it is spent (at least one
+            step / the first generation run), and after the first retrained architecture no
+            further one starts.
+        fidelity: retraining fidelity of the chosen architectures (``cost``, ``proxy``,
+            ``full``; overrides ``search.fidelity.kind``).
+        trial_steps: retraining steps at proxy fidelity (overrides
+            ``search.fidelity.steps``; a ``full`` fidelity becomes ``proxy``).
+        storage: an Optuna storage URL (default: ``<run_dir>/study.journal``).
+        study: study name (default: the spec's name).
+        held: values for held decisions, ``{decision name: value}`` (option value, option
+            index for non-scalar choices, or a number in range); others keep their defaults.
+        latency_model: ``auto`` (predictor when a calibration matches, else FLOPs),
+            ``predictor`` (a SearchError without a calibration) or ``flops``.
+        latency_runtime: runtime of the calibration (default ``search.latency.runtime``).
+        latency_calibration: a calibration file instead of the machine's default one.
         warmup_frac: DARTS: share of the steps that train weights only.
         arch_lr, arch_wd: Adam on ``alpha`` (DARTS paper: 3e-4 / 1e-3; larger here for
             short runs).
@@ -124,6 +167,207 @@ class OneShotConfig:
     n_final: int = 1
     export: bool = False
     log_every: int = 10
+    trials: int | None = None
+    timeout_s: float | None = None
+    fidelity: str | None = None
+    trial_steps: int | None = None
+    storage: str | None = None
+    study: str | None = None
+    held: dict[str, Any] | None = None
+    latency_model: str = "auto"
+    latency_runtime: str | None = None
+    latency_calibration: str | None = None
+
+
+# -- latency ----------------------------------------------------------------------------------
+@dataclass
+class LatencyModel:
+    """How ``latency_ms`` of relaxed and discrete architectures is estimated (module
+    docstring).
+
+    Attributes:
+        source: ``"predictor"`` (calibrated predictor) or ``"flops"`` (ms per FLOP).
+        info: what to record: calibration file, runtime, threads, or the fallback's reason.
+        ms_per_flop: the FLOPs fallback's ratio.
+        predictor: the :class:`exporters.latency.LatencyPredictor`.
+        batch, seq: input shape of the prediction.
+        rows: predicted ms of every candidate of every block row (``SuperNet.block_rows``),
+            times the composition slope ``a``.
+        const_ms: ``a`` × the predicted ms of the parts outside blocks, plus ``b``.
+    """
+
+    source: str
+    info: dict[str, Any]
+    ms_per_flop: float | None = None
+    predictor: Any = None
+    batch: int = 1
+    seq: int = 1
+    rows: list[list[float]] = field(default_factory=list)
+    const_ms: float = 0.0
+
+    def expected(
+        self, net: SuperNet, costs: dict[str, torch.Tensor], probs: list[torch.Tensor] | None
+    ) -> torch.Tensor:
+        """``E[latency_ms]`` under the distribution (differentiable in ``alpha``)."""
+        if self.source == "predictor":
+            return net.expected_sum(self.rows, self.const_ms, probs)
+        assert self.ms_per_flop is not None
+        return costs["flops_per_token"] * self.ms_per_flop
+
+    def of_spec(self, spec: Spec, flops_per_token: float) -> float:
+        """Latency of one concrete spec in milliseconds."""
+        if self.source == "predictor":
+            from exporters.latency import graph_features
+
+            return float(self.predictor.predict(graph_features(spec, self.batch, self.seq)).ms)
+        assert self.ms_per_flop is not None
+        return flops_per_token * self.ms_per_flop
+
+
+def load_predictor(runtime: str, threads: int, calibration: str | None) -> tuple[Any, str]:
+    """The calibrated predictor for ``runtime``/``threads`` on this machine (or from the
+    ``calibration`` file) and the file's path.
+
+    Raises:
+        exporters.latency.CalibrationError: no calibration, or one that does not match.
+    """
+    from exporters.latency import CalibrationMissingError, load_calibration
+    from exporters.latency.calibrate import default_path, find_calibration, predictor_from
+
+    path = Path(calibration) if calibration else find_calibration(runtime, threads)
+    if path is None:
+        raise CalibrationMissingError(
+            f"no latency calibration for runtime '{runtime}' with {threads} thread(s) on this "
+            f"machine (looked for {default_path(runtime, threads)})"
+        )
+    return predictor_from(load_calibration(path, runtime=runtime, threads=threads)), str(path)
+
+
+def _affine(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares ``ms = a · sum_of_parts + b`` through ``(sum_of_parts, ms)`` points."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    if sxx <= 1e-12 * max(1.0, mx * mx):
+        return (my / mx if mx > 0 else 1.0), 0.0
+    a = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return a, my - a * mx
+
+
+def make_latency_model(
+    net: SuperNet, sec: SearchSection, seq_len: int, cfg: OneShotConfig
+) -> LatencyModel:
+    """The calibrated predictor when a calibration matches, else the FLOPs fallback.
+
+    Per candidate ``c`` of block node ``n``: the predictor's ``per_node_ms[n]`` on the
+    candidate's configuration graph. Constant: the reference graph's sum of parts minus its
+    block parts (embedding, final norm, head, merges, intercept). The predictor's map from
+    sum of parts to whole-model milliseconds is fitted as ``a · Σ + b`` over every
+    configuration graph's prediction (exact for an affine composition stage).
+
+    Raises:
+        SearchError: ``latency_model`` is ``predictor`` (or ``search.latency.predict`` is
+            true) and no calibration can be used.
+    """
+    ref = net.ref_spec
+    lat = sec.latency
+    batch = lat.batch
+    seq = min(lat.seq_len or seq_len, ref.model.model.max_seq_len)
+    runtime = cfg.latency_runtime or getattr(lat, "runtime", None) or "torch"
+    threads = lat.threads
+    mode = cfg.latency_model
+    sec_predict = getattr(lat, "predict", None)  # search.latency.predict (null/true/false)
+    if mode == "auto" and sec_predict is True:
+        mode = "predictor"
+    reason = "latency_model='flops'"
+    if mode == "auto" and sec_predict is False:
+        mode, reason = "flops", "search.latency.predict is false"
+    if mode != "flops":
+        from exporters.latency import CalibrationError, graph_features
+
+        try:
+            pred, path = load_predictor(runtime, threads, cfg.latency_calibration)
+        except CalibrationError as exc:
+            reason = str(exc)
+            if mode == "predictor":
+                raise SearchError(
+                    f"latency_model='predictor' but {reason}",
+                    hint=f"run `archir latency calibrate --runtime {runtime} --threads "
+                    f"{threads}`, or use latency_model='auto'",
+                ) from None
+        else:
+            cache: dict[int, Any] = {}
+            extrap = False
+
+            def predict(g: Any) -> Any:
+                nonlocal extrap
+                if id(g) not in cache:
+                    cache[id(g)] = pred.predict(graph_features(g, batch, seq))
+                    extrap = extrap or bool(cache[id(g)].extrapolated)
+                return cache[id(g)]
+
+            rows = []
+            names = []
+            for name, graphs in net.block_rows():
+                names.append(name)
+                rows.append([float(predict(g).per_node_ms[name]) for g in graphs])
+            p_ref = predict(ref)
+            const = float(p_ref.sum_of_parts_ms) - sum(p_ref.per_node_ms[n] for n in names)
+            points = [(float(p.sum_of_parts_ms), float(p.ms)) for p in cache.values()]
+            a, b = _affine(points)
+            rows = [[a * v for v in r] for r in rows]
+            return LatencyModel(
+                "predictor",
+                {
+                    "source": "predictor",
+                    "calibration": path,
+                    "runtime": runtime,
+                    "threads": threads,
+                    "batch": batch,
+                    "seq": seq,
+                    "extrapolated": extrap,
+                    "composition": [a, b],
+                    "reference_ms": float(p_ref.ms),
+                },
+                predictor=pred,
+                batch=batch,
+                seq=seq,
+                rows=rows,
+                const_ms=a * const + b,
+            )
+    from archir.cost import analyze
+    from exporters.latency import latency_ms
+
+    rec = latency_ms(
+        ref,
+        runtime,
+        predict=False,
+        batch=batch,
+        seq=seq,
+        threads=threads,
+        warmup=lat.warmup,
+        min_runs=lat.repeats,
+        max_runs=max(lat.repeats, 3 * lat.repeats),
+    )
+    ms = float(rec["median_ms"])
+    flops = max(1.0, analyze(ref).flops_per_token)
+    return LatencyModel(
+        "flops",
+        {
+            "source": "flops",
+            "reason": reason,
+            "reference_ms": ms,
+            "ms_per_flop": ms / flops,
+            "runtime": runtime,
+            "threads": threads,
+            "batch": batch,
+            "seq": seq,
+        },
+        ms_per_flop=ms / flops,
+        batch=batch,
+        seq=seq,
+    )
 
 
 # -- hardware loss ------------------------------------------------------------------------
@@ -136,21 +380,21 @@ class HardwareLoss:
         constraints: list[Constraint],
         objectives: list[Objective],
         cfg: OneShotConfig,
-        ms_per_flop: float | None = None,
+        latency: LatencyModel | None = None,
     ) -> None:
         self.net = net
         self.cons = [c for c in constraints if c.metric in HW_METRICS]
         self.objs = [o for o in objectives if o.metric in HW_METRICS]
         self.cfg = cfg
-        self.ms_per_flop = ms_per_flop
+        self.latency = latency
         with torch.no_grad():
             e0 = self.expected()
         self.ref = {k: max(float(v), 1e-9) for k, v in e0.items()}
 
     def expected(self, probs: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         e = self.net.expected_costs(probs)
-        if self.ms_per_flop is not None:
-            e["latency_ms"] = e["flops_per_token"] * self.ms_per_flop
+        if self.latency is not None:
+            e["latency_ms"] = self.latency.expected(self.net, e, probs)
         return e
 
     def __call__(self, probs: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -263,13 +507,16 @@ def _lr(step: int, total: int, cfg: TrainSection) -> float:
     return lr_at(step, cfg.model_copy(update={"steps": total}))
 
 
-def _arch_cost(net: SuperNet, arch: dict[str, int], ms_per_flop: float | None) -> dict[str, float]:
+def _arch_cost(
+    net: SuperNet, arch: dict[str, int], latency: LatencyModel | None
+) -> dict[str, float]:
     from archir.cost import analyze
 
-    rep = analyze(net.fix(arch))
+    spec = net.fix(arch)
+    rep = analyze(spec)
     vals = {k: float(getattr(rep, k)) for k in COST_METRICS}
-    if ms_per_flop is not None:
-        vals["latency_ms"] = vals["flops_per_token"] * ms_per_flop
+    if latency is not None:
+        vals["latency_ms"] = latency.of_spec(spec, vals["flops_per_token"])
     return vals
 
 
@@ -285,7 +532,13 @@ def _log_prob(net: SuperNet, arch: dict[str, int]) -> float:
 
 
 def _labels(net: SuperNet, arch: dict[str, int]) -> dict[str, str]:
-    return {d.name: d.labels[arch[d.name]] for d in net.decisions}
+    """Readable values of the decisions an architecture uses (decisions nested under an
+    option it did not choose are left out)."""
+    try:
+        used = set(net.fix(arch).decisions)
+    except ArchirError:  # pragma: no cover - every architecture of the supernet fixes
+        used = {d.name for d in net.decisions}
+    return {d.name: d.labels[arch[d.name]] for d in net.decisions if d.name in used}
 
 
 def _weights_doc(net: SuperNet) -> dict[str, Any]:
@@ -319,9 +572,11 @@ def train_supernet(
     hw: HardwareLoss | None,
     guard: CollapseGuard | None,
     seed: int,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """Train the supernet (weights, and ``alpha`` for DARTS/GDAS). Returns a log dict with
-    ``history`` and timings."""
+    ``history``, ``steps_run``, ``stopped`` (why it ended early, else None) and timings.
+    ``deadline``: a ``time.perf_counter()`` value after which no further step starts."""
     from archir.train import make_optimizer
 
     torch.manual_seed(seed)
@@ -348,8 +603,14 @@ def train_supernet(
     net.train()
     last_loss = float("nan")
     all_params = params + (list(extra.parameters()) if extra is not None else [])
+    stopped = None
+    steps_run = 0
     for step in range(steps):
         t0 = time.perf_counter()
+        if step > 0 and deadline is not None and t0 > deadline:
+            stopped = f"timeout after {step} of {steps} steps"
+            break
+        steps_run = step + 1
         lr = _lr(step, steps, train_cfg)
         for g in w_opt.param_groups:
             g["lr"] = lr
@@ -399,7 +660,8 @@ def train_supernet(
         w_opt.step()
         last_loss = float(loss.detach())
         step_times.append(time.perf_counter() - t0)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+        last = step + 1 == steps or (deadline is not None and time.perf_counter() > deadline)
+        if (step + 1) % cfg.log_every == 0 or last:
             row: dict[str, Any] = {"step": step + 1, "train_loss": round(last_loss, 5)}
             if arch_loss is not None:
                 row["arch_loss"] = round(arch_loss, 5)
@@ -413,6 +675,8 @@ def train_supernet(
             history.append(row)
     return {
         "steps": steps,
+        "steps_run": steps_run,
+        "stopped": stopped,
         "warmup_steps": warm if method == "darts" else None,
         "final_train_loss": last_loss,
         "step_time_s": sum(step_times) / max(1, len(step_times)),
@@ -439,9 +703,11 @@ def evolve(
     constraints: list[Constraint],
     cfg: OneShotConfig,
     seed: int,
-    ms_per_flop: float | None,
+    latency: LatencyModel | None,
+    deadline: float | None = None,
 ) -> tuple[list[tuple[float, dict[str, int]]], list[dict[str, Any]]]:
-    """SPOS evolutionary search. Returns ``[(score, arch)]`` best first and a log."""
+    """SPOS evolutionary search. Returns ``[(score, arch)]`` best first and a log.
+    ``deadline`` (``time.perf_counter()``): no generation starts after it."""
     rng = random.Random(seed)
     cache: dict[tuple[int, ...], float] = {}
     names = [d.name for d in net.decisions]
@@ -455,7 +721,7 @@ def evolve(
     def fitness(a: dict[str, int]) -> float:
         k = key(a)
         if k not in cache:
-            if pre and not _feasible(pre, _arch_cost(net, a, ms_per_flop)):
+            if pre and not _feasible(pre, _arch_cost(net, a, latency)):
                 cache[k] = math.inf
             else:
                 cache[k] = score_arch(net, task, a, batches)
@@ -476,6 +742,9 @@ def evolve(
         if math.isfinite(fitness(a)):
             pop.append(a)
     for gen in range(cfg.generations):
+        if gen > 0 and deadline is not None and time.perf_counter() > deadline:
+            log.append({"generation": gen, "stopped": "timeout"})
+            break
         pop.sort(key=fitness)
         parents = pop[: max(2, len(pop) // 2)]
         children: list[dict[str, int]] = []
@@ -513,7 +782,7 @@ def evolve(
 
 
 def most_probable_feasible(
-    net: SuperNet, constraints: list[Constraint], ms_per_flop: float | None, seed: int
+    net: SuperNet, constraints: list[Constraint], latency: LatencyModel | None, seed: int
 ) -> dict[str, int] | None:
     """The most probable architecture meeting the pre-training constraints (exhaustive over
     up to 4096 architectures, else over 512 samples of the distribution)."""
@@ -534,7 +803,7 @@ def most_probable_feasible(
             )
     cands.sort(key=lambda a: -_log_prob(net, a))
     for a in cands[:256]:
-        if _feasible(pre, _arch_cost(net, a, ms_per_flop)):
+        if _feasible(pre, _arch_cost(net, a, latency)):
             return a
     return None
 
@@ -560,15 +829,20 @@ def run_oneshot(
         relax: ``softmax`` (DARTS) or ``gumbel`` (GDAS); ignored by SPOS.
         seed: seeds the supernet, the path sampling and the evolution.
         steps: supernet training steps (see :class:`OneShotConfig`).
-        options: other :class:`OneShotConfig` fields.
+        say: progress printer (``str -> None``).
+        options: other :class:`OneShotConfig` fields, e.g. ``storage``, ``study``,
+            ``trials``, ``timeout_s``, ``fidelity``, ``trial_steps``, ``export``, ``held``,
+            ``n_final``, ``latency_model``.
 
     Returns:
         A summary: ``best`` (trial row), ``trials``, ``arch_weights``, ``collapse``,
-        ``supernet`` (params, step time, memory), ``cpu_s`` per phase, ``run_dir``.
+        ``held``, ``latency``, ``supernet`` (params, step time, memory), ``cpu_s`` per phase,
+        ``run_dir``, ``storage``, ``study``.
 
     Raises:
-        SearchError: unknown method/relax/option, nothing searchable, or a block with too
-            many configurations. SpecError: the spec is invalid.
+        SearchError: unknown method/relax/option, a bad option value, nothing searchable,
+            a block with too many configurations, a study of that name over another space,
+            or an unreachable storage. SpecError: the spec is invalid.
     """
     from searchers.pareto import finalize
     from searchers.run import (
@@ -592,57 +866,118 @@ def run_oneshot(
     bad = sorted(set(options) - known)
     if bad:
         raise SearchError(f"unknown one-shot option '{bad[0]}'", hint=", ".join(sorted(known)))
+    options = {k: v for k, v in options.items() if v is not None}
     ocfg = OneShotConfig(**options)
     if steps is not None:
         ocfg.steps = steps
+    if ocfg.latency_model not in ("auto", "predictor", "flops"):
+        raise SearchError(
+            f"unknown latency_model '{ocfg.latency_model}'", hint="auto, predictor or flops"
+        )
+    if ocfg.held is not None and not isinstance(ocfg.held, dict):
+        raise SearchError("held must be a mapping {decision name: value}")
     if isinstance(spec, str | Path):
         spec = load_spec(spec)
     if spec.is_concrete:
         raise SearchError(f"spec '{spec.name}' has no search nodes: nothing to search")
     cpu0, wall0 = time.process_time(), time.perf_counter()
+    deadline = None
 
     # -- configuration, exactly as run_search builds it -----------------------------------
     run_dir = Path(run_dir)
     searcher = method if method == "spos" else f"darts-{relax}"
     torch.manual_seed(seed)
-    net = build_supernet(spec)
+    net = build_supernet(spec, held=ocfg.held)
     ref = net.ref_spec
     sec = ref.model.search or SearchSection.model_validate(spec.data.get("search") or {})
-    sec = sec.model_copy(update={"pruner": "none", "seed": seed})
+    upd: dict[str, Any] = {"pruner": "none", "seed": seed}
+    fid = sec.fidelity.model_dump()
+    if ocfg.fidelity is not None:
+        fid["kind"] = ocfg.fidelity
+    if ocfg.trial_steps is not None:
+        fid["steps"] = ocfg.trial_steps
+        if fid["kind"] == "full":
+            fid["kind"] = "proxy"
+    upd["fidelity"] = fid
+    budget = sec.budget.model_dump()
+    if ocfg.trials is not None:
+        budget["trials"] = ocfg.trials
+    if ocfg.timeout_s is not None:
+        budget["timeout_s"] = ocfg.timeout_s
+    upd["budget"] = budget
+    try:
+        sec = SearchSection.model_validate({**sec.model_dump(), **upd})
+    except Exception as exc:  # pydantic error on an override
+        raise SearchError(f"bad one-shot option: {str(exc).splitlines()[-1]}") from None
+    if sec.budget.timeout_s is not None:
+        deadline = wall0 + float(sec.budget.timeout_s)
     train_sec = ref.model.train
     shash = space_hash(spec.nodes)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(spec.to_yaml(), encoding="utf-8")
+    study_name = ocfg.study or spec.name
     cfg = SearchConfig(
         spec_path=str(run_dir / "spec.yaml"),
         run_dir=str(run_dir),
-        storage_url=None,
-        study_name=spec.name,
+        storage_url=ocfg.storage,
+        study_name=study_name,
         search=sec.model_dump(),
         train=train_sec.model_dump(),
         space_hash=shash,
         trials=ocfg.n_final,
-        timeout_s=None,
+        timeout_s=sec.budget.timeout_s,
         workers=1,
     )
     objectives, constraints, _ = _objectives(cfg)
     trial_cfg = trial_train_cfg(cfg)
+    # the storage is opened (and the study checked) before anything is trained
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(ocfg.storage, cfg.journal)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        directions=[str(o.direction) for o in objectives],  # type: ignore[misc]
+        load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(seed=seed),
+        pruner=optuna.pruners.NopPruner(),
+    )
+    old_hash = study.user_attrs.get("archir:space_hash")
+    if old_hash is not None and old_hash != shash:
+        raise SearchError(
+            f"study '{study_name}' in {ocfg.storage or cfg.journal} searches another space",
+            hint="use another --study name or run folder",
+        )
+    if old_hash is None:
+        study.set_user_attr("archir:space_hash", shash)
+        study.set_user_attr("archir:objectives", [[o.metric, o.direction] for o in objectives])
+        study.set_user_attr("archir:constraints", [[c.metric, c.text] for c in constraints])
+        study.set_user_attr("archir:spec", spec.to_yaml())
+    (run_dir / "spec.yaml").write_text(spec.to_yaml(), encoding="utf-8")
+    held_doc = net.held_doc()
     (run_dir / "run.json").write_text(
         json.dumps(
             {
                 "spec": str(spec.file or run_dir / "spec.yaml"),
-                "study": spec.name,
-                "storage": "study.journal",
+                "study": study_name,
+                "storage": ocfg.storage or "study.journal",
                 "space_hash": shash,
                 "space": space_description(spec.nodes),
                 "objectives": {o.metric: o.direction for o in objectives},
                 "constraints": {c.metric: c.text for c in constraints},
                 "search": sec.model_dump(),
                 "searcher": searcher,
+                "held": held_doc,
             },
             indent=2,
+            default=str,
         )
     )
+    if held_doc:
+        say(
+            "held decisions (not searched by the supernet; set with held={name: value}): "
+            + ", ".join(
+                f"{k} = {v['label']} ({v['source']}; allowed {v['allowed']})"
+                for k, v in held_doc.items()
+            )
+        )
     from archir.tasks.base import get_task
 
     task = get_task(train_sec.task, train_sec.task_options)
@@ -654,25 +989,24 @@ def run_oneshot(
     if ocfg.steps is None and method == "spos":
         n_steps *= 2
 
-    # -- latency predictor (one point, this machine) ---------------------------------------
-    ms_per_flop = None
+    # -- latency estimate (calibrated predictor, else FLOPs) ---------------------------------
+    latency: LatencyModel | None = None
     used = {c.metric for c in constraints} | {o.metric for o in objectives}
     if "latency_ms" in used:
-        from archir.compiler import compile as compile_spec
-        from searchers.latency import example_input, measure_latency_ms
-
-        m = compile_spec(ref, seed=0)
-        lat = sec.latency
-        x = example_input(ref.model, lat.batch, lat.seq_len or trial_cfg.seq_len)
-        ms = measure_latency_ms(m, x, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats)
-        from archir.cost import analyze
-
-        ms_per_flop = ms / max(1.0, analyze(ref).flops_per_token)
+        latency = make_latency_model(net, sec, trial_cfg.seq_len, ocfg)
+        if latency.source == "predictor":
+            say(
+                f"latency: calibrated predictor ({latency.info['calibration']}, "
+                f"{latency.info['runtime']}, {latency.info['threads']} thread(s))"
+            )
+        else:
+            say(
+                f"latency: FLOPs x {latency.ms_per_flop:.3g} ms/FLOP measured on the reference "
+                f"model (no calibrated predictor: {latency.info['reason']})"
+            )
 
     # -- supernet -----------------------------------------------------------------------------
-    hw = (
-        HardwareLoss(net, constraints, objectives, ocfg, ms_per_flop) if method == "darts" else None
-    )
+    hw = HardwareLoss(net, constraints, objectives, ocfg, latency) if method == "darts" else None
     guard = (
         CollapseGuard(net, ocfg.guard_threshold, ocfg.guard_beta, ocfg.guard_max_triggers)
         if method == "darts" and ocfg.guard
@@ -686,7 +1020,11 @@ def run_oneshot(
     )
     rss0 = _max_rss_mb()
     cpu_s0 = time.process_time()
-    log = train_supernet(net, task, trial_cfg, method, relax, n_steps, ocfg, hw, guard, seed)
+    log = train_supernet(
+        net, task, trial_cfg, method, relax, n_steps, ocfg, hw, guard, seed, deadline
+    )
+    if log.get("stopped"):
+        say(f"supernet training stopped after {log['steps_run']} steps: {log['stopped']}")
     cpu_supernet = time.process_time() - cpu_s0
 
     # -- choose architectures --------------------------------------------------------------
@@ -697,15 +1035,15 @@ def run_oneshot(
         a = net.argmax()
         finals.append((a, {"how": "argmax", "log_prob": _log_prob(net, a)}))
         pre = [c for c in constraints if c.metric in HW_METRICS]
-        if pre and not _feasible(pre, _arch_cost(net, a, ms_per_flop)):
-            r = most_probable_feasible(net, constraints, ms_per_flop, seed)
+        if pre and not _feasible(pre, _arch_cost(net, a, latency)):
+            r = most_probable_feasible(net, constraints, latency, seed)
             if r is not None and r != a:
                 finals.append((r, {"how": "repaired", "log_prob": _log_prob(net, r)}))
     else:
         seq_len = min(trial_cfg.seq_len, net.spec.model.max_seq_len)
         vs = _val_stream(task, trial_cfg.batch_size, seq_len, seed)
         batches = [next(vs) for _ in range(ocfg.eval_batches)]
-        ranked, evo_log = evolve(net, task, batches, constraints, ocfg, seed, ms_per_flop)
+        ranked, evo_log = evolve(net, task, batches, constraints, ocfg, seed, latency, deadline)
         if not ranked:
             raise SearchError(
                 "SPOS evolution found no sub-network meeting the constraints",
@@ -717,11 +1055,13 @@ def run_oneshot(
 
     # -- arch weights --------------------------------------------------------------------------
     sdesc = net.describe()
+    lat_doc = latency.info if latency is not None else {"source": None, "reason": "not used"}
     doc: dict[str, Any] = {
         "method": method,
         "relax": relax if method == "darts" else None,
         "decisions": _weights_doc(net),
-        "held": {k: v for k, v in net.held.items()},
+        "held": held_doc,
+        "latency": lat_doc,
         "supernet": sdesc,
         "training": log,
         "collapse": {
@@ -739,24 +1079,14 @@ def run_oneshot(
 
     # -- retrain and record each as a trial --------------------------------------------------
     cpu_s0 = time.process_time()
-    storage = open_storage(None, cfg.journal)
-    study = optuna.create_study(
-        storage=storage,
-        study_name=cfg.study_name,
-        directions=[str(o.direction) for o in objectives],  # type: ignore[misc]
-        load_if_exists=True,
-        sampler=optuna.samplers.RandomSampler(seed=seed),
-        pruner=optuna.pruners.NopPruner(),
-    )
-    if "archir:space_hash" not in study.user_attrs:
-        study.set_user_attr("archir:space_hash", shash)
-        study.set_user_attr("archir:objectives", [[o.metric, o.direction] for o in objectives])
-        study.set_user_attr("archir:constraints", [[c.metric, c.text] for c in constraints])
-        study.set_user_attr("archir:spec", spec.to_yaml())
     evaluator = Evaluator(cfg, spec)
     evaluator._task = task
     numbers = []
-    for arch, info in finals:
+    skipped = []
+    for k, (arch, info) in enumerate(finals):
+        if k > 0 and deadline is not None and time.perf_counter() > deadline:
+            skipped.append(info["how"])
+            continue
         fixed = net.fix(arch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -772,11 +1102,10 @@ def run_oneshot(
             f"trial {t.number} ({info['how']}): {t.user_attrs.get('status')} "
             f"{t.user_attrs.get('values', {})}"
         )
+    if skipped:
+        say(f"timeout: {len(skipped)} chosen architecture(s) not retrained ({', '.join(skipped)})")
     cpu_retrain = time.process_time() - cpu_s0
-    try:
-        result = finalize(cfg, objectives, constraints, export=ocfg.export, say=say)
-    except ArchirError:
-        raise
+    result = finalize(cfg, objectives, constraints, export=ocfg.export, say=say)
     best = result.best
     if best is not None and (run_dir / "best").exists():
         rep_path = run_dir / "best" / "report.json"
@@ -786,6 +1115,8 @@ def run_oneshot(
             "relax": doc["relax"],
             "arch_weights": {k: v["probs"] for k, v in doc["decisions"].items()},
             "collapse": doc["collapse"],
+            "held": held_doc,
+            "latency": lat_doc,
         }
         rep_path.write_text(json.dumps(rep, indent=2, default=str))
     trial_rows = []
@@ -803,14 +1134,21 @@ def run_oneshot(
         "method": method,
         "relax": doc["relax"],
         "run_dir": str(run_dir),
+        "storage": ocfg.storage or str(cfg.journal),
+        "study": study_name,
         "best": best,
         "trials": trial_rows,
+        "not_retrained": skipped,
         "arch_weights": {k: v["probs"] for k, v in doc["decisions"].items()},
         "chosen": doc["chosen"],
         "collapse": doc["collapse"],
+        "held": held_doc,
+        "latency": lat_doc,
         "supernet": {
             "weights": sdesc["params"],
-            "steps": n_steps,
+            "steps": log["steps_run"],
+            "planned_steps": n_steps,
+            "stopped": log.get("stopped"),
             "step_time_s": log["step_time_s"],
             "max_rss_mb": _max_rss_mb(),
             "rss_growth_mb": _max_rss_mb() - rss0,

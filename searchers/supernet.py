@@ -30,8 +30,12 @@ which every candidate architecture is a path:
   (hard): the optional layers have an identity candidate.
 * **Held decisions** — every other node (``d_model``, ``vocab_size``, group-level
   ``residual``/``share_weights``, ``train.lr`` ...) changes tensors that all candidates share
-  and is held at a reference value (first option, low end of an int range, middle of a float
-  range) while the supernet trains; the discrete architecture keeps that value.
+  and is **not searched**: it is held at one value while the supernet trains and every
+  discrete architecture keeps that value. The value is the one given in
+  ``build_supernet(spec, held={name: value})`` (``run_oneshot(..., held=...)``), else the
+  first option of a choice, the low end of an int range or the middle of a float range.
+  ``SuperNet.held`` lists them (``run_oneshot`` prints and records them). To search such a
+  decision, run one one-shot search per value, or use a trial-based searcher.
   Float nodes inside blocks are searched over a 4-point grid.
 
 Paths. ``set_path(...)`` selects how the next forward mixes candidates: ``soft`` (DARTS:
@@ -158,8 +162,60 @@ def _block_pos(path: tuple[Any, ...]) -> tuple[int, int] | None:
     return None
 
 
-def classify(nodes: list[SearchNode]) -> dict[str, Decision]:
-    """Decisions of a spec by name, each classified as block, depth or held."""
+def _held_value(node: SearchNode, value: Any) -> Any:
+    """A user's value for a held decision, as ``Spec.fix`` takes it.
+
+    Raises:
+        SearchError: the value is not one of the node's options / outside its range.
+    """
+    if node.type == "choice":
+        opts = list(node.options or ())
+        if node.scalar_options:
+            for o in opts:
+                if o == value and type(o) is type(value):
+                    return o
+            for o in opts:
+                if o == value:
+                    return o
+            raise SearchError(
+                f"held value {value!r} for '{node.name}' is not one of its options {opts}"
+            )
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(opts):
+            return value
+        raise SearchError(
+            f"held value {value!r} for '{node.name}': give the option index 0..{len(opts) - 1}",
+            hint="options: " + ", ".join(f"{i}: {_label(o)}" for i, o in enumerate(opts)),
+        )
+    assert node.low is not None and node.high is not None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise SearchError(f"held value {value!r} for '{node.name}' is not a number")
+    if not float(node.low) <= float(value) <= float(node.high):
+        raise SearchError(
+            f"held value {value!r} for '{node.name}' is outside [{node.low}, {node.high}]"
+        )
+    if node.type == "int":
+        step = int(node.step or 1)
+        if int(value) != value or (int(value) - int(node.low)) % step:
+            raise SearchError(
+                f"held value {value!r} for '{node.name}' is not on its int grid "
+                f"({node.low}..{node.high} step {step})"
+            )
+        return int(value)
+    return float(value)
+
+
+def classify(nodes: list[SearchNode], held: Mapping[str, Any] | None = None) -> dict[str, Decision]:
+    """Decisions of a spec by name, each classified as block, depth or held.
+
+    Args:
+        nodes: the spec's search nodes.
+        held: values for held decisions (decision name -> option value / option index for
+            non-scalar choices / number); others take their default reference value.
+
+    Raises:
+        SearchError: ``held`` names a decision that does not exist or that the supernet
+            searches, or gives a value the node does not allow.
+    """
     by_name: dict[str, list[SearchNode]] = {}
     for n in nodes:
         by_name.setdefault(n.name, []).append(n)
@@ -185,7 +241,34 @@ def classify(nodes: list[SearchNode]) -> dict[str, Decision]:
         if cat == "depth" and not all(isinstance(v, int) for v in vals):
             cat, vals, labels, ref = "held", [vals[-1]], [str(vals[-1])], vals[-1]
         out[name] = Decision(name, cat, vals, labels, node, ref)
+    held_names = sorted(n for n, d in out.items() if d.category == "held")
+    for name, value in (held or {}).items():
+        d = out.get(name)
+        if d is None:
+            raise SearchError(
+                f"held decision '{name}' is not a search node of the spec",
+                hint="held decisions: " + (", ".join(held_names) or "none"),
+            )
+        if d.category != "held":
+            raise SearchError(
+                f"'{name}' is searched by the supernet ({d.category} decision); only held "
+                "decisions can be set",
+                hint="held decisions: " + (", ".join(held_names) or "none"),
+            )
+        v = _held_value(d.node, value)
+        d.reference, d.values, d.labels = v, [v], [str(v)]
     return out
+
+
+def held_options(d: Decision) -> str:
+    """The values a held decision allows, for messages (``choice [64, 96]``,
+    ``int [1, 4]``)."""
+    node = d.node
+    if node.type == "choice" and not node.scalar_options:
+        return "option index: " + ", ".join(
+            f"{i}={_label(o)}" for i, o in enumerate(node.options or ())
+        )
+    return node.describe()
 
 
 # -- straight-through fake quantization --------------------------------------------------
@@ -354,9 +437,17 @@ class SuperNet(nn.Module):
         spec: the reference concrete spec model (all held values, maximal depth).
     """
 
-    def __init__(self, spec: Spec, *, seq_len: int | None = None, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        seq_len: int | None = None,
+        dropout: float = 0.0,
+        held: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
-        table = classify(spec.nodes)
+        table = classify(spec.nodes, held)
+        self.held_by_user = sorted(held or {})
         self.open_spec = spec
         self.decisions = [d for d in table.values() if d.category != "held"]
         self.held = {d.name: d.reference for d in table.values() if d.category == "held"}
@@ -407,6 +498,10 @@ class SuperNet(nn.Module):
         self._plan: list[_Op] = []
         self._const: dict[str, float] = dict.fromkeys(COST_KEYS, 0.0)
         self._block_rows: list[tuple[int, tuple[int, int] | None, list[NodeCost]]] = []
+        # per block row: the IR node name and each candidate's configuration graph (for
+        # per-candidate quantities other than the cost rows, e.g. predicted latency)
+        self._block_nodes: list[str] = []
+        self._block_graphs: list[list[Graph]] = []
         owner: dict[str, int] = {}
         slot: dict[str, int] = {}
         for n in graph:
@@ -443,6 +538,8 @@ class SuperNet(nn.Module):
                     owner[n.name] = idx
                 self._plan.append(_Op("block", idx, ins, gate, n.name))
                 self._block_rows.append((idx, gate, [c.cost for c in cands]))
+                self._block_nodes.append(n.name)
+                self._block_graphs.append([g for _, g in configs[(gi, bi)]])
                 self._block_decs = None
                 continue
             row = node_cost(n, L)
@@ -628,6 +725,8 @@ class SuperNet(nn.Module):
     def _run(self, x: torch.Tensor, stop_before_head: bool) -> torch.Tensor:
         vals: list[torch.Tensor] = []
         state = self._state
+        for m in self._aux_modules:  # a candidate off this path must not keep an old loss
+            m.aux_loss = None  # type: ignore[assignment]
         for op in self._plan:
             if op.op == "embed":
                 vals.append(self.embed(x))
@@ -710,6 +809,58 @@ class SuperNet(nn.Module):
         out["weight_bits_avg"] = tot["bits_x_params"] / tot["params"].clamp_min(1.0)
         return out
 
+    def expected_sum(
+        self,
+        per_candidate: list[list[float]],
+        const: float = 0.0,
+        probs: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Expectation of an additive per-block quantity under the architecture distribution
+        (differentiable in ``alpha``): ``const + Σ_rows Σ_c gate · w_c · per_candidate[row][c]``
+        with rows in ``block_rows()`` order (depth-gated layers weighted by
+        ``P(repeat > r)``). Used for predicted latency."""
+        probs = probs if probs is not None else self.probs()
+        state = PathState(probs, None)
+        total = torch.tensor(float(const))
+        for (idx, gate, _), vals in zip(self._block_rows, per_candidate):
+            mb = self.blocks[idx]
+            assert isinstance(mb, MixedBlock)
+            g = None
+            if gate is not None:
+                di, rep = gate
+                mask = torch.tensor([1.0 if v > rep else 0.0 for v in self.decisions[di].values])
+                g = (probs[di] * mask).sum()
+            for i, v in enumerate(vals):
+                w = mb.weight(i, state)
+                w = torch.tensor(1.0) if w is None else w
+                if g is not None:
+                    w = w * g
+                total = total + w * float(v)
+        return total
+
+    def held_doc(self) -> dict[str, dict[str, Any]]:
+        """Held decisions as plain data: ``{name: {value, label, allowed, source}}``
+        (``source``: ``"user"`` when given in ``held=``, else ``"default"``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.held:
+            d = self._all[name]
+            node = d.node
+            label = str(d.reference)
+            if node.type == "choice" and not node.scalar_options:
+                label = _label((node.options or ())[int(d.reference)])
+            out[name] = {
+                "value": d.reference,
+                "label": label,
+                "allowed": held_options(d),
+                "source": "user" if name in self.held_by_user else "default",
+            }
+        return out
+
+    def block_rows(self) -> list[tuple[str, list[Graph]]]:
+        """Every block node of the reference graph (maximal depth) with the configuration
+        graph of each of its candidates, in :meth:`expected_sum` order."""
+        return list(zip(self._block_nodes, self._block_graphs))
+
     # -- discretization -------------------------------------------------------------------
     def argmax(self) -> dict[str, int]:
         """The most probable value index of every searched decision."""
@@ -753,20 +904,29 @@ class SuperNet(nn.Module):
             "decisions": [
                 {"name": d.name, "category": d.category, "values": d.labels} for d in self.decisions
             ],
-            "held": {k: v for k, v in self.held.items()},
+            "held": self.held_doc(),
             "blocks": blocks,
             "params": sum(p.numel() for p in self.weight_parameters()),
         }
 
 
-def build_supernet(spec: Spec, *, seq_len: int | None = None) -> SuperNet:
+def build_supernet(
+    spec: Spec, *, seq_len: int | None = None, held: Mapping[str, Any] | None = None
+) -> SuperNet:
     """Build the supernet of an open spec.
 
+    Args:
+        spec: an open spec.
+        seq_len: sequence length of the cost rows (default ``train.seq_len``).
+        held: values for held decisions (see :func:`classify`); the others keep their
+            default reference (first option, low end of an int range, middle of a float
+            range).
+
     Raises:
-        SearchError: the spec has no searchable decision, or a block has too many
-            configurations for a one-shot supernet.
+        SearchError: the spec has no searchable decision, a block has too many
+            configurations for a one-shot supernet, or a bad ``held`` entry.
     """
-    net = SuperNet(spec, seq_len=seq_len)
+    net = SuperNet(spec, seq_len=seq_len, held=held)
     if not net.decisions:
         raise SearchError(
             "the spec has no decision a supernet can search (only held ones: "

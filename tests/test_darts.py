@@ -297,3 +297,194 @@ def test_bad_arguments_are_search_errors(tmp_path):
     held_only["model"]["d_model"] = {"choice": [16, 32]}
     with pytest.raises(SearchError, match="no decision a supernet can search"):
         build_supernet(spec_from_dict(held_only))
+
+
+# -- latency: calibrated predictor per candidate, FLOPs fallback ------------------------------
+def _lat_space() -> dict:
+    return small_space(objectives={"val_bpb": "minimize", "latency_ms": "minimize"})
+
+
+class FakePredictor:
+    """Stands in for a calibrated :class:`exporters.latency.LatencyPredictor`: each part's
+    milliseconds linear in its shape features, the whole model ``1.5 · Σ parts + 0.2``
+    (an affine composition stage, like the real predictor's)."""
+
+    coef = (3.0, 9.0, 0.5, 0.2, 0.01)
+
+    def predict(self, g):
+        from exporters.latency import Prediction
+
+        per = {p.name: sum(c * x for c, x in zip(self.coef, p.x)) for p in g.nodes}
+        sop = sum(per.values())
+        return Prediction(1.5 * sop + 0.2, (sop, 2 * sop), sop, per, False)
+
+
+@pytest.fixture
+def fake_predictor(monkeypatch):
+    import searchers.darts as darts
+
+    def load(runtime, threads, calibration):
+        assert runtime == "torch" and threads == 1
+        return FakePredictor(), calibration or "fake.json"
+
+    monkeypatch.setattr(darts, "load_predictor", load)
+
+
+def test_latency_predictor_gives_each_candidate_its_own_prediction(fake_predictor):
+    from archir.spec.sections import SearchSection
+    from exporters.latency import graph_features
+    from searchers.darts import make_latency_model
+
+    spec = spec_from_dict(_lat_space())
+    net = build_supernet(spec)
+    sec = SearchSection.model_validate(spec.data["search"])
+    lat = make_latency_model(net, sec, 16, OneShotConfig())
+    assert lat.source == "predictor" and lat.info["calibration"] == "fake.json"
+    assert lat.info["composition"] == pytest.approx([1.5, 0.2])
+    # candidates of one block position get different predicted latencies
+    assert len({round(v, 9) for v in lat.rows[0]}) > 1
+    # at every one-hot distribution the expectation is the predictor's value of that spec
+    for arch in net.arch_space():
+        probs = [
+            torch.nn.functional.one_hot(torch.tensor(arch[d.name]), len(d.values)).float()
+            for d in net.decisions
+        ]
+        e = lat.expected(net, net.expected_costs(probs), probs)
+        want = FakePredictor().predict(graph_features(net.fix(arch), 1, 16)).ms
+        assert float(e) == pytest.approx(want, rel=1e-6)
+        assert lat.of_spec(net.fix(arch), 0.0) == pytest.approx(want, rel=1e-9)
+    # differentiable in alpha through the hardware loss
+    hw = HardwareLoss(net, [], [Objective("latency_ms", "minimize")], OneShotConfig(), lat)
+    hw().backward()
+    assert net.alphas[0].grad is not None and net.alphas[0].grad.abs().sum() > 0
+
+
+def test_latency_falls_back_to_flops_without_calibration(tmp_path, monkeypatch):
+    import exporters.latency as xl
+    from archir.cost import analyze
+    from archir.spec.sections import SearchSection
+    from searchers.darts import make_latency_model
+
+    monkeypatch.setenv("ARCHIR_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(xl, "latency_ms", lambda *a, **k: {"median_ms": 2.0})
+    spec = spec_from_dict(_lat_space())
+    net = build_supernet(spec)
+    sec = SearchSection.model_validate(spec.data["search"])
+    lat = make_latency_model(net, sec, 16, OneShotConfig())
+    assert lat.source == "flops" and "no latency calibration" in lat.info["reason"]
+    flops = analyze(net.ref_spec).flops_per_token
+    assert lat.ms_per_flop == pytest.approx(2.0 / flops)
+    e = net.expected_costs()
+    assert float(lat.expected(net, e, None)) == pytest.approx(
+        float(e["flops_per_token"]) * 2 / flops
+    )
+    with pytest.raises(SearchError, match="latency_model='predictor' but no latency calibration"):
+        make_latency_model(net, sec, 16, OneShotConfig(latency_model="predictor"))
+
+
+def test_run_oneshot_records_which_latency_estimate_it_used(tmp_path, monkeypatch):
+    import searchers.darts as darts
+
+    monkeypatch.setenv("ARCHIR_CACHE", str(tmp_path / "empty"))
+    spec = spec_from_dict(_lat_space())
+    said: list[str] = []
+    out = run_oneshot(spec, tmp_path / "f", steps=3, say=said.append)
+    assert out["latency"]["source"] == "flops"
+    assert any("latency: FLOPs" in s and "no calibrated predictor" in s for s in said)
+    monkeypatch.setattr(darts, "load_predictor", lambda *a: (FakePredictor(), "fake.json"))
+    said.clear()
+    out = run_oneshot(spec, tmp_path / "p", steps=3, say=said.append)
+    aw = json.loads((tmp_path / "p" / "arch_weights.json").read_text())
+    assert aw["latency"]["source"] == "predictor" and out["latency"]["source"] == "predictor"
+    assert any(s.startswith("latency: calibrated predictor (fake.json") for s in said)
+    # the hardware loss saw the predictor: its expectation is in the training history
+    hist = aw["training"]["history"][-1]["expected"]["latency_ms"]
+    assert hist > 0
+
+
+# -- held decisions ---------------------------------------------------------------------------
+def _held_space() -> dict:
+    d = small_space()
+    d["model"]["d_model"] = {"choice": [16, 32]}
+    d["model"]["layers"][0]["residual"] = {"choice": ["pre_norm", "post_norm"]}
+    return d
+
+
+def test_held_decisions_default_to_the_first_option_or_the_users_value():
+    spec = spec_from_dict(_held_space())
+    net = build_supernet(spec)
+    doc = net.held_doc()
+    assert doc["model.d_model"]["value"] == 16 and doc["model.d_model"]["source"] == "default"
+    assert doc["model.d_model"]["allowed"] == "choice [16, 32]"
+    net = build_supernet(spec, held={"model.d_model": 32, "model.layers.0.residual": "post_norm"})
+    assert net.spec.model.d_model == 32 and net.spec.model.layers[0].residual == "post_norm"
+    assert net.held_doc()["model.d_model"]["source"] == "user"
+    fixed = net.fix(net.argmax())
+    assert fixed.model.model.d_model == 32
+    with pytest.raises(SearchError, match="held value 24 for 'model.d_model' is not one of"):
+        build_supernet(spec, held={"model.d_model": 24})
+    with pytest.raises(SearchError, match="'model.layers.0.repeat' is searched by the supernet"):
+        build_supernet(spec, held={"model.layers.0.repeat": 1})
+    with pytest.raises(SearchError, match="held decision 'model.vocab' is not a search node") as e:
+        build_supernet(spec, held={"model.vocab": 1})
+    assert "model.d_model" in str(e.value.hint)
+
+
+# -- the common search options --------------------------------------------------------------
+def test_run_oneshot_takes_the_search_options(tmp_path):
+    said: list[str] = []
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    out = run_oneshot(
+        spec_from_dict(_held_space()),
+        tmp_path / "run",
+        trials=40,
+        storage=url,
+        study="mine",
+        timeout_s=0.01,
+        trial_steps=2,
+        held={"model.d_model": 32},
+        n_final=2,
+        say=said.append,
+    )
+    # trials sizes the supernet when steps is not given: max(10, trials * trial_steps / 2)
+    assert out["supernet"]["planned_steps"] == 40
+    assert out["supernet"]["stopped"].startswith("timeout") and out["supernet"]["steps"] < 40
+    assert out["study"] == "mine" and out["storage"] == url
+    assert not (tmp_path / "run" / "study.journal").exists()
+    study = optuna.load_study(study_name="mine", storage=url)
+    assert len(study.trials) == 1 and study.trials[0].params["model.d_model"] == 32
+    assert any(s.startswith("held decisions") and "model.d_model = 32 (user" in s for s in said)
+    for f in ("arch_weights.json", "oneshot.json", "run.json"):
+        doc = json.loads((tmp_path / "run" / f).read_text())
+        assert doc["held"]["model.d_model"]["value"] == 32, f
+    metrics = json.loads((tmp_path / "run" / "trials/0/metrics.json").read_text())
+    assert metrics["train"]["steps"] == 2  # trial_steps: the retraining budget
+    with pytest.raises(SearchError, match="val_bpb"):
+        run_oneshot(spec_from_dict(small_space()), tmp_path / "c", fidelity="cost")
+    with pytest.raises(SearchError, match="bad one-shot option"):
+        run_oneshot(spec_from_dict(small_space()), tmp_path / "d", fidelity="fast")
+    with pytest.raises(SearchError, match="unknown latency_model"):
+        run_oneshot(spec_from_dict(small_space()), tmp_path / "e", latency_model="exact")
+
+
+def test_sampled_paths_do_not_keep_the_aux_loss_of_a_candidate_off_the_path():
+    d = small_space()
+    d["model"]["layers"][0] = {
+        "repeat": 1,
+        "blocks": [
+            {"kind": "attention", "n_heads": 2},
+            {"choice": [{"kind": "mlp"}, {"kind": "moe", "n_experts": 2, "top_k": 1}]},
+        ],
+    }
+    net = build_supernet(spec_from_dict(d))
+    name = net.decisions[0].name
+    x = torch.randint(0, 256, (2, 8))
+    net.set_path("fixed", arch={name: 1})  # moe: sets its load-balancing loss
+    y = net(x)
+    aux = net.aux_loss()
+    assert aux is not None
+    (y.sum() + aux).backward()
+    net.set_path("fixed", arch={name: 0})  # mlp: moe does not run
+    y = net(x)
+    assert net.aux_loss() is None
+    y.sum().backward()  # no second backward through the moe step's freed graph
