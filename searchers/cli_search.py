@@ -30,9 +30,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--relax",
         choices=["softmax", "gumbel"],
-        default="softmax",
-        help="DARTS relaxation: softmax mixing or Gumbel-softmax path sampling (GDAS)",
+        default=None,
+        help="--searcher darts only: softmax mixing (default) or Gumbel-softmax path "
+        "sampling (GDAS)",
     )
+
+
+# flags of the Optuna searcher that the one-shot searchers have no use for: refused, not dropped
+_OPTUNA_ONLY = {
+    "storage": "--storage",
+    "study": "--study",
+    "sampler": "--sampler",
+    "trials": "--trials",
+    "workers": "--workers",
+    "timeout_s": "--timeout",
+    "fidelity": "--fidelity",
+}
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags the chosen searcher would ignore.
+
+    Raises:
+        SearchError: a flag that does not apply to ``--searcher``.
+    """
+    from archir.errors import SearchError
+
+    if args.searcher == "optuna":
+        if args.relax is not None:
+            raise SearchError(
+                "--relax applies to --searcher darts only",
+                hint="add --searcher darts, or drop --relax",
+            )
+        return
+    given = [flag for dest, flag in _OPTUNA_ONLY.items() if getattr(args, dest) is not None]
+    if given:
+        raise SearchError(
+            f"{given[0]} does not apply to --searcher {args.searcher}"
+            + (f" (nor {', '.join(given[1:])})" if given[1:] else ""),
+            hint="one-shot searches take --out, --seed, --steps, --no-export"
+            + (" and --relax" if args.searcher == "darts" else "")
+            + "; the budget comes from the spec's search: section",
+        )
+    if args.searcher == "spos" and args.relax is not None:
+        raise SearchError(
+            "--relax applies to --searcher darts only (SPOS samples one path per step)",
+            hint="drop --relax",
+        )
 
 
 def _run_oneshot(args: argparse.Namespace) -> int:
@@ -48,7 +92,7 @@ def _run_oneshot(args: argparse.Namespace) -> int:
         spec,
         run_dir,
         method=args.searcher,
-        relax=args.relax,
+        relax=args.relax or "softmax",
         seed=args.seed or 0,
         steps=args.steps,
         export=not args.no_export,
@@ -75,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from searchers.cli_report import print_report
     from searchers.run import run_search
 
+    _check_flags(args)
     if args.searcher != "optuna":
         return _run_oneshot(args)
 

@@ -1,62 +1,171 @@
-"""Measured CPU latency of a compiled model (torch eager).
+"""The ``latency_ms`` objective of a search, from :mod:`exporters.latency`.
 
-``measure_latency_ms(model, ...)``: fixed intra-op threads, ``warmup`` untimed runs, then
-the median wall time of ``repeats`` forward passes of one ``[batch, seq_len]`` input, in
-milliseconds. The median resists the odd slow run caused by other processes on the machine.
-(onnxruntime measurement and a calibrated predictor belong to the exporters' latency work.)
+Measurement and prediction live in the exporters package (warm-up, time-bounded runs,
+median / trimmed mean / CV, noisy-machine retries, the calibrated predictor); this module only
+decides how a search asks for them, from the spec's ``search.latency`` section:
+
+* **during the search** (every trial, :func:`trial_latency`): predicted when
+  ``latency.predict`` allows it and a calibration for this machine, runtime and thread count
+  exists (``predict: null``, the default) or is required (``predict: true``); otherwise
+  measured on ``latency.runtime`` (``torch`` eager by default: no export per trial) with
+  ``warmup`` untimed runs and exactly ``repeats`` timed runs, one attempt — a quick screen;
+* **before the front is reported** (:func:`remeasure`): every Pareto member is measured
+  again, never predicted, with the full harness (at least ``repeats`` runs over
+  ``REMEASURE_BUDGET_S`` seconds, re-tried while the machine is noisy), DESIGN.md §7.
+
+The value used is the median in milliseconds; the whole record (``trimmed_mean_ms``, ``cv``,
+``runs``, ``noisy``, ``predicted``, ``band_ms``) is kept in the trial's metrics.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
-import torch
+from archir.errors import SearchError
+
+REMEASURE_BUDGET_S = 0.5
 
 
-def example_input(spec_model: Any, batch: int, seq_len: int) -> torch.Tensor:
-    """A deterministic input for a concrete spec: tokens ``[batch, seq]`` (int64) or images
-    ``[batch, C, H, W]`` (float32)."""
-    m = spec_model.model
-    gen = torch.Generator().manual_seed(0)
-    if m.task == "image_classification":
-        return torch.randn(batch, m.channels, m.image_size, m.image_size, generator=gen)
-    vocab = max(1, m.vocab_size)
-    return torch.randint(0, vocab, (batch, min(seq_len, m.max_seq_len)), generator=gen)
+def _seq(lat: Any, train_seq: int) -> int:
+    return int(lat.seq_len or train_seq)
 
 
-@torch.no_grad()
-def measure_latency_ms(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    *,
-    threads: int = 1,
-    warmup: int = 3,
-    repeats: int = 10,
-) -> float:
-    """Median forward latency of ``model(x)`` on CPU in milliseconds.
+def check_available(lat: Any) -> None:
+    """Refuse a search that requires predicted latency without a calibration.
+
+    Raises:
+        SearchError: ``latency.predict: true`` and no calibration matches this machine.
+    """
+    if lat.predict is not True:
+        return
+    from exporters.latency import find_calibration
+
+    if find_calibration(lat.runtime, lat.threads) is None:
+        raise SearchError(
+            f"search.latency.predict is true but there is no latency calibration for runtime "
+            f"'{lat.runtime}' with {lat.threads} thread(s) on this machine",
+            hint=f"run `archir latency calibrate --runtime {lat.runtime} --threads "
+            f"{lat.threads}`, or set search.latency.predict to null/false",
+        )
+
+
+def trial_latency(spec: Any, lat: Any, train_seq: int, model: Any = None) -> dict[str, Any]:
+    """Latency of a concrete spec during a search (quick screen; see the module docstring).
 
     Args:
-        model: any module; it is put in eval mode.
-        x: the input (e.g. tokens ``[1, seq_len]``).
-        threads: torch intra-op threads during the measurement (restored afterwards).
-        warmup: untimed runs first (allocator, caches).
-        repeats: timed runs; the median is returned.
+        spec: a concrete :class:`archir.Spec`.
+        lat: the ``search.latency`` section.
+        train_seq: ``train.seq_len`` (the default sequence length).
+        model: the already compiled module, reused for a torch measurement.
+
+    Returns:
+        :func:`exporters.latency.latency_ms`'s record (``median_ms`` is the objective).
+
+    Raises:
+        LatencyError subclasses (ArchirError): export failure, missing calibration when
+            ``predict`` is true.
     """
-    old = torch.get_num_threads()
+    from exporters.latency import latency_ms
+
+    seq = _seq(lat, train_seq)
+    quick = {
+        "warmup": lat.warmup,
+        "min_runs": lat.repeats,
+        "max_runs": lat.repeats,
+        "max_attempts": 1,
+    }
+    if lat.predict is True or (lat.predict is None and _has_calibration(lat)):
+        return latency_ms(
+            spec, lat.runtime, predict=True, batch=lat.batch, seq=seq, threads=lat.threads
+        )
+    if lat.runtime == "torch" and model is not None:
+        return _record(_measure_model(spec, model, lat, seq, quick))
+    return latency_ms(
+        spec,
+        lat.runtime,
+        predict=False,
+        batch=lat.batch,
+        seq=seq,
+        threads=lat.threads,
+        **quick,
+    )
+
+
+def remeasure(spec: Any, lat: Any, train_seq: int) -> dict[str, Any]:
+    """Careful measured latency of a Pareto member (never predicted)."""
+    from exporters.latency import latency_ms
+
+    return latency_ms(
+        spec,
+        lat.runtime,
+        predict=False,
+        batch=lat.batch,
+        seq=_seq(lat, train_seq),
+        threads=lat.threads,
+        warmup=lat.warmup,
+        min_runs=lat.repeats,
+        budget_s=REMEASURE_BUDGET_S,
+    )
+
+
+def _has_calibration(lat: Any) -> bool:
+    from exporters.latency import find_calibration
+
+    return find_calibration(lat.runtime, lat.threads) is not None
+
+
+def _measure_model(spec: Any, model: Any, lat: Any, seq: int, kw: dict[str, Any]) -> Any:
+    from exporters.latency.harness import Runner
+
+    with Runner(spec, "torch", threads=lat.threads, model=model) as r:
+        was_training = model.training
+        try:
+            return r.measure(lat.batch, seq, **kw)
+        finally:
+            model.train(was_training)
+
+
+def _record(m: Any) -> dict[str, Any]:
+    ts = sorted(m.times_ms)
+    return {
+        "median_ms": m.median_ms,
+        "trimmed_mean_ms": m.trimmed_mean_ms,
+        "cv": m.cv,
+        "runs": m.runs,
+        "noisy": m.noisy,
+        "predicted": False,
+        "band_ms": (ts[int(0.1 * (len(ts) - 1))], ts[int(round(0.9 * (len(ts) - 1)))]),
+    }
+
+
+# -- kept for searchers.darts (owned elsewhere), which still imports these two names --------
+def example_input(spec_model: Any, batch: int, seq_len: int) -> Any:
+    """Deprecated: :func:`exporters.latency.harness.example_tokens` at ``seq_len`` capped to
+    the model's ``max_seq_len``."""
+    from exporters.latency.harness import default_seq, example_tokens
+
+    return example_tokens(spec_model, batch, default_seq(spec_model, seq_len))
+
+
+def measure_latency_ms(
+    model: Any, x: Any, *, threads: int = 1, warmup: int = 3, repeats: int = 10
+) -> float:
+    """Deprecated: median latency (ms) of ``model(x)`` through
+    :func:`exporters.latency.harness.measure` (``repeats`` timed runs, one attempt)."""
+    import torch
+
+    from exporters.latency.harness import measure, torch_threads
+
     was_training = model.training
-    torch.set_num_threads(threads)
     model.eval()
+
+    def run() -> Any:
+        with torch.no_grad():
+            return model(x)
+
     try:
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t0) * 1e3)
+        with torch_threads(threads):
+            m = measure(run, warmup=warmup, min_runs=repeats, max_runs=repeats, max_attempts=1)
     finally:
-        torch.set_num_threads(old)
         model.train(was_training)
-    return float(statistics.median(times))
+    return float(m.median_ms)

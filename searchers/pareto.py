@@ -6,6 +6,13 @@ spec; ``pareto.png`` draws all trials on the first two objectives (one objective
 trial), infeasible ones greyed, the front highlighted. ``best/`` holds the chosen member
 (best on the first objective among the front): ``spec.yaml``, ``model.safetensors``,
 ``model.onnx`` (parity-checked against onnxruntime) and ``report.json``.
+
+When a search optimizes or constrains ``latency_ms``, every front member is **re-measured**
+before it is reported (:func:`searchers.latency.remeasure`: measured, never predicted, with
+the full harness): its row carries the re-measured value in ``values.latency_ms``, the
+search-time value in ``values.latency_ms_search`` and the measurement record in ``latency``;
+members that now break a latency constraint, or that the re-measured values show to be
+dominated by another member, leave the front.
 """
 
 from __future__ import annotations
@@ -16,16 +23,15 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from archir.errors import ArchirError
+from searchers.config import SearchConfig, SearchResult
 from searchers.objectives import Constraint, Objective
-
-if TYPE_CHECKING:
-    from searchers.run import SearchConfig, SearchResult
+from searchers.storage import open_storage
 
 
 def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
@@ -78,8 +84,18 @@ def feasible(t: FrozenTrial) -> bool:
     )
 
 
-def trial_row(t: FrozenTrial, objectives: list[Objective], constraints: list[Constraint]):
+def trial_row(
+    t: FrozenTrial,
+    objectives: list[Objective],
+    constraints: list[Constraint],
+    remeasured: dict[int, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One trial as a ``pareto.json`` row (``remeasured``: trial number -> latency record)."""
     vals = dict(t.user_attrs.get("values", {}))
+    rec = (remeasured or {}).get(t.number)
+    if rec is not None:
+        vals["latency_ms_search"] = vals.get("latency_ms")
+        vals["latency_ms"] = float(rec["median_ms"])
     row: dict[str, Any] = {
         "trial": t.number,
         "state": t.state.name,
@@ -101,7 +117,66 @@ def trial_row(t: FrozenTrial, objectives: list[Objective], constraints: list[Con
         row["reason"] = t.user_attrs["reason"]
     if t.user_attrs.get("duplicate_of") is not None:
         row["duplicate_of"] = t.user_attrs["duplicate_of"]
+    if rec is not None:
+        row["latency"] = {**rec, "remeasured": True}
     return row
+
+
+def _vector(
+    t: FrozenTrial, objectives: list[Objective], remeasured: dict[int, dict[str, Any]]
+) -> list[float]:
+    rec = remeasured.get(t.number)
+    return [
+        float(rec["median_ms"]) if rec is not None and o.metric == "latency_ms" else float(v)
+        for o, v in zip(objectives, t.values)
+    ]
+
+
+def remeasure_front(
+    cfg: SearchConfig,
+    front: list[FrozenTrial],
+    objectives: list[Objective],
+    constraints: list[Constraint],
+    say: Callable[[str], None],
+) -> tuple[list[FrozenTrial], dict[int, dict[str, Any]]]:
+    """Re-measure the latency of each front member (module docstring); return the front
+    that survives and the records by trial number."""
+    from archir.spec.loader import load_spec
+    from searchers.latency import remeasure
+
+    used = {o.metric for o in objectives} | {c.metric for c in constraints}
+    if "latency_ms" not in used or not front:
+        return front, {}
+    run_dir = Path(cfg.run_dir)
+    lat, seq = cfg.section.latency, cfg.train_section.seq_len
+    out: dict[int, dict[str, Any]] = {}
+    for t in front:
+        try:
+            spec = load_spec(run_dir / t.user_attrs.get("spec", f"trials/{t.number}/spec.yaml"))
+            out[t.number] = remeasure(spec, lat, seq)
+        except (ArchirError, OSError) as exc:
+            say(f"trial {t.number}: latency not re-measured ({exc}); search-time value kept")
+    lat_cons = [c for c in constraints if c.metric == "latency_ms"]
+    kept = [
+        t
+        for t in front
+        if t.number not in out or all(c.ok(float(out[t.number]["median_ms"])) for c in lat_cons)
+    ]
+    for t in front:
+        if t not in kept:
+            say(
+                f"trial {t.number} left the front: re-measured latency "
+                f"{out[t.number]['median_ms']:.3g} ms breaks " + ", ".join(c.text for c in lat_cons)
+            )
+    idx = pareto_front(
+        [_vector(t, objectives, out) for t in kept], [o.direction for o in objectives]
+    )
+    survivors = [kept[i] for i in idx]
+    say(
+        f"re-measured the latency of {len(out)} front member(s): "
+        + ", ".join(f"trial {n} {r['median_ms']:.3g} ms" for n, r in out.items())
+    )
+    return survivors, out
 
 
 def front_trials(trials: list[FrozenTrial], objectives: list[Objective]) -> list[FrozenTrial]:
@@ -219,13 +294,13 @@ def finalize(
     """Write ``pareto.json``, ``pareto.png`` and ``best/``; drop weights of trials off the
     front; return the :class:`~searchers.run.SearchResult`."""
     from archir.spec.loader import load_spec
-    from searchers.run import SearchResult, open_storage
 
     run_dir = Path(cfg.run_dir)
     storage = open_storage(cfg.storage_url, cfg.journal, cfg.heartbeat_interval, cfg.grace_period)
     study = optuna.load_study(study_name=cfg.study_name, storage=storage)
     trials = study.get_trials(deepcopy=False)
     front = front_trials(trials, objectives)
+    front, remeasured = remeasure_front(cfg, front, objectives, constraints, say)
     states: dict[str, int] = {}
     for t in trials:
         key = (
@@ -234,13 +309,11 @@ def finalize(
             else "running"
         )
         states[key] = states.get(key, 0) + 1
-    rows = [trial_row(t, objectives, constraints) for t in front]
+    rows = [trial_row(t, objectives, constraints, remeasured) for t in front]
     best_t = front[0] if front else None
     if front:
-        best_t = sorted(
-            front,
-            key=lambda t: t.values[0] if objectives[0].direction == "minimize" else -t.values[0],
-        )[0]
+        sign = 1.0 if objectives[0].direction == "minimize" else -1.0
+        best_t = sorted(front, key=lambda t: sign * _vector(t, objectives, remeasured)[0])[0]
     doc = {
         "study": cfg.study_name,
         "objectives": {o.metric: o.direction for o in objectives},
@@ -249,7 +322,7 @@ def finalize(
         "states": states,
         "front": rows,
         "best": best_t.number if best_t else None,
-        "trials": [trial_row(t, objectives, constraints) for t in trials],
+        "trials": [trial_row(t, objectives, constraints, remeasured) for t in trials],
     }
     (run_dir / "pareto.json").write_text(json.dumps(doc, indent=2, default=str))
     plot_front(
@@ -272,7 +345,7 @@ def finalize(
         if best_t.user_attrs.get("duplicate_of") is not None:
             src_dir = run_dir / "trials" / str(best_t.user_attrs["duplicate_of"])
         shutil.copy(tdir / "spec.yaml", bdir / "spec.yaml")
-        best = trial_row(best_t, objectives, constraints)
+        best = trial_row(best_t, objectives, constraints, remeasured)
         weights = src_dir / "model.safetensors"
         if weights.exists():
             shutil.copy(weights, bdir / "model.safetensors")

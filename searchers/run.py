@@ -9,16 +9,30 @@
       pareto.json      pareto.png      best/  spec.yaml, model.safetensors, model.onnx, report.json
 
 Each trial: fix the spec with the sampler's suggestions (define-by-run), run the cost pass,
-measure latency when asked, refuse candidates that break a constraint decidable before
-training (recorded as ``infeasible`` with the reason, Optuna state PRUNED), then train at the
-chosen fidelity, fake-quantize blocks below 16 bits (:mod:`archir.quant`), evaluate, and
-report every objective and constraint value. Single-objective searches prune with the
-trainer's intermediate evaluations; multi-objective searches stop diverging trials.
+measure latency when asked (:mod:`searchers.latency`), refuse candidates that break a
+constraint decidable before training, then train at the chosen fidelity, fake-quantize blocks
+below 16 bits (:mod:`archir.quant`), evaluate, and report every objective and constraint
+value. Single-objective searches prune with the trainer's intermediate evaluations;
+multi-objective searches stop diverging trials.
+
+A candidate refused before training is recorded as a COMPLETE trial with status
+``infeasible``, its reason, its cost (and latency) values and its constraint violations, so
+the samplers learn from it: its violations are the trial's constraint values
+(``Trial.set_constraint``; TPE, NSGA-II and GP read them, and TPE and NSGA-II rank
+infeasible trials by violation, below every feasible one). An objective it never reached (a quality metric such as
+``val_bpb``) is given a **penalty**: the worst value of that objective among the study's
+trained trials so far, or ``inf`` (``-inf`` for a maximized metric) before there is one —
+the samplers only compare infeasible trials by violation, and Optuna's GP sampler clips
+infinities to the worst finite value. The penalty lives only in the Optuna trial's values
+(``penalized`` lists the metrics concerned); the ``values`` attribute, ``pareto.json`` and the
+plot show measured values only, and infeasible trials are never on the front.
 
 Resume and parallel work come from Optuna's storage: the same command resumes the study; a
 trial left RUNNING by a killed process (its heartbeat is stale, or its process is gone on
 this host) is marked FAIL and its configuration retried once (``RetryHeartbeatStaleTrialCallback``);
-``workers`` processes share one study.
+``workers`` processes share one study. A trial's writes are grouped (:mod:`searchers.storage`):
+its parameters, host/pid and spec attributes in one journal append before any training, its
+results in another, so a trial costs a handful of ``fsync``s, not one per parameter.
 """
 
 from __future__ import annotations
@@ -29,232 +43,67 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-import socket
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import JournalStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+import pydantic
 from optuna.trial import FrozenTrial, TrialState
 
 from archir.errors import ArchirError, SearchError
 from archir.spec.loader import Spec, load_spec
 from archir.spec.sections import SearchSection, TrainSection
+from searchers.config import (
+    SearchConfig,
+    SearchResult,
+    _objectives,
+    _silence,
+    _task_info,
+    trial_train_cfg,
+)
 from searchers.objectives import (
     COST_METRICS,
     PRE_TRAINING,
     Constraint,
     Objective,
     check_constraints,
-    parse_objectives,
 )
+from searchers.pareto import feasible, finalize
 from searchers.space import random_decider, space_description, space_hash, spec_hash, suggest
+from searchers.storage import (
+    ATTR_HOST,
+    ATTR_PID,
+    HOST,
+    HeartbeatJournalStorage,
+    dead_here,
+    fail_dead_trials,
+    grouped,
+    open_storage,
+)
 
-HOST = socket.gethostname()
-ATTR_HOST = "archir:host"
-ATTR_PID = "archir:pid"
-ATTR_BEAT = "archir:heartbeat"
-
-
-# ---------------------------------------------------------------------------------------
-# storage
-# ---------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _dead_here(t: FrozenTrial) -> bool:
-    """A RUNNING trial whose process on this host is gone."""
-    host, pid = t.system_attrs.get(ATTR_HOST), t.system_attrs.get(ATTR_PID)
-    return host == HOST and isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid)
-
-
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """Optuna's journal storage plus heartbeats (which the journal backend lacks).
-
-    A running trial writes a ``archir:heartbeat`` timestamp every ``heartbeat_interval``
-    seconds; a RUNNING trial whose last beat is older than ``grace_period`` seconds — or whose
-    process on this host no longer exists — is stale, and Optuna marks it FAIL and calls the
-    stale-trial callback (a :class:`RetryHeartbeatStaleTrialCallback` re-enqueues its parameters).
-    """
-
-    def __init__(
-        self,
-        path: str,
-        heartbeat_interval: int,
-        grace_period: int,
-        callback: Callable[[optuna.Study, FrozenTrial], None] | None,
-    ) -> None:
-        super().__init__(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path, 10)))
-        self._hb_interval = heartbeat_interval
-        self._grace = grace_period
-        self._stale_cb = callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, ATTR_BEAT, time.time())
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now = time.time()
-        out = []
-        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            beat = t.system_attrs.get(ATTR_BEAT)
-            if beat is None and t.datetime_start is not None:
-                beat = t.datetime_start.timestamp()
-            if _dead_here(t) or (beat is not None and now - float(beat) > self._grace):
-                out.append(t._trial_id)
-        return out
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self._hb_interval
-
-    def get_heartbeat_stale_trial_callback(
-        self,
-    ) -> Callable[[optuna.Study, FrozenTrial], None] | None:
-        return self._stale_cb
-
-
-def open_storage(
-    url: str | None, journal: Path, heartbeat_interval: int = 5, grace_period: int = 30
-) -> optuna.storages.BaseStorage:
-    """The study's storage: a journal file (default) or any Optuna storage URL.
-
-    Raises:
-        SearchError: the URL cannot be opened or reached.
-    """
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
-    if url is None:
-        return HeartbeatJournalStorage(str(journal), heartbeat_interval, grace_period, retry)
-    try:
-        if url.endswith((".journal", ".log")) and "://" not in url:
-            return HeartbeatJournalStorage(url, heartbeat_interval, grace_period, retry)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            storage = optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=retry,
-            )
-        storage.get_all_studies()
-        return storage
-    except Exception as exc:  # noqa: BLE001 - any driver/connection failure is a user error
-        raise SearchError(
-            f"cannot open storage {url!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-            hint="check the URL, the server and the database driver "
-            "(e.g. sqlite:///runs/x.db, postgresql://user@host/db)",
-        ) from None
-
-
-def fail_dead_trials(study: optuna.Study) -> list[int]:
-    """Mark FAIL (and retry once) RUNNING trials whose process on this host is gone.
-
-    Returns the numbers of the trials failed.
-    """
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
-    done = []
-    storage = study._storage
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _dead_here(t):
-            continue
-        try:
-            storage.set_trial_user_attr(t._trial_id, "status", "failed")
-            storage.set_trial_user_attr(
-                t._trial_id, "reason", "its process died (killed); configuration retried once"
-            )
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                retry(study, storage.get_trial(t._trial_id))
-                done.append(t.number)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass
-    return done
-
-
-# ---------------------------------------------------------------------------------------
-# configuration
-# ---------------------------------------------------------------------------------------
-@dataclass
-class SearchConfig:
-    """Everything a worker needs (plain data, so it crosses process boundaries)."""
-
-    spec_path: str
-    run_dir: str
-    storage_url: str | None
-    study_name: str
-    search: dict[str, Any]
-    train: dict[str, Any]
-    space_hash: str
-    trials: int
-    timeout_s: float | None
-    workers: int
-    progress: bool = False
-    heartbeat_interval: int = 5
-    grace_period: int = 30
-
-    @property
-    def section(self) -> SearchSection:
-        return SearchSection.model_validate(self.search)
-
-    @property
-    def train_section(self) -> TrainSection:
-        return TrainSection.model_validate(self.train)
-
-    @property
-    def journal(self) -> Path:
-        return Path(self.run_dir) / "study.journal"
-
-
-@dataclass
-class SearchResult:
-    """What a finished search left behind."""
-
-    run_dir: Path
-    study_name: str
-    storage: str
-    n_trials: int
-    states: dict[str, int]
-    front: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    wall_s: float
-    messages: list[str] = field(default_factory=list)
-
-
-def _task_info(train: TrainSection) -> tuple[str, str, tuple[str, ...]]:
-    from archir.tasks.base import get_task
-
-    task = get_task(train.task, train.task_options)
-    metrics = tuple(dict.fromkeys([task.metric, "val_loss"]))
-    return task.metric, task.direction, metrics
-
-
-def _objectives(cfg: SearchConfig) -> tuple[list[Objective], list[Constraint], bool]:
-    sec, train = cfg.section, cfg.train_section
-    metric, direction, metrics = _task_info(train)
-    fid = sec.fidelity.kind
-    objs, cons = parse_objectives(
-        sec.objectives,
-        sec.constraints,
-        task_metric=metric,
-        task_direction=direction,
-        task_metrics=metrics,
-        trains=fid != "cost",
-    )
-    needs_training = any(o.metric not in PRE_TRAINING for o in objs) or any(
-        c.metric not in PRE_TRAINING for c in cons
-    )
-    return objs, cons, needs_training and fid != "cost"
+# re-exported: searchers.darts and older callers import these from here
+__all__ = [
+    "Evaluator",
+    "HeartbeatJournalStorage",
+    "SearchConfig",
+    "SearchResult",
+    "TrialFailed",
+    "_objectives",
+    "_silence",
+    "_task_info",
+    "fail_dead_trials",
+    "finalize",
+    "open_storage",
+    "run_search",
+    "trial_train_cfg",
+    "worker",
+]
 
 
 def make_sampler(
@@ -262,34 +111,28 @@ def make_sampler(
 ) -> optuna.samplers.BaseSampler:
     """The sampler called ``name`` (``tpe``, ``nsga2``, ``random``, ``gp``), seeded.
 
+    Constraints reach the samplers through each trial's constraint values
+    (``Trial.set_constraint``, set by :class:`Evaluator`), not a ``constraints_func``.
+
     Raises:
         SearchError: unknown sampler name.
     """
-
-    def cons(t: FrozenTrial) -> list[float]:
-        return list(t.user_attrs.get("violations", [0.0]))
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if name == "tpe":
             return optuna.samplers.TPESampler(
                 seed=seed,
                 n_startup_trials=max(3, min(10, trials // 3)),
-                constraints_func=cons,
                 constant_liar=workers > 1,
             )
         if name == "nsga2":
             pop = population or max(4, min(50, trials // 4))
-            return optuna.samplers.NSGAIISampler(
-                seed=seed, population_size=pop, constraints_func=cons
-            )
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=pop)
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if name == "gp":
             return optuna.samplers.GPSampler(
-                seed=seed,
-                n_startup_trials=max(3, min(10, trials // 3)),
-                constraints_func=cons,
+                seed=seed, n_startup_trials=max(3, min(10, trials // 3))
             )
     raise SearchError(f"unknown sampler '{name}'", hint="expected one of: tpe, nsga2, random, gp")
 
@@ -300,30 +143,6 @@ def make_pruner(sec: SearchSection, train: TrainSection) -> optuna.pruners.BaseP
     if sec.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=train.steps)
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
-
-
-def trial_train_cfg(cfg: SearchConfig) -> TrainSection:
-    """The ``train:`` section a trial uses at the search's fidelity."""
-    sec, train = cfg.section, cfg.train_section
-    upd: dict[str, Any] = {}
-    fid = sec.fidelity
-    if fid.kind == "proxy":
-        if fid.steps is not None:
-            upd["steps"] = fid.steps
-        if fid.time_budget_s is not None:
-            upd["time_budget_s"] = fid.time_budget_s
-        if fid.eval_every is None:
-            steps = upd.get("steps", train.steps)
-            upd["eval_every"] = max(1, steps // 4)
-    if fid.eval_every is not None:
-        upd["eval_every"] = fid.eval_every
-    if fid.eval_batches is not None:
-        upd["eval_batches"] = fid.eval_batches
-    if train.threads is None:
-        upd["threads"] = 1  # small models: one thread per trial, parallelism via workers
-    if "steps" in upd:
-        upd["warmup_steps"] = min(train.warmup_steps, max(0, upd["steps"] // 10))
-    return train.model_copy(update=upd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,10 +188,18 @@ class Evaluator:
             self._task = get_task(self.train_cfg.task, self.train_cfg.task_options)
         return self._task
 
+    def _attrs(self, trial: optuna.Trial, **attrs: Any) -> None:
+        """Set a trial's result attributes (and, from ``violations``, its constraint values
+        for the samplers: ``Trial.set_constraint``, one per constraint, ``<= 0`` = met); they
+        are appended with the trial's final state (one journal append)."""
+        with grouped(trial.study._storage, until_state=True):
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+            if "violations" in attrs and self.constraints:
+                for c, v in zip(self.constraints, attrs["violations"]):
+                    trial.set_constraint(c.metric, float(v))
+
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        storage = trial.study._storage
-        storage.set_trial_system_attr(trial._trial_id, ATTR_HOST, HOST)
-        storage.set_trial_system_attr(trial._trial_id, ATTR_PID, os.getpid())
         tdir = self.run_dir / "trials" / str(trial.number)
         if tdir.exists():  # a folder left by a killed attempt with this number
             shutil.rmtree(tdir)
@@ -381,34 +208,23 @@ class Evaluator:
         timing: dict[str, float] = {}
         t_start = time.perf_counter()
         metrics: dict[str, Any] = {"trial": trial.number}
-        retried = storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
-        if retried is not None:
-            metrics["retry_of"] = retried
-            log(f"retry of trial {retried}")
         try:
             return self._evaluate(trial, tdir, log, timing, metrics)
         except optuna.TrialPruned:
             raise
-        except TrialFailed as exc:
-            metrics.update(status="failed", reason=str(exc))
-            trial.set_user_attr("status", "failed")
-            trial.set_user_attr("reason", str(exc))
-            log(f"failed: {exc}")
-            raise
-        except ArchirError as exc:
-            metrics.update(status="failed", reason=str(exc))
-            trial.set_user_attr("status", "failed")
-            trial.set_user_attr("reason", str(exc))
-            log(f"failed: {exc}")
-            raise TrialFailed(str(exc)) from None
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            metrics.update(status="failed", reason=reason)
-            trial.set_user_attr("status", "failed")
-            trial.set_user_attr("reason", reason)
-            import traceback
+            if isinstance(exc, TrialFailed | ArchirError):
+                reason = str(exc)
+            else:
+                import traceback
 
-            log("crashed:\n" + traceback.format_exc())
+                reason = f"{type(exc).__name__}: {exc}"
+                log("crashed:\n" + traceback.format_exc())
+            metrics.update(status="failed", reason=reason)
+            self._attrs(trial, status="failed", reason=reason)
+            log(f"failed: {reason}")
+            if isinstance(exc, TrialFailed):
+                raise
             raise TrialFailed(reason) from None
         finally:
             timing["total_s"] = time.perf_counter() - t_start
@@ -427,16 +243,26 @@ class Evaluator:
     ) -> float | tuple[float, ...]:
         from archir.cost import analyze
 
+        storage = trial.study._storage
         t = time.perf_counter()
-        concrete = self.spec.fix(suggest(trial))
-        decisions = dict(concrete.decisions)
-        concrete.data["name"] = f"{self.spec.name}-t{trial.number}"
-        concrete = Spec(concrete.data)
+        # one append: host/pid, every suggested parameter and the spec attributes, written
+        # before anything expensive so a killed trial is retried with the same parameters
+        with grouped(storage):
+            storage.set_trial_system_attr(trial._trial_id, ATTR_HOST, HOST)
+            storage.set_trial_system_attr(trial._trial_id, ATTR_PID, os.getpid())
+            concrete = self.spec.fix(suggest(trial))
+            decisions = dict(concrete.decisions)
+            concrete.data["name"] = f"{self.spec.name}-t{trial.number}"
+            concrete = Spec(concrete.data)
+            h = spec_hash(concrete)
+            trial.set_user_attr("spec", f"trials/{trial.number}/spec.yaml")
+            trial.set_user_attr("spec_hash", h)
         concrete.save(tdir / "spec.yaml")
         timing["fix_s"] = time.perf_counter() - t
-        trial.set_user_attr("spec", f"trials/{trial.number}/spec.yaml")
-        h = spec_hash(concrete.data)
-        trial.set_user_attr("spec_hash", h)
+        retried = storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+        if retried is not None:
+            metrics["retry_of"] = retried
+            log(f"retry of trial {retried}")
         log(f"decisions: {json.dumps(decisions, default=str)}")
 
         t = time.perf_counter()
@@ -449,15 +275,17 @@ class Evaluator:
         if dup is not None:
             log(f"same model as trial {dup.number}: its results are reused")
             metrics["duplicate_of"] = dup.number
-            for k, v in dup.user_attrs.items():
-                if k not in ("spec", "spec_hash"):
-                    trial.set_user_attr(k, v)
-            trial.set_user_attr("duplicate_of", dup.number)
+            copied = {k: v for k, v in dup.user_attrs.items() if k not in ("spec", "spec_hash")}
+            self._attrs(trial, **{**copied, "duplicate_of": dup.number})
             metrics.update(status=dup.user_attrs.get("status", "ok"))
+            if dup.user_attrs.get("reason"):
+                metrics["reason"] = dup.user_attrs["reason"]
             metrics["values"] = dup.user_attrs.get("values", values)
             return tuple(dup.values) if len(dup.values) > 1 else dup.values[0]
 
-        self._check(trial, values, log, metrics, "cost analysis")
+        reasons = self._pre_check(values)
+        if reasons:
+            return self._reject(trial, values, log, metrics, "cost analysis", reasons)
         model = None
         if self.need_latency or self.trains:
             from archir.compiler import compile as compile_spec
@@ -466,33 +294,36 @@ class Evaluator:
             model = compile_spec(concrete, seed=self.train_cfg.seed)
             timing["compile_s"] = time.perf_counter() - t
         if self.need_latency:
-            from searchers.latency import example_input, measure_latency_ms
+            from searchers.latency import trial_latency
 
-            lat = self.sec.latency
             t = time.perf_counter()
-            x = example_input(concrete.model, lat.batch, lat.seq_len or self.train_cfg.seq_len)
-            values["latency_ms"] = measure_latency_ms(
-                model, x, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats
-            )
+            rec = trial_latency(concrete, self.sec.latency, self.train_cfg.seq_len, model)
+            values["latency_ms"] = float(rec["median_ms"])
+            metrics["latency"] = rec
             timing["latency_s"] = time.perf_counter() - t
-            log(f"latency {values['latency_ms']:.3f} ms")
-            self._check(trial, values, log, metrics, "latency measurement")
+            how = "predicted" if rec.get("predicted") else f"measured ({self.sec.latency.runtime})"
+            log(f"latency {values['latency_ms']:.3f} ms, {how}")
+            reasons = self._pre_check(values)
+            if reasons:
+                return self._reject(trial, values, log, metrics, "latency measurement", reasons)
         self.consecutive_rejections = 0
 
         if self.trains:
             values.update(self._train(trial, concrete, model, tdir, log, timing, metrics))
         metrics["values"] = values
         violations = [c.violation(values[c.metric]) for c in self.constraints] or [0.0]
-        feasible = all(v <= 0 for v in violations)
-        trial.set_user_attr("values", values)
-        trial.set_user_attr("violations", violations)
-        trial.set_user_attr("status", "ok" if feasible else "infeasible")
-        if not feasible:
-            trial.set_user_attr(
-                "reason",
-                "; ".join(check_constraints(self.constraints, values, pre_training=False)),
+        ok = all(v <= 0 for v in violations)
+        attrs: dict[str, Any] = {
+            "values": values,
+            "violations": violations,
+            "status": "ok" if ok else "infeasible",
+        }
+        if not ok:
+            attrs["reason"] = "; ".join(
+                check_constraints(self.constraints, values, pre_training=False)
             )
-        metrics["status"] = "ok" if feasible else "infeasible"
+        self._attrs(trial, **attrs)
+        metrics["status"] = attrs["status"]
         metrics["constraints"] = {
             c.metric: {"expr": c.text, "value": values[c.metric], "ok": c.ok(values[c.metric])}
             for c in self.constraints
@@ -507,38 +338,66 @@ class Evaluator:
                 return t
         return None
 
-    def _check(
+    def _pre_check(self, values: dict[str, float]) -> list[str]:
+        return check_constraints(
+            [c for c in self.constraints if c.metric in values], values, pre_training=True
+        )
+
+    def penalty(self, study: optuna.Study, objective: Objective) -> float:
+        """The value recorded for an objective a refused candidate never reached: the worst
+        measured value of it in the study so far, else ``inf`` (``-inf`` when maximized)."""
+        worst = math.inf if objective.direction == "minimize" else -math.inf
+        seen = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            v = t.user_attrs.get("values", {}).get(objective.metric)
+            if v is not None and math.isfinite(float(v)):
+                seen.append(float(v))
+        if not seen:
+            return worst
+        return max(seen) if objective.direction == "minimize" else min(seen)
+
+    def _reject(
         self,
         trial: optuna.Trial,
         values: dict[str, float],
         log: _Log,
         metrics: dict[str, Any],
         phase: str,
-    ) -> None:
-        reasons = check_constraints(
-            [c for c in self.constraints if c.metric in values], values, pre_training=True
-        )
-        if not reasons:
-            return
+        reasons: list[str],
+    ) -> float | tuple[float, ...]:
+        """Record a candidate refused before training as a COMPLETE, infeasible trial."""
         self.consecutive_rejections += 1
         reason = f"infeasible before training ({phase}): " + "; ".join(reasons)
         rel = sum(
             c.relative_violation(values[c.metric]) for c in self.constraints if c.metric in values
         )
-        trial.set_user_attr("status", "infeasible")
-        trial.set_user_attr("reason", reason)
-        trial.set_user_attr("values", dict(values))
-        trial.set_user_attr("rel_violation", rel)
-        trial.set_user_attr(
-            "violations",
-            [
-                c.violation(values[c.metric]) if c.metric in values else 0.0
-                for c in self.constraints
-            ],
-        )
+        violations = [
+            c.violation(values[c.metric]) if c.metric in values else 0.0 for c in self.constraints
+        ]
+        out, penalized = [], []
+        for o in self.objectives:
+            if o.metric in values:
+                out.append(float(values[o.metric]))
+            else:
+                out.append(self.penalty(trial.study, o))
+                penalized.append(o.metric)
+        attrs: dict[str, Any] = {
+            "status": "infeasible",
+            "reason": reason,
+            "values": dict(values),
+            "rel_violation": rel,
+            "violations": violations,
+        }
+        if penalized:
+            attrs["penalized"] = penalized
+        self._attrs(trial, **attrs)
         metrics.update(status="infeasible", reason=reason, values=dict(values))
+        if penalized:
+            metrics["penalized"] = {
+                o.metric: v for o, v in zip(self.objectives, out) if o.metric in penalized
+            }
         log(reason)
-        raise optuna.TrialPruned(reason)
+        return tuple(out) if len(out) > 1 else out[0]
 
     def _train(
         self,
@@ -583,8 +442,7 @@ class Evaluator:
         metrics["train"] = m
         metrics["history"] = result.history
         if state["pruned"]:
-            trial.set_user_attr("status", "pruned")
-            trial.set_user_attr("reason", m.get("reason", "pruned"))
+            self._attrs(trial, status="pruned", reason=m.get("reason", "pruned"))
             metrics.update(status="pruned", reason=m.get("reason"))
             log("pruned by the median rule")
             raise optuna.TrialPruned()
@@ -639,7 +497,7 @@ def _retried(trials: list[FrozenTrial]) -> set[int]:
 
 
 def budget_used(trials: list[FrozenTrial]) -> int:
-    """Finished trials that count against the budget: COMPLETE, PRUNED (incl. infeasible)
+    """Finished trials that count against the budget: COMPLETE (incl. infeasible), PRUNED
     and FAIL — except failed trials whose configuration was retried (killed processes)."""
     retried = _retried(trials)
     n = 0
@@ -661,14 +519,17 @@ def _closest(trials: list[FrozenTrial], k: int = 3) -> str:
     return " | ".join(parts)
 
 
-def _silence() -> None:
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message=".*heartbeat.*")
-
-
-def worker(cfg: SearchConfig, worker_id: int = 0, say: Callable[[str], None] | None = None) -> None:
+def worker(
+    cfg: SearchConfig,
+    worker_id: int = 0,
+    say: Callable[[str], None] | None = None,
+    ready: Any = None,
+) -> None:
     """Run trials on the shared study until the budget is spent.
+
+    ``ready``: a barrier shared by the workers of one command; each waits there after its
+    set-up (imports, storage, study) so that no worker spends the budget alone while the
+    others are still starting.
 
     Raises:
         SearchError: ``max_rejections`` consecutive candidates broke a constraint and no
@@ -694,6 +555,11 @@ def worker(cfg: SearchConfig, worker_id: int = 0, say: Callable[[str], None] | N
     for n in fail_dead_trials(study):
         say(f"trial {n} was left running by a killed process: failed, retried once")
     evaluator = Evaluator(cfg, spec)
+    if ready is not None:
+        try:
+            ready.wait(timeout=300)
+        except threading.BrokenBarrierError:
+            pass  # another worker failed to start: go on alone
     deadline = time.time() + cfg.timeout_s if cfg.timeout_s else None
 
     def report(study: optuna.Study, t: FrozenTrial) -> None:
@@ -711,7 +577,7 @@ def worker(cfg: SearchConfig, worker_id: int = 0, say: Callable[[str], None] | N
     while True:
         trials = study.get_trials(deepcopy=False)
         used = budget_used(trials)
-        running = sum(1 for t in trials if t.state == TrialState.RUNNING and not _dead_here(t))
+        running = sum(1 for t in trials if t.state == TrialState.RUNNING and not dead_here(t))
         waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
         if used >= cfg.trials or (used + running >= cfg.trials and not waiting):
             break
@@ -721,9 +587,11 @@ def worker(cfg: SearchConfig, worker_id: int = 0, say: Callable[[str], None] | N
         study.optimize(
             evaluator, n_trials=1, catch=(TrialFailed,), callbacks=[report], gc_after_trial=False
         )
+        if isinstance(storage, HeartbeatJournalStorage):
+            storage.flush()  # nothing is normally held here; a safety net
         if evaluator.consecutive_rejections >= sec.max_rejections:
             trials = study.get_trials(deepcopy=False)
-            if not any(t.state == TrialState.COMPLETE for t in trials):
+            if not any(feasible(t) for t in trials):
                 raise SearchError(
                     f"{evaluator.consecutive_rejections} candidates in a row broke the "
                     f"constraints and none has met them yet; closest: {_closest(trials)}",
@@ -732,15 +600,19 @@ def worker(cfg: SearchConfig, worker_id: int = 0, say: Callable[[str], None] | N
                 )
 
 
-def _worker_entry(cfg_dict: dict[str, Any], worker_id: int, q: Any) -> None:
+def _worker_entry(cfg_dict: dict[str, Any], worker_id: int, q: Any, ready: Any = None) -> None:
     cfg = SearchConfig(**cfg_dict)
     try:
-        worker(cfg, worker_id, say=lambda s: print(f"[w{worker_id}] {s}", flush=True))
+        worker(cfg, worker_id, say=lambda s: print(f"[w{worker_id}] {s}", flush=True), ready=ready)
         q.put((worker_id, None))
     except ArchirError as exc:
         q.put((worker_id, str(exc)))
+        if ready is not None:
+            ready.abort()  # release workers still waiting to start
     except BaseException as exc:  # noqa: BLE001
         q.put((worker_id, f"worker crashed: {type(exc).__name__}: {exc}"))
+        if ready is not None:
+            ready.abort()
         raise
 
 
@@ -791,6 +663,33 @@ def _study_matches(storage: optuna.storages.BaseStorage, name: str, shash: str) 
         return None
     attrs = storage.get_study_user_attrs(sid)
     return attrs.get("archir:space_hash") == shash
+
+
+_FLAGS = {
+    ("budget", "trials"): "--trials",
+    ("budget", "timeout_s"): "--timeout",
+    ("workers",): "--workers",
+    ("seed",): "--seed",
+    ("sampler",): "--sampler",
+    ("fidelity", "kind"): "--fidelity",
+    ("fidelity", "steps"): "--steps",
+}
+
+
+def _option_error(exc: pydantic.ValidationError) -> SearchError:
+    """A one-line error for a search option override that fails validation: the option
+    (``--flag`` and ``search.`` path), pydantic's message and the value given."""
+    err = exc.errors()[0]
+    loc = tuple(str(x) for x in err.get("loc", ()))
+    path = "search." + ".".join(loc)
+    flag = _FLAGS.get(loc)
+    name = f"{flag} ({path})" if flag else path
+    got = err.get("input")
+    msg = str(err.get("msg", "invalid value"))
+    return SearchError(
+        f"bad search option {name}: {msg[:1].lower() + msg[1:]} (got {got!r})",
+        hint="see 'archir search --help'",
+    )
 
 
 def run_search(
@@ -858,14 +757,16 @@ def run_search(
         if fid["kind"] == "full":
             fid["kind"] = "proxy"
     upd["fidelity"] = fid
-    budget = sec.budget.model_copy(
-        update={k: v for k, v in {"trials": trials, "timeout_s": timeout_s}.items() if v}
-    )
-    upd["budget"] = budget.model_dump()
+    budget = sec.budget.model_dump()
+    if trials is not None:
+        budget["trials"] = trials
+    if timeout_s is not None:
+        budget["timeout_s"] = timeout_s
+    upd["budget"] = budget
     try:
         sec = SearchSection.model_validate({**sec.model_dump(), **upd})
-    except Exception as exc:  # pydantic error on an override
-        raise SearchError(f"bad search option: {str(exc).splitlines()[-1]}") from None
+    except pydantic.ValidationError as exc:
+        raise _option_error(exc) from None
     run_dir = Path(out) if out else Path("runs") / spec.name
     name = study or spec.name
     shash = space_hash(spec.nodes)
@@ -913,6 +814,10 @@ def run_search(
                     f"{len(objectives)}",
                     hint="use another --study name",
                 )
+    if "latency_ms" in {o.metric for o in objectives} | {c.metric for c in constraints}:
+        from searchers.latency import check_available
+
+        check_available(sec.latency)
     _preflight(spec, constraints, max(64, sec.max_rejections), sec.seed)
 
     created = not run_dir.exists()
@@ -949,10 +854,15 @@ def run_search(
             load_if_exists=True,
         )
         if "archir:space_hash" not in ostudy.user_attrs:
-            ostudy.set_user_attr("archir:space_hash", shash)
-            ostudy.set_user_attr("archir:objectives", [[o.metric, o.direction] for o in objectives])
-            ostudy.set_user_attr("archir:constraints", [[c.metric, c.text] for c in constraints])
-            ostudy.set_user_attr("archir:spec", spec.to_yaml())
+            with grouped(st):
+                ostudy.set_user_attr("archir:space_hash", shash)
+                ostudy.set_user_attr(
+                    "archir:objectives", [[o.metric, o.direction] for o in objectives]
+                )
+                ostudy.set_user_attr(
+                    "archir:constraints", [[c.metric, c.text] for c in constraints]
+                )
+                ostudy.set_user_attr("archir:spec", spec.to_yaml())
         before = budget_used(ostudy.get_trials(deepcopy=False))
         sampler_name = sec.sampler or ("tpe" if len(objectives) == 1 else "nsga2")
         say(
@@ -966,8 +876,9 @@ def run_search(
         else:
             ctx = mp.get_context("spawn")
             q = ctx.Queue()
+            ready = ctx.Barrier(cfg.workers)
             procs = [
-                ctx.Process(target=_worker_entry, args=(asdict(cfg), i, q))
+                ctx.Process(target=_worker_entry, args=(asdict(cfg), i, q, ready))
                 for i in range(cfg.workers)
             ]
             for p in procs:
@@ -981,8 +892,6 @@ def run_search(
                     errors.append(err)
             if errors:
                 raise SearchError(errors[0])
-        from searchers.pareto import finalize
-
         result = finalize(cfg, objectives, constraints, export=export, say=say)
     except ArchirError:
         if created:

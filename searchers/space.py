@@ -21,11 +21,14 @@ import hashlib
 import json
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from archir.spec.space import SearchNode
+
+if TYPE_CHECKING:
+    from archir.spec.loader import Spec
 
 
 def suggest(trial: optuna.Trial) -> Callable[[SearchNode], Any]:
@@ -90,8 +93,14 @@ def space_hash(nodes: list[SearchNode]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def spec_hash(data: Any) -> str:
-    """Hash of concrete spec data with ``name`` and ``search``/``description`` dropped: two
-    trials with the same hash build the same model (used to reuse a duplicate's result)."""
-    d = {k: v for k, v in data.items() if k not in ("name", "description", "search")}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def spec_hash(spec: Spec) -> str:
+    """Hash of what a trial trains: the architecture's canonical hash
+    (:func:`archir.hashing.canonical_hash` — identical graphs written differently hash the
+    same) combined with a hash of the validated ``train:`` section. Two trials with the same
+    hash build and train the same model, so the later one reuses the earlier one's result."""
+    from archir.hashing import canonical_hash
+
+    train = spec.model.train.model_dump(mode="json")
+    t = hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()
+    both = f"{canonical_hash(spec)}:{t}"
+    return hashlib.sha256(both.encode()).hexdigest()[:16]

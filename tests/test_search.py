@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -134,7 +135,7 @@ def test_infeasible_recorded_before_training(tmp_path):
         constraints={"params": "<= 12000"},
         fidelity="cost",
         budget={"trials": 10},
-        sampler="random",
+        sampler="tpe",
     )
     run = tmp_path / "run"
     run_search(spec, out=run, say=lambda s: None)
@@ -143,10 +144,175 @@ def test_infeasible_recorded_before_training(tmp_path):
     good = [t for t in doc["trials"] if t["status"] == "ok"]
     assert bad and good
     for t in bad:
-        assert "params <= 12000" in t["reason"] and t["state"] == "PRUNED"
+        # COMPLETE with its cost values, so the sampler's constraints_func sees it
+        assert "params <= 12000" in t["reason"] and t["state"] == "COMPLETE"
+        assert t["values"]["params"] > 12000 and not t["constraints"]["params"]["ok"]
         m = json.loads((run / "trials" / str(t["trial"]) / "metrics.json").read_text())
         assert m["status"] == "infeasible" and "train" not in m
     assert all(t["values"]["params"] <= 12000 for t in doc["front"])
+    front = {r["trial"] for r in doc["front"]}
+    assert not front & {t["trial"] for t in bad}
+    by_number = {t.number: t for t in study_of(run).trials}
+    for t in bad:
+        ot = by_number[t["trial"]]
+        assert ot.values == [t["values"]["params"]]  # the real cost, no penalty needed
+        assert ot.user_attrs["violations"] == [pytest.approx(t["values"]["params"] - 12000)]
+        # the samplers see it as infeasible through Optuna's constraint values
+        assert ot.constraints["params"] == pytest.approx(t["values"]["params"] - 12000)
+
+
+def test_rejected_candidate_gets_a_penalty_for_quality(tmp_path):
+    spec = make_spec(
+        tmp_path,
+        objectives={"val_bpb": "minimize"},
+        constraints={"params": "<= 14000"},
+        budget={"trials": 5},
+        fidelity={"kind": "proxy", "steps": 2},
+        pruner="none",
+        sampler="random",
+        seed=1,
+    )
+    run = tmp_path / "run"
+    run_search(spec, out=run, export=False, say=lambda s: None)
+    trials = sorted(study_of(run).trials, key=lambda t: t.number)
+    bad = [t for t in trials if t.user_attrs.get("status") == "infeasible"]
+    assert bad and any(t.user_attrs.get("status") == "ok" for t in trials)
+    for t in bad:
+        assert t.state == optuna.trial.TrialState.COMPLETE
+        assert t.user_attrs["penalized"] == ["val_bpb"]
+        assert "val_bpb" not in t.user_attrs["values"]  # reports show measured values only
+        trained = [
+            u.user_attrs["values"]["val_bpb"]
+            for u in trials
+            if u.number < t.number and "val_bpb" in u.user_attrs.get("values", {})
+        ]
+        assert t.values[0] == (max(trained) if trained else math.inf)
+    doc = json.loads((run / "pareto.json").read_text())
+    assert all(r["objectives"]["val_bpb"] is not None for r in doc["front"])
+
+
+def test_search_option_errors_are_readable(tmp_path, capsys):
+    from archir.cli import main
+
+    cases = [
+        (["--workers", "0"], "--workers (search.workers)", "got 0"),
+        (["--steps", "-1"], "--steps (search.fidelity.steps)", "got -1"),
+        (["--timeout", "-3"], "--timeout (search.budget.timeout_s)", "got -3.0"),
+        (["--trials", "0"], "--trials (search.budget.trials)", "got 0"),
+        (["--trials", "-2"], "--trials (search.budget.trials)", "got -2"),
+        (["--relax", "gumbel"], "--relax applies to --searcher darts only", ""),
+        (["--searcher", "darts", "--storage", "x.db"], "--storage does not apply", ""),
+        (["--searcher", "spos", "--trials", "3"], "--trials does not apply", ""),
+        (["--searcher", "darts", "--workers", "2", "--timeout", "5"], "--workers", "--timeout"),
+        (["--searcher", "spos", "--relax", "gumbel"], "--relax applies to --searcher darts", ""),
+    ]
+    for extra, want, got in cases:
+        out = tmp_path / "run"
+        rc = main(["search", str(TINY), "--out", str(out), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2, (extra, err)
+        assert want in err and got in err, (extra, err)
+        assert "errors.pydantic.dev" not in err
+        assert not out.exists()
+
+
+def test_spec_hash_is_canonical_and_covers_training():
+    from archir.spec import spec_from_dict
+    from searchers.space import spec_hash
+
+    base = yaml.safe_load((ROOT / "specs" / "zoo" / "transformer.yaml").read_text())
+    a = spec_from_dict(base)
+    renamed = {**base, "name": "other-name", "description": "written differently"}
+    b = spec_from_dict(renamed)
+    assert spec_hash(a) == spec_hash(b)
+    layers = base["model"]["layers"]
+    n = layers[0]["repeat"]
+    assert len(layers) == 1 and n > 1
+    g = {k: v for k, v in layers[0].items() if k != "repeat"}
+    unrolled = {**base, "model": {**base["model"], "layers": [g] * n}}  # repeat: n == n groups
+    assert spec_hash(spec_from_dict(unrolled)) == spec_hash(a)
+    trained_longer = {**base, "train": {**(base.get("train") or {}), "steps": 12345}}
+    assert spec_hash(spec_from_dict(trained_longer)) != spec_hash(a)
+    wider = {**base, "model": {**base["model"], "d_model": base["model"]["d_model"] * 2}}
+    assert spec_hash(spec_from_dict(wider)) != spec_hash(a)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat")
+def test_grouped_journal_writes_are_one_append_and_replay(tmp_path):
+    from searchers.storage import open_storage
+
+    st = open_storage(None, tmp_path / "j.journal")
+    study = optuna.create_study(storage=st, study_name="g")
+    trial = study.ask()
+    before = st.appends
+    with st.grouped():
+        for i in range(10):
+            trial.suggest_int(f"p{i}", 0, 9)
+        trial.set_user_attr("a", 1)
+        trial.set_user_attr("b", [1, 2])
+    assert st.appends == before + 1
+    study.tell(trial, 1.0)
+    # a fresh reader (another process) sees every grouped write
+    t = study_of_path(tmp_path / "j.journal", "g").trials[0]
+    assert len(t.params) == 10 and t.user_attrs == {"a": 1, "b": [1, 2]}
+
+
+def study_of_path(path: Path, name: str) -> optuna.Study:
+    from searchers.storage import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(None, path))
+
+
+def test_latency_objective_uses_exporters_and_front_is_remeasured(tmp_path, monkeypatch):
+    import exporters.latency as xl
+
+    monkeypatch.setenv("ARCHIR_CACHE", str(tmp_path / "cache"))  # no calibration here
+    calls: list[dict] = []
+    real = xl.latency_ms
+
+    def spy(spec, *a, **kw):
+        calls.append(kw)
+        return real(spec, *a, **kw)
+
+    monkeypatch.setattr(xl, "latency_ms", spy)
+    spec = make_spec(
+        tmp_path,
+        objectives={"params": "minimize", "latency_ms": "minimize"},
+        constraints={},
+        fidelity="cost",
+        budget={"trials": 4},
+        latency={"repeats": 3, "warmup": 1},
+    )
+    run = tmp_path / "run"
+    run_search(spec, out=run, export=False, say=lambda s: None)
+    for n in range(4):
+        m = json.loads((run / "trials" / str(n) / "metrics.json").read_text())
+        if "duplicate_of" in m:
+            continue
+        rec = m["latency"]
+        assert rec["predicted"] is False and rec["runs"] == 3
+        assert m["values"]["latency_ms"] == rec["median_ms"] > 0
+    doc = json.loads((run / "pareto.json").read_text())
+    assert doc["front"]
+    for row in doc["front"]:
+        assert row["latency"]["remeasured"] and row["latency"]["predicted"] is False
+        assert row["values"]["latency_ms"] == row["latency"]["median_ms"]
+        assert row["values"]["latency_ms_search"] > 0
+    # the re-measurement goes through exporters.latency.latency_ms, measured, never predicted
+    assert len([c for c in calls if c.get("budget_s")]) == len(doc["front"])
+    assert all(c.get("predict") is False for c in calls if c.get("budget_s"))
+
+    bad = make_spec(
+        tmp_path,
+        name="needs-cal",
+        fidelity="cost",
+        latency={"predict": True},
+        objectives={"latency_ms": "minimize"},
+        constraints={},
+    )
+    with pytest.raises(SearchError, match="no latency calibration"):
+        run_search(bad, out=tmp_path / "r2", say=lambda s: None)
+    assert not (tmp_path / "r2").exists()
 
 
 def test_conditional_space_and_seed_reproduces(tmp_path):
@@ -235,27 +401,29 @@ def test_kill9_then_resume_loses_nothing(tmp_path):
         tmp_path,
         objectives={"val_bpb": "minimize"},
         budget={"trials": 4},
-        fidelity={"kind": "proxy", "steps": 6},
+        fidelity={"kind": "proxy", "steps": 30},
         pruner="none",
         sampler="random",
     )
     run = tmp_path / "run"
     cmd = _cli("search", str(spec), "--out", str(run), "--no-export")
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # trials/2/spec.yaml is written right after trial 2's parameters reach the journal and
+    # before its 30 training steps: killing then leaves trial 2 RUNNING
     target = run / "trials" / "2"
     deadline = time.time() + 120
     while time.time() < deadline and not (target / "spec.yaml").exists():
         if proc.poll() is not None:
             pytest.fail(f"search ended early: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.02)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = {
-        t.number: t.values
-        for t in study_of(run).trials
-        if t.state == optuna.trial.TrialState.COMPLETE
-    }
-    assert len(before) >= 2
+    killed = study_of(run).trials
+    running = [t for t in killed if t.state == optuna.trial.TrialState.RUNNING]
+    assert [t.number for t in running] == [2]
+    assert running[0].params  # its parameters were written before the kill
+    before = {t.number: t.values for t in killed if t.state == optuna.trial.TrialState.COMPLETE}
+    assert sorted(before) == [0, 1]
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     trials = study_of(run).trials
@@ -264,10 +432,13 @@ def test_kill9_then_resume_loses_nothing(tmp_path):
     for n, v in before.items():  # no completed trial lost or changed
         assert done[n] == v
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
-    if failed:  # the killed trial was failed and its configuration retried once
-        retries = [t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]
-        assert len(retries) == 1 and retries[0].params == failed[0].params
-    assert "resuming" in out.stdout
+    assert [t.number for t in failed] == [2]
+    assert "killed" in failed[0].user_attrs["reason"]
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == 2]
+    assert len(retries) == 1  # retried exactly once, with the same configuration
+    assert retries[0].params == running[0].params
+    assert retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert "resuming" in out.stdout and "left running by a killed process" in out.stdout
 
 
 def test_two_workers_share_a_study(tmp_path):
@@ -288,10 +459,19 @@ def test_two_workers_share_a_study(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     trials = study_of(run).trials
-    numbers = [t.number for t in trials]
-    assert len(numbers) == len(set(numbers))
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert 10 <= len(done) <= 11  # two workers may each start the last trial
+    by_number = {t.number: t for t in done}
+    for t in done:
+        dup = t.user_attrs.get("duplicate_of")
+        if dup is not None:  # reused a finished trial's result: same model, same values
+            assert by_number[dup].user_attrs["spec_hash"] == t.user_attrs["spec_hash"]
+            assert by_number[dup].values == t.values
+            continue
+        # not marked duplicate: no trial of the same model had finished when it started
+        for u in done:
+            if u.number != t.number and u.user_attrs["spec_hash"] == t.user_attrs["spec_hash"]:
+                assert u.datetime_complete > t.datetime_start, (t.number, u.number)
     assert "[w0]" in out.stdout and "[w1]" in out.stdout
     for t in done:
         spec_file = run / t.user_attrs["spec"]

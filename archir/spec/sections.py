@@ -69,8 +69,13 @@ class FidelitySection(Strict):
 class LatencySection(Strict):
     """How ``latency_ms`` is measured: CPU, ``threads`` intra-op threads, ``warmup`` untimed
     runs, then the median of ``repeats`` forward passes of a ``[batch, seq_len]`` input
-    (``seq_len`` defaults to ``train.seq_len``)."""
+    (``seq_len`` defaults to ``train.seq_len``) on ``runtime`` (``torch`` eager or ``ort``
+    onnxruntime). ``predict``: ``null`` — predicted when a latency calibration for this
+    machine, runtime and thread count exists, else measured; ``true`` — always predicted
+    (the search refuses to start without a calibration); ``false`` — always measured."""
 
+    runtime: Literal["torch", "ort"] = "torch"
+    predict: bool | None = None
     threads: int = Field(1, ge=1)
     batch: int = Field(1, ge=1)
     seq_len: int | None = Field(None, ge=1)
