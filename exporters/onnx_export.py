@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -34,6 +35,12 @@ from exporters import parity as par
 from exporters import quantize as qz
 
 DEFAULT_OPSET = 20
+# opsets accepted up front: the torch.export exporter emits opset 18 at least (it does not
+# down-convert below that) and, with torch 2.13 / onnxscript 0.7, nothing past 25 passes
+# the onnx checker; the legacy exporter caps its opset at 18.
+MIN_OPSET, MAX_OPSET = 18, 25
+MIN_LEGACY_OPSET = 9
+EXAMPLE_SEQ = 67
 META_PREFIX = "archir."
 
 
@@ -155,24 +162,68 @@ def _human_bytes(n: float) -> str:
 # -- model and graph bookkeeping --------------------------------------------------------------
 
 
+def _weights_mismatch(model: torch.nn.Module, path: Path) -> str | None:
+    """Why the safetensors file at ``path`` does not fit ``model``: counts and the first
+    missing key, unexpected key and shape mismatch; ``None`` when every key and shape fits.
+    A model key absent from the file is fine when it shares storage with one in it (tied
+    weights are saved once)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        file_shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    sd = model.state_dict()
+    in_file = {sd[k].data_ptr() for k in file_shapes if k in sd}
+    missing = [k for k in sd if k not in file_shapes and sd[k].data_ptr() not in in_file]
+    unexpected = [k for k in file_shapes if k not in sd]
+    shapes = [
+        (k, file_shapes[k], list(sd[k].shape))
+        for k in file_shapes
+        if k in sd and file_shapes[k] != list(sd[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(
+            f"{len(missing)} missing key(s) (first: '{missing[0]}' {list(sd[missing[0]].shape)})"
+        )
+    if unexpected:
+        k = unexpected[0]
+        parts.append(f"{len(unexpected)} unexpected key(s) (first: '{k}' {file_shapes[k]})")
+    if shapes:
+        k, fs, ms = shapes[0]
+        parts.append(
+            f"{len(shapes)} shape mismatch(es) (first: '{k}' is {fs} in the file, {ms} in the spec)"
+        )
+    return "; ".join(parts) or None
+
+
 def load_weights(model: torch.nn.Module, weights: str | os.PathLike) -> None:
     """Load a safetensors checkpoint into ``model`` (strict).
 
     Raises:
-        ExportError: missing file, or keys/shapes that do not match the spec.
+        ExportError: missing file, or keys/shapes that do not match the spec (the message
+            counts missing keys, unexpected keys and shape mismatches and names the first
+            of each).
     """
     from safetensors.torch import load_model
 
     p = Path(weights)
     if not p.is_file():
         raise ExportError(f"weights file '{p}' does not exist", hint="give a .safetensors file")
+    hint = "export with the spec.yaml that was saved beside the weights"
+    try:
+        why = _weights_mismatch(model, p)
+    except Exception as exc:  # noqa: BLE001 - not a safetensors file, truncated header ...
+        raise ExportError(
+            f"weights '{p}' are not a readable safetensors file: {str(exc)[:300]}", hint=hint
+        ) from None
+    if why:
+        raise ExportError(f"weights '{p}' do not fit the spec: {why}", hint=hint)
     try:
         load_model(model, str(p), strict=True)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types
-        raise ExportError(
-            f"weights '{p}' do not fit the spec: {str(exc).splitlines()[0][:300]}",
-            hint="export with the spec.yaml that was saved beside the weights",
-        ) from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = " ".join(lines[:3])[:400]
+        raise ExportError(f"weights '{p}' do not fit the spec: {detail}", hint=hint) from None
 
 
 def module_to_block(model: Any) -> dict[str, str]:
@@ -309,13 +360,74 @@ def _specialized_axes(proto: onnx.ModelProto, in_axes: dict[int, str]) -> dict[s
 def _example_input(spec_model: Any) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     m = spec_model.model
-    # neither 0 nor 1 on a dynamic axis (torch.export would specialize them)
-    return par.random_input(spec_model, 2, max(2, min(7, m.max_seq_len)), gen)
+    # neither 0 nor 1 on a dynamic axis, nor on a size derived from it (torch.export would
+    # specialize them): 67 steps make 3+ chunks for the chunked scans (chunks of 16 and 32)
+    return par.random_input(spec_model, 2, max(2, min(EXAMPLE_SEQ, m.max_seq_len)), gen)
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Any:
+    """Capture everything written to stderr for the duration: file descriptor 2 (C++
+    warnings), ``sys.stderr`` and the stream handlers of torch's loggers (which keep the
+    stream they were created with; a failed torch.export logs whole FX graphs there).
+    Yields a function returning the captured text."""
+    py = io.StringIO()
+    handlers = [
+        h
+        for name, lg in logging.root.manager.loggerDict.items()
+        if name.startswith("torch") and isinstance(lg, logging.Logger)
+        for h in lg.handlers
+        if type(h) is logging.StreamHandler
+    ]
+    handlers += [h for h in logging.root.handlers if type(h) is logging.StreamHandler]
+    streams = [h.setStream(py) for h in handlers]  # type: ignore[arg-type]
+    try:
+        saved: int | None = os.dup(2)
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        saved = None
+    with tempfile.TemporaryFile(mode="w+b") as tmp, contextlib.redirect_stderr(py):
+        if saved is not None:
+            os.dup2(tmp.fileno(), 2)
+
+        def text() -> str:
+            tmp.seek(0)
+            return tmp.read().decode("utf-8", "replace") + py.getvalue()
+
+        try:
+            yield text
+        finally:
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+            for h, st in zip(handlers, streams):
+                if st is not None:
+                    h.setStream(st)
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """One line naming why an exporter failed: the innermost cause's type and first line
+    (torch.onnx wraps the torch.export error in a generic 'Failed to export' message)."""
+    seen: list[BaseException] = [exc]
+    cur: BaseException | None = exc
+    while cur is not None and len(seen) < 16:
+        cur = cur.__cause__ or cur.__context__
+        if cur is not None:
+            seen.append(cur)
+    inner = seen[-1]
+    lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    for ln in lines:  # a data-dependent branch or a violated shape constraint says more
+        if "data-dependent" in ln.lower() or "Not all values" in ln:
+            text = ln
+            break
+    return f"{type(inner).__name__}: {text}"[:300]
 
 
 def _torch_export(
     model: torch.nn.Module, spec_model: Any, opset: int, exporter: str
-) -> tuple[onnx.ModelProto, str]:
+) -> tuple[onnx.ModelProto, str, list[str]]:
+    """``(model proto, exporter used, one line per exporter that failed before it)``."""
     x = _example_input(spec_model)
     in_name, out_name, in_axes, out_axes = _io_names(spec_model)
     errors: list[str] = []
@@ -326,6 +438,7 @@ def _torch_export(
         try:
             with (
                 contextlib.redirect_stdout(buf),
+                _captured_stderr(),
                 warnings.catch_warnings(),
                 torch.no_grad(),
             ):
@@ -371,10 +484,9 @@ def _torch_export(
                     "multiple then reshaping by a computed count)"
                 )
             _fix_dim_names(proto, in_axes, out_axes)
-            return proto, which
+            return proto, which, errors
         except Exception as exc:  # noqa: BLE001 - exporter internals
-            msg = str(exc).strip().splitlines()
-            errors.append(f"{which}: {type(exc).__name__}: {' '.join(msg[:3])[:600]}")
+            errors.append(f"{which}: {_failure_reason(exc)}")
     raise ExportError(
         "torch.onnx.export failed for this model: " + " | ".join(errors),
         hint="a block's forward may use data-dependent shapes or a Python loop over time; "
@@ -496,6 +608,13 @@ def export_onnx(
     if exporter not in ("auto", "dynamo", "legacy"):
         raise ExportError(f"unknown exporter '{exporter}'", hint="dynamo, legacy or auto")
     opset = opset or DEFAULT_OPSET
+    lo = MIN_LEGACY_OPSET if exporter == "legacy" else MIN_OPSET
+    if not lo <= opset <= MAX_OPSET:
+        raise ExportError(
+            f"opset {opset} is not supported by the {exporter} exporter",
+            hint=f"use an opset in {lo}..{MAX_OPSET} (default {DEFAULT_OPSET})"
+            + ("; --exporter legacy accepts down to 9" if lo > MIN_LEGACY_OPSET else ""),
+        )
     if model is None:
         model = archir.compile(spec, seed=0)
         if weights is not None:
@@ -504,9 +623,10 @@ def export_onnx(
     model.eval()
     notes: list[str] = []
     try:
-        proto, used = _torch_export(model, spec_model, opset, exporter)
+        proto, used, failures = _torch_export(model, spec_model, opset, exporter)
         if used != exporter and exporter == "auto" and used == "legacy":
-            notes.append("the dynamo exporter failed; used the legacy TorchScript exporter")
+            why = failures[0].split(": ", 1)[-1] if failures else "unknown reason"
+            notes.append(f"dynamo exporter failed ({why}); used the legacy TorchScript exporter")
         mod2block = module_to_block(model)
         bits = block_bits(model)
         _tag_and_strip(proto, mod2block)

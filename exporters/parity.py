@@ -103,23 +103,37 @@ def resolve_task(spec_model: Any, task: Any) -> Any:
     """The task whose data feeds parity/calibration, or ``None`` for random inputs.
 
     ``task`` may be a Task, a task name, ``"random"`` (force random inputs) or ``None``
-    (the spec's ``train.task``). A task that cannot feed this model (wrong model kind,
-    missing data) gives ``None``: the gate falls back to random inputs.
+    (the spec's ``train.task``). When the spec's own task cannot feed this model (wrong
+    model kind, missing data) the gate falls back to random inputs; a task the caller named
+    must work.
+
+    Raises:
+        TaskError: a named task is unknown, or cannot feed this model (wrong model kind,
+            data that cannot be loaded).
     """
-    from archir.errors import ArchirError
+    from archir.errors import ArchirError, TaskError
     from archir.tasks import get_task
 
     if task == "random" or task is False:
         return None
+    if task is None:
+        try:
+            the_task = get_task(spec_model.train.task, spec_model.train.task_options)
+            the_task.check_model(spec_model.model)
+        except (ArchirError, ValueError, OSError):
+            return None
+        return the_task
     try:
-        if task is None or isinstance(task, str):
-            name = task or spec_model.train.task
-            opts = spec_model.train.task_options if task is None else None
-            task = get_task(name, opts)
-        task.check_model(spec_model.model)
-    except (ArchirError, ValueError, OSError):
-        return None
-    return task
+        the_task = get_task(task) if isinstance(task, str) else task
+        the_task.check_model(spec_model.model)
+    except ArchirError:
+        raise
+    except (ValueError, OSError) as exc:
+        raise TaskError(
+            f"task '{task}' cannot feed this model: {exc}",
+            hint="name another task, or --task random for random inputs",
+        ) from None
+    return the_task
 
 
 def parity_inputs(

@@ -62,16 +62,16 @@ def tiny_spec(kind: str) -> Any:
     return spec_from_dict({"archir": 1, "name": f"tiny-{kind}", "model": model})
 
 
-_CACHE: dict[str, tuple[Any, Any, Path]] = {}
+_CACHE: dict[str, tuple[Any, Any, Path, str]] = {}
 
 
-def exported(kind: str, tmp: Path) -> tuple[Any, Any, Path]:
+def exported(kind: str, tmp: Path) -> tuple[Any, Any, Path, str]:
     if kind not in _CACHE:
         spec = tiny_spec(kind)
         model = archir.compile(spec, seed=0).eval()
         path = tmp / f"{kind}.onnx"
-        export_onnx(spec, path, model=model, check=False, task="random")
-        _CACHE[kind] = (spec, model, path)
+        rep = export_onnx(spec, path, model=model, check=False, task="random")
+        _CACHE[kind] = (spec, model, path, rep.exporter)
     return _CACHE[kind]
 
 
@@ -81,8 +81,12 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("kind", registry.names())
-def test_kind_exports_and_matches_torch(kind: str, onnx_dir: Path) -> None:
-    spec, model, path = exported(kind, onnx_dir)
+def test_kind_exports_and_matches_torch(kind: str, onnx_dir: Path, capfd) -> None:
+    spec, model, path, used = exported(kind, onnx_dir)
+    # every kind goes through torch.export (no fallback to the deprecated TorchScript
+    # exporter), and nothing of the exporter's logging reaches the terminal
+    assert used == "dynamo", f"{kind} fell back to the {used} exporter"
+    assert capfd.readouterr().err == ""
     sess = make_session(str(path))
     gen = torch.Generator().manual_seed(1)
     image = spec.model.model.task == "image_classification"

@@ -132,6 +132,15 @@ class MoE(nn.Module):
         return combine.to(x.dtype), aux
 
     def _dense(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+        if _exporting() and self.E <= 64:
+            # one 2-D MatMul per expert: in ONNX the banks are read by Gather, which
+            # onnxruntime's int8/int4 quantizers reach (they skip the batched MatMul of the
+            # einsum form: int8 files 1.7x -> 3.4x smaller, int4 1.15x -> 4.9x)
+            y = x.new_zeros(x.shape)
+            for e in range(self.E):
+                ye = self._act(x @ self.w_in[e]) @ self.w_out[e]
+                y = y + combine[:, e : e + 1] * ye
+            return y
         a = torch.einsum("nd,edh->enh", x, self.w_in)
         y = torch.bmm(self._act(a), self.w_out)  # [E, N, d]
         return torch.einsum("ne,end->nd", combine, y)
