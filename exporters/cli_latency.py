@@ -4,7 +4,11 @@
 
     archir latency SPEC [--runtime ort|torch|compile|both] [--batch B] [--seq T] [--threads N]
     archir latency SPEC --predict          # from this machine's calibration, with a band
-    archir latency calibrate [--runtime ort] [--out FILE] [--budget-s 480]
+    archir latency calibrate [--runtime ort] [--out FILE] [--budget-s 540] [--space FILE ...]
+
+Calibration measures single blocks (and the fixed embedding/head part) of specs drawn from
+``specs/search/`` (plus ``--space`` files) at widths 64-512 and sequence lengths 128-1024,
+and a share of whole specs; see :mod:`exporters.latency.calibrate`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cv-threshold", type=float, default=0.05, help="noisy above this CV")
     p.add_argument("--exporter", choices=["direct", "exporters", "auto"], default="direct")
     p.add_argument("--out", default=None, help="calibrate: output file")
+    p.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        help="calibrate: an extra search-space file to design on (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -50,18 +60,24 @@ def _calibrate(args: argparse.Namespace) -> int:
     runtime = args.runtime or "ort"
     if runtime == "both":
         runtime = "ort"
-    budget = args.budget_s if args.budget_s is not None else 480.0
+    budget = args.budget_s if args.budget_s is not None else 540.0
 
     def progress(msg: str) -> None:
         if not args.json:
             print(msg, file=sys.stderr)
 
     path, data = calibrate(
-        runtime, threads=args.threads, budget_s=budget, out=args.out, progress=progress
+        runtime,
+        threads=args.threads,
+        budget_s=budget,
+        out=args.out,
+        spaces=args.space,
+        progress=progress,
     )
     info = {
         "path": str(path),
-        "samples": len(data["samples"]),
+        "parts": len(data["parts"]),
+        "wholes": len(data["wholes"]),
         "wall_s": data["wall_s"],
         "cv_median": data["cv_median"],
         "key": data["key"],
@@ -71,7 +87,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
     else:
         print(
-            f"wrote {path}: {info['samples']} samples in {info['wall_s']} s "
+            f"wrote {path}: {info['parts']} part and {info['wholes']} whole-spec samples in "
+            f"{info['wall_s']} s "
             f"(median CV {info['cv_median']:.3f}; key {data['key']})"
         )
     return 0

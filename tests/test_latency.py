@@ -21,7 +21,13 @@ from exporters.latency import (
     machine_key,
     measure,
 )
-from exporters.latency.calibrate import FORMAT, VERSION, make_spec_data, save_calibration
+from exporters.latency.calibrate import (
+    FORMAT,
+    VERSION,
+    make_spec_data,
+    samples_features,
+    save_calibration,
+)
 from exporters.latency.harness import coefficient_of_variation, summarize, trimmed_mean
 
 TINY = {
@@ -99,18 +105,18 @@ def test_noisy_measurement_is_remeasured_and_best_kept() -> None:
     assert m.attempts == 3 and m.noisy and m.cv == pytest.approx(0.5)
 
 
-def _cal_file(path: Path, samples: list[dict], **key_over: object) -> Path:
+def _cal_file(path: Path, cal: dict | None = None, **key_over: object) -> Path:
     key = {**machine_key("ort", 1), **key_over}
-    data = {"format": FORMAT, "version": VERSION, "key": key, "samples": samples}
+    data = {"format": FORMAT, "version": VERSION, "key": key, **(cal or {})}
     return save_calibration(data, path)
 
 
 def test_calibration_mismatch_and_version_refused(tmp_path: Path) -> None:
-    p = _cal_file(tmp_path / "a.json", [], cpu="Some Other CPU 9000")
+    p = _cal_file(tmp_path / "a.json", cpu="Some Other CPU 9000")
     with pytest.raises(CalibrationMismatchError) as e:
         load_calibration(p, runtime="ort", threads=1)
     assert "Some Other CPU 9000" in str(e.value) and "archir latency calibrate" in str(e.value)
-    p = _cal_file(tmp_path / "b.json", [])
+    p = _cal_file(tmp_path / "b.json")
     with pytest.raises(CalibrationMismatchError, match="threads"):
         load_calibration(p, runtime="ort", threads=2)
     data = json.loads(p.read_text())
@@ -123,17 +129,24 @@ def test_calibration_mismatch_and_version_refused(tmp_path: Path) -> None:
         load_calibration(tmp_path / "c.json")
 
 
-def _synthetic_samples(n: int, seed: int = 0) -> list[dict]:
-    """Specs from the built-in space with a made-up 'true' latency per node feature."""
+TRUE = {  # made-up per-kind coefficients on (lin, quad, act, w, one)
+    "attention": (3.0, 9.0, 0.5, 0.2, 0.01),
+    "mamba": (6.0, 2.0, 1.5, 0.3, 0.05),
+    "swiglu": (2.5, 0.0, 0.3, 0.1, 0.01),
+    "mlp": (2.8, 0.0, 0.2, 0.1, 0.01),
+    "fixed": (2.0, 0.0, 0.4, 0.05, 0.02),
+}
+
+
+def _synthetic_cal(n: int, seed: int = 0) -> dict:
+    """Specs from the built-in space with a made-up 'true' latency per part; whole specs
+    take 1.05 x the sum of their parts + 0.1 ms."""
     rng = random.Random(seed)
-    true = {"lin": 3.0, "quad": 9.0, "act": 0.5, "w": 0.2, "one": 0.01}
-    out = []
-    for _ in range(n):
-        tm = rng.choice(["attention", "attention", "swiglu"])
-        tm = "attention" if tm == "swiglu" else tm
+    cal: dict = {"specs": [], "parts": [], "wholes": []}
+    for i in range(n):
         data = make_spec_data(
             rng,
-            tm,
+            rng.choice(["attention", "mamba"]),
             rng.choice(["swiglu", "mlp"]),
             rng.choice([64, 128, 256]),
             rng.randint(2, 6),
@@ -142,33 +155,74 @@ def _synthetic_samples(n: int, seed: int = 0) -> list[dict]:
         )
         seq = rng.choice([128, 256, 512])
         g = graph_features(spec_from_dict(data), 1, seq)
-        ms = 0.05 + sum(sum(c * x for c, x in zip(true.values(), n.x)) for n in g.nodes)
-        out.append({"spec": data, "batch": 1, "seq": seq, "median_ms": ms})
-    return out
+        cal["specs"].append(data)
+        total = 0.0
+        for p in g.parts:
+            ms = sum(c * x for c, x in zip(TRUE[p.kind], p.x))
+            total += ms
+            cal["parts"].append(
+                {"spec": i, "node": p.name, "batch": 1, "seq": seq, "median_ms": ms}
+            )
+        cal["wholes"].append({"spec": i, "batch": 1, "seq": seq, "median_ms": 1.05 * total + 0.1})
+    return cal
 
 
 def test_predictor_fits_synthetic_calibration() -> None:
-    samples = _synthetic_samples(60)
-    feats = [graph_features(spec_from_dict(s["spec"]), 1, s["seq"]) for s in samples]
-    ys = [s["median_ms"] for s in samples]
-    p = LatencyPredictor().fit(feats[:45], ys[:45])
-    for g, y in zip(feats[45:], ys[45:]):
+    parts, pms, wholes, wms = samples_features(_synthetic_cal(40))
+    assert len(wholes) == 40 and len(parts) > 40
+    p = LatencyPredictor().fit(parts, pms, wholes[:30], wms[:30])
+    assert p.comp[0] == pytest.approx(1.05, rel=0.05)
+    for g, y in zip(wholes[30:], wms[30:]):
         pr = p.predict(g)
         assert abs(pr.ms / y - 1) < 0.1
         assert pr.band_ms[0] <= pr.ms <= pr.band_ms[1]
-        assert set(pr.per_node_ms) == {n.name for n in g.nodes}
+        assert set(pr.per_node_ms) == {q.name for q in g.parts}
     with pytest.raises(ValueError):
-        LatencyPredictor().fit(feats[:2], ys[:2])
+        LatencyPredictor().fit(parts[:2], pms[:2])
+
+
+def test_parts_cover_every_block_once_plus_fixed() -> None:
+    import archir
+    from exporters.latency.parts import node_modules
+
+    data = make_spec_data(random.Random(1), "attention", "swiglu", 64, 3, 128, 8)
+    spec = spec_from_dict(data)
+    g = graph_features(spec, 1, 64)
+    names = [p.name for p in g.parts]
+    assert names[-1] == "fixed" and len(names) == 7  # 3 x (mixer + channel mixer) + fixed
+    mods = node_modules(archir.compile(spec))
+    assert set(mods) == set(names[:-1])
+    # equal blocks at the same shape have the same signature (measured once)
+    assert len({p.signature for p in g.parts}) == 3
+
+
+def test_part_and_whole_measured_at_their_shape() -> None:
+    import archir
+    from exporters.latency.calibrate import measure_part
+    from exporters.latency.harness import Runner
+
+    spec = spec_from_dict(TINY)
+    model = archir.compile(spec).eval()
+    g = graph_features(spec, 1, 16)
+    for p in g.parts:
+        m = measure_part(model, p, "ort", 1, budget_s=0.01, min_runs=3, max_attempts=1)
+        assert m.median_ms > 0 and m.runs >= 3
+    with Runner(spec, "ort", model=model) as r:
+        m1 = r.measure(1, 16, budget_s=0.01, min_runs=3, max_attempts=1)
+        m2 = r.measure(1, 24, budget_s=0.01, min_runs=3, max_attempts=1)
+        assert r.exporter_used == "direct-torchscript"
+        assert set(r._sessions) == {(1, 16), (1, 24)}  # one static graph per shape
+    assert m1.seq == 16 and m2.seq == 24
 
 
 def test_latency_ms_predicts_with_calibration_and_refuses_without(tmp_path: Path) -> None:
     spec = spec_from_dict(make_spec_data(random.Random(3), "attention", "swiglu", 128, 3, 256, 8))
-    p = _cal_file(tmp_path / "cal.json", _synthetic_samples(40, seed=1))
+    p = _cal_file(tmp_path / "cal.json", _synthetic_cal(20, seed=1))
     r = latency_ms(spec, "ort", predict=True, seq=256, calibration=p)
     assert r["predicted"] and r["median_ms"] > 0 and r["band_ms"][0] <= r["median_ms"]
     with pytest.raises(CalibrationMissingError):
         latency_ms(spec, "ort", predict=True, calibration=None, threads=37)
-    bad = _cal_file(tmp_path / "bad.json", _synthetic_samples(5), runtime_version="0.0.1")
+    bad = _cal_file(tmp_path / "bad.json", _synthetic_cal(3), runtime_version="0.0.1")
     with pytest.raises(CalibrationMismatchError):
         latency_ms(spec, "ort", predict=True, calibration=bad)
 
@@ -185,6 +239,6 @@ def test_cli_measures_and_predicts(tmp_path: Path, capsys: pytest.CaptureFixture
     rc = main(["latency", str(f), "--runtime", "both", "--budget-s", "0.05", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["seq"] == 16 and out["ort"]["runs"] >= 5 and out["torch"]["runs"] >= 5
-    bad = _cal_file(tmp_path / "bad.json", [], cpu="elsewhere")
+    bad = _cal_file(tmp_path / "bad.json", cpu="elsewhere")
     rc = main(["latency", str(f), "--predict", "--runtime", "ort", "--calibration", str(bad)])
     assert rc == 2 and "does not match" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from archir.commands import positive_int
 
@@ -14,6 +15,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="spec file (or an exported .onnx file)")
     p.add_argument("--seq-len", type=positive_int, default=None, help="sequence length for costs")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="add the predicted onnxruntime latency (batch 1, 1 thread) from this machine's "
+        "calibration (`archir latency calibrate`)",
+    )
+
+
+def _predicted_latency(spec: object, seq_len: int) -> dict[str, Any]:
+    """Predicted latency from the calibration, or the reason there is none."""
+    from exporters.latency import CalibrationError, predict_spec
+
+    try:
+        p = predict_spec(spec, "ort", batch=1, seq=seq_len, threads=1)
+    except CalibrationError as exc:
+        return {"error": str(exc)}
+    return {"ms": p.ms, "band_ms": list(p.band_ms), "extrapolated": p.extrapolated}
 
 
 def _human(n: float) -> str:
@@ -37,8 +55,12 @@ def run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     report = analyze(spec, args.seq_len)
+    latency = _predicted_latency(spec, report.seq_len) if args.latency else None
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        out = report.to_dict()
+        if latency is not None:
+            out["latency_predicted"] = latency
+        print(json.dumps(out, indent=2))
         return 0
     from rich.console import Console
     from rich.markup import escape
@@ -74,4 +96,14 @@ def run(args: argparse.Namespace) -> int:
     )
     Console(width=max(Console().width, 120)).print(table)
     print(f"weight bytes: {_human(report.weight_bytes)}B")
+    if latency is not None:
+        if "ms" in latency:
+            lo, hi = latency["band_ms"]
+            extra = " (extrapolated)" if latency["extrapolated"] else ""
+            print(
+                f"predicted latency (onnxruntime, batch 1, 1 thread): {latency['ms']:.3f} ms, "
+                f"90% band [{lo:.3f}, {hi:.3f}]{extra}"
+            )
+        else:
+            print(f"predicted latency: unavailable: {latency['error']}")
     return 0

@@ -31,7 +31,7 @@ import platform
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -43,10 +43,16 @@ from exporters.latency.harness import (
     RuntimeUnavailableError,
     time_limit,
 )
-from exporters.latency.predictor import FEATURE_VERSION, LatencyPredictor, graph_features
+from exporters.latency.predictor import (
+    FEATURE_VERSION,
+    GraphFeatures,
+    LatencyPredictor,
+    PartFeatures,
+    graph_features,
+)
 
 FORMAT = "archir-latency-calibration"
-VERSION = 1
+VERSION = 2
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 SEQS = (128, 192, 256, 384, 512, 768, 1024)
 DEPTH = (2, 12)
@@ -192,27 +198,56 @@ def find_calibration(runtime: str = "ort", threads: int = DEFAULT_THREADS) -> Pa
 
 def predictor_from(data: dict[str, Any]) -> LatencyPredictor:
     """Fit a predictor from a loaded calibration (cached per file content)."""
-    return _fit_cached(json.dumps(data["samples"], sort_keys=True))
+    payload = {k: data.get(k, []) for k in ("specs", "parts", "wholes")}
+    return _fit_cached(json.dumps(payload, sort_keys=True))
+
+
+def samples_features(
+    data: dict[str, Any],
+) -> tuple[list[PartFeatures], list[float], list[GraphFeatures], list[float]]:
+    """(part features, part ms, whole-spec features, whole ms) of a calibration's samples;
+    samples whose spec no longer builds (a kind that changed) are skipped."""
+    from archir.ir import build_graph
+    from archir.spec import spec_from_dict
+
+    graphs: dict[int, Any] = {}
+    feats: dict[tuple[int, int, int], GraphFeatures | None] = {}
+
+    def gf(i: int, b: int, t: int) -> GraphFeatures | None:
+        key = (i, b, t)
+        if key not in feats:
+            try:
+                if i not in graphs:
+                    graphs[i] = build_graph(spec_from_dict(data["specs"][i]))
+                feats[key] = graph_features(graphs[i], b, t)
+            except Exception:
+                feats[key] = None
+        return feats[key]
+
+    parts, pms, wholes, wms = [], [], [], []
+    for s in data.get("parts", []):
+        g = gf(int(s["spec"]), int(s["batch"]), int(s["seq"]))
+        part = next((p for p in g.parts if p.name == s["node"]), None) if g else None
+        if part is not None:
+            parts.append(part)
+            pms.append(float(s["median_ms"]))
+    for s in data.get("wholes", []):
+        g = gf(int(s["spec"]), int(s["batch"]), int(s["seq"]))
+        if g is not None:
+            wholes.append(g)
+            wms.append(float(s["median_ms"]))
+    return parts, pms, wholes, wms
 
 
 @lru_cache(maxsize=8)
-def _fit_cached(samples_json: str) -> LatencyPredictor:
-    from archir.spec import spec_from_dict
-
-    feats, ys = [], []
-    for s in json.loads(samples_json):
-        try:
-            spec = spec_from_dict(s["spec"])
-            feats.append(graph_features(spec, int(s["batch"]), int(s["seq"])))
-        except Exception:  # a kind that no longer exists / changed: skip the sample
-            continue
-        ys.append(float(s["median_ms"]))
-    if len(feats) < 3:
+def _fit_cached(payload_json: str) -> LatencyPredictor:
+    parts, pms, wholes, wms = samples_features(json.loads(payload_json))
+    if len(parts) < 3:
         raise CalibrationFormatError(
-            "the calibration has fewer than 3 usable samples",
+            "the calibration has fewer than 3 usable part samples",
             hint="re-run `archir latency calibrate` with a larger --budget-s",
         )
-    return LatencyPredictor().fit(feats, ys)
+    return LatencyPredictor().fit(parts, pms, wholes, wms)
 
 
 # --------------------------------------------------------------------------------------
@@ -428,87 +463,222 @@ def random_specs(
 # running a calibration
 
 
+def space_paths(extra: Sequence[str | Path] = ()) -> list[Path]:
+    """The spaces calibration is designed on: ``specs/search/*.yaml`` plus ``extra``."""
+    base = Path(__file__).resolve().parents[2] / "specs" / "search"
+    paths = sorted(base.glob("*.y*ml")) if base.is_dir() else []
+    return paths + [Path(p) for p in extra]
+
+
+def load_spaces(paths: Sequence[str | Path]) -> list[Any]:
+    """Open specs from ``paths`` (those that load and have decisions; others skipped)."""
+    from archir.spec import load_spec
+
+    out = []
+    for p in paths:
+        try:
+            s = load_spec(p)
+        except Exception:
+            continue
+        if s.nodes:
+            out.append(s)
+    return out
+
+
+def _with(spec: Any, d_model: int | None, seq: int) -> Any:
+    """The spec with ``d_model`` replaced (when given) and ``max_seq_len >= seq``."""
+    from archir.ir import build_graph
+    from archir.spec import spec_from_dict
+
+    data = copy.deepcopy(spec.data)
+    if d_model is not None:
+        data["model"]["d_model"] = d_model
+    data["model"]["max_seq_len"] = max(int(data["model"].get("max_seq_len", 0)), seq)
+    data.setdefault("train", {})["seq_len"] = seq
+    data.pop("search", None)
+    s = spec_from_dict(data)
+    build_graph(s)
+    return s
+
+
+def space_specs(
+    n: int, seed: int, spaces: Sequence[Any], *, widths: Sequence[int] | None = None
+) -> Iterator[tuple[Any, int]]:
+    """``n`` (concrete spec, seq) pairs drawn from the open specs ``spaces`` in turn (random
+    decisions through ``Spec.fix``), ``seq`` cycling through shuffled :data:`SEQS`; with
+    ``widths``, ``d_model`` is replaced by levels cycling through them (the calibration
+    design: every width for every block configuration the spaces can produce)."""
+
+    rng = random.Random(seed)
+
+    def levels(xs: Sequence[Any]) -> Iterator[Any]:
+        while True:
+            ys = list(xs)
+            rng.shuffle(ys)
+            yield from ys
+
+    s_it = levels(SEQS)
+    w_it = levels(widths) if widths else None
+    made = tries = 0
+    while made < n and tries < 20 * n + 100:
+        tries += 1
+        space = spaces[tries % len(spaces)]
+        seq = next(s_it)
+        d = next(w_it) if w_it else None
+        s = draw_from_space(space, rng)
+        if s is None:
+            continue
+        try:
+            s = _with(s, d, seq)
+        except Exception:
+            continue
+        made += 1
+        yield s, seq
+
+
+def measure_part(
+    model: Any, part: PartFeatures, runtime: str = "ort", threads: int = DEFAULT_THREADS, **kw: Any
+) -> Any:
+    """Measure one part of a compiled model alone (onnxruntime: its own static graph; torch:
+    eager). ``kw`` goes to :func:`~.harness.measure`."""
+    from exporters.latency.harness import measure, torch_threads
+    from exporters.latency.parts import measure_module_ort, part_module_and_input
+
+    mod, x = part_module_and_input(model, part)
+    if runtime == "ort":
+        return measure_module_ort(mod, x, threads=threads, **kw)
+    import torch
+
+    def run() -> Any:
+        with torch.no_grad():
+            return mod(x)
+
+    with torch_threads(threads):
+        return measure(run, **kw)
+
+
 def calibrate(
     runtime: str = "ort",
     *,
     threads: int = DEFAULT_THREADS,
-    budget_s: float = 480.0,
+    budget_s: float = 540.0,
     out: str | Path | None = None,
     seed: int = 1234,
-    max_specs: int = 10_000,
-    seqs_per_spec: int = 2,
-    measure_budget_s: float = 0.25,
-    exporter: str = "direct",
+    spaces: Sequence[str | Path] = (),
+    whole_share: float = 0.3,
+    measure_budget_s: float = 0.15,
+    part_limit_s: float = 20.0,
     progress: Callable[[str], None] | None = None,
-    spec_limit_s: float = 30.0,
 ) -> tuple[Path, dict[str, Any]]:
     """Measure the designed set until ``budget_s`` seconds have passed; write the file.
 
-    Each spec is prepared once (compiled, exported) and measured at ``seqs_per_spec``
-    sequence lengths (batch 1; every fourth spec also at batch 4). A spec taking more than
-    ``spec_limit_s`` (or the budget left) is abandoned and counted under ``skipped``.
+    The design: concrete specs drawn from ``specs/search/`` and ``spaces`` in turn, their
+    width replaced by levels cycling through :data:`WIDTHS` and measured at a sequence
+    length cycling through :data:`SEQS` (batch 1). Of each drawn spec every **part** not
+    measured before (same kind, parameters, width, norm, residual, shape) is measured alone;
+    while whole specs have taken less than ``whole_share`` of the time so far, the whole spec
+    is measured too (the composition stage). A part or spec that takes longer than
+    ``part_limit_s`` is abandoned and counted under ``skipped``.
 
     Returns:
         (path written, calibration data).
 
     Raises:
-        RuntimeUnavailableError: no sample could be measured.
+        RuntimeUnavailableError: no spaces, or no sample could be measured.
     """
+    import archir
+
     t0 = time.perf_counter()
     key = machine_key(runtime, threads)
     path = Path(out) if out else default_path(runtime, threads)
-    rng = random.Random(seed + 1)
-    samples: list[dict[str, Any]] = []
+    spaces_open = load_spaces(space_paths(spaces))
+    if not spaces_open:
+        raise RuntimeUnavailableError("no search space to calibrate on (specs/search/ empty?)")
+    specs: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    wholes: list[dict[str, Any]] = []
+    seen: set[str] = set()
     skipped: dict[str, int] = {}
     cvs: list[float] = []
-    kinds = available_kinds()
-    for i, (spec, seq) in enumerate(random_specs(max_specs, seed, kinds=kinds)):
-        if time.perf_counter() - t0 > budget_s:
+    whole_s = 0.0
+    kw = {"warmup": 2, "min_runs": 5, "budget_s": measure_budget_s, "max_attempts": 2}
+
+    def left() -> float:
+        return budget_s - (time.perf_counter() - t0)
+
+    def skip(exc: BaseException, what: str) -> None:
+        name = f"{what}:{type(exc).__name__}"
+        skipped[name] = skipped.get(name, 0) + 1
+
+    for spec, seq in space_specs(100_000, seed, spaces_open, widths=WIDTHS):
+        if left() <= 0:
             break
-        shapes = [(1, seq)]
-        others = [s for s in SEQS if s != seq and s <= spec.model.model.max_seq_len]
-        for s in rng.sample(others, min(len(others), seqs_per_spec - 1)):
-            shapes.append((1, s))
-        if i % 4 == 3:
-            shapes.append((4, min(256, seq)))
-        left = budget_s - (time.perf_counter() - t0)
         try:
-            with (
-                time_limit(max(1.0, min(spec_limit_s, left))),
-                Runner(spec, runtime, threads=threads, exporter=exporter) as r,
-            ):
-                for b, s in shapes:
-                    m = r.measure(
-                        b, s, warmup=2, min_runs=5, budget_s=measure_budget_s, max_attempts=2
-                    )
-                    cvs.append(m.cv)
-                    samples.append(
-                        {
-                            "spec": spec.data,
-                            "batch": b,
-                            "seq": s,
-                            "median_ms": m.median_ms,
-                            "trimmed_mean_ms": m.trimmed_mean_ms,
-                            "cv": m.cv,
-                            "runs": m.runs,
-                            "noisy": m.noisy,
-                        }
-                    )
-                    if time.perf_counter() - t0 > budget_s:
-                        break
-        except Exception as exc:  # keep calibrating the others (export failure, timeout)
-            name = type(exc).__name__
-            skipped[name] = skipped.get(name, 0) + 1
+            g = graph_features(spec, 1, seq)
+            todo = [p for p in g.parts if p.signature not in seen]
+            if not todo and whole_s >= whole_share * (time.perf_counter() - t0):
+                continue
+            model = archir.compile(spec).eval()
+        except Exception as exc:
+            skip(exc, "build")
             continue
+        idx = len(specs)
+        specs.append(spec.data)
+        for p in todo:
+            if left() <= 0:
+                break
+            seen.add(p.signature)
+            try:
+                with time_limit(max(1.0, min(part_limit_s, left()))):
+                    m = measure_part(model, p, runtime, threads, **kw)
+            except Exception as exc:
+                skip(exc, "part")
+                continue
+            cvs.append(m.cv)
+            parts.append(
+                {
+                    "spec": idx,
+                    "node": p.name,
+                    "kind": p.kind,
+                    "batch": 1,
+                    "seq": seq,
+                    "median_ms": m.median_ms,
+                    "cv": round(m.cv, 4),
+                    "runs": m.runs,
+                }
+            )
+        if whole_s < whole_share * (time.perf_counter() - t0) and left() > 0:
+            tw = time.perf_counter()
+            try:
+                with (
+                    time_limit(max(1.0, min(2 * part_limit_s, left()))),
+                    Runner(spec, runtime, threads=threads, model=model) as r,
+                ):
+                    m = r.measure(1, seq, **kw)
+                cvs.append(m.cv)
+                wholes.append(
+                    {
+                        "spec": idx,
+                        "batch": 1,
+                        "seq": seq,
+                        "median_ms": m.median_ms,
+                        "cv": round(m.cv, 4),
+                        "runs": m.runs,
+                    }
+                )
+            except Exception as exc:
+                skip(exc, "whole")
+            whole_s += time.perf_counter() - tw
         if progress:
-            progress(f"[{time.perf_counter() - t0:6.1f}s] {len(samples):4d} samples  {spec.name}")
-    if not samples:
+            progress(
+                f"[{time.perf_counter() - t0:6.1f}s] {len(parts):4d} parts {len(wholes):3d} "
+                f"wholes  {spec.name} d{spec.model.model.d_model} seq {seq}"
+            )
+    if not parts:
         raise RuntimeUnavailableError(
             f"no calibration sample could be measured on runtime '{runtime}' ({skipped})"
         )
     wall = time.perf_counter() - t0
-    import archir
-
     data = {
         "format": FORMAT,
         "version": VERSION,
@@ -517,11 +687,13 @@ def calibrate(
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "archir_version": archir.__version__,
         "platform": platform.platform(),
-        "exporter": exporter,
+        "exporter": "direct",
         "wall_s": round(wall, 1),
-        "kinds": {"token_mixer": kinds[0], "channel_mixer": kinds[1]},
+        "spaces": [str(p) for p in space_paths(spaces)],
         "skipped": skipped,
         "cv_median": sorted(cvs)[len(cvs) // 2] if cvs else None,
-        "samples": samples,
+        "specs": specs,
+        "parts": parts,
+        "wholes": wholes,
     }
     return save_calibration(data, path), data

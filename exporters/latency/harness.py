@@ -14,9 +14,10 @@ A measurement of one callable (one forward pass) goes:
    is kept; if even that one is above the threshold the result says ``noisy=True``.
 
 Runtimes (:func:`measure_spec`): ``"ort"`` — onnxruntime ``CPUExecutionProvider`` on the
-exported model (by default a direct TorchScript ``torch.onnx.export`` — the same graph the
-calibration measured, and ~20x faster to produce than the dynamo path; ``exporter="auto"``
-or ``"exporters"`` measures the file ``exporters.export_onnx`` writes), ``"torch"`` — torch eager under ``torch.no_grad``, ``"compile"`` —
+exported model (by default a direct TorchScript ``torch.onnx.export`` traced at the measured
+``[batch, seq]`` — the same graphs the calibration measured, and ~20x faster to produce than
+the dynamo path; ``exporter="auto"`` or ``"exporters"`` measures the file
+``exporters.export_onnx`` writes, with dynamic axes), ``"torch"`` — torch eager under ``torch.no_grad``, ``"compile"`` —
 ``torch.compile`` (inductor; raises :class:`RuntimeUnavailableError` where it does not work).
 Threads are fixed for the duration: ``torch.set_num_threads`` / ORT ``intra_op_num_threads``
 and one inter-op thread.
@@ -371,10 +372,12 @@ class Runner:
             self.model.eval()
             if runtime == "ort":
                 self._tmp = tempfile.TemporaryDirectory(prefix="archir-lat-")
-                path = Path(self._tmp.name) / "model.onnx"
-                self.exporter_used = export_onnx_file(spec, path, self.model, exporter)
-                self.session = ort_session(path, self.threads)
-                self.input_name = self.session.get_inputs()[0].name
+                self._exporter = exporter
+                self._sessions: dict[tuple[int, int], Any] = {}
+                if exporter != "direct":  # one file with dynamic axes, as exporters writes it
+                    path = Path(self._tmp.name) / "model.onnx"
+                    self.exporter_used = export_onnx_file(spec, path, self.model, exporter)
+                    self.session = ort_session(path, self.threads)
             elif runtime == "compile":
                 import torch
 
@@ -382,6 +385,29 @@ class Runner:
                     self.fn = torch.compile(self.model)
                 except Exception as exc:  # pragma: no cover - depends on the toolchain
                     raise RuntimeUnavailableError(f"torch.compile failed: {exc}") from exc
+
+    def _session_for(self, batch: int, seq: int, x: Any) -> Any:
+        """The onnxruntime session for one input shape. The direct export is traced at that
+        exact shape: some mixers (chunked scans, length-T convolution kernels) trace to a
+        graph that only holds for the traced length."""
+        if self._exporter != "direct":
+            return self.session
+        key = (batch, seq)
+        if key not in self._sessions:
+            from exporters.latency.parts import export_static
+
+            assert self._tmp is not None
+            path = Path(self._tmp.name) / f"model-b{batch}-t{seq}.onnx"
+            try:
+                used = export_static(self.model, x, path)
+            except RuntimeUnavailableError as exc:
+                raise RuntimeUnavailableError(
+                    f"ONNX export of '{self.spec.name}' failed: {exc}",
+                    hint="measure with --runtime torch",
+                ) from exc
+            self.exporter_used = f"direct-{used}"
+            self._sessions[key] = ort_session(path, self.threads)
+        return self._sessions[key]
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -400,8 +426,8 @@ class Runner:
 
         x = example_tokens(self._sm, batch, seq)
         if self.runtime == "ort":
-            feed = {self.input_name: x.numpy()}
-            sess = self.session
+            sess = self._session_for(batch, seq, x)
+            feed = {sess.get_inputs()[0].name: x.numpy()}
             return lambda: sess.run(None, feed)
         fn = self.fn if self.runtime == "compile" else self.model
 

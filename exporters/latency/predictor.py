@@ -1,33 +1,37 @@
-"""A calibrated latency predictor: per-node sum of parts plus a learned correction.
+"""A calibrated latency predictor: per-part models summed, then a composition correction.
 
-Two stages, both fitted on the measurements of a calibration file (:mod:`.calibrate`):
+A spec at ``[batch, seq]`` is cut into **parts** — each residual block (IR ``block`` node:
+its norm, mixer and residual add) and one **fixed** part (embedding, final norm, head and any
+merges). Calibration (:mod:`.calibrate`) measures parts alone in onnxruntime and a modest
+number of whole specs. Three stages are fitted on those measurements:
 
-1. **Per-node model (sum of parts).** Every IR node (``archir.ir.build_graph``) of a model
-   run at ``[batch, seq]`` gets five shape features from the cost pass (``archir.cost``):
+1. **Per-kind analytic model.** Every part has five shape features from the cost pass
+   (``archir.cost``):
 
-   * ``lin``   — sequence-independent FLOPs × tokens (GEMMs: projections, MLPs, heads), GFLOP;
+   * ``lin``   — sequence-independent FLOPs × tokens (projections, MLPs, head), GFLOP;
    * ``quad``  — the sequence-dependent rest of the FLOPs × tokens (attention scores, long
      convolutions, scans), GFLOP;
-   * ``act``   — activation elements ``batch·seq·d_model`` (norms, residual adds,
-     element-wise ops; memory traffic), millions;
-   * ``w``     — weights of the node in millions (weight reads; dominate at short ``seq``);
-   * ``one``   — one (per-node dispatch overhead).
+   * ``act``   — activation elements ``batch·seq·d_model``, millions (norms, residual adds,
+     element-wise ops: memory traffic);
+   * ``w``     — weights read, millions (dominate at short ``seq``);
+   * ``one``   — one (dispatch overhead).
 
-   A node's latency is a non-negative linear function of those with coefficients **per
-   kind** (attention, swiglu, mamba, ...; kinds × shapes: d_model, seq, heads, state,
-   expansion enter through the features), and a model's latency is the sum over nodes plus a
-   constant. The coefficients are fitted by non-negative least squares on relative error
-   (rows divided by the measured latency). Kinds absent from the calibration borrow the mean
-   coefficients of their role and the prediction is marked ``extrapolated``.
-2. **Learned correction.** A gradient-boosted tree regressor (scikit-learn
-   ``GradientBoostingRegressor``, Friedman 2001) on graph features (log sum of parts, log
-   FLOPs, log params, depth, width, seq, batch, bits, per-kind shares of the sum of parts)
-   predicts ``log(measured / sum_of_parts)``: what the sum misses (fusion, cache effects,
-   thread start-up).
+   A part's latency is a non-negative linear function of them with coefficients **per kind**
+   (attention ∝ a·L·d + b·d², etc. falls out of ``lin``/``quad``), fitted by non-negative
+   least squares on relative error over that kind's part samples.
+2. **Part correction.** A gradient-boosted tree regressor (scikit-learn
+   ``GradientBoostingRegressor``, Friedman 2001) on the part's kind, log width, log seq, log
+   features and numeric knobs (heads, state size, expansion, experts, top-k ...) predicts
+   ``log(measured / stage 1)``: cache effects, GEMM efficiency at small widths, kernels that
+   are not proportional to FLOPs.
+3. **Composition.** ``whole ≈ a · Σ parts + b``, fitted (relative error) on whole-spec
+   samples: what running the parts in one graph changes (one session call instead of many,
+   memory reuse between blocks).
 
-**Uncertainty band**: the 5th and 95th percentiles of the out-of-fold (5-fold) ratios
-``measured / predicted`` scale the prediction into ``band_ms = (low, high)``; doubled in log
-space for extrapolated kinds or shapes.
+**Uncertainty band**: the 5th/95th percentiles of out-of-fold ``log(measured / predicted)``
+of the whole-spec samples (parts refitted without the held-out specs' own part samples is not
+attempted; the band is therefore slightly optimistic), widened for kinds absent from the
+calibration or shapes outside it.
 
 Related work: nn-Meter (Zhang et al., 2021) predicts per fused kernel and sums; HELP (Lee et
 al., 2021) and LitePred (Feng et al., 2024) learn from graph features. This does both.
@@ -46,25 +50,57 @@ from archir.cost import node_cost
 from archir.ir import Graph, build_graph
 
 FEATURES: tuple[str, ...] = ("lin", "quad", "act", "w", "one")
-FEATURE_VERSION = 1
-ROLES = ("token_mixer", "channel_mixer", "embedding", "head", "norm", "merge")
+KNOBS: tuple[str, ...] = (
+    "n_heads",
+    "n_kv_heads",
+    "d_state",
+    "d_conv",
+    "expansion",
+    "n_experts",
+    "top_k",
+    "window",
+    "order",
+    "filter_width",
+    "expand_k",
+    "expand_v",
+    "kernel_size",
+    "d_ff",
+)
+FEATURE_VERSION = 2
+FIXED = "fixed"
 
 
 @dataclass
-class NodeFeatures:
-    """Shape features of one IR node at ``[batch, seq]`` (units in :data:`FEATURES` docs)."""
+class PartFeatures:
+    """Shape features of one part (a residual block, or the fixed part) at ``[batch, seq]``.
+
+    Attributes:
+        name: IR node name, or ``"fixed"``.
+        kind: block kind, or ``"fixed"``.
+        role: the kind's role (``token_mixer``, ``channel_mixer`` ...) or ``"fixed"``.
+        x: ``(lin, quad, act, w, one)`` in the units of :data:`FEATURES`.
+        d_model, batch, seq: the shape.
+        knobs: the numeric values of :data:`KNOBS` (0 where the kind has none).
+        signature: what decides this part's latency (kind, parameters, width, norm,
+            residual, shape) — equal signatures are measured once.
+    """
 
     name: str
     kind: str
     role: str
     x: tuple[float, float, float, float, float]
+    d_model: int
+    batch: int
+    seq: int
+    knobs: tuple[float, ...]
+    signature: str
 
 
 @dataclass
 class GraphFeatures:
     """Everything the predictor needs from one (spec, batch, seq)."""
 
-    nodes: list[NodeFeatures]
+    parts: list[PartFeatures]
     batch: int
     seq: int
     d_model: int
@@ -73,13 +109,30 @@ class GraphFeatures:
     params: int
     bits_avg: float
 
+    @property
+    def nodes(self) -> list[PartFeatures]:  # the name of the first version
+        return self.parts
 
-def _spec_model(spec: Any) -> Any:
-    return spec.model if hasattr(spec, "smap") else spec
+
+def _knobs(params: Any) -> tuple[float, ...]:
+    d = params.model_dump() if hasattr(params, "model_dump") else dict(params or {})
+    out = []
+    for k in KNOBS:
+        v = d.get(k)
+        out.append(float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0)
+    return tuple(out)
+
+
+def _signature(kind: str, params: Any, d: int, norm: Any, residual: Any, b: int, s: int) -> str:
+    import json
+
+    p = params.model_dump() if hasattr(params, "model_dump") else params
+    return json.dumps([kind, p, d, norm, residual, b, s], sort_keys=True, default=str)
 
 
 def graph_features(spec_or_graph: Any, batch: int, seq: int) -> GraphFeatures:
-    """Features of a concrete spec (or built :class:`~archir.ir.Graph`) at ``[batch, seq]``.
+    """Part features of a concrete spec (or built :class:`~archir.ir.Graph`) at
+    ``[batch, seq]``.
 
     Raises:
         SpecError / GraphError: the spec is open or does not build.
@@ -87,7 +140,9 @@ def graph_features(spec_or_graph: Any, batch: int, seq: int) -> GraphFeatures:
     graph: Graph = spec_or_graph if isinstance(spec_or_graph, Graph) else build_graph(spec_or_graph)
     m = graph.spec.model
     tokens = float(batch * seq)
-    rows: list[NodeFeatures] = []
+    parts: list[PartFeatures] = []
+    fixed = np.zeros(len(FEATURES))
+    fixed_sig: list[str] = []
     flops = 0.0
     params = 0
     bits_w = 0.0
@@ -101,16 +156,49 @@ def graph_features(spec_or_graph: Any, batch: int, seq: int) -> GraphFeatures:
         lin = c1.flops_per_token * tokens / 1e9
         quad = max(0.0, cL.flops_per_token - c1.flops_per_token) * tokens / 1e9
         act = tokens * m.d_model / 1e6
-        role = cL.role if node.op != "merge" else "merge"
-        kind = node.kind or f"merge_{node.merge}"
-        rows.append(NodeFeatures(node.name, kind, role, (lin, quad, act, full_params / 1e6, 1.0)))
+        x = (lin, quad, act, full_params / 1e6, 1.0)
         flops += cL.flops_per_token * tokens
         params += cL.params
         bits_w += cL.params * cL.bits
-        if node.op == "block" and role == "token_mixer":
-            depth += 1
+        if node.op == "block":
+            if cL.role == "token_mixer":
+                depth += 1
+            kind = node.kind or ""
+            parts.append(
+                PartFeatures(
+                    node.name,
+                    kind,
+                    cL.role,
+                    x,
+                    m.d_model,
+                    batch,
+                    seq,
+                    _knobs(node.params),
+                    _signature(kind, node.params, m.d_model, node.norm, node.residual, batch, seq),
+                )
+            )
+        else:
+            fixed += np.asarray(x)
+            fixed_sig.append(f"{node.op}:{node.kind or node.merge}")
+    fixed[4] = 1.0
+    vocab = int(getattr(m, "vocab_size", 0) or 0)
+    parts.append(
+        PartFeatures(
+            FIXED,
+            FIXED,
+            FIXED,
+            (float(fixed[0]), float(fixed[1]), float(fixed[2]), float(fixed[3]), 1.0),
+            m.d_model,
+            batch,
+            seq,
+            (0.0,) * len(KNOBS),
+            _signature(
+                FIXED, {"parts": fixed_sig, "vocab": vocab}, m.d_model, m.norm, None, batch, seq
+            ),
+        )
+    )
     return GraphFeatures(
-        nodes=rows,
+        parts=parts,
         batch=batch,
         seq=seq,
         d_model=m.d_model,
@@ -131,10 +219,10 @@ class Prediction:
     """A predicted latency (milliseconds).
 
     Attributes:
-        ms: the prediction (sum of parts × learned correction).
+        ms: the prediction (composition of the corrected parts).
         band_ms: ``(low, high)`` 90 % band from out-of-fold calibration errors.
-        sum_of_parts_ms: stage-1 prediction alone.
-        per_node_ms: stage-1 share of each IR node, by node name.
+        sum_of_parts_ms: Σ of the corrected part predictions, before composition.
+        per_node_ms: each part's prediction, by IR node name (``"fixed"`` for the rest).
         extrapolated: a kind or shape outside the calibration (band widened).
     """
 
@@ -152,13 +240,20 @@ def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(x)
 
 
+def _safe_log(v: float) -> float:
+    return math.log(max(v, 1e-9))
+
+
 class LatencyPredictor:
-    """Fit on calibration samples, predict milliseconds with a band.
+    """Fit on part and whole-spec measurements, predict milliseconds with a band.
 
     Usage::
 
-        p = LatencyPredictor().fit(features, measured_ms)
+        p = LatencyPredictor().fit(parts, part_ms, specs, spec_ms)
         p.predict(graph_features(spec, 1, 256)).ms
+
+    ``parts`` are :class:`PartFeatures` of measured parts; ``specs`` the
+    :class:`GraphFeatures` of measured whole specs (may be empty: no composition stage).
     """
 
     def __init__(self, *, correction: bool = True, random_state: int = 0) -> None:
@@ -167,140 +262,156 @@ class LatencyPredictor:
         self.kinds: list[str] = []
         self.kind_role: dict[str, str] = {}
         self.coef: dict[str, np.ndarray] = {}
-        self.intercept = 0.0
         self.gbr: Any = None
+        self.comp = (1.0, 0.0)
         self.band_q: tuple[float, float] = (math.log(0.8), math.log(1.25))
         self.seq_range: tuple[int, int] = (0, 0)
+        self.d_range: tuple[int, int] = (0, 0)
         self.batch_range: tuple[int, int] = (1, 1)
-        self.n_samples = 0
+        self.n_parts = 0
+        self.n_specs = 0
 
     # ---- stage 1 -------------------------------------------------------------------
-    def _design(self, feats: Sequence[GraphFeatures]) -> np.ndarray:
-        nf = len(FEATURES)
-        A = np.zeros((len(feats), 1 + nf * len(self.kinds)))
-        index = {k: i for i, k in enumerate(self.kinds)}
-        for r, g in enumerate(feats):
-            A[r, 0] = 1.0
-            for n in g.nodes:
-                i = index.get(n.kind)
-                if i is not None:
-                    A[r, 1 + nf * i : 1 + nf * (i + 1)] += n.x
-        return A
+    def _fit_linear(self, parts: Sequence[PartFeatures], y: np.ndarray) -> None:
+        self.kinds = sorted({p.kind for p in parts})
+        self.kind_role = {p.kind: p.role for p in parts}
+        self.coef = {}
+        for k in self.kinds:
+            idx = [i for i, p in enumerate(parts) if p.kind == k]
+            A = np.asarray([parts[i].x for i in idx], dtype=float)
+            yk = y[idx]
+            scale = np.maximum(np.abs(A).max(axis=0), 1e-12)
+            Aw = (A / yk[:, None]) / scale
+            self.coef[k] = _nnls(Aw, np.ones(len(idx))) / scale
 
     def _coef_for(self, kind: str, role: str) -> tuple[np.ndarray, bool]:
         if kind in self.coef:
             return self.coef[kind], False
         same = [self.coef[k] for k in self.kinds if self.kind_role.get(k) == role]
-        pool = same or list(self.coef.values())
+        pool = same or [self.coef[k] for k in self.kinds if k != FIXED] or list(self.coef.values())
         return (np.mean(pool, axis=0) if pool else np.zeros(len(FEATURES))), True
 
-    def sum_of_parts(self, g: GraphFeatures) -> tuple[float, dict[str, float], bool]:
-        per: dict[str, float] = {}
-        extrap = False
-        for n in g.nodes:
-            c, ex = self._coef_for(n.kind, n.role)
-            extrap = extrap or ex
-            per[n.name] = float(np.dot(c, n.x))
-        total = self.intercept + sum(per.values())
-        return max(total, 1e-6), per, extrap
+    def _linear(self, p: PartFeatures) -> tuple[float, bool]:
+        c, ex = self._coef_for(p.kind, p.role)
+        return max(float(np.dot(c, p.x)), 1e-6), ex
 
     # ---- stage 2 -------------------------------------------------------------------
-    def _gfeat(self, g: GraphFeatures, sop: float, per: dict[str, float]) -> list[float]:
-        share = dict.fromkeys(self.kinds, 0.0)
-        role_share = dict.fromkeys(ROLES, 0.0)
-        for n in g.nodes:
-            v = per.get(n.name, 0.0) / sop
-            if n.kind in share:
-                share[n.kind] += v
-            if n.role in role_share:
-                role_share[n.role] += v
+    def _pfeat(self, p: PartFeatures, lin_ms: float) -> list[float]:
+        kind_id = float(self.kinds.index(p.kind)) if p.kind in self.kinds else -1.0
         return [
-            math.log(sop),
-            math.log(max(g.flops, 1.0)),
-            math.log(g.params + 1.0),
-            float(g.depth),
-            math.log(g.d_model),
-            math.log(g.seq),
-            math.log(g.batch),
-            g.bits_avg,
-            *role_share.values(),
-            *share.values(),
+            kind_id,
+            math.log(p.d_model),
+            math.log(p.seq),
+            math.log(p.batch),
+            _safe_log(lin_ms),
+            _safe_log(p.x[0]),
+            _safe_log(p.x[1]),
+            _safe_log(p.x[3]),
+            *p.knobs,
         ]
 
-    def _fit_stages(self, feats: Sequence[GraphFeatures], y: np.ndarray) -> None:
-        self.kinds = sorted({n.kind for g in feats for n in g.nodes})
-        self.kind_role = {n.kind: n.role for g in feats for n in g.nodes}
-        A = self._design(feats)
-        w = 1.0 / y
-        scale = np.maximum(np.abs(A).max(axis=0), 1e-12)
-        x = _nnls((A * w[:, None]) / scale, np.ones_like(y)) / scale
-        self.intercept = float(x[0])
-        nf = len(FEATURES)
-        self.coef = {k: x[1 + nf * i : 1 + nf * (i + 1)] for i, k in enumerate(self.kinds)}
+    def _fit_parts(self, parts: Sequence[PartFeatures], y: np.ndarray) -> None:
+        self._fit_linear(parts, y)
         self.gbr = None
-        if self.correction and len(feats) >= 30:
+        if self.correction and len(parts) >= 30:
             from sklearn.ensemble import GradientBoostingRegressor
 
             X, base = [], []
-            for g in feats:
-                sop, per, _ = self.sum_of_parts(g)
-                X.append(self._gfeat(g, sop, per))
-                base.append(sop)
+            for p in parts:
+                b, _ = self._linear(p)
+                X.append(self._pfeat(p, b))
+                base.append(b)
             target = np.log(y) - np.log(np.asarray(base))
             self.gbr = GradientBoostingRegressor(
                 loss="huber",
-                n_estimators=300,
-                max_depth=3,
+                n_estimators=400,
+                max_depth=4,
                 learning_rate=0.05,
                 subsample=0.8,
-                min_samples_leaf=5,
+                min_samples_leaf=3,
                 random_state=self.random_state,
             ).fit(np.asarray(X), target)
 
-    def fit(self, feats: Sequence[GraphFeatures], measured_ms: Sequence[float]) -> LatencyPredictor:
-        """Fit both stages and the band (5-fold out-of-fold errors).
+    def part_ms(self, parts: Sequence[PartFeatures]) -> tuple[list[float], bool]:
+        """Predicted milliseconds of each part alone (stages 1 and 2)."""
+        base, X = [], []
+        extrap = False
+        for p in parts:
+            b, ex = self._linear(p)
+            extrap = extrap or ex
+            base.append(b)
+            X.append(self._pfeat(p, b))
+        if self.gbr is None or not parts:
+            return base, extrap
+        corr = self.gbr.predict(np.asarray(X))
+        return [b * math.exp(float(c)) for b, c in zip(base, corr)], extrap
+
+    # ---- stage 3 -------------------------------------------------------------------
+    def _fit_comp(self, sums: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        if len(y) < 3:
+            return (1.0, 0.0)
+        A = np.stack([sums / y, 1.0 / y], axis=1)
+        (a, b), *_ = np.linalg.lstsq(A, np.ones_like(y), rcond=None)
+        if a <= 0:
+            return (1.0, 0.0)
+        return float(a), float(b)
+
+    def fit(
+        self,
+        parts: Sequence[PartFeatures],
+        part_ms: Sequence[float],
+        specs: Sequence[GraphFeatures] = (),
+        spec_ms: Sequence[float] = (),
+    ) -> LatencyPredictor:
+        """Fit the three stages and the band.
 
         Args:
-            feats: :func:`graph_features` of every calibration sample.
-            measured_ms: their measured (median) latencies in milliseconds.
+            parts: features of measured parts; part_ms: their measured medians (ms).
+            specs: features of measured whole specs; spec_ms: their medians (ms).
 
         Raises:
-            ValueError: fewer than 3 samples, or a non-positive latency.
+            ValueError: fewer than 3 part samples, mismatched lengths, non-positive times.
         """
-        y = np.asarray(measured_ms, dtype=float)
-        if len(feats) < 3 or len(feats) != len(y) or (y <= 0).any():
-            raise ValueError("need at least 3 samples with positive latencies")
-        self.n_samples = len(feats)
-        self.seq_range = (min(g.seq for g in feats), max(g.seq for g in feats))
-        self.batch_range = (min(g.batch for g in feats), max(g.batch for g in feats))
-        if len(feats) >= 10:
+        y = np.asarray(part_ms, dtype=float)
+        ys = np.asarray(spec_ms, dtype=float)
+        if len(parts) < 3 or len(parts) != len(y) or (y <= 0).any():
+            raise ValueError("need at least 3 part samples with positive latencies")
+        if len(specs) != len(ys) or (ys <= 0).any():
+            raise ValueError("whole-spec samples and latencies do not match")
+        self.n_parts, self.n_specs = len(parts), len(specs)
+        self.seq_range = (min(p.seq for p in parts), max(p.seq for p in parts))
+        self.d_range = (min(p.d_model for p in parts), max(p.d_model for p in parts))
+        self.batch_range = (min(p.batch for p in parts), max(p.batch for p in parts))
+        self._fit_parts(parts, y)
+        sums = np.asarray([sum(self.part_ms(g.parts)[0]) for g in specs], dtype=float)
+        self.comp = self._fit_comp(sums, ys)
+        if len(specs) >= 10:
             rng = np.random.default_rng(self.random_state)
-            folds = rng.permutation(len(feats)) % 5
-            oof = np.zeros(len(feats))
+            folds = rng.permutation(len(specs)) % 5
+            oof = np.zeros(len(specs))
             for f in range(5):
                 tr, te = folds != f, folds == f
-                sub = LatencyPredictor(correction=self.correction, random_state=self.random_state)
-                sub._fit_stages([feats[int(i)] for i in np.flatnonzero(tr)], y[tr])
-                for i in np.flatnonzero(te):
-                    oof[i] = sub._point(feats[int(i)])[0]
-            r = np.log(y) - np.log(np.maximum(oof, 1e-9))
+                a, b = self._fit_comp(sums[tr], ys[tr])
+                oof[te] = np.maximum(a * sums[te] + b, 1e-6)
+            r = np.log(ys) - np.log(oof)
             self.band_q = (float(np.quantile(r, 0.05)), float(np.quantile(r, 0.95)))
-        self._fit_stages(feats, y)
         return self
 
-    def _point(self, g: GraphFeatures) -> tuple[float, float, dict[str, float], bool]:
-        sop, per, extrap = self.sum_of_parts(g)
-        ms = sop
-        if self.gbr is not None:
-            ms = sop * math.exp(float(self.gbr.predict(np.asarray([self._gfeat(g, sop, per)]))[0]))
-        return ms, sop, per, extrap
-
     def predict(self, g: GraphFeatures) -> Prediction:
-        """Predicted latency of one sample (see :class:`Prediction`)."""
-        ms, sop, per, extrap = self._point(g)
+        """Predicted latency of one (spec, batch, seq) (see :class:`Prediction`)."""
+        per, extrap = self.part_ms(g.parts)
+        sop = float(sum(per))
+        a, b = self.comp
+        ms = max(a * sop + b, 1e-6)
         lo_s, hi_s = self.seq_range
+        lo_d, hi_d = self.d_range
         lo_b, hi_b = self.batch_range
-        extrap = extrap or not (lo_s <= g.seq <= hi_s) or not (lo_b <= g.batch <= hi_b)
+        extrap = (
+            extrap
+            or not (lo_s <= g.seq <= hi_s)
+            or not (lo_d <= g.d_model <= hi_d)
+            or not (lo_b <= g.batch <= hi_b)
+        )
         lo, hi = self.band_q
         if extrap:
             lo, hi = 2 * lo - 0.1, 2 * hi + 0.1
@@ -308,6 +419,6 @@ class LatencyPredictor:
             ms=ms,
             band_ms=(ms * math.exp(min(lo, 0.0)), ms * math.exp(max(hi, 0.0))),
             sum_of_parts_ms=sop,
-            per_node_ms=per,
+            per_node_ms={p.name: v for p, v in zip(g.parts, per)},
             extrapolated=extrap,
         )
