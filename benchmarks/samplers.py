@@ -9,6 +9,11 @@ A cheap but non-trivial task, so that many trials fit: the hybrid-lm space at co
   subject to ``params >= 3e5``; reported as the hypervolume of the feasible front (higher is
   better) against a fixed reference point.
 
+Candidates refused by a cost constraint are COMPLETE trials carrying their violations as
+Optuna constraint values, so the samplers rank them below every feasible trial by violation
+(see ``searchers.run``). ``max_rejections`` is raised to the budget so a sampler that finds no
+feasible candidate is reported as such ("nan") instead of stopping the search.
+
     python benchmarks/samplers.py [--trials 60] [--seeds 0 1 2]
 """
 

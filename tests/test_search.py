@@ -517,3 +517,20 @@ def test_best_is_exported_with_parity(tmp_path):
     res = run_search(spec, out=run, say=lambda s: None)
     assert (run / "best" / "model.onnx").is_file(), res.best
     assert "error" not in res.best["export"]
+
+
+def test_searchers_have_no_import_cycles():
+    """DESIGN.md §2: no import cycles, lazy (function-level) imports included."""
+    import ast
+
+    import networkx as nx
+
+    g = nx.DiGraph()
+    for p in (ROOT / "searchers").glob("*.py"):
+        if p.stem == "__init__":
+            continue
+        name = f"searchers.{p.stem}"
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("searchers."):
+                g.add_edge(name, n.module)
+    assert list(nx.simple_cycles(g)) == []
