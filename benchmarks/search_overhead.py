@@ -64,9 +64,9 @@ def main() -> None:
             study_name=res.study_name,
             storage=open_storage(None, Path(tmp) / "run" / "study.journal"),
         )
-        ts = [t for t in study.trials if t.datetime_start and t.datetime_complete]
-        span = max(t.datetime_complete for t in ts) - min(t.datetime_start for t in ts)
-        steady = span.total_seconds() / len(ts)
+        starts = [t.datetime_start for t in study.trials if t.datetime_start is not None]
+        ends = [t.datetime_complete for t in study.trials if t.datetime_complete is not None]
+        steady = (max(ends) - min(starts)).total_seconds() / len(ends)
         for n in range(res.n_trials):
             m = json.loads((Path(tmp) / "run" / "trials" / str(n) / "metrics.json").read_text())
             inner.append(m["timing"]["total_s"])
