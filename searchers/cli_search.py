@@ -34,18 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="--searcher darts only: softmax mixing (default) or Gumbel-softmax path "
         "sampling (GDAS)",
     )
+    p.add_argument(
+        "--supernet-steps",
+        type=int,
+        help="one-shot searchers: supernet training steps (default from the trial budget)",
+    )
 
 
 # flags of the Optuna searcher that the one-shot searchers have no use for: refused, not dropped
-_OPTUNA_ONLY = {
-    "storage": "--storage",
-    "study": "--study",
-    "sampler": "--sampler",
-    "trials": "--trials",
-    "workers": "--workers",
-    "timeout_s": "--timeout",
-    "fidelity": "--fidelity",
-}
+_OPTUNA_ONLY = {"sampler": "--sampler", "workers": "--workers"}
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -57,10 +54,11 @@ def _check_flags(args: argparse.Namespace) -> None:
     from archir.errors import SearchError
 
     if args.searcher == "optuna":
-        if args.relax is not None:
+        if args.relax is not None or args.supernet_steps is not None:
+            flag = "--relax" if args.relax is not None else "--supernet-steps"
             raise SearchError(
-                "--relax applies to --searcher darts only",
-                hint="add --searcher darts, or drop --relax",
+                f"{flag} applies to the one-shot searchers only",
+                hint="add --searcher darts (or spos), or drop the flag",
             )
         return
     given = [flag for dest, flag in _OPTUNA_ONLY.items() if getattr(args, dest) is not None]
@@ -68,9 +66,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise SearchError(
             f"{given[0]} does not apply to --searcher {args.searcher}"
             + (f" (nor {', '.join(given[1:])})" if given[1:] else ""),
-            hint="one-shot searches take --out, --seed, --steps, --no-export"
-            + (" and --relax" if args.searcher == "darts" else "")
-            + "; the budget comes from the spec's search: section",
+            hint="a one-shot search trains one supernet in one process",
         )
     if args.searcher == "spos" and args.relax is not None:
         raise SearchError(
@@ -94,7 +90,13 @@ def _run_oneshot(args: argparse.Namespace) -> int:
         method=args.searcher,
         relax=args.relax or "softmax",
         seed=args.seed or 0,
-        steps=args.steps,
+        steps=args.supernet_steps,
+        trial_steps=args.steps,
+        storage=args.storage,
+        study=args.study,
+        trials=args.trials,
+        timeout_s=args.timeout_s,
+        fidelity=args.fidelity,
         export=not args.no_export,
         say=lambda s: print(s, flush=True),
     )

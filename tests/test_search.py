@@ -200,10 +200,10 @@ def test_search_option_errors_are_readable(tmp_path, capsys):
         (["--timeout", "-3"], "--timeout (search.budget.timeout_s)", "got -3.0"),
         (["--trials", "0"], "--trials (search.budget.trials)", "got 0"),
         (["--trials", "-2"], "--trials (search.budget.trials)", "got -2"),
-        (["--relax", "gumbel"], "--relax applies to --searcher darts only", ""),
-        (["--searcher", "darts", "--storage", "x.db"], "--storage does not apply", ""),
-        (["--searcher", "spos", "--trials", "3"], "--trials does not apply", ""),
-        (["--searcher", "darts", "--workers", "2", "--timeout", "5"], "--workers", "--timeout"),
+        (["--relax", "gumbel"], "--relax applies to the one-shot searchers only", ""),
+        (["--supernet-steps", "3"], "--supernet-steps applies to the one-shot", ""),
+        (["--searcher", "darts", "--sampler", "tpe"], "--sampler does not apply", ""),
+        (["--searcher", "darts", "--workers", "2", "--sampler", "tpe"], "--sampler", "--workers"),
         (["--searcher", "spos", "--relax", "gumbel"], "--relax applies to --searcher darts", ""),
     ]
     for extra, want, got in cases:
