@@ -136,36 +136,3 @@ def _record(m: Any) -> dict[str, Any]:
         "predicted": False,
         "band_ms": (ts[int(0.1 * (len(ts) - 1))], ts[int(round(0.9 * (len(ts) - 1)))]),
     }
-
-
-# -- kept for searchers.darts (owned elsewhere), which still imports these two names --------
-def example_input(spec_model: Any, batch: int, seq_len: int) -> Any:
-    """Deprecated: :func:`exporters.latency.harness.example_tokens` at ``seq_len`` capped to
-    the model's ``max_seq_len``."""
-    from exporters.latency.harness import default_seq, example_tokens
-
-    return example_tokens(spec_model, batch, default_seq(spec_model, seq_len))
-
-
-def measure_latency_ms(
-    model: Any, x: Any, *, threads: int = 1, warmup: int = 3, repeats: int = 10
-) -> float:
-    """Deprecated: median latency (ms) of ``model(x)`` through
-    :func:`exporters.latency.harness.measure` (``repeats`` timed runs, one attempt)."""
-    import torch
-
-    from exporters.latency.harness import measure, torch_threads
-
-    was_training = model.training
-    model.eval()
-
-    def run() -> Any:
-        with torch.no_grad():
-            return model(x)
-
-    try:
-        with torch_threads(threads):
-            m = measure(run, warmup=warmup, min_runs=repeats, max_runs=repeats, max_attempts=1)
-    finally:
-        model.train(was_training)
-    return float(m.median_ms)
