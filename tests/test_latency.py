@@ -242,3 +242,28 @@ def test_cli_measures_and_predicts(tmp_path: Path, capsys: pytest.CaptureFixture
     bad = _cal_file(tmp_path / "bad.json", cpu="elsewhere")
     rc = main(["latency", str(f), "--predict", "--runtime", "ort", "--calibration", str(bad)])
     assert rc == 2 and "does not match" in capsys.readouterr().err
+
+
+def test_chain_export_joins_parts_where_one_piece_export_fails(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    import archir
+    from exporters.latency.harness import ort_session
+    from exporters.latency.parts import export_static
+
+    data = make_spec_data(random.Random(0), "gla", "swiglu", 32, 2, 64, 16, second_mixer="hyena")
+    data["model"]["layers"][0]["repeat"] = 1
+    data["model"]["layers"][1]["repeat"] = 1
+    hyena = {"role": "token_mixer", "kind": "hyena", "order": 2, "filter_width": 16}
+    data["model"]["layers"][1]["blocks"][0] = hyena
+    model = archir.compile(spec_from_dict(data)).eval()
+    x = torch.randint(0, 256, (1, 48))
+    used = export_static(model, x, tmp_path / "m.onnx")
+    assert used in ("torchscript", "torchscript-chain")
+    sess = ort_session(tmp_path / "m.onnx", 1)
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.allclose(out, ref, atol=1e-4)
+    assert all(p.requires_grad for p in model.parameters())  # restored after the export

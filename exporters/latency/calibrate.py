@@ -1,20 +1,24 @@
-"""Calibration: measure a designed set of specs on this machine, store it, load it safely.
+"""Calibration: measure a designed set of parts and specs on this machine, store it, load it.
 
 A calibration file is JSON (``format: archir-latency-calibration``, ``version``) holding the
 **key** it is valid for — CPU model and logical CPU count, runtime (``ort``/``torch``) and its
-version, intra-op threads — and the raw samples (concrete spec data, batch, seq, median,
-trimmed mean, CV). The predictor (:class:`~.predictor.LatencyPredictor`) is refitted from
-the samples on load (well under a second), so the file stays readable, diffable and free of
-pickles. Loading a file whose key differs from the machine/runtime/threads asked for raises
-:class:`CalibrationMismatchError`; a file of another format version raises
-:class:`CalibrationFormatError`.
+version, intra-op threads — and the raw samples: ``specs`` (concrete spec data), ``parts``
+(spec index, IR node name or ``"fixed"``, batch, seq, median, 20 % quantile, CV) and
+``wholes`` (spec index, batch, seq, median, CV). The predictor
+(:class:`~.predictor.LatencyPredictor`) is refitted from the samples on load (a second or
+two), so the file stays readable, diffable and free of pickles. Loading a file whose key
+differs from the machine/runtime/threads asked for raises :class:`CalibrationMismatchError`;
+a file of another format version raises :class:`CalibrationFormatError`.
 
-The designed set covers the search spaces: specs drawn from every space in
-``specs/search/`` (random decisions through ``Spec.fix``) and from a built-in space of mixed
-token mixers (every registered token mixer that builds), widths 64–512, depth 2–12, channel
-mixers and bits, measured at sequence lengths 128–1024. Samples are stratified: the kind,
-width and depth of the i-th spec cycle through shuffled levels so a budget cut early still
-covers every kind and width.
+The design (:func:`calibrate`) covers the search spaces: concrete specs drawn from every
+space in ``specs/search/`` (plus extra space files) with their width replaced by levels
+cycling through :data:`WIDTHS` (64-512) and measured at a length cycling through
+:data:`SEQS` (128-1024). Every **part** of a drawn spec (a residual block, or the fixed
+embedding/final-norm/head part) not measured before is exported alone at its shape and
+timed; whole specs are measured while they have taken less than ``whole_share`` of the time.
+A part is a fraction of a second to export and time, so a 9-minute budget measures several
+hundred of them — every block configuration the spaces can produce at many widths and
+lengths — where whole specs would give a few dozen samples.
 
 Files live in ``$ARCHIR_CACHE/latency/`` (default ``~/.cache/archir/latency/``) named
 ``<runtime>-t<threads>-<cpu slug>.json``.
@@ -57,8 +61,6 @@ WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 SEQS = (128, 192, 256, 384, 512, 768, 1024)
 DEPTH = (2, 12)
 BITS = (4, 8, 16)
-# kinds that are not model mixers, or need setups the random space cannot give
-_SKIP_KINDS: set[str] = set()
 
 
 class CalibrationError(LatencyError):
@@ -202,6 +204,15 @@ def predictor_from(data: dict[str, Any]) -> LatencyPredictor:
     return _fit_cached(json.dumps(payload, sort_keys=True))
 
 
+def low_quantile(times_ms: Sequence[float], q: float = 0.2) -> float:
+    """The ``q`` quantile of run times: the part-sample statistic. On a quiet machine it
+    sits a few percent under the median (the composition stage absorbs that ratio); on a
+    busy one it is far more repeatable than the median, because other processes only ever
+    add time."""
+    ts = sorted(times_ms)
+    return float(ts[int(q * (len(ts) - 1))])
+
+
 def samples_features(
     data: dict[str, Any],
 ) -> tuple[list[PartFeatures], list[float], list[GraphFeatures], list[float]]:
@@ -230,7 +241,7 @@ def samples_features(
         part = next((p for p in g.parts if p.name == s["node"]), None) if g else None
         if part is not None:
             parts.append(part)
-            pms.append(float(s["median_ms"]))
+            pms.append(float(s.get("low_ms") or s["median_ms"]))
     for s in data.get("wholes", []):
         g = gf(int(s["spec"]), int(s["batch"]), int(s["seq"]))
         if g is not None:
@@ -252,38 +263,6 @@ def _fit_cached(payload_json: str) -> LatencyPredictor:
 
 # --------------------------------------------------------------------------------------
 # the designed space
-
-
-def _kind_ok(kind: str, role: str) -> bool:
-    """The kind builds in a tiny model with drawn parameters."""
-    rng = random.Random(0)
-    try:
-        from archir.ir import build_graph
-        from archir.spec import spec_from_dict
-
-        tm = kind if role == "token_mixer" else "attention"
-        cm = kind if role == "channel_mixer" else "swiglu"
-        data = make_spec_data(rng, tm, cm, 64, 2, 128, 16)
-        build_graph(spec_from_dict(data))
-        return True
-    except Exception:
-        return False
-
-
-def available_kinds() -> tuple[list[str], list[str]]:
-    """(token mixers, channel mixers) registered and buildable with drawn parameters."""
-    import archir.blocks  # noqa: F401  (registers kinds)
-    from archir import registry
-
-    tms = [
-        k.name for k in registry.kinds() if k.role == "token_mixer" and k.name not in _SKIP_KINDS
-    ]
-    cms = [
-        k.name for k in registry.kinds() if k.role == "channel_mixer" and k.name not in _SKIP_KINDS
-    ]
-    return [k for k in tms if _kind_ok(k, "token_mixer")], [
-        k for k in cms if _kind_ok(k, "channel_mixer")
-    ]
 
 
 def _draw_params(rng: random.Random, kind: str, d_model: int) -> dict[str, Any]:
@@ -374,22 +353,6 @@ def _random_decider(rng: random.Random) -> Callable[[Any], Any]:
     return decide
 
 
-def search_spaces(root: str | Path | None = None) -> list[Any]:
-    """Open specs from ``specs/search/`` (those that load; others are skipped)."""
-    from archir.spec import load_spec
-
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / "specs" / "search"
-    out = []
-    for p in sorted(base.glob("*.y*ml")) if base.is_dir() else []:
-        try:
-            s = load_spec(p)
-        except Exception:
-            continue
-        if s.nodes:
-            out.append(s)
-    return out
-
-
 def draw_from_space(space: Any, rng: random.Random, tries: int = 20) -> Any | None:
     """A random concrete spec from an open spec (``Spec.fix`` with random decisions),
     restricted to causal LMs of width ≤ 512; ``None`` when no draw builds."""
@@ -406,57 +369,6 @@ def draw_from_space(space: Any, rng: random.Random, tries: int = 20) -> Any | No
         except Exception:
             continue
     return None
-
-
-def random_specs(
-    n: int,
-    seed: int,
-    *,
-    spaces: list[Any] | None = None,
-    kinds: tuple[list[str], list[str]] | None = None,
-) -> Iterator[tuple[Any, int]]:
-    """``n`` stratified random (concrete spec, seq) pairs: half from ``specs/search/``
-    spaces when there are any, the rest from the built-in space."""
-    from archir.spec import spec_from_dict
-
-    rng = random.Random(seed)
-    tms, cms = kinds or available_kinds()
-    spaces = search_spaces() if spaces is None else spaces
-
-    def levels(xs: Any) -> Iterator[Any]:
-        while True:
-            xs = list(xs)
-            rng.shuffle(xs)
-            yield from xs
-
-    tm_it, w_it, s_it = levels(tms), levels(WIDTHS), levels(SEQS)
-    d_it = levels(range(DEPTH[0], DEPTH[1] + 1))
-    made = 0
-    i = 0
-    while made < n:
-        i += 1
-        seq = next(s_it)
-        if spaces and i % 2 == 0:
-            s = draw_from_space(spaces[i // 2 % len(spaces)], rng)
-            if s is not None:
-                if s.model.model.max_seq_len < seq:  # the issue's seq range: 128-1024
-                    data = copy.deepcopy(s.data)
-                    data["model"]["max_seq_len"] = seq
-                    s = spec_from_dict(data)
-                made += 1
-                yield s, seq
-                continue
-        tm = next(tm_it)
-        second = rng.choice(tms) if len(tms) > 1 and rng.random() < 0.25 else None
-        data = make_spec_data(
-            rng, tm, rng.choice(cms), next(w_it), next(d_it), seq, rng.choice(BITS), second
-        )
-        try:
-            spec = spec_from_dict(data)
-        except Exception:
-            continue
-        made += 1
-        yield spec, seq
 
 
 # --------------------------------------------------------------------------------------
@@ -615,7 +527,7 @@ def calibrate(
             break
         try:
             g = graph_features(spec, 1, seq)
-            todo = [p for p in g.parts if p.signature not in seen]
+            todo = list({p.signature: p for p in g.parts if p.signature not in seen}.values())
             if not todo and whole_s >= whole_share * (time.perf_counter() - t0):
                 continue
             model = archir.compile(spec).eval()
@@ -643,6 +555,7 @@ def calibrate(
                     "batch": 1,
                     "seq": seq,
                     "median_ms": m.median_ms,
+                    "low_ms": low_quantile(m.times_ms),
                     "cv": round(m.cv, 4),
                     "runs": m.runs,
                 }

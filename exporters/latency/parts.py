@@ -69,31 +69,123 @@ def _quiet_stderr() -> Iterator[None]:
             os.close(old)
 
 
+def _export_torchscript(module: Any, example: Any, path: str | Path) -> None:
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_stderr():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["output"],
+        )
+
+
+def export_chain(model: Any, tokens: Any, path: str | Path) -> None:
+    """Export a chain-shaped compiled model part by part (TorchScript, static shapes) and
+    join the graphs with ``onnx.compose`` into one model: embedding -> every block -> final
+    norm and head. The graph onnxruntime runs is the whole model's, built from the same
+    TorchScript kernels the parts were calibrated with — for specs whose one-piece
+    TorchScript export fails (a Hyena block after a block whose output shape ONNX shape
+    inference loses).
+
+    Raises:
+        ValueError: the model is not a chain (merges, multiple inputs).
+    """
+    import onnx
+    import torch
+    from torch import nn
+
+    if not getattr(model, "_chain", False):
+        raise ValueError("not a chain model")
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.final_norm, self.head = model.final_norm, model.head
+
+        def forward(self, x: Any) -> Any:
+            return self.head(self.final_norm(x))
+
+    mods = node_modules(model)
+    order = [n.name for n in model.graph if n.op == "block"]
+    stages: list[tuple[Any, Any]] = [(model.embed, tokens)]
+    with torch.no_grad():
+        h = model.embed(tokens)
+        for name in order:
+            stages.append((mods[name], h))
+            h = mods[name](h)
+    stages.append((Head(), h))
+    acc: Any = None
+    grads = [(q, q.requires_grad) for q in model.parameters()]
+    for q, _ in grads:  # a tied head reads the embedding's weight as a traced constant
+        q.requires_grad_(False)
+    with tempfile.TemporaryDirectory(prefix="archir-chain-") as tmp:
+        try:
+            acc = _join(stages, tmp)
+        finally:
+            for q, g in grads:
+                q.requires_grad_(g)
+    onnx.save(acc, str(path))
+
+
+def _join(stages: list[tuple[Any, Any]], tmp: str) -> Any:
+    import onnx
+    from onnx import compose
+
+    acc: Any = None
+    for i, (mod, x) in enumerate(stages):
+        f = Path(tmp) / f"s{i}.onnx"
+        _export_torchscript(mod, x, f)
+        m = compose.add_prefix(onnx.load(str(f)), prefix=f"s{i}_")
+        if acc is None:
+            acc = m
+        else:
+            out = acc.graph.output[0].name
+            acc = compose.merge_models(acc, m, io_map=[(out, f"s{i}_input")])
+    return acc
+
+
 def export_static(module: Any, example: Any, path: str | Path) -> str:
     """Export ``module`` at the example's exact shape; returns the exporter used.
 
     The TorchScript path (opset 17, fast) first; where it fails (e.g. a Hyena block after a
-    block whose output shape ONNX shape inference loses), ``torch.export`` (dynamo, opset 18,
-    seconds slower).
+    block whose output shape ONNX shape inference loses) and the module is a chain-shaped
+    compiled model, :func:`export_chain` (the same TorchScript kernels, joined); else
+    ``torch.export`` (dynamo, opset 18, seconds slower, other kernels).
 
     Raises:
-        RuntimeUnavailableError: both exports fail.
+        RuntimeUnavailableError: every export fails.
     """
     import torch
 
-    kw: dict[str, Any] = {"input_names": ["input"], "output_names": ["output"]}
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _quiet_stderr():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=17, **kw)
+        _export_torchscript(module, example, path)
         return "torchscript"
     except Exception as exc:
         first = exc
+    if getattr(module, "_chain", False):
+        try:
+            export_chain(module, example, path)
+            return "torchscript-chain"
+        except Exception:
+            pass
     try:
         with warnings.catch_warnings(), torch.no_grad(), _quiet_stderr():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                module, (example,), str(path), dynamo=True, opset_version=18, optimize=True, **kw
+                module,
+                (example,),
+                str(path),
+                dynamo=True,
+                opset_version=18,
+                optimize=True,
+                input_names=["input"],
+                output_names=["output"],
             )
         return "dynamo"
     except Exception as exc:

@@ -24,7 +24,7 @@ number of whole specs. Three stages are fitted on those measurements:
    features and numeric knobs (heads, state size, expansion, experts, top-k ...) predicts
    ``log(measured / stage 1)``: cache effects, GEMM efficiency at small widths, kernels that
    are not proportional to FLOPs.
-3. **Composition.** ``whole ≈ a · Σ parts + b``, fitted (relative error) on whole-spec
+3. **Composition.** ``whole ≈ a · Σ parts + b + c · n_parts``, fitted (relative error) on whole-spec
    samples: what running the parts in one graph changes (one session call instead of many,
    memory reuse between blocks).
 
@@ -263,7 +263,7 @@ class LatencyPredictor:
         self.kind_role: dict[str, str] = {}
         self.coef: dict[str, np.ndarray] = {}
         self.gbr: Any = None
-        self.comp = (1.0, 0.0)
+        self.comp: tuple[float, ...] = (1.0, 0.0, 0.0)
         self.band_q: tuple[float, float] = (math.log(0.8), math.log(1.25))
         self.seq_range: tuple[int, int] = (0, 0)
         self.d_range: tuple[int, int] = (0, 0)
@@ -347,14 +347,23 @@ class LatencyPredictor:
         return [b * math.exp(float(c)) for b, c in zip(base, corr)], extrap
 
     # ---- stage 3 -------------------------------------------------------------------
-    def _fit_comp(self, sums: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    def _fit_comp(self, sums: np.ndarray, counts: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
+        """``whole ≈ a·Σparts + b + c·n_parts`` in relative error (``c``: the per-call
+        overhead each part paid alone and the whole pays once); ``(1, 0, 0)`` when there are
+        too few samples or the fit is implausible."""
         if len(y) < 3:
-            return (1.0, 0.0)
-        A = np.stack([sums / y, 1.0 / y], axis=1)
-        (a, b), *_ = np.linalg.lstsq(A, np.ones_like(y), rcond=None)
+            return (1.0, 0.0, 0.0)
+        cols = [sums / y, 1.0 / y] + ([counts / y] if len(y) >= 8 else [])
+        sol, *_ = np.linalg.lstsq(np.stack(cols, axis=1), np.ones_like(y), rcond=None)
+        a, b, c = (float(v) for v in (*sol, 0.0)[:3])
         if a <= 0:
-            return (1.0, 0.0)
-        return float(a), float(b)
+            return (1.0, 0.0, 0.0)
+        return a, b, c
+
+    @staticmethod
+    def _comp(coef: tuple[float, ...], sop: float, n: int) -> float:
+        a, b, c = coef
+        return max(a * sop + b + c * n, 1e-6)
 
     def fit(
         self,
@@ -384,15 +393,17 @@ class LatencyPredictor:
         self.batch_range = (min(p.batch for p in parts), max(p.batch for p in parts))
         self._fit_parts(parts, y)
         sums = np.asarray([sum(self.part_ms(g.parts)[0]) for g in specs], dtype=float)
-        self.comp = self._fit_comp(sums, ys)
+        counts = np.asarray([len(g.parts) for g in specs], dtype=float)
+        self.comp = self._fit_comp(sums, counts, ys)
         if len(specs) >= 10:
             rng = np.random.default_rng(self.random_state)
             folds = rng.permutation(len(specs)) % 5
             oof = np.zeros(len(specs))
             for f in range(5):
                 tr, te = folds != f, folds == f
-                a, b = self._fit_comp(sums[tr], ys[tr])
-                oof[te] = np.maximum(a * sums[te] + b, 1e-6)
+                coef = self._fit_comp(sums[tr], counts[tr], ys[tr])
+                for i in np.flatnonzero(te):
+                    oof[i] = self._comp(coef, float(sums[i]), int(counts[i]))
             r = np.log(ys) - np.log(oof)
             self.band_q = (float(np.quantile(r, 0.05)), float(np.quantile(r, 0.95)))
         return self
@@ -401,8 +412,7 @@ class LatencyPredictor:
         """Predicted latency of one (spec, batch, seq) (see :class:`Prediction`)."""
         per, extrap = self.part_ms(g.parts)
         sop = float(sum(per))
-        a, b = self.comp
-        ms = max(a * sop + b, 1e-6)
+        ms = self._comp(self.comp, sop, len(g.parts))
         lo_s, hi_s = self.seq_range
         lo_d, hi_d = self.d_range
         lo_b, hi_b = self.batch_range
