@@ -288,6 +288,62 @@ def _tag_and_strip(proto: onnx.ModelProto, mod2block: dict[str, str]) -> None:
             n.name = f"{n.op_type}_{i}"
 
 
+def fold_constant_gathers(proto: onnx.ModelProto) -> int:
+    """Replace ``Gather(initializer W, constant scalar i, axis=0)`` by a new initializer
+    ``W[i]`` (e.g. an MoE expert's weights read out of a ``[E, d, h]`` bank), so that the
+    consuming MatMul has a plain 2-D initializer that onnxruntime's int8/int4 quantizers turn
+    into MatMulInteger / MatMulNBits (a Gather of a quantized bank would dequantize on every
+    call). The bank is dropped when nothing else reads it. Returns the number folded."""
+    from onnx import numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    arrays: dict[str, Any] = {}
+    rename: dict[str, str] = {}
+    keep = []
+    for n in g.node:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if (
+            n.op_type == "Gather"
+            and axis == 0
+            and n.input[0] in inits
+            and n.input[1] in inits
+            and not inits[n.input[1]].dims  # a scalar index: the result drops the axis
+        ):
+            if n.input[0] not in arrays:
+                arrays[n.input[0]] = numpy_helper.to_array(inits[n.input[0]])
+            i = int(numpy_helper.to_array(inits[n.input[1]]))
+            name = f"{n.input[0]}.{i}"
+            if name not in inits:
+                new = numpy_helper.from_array(arrays[n.input[0]][i].copy(), name)
+                g.initializer.append(new)
+                inits[name] = new
+            rename[n.output[0]] = name
+            continue
+        keep.append(n)
+    if not rename:
+        return 0
+    del g.node[:]
+    g.node.extend(keep)
+    for n in g.node:
+        for j, x in enumerate(n.input):
+            if x in rename:
+                n.input[j] = rename[x]
+    for o in g.output:
+        if o.name in rename:  # never the case for archir models; keep the graph valid
+            g.node.append(onnx.helper.make_node("Identity", [rename[o.name]], [o.name]))
+    used = {x for n in g.node for x in n.input} | {o.name for o in g.output}
+    stale = [i for i in g.initializer if i.name in arrays or i.name not in used]
+    for i in stale:
+        if i.name not in used:
+            g.initializer.remove(i)
+    # value_info entries of removed outputs would confuse the checker's shape inference
+    vi = [v for v in g.value_info if v.name not in rename]
+    del g.value_info[:]
+    g.value_info.extend(vi)
+    return len(rename)
+
+
 _DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
@@ -630,6 +686,7 @@ def export_onnx(
         mod2block = module_to_block(model)
         bits = block_bits(model)
         _tag_and_strip(proto, mod2block)
+        fold_constant_gathers(proto)
         _set_metadata(proto, spec, "fp32", used, {b: "fp32" for b in bits})
         _check_model(proto, "fp32")
         fp32_bytes = proto.ByteSize()
