@@ -107,6 +107,7 @@ def main() -> int:
                 "kinds": kinds,
                 "measured_ms": m.median_ms,
                 "cv": m.cv,
+                "cpu_share": m.cpu_share,
                 "noisy": m.noisy,
                 "predicted_ms": p.ms,
                 "band_ms": p.band_ms,
@@ -118,7 +119,8 @@ def main() -> int:
         print(
             f"[{time.perf_counter() - t0:6.0f}s] {len(rows):3d} {spec.name:16s} d{g.d_model:<4d}"
             f"L{g.depth:<3d}seq {seq:4d} meas {m.median_ms:9.2f}  pred {p.ms:9.2f} "
-            f"({100 * (p.ms / m.median_ms - 1):+5.1f}%)  cv {m.cv:.3f}  {','.join(kinds)}",
+            f"({100 * (p.ms / m.median_ms - 1):+5.1f}%)  cv {m.cv:.3f} cpu {m.cpu_share:.2f} "
+            f"{','.join(kinds)}",
             file=sys.stderr,
         )
     y = np.asarray([r["measured_ms"] for r in rows])
@@ -126,6 +128,8 @@ def main() -> int:
     yf = np.asarray([r["flops_ms"] for r in rows])
     inband = np.mean([r["band_ms"][0] <= r["measured_ms"] <= r["band_ms"][1] for r in rows])
     cvs = [r["cv"] for r in rows]
+    # measurements not flagged noisy (CV and, with one thread, CPU share both fine)
+    quiet = np.asarray([not r["noisy"] for r in rows])
     res = {
         "n": len(rows),
         "runtime": args.runtime,
@@ -143,6 +147,11 @@ def main() -> int:
         "flops_within_10pct": float(np.mean(np.abs(yf / y - 1) <= 0.10)),
         "flops_spearman": float(spearmanr(y, yf).statistic),
         "flops_median_abs_err_pct": float(np.median(np.abs(yf / y - 1)) * 100),
+        "quiet_n": int(quiet.sum()),
+        "quiet_predictor_within_10pct": float(np.mean(np.abs(yp / y - 1)[quiet] <= 0.10)),
+        "quiet_predictor_spearman": float(spearmanr(y[quiet], yp[quiet]).statistic),
+        "quiet_flops_within_10pct": float(np.mean(np.abs(yf / y - 1)[quiet] <= 0.10)),
+        "quiet_flops_spearman": float(spearmanr(y[quiet], yf[quiet]).statistic),
         "measure_cv_median": statistics.median(cvs),
         "measure_cv_p90": float(np.quantile(cvs, 0.9)),
         "measure_noisy_share": float(np.mean([r["noisy"] for r in rows])),

@@ -267,3 +267,19 @@ def test_chain_export_joins_parts_where_one_piece_export_fails(tmp_path: Path) -
         ref = model(x).numpy()
     assert np.allclose(out, ref, atol=1e-4)
     assert all(p.requires_grad for p in model.parameters())  # restored after the export
+
+
+def test_cpu_share_flags_a_core_taken_by_another_process() -> None:
+    import time
+
+    # sleeping stands in for being descheduled: wall time passes without CPU time
+    m = measure(lambda: time.sleep(0.002), warmup=0, min_runs=3, budget_s=0.01, min_cpu_share=0.85)
+    assert m.noisy and m.attempts == 3 and m.cpu_share < 0.5
+
+    def spin() -> None:
+        t = time.process_time()
+        while time.process_time() - t < 0.002:
+            pass
+
+    m = measure(spin, warmup=0, min_runs=3, budget_s=0.01, max_attempts=1)
+    assert m.cpu_share == 1.0  # not checked unless asked

@@ -23,6 +23,7 @@ from typing import Any
 
 from exporters.latency.harness import (
     DEFAULT_THREADS,
+    MIN_CPU_SHARE,
     Measurement,
     RuntimeUnavailableError,
     measure,
@@ -212,6 +213,8 @@ def measure_module_ort(
             export_static(module, example, path)
             sess = ort_session(path, threads)
         feed = {sess.get_inputs()[0].name: example.numpy()}
+        if threads == 1:
+            kw.setdefault("min_cpu_share", MIN_CPU_SHARE)
         return measure(lambda: sess.run(None, feed), **kw)
 
 
