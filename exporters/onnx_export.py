@@ -288,12 +288,14 @@ def _tag_and_strip(proto: onnx.ModelProto, mod2block: dict[str, str]) -> None:
             n.name = f"{n.op_type}_{i}"
 
 
-def fold_constant_gathers(proto: onnx.ModelProto) -> int:
+def fold_constant_weights(proto: onnx.ModelProto) -> int:
     """Replace ``Gather(initializer W, constant scalar i, axis=0)`` by a new initializer
-    ``W[i]`` (e.g. an MoE expert's weights read out of a ``[E, d, h]`` bank), so that the
-    consuming MatMul has a plain 2-D initializer that onnxruntime's int8/int4 quantizers turn
-    into MatMulInteger / MatMulNBits (a Gather of a quantized bank would dequantize on every
-    call). The bank is dropped when nothing else reads it. Returns the number folded."""
+    ``W[i]`` (e.g. an MoE expert's weights read out of a ``[E, d, h]`` bank) and
+    ``Transpose(initializer W)`` by ``Wᵀ`` (the exporter leaves the transposes of weights
+    used by several MatMuls, as in weight-shared layers, unfolded), so that the consuming
+    MatMul has a plain 2-D initializer that onnxruntime's int8/int4 quantizers turn into
+    MatMulInteger / MatMulNBits (they skip a MatMul whose weight is computed). Initializers
+    nothing reads any more are dropped. Returns the number of nodes folded."""
     from onnx import numpy_helper
 
     g = proto.graph
@@ -320,6 +322,19 @@ def fold_constant_gathers(proto: onnx.ModelProto) -> int:
                 inits[name] = new
             rename[n.output[0]] = name
             continue
+        if n.op_type == "Transpose" and n.input[0] in inits:
+            if n.input[0] not in arrays:
+                arrays[n.input[0]] = numpy_helper.to_array(inits[n.input[0]])
+            w = arrays[n.input[0]]
+            perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+            perm = perm or list(range(w.ndim))[::-1]
+            name = f"{n.input[0]}.T" + ("" if perm == [1, 0] else "".join(map(str, perm)))
+            if name not in inits:
+                new = numpy_helper.from_array(w.transpose(perm).copy(), name)
+                g.initializer.append(new)
+                inits[name] = new
+            rename[n.output[0]] = name
+            continue
         keep.append(n)
     if not rename:
         return 0
@@ -333,10 +348,8 @@ def fold_constant_gathers(proto: onnx.ModelProto) -> int:
         if o.name in rename:  # never the case for archir models; keep the graph valid
             g.node.append(onnx.helper.make_node("Identity", [rename[o.name]], [o.name]))
     used = {x for n in g.node for x in n.input} | {o.name for o in g.output}
-    stale = [i for i in g.initializer if i.name in arrays or i.name not in used]
-    for i in stale:
-        if i.name not in used:
-            g.initializer.remove(i)
+    for i in [i for i in g.initializer if i.name in arrays and i.name not in used]:
+        g.initializer.remove(i)
     # value_info entries of removed outputs would confuse the checker's shape inference
     vi = [v for v in g.value_info if v.name not in rename]
     del g.value_info[:]
@@ -686,7 +699,7 @@ def export_onnx(
         mod2block = module_to_block(model)
         bits = block_bits(model)
         _tag_and_strip(proto, mod2block)
-        fold_constant_gathers(proto)
+        fold_constant_weights(proto)
         _set_metadata(proto, spec, "fp32", used, {b: "fp32" for b in bits})
         _check_model(proto, "fp32")
         fp32_bytes = proto.ByteSize()
