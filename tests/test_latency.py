@@ -140,7 +140,7 @@ TRUE = {  # made-up per-kind coefficients on (lin, quad, act, w, one)
 
 def _synthetic_cal(n: int, seed: int = 0) -> dict:
     """Specs from the built-in space with a made-up 'true' latency per part; whole specs
-    take 1.05 x the sum of their parts + 0.1 ms."""
+    take 1.05 x the sum of their parts."""
     rng = random.Random(seed)
     cal: dict = {"specs": [], "parts": [], "wholes": []}
     for i in range(n):
@@ -163,7 +163,7 @@ def _synthetic_cal(n: int, seed: int = 0) -> dict:
             cal["parts"].append(
                 {"spec": i, "node": p.name, "batch": 1, "seq": seq, "median_ms": ms}
             )
-        cal["wholes"].append({"spec": i, "batch": 1, "seq": seq, "median_ms": 1.05 * total + 0.1})
+        cal["wholes"].append({"spec": i, "batch": 1, "seq": seq, "median_ms": 1.05 * total})
     return cal
 
 
