@@ -299,7 +299,11 @@ def test_latency_objective_uses_exporters_and_front_is_remeasured(tmp_path, monk
         assert row["values"]["latency_ms"] == row["latency"]["median_ms"]
         assert row["values"]["latency_ms_search"] > 0
     # the re-measurement goes through exporters.latency.latency_ms, measured, never predicted
-    assert len([c for c in calls if c.get("budget_s")]) == len(doc["front"])
+    # (members that turn out dominated after re-measurement leave the front, so the count of
+    # re-measurements is at least the final front's size)
+    remeasures = [c for c in calls if c.get("budget_s")]
+    assert len(remeasures) >= len(doc["front"])
+    assert all(c.get("predict") is False for c in remeasures)
     assert all(c.get("predict") is False for c in calls if c.get("budget_s"))
 
     bad = make_spec(
