@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from archir.commands import positive_float, positive_int
+from archir.cli.args import positive_float, positive_int
 
 HELP = "train a concrete spec on a task (text:pydoc, text:<file>, digits, mad:<task>)"
 

@@ -1,4 +1,6 @@
-"""Subcommands of the ``archir`` CLI, one module each."""
+"""argparse value types shared by the subcommands."""
+
+from __future__ import annotations
 
 import argparse
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from archir.commands import positive_int
+from archir.cli.args import positive_int
 
 HELP = "show a spec's graph: every block's shape, params, FLOPs/token, state bytes, bits"
 

@@ -1,6 +1,6 @@
 """The ``archir`` command line. The top floor: it may import searchers and exporters (lazily).
 
-Each subcommand lives in its own module exposing ``HELP``, ``add_arguments(parser)`` and
+Each subcommand lives in its own module of this package (or of ``searchers``/``exporters``) exposing ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``; only the module of the command being run is imported. User errors
 (:class:`~archir.errors.ArchirError`) print one or two lines and exit 2.
 """
@@ -15,13 +15,13 @@ from typing import NoReturn
 from archir.errors import ArchirError
 
 COMMANDS: dict[str, str] = {
-    "validate": "archir.commands.validate",
-    "show": "archir.commands.show",
-    "blocks": "archir.commands.blocks",
-    "schema": "archir.commands.schema",
-    "train": "archir.commands.train",
-    "tasks": "archir.commands.tasks",
-    "mad": "archir.commands.mad",
+    "validate": "archir.cli.validate",
+    "show": "archir.cli.show",
+    "blocks": "archir.cli.blocks",
+    "schema": "archir.cli.schema",
+    "train": "archir.cli.train",
+    "tasks": "archir.cli.tasks",
+    "mad": "archir.cli.mad",
     "search": "searchers.cli_search",
     "report": "searchers.cli_report",
     "export": "exporters.cli_export",
