@@ -93,6 +93,17 @@ def _build_norm(name: str | None, node: Node) -> nn.Module | None:
     return k.build(k.params(), node.ctx)
 
 
+def sum_aux_losses(modules: list[nn.Module]) -> torch.Tensor | None:
+    """Sum of the ``aux_loss`` tensors set by ``modules`` in the last forward (None if none)."""
+    losses = [m.aux_loss for m in modules if getattr(m, "aux_loss", None) is not None]
+    if not losses:
+        return None
+    total = losses[0]
+    for v in losses[1:]:
+        total = total + v
+    return total
+
+
 class CompiledModel(nn.Module):
     """The lowered model.
 
@@ -194,13 +205,7 @@ class CompiledModel(nn.Module):
         return self._run(x, stop_before_head=True)
 
     def aux_loss(self) -> torch.Tensor | None:
-        losses = [m.aux_loss for m in self._aux_modules if getattr(m, "aux_loss", None) is not None]
-        if not losses:
-            return None
-        total = losses[0]
-        for v in losses[1:]:
-            total = total + v
-        return total
+        return sum_aux_losses(self._aux_modules)
 
 
 def compile(spec: Spec | SpecModel, *, seed: int | None = None) -> CompiledModel:  # noqa: A001

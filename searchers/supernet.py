@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +68,7 @@ from torch import nn
 from torch.func import functional_call
 
 from archir import registry
-from archir.compiler import Merge, Residual
+from archir.compiler import Merge, Residual, sum_aux_losses
 from archir.cost import NodeCost, node_cost
 from archir.errors import SearchError
 from archir.ir import Graph, Node, build_graph
@@ -760,13 +760,7 @@ class SuperNet(nn.Module):
         return self._run(x, stop_before_head=True)
 
     def aux_loss(self) -> torch.Tensor | None:
-        losses = [m.aux_loss for m in self._aux_modules if getattr(m, "aux_loss", None) is not None]
-        if not losses:
-            return None
-        total = losses[0]
-        for v in losses[1:]:
-            total = total + v
-        return total
+        return sum_aux_losses(self._aux_modules)
 
     # -- parameters and costs ----------------------------------------------------------------
     def weight_parameters(self) -> list[nn.Parameter]:
@@ -780,14 +774,14 @@ class SuperNet(nn.Module):
                 out.append(p)
         return out
 
-    def expected_costs(self, probs: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Expected cost metrics under the architecture distribution (differentiable in
-        ``alpha``): ``params``, ``flops_per_token``, ``state_bytes``, ``weight_bytes`` and
-        ``weight_bits_avg`` (ratio of expectations). Units as in :mod:`archir.cost`."""
+    def _candidate_weights(
+        self, probs: list[torch.Tensor] | None = None
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(row, candidate, weight)`` over ``block_rows()``: the candidate's probability
+        under the architecture distribution, times ``P(repeat > r)`` for depth-gated rows."""
         probs = probs if probs is not None else self.probs()
         state = PathState(probs, None)
-        tot = {k: torch.tensor(v) for k, v in self._const.items()}
-        for idx, gate, rows in self._block_rows:
+        for r, (idx, gate, rows) in enumerate(self._block_rows):
             mb = self.blocks[idx]
             assert isinstance(mb, MixedBlock)
             g = None
@@ -795,16 +789,23 @@ class SuperNet(nn.Module):
                 di, rep = gate
                 mask = torch.tensor([1.0 if v > rep else 0.0 for v in self.decisions[di].values])
                 g = (probs[di] * mask).sum()
-            for i, row in enumerate(rows):
+            for i in range(len(rows)):
                 w = mb.weight(i, state)
                 w = torch.tensor(1.0) if w is None else w
-                if g is not None:
-                    w = w * g
-                tot["params"] = tot["params"] + w * row.params
-                tot["flops_per_token"] = tot["flops_per_token"] + w * row.flops_per_token
-                tot["state_bytes"] = tot["state_bytes"] + w * row.state_bytes
-                tot["weight_bytes"] = tot["weight_bytes"] + w * row.weight_bytes
-                tot["bits_x_params"] = tot["bits_x_params"] + w * row.params * row.bits
+                yield r, i, (w * g if g is not None else w)
+
+    def expected_costs(self, probs: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Expected cost metrics under the architecture distribution (differentiable in
+        ``alpha``): ``params``, ``flops_per_token``, ``state_bytes``, ``weight_bytes`` and
+        ``weight_bits_avg`` (ratio of expectations). Units as in :mod:`archir.cost`."""
+        tot = {k: torch.tensor(v) for k, v in self._const.items()}
+        for r, i, w in self._candidate_weights(probs):
+            row = self._block_rows[r][2][i]
+            tot["params"] = tot["params"] + w * row.params
+            tot["flops_per_token"] = tot["flops_per_token"] + w * row.flops_per_token
+            tot["state_bytes"] = tot["state_bytes"] + w * row.state_bytes
+            tot["weight_bytes"] = tot["weight_bytes"] + w * row.weight_bytes
+            tot["bits_x_params"] = tot["bits_x_params"] + w * row.params * row.bits
         out = {k: tot[k] for k in ("params", "flops_per_token", "state_bytes", "weight_bytes")}
         out["weight_bits_avg"] = tot["bits_x_params"] / tot["params"].clamp_min(1.0)
         return out
@@ -819,23 +820,9 @@ class SuperNet(nn.Module):
         (differentiable in ``alpha``): ``const + Σ_rows Σ_c gate · w_c · per_candidate[row][c]``
         with rows in ``block_rows()`` order (depth-gated layers weighted by
         ``P(repeat > r)``). Used for predicted latency."""
-        probs = probs if probs is not None else self.probs()
-        state = PathState(probs, None)
         total = torch.tensor(float(const))
-        for (idx, gate, _), vals in zip(self._block_rows, per_candidate):
-            mb = self.blocks[idx]
-            assert isinstance(mb, MixedBlock)
-            g = None
-            if gate is not None:
-                di, rep = gate
-                mask = torch.tensor([1.0 if v > rep else 0.0 for v in self.decisions[di].values])
-                g = (probs[di] * mask).sum()
-            for i, v in enumerate(vals):
-                w = mb.weight(i, state)
-                w = torch.tensor(1.0) if w is None else w
-                if g is not None:
-                    w = w * g
-                total = total + w * float(v)
+        for r, i, w in self._candidate_weights(probs):
+            total = total + w * float(per_candidate[r][i])
         return total
 
     def held_doc(self) -> dict[str, dict[str, Any]]:
