@@ -18,6 +18,8 @@ import json
 import sys
 from typing import Any
 
+from archir.cli.args import positive_int
+
 HELP = "measure or predict forward latency (ms); 'calibrate' fits the predictor on this machine"
 
 
@@ -36,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predict", action="store_true", help="predict from the calibration")
     p.add_argument("--calibration", default=None, help="calibration file (default: cache)")
     p.add_argument("--budget-s", type=float, default=None, help="seconds (measure: per attempt)")
+    p.add_argument(
+        "--windows",
+        type=positive_int,
+        default=None,
+        help="timed windows per attempt; 'best' is the fastest window's median (default 5)",
+    )
     p.add_argument("--cv-threshold", type=float, default=0.05, help="noisy above this CV")
     p.add_argument("--exporter", choices=["direct", "exporters", "auto"], default="direct")
     p.add_argument("--out", default=None, help="calibrate: output file")
@@ -98,11 +106,12 @@ def _fmt(rt: str, r: dict[str, Any]) -> str:
     lo, hi = r["band_ms"]
     if r["predicted"]:
         extra = " (extrapolated)" if r.get("extrapolated") else ""
-        return f"{rt:8s} predicted {r['median_ms']:9.3f} ms   90% band [{lo:.3f}, {hi:.3f}]{extra}"
+        return f"{rt:8s} predicted {r['ms']:9.3f} ms   90% band [{lo:.3f}, {hi:.3f}]{extra}"
     flag = "  NOISY: machine too busy to trust" if r["noisy"] else ""
     return (
-        f"{rt:8s} median {r['median_ms']:9.3f} ms   trimmed mean {r['trimmed_mean_ms']:9.3f} ms"
-        f"   CV {r['cv']:.3f}   runs {r['runs']}{flag}"
+        f"{rt:8s} best {r['ms']:9.3f} ms   median {r['median_ms']:9.3f} ms   trimmed mean "
+        f"{r['trimmed_mean_ms']:9.3f} ms   CV {r['cv']:.3f}   runs {r['runs']} in "
+        f"{r.get('windows', 1)} windows{flag}"
     )
 
 
@@ -118,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {"cv_threshold": args.cv_threshold, "exporter": args.exporter}
     if args.budget_s is not None:
         kw["budget_s"] = args.budget_s
+    if args.windows is not None:
+        kw["windows"] = args.windows
     results: dict[str, Any] = {}
     for rt in _runtimes(args.runtime):
         if args.predict:

@@ -4,14 +4,29 @@ A measurement of one callable (one forward pass) goes:
 
 1. ``warmup`` untimed calls (allocator, caches, lazy initialisation);
 2. timed calls until ``budget_s`` of timed work has passed, at least ``min_runs`` and at most
-   ``max_runs`` of them;
+   ``max_runs`` of them, split into ``windows`` consecutive **windows** of equal budget;
 3. statistics over the run times in milliseconds: the **median**, the **10 %/10 % trimmed
-   mean** (drop the fastest and slowest tenth, average the rest) and the **coefficient of
+   mean** (drop the fastest and slowest tenth, average the rest), the **coefficient of
    variation** (standard deviation / mean of that trimmed sample, so one stray slow run from
-   another process does not decide it);
+   another process does not decide it) and the **best window median** ``best_ms`` — the
+   median of the fastest window, the latency of this machine when nothing else slows it;
 4. when the CV is above ``cv_threshold`` the machine is too noisy to trust: the whole
    measurement is repeated (up to ``max_attempts`` in all) and the attempt with the lowest CV
    is kept; if even that one is above the threshold the result says ``noisy=True``.
+
+Why the best window. On a shared machine (a cloud VM, a laptop with a browser open) the
+speed of the *whole machine* changes in phases of one to several seconds: on the 2-core VM
+this was built on, a compute-bound probe ran 0-16 % slow and a memory-bound one (weights
+streamed from DRAM) 10-50 % slow for 1-4 s at a time, with a CV *inside* a phase of 1-2 %.
+The median of one attempt then depends on which phase it fell in (two back-to-back
+measurements of the same model differed by up to 40 %). Slow phases only ever add time, so
+the fastest of several separated windows estimates the machine's own speed, and it repeats:
+:func:`measure_interleaved` measures many callables in round-robin windows (each callable's
+windows seconds apart) and is what calibration, the predictor benchmark and a search's
+re-measured front use — the best of 5 interleaved windows of 30 whole specs repeated within
+±5 % for 97 % of them (odd vs even rounds), where single medians did not. ``best_ms`` is the
+value the predictor is fitted on and the one searches optimise (``latency_ms(...)["ms"]``);
+the median, trimmed mean and CV stay in every record.
 
 Runtimes (:func:`measure_spec`): ``"ort"`` — onnxruntime ``CPUExecutionProvider`` on the
 exported model (by default a direct TorchScript ``torch.onnx.export`` traced at the measured
@@ -35,11 +50,11 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from archir.errors import ArchirError
 
@@ -47,6 +62,12 @@ RUNTIMES: tuple[str, ...] = ("ort", "torch", "compile")
 DEFAULT_THREADS = 1
 DEFAULT_CV_THRESHOLD = 0.05
 MIN_CPU_SHARE = 0.85  # one thread: below this share of a core, another process interfered
+DEFAULT_WINDOWS = 5
+INTERLEAVED_ROUNDS = 5  # calibration, the predictor benchmark and re-measured fronts agree
+INTERLEAVED_WINDOW_S = 0.02
+INTERLEAVED_MIN_RUNS = 2
+
+K = TypeVar("K")
 
 
 class LatencyError(ArchirError):
@@ -73,6 +94,9 @@ class Measurement:
         cpu_share: process CPU time / wall time of the kept attempt (1.0 when not checked);
             well under 1 with one thread means another process held the core.
         times_ms: the kept attempt's run times, in order.
+        best_ms: the median of the fastest window (see the module docstring); equal to
+            ``median_ms`` with one window.
+        window_ms: each window's median, in order.
     """
 
     median_ms: float
@@ -87,6 +111,17 @@ class Measurement:
     seq: int = 0
     cpu_share: float = 1.0
     times_ms: list[float] = field(default_factory=list, repr=False)
+    best_ms: float = 0.0
+    window_ms: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.best_ms:
+            self.best_ms = self.median_ms
+
+    @property
+    def windows(self) -> int:
+        """Number of timed windows (1 for a plain list of runs)."""
+        return max(1, len(self.window_ms))
 
     def to_dict(self, times: bool = False) -> dict[str, Any]:
         d = asdict(self)
@@ -121,16 +156,29 @@ def coefficient_of_variation(xs: list[float], proportion: float = 0.1) -> float:
     return statistics.pstdev(t) / mean if mean > 0 else 0.0
 
 
-def summarize(times_ms: list[float], cv_threshold: float = DEFAULT_CV_THRESHOLD) -> Measurement:
-    """Statistics of one list of run times (milliseconds)."""
+def summarize(
+    times_ms: list[float],
+    cv_threshold: float = DEFAULT_CV_THRESHOLD,
+    windows: list[list[float]] | None = None,
+) -> Measurement:
+    """Statistics of one list of run times (milliseconds); ``windows`` splits the same runs
+    into timed windows (``best_ms`` = the smallest window median).
+
+    Raises:
+        ValueError: no run times.
+    """
     cv = coefficient_of_variation(times_ms)
+    wins = [float(statistics.median(w)) for w in (windows or []) if w]
+    median = float(statistics.median(times_ms))
     return Measurement(
-        median_ms=float(statistics.median(times_ms)),
+        median_ms=median,
         trimmed_mean_ms=trimmed_mean(times_ms),
         cv=cv,
         runs=len(times_ms),
         noisy=cv > cv_threshold,
         times_ms=list(times_ms),
+        best_ms=min(wins) if wins else median,
+        window_ms=wins,
     )
 
 
@@ -145,17 +193,59 @@ def time_runs(
 ) -> list[float]:
     """Call ``fn`` ``warmup`` times, then time it until ``budget_s`` seconds of timed calls
     have passed (at least ``min_runs``, at most ``max_runs`` calls). Returns milliseconds."""
+    wins = time_windows(
+        fn,
+        warmup=warmup,
+        min_runs=min_runs,
+        max_runs=max_runs,
+        budget_s=budget_s,
+        windows=1,
+        timer=timer,
+    )
+    return wins[0]
+
+
+def time_windows(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 3,
+    min_runs: int = 5,
+    max_runs: int = 200,
+    budget_s: float = 1.0,
+    windows: int = 1,
+    timer: Callable[[], float] = time.perf_counter,
+) -> list[list[float]]:
+    """Like :func:`time_runs`, with the timed calls split into ``windows`` consecutive
+    windows of ``budget_s / windows`` seconds each (each at least
+    ``ceil(min_runs / windows)`` calls; ``budget_s`` and ``max_runs`` are shared, so the
+    totals stay within them and slow calls get fewer windows). Returns each
+    window's run times in milliseconds."""
     for _ in range(warmup):
         fn()
-    times: list[float] = []
+    windows = max(1, int(windows))
+    per_min = max(1, math.ceil(min_runs / windows))
+    per_budget = budget_s / windows
+    out: list[list[float]] = []
+    total = 0
     spent = 0.0
-    while len(times) < max_runs and (len(times) < min_runs or spent < budget_s):
-        t0 = timer()
-        fn()
-        dt = timer() - t0
-        spent += dt
-        times.append(dt * 1e3)
-    return times
+    for w in range(windows):
+        if total >= min_runs and spent >= budget_s:
+            break  # slow calls: fewer windows rather than more than the budget
+        times: list[float] = []
+        until = per_budget * (w + 1)  # windows share the budget: the total stays budget_s
+        cap = max(total + 1, math.ceil(max_runs * (w + 1) / windows))  # shared max_runs
+        while total < min(max_runs, cap) and (len(times) < per_min or spent < until):
+            t0 = timer()
+            fn()
+            dt = timer() - t0
+            spent += dt
+            times.append(dt * 1e3)
+            total += 1
+        if times:
+            out.append(times)
+        if total >= max_runs:
+            break
+    return out
 
 
 def measure(
@@ -169,6 +259,7 @@ def measure(
     max_attempts: int = 3,
     timer: Callable[[], float] = time.perf_counter,
     min_cpu_share: float | None = None,
+    windows: int = DEFAULT_WINDOWS,
 ) -> Measurement:
     """Measure ``fn`` (see the module docstring); re-measure while the CV is above
     ``cv_threshold`` (or the CPU share below ``min_cpu_share``), keep the best attempt
@@ -186,22 +277,24 @@ def measure(
             time of an attempt: below it (e.g. 0.85) another process took the core for part
             of the attempt — a slowdown the CV does not show when it lasts the whole
             attempt — and the attempt counts as noisy. ``None``: not checked.
+        windows: timed windows per attempt (``best_ms`` is the fastest window's median).
     """
     best: Measurement | None = None
     attempts = 0
     for _ in range(max(1, max_attempts)):
         attempts += 1
         c0, w0 = time.process_time(), time.perf_counter()
-        times = time_runs(
+        wins = time_windows(
             fn,
             warmup=warmup,
             min_runs=min_runs,
             max_runs=max_runs,
             budget_s=budget_s,
+            windows=windows,
             timer=timer,
         )
         wall = time.perf_counter() - w0
-        m = summarize(times, cv_threshold)
+        m = summarize([t for w in wins for t in w], cv_threshold, wins)
         if min_cpu_share is not None and wall > 0:
             m.cpu_share = (time.process_time() - c0) / wall
             m.noisy = m.noisy or m.cpu_share < min_cpu_share
@@ -215,6 +308,73 @@ def measure(
         min_cpu_share is not None and best.cpu_share < min_cpu_share
     )
     return best
+
+
+def measure_interleaved(
+    fns: Mapping[K, Callable[[], Any]],
+    *,
+    rounds: int = INTERLEAVED_ROUNDS,
+    window_s: float = INTERLEAVED_WINDOW_S,
+    min_runs: int = INTERLEAVED_MIN_RUNS,
+    warmup: int = 2,
+    budget_s: float | None = None,
+    min_rounds: int = 3,
+    min_round_s: float = 0.0,
+    cv_threshold: float = DEFAULT_CV_THRESHOLD,
+    timer: Callable[[], float] = time.perf_counter,
+    progress: Callable[[int, float], None] | None = None,
+) -> dict[K, Measurement]:
+    """Measure many callables in round-robin **windows**: round after round, each callable
+    gets one window (at least ``min_runs`` calls and ``window_s`` seconds), so the windows of
+    one callable are a whole round — seconds — apart and a slow phase of the machine cannot
+    cover all of them (module docstring). ``best_ms`` of each result is its fastest window's
+    median, ``median_ms``/``trimmed_mean_ms``/``cv`` are over all its runs, ``window_ms``
+    holds one median per round.
+
+    Args:
+        fns: key -> no-argument callable (one forward pass each).
+        rounds: rounds wanted.
+        window_s, min_runs: the size of one window.
+        warmup: untimed calls per callable before the first round.
+        budget_s: stop starting new rounds after this many seconds (but do at least
+            ``min_rounds`` rounds); ``None``: exactly ``rounds`` rounds.
+        min_round_s: a round shorter than this is followed by a pause (idle, not timed),
+            so that a few callables still get windows spread over seconds.
+        progress: called after each round with (rounds done, seconds so far).
+
+    Raises:
+        ValueError: ``fns`` is empty.
+    """
+    if not fns:
+        raise ValueError("nothing to measure")
+    t0 = time.perf_counter()
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    wins: dict[K, list[list[float]]] = {k: [] for k in fns}
+    last = time.perf_counter()
+    for r in range(max(1, rounds)):
+        if r >= min_rounds and budget_s is not None and time.perf_counter() - t0 > budget_s:
+            break
+        tr = time.perf_counter()
+        if r and min_round_s > 0:
+            time.sleep(max(0.0, min_round_s - (tr - last)))
+        last = time.perf_counter()
+        for k, f in fns.items():
+            wins[k].append(
+                time_windows(f, warmup=0, min_runs=min_runs, budget_s=window_s, timer=timer)[0]
+            )
+        if progress:
+            progress(r + 1, time.perf_counter() - t0)
+    out: dict[K, Measurement] = {}
+    for k, ws in wins.items():
+        m = summarize([t for w in ws for t in w], cv_threshold, ws)
+        # a spread across rounds is what the best window is for; untrusted is a best window
+        # that no second window confirms within the threshold
+        best2 = sorted(m.window_ms)[:2]
+        m.noisy = len(best2) == 2 and best2[1] > best2[0] * (1 + cv_threshold)
+        out[k] = m
+    return out
 
 
 @contextmanager
