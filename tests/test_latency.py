@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,12 @@ from exporters.latency.calibrate import (
     samples_features,
     save_calibration,
 )
-from exporters.latency.harness import coefficient_of_variation, summarize, trimmed_mean
+from exporters.latency.harness import (
+    coefficient_of_variation,
+    measure_interleaved,
+    summarize,
+    trimmed_mean,
+)
 
 TINY = {
     "archir": 1,
@@ -105,6 +111,60 @@ def test_noisy_measurement_is_remeasured_and_best_kept() -> None:
     assert m.attempts == 3 and m.noisy and m.cv == pytest.approx(0.5)
 
 
+def test_windows_give_best_window_median() -> None:
+    # ten 2 ms calls, then ten 1 ms calls: a slow phase covering the first window
+    clock = FakeClock([0.002] * 10 + [0.001] * 10)
+    m = measure(clock.fn, warmup=0, min_runs=20, max_runs=20, budget_s=0.0, windows=2, timer=clock)
+    assert m.runs == 20 and m.window_ms == pytest.approx([2.0, 1.0]) and m.windows == 2
+    assert m.best_ms == pytest.approx(1.0) and m.median_ms == pytest.approx(1.5)
+    one = summarize([3.0, 1.0, 2.0])
+    assert one.best_ms == one.median_ms == 2.0 and one.windows == 1
+
+
+def test_interleaved_rounds_alternate_and_keep_each_best_window() -> None:
+    order: list[str] = []
+    clock = FakeClock([0.0])
+    slow = {"a": [0.004, 0.004, 0.001, 0.001, 0.001, 0.001], "b": [0.002] * 6}
+
+    def make(k: str) -> Any:
+        def fn() -> None:
+            i = sum(1 for o in order if o == k)
+            order.append(k)
+            clock.t += slow[k][i % len(slow[k])]
+
+        return fn
+
+    ms = measure_interleaved(
+        {"a": make("a"), "b": make("b")}, rounds=3, window_s=0.0, min_runs=2, warmup=0, timer=clock
+    )
+    assert order == ["a", "a", "b", "b"] * 3  # one window each, round after round
+    assert ms["a"].window_ms == pytest.approx([4.0, 1.0, 1.0])
+    assert ms["a"].best_ms == pytest.approx(1.0)
+    assert ms["b"].best_ms == pytest.approx(2.0) and ms["b"].runs == 6
+    assert not ms["a"].noisy  # the best window is confirmed by a second one
+    order.clear()
+    slow["a"] = [0.004, 0.004, 0.001, 0.001, 0.004, 0.004]
+    ms = measure_interleaved({"a": make("a")}, rounds=3, window_s=0.0, warmup=0, timer=clock)
+    assert ms["a"].best_ms == pytest.approx(1.0) and ms["a"].noisy  # one fast window only
+    with pytest.raises(ValueError):
+        measure_interleaved({})
+
+
+def test_composition_learns_a_length_dependent_ratio() -> None:
+    # wholes 15 % slower than their parts at seq 128, 4 % at 512 (as small-width specs are)
+    def ratio(seq: int) -> float:
+        return 1.0 + 0.15 * (128 / seq) ** 0.9
+
+    parts, pms, wholes, wms = samples_features(_synthetic_cal(60, seed=4, ratio=ratio))
+    p = LatencyPredictor().fit(parts, pms, wholes[:45], wms[:45])
+    assert p.comp_kind != "ratio"
+    assert p.comp_oof_rmse[p.comp_kind] < p.comp_oof_rmse["ratio"] / 2
+    errs = [abs(p.predict(g).ms / y - 1) for g, y in zip(wholes[45:], wms[45:])]
+    assert max(errs) < 0.03
+    flat = LatencyPredictor().fit(parts, pms, wholes[:5], wms[:5])
+    assert flat.comp_kind == "ratio"  # too few whole specs for a learned composition
+
+
 def _cal_file(path: Path, cal: dict | None = None, **key_over: object) -> Path:
     key = {**machine_key("ort", 1), **key_over}
     data = {"format": FORMAT, "version": VERSION, "key": key, **(cal or {})}
@@ -138,9 +198,9 @@ TRUE = {  # made-up per-kind coefficients on (lin, quad, act, w, one)
 }
 
 
-def _synthetic_cal(n: int, seed: int = 0) -> dict:
+def _synthetic_cal(n: int, seed: int = 0, ratio: Any = None) -> dict:
     """Specs from the built-in space with a made-up 'true' latency per part; whole specs
-    take 1.05 x the sum of their parts."""
+    take 1.05 x the sum of their parts (or ``ratio(seq)`` x)."""
     rng = random.Random(seed)
     cal: dict = {"specs": [], "parts": [], "wholes": []}
     for i in range(n):
@@ -160,10 +220,9 @@ def _synthetic_cal(n: int, seed: int = 0) -> dict:
         for p in g.parts:
             ms = sum(c * x for c, x in zip(TRUE[p.kind], p.x))
             total += ms
-            cal["parts"].append(
-                {"spec": i, "node": p.name, "batch": 1, "seq": seq, "median_ms": ms}
-            )
-        cal["wholes"].append({"spec": i, "batch": 1, "seq": seq, "median_ms": 1.05 * total})
+            cal["parts"].append({"spec": i, "node": p.name, "batch": 1, "seq": seq, "ms": ms})
+        whole = total * (ratio(seq) if ratio else 1.05)
+        cal["wholes"].append({"spec": i, "batch": 1, "seq": seq, "ms": whole})
     return cal
 
 
@@ -171,7 +230,8 @@ def test_predictor_fits_synthetic_calibration() -> None:
     parts, pms, wholes, wms = samples_features(_synthetic_cal(40))
     assert len(wholes) == 40 and len(parts) > 40
     p = LatencyPredictor().fit(parts, pms, wholes[:30], wms[:30])
-    assert p.comp[0] == pytest.approx(1.05, rel=0.05)
+    assert p.comp_kind == "ratio" or min(p.comp_oof_rmse.values()) < 0.02
+    assert p.comp_ratio == pytest.approx(1.05, rel=0.02)
     for g, y in zip(wholes[30:], wms[30:]):
         pr = p.predict(g)
         assert abs(pr.ms / y - 1) < 0.1
@@ -283,3 +343,16 @@ def test_cpu_share_flags_a_core_taken_by_another_process() -> None:
 
     m = measure(spin, warmup=0, min_runs=3, budget_s=0.01, max_attempts=1)
     assert m.cpu_share == 1.0  # not checked unless asked
+
+
+def test_calibrate_writes_a_loadable_file_of_interleaved_samples(tmp_path: Path) -> None:
+    from exporters.latency.calibrate import calibrate, predictor_from
+
+    path, data = calibrate("ort", budget_s=6.0, out=tmp_path / "cal.json", rounds=2)
+    assert path.exists() and data["version"] == VERSION and data["rounds"] == 2
+    assert data["parts"] and data["wholes"] and data["wall_s"] < 30
+    for r in data["parts"] + data["wholes"]:
+        assert r["windows"] == 2 and 0 < r["ms"] <= r["median_ms"] * 1.0001
+    loaded = load_calibration(path, runtime="ort", threads=1)
+    if len(loaded["parts"]) >= 3:
+        assert predictor_from(loaded).n_parts == len(samples_features(loaded)[0])

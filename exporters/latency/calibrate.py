@@ -3,8 +3,8 @@
 A calibration file is JSON (``format: archir-latency-calibration``, ``version``) holding the
 **key** it is valid for — CPU model and logical CPU count, runtime (``ort``/``torch``) and its
 version, intra-op threads — and the raw samples: ``specs`` (concrete spec data), ``parts``
-(spec index, IR node name or ``"fixed"``, batch, seq, median, 20 % quantile, CV) and
-``wholes`` (spec index, batch, seq, median, CV). The predictor
+(spec index, IR node name or ``"fixed"``, batch, seq, ``ms`` = best window median, median,
+CV, runs, windows) and ``wholes`` (spec index, batch, seq, the same statistics). The predictor
 (:class:`~.predictor.LatencyPredictor`) is refitted from the samples on load (a second or
 two), so the file stays readable, diffable and free of pickles. Loading a file whose key
 differs from the machine/runtime/threads asked for raises :class:`CalibrationMismatchError`;
@@ -13,12 +13,18 @@ a file of another format version raises :class:`CalibrationFormatError`.
 The design (:func:`calibrate`) covers the search spaces: concrete specs drawn from every
 space in ``specs/search/`` (plus extra space files) with their width replaced by levels
 cycling through :data:`WIDTHS` (64-512) and measured at a length cycling through
-:data:`SEQS` (128-1024). Every **part** of a drawn spec (a residual block, or the fixed
-embedding/final-norm/head part) not measured before is exported alone at its shape and
-timed; whole specs are measured while they have taken less than ``whole_share`` of the time.
-A part is a fraction of a second to export and time, so a 9-minute budget measures several
-hundred of them — every block configuration the spaces can produce at many widths and
-lengths — where whole specs would give a few dozen samples.
+:data:`SEQS` (128-1024). It runs batch by batch. **Prepare**: every **part** of a drawn spec
+(a residual block, or the fixed embedding/final-norm/head part) not prepared before is
+exported alone at its shape and loaded into a session, and — while whole specs have taken
+less than ``whole_share`` of the preparation time — so is the whole spec, until a batch
+(about a hundred samples, a few GB of sessions at most) is ready. **Measure**: the batch in
+``rounds`` round-robin windows (:func:`~.harness.measure_interleaved`); then the next
+batch, while the budget allows; a sample's value is its
+fastest window's median (``best_ms``, see :mod:`.harness` on why). Interleaving matters on a
+shared machine: a slow phase of a few seconds then costs every sample one window, instead of
+costing a few samples their whole measurement. A part is a fraction of a second to export,
+so a 9-minute budget covers several hundred parts — every block configuration the spaces
+produce at many widths and lengths — and about a hundred whole specs.
 
 Files live in ``$ARCHIR_CACHE/latency/`` (default ``~/.cache/archir/latency/``) named
 ``<runtime>-t<threads>-<cpu slug>.json``.
@@ -34,14 +40,18 @@ import os
 import platform
 import random
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from exporters.latency.harness import (
     DEFAULT_THREADS,
+    INTERLEAVED_ROUNDS,
+    INTERLEAVED_WINDOW_S,
     LatencyError,
     Runner,
     RuntimeUnavailableError,
@@ -56,7 +66,7 @@ from exporters.latency.predictor import (
 )
 
 FORMAT = "archir-latency-calibration"
-VERSION = 2
+VERSION = 3
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 SEQS = (128, 192, 256, 384, 512, 768, 1024)
 DEPTH = (2, 12)
@@ -204,20 +214,13 @@ def predictor_from(data: dict[str, Any]) -> LatencyPredictor:
     return _fit_cached(json.dumps(payload, sort_keys=True))
 
 
-def low_quantile(times_ms: Sequence[float], q: float = 0.2) -> float:
-    """The ``q`` quantile of run times: the part-sample statistic. On a quiet machine it
-    sits a few percent under the median (the composition stage absorbs that ratio); on a
-    busy one it is far more repeatable than the median, because other processes only ever
-    add time."""
-    ts = sorted(times_ms)
-    return float(ts[int(q * (len(ts) - 1))])
-
-
 def samples_features(
-    data: dict[str, Any],
+    data: dict[str, Any], spreads: list[float] | None = None
 ) -> tuple[list[PartFeatures], list[float], list[GraphFeatures], list[float]]:
     """(part features, part ms, whole-spec features, whole ms) of a calibration's samples;
-    samples whose spec no longer builds (a kind that changed) are skipped."""
+    samples whose spec no longer builds (a kind that changed) are skipped. ``spreads``, if
+    given, receives each used whole sample's ``log(second-best window / best window)``
+    (its measurement noise; 0 with fewer than two windows)."""
     from archir.ir import build_graph
     from archir.spec import spec_from_dict
 
@@ -241,24 +244,28 @@ def samples_features(
         part = next((p for p in g.parts if p.name == s["node"]), None) if g else None
         if part is not None:
             parts.append(part)
-            pms.append(float(s.get("low_ms") or s["median_ms"]))
+            pms.append(float(s["ms"]))
     for s in data.get("wholes", []):
         g = gf(int(s["spec"]), int(s["batch"]), int(s["seq"]))
         if g is not None:
             wholes.append(g)
-            wms.append(float(s["median_ms"]))
+            wms.append(float(s["ms"]))
+            if spreads is not None:
+                w = sorted(float(x) for x in s.get("window_ms", []) if x > 0)
+                spreads.append(math.log(w[1] / w[0]) if len(w) >= 2 else 0.0)
     return parts, pms, wholes, wms
 
 
 @lru_cache(maxsize=8)
 def _fit_cached(payload_json: str) -> LatencyPredictor:
-    parts, pms, wholes, wms = samples_features(json.loads(payload_json))
+    spreads: list[float] = []
+    parts, pms, wholes, wms = samples_features(json.loads(payload_json), spreads)
     if len(parts) < 3:
         raise CalibrationFormatError(
             "the calibration has fewer than 3 usable part samples",
             hint="re-run `archir latency calibrate` with a larger --budget-s",
         )
-    return LatencyPredictor().fit(parts, pms, wholes, wms)
+    return LatencyPredictor().fit(parts, pms, wholes, wms, spreads)
 
 
 # --------------------------------------------------------------------------------------
@@ -414,7 +421,7 @@ def _with(spec: Any, d_model: int | None, seq: int) -> Any:
 
 
 def space_specs(
-    n: int, seed: int, spaces: Sequence[Any], *, widths: Sequence[int] | None = None
+    n: int, seed: int, spaces: Sequence[Any], *, widths: Sequence[int | None] | None = None
 ) -> Iterator[tuple[Any, int]]:
     """``n`` (concrete spec, seq) pairs drawn from the open specs ``spaces`` in turn (random
     decisions through ``Spec.fix``), ``seq`` cycling through shuffled :data:`SEQS`; with
@@ -448,25 +455,62 @@ def space_specs(
         yield s, seq
 
 
-def measure_part(
-    model: Any, part: PartFeatures, runtime: str = "ort", threads: int = DEFAULT_THREADS, **kw: Any
-) -> Any:
-    """Measure one part of a compiled model alone (onnxruntime: its own static graph; torch:
-    eager). ``kw`` goes to :func:`~.harness.measure`."""
-    from exporters.latency.harness import measure, torch_threads
-    from exporters.latency.parts import measure_module_ort, part_module_and_input
+def part_callable(
+    model: Any, part: PartFeatures, runtime: str, threads: int, tmpdir: str | Path
+) -> Callable[[], Any]:
+    """A no-argument callable running one part of a compiled model alone: onnxruntime — its
+    own graph exported at the part's static shape into ``tmpdir``, in a session with
+    ``threads`` intra-op threads; torch — eager under ``no_grad``.
+
+    Raises:
+        RuntimeUnavailableError: the export fails.
+    """
+    from exporters.latency.harness import ort_session, torch_threads
+    from exporters.latency.parts import export_static, part_module_and_input
 
     mod, x = part_module_and_input(model, part)
     if runtime == "ort":
-        return measure_module_ort(mod, x, threads=threads, **kw)
+        path = Path(tmpdir) / f"part-{len(list(Path(tmpdir).iterdir()))}.onnx"
+        with torch_threads(threads):
+            export_static(mod, x, path)
+        sess = ort_session(path, threads)
+        feed = {sess.get_inputs()[0].name: x.numpy()}
+        return lambda: sess.run(None, feed)
     import torch
 
     def run() -> Any:
         with torch.no_grad():
             return mod(x)
 
-    with torch_threads(threads):
-        return measure(run, **kw)
+    return run
+
+
+def measure_part(
+    model: Any, part: PartFeatures, runtime: str = "ort", threads: int = DEFAULT_THREADS, **kw: Any
+) -> Any:
+    """Measure one part of a compiled model alone (see :func:`part_callable`). ``kw`` goes
+    to :func:`~.harness.measure`."""
+    import tempfile as _tf
+
+    from exporters.latency.harness import MIN_CPU_SHARE, measure, torch_threads
+
+    with _tf.TemporaryDirectory(prefix="archir-part-") as tmp, torch_threads(threads):
+        fn = part_callable(model, part, runtime, threads, tmp)
+        if threads == 1 and runtime == "ort":
+            kw.setdefault("min_cpu_share", MIN_CPU_SHARE)
+        return measure(fn, **kw)
+
+
+BATCH_ITEMS = 120
+BATCH_BYTES = 3 * 2**30  # resident memory a batch of prepared sessions may add
+
+
+def rss_bytes() -> int:
+    """This process's resident memory in bytes (0 where ``/proc`` is not available)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def calibrate(
@@ -477,20 +521,25 @@ def calibrate(
     out: str | Path | None = None,
     seed: int = 1234,
     spaces: Sequence[str | Path] = (),
-    whole_share: float = 0.3,
-    measure_budget_s: float = 0.15,
+    whole_share: float = 0.5,
+    window_s: float = INTERLEAVED_WINDOW_S,
+    rounds: int = INTERLEAVED_ROUNDS,
     part_limit_s: float = 20.0,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Measure the designed set until ``budget_s`` seconds have passed; write the file.
+    """Prepare the designed set batch by batch, measure each batch interleaved, until
+    ``budget_s`` seconds have passed; write the file (module docstring).
 
     The design: concrete specs drawn from ``specs/search/`` and ``spaces`` in turn, their
-    width replaced by levels cycling through :data:`WIDTHS` and measured at a sequence
-    length cycling through :data:`SEQS` (batch 1). Of each drawn spec every **part** not
-    measured before (same kind, parameters, width, norm, residual, shape) is measured alone;
-    while whole specs have taken less than ``whole_share`` of the time so far, the whole spec
-    is measured too (the composition stage). A part or spec that takes longer than
-    ``part_limit_s`` is abandoned and counted under ``skipped``.
+    width replaced by levels cycling through :data:`WIDTHS` (or kept as the space draws
+    it, one draw in four) and measured at a sequence length cycling through :data:`SEQS`
+    (batch 1). Of each drawn spec every **part** not prepared before (same kind,
+    parameters, width, norm, residual, shape) is prepared alone; while whole specs have
+    taken less than ``whole_share`` of the preparation time, the whole spec is prepared too
+    (the composition stage). A batch (at most :data:`BATCH_ITEMS` samples or
+    :data:`BATCH_BYTES` of new resident memory) is measured in ``rounds`` interleaved
+    rounds and released before the next is prepared. A part or spec whose export takes
+    longer than ``part_limit_s`` is abandoned and counted under ``skipped``.
 
     Returns:
         (path written, calibration data).
@@ -499,6 +548,7 @@ def calibrate(
         RuntimeUnavailableError: no spaces, or no sample could be measured.
     """
     import archir
+    from exporters.latency.harness import measure_interleaved, torch_threads
 
     t0 = time.perf_counter()
     key = machine_key(runtime, threads)
@@ -511,87 +561,126 @@ def calibrate(
     wholes: list[dict[str, Any]] = []
     seen: set[str] = set()
     skipped: dict[str, int] = {}
-    cvs: list[float] = []
     whole_s = 0.0
-    kw = {"warmup": 2, "min_runs": 5, "budget_s": measure_budget_s, "max_attempts": 2}
+    prep_s = 0.0
+    n_rounds = 0
 
-    def left() -> float:
-        return budget_s - (time.perf_counter() - t0)
+    def elapsed() -> float:
+        return time.perf_counter() - t0
 
     def skip(exc: BaseException, what: str) -> None:
         name = f"{what}:{type(exc).__name__}"
         skipped[name] = skipped.get(name, 0) + 1
 
-    for spec, seq in space_specs(100_000, seed, spaces_open, widths=WIDTHS):
-        if left() <= 0:
-            break
-        try:
-            g = graph_features(spec, 1, seq)
-            todo = list({p.signature: p for p in g.parts if p.signature not in seen}.values())
-            if not todo and whole_s >= whole_share * (time.perf_counter() - t0):
-                continue
-            model = archir.compile(spec).eval()
-        except Exception as exc:
-            skip(exc, "build")
-            continue
-        idx = len(specs)
-        specs.append(spec.data)
-        for p in todo:
-            if left() <= 0:
+    def first_call_s(fn: Callable[[], Any]) -> float:
+        fn()  # warm-up (allocations)
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    draws = space_specs(100_000, seed, spaces_open, widths=(*WIDTHS, None, None, None))
+    out_of_time = False
+    while not out_of_time:
+        items: list[tuple[str, dict[str, Any], Callable[[], Any], float]] = []
+
+        def round_s(batch: list[Any] = items) -> float:  # one measuring round of a batch
+            return sum(max(window_s, 2 * est) + 0.001 for *_, est in batch)
+
+        def fits(batch: list[Any] = items) -> bool:
+            return elapsed() + rounds * round_s(batch) < budget_s
+
+        rss0 = rss_bytes()
+        with ExitStack() as stack, torch_threads(threads):
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="archir-cal-"))
+            tb = time.perf_counter()
+            for spec, seq in draws:
+                if not fits():
+                    out_of_time = True
+                    break
+                try:
+                    g = graph_features(spec, 1, seq)
+                    todo = list(
+                        {p.signature: p for p in g.parts if p.signature not in seen}.values()
+                    )
+                    want_whole = whole_s < whole_share * max(prep_s + time.perf_counter() - tb, 1)
+                    if not todo and not want_whole:
+                        continue
+                    model = archir.compile(spec).eval()
+                except Exception as exc:
+                    skip(exc, "build")
+                    continue
+                idx = len(specs)
+                specs.append(spec.data)
+                for p in todo:
+                    if not fits():
+                        break
+                    seen.add(p.signature)
+                    try:
+                        with time_limit(part_limit_s):
+                            fn = part_callable(model, p, runtime, threads, tmp)
+                            est = first_call_s(fn)
+                    except Exception as exc:
+                        skip(exc, "part")
+                        continue
+                    meta = {"spec": idx, "node": p.name, "kind": p.kind, "batch": 1, "seq": seq}
+                    items.append(("part", meta, fn, est))
+                if want_whole and fits():
+                    tw = time.perf_counter()
+                    try:
+                        with time_limit(2 * part_limit_s):
+                            r = stack.enter_context(
+                                Runner(spec, runtime, threads=threads, model=model)
+                            )
+                            fn = r.call_for(1, seq)
+                            est = first_call_s(fn)
+                        items.append(("whole", {"spec": idx, "batch": 1, "seq": seq}, fn, est))
+                    except Exception as exc:
+                        skip(exc, "whole")
+                    whole_s += time.perf_counter() - tw
+                if progress:
+                    progress(
+                        f"[{elapsed():6.1f}s] {len(parts) + len(wholes)} measured, batch: "
+                        f"{len(items)} prepared (round ~{round_s():.1f}s)  {spec.name} "
+                        f"d{spec.model.model.d_model} seq {seq}"
+                    )
+                if len(items) >= BATCH_ITEMS or (rss0 and rss_bytes() - rss0 > BATCH_BYTES):
+                    break
+            else:
+                out_of_time = True
+            prep_s += time.perf_counter() - tb
+            if not items:
                 break
-            seen.add(p.signature)
-            try:
-                with time_limit(max(1.0, min(part_limit_s, left()))):
-                    m = measure_part(model, p, runtime, threads, **kw)
-            except Exception as exc:
-                skip(exc, "part")
-                continue
-            cvs.append(m.cv)
-            parts.append(
-                {
-                    "spec": idx,
-                    "node": p.name,
-                    "kind": p.kind,
-                    "batch": 1,
-                    "seq": seq,
-                    "median_ms": m.median_ms,
-                    "low_ms": low_quantile(m.times_ms),
-                    "cv": round(m.cv, 4),
-                    "runs": m.runs,
-                }
+
+            def said(r: int, s: float, n: int = len(items)) -> None:
+                if progress:
+                    progress(f"[{elapsed():6.1f}s] batch of {n}: round {r} ({s:.1f}s)")
+
+            ms = measure_interleaved(
+                {i: it[2] for i, it in enumerate(items)},
+                rounds=rounds,
+                window_s=window_s,
+                warmup=1,
+                progress=said,
             )
-        if whole_s < whole_share * (time.perf_counter() - t0) and left() > 0:
-            tw = time.perf_counter()
-            try:
-                with (
-                    time_limit(max(1.0, min(2 * part_limit_s, left()))),
-                    Runner(spec, runtime, threads=threads, model=model) as r,
-                ):
-                    m = r.measure(1, seq, **kw)
-                cvs.append(m.cv)
-                wholes.append(
-                    {
-                        "spec": idx,
-                        "batch": 1,
-                        "seq": seq,
-                        "median_ms": m.median_ms,
-                        "cv": round(m.cv, 4),
-                        "runs": m.runs,
-                    }
-                )
-            except Exception as exc:
-                skip(exc, "whole")
-            whole_s += time.perf_counter() - tw
-        if progress:
-            progress(
-                f"[{time.perf_counter() - t0:6.1f}s] {len(parts):4d} parts {len(wholes):3d} "
-                f"wholes  {spec.name} d{spec.model.model.d_model} seq {seq}"
-            )
+        n_rounds = max(n_rounds, rounds)
+        for i, (what, meta, _, _) in enumerate(items):
+            m = ms[i]
+            rec = {
+                **meta,
+                "ms": m.best_ms,
+                "median_ms": m.median_ms,
+                "cv": round(m.cv, 4),
+                "runs": m.runs,
+                "windows": m.windows,
+                "window_ms": [round(w, 5) for w in m.window_ms],
+            }
+            (parts if what == "part" else wholes).append(rec)
     if not parts:
         raise RuntimeUnavailableError(
             f"no calibration sample could be measured on runtime '{runtime}' ({skipped})"
         )
-    wall = time.perf_counter() - t0
+    wall = elapsed()
+    cvs = sorted(float(r["cv"]) for r in parts + wholes)
     data = {
         "format": FORMAT,
         "version": VERSION,
@@ -602,9 +691,11 @@ def calibrate(
         "platform": platform.platform(),
         "exporter": "direct",
         "wall_s": round(wall, 1),
+        "prepare_s": round(prep_s, 1),
+        "rounds": n_rounds,
         "spaces": [str(p) for p in space_paths(spaces)],
         "skipped": skipped,
-        "cv_median": sorted(cvs)[len(cvs) // 2] if cvs else None,
+        "cv_median": cvs[len(cvs) // 2] if cvs else None,
         "specs": specs,
         "parts": parts,
         "wholes": wholes,
