@@ -350,7 +350,7 @@ def make_latency_model(
         min_runs=lat.repeats,
         max_runs=max(lat.repeats, 3 * lat.repeats),
     )
-    ms = float(rec["median_ms"])
+    ms = float(rec["ms"])
     flops = max(1.0, analyze(ref).flops_per_token)
     return LatencyModel(
         "flops",

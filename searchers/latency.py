@@ -9,11 +9,15 @@ decides how a search asks for them, from the spec's ``search.latency`` section:
   exists (``predict: null``, the default) or is required (``predict: true``); otherwise
   measured on ``latency.runtime`` (``torch`` eager by default: no export per trial) with
   ``warmup`` untimed runs and exactly ``repeats`` timed runs, one attempt — a quick screen;
-* **before the front is reported** (:func:`remeasure`): every Pareto member is measured
-  again, never predicted, with the full harness (at least ``repeats`` runs over
-  ``REMEASURE_BUDGET_S`` seconds, re-tried while the machine is noisy), DESIGN.md §7.
+* **before the front is reported** (:func:`remeasure_all`): every Pareto member is measured
+  again, never predicted, all of them together in round-robin windows
+  (:func:`exporters.latency.harness.measure_interleaved`, ``REMEASURE_ROUNDS`` rounds at
+  least ``REMEASURE_MIN_ROUND_S`` apart) so a slow phase of the machine cannot favour one
+  member over another, DESIGN.md §7.
 
-The value used is the median in milliseconds; the whole record (``trimmed_mean_ms``, ``cv``,
+The value used is the record's ``ms`` in milliseconds: the predicted value, or for a
+measurement the best window median (the machine's speed without other load, what the
+predictor is fitted on); the whole record (``median_ms``, ``trimmed_mean_ms``, ``cv``,
 ``runs``, ``noisy``, ``predicted``, ``band_ms``) is kept in the trial's metrics.
 """
 
@@ -24,6 +28,8 @@ from typing import Any
 from archir.errors import SearchError
 
 REMEASURE_BUDGET_S = 0.5
+REMEASURE_ROUNDS = 5  # the calibration's interleaved statistic (exporters.latency.harness)
+REMEASURE_MIN_ROUND_S = 0.5  # a front of a few members still gets windows seconds apart
 
 
 def _seq(lat: Any, train_seq: int) -> int:
@@ -59,7 +65,7 @@ def trial_latency(spec: Any, lat: Any, train_seq: int, model: Any = None) -> dic
         model: the already compiled module, reused for a torch measurement.
 
     Returns:
-        :func:`exporters.latency.latency_ms`'s record (``median_ms`` is the objective).
+        :func:`exporters.latency.latency_ms`'s record (``ms`` is the objective).
 
     Raises:
         LatencyError subclasses (ArchirError): export failure, missing calibration when
@@ -92,7 +98,7 @@ def trial_latency(spec: Any, lat: Any, train_seq: int, model: Any = None) -> dic
 
 
 def remeasure(spec: Any, lat: Any, train_seq: int) -> dict[str, Any]:
-    """Careful measured latency of a Pareto member (never predicted)."""
+    """Careful measured latency of one concrete spec (never predicted)."""
     from exporters.latency import latency_ms
 
     return latency_ms(
@@ -106,6 +112,46 @@ def remeasure(spec: Any, lat: Any, train_seq: int) -> dict[str, Any]:
         min_runs=lat.repeats,
         budget_s=REMEASURE_BUDGET_S,
     )
+
+
+def remeasure_all(
+    specs: dict[int, Any], lat: Any, train_seq: int
+) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Measured latency of several concrete specs (a Pareto front), never predicted,
+    interleaved: ``REMEASURE_ROUNDS`` rounds, at least ``REMEASURE_MIN_ROUND_S`` apart, in
+    which every spec gets one window (the statistic calibration samples get).
+
+    Returns:
+        (records by key as :func:`exporters.latency.latency_ms` returns them, error message
+        by key for the specs that could not be measured — export failure and the like).
+    """
+    from contextlib import ExitStack
+
+    from archir.errors import ArchirError
+    from exporters.latency import measurement_record
+    from exporters.latency.harness import Runner, measure_interleaved, torch_threads
+
+    seq = _seq(lat, train_seq)
+    errors: dict[int, str] = {}
+    fns: dict[int, Any] = {}
+    with ExitStack() as stack:
+        for k, spec in specs.items():
+            try:
+                r = stack.enter_context(Runner(spec, lat.runtime, threads=lat.threads))
+                with torch_threads(lat.threads):
+                    fns[k] = r.call_for(lat.batch, seq)
+            except ArchirError as exc:
+                errors[k] = str(exc)
+        if not fns:
+            return {}, errors
+        with torch_threads(lat.threads):
+            ms = measure_interleaved(
+                fns,
+                rounds=REMEASURE_ROUNDS,
+                warmup=lat.warmup,
+                min_round_s=REMEASURE_MIN_ROUND_S,
+            )
+    return {k: measurement_record(m) for k, m in ms.items()}, errors
 
 
 def _has_calibration(lat: Any) -> bool:
@@ -126,13 +172,6 @@ def _measure_model(spec: Any, model: Any, lat: Any, seq: int, kw: dict[str, Any]
 
 
 def _record(m: Any) -> dict[str, Any]:
-    ts = sorted(m.times_ms)
-    return {
-        "median_ms": m.median_ms,
-        "trimmed_mean_ms": m.trimmed_mean_ms,
-        "cv": m.cv,
-        "runs": m.runs,
-        "noisy": m.noisy,
-        "predicted": False,
-        "band_ms": (ts[int(0.1 * (len(ts) - 1))], ts[int(round(0.9 * (len(ts) - 1)))]),
-    }
+    from exporters.latency import measurement_record
+
+    return measurement_record(m)

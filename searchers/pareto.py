@@ -8,7 +8,7 @@ trial), infeasible ones greyed, the front highlighted. ``best/`` holds the chose
 ``model.onnx`` (parity-checked against onnxruntime) and ``report.json``.
 
 When a search optimizes or constrains ``latency_ms``, every front member is **re-measured**
-before it is reported (:func:`searchers.latency.remeasure`: measured, never predicted, with
+before it is reported (:func:`searchers.latency.remeasure_all`: measured, never predicted, with
 the full harness): its row carries the re-measured value in ``values.latency_ms``, the
 search-time value in ``values.latency_ms_search`` and the measurement record in ``latency``;
 members that now break a latency constraint, or that the re-measured values show to be
@@ -95,7 +95,7 @@ def trial_row(
     rec = (remeasured or {}).get(t.number)
     if rec is not None:
         vals["latency_ms_search"] = vals.get("latency_ms")
-        vals["latency_ms"] = float(rec["median_ms"])
+        vals["latency_ms"] = float(rec["ms"])
     row: dict[str, Any] = {
         "trial": t.number,
         "state": t.state.name,
@@ -127,7 +127,7 @@ def _vector(
 ) -> list[float]:
     rec = remeasured.get(t.number)
     return [
-        float(rec["median_ms"]) if rec is not None and o.metric == "latency_ms" else float(v)
+        float(rec["ms"]) if rec is not None and o.metric == "latency_ms" else float(v)
         for o, v in zip(objectives, t.values)
     ]
 
@@ -142,31 +142,35 @@ def remeasure_front(
     """Re-measure the latency of each front member (module docstring); return the front
     that survives and the records by trial number."""
     from archir.spec.loader import load_spec
-    from searchers.latency import remeasure
+    from searchers.latency import remeasure_all
 
     used = {o.metric for o in objectives} | {c.metric for c in constraints}
     if "latency_ms" not in used or not front:
         return front, {}
     run_dir = Path(cfg.run_dir)
     lat, seq = cfg.section.latency, cfg.train_section.seq_len
-    out: dict[int, dict[str, Any]] = {}
+    specs: dict[int, Any] = {}
     for t in front:
         try:
-            spec = load_spec(run_dir / t.user_attrs.get("spec", f"trials/{t.number}/spec.yaml"))
-            out[t.number] = remeasure(spec, lat, seq)
+            specs[t.number] = load_spec(
+                run_dir / t.user_attrs.get("spec", f"trials/{t.number}/spec.yaml")
+            )
         except (ArchirError, OSError) as exc:
             say(f"trial {t.number}: latency not re-measured ({exc}); search-time value kept")
+    out, errors = remeasure_all(specs, lat, seq)
+    for n, msg in errors.items():
+        say(f"trial {n}: latency not re-measured ({msg}); search-time value kept")
     lat_cons = [c for c in constraints if c.metric == "latency_ms"]
     kept = [
         t
         for t in front
-        if t.number not in out or all(c.ok(float(out[t.number]["median_ms"])) for c in lat_cons)
+        if t.number not in out or all(c.ok(float(out[t.number]["ms"])) for c in lat_cons)
     ]
     for t in front:
         if t not in kept:
             say(
                 f"trial {t.number} left the front: re-measured latency "
-                f"{out[t.number]['median_ms']:.3g} ms breaks " + ", ".join(c.text for c in lat_cons)
+                f"{out[t.number]['ms']:.3g} ms breaks " + ", ".join(c.text for c in lat_cons)
             )
     idx = pareto_front(
         [_vector(t, objectives, out) for t in kept], [o.direction for o in objectives]
@@ -174,7 +178,7 @@ def remeasure_front(
     survivors = [kept[i] for i in idx]
     say(
         f"re-measured the latency of {len(out)} front member(s): "
-        + ", ".join(f"trial {n} {r['median_ms']:.3g} ms" for n, r in out.items())
+        + ", ".join(f"trial {n} {r['ms']:.3g} ms" for n, r in out.items())
     )
     return survivors, out
 

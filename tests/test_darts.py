@@ -366,7 +366,7 @@ def test_latency_falls_back_to_flops_without_calibration(tmp_path, monkeypatch):
     from searchers.darts import make_latency_model
 
     monkeypatch.setenv("ARCHIR_CACHE", str(tmp_path / "empty"))
-    monkeypatch.setattr(xl, "latency_ms", lambda *a, **k: {"median_ms": 2.0})
+    monkeypatch.setattr(xl, "latency_ms", lambda *a, **k: {"ms": 2.0, "median_ms": 2.0})
     spec = spec_from_dict(_lat_space())
     net = build_supernet(spec)
     sec = SearchSection.model_validate(spec.data["search"])
