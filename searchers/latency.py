@@ -40,19 +40,32 @@ def check_available(lat: Any) -> None:
     """Refuse a search that requires predicted latency without a calibration.
 
     Raises:
-        SearchError: ``latency.predict: true`` and no calibration matches this machine.
+        SearchError: ``latency.predict: true`` and no calibration for this machine, or one
+            that cannot be used (older format, another CPU/runtime/thread count).
     """
     if lat.predict is not True:
         return
     from exporters.latency import find_calibration
 
-    if find_calibration(lat.runtime, lat.threads) is None:
-        raise SearchError(
-            f"search.latency.predict is true but there is no latency calibration for runtime "
-            f"'{lat.runtime}' with {lat.threads} thread(s) on this machine",
-            hint=f"run `archir latency calibrate --runtime {lat.runtime} --threads "
-            f"{lat.threads}`, or set search.latency.predict to null/false",
-        )
+    path = find_calibration(lat.runtime, lat.threads)
+    if path is not None:
+        from exporters.latency import CalibrationError, load_calibration
+
+        try:
+            load_calibration(path, runtime=lat.runtime, threads=lat.threads)
+        except CalibrationError as exc:
+            raise SearchError(
+                "search.latency.predict is true but the latency calibration cannot be used: "
+                + exc.message,
+                hint=exc.hint,
+            ) from None
+        return
+    raise SearchError(
+        f"search.latency.predict is true but there is no latency calibration for runtime "
+        f"'{lat.runtime}' with {lat.threads} thread(s) on this machine",
+        hint=f"run `archir latency calibrate --runtime {lat.runtime} --threads "
+        f"{lat.threads}`, or set search.latency.predict to null/false",
+    )
 
 
 def trial_latency(spec: Any, lat: Any, train_seq: int, model: Any = None) -> dict[str, Any]:
@@ -80,10 +93,19 @@ def trial_latency(spec: Any, lat: Any, train_seq: int, model: Any = None) -> dic
         "max_runs": lat.repeats,
         "max_attempts": 1,
     }
-    if lat.predict is True or (lat.predict is None and _has_calibration(lat)):
+    if lat.predict is True:
         return latency_ms(
             spec, lat.runtime, predict=True, batch=lat.batch, seq=seq, threads=lat.threads
         )
+    if lat.predict is None and _has_calibration(lat):
+        from exporters.latency import CalibrationError
+
+        try:
+            return latency_ms(
+                spec, lat.runtime, predict=True, batch=lat.batch, seq=seq, threads=lat.threads
+            )
+        except CalibrationError:
+            pass  # a stale file (older format, other machine): measure instead
     if lat.runtime == "torch" and model is not None:
         return _record(_measure_model(spec, model, lat, seq, quick))
     return latency_ms(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -255,6 +256,35 @@ def test_grouped_journal_writes_are_one_append_and_replay(tmp_path):
     # a fresh reader (another process) sees every grouped write
     t = study_of_path(tmp_path / "j.journal", "g").trials[0]
     assert len(t.params) == 10 and t.user_attrs == {"a": 1, "b": [1, 2]}
+
+
+def test_stale_latency_calibration_is_measured_around_or_refused(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from exporters.latency.calibrate import (
+        FORMAT,
+        VERSION,
+        default_path,
+        draw_from_space,
+        machine_key,
+    )
+    from searchers.latency import check_available, trial_latency
+
+    monkeypatch.setenv("ARCHIR_CACHE", str(tmp_path / "cache"))
+    stale = default_path("ort", 1)  # a file from an older archir: format version - 1
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"format": FORMAT, "version": VERSION - 1, "key": machine_key()}))
+    lat = SimpleNamespace(
+        predict=None, runtime="ort", threads=1, batch=1, seq_len=16, warmup=1, repeats=3
+    )
+    concrete = draw_from_space(load_spec(make_spec(tmp_path)), random.Random(0))
+    rec = trial_latency(concrete, lat, 16)  # predicting is not possible: measured instead
+    assert rec["predicted"] is False and rec["ms"] > 0 and rec["runs"] == 3
+    check_available(lat)  # predict: null never refuses
+    lat.predict = True
+    with pytest.raises(SearchError, match="cannot be used.*version") as e:
+        check_available(lat)
+    assert "archir latency calibrate" in str(e.value)
 
 
 def study_of_path(path: Path, name: str) -> optuna.Study:
