@@ -43,6 +43,7 @@ from exporters.latency.harness import (
     INTERLEAVED_ROUNDS,
     INTERLEAVED_WINDOW_S,
     Runner,
+    SpeedProbe,
     measure_interleaved,
     time_limit,
     torch_threads,
@@ -98,6 +99,9 @@ def main() -> int:
     t0 = time.perf_counter()
     ms: dict[int, Any] = {}
     draws = list(space_specs(args.n, args.seed, spaces))
+    probe = SpeedProbe(args.runtime, args.threads)
+    probe_ref = cal.get("probe_ms")  # the machine's speed during calibration
+    slow_batches = 0
     for b0 in range(0, len(draws), args.batch):
         # prepare a batch of held-out specs (compile, export at its shape, session), then
         # measure them in interleaved rounds: each spec's windows are a round apart
@@ -131,14 +135,24 @@ def main() -> int:
                 f"[{time.perf_counter() - t0:5.0f}s] prepared {len(fns)} held-out specs",
                 file=sys.stderr,
             )
+            stats: dict[str, Any] = {}
             ms.update(
                 measure_interleaved(
                     fns,
                     rounds=args.rounds,
                     window_s=args.window_s,
                     warmup=1,
+                    probe=probe,
+                    probe_ref_ms=probe_ref,
+                    probe_stats=stats,
                     progress=lambda k, s: print(f"  round {k} ({s:.0f} s)", file=sys.stderr),
                 )
+            )
+            slow_batches += stats["fast_rounds"] < 2
+            print(
+                f"  probe {stats['best_ms']:.3f} ms (calibration {probe_ref or 0:.3f}), "
+                f"{stats['fast_rounds']}/{stats['rounds']} fast rounds",
+                file=sys.stderr,
             )
     rep = []
     for i, row in enumerate(rows):
@@ -189,6 +203,8 @@ def main() -> int:
         "predict_wall_ms_median": statistics.median(r["predict_wall_ms"] for r in rows),
         "heldout_wall_s": round(time.perf_counter() - t0, 1),
         "heldout_rounds": args.rounds,
+        "heldout_slow_batches": slow_batches,
+        "calibration_slow_batches": cal.get("slow_batches"),
         "predictor_within_10pct": float(np.mean(np.abs(yp / y - 1) <= 0.10)),
         "predictor_within_5pct": float(np.mean(np.abs(yp / y - 1) <= 0.05)),
         "predictor_spearman": float(spearmanr(y, yp).statistic),

@@ -150,6 +150,42 @@ def test_interleaved_rounds_alternate_and_keep_each_best_window() -> None:
         measure_interleaved({})
 
 
+def test_speed_probe_extends_rounds_through_a_long_slow_phase() -> None:
+    from exporters.latency.harness import SpeedProbe
+
+    clock = FakeClock([0.0])
+    done = [0]  # rounds finished; the machine is 10 % slow for the first six rounds
+
+    def probe() -> None:
+        clock.t += 0.0011 if done[0] < 6 else 0.001
+
+    def item() -> None:
+        clock.t += 0.0022 if done[0] < 6 else 0.002
+
+    def track(r: int, s: float) -> None:
+        done[0] = r
+
+    stats: dict[str, Any] = {}
+    kw: dict[str, Any] = {"window_s": 0.0, "warmup": 0, "timer": clock, "progress": track}
+    ms = measure_interleaved(
+        {"a": item}, rounds=3, probe=probe, probe_ref_ms=1.0, probe_stats=stats, **kw
+    )
+    assert stats["rounds"] == 8 and stats["fast_rounds"] == 2  # 6 slow + 2 fast rounds
+    assert ms["a"].best_ms == pytest.approx(2.0) and not ms["a"].noisy
+    done[0] = 0  # never as fast as the reference: stops at max_rounds and says so
+    ms = measure_interleaved(
+        {"a": item}, rounds=2, probe=probe, probe_ref_ms=0.5, max_rounds=4, probe_stats=stats, **kw
+    )
+    assert stats["rounds"] == 4 and stats["fast_rounds"] == 0 and ms["a"].noisy
+    done[0] = 0  # without a probe the same slow phase goes unnoticed
+    ms = measure_interleaved({"a": item}, rounds=3, **kw)
+    assert ms["a"].best_ms == pytest.approx(2.2) and not ms["a"].noisy
+    for runtime in ("ort", "torch"):
+        with SpeedProbe(runtime, 1) as pr:
+            assert tuple(pr.x.shape) == (1, 64, 256)
+            pr()
+
+
 def test_composition_learns_a_length_dependent_ratio() -> None:
     # wholes 15 % slower than their parts at seq 128, 4 % at 512 (as small-width specs are)
     def ratio(seq: int) -> float:

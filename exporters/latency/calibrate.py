@@ -18,8 +18,12 @@ cycling through :data:`WIDTHS` (64-512) and measured at a length cycling through
 exported alone at its shape and loaded into a session, and — while whole specs have taken
 less than ``whole_share`` of the preparation time — so is the whole spec, until a batch
 (about a hundred samples, a few GB of sessions at most) is ready. **Measure**: the batch in
-``rounds`` round-robin windows (:func:`~.harness.measure_interleaved`); then the next
-batch, while the budget allows; a sample's value is its
+``rounds`` round-robin windows (:func:`~.harness.measure_interleaved`) — with the speed
+probe (:class:`~.harness.SpeedProbe`) timed every round, and more rounds (up to three times
+as many) while fewer than two rounds ran at the probe's fastest speed so far, so a slow
+phase longer than a batch does not go into the samples; then the next batch, while the
+budget allows. The probe's fastest time is stored (``probe_ms``) for later measurements
+to compare against; a sample's value is its
 fastest window's median (``best_ms``, see :mod:`.harness` on why). Interleaving matters on a
 shared machine: a slow phase of a few seconds then costs every sample one window, instead of
 costing a few samples their whole measurement. A part is a fraction of a second to export,
@@ -55,6 +59,7 @@ from exporters.latency.harness import (
     LatencyError,
     Runner,
     RuntimeUnavailableError,
+    SpeedProbe,
     time_limit,
 )
 from exporters.latency.predictor import (
@@ -580,6 +585,9 @@ def calibrate(
 
     draws = space_specs(100_000, seed, spaces_open, widths=(*WIDTHS, None, None, None))
     out_of_time = False
+    probe = SpeedProbe(runtime, threads)
+    probe_ms: float | None = None  # the probe's fastest window so far: the machine's speed
+    slow_batches = 0
     while not out_of_time:
         items: list[tuple[str, dict[str, Any], Callable[[], Any], float]] = []
 
@@ -655,13 +663,21 @@ def calibrate(
                 if progress:
                     progress(f"[{elapsed():6.1f}s] batch of {n}: round {r} ({s:.1f}s)")
 
+            stats: dict[str, Any] = {}
             ms = measure_interleaved(
                 {i: it[2] for i, it in enumerate(items)},
                 rounds=rounds,
                 window_s=window_s,
                 warmup=1,
+                probe=probe,
+                probe_ref_ms=probe_ms,
+                probe_stats=stats,
+                budget_s=max(0.0, budget_s - elapsed()),
+                min_rounds=rounds,
                 progress=said,
             )
+            probe_ms = min(probe_ms or math.inf, stats["best_ms"])
+            slow_batches += stats["fast_rounds"] < 2
         n_rounds = max(n_rounds, rounds)
         for i, (what, meta, _, _) in enumerate(items):
             m = ms[i]
@@ -675,6 +691,7 @@ def calibrate(
                 "window_ms": [round(w, 5) for w in m.window_ms],
             }
             (parts if what == "part" else wholes).append(rec)
+    probe.close()
     if not parts:
         raise RuntimeUnavailableError(
             f"no calibration sample could be measured on runtime '{runtime}' ({skipped})"
@@ -693,6 +710,8 @@ def calibrate(
         "wall_s": round(wall, 1),
         "prepare_s": round(prep_s, 1),
         "rounds": n_rounds,
+        "probe_ms": probe_ms,
+        "slow_batches": slow_batches,
         "spaces": [str(p) for p in space_paths(spaces)],
         "skipped": skipped,
         "cv_median": cvs[len(cvs) // 2] if cvs else None,
