@@ -463,31 +463,17 @@ def space_specs(
 def part_callable(
     model: Any, part: PartFeatures, runtime: str, threads: int, tmpdir: str | Path
 ) -> Callable[[], Any]:
-    """A no-argument callable running one part of a compiled model alone: onnxruntime — its
-    own graph exported at the part's static shape into ``tmpdir``, in a session with
-    ``threads`` intra-op threads; torch — eager under ``no_grad``.
+    """A no-argument callable running one part of a compiled model alone (onnxruntime: its
+    own graph at the part's static shape; torch: eager), see
+    :func:`~.parts.module_callable`.
 
     Raises:
         RuntimeUnavailableError: the export fails.
     """
-    from exporters.latency.harness import ort_session, torch_threads
-    from exporters.latency.parts import export_static, part_module_and_input
+    from exporters.latency.parts import module_callable, part_module_and_input
 
     mod, x = part_module_and_input(model, part)
-    if runtime == "ort":
-        path = Path(tmpdir) / f"part-{len(list(Path(tmpdir).iterdir()))}.onnx"
-        with torch_threads(threads):
-            export_static(mod, x, path)
-        sess = ort_session(path, threads)
-        feed = {sess.get_inputs()[0].name: x.numpy()}
-        return lambda: sess.run(None, feed)
-    import torch
-
-    def run() -> Any:
-        with torch.no_grad():
-            return mod(x)
-
-    return run
+    return module_callable(mod, x, runtime, threads, tmpdir)
 
 
 def measure_part(

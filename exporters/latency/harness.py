@@ -413,6 +413,13 @@ def measure_interleaved(
     return out
 
 
+def _close_tmp(self: Any) -> None:
+    """Remove the object's temporary directory (``_tmp``) once."""
+    if self._tmp is not None:
+        self._tmp.cleanup()
+        self._tmp = None
+
+
 class SpeedProbe:
     """A fixed reference model — two MLP blocks (256 -> 512 -> 256, GELU) on a ``[1, 64,
     256]`` input, 2 MB of fp32 weights, ~1 ms on one core — timed alongside measurements to
@@ -436,32 +443,17 @@ class SpeedProbe:
             for p in self.module.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
         self.x = torch.randn(1, 64, 256, generator=gen)
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        if runtime == "ort":
-            from exporters.latency.parts import export_static
+        from exporters.latency.parts import module_callable
 
-            self._tmp = tempfile.TemporaryDirectory(prefix="archir-probe-")
-            path = Path(self._tmp.name) / "probe.onnx"
-            with torch_threads(threads):
-                export_static(self.module, self.x, path)
-            sess = ort_session(path, threads)
-            feed = {sess.get_inputs()[0].name: self.x.numpy()}
-            self._fn: Callable[[], Any] = lambda: sess.run(None, feed)
-        else:
-
-            def run() -> Any:
-                with torch.no_grad():
-                    return self.module(self.x)
-
-            self._fn = run
+        self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
+            prefix="archir-probe-"
+        )
+        self._fn = module_callable(self.module, self.x, runtime, threads, self._tmp.name)
 
     def __call__(self) -> Any:
         return self._fn()
 
-    def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+    close = _close_tmp
 
     def __enter__(self) -> SpeedProbe:
         return self
@@ -679,10 +671,7 @@ class Runner:
             self._sessions[key] = ort_session(path, self.threads)
         return self._sessions[key]
 
-    def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+    close = _close_tmp
 
     def __enter__(self) -> Runner:
         return self

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -196,6 +196,32 @@ def export_static(module: Any, example: Any, path: str | Path) -> str:
         ) from exc
 
 
+def module_callable(
+    module: Any, example: Any, runtime: str, threads: int, tmpdir: str | Path
+) -> Callable[[], Any]:
+    """A no-argument callable running ``module`` on ``example``: onnxruntime — its graph
+    exported at the example's static shape into ``tmpdir``, in a session with ``threads``
+    intra-op threads; torch — eager under ``no_grad``.
+
+    Raises:
+        RuntimeUnavailableError: the export fails.
+    """
+    if runtime == "ort":
+        path = Path(tmpdir) / f"m{len(list(Path(tmpdir).iterdir()))}.onnx"
+        with torch_threads(threads):
+            export_static(module, example, path)
+        sess = ort_session(path, threads)
+        feed = {sess.get_inputs()[0].name: example.numpy()}
+        return lambda: sess.run(None, feed)
+    import torch
+
+    def run() -> Any:
+        with torch.no_grad():
+            return module(example)
+
+    return run
+
+
 def measure_module_ort(
     module: Any,
     example: Any,
@@ -208,14 +234,10 @@ def measure_module_ort(
     ``kw`` goes to :func:`~.harness.measure` (``budget_s``, ``min_runs`` ...).
     """
     with tempfile.TemporaryDirectory(prefix="archir-part-") as tmp:
-        path = Path(tmp) / "part.onnx"
-        with torch_threads(threads):
-            export_static(module, example, path)
-            sess = ort_session(path, threads)
-        feed = {sess.get_inputs()[0].name: example.numpy()}
+        fn = module_callable(module, example, "ort", threads, tmp)
         if threads == 1:
             kw.setdefault("min_cpu_share", MIN_CPU_SHARE)
-        return measure(lambda: sess.run(None, feed), **kw)
+        return measure(fn, **kw)
 
 
 def node_modules(model: Any) -> dict[str, Any]:
