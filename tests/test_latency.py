@@ -386,9 +386,10 @@ def test_calibrate_writes_a_loadable_file_of_interleaved_samples(tmp_path: Path)
 
     path, data = calibrate("ort", budget_s=6.0, out=tmp_path / "cal.json", rounds=2)
     assert path.exists() and data["version"] == VERSION and data["rounds"] == 2
-    assert data["parts"] and data["wholes"] and data["wall_s"] < 30
+    assert data["parts"] and data["wholes"] and data["wall_s"] < 30 and data["probe_ms"] > 0
     for r in data["parts"] + data["wholes"]:
-        assert r["windows"] == 2 and 0 < r["ms"] <= r["median_ms"] * 1.0001
+        # 2 rounds, more (up to 3x) while the speed probe saw the machine slow
+        assert 2 <= r["windows"] <= 6 and 0 < r["ms"] <= r["median_ms"] * 1.0001
     loaded = load_calibration(path, runtime="ort", threads=1)
     if len(loaded["parts"]) >= 3:
         assert predictor_from(loaded).n_parts == len(samples_features(loaded)[0])
