@@ -27,7 +27,6 @@ from typing import Any
 
 from archir.errors import SearchError
 
-REMEASURE_BUDGET_S = 0.5
 REMEASURE_ROUNDS = 5  # the calibration's interleaved statistic (exporters.latency.harness)
 REMEASURE_MIN_ROUND_S = 0.5  # a front of a few members still gets windows seconds apart
 
@@ -116,23 +115,6 @@ def trial_latency(spec: Any, lat: Any, train_seq: int, model: Any = None) -> dic
         seq=seq,
         threads=lat.threads,
         **quick,
-    )
-
-
-def remeasure(spec: Any, lat: Any, train_seq: int) -> dict[str, Any]:
-    """Careful measured latency of one concrete spec (never predicted)."""
-    from exporters.latency import latency_ms
-
-    return latency_ms(
-        spec,
-        lat.runtime,
-        predict=False,
-        batch=lat.batch,
-        seq=_seq(lat, train_seq),
-        threads=lat.threads,
-        warmup=lat.warmup,
-        min_runs=lat.repeats,
-        budget_s=REMEASURE_BUDGET_S,
     )
 
 

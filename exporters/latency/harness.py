@@ -182,29 +182,6 @@ def summarize(
     )
 
 
-def time_runs(
-    fn: Callable[[], Any],
-    *,
-    warmup: int = 3,
-    min_runs: int = 5,
-    max_runs: int = 200,
-    budget_s: float = 1.0,
-    timer: Callable[[], float] = time.perf_counter,
-) -> list[float]:
-    """Call ``fn`` ``warmup`` times, then time it until ``budget_s`` seconds of timed calls
-    have passed (at least ``min_runs``, at most ``max_runs`` calls). Returns milliseconds."""
-    wins = time_windows(
-        fn,
-        warmup=warmup,
-        min_runs=min_runs,
-        max_runs=max_runs,
-        budget_s=budget_s,
-        windows=1,
-        timer=timer,
-    )
-    return wins[0]
-
-
 def time_windows(
     fn: Callable[[], Any],
     *,
@@ -215,11 +192,12 @@ def time_windows(
     windows: int = 1,
     timer: Callable[[], float] = time.perf_counter,
 ) -> list[list[float]]:
-    """Like :func:`time_runs`, with the timed calls split into ``windows`` consecutive
-    windows of ``budget_s / windows`` seconds each (each at least
-    ``ceil(min_runs / windows)`` calls; ``budget_s`` and ``max_runs`` are shared, so the
-    totals stay within them and slow calls get fewer windows). Returns each
-    window's run times in milliseconds."""
+    """Call ``fn`` ``warmup`` times, then time it until ``budget_s`` seconds of timed calls
+    have passed (at least ``min_runs``, at most ``max_runs`` calls), split into ``windows``
+    consecutive windows of ``budget_s / windows`` seconds each (each at least
+    ``ceil(min_runs / windows)`` calls). ``budget_s`` and ``max_runs`` are shared, so the
+    totals stay within them and slow calls get fewer windows. Returns each window's run
+    times in milliseconds."""
     for _ in range(warmup):
         fn()
     windows = max(1, int(windows))

@@ -22,11 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from exporters.latency.harness import (
-    DEFAULT_THREADS,
-    MIN_CPU_SHARE,
-    Measurement,
     RuntimeUnavailableError,
-    measure,
     ort_session,
     torch_threads,
 )
@@ -220,24 +216,6 @@ def module_callable(
             return module(example)
 
     return run
-
-
-def measure_module_ort(
-    module: Any,
-    example: Any,
-    *,
-    threads: int = DEFAULT_THREADS,
-    **kw: Any,
-) -> Measurement:
-    """Export ``module`` at ``example``'s shape and measure it in onnxruntime.
-
-    ``kw`` goes to :func:`~.harness.measure` (``budget_s``, ``min_runs`` ...).
-    """
-    with tempfile.TemporaryDirectory(prefix="archir-part-") as tmp:
-        fn = module_callable(module, example, "ort", threads, tmp)
-        if threads == 1:
-            kw.setdefault("min_cpu_share", MIN_CPU_SHARE)
-        return measure(fn, **kw)
 
 
 def node_modules(model: Any) -> dict[str, Any]:
