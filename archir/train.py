@@ -4,16 +4,38 @@
 once when the loss becomes NaN/inf (reported as ``status: failed`` with the step and reason),
 and writes ``model.safetensors``, ``spec.yaml`` and ``metrics.json`` into ``out_dir``.
 The same spec, task and seed give the same metrics. With ``checkpoint_every`` it also writes
-``checkpoint.pt`` (model, task modules, optimizer, data-generator and RNG states, history)
-every that many steps and when it stops; ``resume=True`` continues from it, giving the same
-metrics as an uninterrupted run. Trainable modules a task adds (``Task.extra_modules``, e.g.
-the MAD compression decoder) are optimized and checkpointed with the model.
+a checkpoint every that many steps and when it stops; ``resume=True`` continues from it,
+giving the same metrics as an uninterrupted run. Trainable modules a task adds
+(``Task.extra_modules``, e.g. the MAD compression decoder) are optimized and checkpointed
+with the model.
+
+Checkpoints hold no pickle (nothing archir loads can run code):
+
+- ``checkpoint-<step>.safetensors``: every tensor — model and task-module state
+  (``model.<key>``, ``extra.<key>``), the AdamW state per parameter index
+  (``optim.<i>.exp_avg``, ``optim.<i>.exp_avg_sq``, ``optim.<i>.step``) and the RNG states
+  (``rng.generator``, ``rng.torch``: ``uint8`` tensors);
+- ``checkpoint.json``, the manifest, written last: format and version, the tensors file's
+  name and SHA-256, the step, tokens, wall seconds, history, last training loss, the
+  optimizer's ``param_groups`` hyper-parameters, the architecture's canonical hash and the
+  training settings.
+
+Both are written to a temporary file and renamed into place, the manifest after the tensors,
+so a crash leaves the previous whole checkpoint (the manifest names the tensors file it
+goes with); the previous tensors file is removed after the new manifest is in place. A
+``checkpoint.pt`` (the pickle format of earlier versions, or a planted file) is refused,
+never loaded. Files are written with the permissions of the user's umask.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import re
+import stat
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +47,7 @@ import torch
 from archir.compiler import CompiledModel
 from archir.compiler import compile as compile_spec
 from archir.errors import TrainingError
+from archir.paths import normal_mode, write_text
 from archir.spec.loader import Spec
 from archir.spec.sections import TrainSection
 from archir.tasks.base import Task, get_task
@@ -92,10 +115,11 @@ def train(
         callback: called after each evaluation with ``(step, metrics)``; returning True stops
             training early (used for pruning).
         model: an already compiled model to train (default: compile the spec with ``seed``).
-        checkpoint_every: write ``out_dir/checkpoint.pt`` every this many steps and when
-            training stops (needs ``out_dir``).
-        resume: continue from ``out_dir/checkpoint.pt`` when it exists (same spec and
-            configuration expected); the result equals an uninterrupted run's.
+        checkpoint_every: write a checkpoint (``out_dir/checkpoint.json`` + its
+            ``checkpoint-<step>.safetensors``) every this many steps and when training stops
+            (needs ``out_dir``).
+        resume: continue from ``out_dir/checkpoint.json`` when it exists (same spec and
+            training settings required); the result equals an uninterrupted run's.
 
     Returns:
         TrainResult with ``status`` ``"ok"`` or ``"failed"`` (non-finite loss) or
@@ -103,6 +127,9 @@ def train(
 
     Raises:
         TaskError: the task cannot run this model.
+        TrainingError: ``checkpoint_every`` without ``out_dir``; on ``resume``: a
+            ``checkpoint.pt`` (pickle) in ``out_dir`` (refused, never loaded), or a checkpoint
+            that is torn, corrupt, or written for another architecture or other settings.
     """
     cfg = cfg or spec.model.train
     task = task or get_task(cfg.task, cfg.task_options)
@@ -122,42 +149,42 @@ def train(
     start = 0
     elapsed = 0.0
     last_loss = float("nan")
-    ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
-    if checkpoint_every is not None and ckpt is None:
+    out = Path(out_dir) if out_dir is not None else None
+    if checkpoint_every is not None and out is None:
         raise TrainingError("checkpoint_every needs an output folder", hint="pass out_dir")
-    if resume and ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        if extra is not None and state.get("extra") is not None:
-            extra.load_state_dict(state["extra"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start, tokens, elapsed = state["step"], state["tokens"], state["wall_s"]
-        history, last_loss = state["history"], state["train_loss"]
+    if resume and out is not None:
+        loaded = load_checkpoint(out)
+        if loaded is not None:
+            state, tensors = loaded
+            _check_resumable(out / CHECKPOINT, state, spec, cfg)
+            _restore(out / CHECKPOINT, state, tensors, model, extra, opt, gen)
+            start, tokens, elapsed = state["step"], state["tokens"], state["wall_s"]
+            history, last_loss = state["history"], state["train_loss"]
     step = start
     t0 = time.perf_counter() - elapsed
 
-    def save_checkpoint(at: int) -> None:
-        assert ckpt is not None
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save(
+    hashes: list[str] = []
+
+    def spec_hash() -> str:
+        if not hashes:
+            hashes.append(_spec_hash(spec))
+        return hashes[0]
+
+    def save_checkpoint_at(at: int) -> None:
+        assert out is not None
+        save_checkpoint(
+            out,
+            _pack(model, extra, opt, gen),
             {
                 "step": at,
-                "model": model.state_dict(),
-                "extra": extra.state_dict() if extra is not None else None,
-                "optimizer": opt.state_dict(),
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
                 "tokens": tokens,
                 "wall_s": time.perf_counter() - t0,
                 "history": history,
                 "train_loss": last_loss,
+                "spec_hash": spec_hash(),
+                "train": _settings(cfg),
             },
-            tmp,
         )
-        tmp.replace(ckpt)
 
     bar = None
     if progress:
@@ -209,7 +236,7 @@ def train(
                     status, reason = "stopped", f"stopped by callback at step {step + 1}"
                     stop = True
             if checkpoint_every and ((step + 1) % checkpoint_every == 0 or stop):
-                save_checkpoint(step + 1)
+                save_checkpoint_at(step + 1)
             if stop:
                 step += 1
                 break
@@ -218,8 +245,8 @@ def train(
     finally:
         if bar is not None:
             bar.stop()
-    if checkpoint_every and status == "ok" and ckpt is not None:
-        save_checkpoint(step)
+    if checkpoint_every and status == "ok" and out is not None:
+        save_checkpoint_at(step)
     wall = time.perf_counter() - t0
     metrics: dict[str, Any] = {
         "status": status,
@@ -249,9 +276,6 @@ def train(
     return TrainResult(status, metrics, model, history)
 
 
-CHECKPOINT = "checkpoint.pt"
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global generator and torch (all devices)."""
     import random
@@ -271,12 +295,303 @@ def save_run(
     extra: torch.nn.Module | None = None,
 ) -> None:
     """Write ``spec.yaml``, ``model.safetensors`` (+ ``task_modules.safetensors`` when the
-    task has its own modules) and ``metrics.json`` into ``out``."""
+    task has its own modules) and ``metrics.json`` into ``out``, each atomically (temporary
+    file, then rename) with the permissions of the user's umask.
+
+    Raises:
+        OSError: the folder cannot be written (the CLI checks ``--out`` before training).
+    """
     from safetensors.torch import save_model
 
     out.mkdir(parents=True, exist_ok=True)
-    spec.save(out / "spec.yaml")
-    save_model(model, str(out / "model.safetensors"))
+    write_text(out / "spec.yaml", spec.to_yaml())
+    _atomic(out / "model.safetensors", lambda tmp: save_model(model, tmp))
     if extra is not None:
-        save_model(extra, str(out / "task_modules.safetensors"))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        _atomic(out / "task_modules.safetensors", lambda tmp: save_model(extra, tmp))
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
+
+
+# -- checkpoints: safetensors + JSON, never pickle ----------------------------------------
+
+#: the manifest of a checkpoint (written last); it names the tensors file it goes with
+CHECKPOINT = "checkpoint.json"
+#: the pickle checkpoint of earlier versions: refused on resume, never loaded
+PICKLE_CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "archir-checkpoint"
+CHECKPOINT_VERSION = 1
+_TENSORS_RE = re.compile(r"^checkpoint-([0-9]{1,12})\.safetensors$")
+_MAX_MANIFEST_BYTES = 256 * 2**20
+# training settings that may change between an interrupted run and its resumption
+_FREE_SETTINGS = ("threads", "time_budget_s")
+_START_OVER = (
+    "delete checkpoint.json and checkpoint-*.safetensors to start over, or use another --out"
+)
+
+
+def _atomic(path: Path, write: Callable[[str], Any]) -> None:
+    """``write(tmp)`` a temporary file beside ``path``, give it normal permissions, then
+    rename it to ``path`` (a crash leaves the old file or the new one, never a torn one)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        normal_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _spec_hash(spec: Spec) -> str:
+    from archir.hashing import canonical_hash
+
+    return canonical_hash(spec)
+
+
+def _settings(cfg: TrainSection) -> dict[str, Any]:
+    d = cfg.model_dump(mode="json")
+    return {k: v for k, v in d.items() if k not in _FREE_SETTINGS}
+
+
+def _pack(
+    model: torch.nn.Module,
+    extra: torch.nn.Module | None,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every tensor of the training state under a flat name, and the rest (optimizer
+    hyper-parameters, non-tensor optimizer state) as JSON-able values."""
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+
+    def put(key: str, t: torch.Tensor) -> None:
+        t = t.detach().cpu()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+        if ptr and ptr in storages:  # tied weights: safetensors stores no shared memory
+            t = t.clone()
+        storages.add(ptr)
+        tensors[key] = t.contiguous()
+
+    for k, v in model.state_dict().items():
+        put(f"model.{k}", v)
+    if extra is not None:
+        for k, v in extra.state_dict().items():
+            put(f"extra.{k}", v)
+    sd = opt.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                put(f"optim.{idx}.{k}", v)
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    put("rng.generator", gen.get_state())
+    put("rng.torch", torch.get_rng_state())
+    groups = [
+        {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+        for g in sd["param_groups"]
+    ]
+    return tensors, {"param_groups": groups, "optim_scalars": scalars}
+
+
+def save_checkpoint(
+    out: Path, packed: tuple[dict[str, torch.Tensor], dict[str, Any]], state: dict[str, Any]
+) -> Path:
+    """Write ``checkpoint-<step>.safetensors`` then the manifest ``checkpoint.json`` into
+    ``out`` (both atomically), then remove tensors files of earlier checkpoints.
+
+    Args:
+        out: the run folder.
+        packed: ``(tensors, optimizer JSON)`` as built from the model, task modules,
+            optimizer and generator.
+        state: JSON-able values; ``state["step"]`` is the step reached.
+
+    Returns:
+        The manifest's path.
+
+    Raises:
+        OSError: the folder cannot be written.
+    """
+    from safetensors.torch import save_file
+
+    tensors, optim = packed
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"checkpoint-{int(state['step'])}.safetensors"
+    _atomic(out / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    manifest = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "tensors": name,
+        "sha256": _sha256(out / name),
+        **state,
+        "optimizer": optim,
+    }
+    write_text(out / CHECKPOINT, json.dumps(manifest, indent=1))
+    for old in out.iterdir():  # earlier checkpoints' tensors (archir's own file names only)
+        if old.name != name and _TENSORS_RE.match(old.name) and not old.is_dir():
+            old.unlink(missing_ok=True)
+    return out / CHECKPOINT
+
+
+def _bad(path: Path, why: str) -> TrainingError:
+    return TrainingError(f"checkpoint '{path}' {why}", hint=_START_OVER)
+
+
+def refuse_pickle_checkpoint(out: Path) -> None:
+    """Refuse to resume in a folder holding ``checkpoint.pt`` (never opened).
+
+    Raises:
+        TrainingError: ``out/checkpoint.pt`` exists: a pickle, which archir never loads
+            (unpickling can run code).
+    """
+    pt = out / PICKLE_CHECKPOINT
+    if pt.exists() or pt.is_symlink():
+        raise TrainingError(
+            f"'{pt}' is a pickle checkpoint: archir does not load pickles (loading one can "
+            "run code), so it was refused and not read",
+            hint="delete it to start over; archir writes checkpoint.json + "
+            "checkpoint-<step>.safetensors",
+        )
+
+
+def load_checkpoint(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The checkpoint in ``out``: ``(manifest, tensors)``, or None when there is none.
+
+    Raises:
+        TrainingError: ``out/checkpoint.pt`` exists (a pickle: archir never loads one, it
+            could run code); the manifest or its tensors file is missing, not a regular
+            file, torn, corrupt or does not match (SHA-256).
+    """
+    from safetensors.torch import load_file
+
+    refuse_pickle_checkpoint(out)
+    man = out / CHECKPOINT
+    if not (man.exists() or man.is_symlink()):
+        return None
+    text = _read_small(man)
+    try:
+        state = json.loads(text)
+    except ValueError as exc:
+        raise _bad(man, f"is not valid JSON (torn or corrupt: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise _bad(man, "is not an archir checkpoint manifest")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise _bad(man, f"has version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
+    name = state.get("tensors")
+    if not isinstance(name, str) or not _TENSORS_RE.match(name):
+        raise _bad(man, f"names a tensors file {name!r} that archir does not write")
+    tpath = out / name
+    try:
+        st = os.stat(tpath)
+    except OSError:
+        raise _bad(man, f"names '{name}', which is missing") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _bad(man, f"names '{name}', which is not a regular file")
+    if _sha256(tpath) != state.get("sha256"):
+        raise _bad(tpath, "does not match checkpoint.json (torn or corrupt: SHA-256 differs)")
+    try:
+        tensors = load_file(str(tpath))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+        raise _bad(tpath, f"is not a readable safetensors file: {str(exc)[:200]}") from None
+    kinds = {
+        "step": int,
+        "tokens": int,
+        "wall_s": (int, float),
+        "history": list,
+        "train_loss": (int, float),
+        "spec_hash": str,
+        "train": dict,
+        "optimizer": dict,
+    }
+    for key, kind in kinds.items():
+        v = state.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool):  # type: ignore[arg-type]
+            raise _bad(man, f"has no valid '{key}'")
+    if state["step"] < 0 or state["tokens"] < 0:
+        raise _bad(man, "has a negative step or token count")
+    return state, tensors
+
+
+def _read_small(path: Path) -> str:
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _bad(path, "is not a regular file")
+        if st.st_size > _MAX_MANIFEST_BYTES:
+            raise _bad(path, f"is {st.st_size:,} bytes, too large for a manifest")
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _bad(path, f"cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise _bad(path, "is not valid JSON (torn or corrupt: not UTF-8)") from None
+
+
+def _check_resumable(man: Path, state: dict[str, Any], spec: Spec, cfg: TrainSection) -> None:
+    """Refuse to continue a checkpoint of another architecture or other settings (the
+    result would not equal an uninterrupted run's)."""
+    if state["spec_hash"] != _spec_hash(spec):
+        raise TrainingError(
+            f"checkpoint '{man}' was written for another architecture",
+            hint="resume with the spec it was trained with, or use another --out",
+        )
+    now = _settings(cfg)
+    for k in sorted(set(now) | set(state["train"])):
+        if now.get(k) != state["train"].get(k):
+            raise TrainingError(
+                f"checkpoint '{man}' was written with {k}={state['train'].get(k)!r}, "
+                f"this run has {k}={now.get(k)!r}",
+                hint="resume with the same training settings, or use another --out",
+            )
+
+
+def _restore(
+    man: Path,
+    state: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    model: torch.nn.Module,
+    extra: torch.nn.Module | None,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> None:
+    """Load a checkpoint's tensors and optimizer state into the training objects.
+
+    Raises:
+        TrainingError: the tensors do not fit the model, optimizer or generator.
+    """
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        n = len(prefix)
+        return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    try:
+        model.load_state_dict(part("model."))
+        if extra is not None:
+            extra.load_state_dict(part("extra."))
+        optim = state["optimizer"]
+        per_param: dict[int, dict[str, Any]] = {}
+        for k, v in part("optim.").items():
+            idx, _, key = k.partition(".")
+            per_param.setdefault(int(idx), {})[key] = v
+        for idx, scalars in optim.get("optim_scalars", {}).items():
+            per_param.setdefault(int(idx), {}).update(scalars)
+        groups = [
+            {k: tuple(v) if k == "betas" else v for k, v in g.items()}
+            for g in optim["param_groups"]
+        ]
+        opt.load_state_dict({"state": per_param, "param_groups": groups})
+        gen.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(
+            f"checkpoint '{man}' does not fit this model and optimizer: {first}",
+            hint=_START_OVER,
+        ) from None

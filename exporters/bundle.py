@@ -38,24 +38,30 @@ def export_safetensors(
     ``load_state_dict(load_file(...))`` is strict-exact. Returns a small report dict
     (paths, bytes, parameter count).
 
+    Both files are written atomically (temporary file, then rename) with the permissions of
+    the user's umask.
+
     Raises:
-        SpecError: the spec is open; ExportError: the weights do not fit.
+        SpecError: the spec is open; ExportError: the weights do not fit; PathError:
+            ``out_dir`` is a file or cannot be written (checked before any work).
     """
     from safetensors.torch import save_file
 
-    from exporters.onnx_export import load_weights
+    from archir.paths import check_out_dir, write_text
+    from exporters.onnx_export import load_weights, write_file
 
     spec.model  # noqa: B018 - raises SpecError for an open spec
+    out = check_out_dir(out_dir)
     if model is None:
         model = archir.compile(spec, seed=0)
         if weights is not None:
             load_weights(model, weights)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spec_path = spec.save(out / SPEC_FILE)
+    spec_path = write_text(out / SPEC_FILE, spec.to_yaml())
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     w = out / WEIGHTS_FILE
-    save_file(state, str(w), metadata={"archir.version": archir.__version__, "format": "pt"})
+    meta = {"archir.version": archir.__version__, "format": "pt"}
+    write_file(w, lambda tmp: save_file(state, tmp, metadata=meta))
     return {
         "spec": str(spec_path),
         "weights": str(w),

@@ -2,11 +2,17 @@
 
 Examples::
 
-    archir export specs/zoo/transformer.yaml --out t.onnx            # random-init, fp32
+    archir export runs/lm --out best.onnx                            # the run's best/
     archir export runs/lm/best --out best.onnx                       # spec.yaml + model.safetensors
     archir export SPEC --weights w.safetensors --precision int8 --out m.onnx
+    archir export specs/zoo/transformer.yaml --random-weights --out t.onnx   # untrained, fp32
     archir export SPEC --check-only                                  # parity report, no file
     archir export runs/lm/best --format safetensors --out deploy/    # spec.yaml + weights
+
+Weights come from ``--weights``, or the ``model.safetensors`` beside the spec in a folder;
+without any, nothing is exported unless ``--random-weights`` says that untrained weights are
+wanted (``--check-only`` writes nothing and needs no weights). ``--out`` is checked before
+any export work.
 
 Exit codes: 0 written (or check passed); 2 user error, including a parity failure (the
 message names the first diverging output and position; ``--force`` writes anyway).
@@ -21,16 +27,29 @@ import os
 from pathlib import Path
 from typing import Any
 
+from archir.cli import args as a
+
 HELP = "export a spec or run to ONNX (parity-checked; fp32/fp16/int8/int8-static/int4/auto)"
+
+RANDOM_NOTE = "weights: random (untrained, seed 0) — exported on purpose with --random-weights"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from exporters.quantize import PRECISIONS
 
-    p.add_argument("spec", help="concrete spec file, or a run dir holding spec.yaml (+ weights)")
+    p.add_argument(
+        "spec",
+        help="concrete spec file, a run folder (runs/NAME: its best/) or a folder holding "
+        "spec.yaml + model.safetensors",
+    )
     p.add_argument("--out", "-o", default=None, help="output .onnx file (dir for safetensors)")
-    p.add_argument("--weights", default=None, help="model.safetensors to load")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--weights", type=a.regular_file, default=None, help="model.safetensors to load")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="export untrained (random, seed 0) weights when there are none",
+    )
+    p.add_argument("--precision", default=None, choices=PRECISIONS, help="default fp32")
     p.add_argument(
         "--format", default="onnx", choices=("onnx", "safetensors"), help="artifact kind"
     )
@@ -38,64 +57,155 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="write even if parity fails")
     p.add_argument("--no-check", action="store_true", help="skip the parity gate")
     p.add_argument("--task", default=None, help="task for inputs/calibration (or 'random')")
-    p.add_argument("--opset", type=int, default=None)
-    p.add_argument("--exporter", default="auto", choices=("auto", "dynamo", "legacy"))
+    p.add_argument(
+        "--opset", type=a.int_range(1, a.MAX_OPSET), default=None, help="ONNX opset (default 20)"
+    )
+    p.add_argument(
+        "--exporter", default=None, choices=("auto", "dynamo", "legacy"), help="default auto"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
 
+def _is_run_folder(d: Path) -> bool:
+    return any((d / f).exists() for f in ("run.json", "study.journal", "pareto.json", "trials"))
+
+
 def resolve_source(path: str, weights: str | None) -> tuple[Any, str | None]:
-    """``(spec, weights)`` for a spec file or a run directory.
+    """``(spec, weights)`` for a spec file, a run folder or a folder of a spec and weights.
+
+    A folder holding ``best/`` (a search's run folder, ``runs/NAME``) stands for its
+    ``best/``; a folder holding ``spec.yaml`` gives that spec and the ``model.safetensors``
+    beside it (if any). ``weights`` (``--weights``) wins over a folder's weights.
 
     Raises:
-        ExportError: the directory has no spec.yaml; SpecError: the spec is invalid.
+        ExportError: a run folder without ``best/``, a ``best/`` without its spec or
+            weights, or a folder without ``spec.yaml``; SpecError: the spec is invalid.
     """
     from archir import load_spec
     from archir.errors import ExportError
 
     p = Path(path)
-    if p.is_dir():
-        spec_p = p / "spec.yaml"
-        if not spec_p.is_file():
+    if not p.is_dir():
+        return load_spec(p), weights
+    best = p / "best"
+    if best.is_dir():
+        missing = [f for f in ("spec.yaml", "model.safetensors") if not (best / f).is_file()]
+        if "spec.yaml" in missing or (missing and weights is None):
             raise ExportError(
-                f"run directory '{p}' has no spec.yaml",
-                hint="give a spec file or a run's best/ directory",
+                f"run folder '{p}': its best/ has no {' and no '.join(missing)}",
+                hint="give --weights FILE, or export a folder holding spec.yaml + "
+                "model.safetensors",
             )
-        w = p / "model.safetensors"
-        return load_spec(spec_p), weights or (str(w) if w.is_file() else None)
-    return load_spec(p), weights
+        p = best
+    elif _is_run_folder(p):
+        raise ExportError(
+            f"run folder '{p}' has no best/ (the search has not finished, or kept no best)",
+            hint=f"finish the search (archir search), or export {p}/best once it exists",
+        )
+    spec_p = p / "spec.yaml"
+    if not spec_p.is_file():
+        raise ExportError(
+            f"folder '{p}' has no spec.yaml",
+            hint="give a spec file, a run folder (runs/NAME) or a run's best/ folder",
+        )
+    w = p / "model.safetensors"
+    return load_spec(spec_p), weights or (str(w) if w.is_file() else None)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags the chosen form would ignore, and ``--out`` problems, before any work.
+
+    Raises:
+        ExportError: a flag that does not apply; PathError: a bad ``--out``.
+    """
+    from archir.errors import ExportError
+    from archir.paths import check_out_dir, check_out_file
+
+    if args.format == "safetensors":
+        onnx_only = {
+            "precision": "--precision",
+            "opset": "--opset",
+            "exporter": "--exporter",
+            "task": "--task",
+            "check_only": "--check-only",
+            "force": "--force",
+            "no_check": "--no-check",
+        }
+        for dest, flag in onnx_only.items():
+            if getattr(args, dest) not in (None, False):
+                raise ExportError(
+                    f"{flag} does not apply to --format safetensors", hint="drop the flag"
+                )
+        if not args.out:
+            raise ExportError("--out DIR is required for --format safetensors", hint="--out DIR")
+        check_out_dir(args.out)
+        return
+    if args.check_only:
+        if args.out:
+            raise ExportError(
+                "--check-only writes nothing: drop --out", hint="or drop --check-only"
+            )
+        if args.force:
+            raise ExportError("--force does not apply to --check-only", hint="drop the flag")
+        return
+    if not args.out:
+        raise ExportError("--out is required (or use --check-only)", hint="--out model.onnx")
+    check_out_file(args.out)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Export; exit 0, or 2 for a user error (a parity failure included).
+
+    Raises:
+        ArchirError: a bad spec, folder, flag, ``--out`` or weights; no weights and no
+            ``--random-weights``; an export or parity failure.
+    """
     from archir.errors import ExportError
+
+    _check_flags(args)
+    spec, weights = resolve_source(args.spec, args.weights)
+    if weights is not None and args.random_weights:
+        raise ExportError(
+            f"--random-weights given, but there are weights ({weights})",
+            hint="drop --random-weights to export them",
+        )
+    untrained = weights is None
+    if untrained and not args.random_weights and not args.check_only:
+        raise ExportError(
+            f"'{args.spec}' has no trained weights (no --weights, no model.safetensors "
+            "beside it): the export would hold random weights",
+            hint="pass --weights FILE or a run folder, or add --random-weights to export "
+            "untrained weights on purpose",
+        )
     from exporters import export_onnx, export_safetensors
 
-    spec, weights = resolve_source(args.spec, args.weights)
     if args.format == "safetensors":
-        if not args.out:
-            raise ExportError("--out DIR is required for --format safetensors")
         info = export_safetensors(spec, args.out, weights=weights)
+        if untrained:
+            info["note"] = RANDOM_NOTE
         if args.json:
             print(json.dumps(info, indent=2))
         else:
             print(
                 f"wrote {info['spec']} and {info['weights']} "
                 f"({info['params']:,} parameters, {info['weights_bytes']:,} bytes)"
+                + (f"; {RANDOM_NOTE}" if untrained else "")
             )
         return 0
-    if not args.out and not args.check_only:
-        raise ExportError("--out is required (or use --check-only)", hint="--out model.onnx")
     report = export_onnx(
         spec,
         args.out,
         weights=weights,
-        precision=args.precision,
+        precision=args.precision or "fp32",
         check=not args.no_check,
         force=args.force,
         task=args.task,
         opset=args.opset,
-        exporter=args.exporter,
+        exporter=args.exporter or "auto",
         check_only=args.check_only,
     )
+    if untrained:
+        report.notes.append(RANDOM_NOTE if args.random_weights else "weights: random (untrained)")
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:

@@ -18,9 +18,12 @@ import json
 import sys
 from typing import Any
 
-from archir.cli.args import positive_int
+from archir.cli import args as a
 
 HELP = "measure or predict forward latency (ms); 'calibrate' fits the predictor on this machine"
+
+MAX_BATCH = 4096
+MAX_CV = 1.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,28 +35,95 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="onnxruntime, torch eager, torch.compile, or ort+torch (default: both; "
         "calibrate: ort)",
     )
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default train.seq_len)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    p.add_argument(
+        "--batch", type=a.int_range(1, MAX_BATCH), default=None, help="batch size (default 1)"
+    )
+    p.add_argument(
+        "--seq",
+        type=a.seq_len,
+        default=None,
+        help="sequence length, at most the spec's max_seq_len (default train.seq_len)",
+    )
+    p.add_argument("--threads", type=a.threads, default=1, help="intra-op threads (default 1)")
     p.add_argument("--predict", action="store_true", help="predict from the calibration")
-    p.add_argument("--calibration", default=None, help="calibration file (default: cache)")
-    p.add_argument("--budget-s", type=float, default=None, help="seconds (measure: per attempt)")
+    p.add_argument(
+        "--calibration", type=a.regular_file, default=None, help="calibration file (default: cache)"
+    )
+    p.add_argument(
+        "--budget-s", type=a.seconds, default=None, help="seconds (measure: per attempt)"
+    )
     p.add_argument(
         "--windows",
-        type=positive_int,
+        type=a.int_range(1, a.MAX_WINDOWS),
         default=None,
         help="timed windows per attempt; 'best' is the fastest window's median (default 5)",
     )
-    p.add_argument("--cv-threshold", type=float, default=0.05, help="noisy above this CV")
-    p.add_argument("--exporter", choices=["direct", "exporters", "auto"], default="direct")
+    p.add_argument(
+        "--cv-threshold",
+        type=a.float_range(0.0, MAX_CV),
+        default=None,
+        help="noisy above this coefficient of variation, in (0, 1] (default 0.05)",
+    )
+    p.add_argument(
+        "--exporter",
+        choices=["direct", "exporters", "auto"],
+        default=None,
+        help="how the ort graph is exported (default direct)",
+    )
     p.add_argument("--out", default=None, help="calibrate: output file")
     p.add_argument(
         "--space",
         action="append",
         default=[],
+        type=a.regular_file,
         help="calibrate: an extra search-space file to design on (repeatable)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
+
+
+# flags that only one of the two modes reads: refused in the other, not silently ignored
+_CALIBRATE_ONLY = {"out": "--out", "space": "--space"}
+_MEASURE_ONLY = {
+    "predict": "--predict",
+    "calibration": "--calibration",
+    "windows": "--windows",
+    "seq": "--seq",
+    "batch": "--batch",
+    "cv_threshold": "--cv-threshold",
+    "exporter": "--exporter",
+}
+# flags a prediction has no use for (it times nothing)
+_TIMING_ONLY = {
+    "budget_s": "--budget-s",
+    "windows": "--windows",
+    "cv_threshold": "--cv-threshold",
+    "exporter": "--exporter",
+}
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags the chosen mode would ignore.
+
+    Raises:
+        ArchirError: ``--out``/``--space`` without ``calibrate``, or a measuring flag with it.
+    """
+    from archir.errors import ArchirError
+
+    calibrating = args.spec == "calibrate"
+    wrong = _MEASURE_ONLY if calibrating else _CALIBRATE_ONLY
+    for dest, flag in wrong.items():
+        if getattr(args, dest) not in (None, False, []):
+            raise ArchirError(
+                f"{flag} does not apply to 'archir latency "
+                + ("calibrate'" if calibrating else "SPEC'"),
+                hint="drop the flag",
+            )
+    if args.predict:
+        for dest, flag in _TIMING_ONLY.items():
+            if getattr(args, dest) is not None:
+                raise ArchirError(f"{flag} does not apply to --predict", hint="drop the flag")
+    elif args.calibration is not None:
+        raise ArchirError("--calibration applies to --predict only", hint="add --predict")
 
 
 def _runtimes(arg: str | None) -> list[str]:
@@ -63,7 +133,11 @@ def _runtimes(arg: str | None) -> list[str]:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    from archir.paths import check_out_file
     from exporters.latency.calibrate import calibrate
+
+    if args.out is not None:
+        check_out_file(args.out)
 
     runtime = args.runtime or "ort"
     if runtime == "both":
@@ -116,15 +190,33 @@ def _fmt(rt: str, r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Measure, predict or calibrate; exit 0, or 2 for a user error.
+
+    Raises:
+        ArchirError: a flag that does not apply, a bad spec, ``--seq`` over the spec's
+            ``max_seq_len``, a bad ``--out`` (checked before calibrating), no calibration.
+    """
+    _check_flags(args)
     if args.spec == "calibrate":
         return _calibrate(args)
     import archir
+    from archir.errors import ArchirError
     from exporters.latency import latency_ms
     from exporters.latency.harness import default_seq
 
     spec = archir.load_spec(args.spec)
+    max_seq = spec.model.model.max_seq_len
+    if args.seq is not None and args.seq > max_seq:
+        raise ArchirError(
+            f"--seq {args.seq} is over the spec's max_seq_len {max_seq}",
+            hint=f"use --seq 1..{max_seq}",
+        )
     seq = default_seq(spec.model, args.seq)
-    kw: dict[str, Any] = {"cv_threshold": args.cv_threshold, "exporter": args.exporter}
+    batch = args.batch or 1
+    kw: dict[str, Any] = {
+        "cv_threshold": 0.05 if args.cv_threshold is None else args.cv_threshold,
+        "exporter": args.exporter or "direct",
+    }
     if args.budget_s is not None:
         kw["budget_s"] = args.budget_s
     if args.windows is not None:
@@ -133,14 +225,14 @@ def run(args: argparse.Namespace) -> int:
     for rt in _runtimes(args.runtime):
         if args.predict:
             results[rt] = latency_ms(
-                spec, rt, True, args.batch, seq, args.threads, calibration=args.calibration
+                spec, rt, True, batch, seq, args.threads, calibration=args.calibration
             )
         else:
-            results[rt] = latency_ms(spec, rt, False, args.batch, seq, args.threads, **kw)
+            results[rt] = latency_ms(spec, rt, False, batch, seq, args.threads, **kw)
     if args.json:
-        print(json.dumps({"spec": spec.name, "batch": args.batch, "seq": seq, **results}, indent=1))
+        print(json.dumps({"spec": spec.name, "batch": batch, "seq": seq, **results}, indent=1))
     else:
-        print(f"{spec.name}: batch {args.batch}, seq {seq}, {args.threads} thread(s)")
+        print(f"{spec.name}: batch {batch}, seq {seq}, {args.threads} thread(s)")
         for rt, r in results.items():
             print("  " + _fmt(rt, r))
     return 0

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import torch
 
 import archir
 from archir.errors import ExportError
+from archir.paths import check_out_file, normal_mode
 from exporters import parity as par
 from exporters import quantize as qz
 
@@ -157,6 +159,36 @@ def _human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
+
+
+def write_file(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, give it the permissions of
+    the user's umask, then rename it to ``path``: a crash leaves the old file or the new
+    one, never a torn one, and a failure leaves no temporary file behind.
+
+    Raises:
+        OSError: the folder cannot be written; whatever ``write`` raises.
+    """
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        normal_mode(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` with :func:`write_file` (atomic, normal permissions).
+
+    Raises:
+        OSError: the folder cannot be written.
+    """
+    return write_file(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # -- model and graph bookkeeping --------------------------------------------------------------
@@ -666,6 +698,8 @@ def export_onnx(
     Raises:
         ExportError: parity failure (names the first diverging output/position), export or
             quantization failure, checker failure, bad weights or precision.
+        PathError: ``out_path`` is a folder, a device, or in a place that cannot be written
+            (checked before any export work).
         SpecError: the spec is open.
     """
     t0 = time.perf_counter()
@@ -676,7 +710,7 @@ def export_onnx(
         )
     if exporter not in ("auto", "dynamo", "legacy"):
         raise ExportError(f"unknown exporter '{exporter}'", hint="dynamo, legacy or auto")
-    opset = opset or DEFAULT_OPSET
+    opset = DEFAULT_OPSET if opset is None else opset
     lo = MIN_LEGACY_OPSET if exporter == "legacy" else MIN_OPSET
     if not lo <= opset <= MAX_OPSET:
         raise ExportError(
@@ -684,6 +718,8 @@ def export_onnx(
             hint=f"use an opset in {lo}..{MAX_OPSET} (default {DEFAULT_OPSET})"
             + ("; --exporter legacy accepts down to 9" if lo > MIN_LEGACY_OPSET else ""),
         )
+    if not check_only and out_path is not None:
+        check_out_file(out_path)  # before any export work
     if model is None:
         model = archir.compile(spec, seed=0)
         if weights is not None:
@@ -781,13 +817,9 @@ def export_onnx(
             out.parent.mkdir(parents=True, exist_ok=True)
             if len(data) > 1_900_000_000:
                 onnx.save(final, str(out), save_as_external_data=True)
+                normal_mode(out)
             else:
-                tmp = tempfile.NamedTemporaryFile(
-                    dir=out.parent, prefix=out.name, suffix=".tmp", delete=False
-                )
-                with tmp:
-                    tmp.write(data)
-                os.replace(tmp.name, out)
+                write_bytes(out, data)
             report.path = str(out)
             report.written = True
             report.forced = failed

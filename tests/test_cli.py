@@ -135,3 +135,32 @@ def test_train_refuses_huge_model(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_unknown_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "nope.yaml"]) == 2
     assert capsys.readouterr().err == "error: nope.yaml: no such file (hint: check the path)\n"
+
+
+def test_cli_lists_match_the_library() -> None:
+    """The enumerated flags list their choices without importing torch; they must stay
+    equal to the library's."""
+    from archir.cli import blocks, mad, train
+    from archir.tasks import mad as mad_lib
+
+    assert blocks.ROLES == registry.ROLES
+    assert set(train.PRESETS) == set(mad.PRESETS) == set(mad_lib.PRESETS)
+    assert mad.TASKS == mad_lib.TASKS
+
+
+def test_train_default_out_is_runs_name_train(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = (ZOO / "transformer.yaml").read_text()
+    Path("s.yaml").write_text(spec.replace("d_model: 128", "d_model: 32"))
+    argv = ["train", "s.yaml", "--steps", "2", "--batch-size", "2", "--seq-len", "16"]
+    assert main([*argv, "--no-progress"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "s.yaml"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "transformer" / "train").iterdir()) == [
+        "metrics.json",
+        "model.safetensors",
+        "spec.yaml",
+    ]
+    assert "wrote runs/transformer/train/model.safetensors" in capsys.readouterr().out
+    # --resume without a checkpoint says it starts from step 0
+    assert main([*argv, "--no-progress", "--resume"]) == 0
+    assert "no checkpoint in runs/transformer/train" in capsys.readouterr().err

@@ -20,6 +20,11 @@ SPEC = str(ZOO / "transformer.yaml")
         (["train", SPEC, "--steps", "many"], "expected a whole number, got 'many'"),
         (["show", SPEC, "--seq-len", "0"], "--seq-len: must be >= 1, got 0"),
         (["bogus"], "invalid choice: 'bogus'"),
+        (["blocks", "--role", "bogus"], "--role: invalid choice: 'bogus'"),
+        (["latency", SPEC, "--seq", "-1"], "--seq: must be >= 1, got -1"),
+        (["latency", SPEC, "--threads", "0"], "--threads: must be >= 1, got 0"),
+        (["export", SPEC, "--opset", "0"], "--opset: must be >= 1, got 0"),
+        (["train", SPEC, "--lr", "nan"], "--lr: must be a finite number, got 'nan'"),
     ],
 )
 def test_bad_flags_are_one_line_exit_2(argv, needle, capsys):

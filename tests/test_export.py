@@ -111,7 +111,7 @@ def test_show_onnx_reads_metadata(fp32_file, capsys) -> None:
     assert "tokens: int64[batch, seq]" in text and "precision fp32" in text
 
 
-def test_parity_gate_refuses_a_broken_export(tmp_path: Path, monkeypatch) -> None:
+def test_parity_gate_refuses_a_broken_export(tmp_path: Path, monkeypatch, capsys) -> None:
     spec = lm_spec(layers=1)
     real = oe._torch_export
 
@@ -137,7 +137,10 @@ def test_parity_gate_refuses_a_broken_export(tmp_path: Path, monkeypatch) -> Non
     # the CLI maps the refusal to exit 2 with the located message
     spec_file = tmp_path / "s.yaml"
     spec.save(spec_file)
-    assert main(["export", str(spec_file), "--out", str(tmp_path / "c.onnx")]) == 2
+    argv = ["export", str(spec_file), "--random-weights", "--task", "random"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "c.onnx")]) == 2
+    assert "parity check failed" in capsys.readouterr().err
     assert not (tmp_path / "c.onnx").exists()
 
 
@@ -229,20 +232,41 @@ def test_cli_export_run_dir_check_only_and_errors(tmp_path: Path, capsys) -> Non
     assert main(["export", str(tmp_path / "nope.yaml"), "--out", str(out)]) == 2
     assert main(["export", str(tmp_path), "--out", str(out)]) == 2  # no spec.yaml
     assert "no spec.yaml" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "export",
-                str(run_dir),
-                "--weights",
-                str(tmp_path / "w.safetensors"),
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    with pytest.raises(SystemExit) as exc:  # --weights is checked when the flags are read
+        main(["export", str(run_dir), "--weights", str(tmp_path / "w.safetensors"), "-o", str(out)])
+    assert exc.value.code == 2 and "w.safetensors" in capsys.readouterr().err
     assert main(["show", str(tmp_path / "missing.onnx")]) == 2
+
+
+def test_cli_export_run_folder_exports_its_best_and_random_weights_need_a_flag(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = lm_spec(layers=1)
+    model = archir.compile(spec, seed=7).eval()
+    run = tmp_path / "runs" / "lm"
+    (run / "trials").mkdir(parents=True)
+    (run / "spec.yaml").write_text("the spec as given: an open spec, not exported\n")
+    export_safetensors(spec, run / "best", model=model)
+    assert main(["export", "runs/lm", "--out", "lm.onnx", "--task", "random"]) == 0
+    out = capsys.readouterr().out
+    assert "parity fp32: ok" in out and "weights: random" not in out
+    x = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(make_session("lm.onnx").run(None, {"tokens": x.numpy()})[0] - ref).max() < 1e-4
+    # a spec file alone: refused without --random-weights, exported (and said so) with it
+    spec.save("s.yaml")
+    assert main(["export", "s.yaml", "--out", "r.onnx"]) == 2
+    assert "has no trained weights" in capsys.readouterr().err and not Path("r.onnx").exists()
+    assert main(["export", "s.yaml", "--random-weights", "--out", "r.onnx", "--no-check"]) == 0
+    assert "weights: random (untrained, seed 0)" in capsys.readouterr().out
+    assert main(["export", "runs/lm", "--random-weights", "--out", "r.onnx"]) == 2
+    assert "there are weights" in capsys.readouterr().err
+    # a run folder whose best/ is missing
+    (run / "best" / "model.safetensors").unlink()
+    assert main(["export", "runs/lm", "--out", "x.onnx"]) == 2
+    assert "its best/ has no model.safetensors" in capsys.readouterr().err
 
 
 def test_wrong_weights_are_refused(tmp_path: Path) -> None:

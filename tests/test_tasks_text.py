@@ -7,6 +7,12 @@ import torch
 
 from archir.errors import TaskError
 from archir.tasks import get_task
+from archir.tasks.text import pydoc_bytes
+
+# text:pydoc's first batches at seed 0 (batch 2, seq 8), as produced before and after the task
+# kept its data as uint8
+PYDOC_X = [[115, 32, 105, 110, 32, 97, 10, 115], [111, 119, 105, 110, 103, 32, 112, 114]]
+PYDOC_VX = [[32, 32, 32, 114, 101, 116, 117, 114], [32, 40, 102, 111, 114, 32, 116, 104]]
 
 
 def test_missing_empty_short_and_non_utf8(tmp_path):
@@ -36,3 +42,92 @@ def test_deterministic_split_and_bytes(tmp_path):
     x1, y1 = a.train_batch(4, 16, torch.Generator().manual_seed(1))
     x2, y2 = b.train_batch(4, 16, torch.Generator().manual_seed(1))
     assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1])
+
+
+def test_text_is_held_once_as_bytes_and_batches_are_int64(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_text("some text to learn from. " * 400)
+    t = get_task(f"text:{p}")
+    assert t.train_data.element_size() == 1 and t.val_data.element_size() == 1
+    # the two splits are views of one buffer of the file's size
+    assert t.train_data.untyped_storage().nbytes() == p.stat().st_size
+    x, y = t.train_batch(2, 8, torch.Generator().manual_seed(0))
+    assert x.dtype == y.dtype == torch.int64
+    (vx, vy), *_ = t.val_batches(2, 8, 1)
+    assert vx.dtype == torch.int64
+
+
+def test_pydoc_batches_are_unchanged():
+    # searches and benchmarks depend on the same batches for the same seed
+    t = get_task("text:pydoc")
+    x, y = t.train_batch(2, 8, torch.Generator().manual_seed(0))
+    (vx, _), *_ = t.val_batches(2, 8, 1)
+    assert len(t.train_data) + len(t.val_data) == len(pydoc_bytes())
+    assert x.tolist() == PYDOC_X and vx.tolist() == PYDOC_VX and torch.equal(x[:, 1:], y[:, :-1])
+
+
+@pytest.mark.parametrize("kind", ["dir", "fifo", "device", "symlink-to-device"])
+def test_special_files_are_refused_without_opening(tmp_path, kind):
+    import os
+    import signal
+
+    if kind == "dir":
+        path = tmp_path
+    elif kind == "fifo":
+        path = tmp_path / "pipe"
+        os.mkfifo(path)
+    elif kind == "device":
+        path = "/dev/zero"
+    else:
+        path = tmp_path / "link"
+        os.symlink("/dev/zero", path)
+    signal.alarm(20)  # a regression that opens a fifo would block: fail instead of hanging
+    try:
+        with pytest.raises(TaskError, match="is a folder|not a regular file"):
+            get_task(f"text:{path}")
+    finally:
+        signal.alarm(0)
+
+
+def test_unreadable_file_is_a_task_error(tmp_path, monkeypatch):
+    import os
+
+    p = tmp_path / "secret.txt"
+    p.write_text("text " * 100)
+
+    def denied(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", denied)
+        with pytest.raises(TaskError, match="cannot be read: Permission denied"):
+            get_task(f"text:{p}")
+
+
+def test_peak_memory_is_about_the_file_size(tmp_path):
+    """A 40 MB text costs ~40 MB of resident memory (it cost ~10x when it was copied to
+    int64): measured in a child, peak RSS after loading minus before."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "big.txt"
+    line = ("the quick brown fox jumps over the lazy dog " * 20 + "\n").encode()
+    with open(p, "wb") as f:
+        for _ in range(40 * 2**20 // len(line)):
+            f.write(line)
+    size_mb = p.stat().st_size / 2**20
+    code = (
+        "import resource, torch\n"
+        "from archir.tasks import get_task\n"
+        "import archir.tasks.text\n"
+        "r = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "before = r()\n"
+        f"t = get_task('text:{p}')\n"
+        "t.train_batch(8, 64, torch.Generator().manual_seed(0))\n"
+        "print(r() - before)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    grew_mb = float(out.strip().splitlines()[-1])
+    assert grew_mb < 1.5 * size_mb + 16, (grew_mb, size_mb)

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from archir.cli import main
 from archir.spec import spec_from_dict
@@ -84,8 +83,12 @@ def test_checkpoint_and_resume_equal_uninterrupted(tmp_path):
         callback=lambda step, m: step == 8,
     )
     assert part.status == "stopped" and part.metrics["steps"] == 8
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 8
+    manifest = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert manifest["step"] == 8 and manifest["tensors"] == "checkpoint-8.safetensors"
+    assert sorted(f.name for f in (tmp_path / "run").glob("checkpoint*")) == [
+        "checkpoint-8.safetensors",
+        "checkpoint.json",
+    ]  # the step-4 tensors were removed once step 8's manifest was in place
     resumed = train(spec, task(), tmp_path / "run", cfg=cfg(), checkpoint_every=4, resume=True)
     assert resumed.status == "ok" and resumed.metrics["steps"] == 12
     assert resumed.metrics["train_loss"] == full.metrics["train_loss"]

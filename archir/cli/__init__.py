@@ -8,6 +8,7 @@ Each subcommand lives in its own module of this package (or of ``searchers``/``e
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from typing import NoReturn
@@ -36,6 +37,17 @@ def _module(name: str):
         if exc.name == COMMANDS[name]:
             return None
         raise
+
+
+# OSError numbers that come from the user's disk or file system, reported as user errors
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EFBIG,
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        # the disk or the file system refused a write (full, read-only, permissions): the
+        # user's environment, not a bug
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f"'{exc.filename}': " if exc.filename else ""
+        print(f"error: {where}{exc.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,10 +7,13 @@ import json
 
 HELP = "list every registered block kind: role, parameters (type = default), paper"
 
+#: ``archir.registry.ROLES`` (listed here so that parsing the flags imports no torch)
+ROLES = ("token_mixer", "channel_mixer", "norm", "embedding", "head")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--role", help="only kinds of this role")
+    p.add_argument("--role", choices=ROLES, help="only kinds of this role")
 
 
 def _params(kind) -> list[dict[str, str]]:

@@ -5,32 +5,81 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from archir.cli import args as a
 
 HELP = "run the six MAD synthetic tasks on a concrete spec and print a score table"
+
+#: ``archir.tasks.mad.PRESETS`` and ``TASKS`` (listed here so that parsing imports no torch)
+PRESETS = ("lite", "full")
+TASKS = (
+    "in-context-recall",
+    "fuzzy-in-context-recall",
+    "noisy-in-context-recall",
+    "selective-copying",
+    "compression",
+    "memorization",
+)
+
+
+def task_list(text: str) -> list[str]:
+    """argparse type: comma-separated MAD task names, each one of :data:`TASKS`, no repeats.
+
+    Raises:
+        argparse.ArgumentTypeError: an empty list, an unknown name (with the nearest) or a
+            repeated one.
+    """
+    from archir.errors import did_you_mean
+
+    names = [t.strip() for t in text.split(",")]
+    if not any(names):
+        raise argparse.ArgumentTypeError("expected task names, e.g. memorization,compression")
+    for t in names:
+        if t not in TASKS:
+            hint = did_you_mean(t, TASKS) or "one of: " + ", ".join(TASKS)
+            raise argparse.ArgumentTypeError(f"unknown MAD task {t!r} ({hint})")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a task is named twice in {text!r}")
+    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="concrete spec file (model.task causal_lm)")
-    p.add_argument("--preset", default="lite", help="lite (CPU minutes) or full (reference)")
-    p.add_argument("--tasks", help="comma-separated subset, e.g. in-context-recall,memorization")
-    p.add_argument("--seed", type=int, default=0, help="data and model seed")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument(
+        "--preset", default="lite", choices=PRESETS, help="lite (CPU minutes) or full (reference)"
+    )
+    p.add_argument(
+        "--tasks",
+        type=task_list,
+        help="comma-separated subset, e.g. in-context-recall,memorization",
+    )
+    p.add_argument("--seed", type=a.seed, default=0, help="data and model seed")
+    p.add_argument("--threads", type=a.threads, help="torch intra-op threads")
     p.add_argument("--out", help="write the report as JSON to this file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the suite; exit 0, or 2 for a user error.
+
+    Raises:
+        ArchirError: a bad spec (open, wrong task), a bad ``--out`` (checked before any
+            training) or a setting the model cannot run.
+    """
+    from archir.paths import check_out_file, write_text
+
+    if args.out is not None:
+        check_out_file(args.out)
     from rich.console import Console
     from rich.table import Table
 
     from archir.spec import load_spec
-    from archir.tasks.mad import PRESETS, TASKS, get_preset, run_mad
+    from archir.tasks.mad import PRESETS, get_preset, run_mad
 
     spec = load_spec(args.spec)
     spec.model  # noqa: B018 — raises SpecError for an open spec
     protocol = get_preset(args.preset)
-    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else list(TASKS)
+    tasks = args.tasks or list(TASKS)
     con = Console(stderr=args.json)
     con.print(f"[bold]MAD {args.preset}[/bold] on {spec.name}: {PRESETS[args.preset].doc}")
     con.print(
@@ -52,8 +101,7 @@ def run(args: argparse.Namespace) -> int:
     )
     data = report.to_dict()
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(data, indent=2))
+        write_text(args.out, json.dumps(data, indent=2))
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

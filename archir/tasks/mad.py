@@ -63,6 +63,19 @@ TASKS: tuple[str, ...] = (
 )
 
 
+#: upper bounds of a setting's fields (the reference's largest: vocab 8192, L 1024, n 12,800)
+SETTING_LIMITS: dict[str, int] = {
+    "vocab_size": 65_536,
+    "seq_len": 16_384,
+    "num_train": 1_000_000,
+    "num_test": 100_000,
+    "noise_vocab": 65_536,
+    "n_tokens_to_copy": 8_192,
+}
+#: most tokens a setting may generate, train and test together (the reference: 14.4 M)
+MAX_TOKENS = 2**25
+
+
 class MADOverlapWarning(UserWarning):
     """More than 0.1% of test sequences also occur in the training set."""
 
@@ -110,13 +123,28 @@ class MADSetting:
         return s
 
     def check(self) -> None:
-        """Raise TaskError when the setting cannot make valid sequences."""
+        """Raise TaskError when the setting cannot make valid sequences, or is larger than
+        :data:`SETTING_LIMITS` (vocabulary, length, counts) or :data:`MAX_TOKENS` in all."""
         t, V, L = self.task, self.vocab_size, self.seq_len
         bad = None
         if t not in TASKS:
             raise TaskError(f"unknown MAD task '{t}'", hint=did_you_mean(t, TASKS))
+        for name, hi in SETTING_LIMITS.items():
+            if getattr(self, name) > hi:
+                raise TaskError(
+                    f"MAD setting {t}: {name} {getattr(self, name):,} is over the limit {hi:,}",
+                    hint="the reference settings stay far below it",
+                )
+        if (self.num_train + self.num_test) * L > MAX_TOKENS:
+            raise TaskError(
+                f"MAD setting {t} {self.label}: (num_train + num_test) x seq_len is over "
+                f"{MAX_TOKENS:,} tokens",
+                hint="use fewer or shorter sequences",
+            )
         if self.num_train < 1 or self.num_test < 1:
             bad = "num_train and num_test must be >= 1"
+        elif self.noise_vocab < 0 or self.n_tokens_to_copy < 1:
+            bad = "noise_vocab must be >= 0 and n_tokens_to_copy >= 1"
         elif t in ("in-context-recall", "noisy-in-context-recall"):
             if V - self.noise_vocab < 4 or L < 4:
                 bad = "recall needs at least 4 real tokens and seq_len >= 4"
@@ -678,7 +706,13 @@ _OPTION_KEYS = {
 
 def make_setting(task: str, options: dict[str, Any] | None = None) -> MADSetting:
     """The setting for ``task`` from options: ``preset`` (``lite`` -> the first lite
-    setting, otherwise the reference baseline) and any :class:`MADSetting` field."""
+    setting, otherwise the reference baseline) and any :class:`MADSetting` field (a whole
+    number for int fields, a finite number for float fields; booleans are neither).
+
+    Raises:
+        TaskError: an unknown task, option or preset, a bad value, or a setting
+            :meth:`MADSetting.check` refuses.
+    """
     if task not in TASKS:
         raise TaskError(f"unknown MAD task 'mad:{task}'", hint=did_you_mean(task, TASKS))
     opts = dict(options or {})
@@ -693,10 +727,19 @@ def make_setting(task: str, options: dict[str, Any] | None = None) -> MADSetting
     if preset is not None:
         get_preset(str(preset))
     base = LITE_SETTINGS[task][0] if preset == "lite" else baseline(task)
-    try:
-        casted = {k: type(getattr(base, k))(v) for k, v in opts.items()}
-    except (TypeError, ValueError) as exc:
-        raise TaskError(f"bad option for mad:{task}: {exc}") from None
+    casted: dict[str, Any] = {}
+    for k, v in opts.items():
+        kind = type(getattr(base, k))
+        try:
+            if isinstance(v, bool) or (kind is int and isinstance(v, float)):
+                raise TypeError
+            casted[k] = kind(v)
+        except (TypeError, ValueError):
+            raise TaskError(
+                f"bad option for mad:{task}: {k} must be {'a whole number' if kind is int else 'a number'}, got {v!r}"
+            ) from None
+        if kind is float and not math.isfinite(casted[k]):
+            raise TaskError(f"bad option for mad:{task}: {k} must be finite, got {v!r}")
     s = replace(base, **casted)
     s.check()
     return s
@@ -708,11 +751,28 @@ def make_setting(task: str, options: dict[str, Any] | None = None) -> MADSetting
     "noisy-in-context-recall, selective-copying, compression, memorization; metric accuracy",
 )
 def make_mad_task(arg: str, options: dict[str, Any]) -> Task:
+    """``mad:<task>`` with options ``preset``, ``seed`` and any :class:`MADSetting` field.
+
+    Raises:
+        TaskError: no or an unknown task, an unknown option, a value of the wrong type, out
+            of range or over the limits, a setting that cannot make valid sequences.
+    """
     if not arg:
         raise TaskError("name a MAD task, e.g. mad:in-context-recall", hint=", ".join(TASKS))
     setting = make_setting(arg, options)
     preset = options.get("preset")
-    return MADTask(setting, seed=int(options.get("seed", 0)), preset=preset)
+    seed = options.get("seed", 0)
+    try:
+        if isinstance(seed, bool) or isinstance(seed, float):
+            raise TypeError
+        seed = int(seed)
+    except (TypeError, ValueError):
+        raise TaskError(
+            f"bad option for mad:{arg}: seed must be a whole number, got {seed!r}"
+        ) from None
+    if not 0 <= seed < 2**32:
+        raise TaskError(f"bad option for mad:{arg}: seed must be in 0..{2**32 - 1}, got {seed}")
+    return MADTask(setting, seed=seed, preset=preset)
 
 
 # --------------------------------------------------------------------------------------

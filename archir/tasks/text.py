@@ -4,12 +4,19 @@
 (``pydoc_data.topics``); ``text:<path>`` is any UTF-8 file. Vocabulary: the 256 byte
 values. The split is deterministic: the first 90% of bytes train, the last 10% validate.
 Metric: bits per byte on validation (``val_bpb`` = cross-entropy in nats / ln 2).
+
+Memory: the text is held once, as ``uint8`` (one byte of RAM per byte of text, read with a
+single ``readinto``); only each batch is widened to ``int64``. Files are checked with
+``stat`` before they are opened: devices, fifos, sockets and folders are refused without
+reading, and so are files over :data:`MAX_TEXT_BYTES`.
 """
 
 from __future__ import annotations
 
+import codecs
 import math
-from pathlib import Path
+import os
+import stat
 from typing import Any
 
 import torch
@@ -17,6 +24,10 @@ import torch.nn.functional as F
 
 from archir.errors import TaskError
 from archir.tasks.base import Task, register_task
+
+#: the largest text file a ``text:<path>`` task reads (it is held in memory once)
+MAX_TEXT_BYTES = 4 * 2**30
+_CHUNK = 1 << 20
 
 
 def pydoc_bytes() -> bytes:
@@ -27,15 +38,24 @@ def pydoc_bytes() -> bytes:
 
 
 class TextTask(Task):
-    """Next-byte prediction. Inputs/targets: ``[batch, seq]`` int64 (targets shifted by 1)."""
+    """Next-byte prediction. Inputs/targets: ``[batch, seq]`` int64 (targets shifted by 1).
+
+    Raises (from the batch methods):
+        TaskError: a split is too short for ``seq_len``.
+    """
 
     metric = "val_bpb"
     direction = "minimize"
     model_task = "causal_lm"
 
-    def __init__(self, name: str, data: bytes, val_fraction: float = 0.1) -> None:
+    def __init__(self, name: str, data: bytes | torch.Tensor, val_fraction: float = 0.1) -> None:
+        """``data``: the text's bytes, or a 1-D ``uint8`` tensor of them (kept, not copied).
+        ``train_data`` / ``val_data`` are ``uint8`` views of it (1 byte per byte)."""
         self.name = name
-        arr = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
+        if isinstance(data, torch.Tensor):
+            arr = data.reshape(-1).to(torch.uint8)
+        else:
+            arr = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         n_val = max(1, int(len(arr) * val_fraction))
         self.train_data = arr[: len(arr) - n_val]
         self.val_data = arr[len(arr) - n_val :]
@@ -62,7 +82,7 @@ class TextTask(Task):
         self._need(data, seq_len, "training")
         starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen)
         idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]
-        window = data[idx]
+        window = data[idx].long()
         return window[:, :-1], window[:, 1:]
 
     def val_batches(self, batch_size: int, seq_len: int, max_batches: int):
@@ -76,7 +96,7 @@ class TextTask(Task):
         for i in range(0, n_windows, batch_size):
             s = starts[i : i + batch_size]
             idx = s[:, None] + torch.arange(seq_len + 1)[None, :]
-            w = data[idx]
+            w = data[idx].long()
             yield w[:, :-1], w[:, 1:]
 
     def loss(self, model, x, y):
@@ -102,28 +122,115 @@ class TextTask(Task):
     "text:<path> (any UTF-8 file); metric val_bpb",
 )
 def make_text_task(arg: str, options: dict[str, Any]) -> Task:
+    """``text:pydoc`` (or ``text``) or ``text:<path>``; option ``val_fraction`` in (0, 1).
+
+    Raises:
+        TaskError: an unknown or bad option, or a file :func:`read_text_file` refuses.
+    """
     unknown = sorted(set(options) - {"val_fraction"})
     if unknown:
         raise TaskError(
             f"text tasks take no option {', '.join(repr(u) for u in unknown)}",
             hint="the only text option is val_fraction (default 0.1)",
         )
+    raw = options.get("val_fraction", 0.1)
     try:
-        val_fraction = float(options.get("val_fraction", 0.1))
+        if isinstance(raw, bool):
+            raise TypeError
+        val_fraction = float(raw)
     except (TypeError, ValueError):
         raise TaskError(f"val_fraction must be a number, got {options['val_fraction']!r}") from None
     if not 0.0 < val_fraction < 1.0:
         raise TaskError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if arg in ("", "pydoc"):
         return TextTask("text:pydoc", pydoc_bytes(), val_fraction)
-    p = Path(arg)
-    if not p.is_file():
-        raise TaskError(f"text file '{arg}' does not exist", hint="give a path to a UTF-8 file")
-    raw = p.read_bytes()
+    return TextTask(f"text:{arg}", read_text_file(arg), val_fraction)
+
+
+def read_text_file(path: str) -> torch.Tensor:
+    """The bytes of the UTF-8 text file ``path`` as a 1-D ``uint8`` tensor, read once.
+
+    The file is ``stat``-ed before it is opened, and opened non-blocking then ``fstat``-ed
+    again, so a device, fifo, socket or folder is never read (and a fifo never blocks).
+    Peak memory is the file's size plus one 1 MiB chunk being checked.
+
+    Raises:
+        TaskError: the file does not exist, is not a regular file, cannot be read, is larger
+            than :data:`MAX_TEXT_BYTES`, is empty (only whitespace) or is not UTF-8.
+    """
+    hint = "give a path to a UTF-8 text file"
     try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TaskError(f"text file '{arg}' is not UTF-8 (byte {exc.start})") from None
-    if not raw.strip():
-        raise TaskError(f"text file '{arg}' is empty", hint="give a file with some text")
-    return TextTask(f"text:{arg}", raw, val_fraction)
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise TaskError(f"text file '{path}' does not exist", hint=hint) from None
+    except OSError as exc:
+        raise TaskError(f"text file '{path}' cannot be read: {exc.strerror}", hint=hint) from None
+    _check_regular(path, st.st_mode, hint)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise TaskError(f"text file '{path}' cannot be read: {exc.strerror}", hint=hint) from None
+    try:
+        st = os.fstat(fd)
+        _check_regular(path, st.st_mode, hint)  # replaced between stat and open
+        size = st.st_size
+        if size > MAX_TEXT_BYTES:
+            raise TaskError(
+                f"text file '{path}' has {size:,} bytes, over the limit of "
+                f"{MAX_TEXT_BYTES:,} (it is held in memory)",
+                hint="use a shorter text (a sample of the corpus)",
+            )
+        try:
+            buf = torch.empty(size, dtype=torch.uint8)
+        except RuntimeError:  # allocation failed
+            raise TaskError(
+                f"text file '{path}' ({size:,} bytes) does not fit in memory",
+                hint="use a shorter text",
+            ) from None
+        view = memoryview(buf.numpy()).cast("B")
+        got = 0
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+    except OSError as exc:
+        raise TaskError(f"text file '{path}' cannot be read: {exc.strerror}", hint=hint) from None
+    finally:
+        os.close(fd)
+    if got < size:
+        buf = buf[:got]  # the file shrank while it was read: use what was there
+        view = view[:got]
+    _check_text(path, view)
+    return buf
+
+
+def _check_regular(path: str, mode: int, hint: str) -> None:
+    if stat.S_ISDIR(mode):
+        raise TaskError(f"text file '{path}' is a folder", hint=hint)
+    if not stat.S_ISREG(mode):
+        raise TaskError(
+            f"text file '{path}' is not a regular file (a device, fifo or socket); it was not read",
+            hint=hint,
+        )
+
+
+def _check_text(path: str, data: memoryview) -> None:
+    """Refuse an empty (whitespace-only) or non-UTF-8 text, checking 1 MiB at a time."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    blank = True
+    n = len(data)
+    for start in range(0, max(n, 1), _CHUNK):
+        chunk = data[start : start + _CHUNK]
+        try:
+            decoder.decode(chunk, final=start + _CHUNK >= n)
+        except UnicodeDecodeError as exc:
+            raise TaskError(
+                f"text file '{path}' is not UTF-8 (byte {start + exc.start})",
+                hint="convert it to UTF-8 (e.g. iconv -t utf-8)",
+            ) from None
+        if blank and bytes(chunk).strip():
+            blank = False
+    if blank:
+        raise TaskError(f"text file '{path}' is empty", hint="give a file with some text")
