@@ -8,7 +8,8 @@ Two ways to run a case:
   allocations (``tracemalloc``) during the call.
 - :func:`run_cli_subprocess` — a fresh ``python -m archir.cli`` with an address-space limit
   (``RLIMIT_AS``) and a wall-clock timeout, for inputs that could hang or eat memory; returns
-  the same fields, with the child's peak resident memory (``ru_maxrss``).
+  the same fields, with the child's own peak resident memory (``ru_maxrss`` from
+  ``os.wait4``).
 
 :func:`assert_refused` checks the contract: exit 2, one located line on stderr starting
 ``error:`` (or argparse's ``archir ...: error:``), no traceback, within time and memory.
@@ -22,6 +23,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -89,23 +91,34 @@ def run_cli_subprocess(
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
-    p = subprocess.run(
-        [sys.executable, "-m", "archir.cli", *[str(a) for a in args]],
-        cwd=cwd,
-        env=env,
-        stdin=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        preexec_fn=limit,
-    )
-    seconds = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all children so far: report it when it grew
-    peak_mb = (after if after > before else 0) / 1024.0
-    return Outcome(p.returncode, p.stdout, p.stderr, seconds, peak_mb)
+    with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(
+            [sys.executable, "-m", "archir.cli", *[str(a) for a in args]],
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            stdout=fout,
+            stderr=ferr,
+            text=True,
+            preexec_fn=limit,
+        )
+        # os.wait4 gives this child's own resource usage (peak resident memory)
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid == p.pid:
+                break
+            if time.perf_counter() - t0 > timeout:
+                p.kill()
+                os.wait4(p.pid, 0)
+                raise subprocess.TimeoutExpired(p.args, timeout)
+            time.sleep(0.01)
+        seconds = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        fout.seek(0)
+        ferr.seek(0)
+        out, err = fout.read(), ferr.read()
+    return Outcome(p.returncode, out, err, seconds, usage.ru_maxrss / 1024.0)
 
 
 def assert_refused(
