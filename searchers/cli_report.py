@@ -26,12 +26,25 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+#: a pareto.json larger than this is not one archir wrote for a study it could report
+MAX_PARETO_BYTES = 512 * 2**20
+
+
 def load_pareto(run: Path) -> dict[str, Any]:
-    """The run's ``pareto.json``.
+    """The run's ``pareto.json``, checked to be one a search wrote.
 
     Raises:
-        SearchError: the folder is not a finished search run.
+        SearchError: the folder is missing, not a folder, or not a finished search run; its
+            ``pareto.json`` is not a regular file, too large, not JSON or not a search result.
     """
+    if not run.exists():
+        raise SearchError(
+            f"no such run folder: {run}", hint="give a folder made by 'archir search' (runs/<name>)"
+        )
+    if not run.is_dir():
+        raise SearchError(
+            f"{run} is not a folder", hint="give a folder made by 'archir search' (runs/<name>)"
+        )
     p = run / "pareto.json"
     if not p.is_file():
         hint = (
@@ -39,8 +52,59 @@ def load_pareto(run: Path) -> dict[str, Any]:
             if (run / "run.json").is_file()
             else "give a folder made by 'archir search' (runs/<name>)"
         )
-        raise SearchError(f"no pareto.json in {run}", hint=hint)
-    return json.loads(p.read_text())
+        what = "no pareto.json" if not p.exists() else "pareto.json is not a regular file"
+        raise SearchError(f"{what} in {run}", hint=hint)
+    if p.stat().st_size > MAX_PARETO_BYTES:
+        raise SearchError(f"{p} is too large to be a search result ({p.stat().st_size} bytes)")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise SearchError(
+            f"{p} cannot be read: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}",
+            hint="it was not written by 'archir search'; re-run the search to write it again",
+        ) from None
+    problem = _shape_problem(doc)
+    if problem:
+        raise SearchError(
+            f"{p} is not a search result: {problem}",
+            hint="it was not written by 'archir search'; re-run the search to write it again",
+        )
+    return doc  # type: ignore[no-any-return]
+
+
+def _shape_problem(doc: Any) -> str | None:
+    """What makes ``doc`` not a ``pareto.json`` archir writes, or None."""
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "study": str,
+        "objectives": dict,
+        "constraints": dict,
+        "front": list,
+        "trials": list,
+        "states": dict,
+        "n_trials": int,
+    }
+    for key, kind in kinds.items():
+        if not isinstance(doc.get(key), kind):
+            return f"'{key}' missing or of the wrong type"
+    for where in ("front", "trials"):
+        for i, row in enumerate(doc[where]):
+            if not isinstance(row, dict):
+                return f"{where}[{i}] is not an object"
+            for key, kind in (
+                ("trial", int),
+                ("status", str),
+                ("objectives", dict),
+                ("constraints", dict),
+            ):
+                if not isinstance(row.get(key), kind):
+                    return f"{where}[{i}].{key} missing or of the wrong type"
+            if not all(isinstance(v, dict) for v in row["constraints"].values()):
+                return f"{where}[{i}].constraints holds a value that is not an object"
+    if doc.get("best") is not None and not isinstance(doc["best"], int):
+        return "'best' is not a trial number"
+    return None
 
 
 def print_report(run: str | Path, *, brief: bool = False, show_all: bool = False) -> None:
@@ -70,7 +134,7 @@ def print_report(run: str | Path, *, brief: bool = False, show_all: bool = False
             st = r["constraints"].get(c, {})
             mark = "ok" if st.get("ok") else "NO"
             cells.append(f"{_fmt(st.get('value'))} {mark}")
-        cells.append(str(r["spec"]))
+        cells.append(str(r.get("spec", "-")))
         table.add_row(*cells)
     console.print(table)
     states = ", ".join(f"{k}: {v}" for k, v in sorted(doc["states"].items()))

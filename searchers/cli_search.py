@@ -1,4 +1,10 @@
-"""``archir search SPEC``: search the choices a spec leaves open (Optuna)."""
+"""``archir search SPEC``: search the choices a spec leaves open (Optuna).
+
+Every numeric flag is range-checked before any work (:func:`searchers.config.check_option_bounds`
+and the ``search:`` section's schema), every enumerated one has its choices; ``--study`` is a
+name and the run folder defaults to ``runs/<study>``. SIGTERM stops a search as Ctrl-C does:
+the running trial is recorded as interrupted and retried when the same command runs again.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +15,23 @@ HELP = "search the open choices of a spec (TPE / NSGA-II / random / GP); resumab
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="spec file with search nodes and a search: section")
-    p.add_argument("--trials", type=int, help="finished trials to reach (budget)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        help="budget: trials that count (distinct models; repeats of a model, interrupted "
+        "and retried trials do not count)",
+    )
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "gp"])
-    p.add_argument("--workers", type=int, help="processes sharing the study")
-    p.add_argument("--seed", type=int, help="sampler seed (same seed, same proposals)")
+    p.add_argument("--workers", type=int, help="processes sharing the study (1-256)")
+    p.add_argument("--seed", type=int, help="sampler seed, 0 to 2^31-1 (same seed, same proposals)")
     p.add_argument("--fidelity", choices=["cost", "proxy", "full"])
     p.add_argument("--steps", type=int, help="training steps per trial (proxy fidelity)")
     p.add_argument("--timeout", type=float, dest="timeout_s", help="search wall-time budget, s")
-    p.add_argument("--storage", help="Optuna storage URL (default: runs/<name>/study.journal)")
-    p.add_argument("--study", help="study name (default: the spec's name)")
-    p.add_argument("--out", help="run folder (default: runs/<name>)")
+    p.add_argument("--storage", help="Optuna storage URL (default: <run folder>/study.journal)")
+    p.add_argument(
+        "--study", help="study name: letters, digits, '_', '-' (default: the spec's name)"
+    )
+    p.add_argument("--out", help="run folder (default: runs/<study>)")
     p.add_argument("--no-export", action="store_true", help="skip best/model.onnx")
     p.add_argument(
         "--searcher",
@@ -76,14 +89,13 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _run_oneshot(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from archir.spec import load_spec
     from searchers.cli_report import print_report
     from searchers.darts import run_oneshot
+    from searchers.run import run_location
 
     spec = load_spec(args.spec)
-    run_dir = Path(args.out) if args.out else Path("runs") / spec.name
+    run_dir, _ = run_location(spec, args.out, args.study)
     res = run_oneshot(
         spec,
         run_dir,
@@ -118,12 +130,18 @@ def _run_oneshot(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from searchers.cli_report import print_report
-    from searchers.run import run_search
+    from searchers.run import sigterm_interrupts
 
     _check_flags(args)
-    if args.searcher != "optuna":
-        return _run_oneshot(args)
+    with sigterm_interrupts():
+        if args.searcher != "optuna":
+            return _run_oneshot(args)
+        return _run_optuna(args)
+
+
+def _run_optuna(args: argparse.Namespace) -> int:
+    from searchers.cli_report import print_report
+    from searchers.run import run_search
 
     res = run_search(
         args.spec,

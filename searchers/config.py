@@ -3,6 +3,7 @@ the Pareto bookkeeping and the one-shot searchers; imports none of them)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import optuna
 
+from archir.errors import SearchError
 from archir.spec.sections import SearchSection, TrainSection
 from searchers.objectives import PRE_TRAINING, Constraint, Objective, parse_objectives
 
@@ -119,3 +121,84 @@ def _silence() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message=".*heartbeat.*")
+
+
+def fidelity_signature(cfg: SearchConfig) -> dict[str, Any]:
+    """What a trial's training budget is: the fidelity kind and, when trials train, the
+    ``train:`` section a trial runs with (:func:`trial_train_cfg`, thread count left out).
+    Stored with a study when it is created (``archir:fidelity``); a resumed study refuses
+    another one, so that a front never compares trials trained at different budgets."""
+    kind = cfg.section.fidelity.kind
+    if kind == "cost":
+        return {"kind": "cost"}
+    train = trial_train_cfg(cfg).model_dump(mode="json")
+    train.pop("threads", None)
+    return {"kind": kind, "train": train}
+
+
+def fidelity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two :func:`fidelity_signature` values: ``["train.steps 4 -> 30"]``."""
+
+    def flat(d: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"fidelity": d.get("kind")}
+        for k, v in (d.get("train") or {}).items():
+            out[f"train.{k}"] = v
+        return out
+
+    if old.get("kind") != new.get("kind") and "cost" in (old.get("kind"), new.get("kind")):
+        return [f"fidelity {old.get('kind')!r} -> {new.get('kind')!r}"]
+    a, b = flat(old), flat(new)
+    return [
+        f"{k} {a.get(k, '-')!r} -> {b.get(k, '-')!r}"
+        for k in sorted(set(a) | set(b), key=lambda k: (k != "fidelity", k))
+        if a.get(k) != b.get(k)
+    ]
+
+
+#: upper bounds of the search options (lower bounds: the ``search:`` section's schema)
+MAX_TRIALS = 1_000_000
+MAX_WORKERS = 256
+MAX_STEPS = 100_000_000
+MAX_TIMEOUT_S = 10 * 365 * 86400.0
+MAX_SEED = 2**31 - 1
+
+
+def check_option_bounds(**given: Any) -> None:
+    """Range-check search options — given on the command line, to :func:`run_search` /
+    :func:`run_oneshot`, or in the spec's ``search:`` section (``None`` = not set):
+    ``trials``, ``workers``, ``steps``, ``supernet_steps``, ``seed``, ``timeout_s``. (The
+    lower bounds of the ``search:`` fields are also the section's schema's.)
+
+    Raises:
+        SearchError: a value out of range, not a whole number, or not finite; the message
+            names the flag, the ``search:`` field and the value.
+    """
+    bounds: dict[str, tuple[str, float, float]] = {
+        "trials": ("--trials (search.budget.trials)", 1, MAX_TRIALS),
+        "workers": ("--workers (search.workers)", 1, MAX_WORKERS),
+        "steps": ("--steps (search.fidelity.steps)", 1, MAX_STEPS),
+        "supernet_steps": ("--supernet-steps", 1, MAX_STEPS),
+        "seed": ("--seed (search.seed)", 0, MAX_SEED),
+        "timeout_s": ("--timeout (search.budget.timeout_s)", 0, MAX_TIMEOUT_S),
+    }
+    for key, value in given.items():
+        if value is None:
+            continue
+        flag, lo, hi = bounds[key]
+        whole = key != "timeout_s"
+        ok_type = (
+            isinstance(value, int) if whole else isinstance(value, int | float)
+        ) and not isinstance(value, bool)
+        if not ok_type:
+            what = "a whole number" if whole else "a number"
+            raise SearchError(f"bad search option {flag}: expected {what} (got {value!r})")
+        if not math.isfinite(value):
+            raise SearchError(f"bad search option {flag}: must be finite (got {value!r})")
+        if value < lo or (key == "timeout_s" and value <= 0):
+            rel = "greater than 0" if key == "timeout_s" else f"at least {int(lo)}"
+            raise SearchError(f"bad search option {flag}: must be {rel} (got {value!r})")
+        if value > hi:
+            raise SearchError(
+                f"bad search option {flag}: must be at most {int(hi)} (got {value!r})",
+                hint="see 'archir search --help'",
+            )

@@ -841,9 +841,39 @@ def run_oneshot(
 
     Raises:
         SearchError: unknown method/relax/option, a bad option value, nothing searchable,
-            a block with too many configurations, a study of that name over another space,
-            or an unreachable storage. SpecError: the spec is invalid.
+            a block with too many configurations, a run folder of another study or not made
+            by archir, a study of that name over another space, objectives or training
+            budget, or an unreachable storage. SpecError: the spec is invalid. PathError: a
+            name that is not one, a ``run_dir`` where no folder can be written. Nothing this
+            call did not create is removed: when it fails, what it created is.
     """
+    from archir.paths import Created
+
+    created = Created()  # what this call makes: removed again if it fails
+    try:
+        return _run_oneshot(
+            spec, run_dir, method, relax, seed, steps, say=say, created=created, **options
+        )
+    except ArchirError:
+        created.undo()
+        raise
+
+
+def _run_oneshot(
+    spec: Spec | str | Path,
+    run_dir: str | Path,
+    method: str,
+    relax: str,
+    seed: int,
+    steps: int | None,
+    *,
+    say: Any,
+    created: Any,
+    **options: Any,
+) -> dict[str, Any]:
+    """:func:`run_oneshot`; what it creates is recorded in ``created``."""
+    from archir.paths import write_text
+    from searchers.config import check_option_bounds, fidelity_signature
     from searchers.pareto import finalize
     from searchers.run import (
         Evaluator,
@@ -851,8 +881,13 @@ def run_oneshot(
         TrialFailed,
         _objectives,
         _silence,
+        check_run_folder,
+        check_study,
+        create_or_load_study,
         open_storage,
+        run_location,
         trial_train_cfg,
+        write_run_files,
     )
     from searchers.space import space_description, space_hash
 
@@ -884,7 +919,14 @@ def run_oneshot(
     deadline = None
 
     # -- configuration, exactly as run_search builds it -----------------------------------
-    run_dir = Path(run_dir)
+    check_option_bounds(
+        trials=ocfg.trials,
+        steps=ocfg.trial_steps,
+        supernet_steps=ocfg.steps,
+        seed=seed,
+        timeout_s=ocfg.timeout_s,
+    )
+    run_dir, study_name = run_location(spec, run_dir, ocfg.study)
     searcher = method if method == "spos" else f"darts-{relax}"
     torch.manual_seed(seed)
     net = build_supernet(spec, held=ocfg.held)
@@ -913,7 +955,6 @@ def run_oneshot(
         deadline = wall0 + float(sec.budget.timeout_s)
     train_sec = ref.model.train
     shash = space_hash(spec.nodes)
-    study_name = ocfg.study or spec.name
     cfg = SearchConfig(
         spec_path=str(run_dir / "spec.yaml"),
         run_dir=str(run_dir),
@@ -928,48 +969,47 @@ def run_oneshot(
     )
     objectives, constraints, _ = _objectives(cfg)
     trial_cfg = trial_train_cfg(cfg)
-    # the storage is opened (and the study checked) before anything is trained
-    run_dir.mkdir(parents=True, exist_ok=True)
+    fid_sig = fidelity_signature(cfg)
+    # the run folder and the study are checked (the shared set-up of searchers.run) before
+    # anything is written or trained; a failure removes only what this call created
+    check_run_folder(run_dir, study_name, shash, ocfg.storage)
+    if ocfg.storage is not None or cfg.journal.exists():
+        check_study(open_storage(ocfg.storage, cfg.journal), study_name, shash, objectives, fid_sig)
+    created.mkdir(run_dir)
+    if ocfg.storage is None and not cfg.journal.exists():
+        created.file(cfg.journal)
     storage = open_storage(ocfg.storage, cfg.journal)
-    study = optuna.create_study(
-        storage=storage,
-        study_name=study_name,
-        directions=[str(o.direction) for o in objectives],  # type: ignore[misc]
-        load_if_exists=True,
+    held_doc = net.held_doc()
+    write_run_files(
+        run_dir,
+        created,
+        {
+            "spec": str(spec.file or run_dir / "spec.yaml"),
+            "study": study_name,
+            "storage": ocfg.storage or "study.journal",
+            "space_hash": shash,
+            "space": space_description(spec.nodes),
+            "objectives": {o.metric: o.direction for o in objectives},
+            "constraints": {c.metric: c.text for c in constraints},
+            "search": sec.model_dump(),
+            "fidelity": fid_sig,
+            "searcher": searcher,
+            "held": held_doc,
+        },
+        spec.to_yaml(),
+    )
+    study = create_or_load_study(
+        storage,
+        study_name,
+        spec,
+        shash,
+        objectives,
+        constraints,
+        fid_sig,
         sampler=optuna.samplers.RandomSampler(seed=seed),
         pruner=optuna.pruners.NopPruner(),
     )
-    old_hash = study.user_attrs.get("archir:space_hash")
-    if old_hash is not None and old_hash != shash:
-        raise SearchError(
-            f"study '{study_name}' in {ocfg.storage or cfg.journal} searches another space",
-            hint="use another --study name or run folder",
-        )
-    if old_hash is None:
-        study.set_user_attr("archir:space_hash", shash)
-        study.set_user_attr("archir:objectives", [[o.metric, o.direction] for o in objectives])
-        study.set_user_attr("archir:constraints", [[c.metric, c.text] for c in constraints])
-        study.set_user_attr("archir:spec", spec.to_yaml())
-    (run_dir / "spec.yaml").write_text(spec.to_yaml(), encoding="utf-8")
-    held_doc = net.held_doc()
-    (run_dir / "run.json").write_text(
-        json.dumps(
-            {
-                "spec": str(spec.file or run_dir / "spec.yaml"),
-                "study": study_name,
-                "storage": ocfg.storage or "study.journal",
-                "space_hash": shash,
-                "space": space_description(spec.nodes),
-                "objectives": {o.metric: o.direction for o in objectives},
-                "constraints": {c.metric: c.text for c in constraints},
-                "search": sec.model_dump(),
-                "searcher": searcher,
-                "held": held_doc,
-            },
-            indent=2,
-            default=str,
-        )
-    )
+    created.mkdir(run_dir / "trials")
     if held_doc:
         say(
             "held decisions (not searched by the supernet; set with held={name: value}): "
@@ -1075,7 +1115,7 @@ def run_oneshot(
         "chosen": [{"arch": _labels(net, a), **info} for a, info in finals],
         "config": asdict(ocfg),
     }
-    (run_dir / "arch_weights.json").write_text(json.dumps(doc, indent=2, default=str))
+    write_text(run_dir / "arch_weights.json", json.dumps(doc, indent=2, default=str))
 
     # -- retrain and record each as a trial --------------------------------------------------
     cpu_s0 = time.process_time()
@@ -1118,7 +1158,7 @@ def run_oneshot(
             "held": held_doc,
             "latency": lat_doc,
         }
-        rep_path.write_text(json.dumps(rep, indent=2, default=str))
+        write_text(rep_path, json.dumps(rep, indent=2, default=str))
     trial_rows = []
     for n in numbers:
         t = study.trials[n]
@@ -1161,5 +1201,5 @@ def run_oneshot(
         },
         "wall_s": time.perf_counter() - wall0,
     }
-    (run_dir / "oneshot.json").write_text(json.dumps(out, indent=2, default=str))
+    write_text(run_dir / "oneshot.json", json.dumps(out, indent=2, default=str))
     return out

@@ -7,6 +7,13 @@ trial), infeasible ones greyed, the front highlighted. ``best/`` holds the chose
 (best on the first objective among the front): ``spec.yaml``, ``model.safetensors``,
 ``model.onnx`` (parity-checked against onnxruntime) and ``report.json``.
 
+Everything here comes from the study's storage, not from the local run folder: each trial's
+concrete spec is its ``spec_yaml`` user attribute (the folder's ``trials/<n>/spec.yaml`` is
+the fallback for studies written before it was stored). Only the best trial's weights are
+local files: when another machine trained it (its ``archir:host`` system attribute), ``best/``
+gets ``spec.yaml`` and ``report.json``, the report names that host, and the export is
+skipped — the search still finishes normally.
+
 When a search optimizes or constrains ``latency_ms``, every front member is **re-measured**
 before it is reported (:func:`searchers.latency.remeasure_all`: measured, never predicted, with
 the full harness): its row carries the re-measured value in ``values.latency_ms``, the
@@ -28,10 +35,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from archir.errors import ArchirError
+from archir.errors import ArchirError, SearchError
+from archir.paths import inside, write_text
 from searchers.config import SearchConfig, SearchResult
-from searchers.objectives import Constraint, Objective
-from searchers.storage import open_storage
+from searchers.objectives import PRE_TRAINING, Constraint, Objective
+from searchers.storage import ATTR_HOST, HOST, open_storage
 
 
 def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
@@ -122,6 +130,38 @@ def trial_row(
     return row
 
 
+def trial_spec_text(t: FrozenTrial, run_dir: Path) -> tuple[str, str]:
+    """Trial ``t``'s concrete spec as YAML text and where it came from: the storage (its
+    ``spec_yaml`` attribute), else ``run_dir/trials/<n>/spec.yaml``.
+
+    Raises:
+        SearchError: neither is there (naming the trial and the host it ran on).
+    """
+    text = t.user_attrs.get("spec_yaml")
+    if isinstance(text, str):
+        return text, f"trial {t.number} (storage)"
+    path = run_dir / str(t.user_attrs.get("spec", f"trials/{t.number}/spec.yaml"))
+    try:
+        return inside(run_dir, path).read_text(encoding="utf-8"), str(path)
+    except OSError as exc:
+        raise SearchError(
+            f"trial {t.number}: no concrete spec in the storage nor in {path} ({exc.strerror})",
+            hint="it ran on host " + str(t.system_attrs.get(ATTR_HOST, "?")),
+        ) from None
+
+
+def trial_spec(t: FrozenTrial, run_dir: Path) -> Any:
+    """Trial ``t``'s concrete :class:`~archir.spec.loader.Spec` (:func:`trial_spec_text`).
+
+    Raises:
+        ArchirError: it is missing or invalid.
+    """
+    from archir.spec.loader import spec_from_text
+
+    text, where = trial_spec_text(t, run_dir)
+    return spec_from_text(text, file=where)
+
+
 def _vector(
     t: FrozenTrial, objectives: list[Objective], remeasured: dict[int, dict[str, Any]]
 ) -> list[float]:
@@ -141,7 +181,6 @@ def remeasure_front(
 ) -> tuple[list[FrozenTrial], dict[int, dict[str, Any]]]:
     """Re-measure the latency of each front member (module docstring); return the front
     that survives and the records by trial number."""
-    from archir.spec.loader import load_spec
     from searchers.latency import remeasure_all
 
     used = {o.metric for o in objectives} | {c.metric for c in constraints}
@@ -152,9 +191,7 @@ def remeasure_front(
     specs: dict[int, Any] = {}
     for t in front:
         try:
-            specs[t.number] = load_spec(
-                run_dir / t.user_attrs.get("spec", f"trials/{t.number}/spec.yaml")
-            )
+            specs[t.number] = trial_spec(t, run_dir)
         except (ArchirError, OSError) as exc:
             say(f"trial {t.number}: latency not re-measured ({exc}); search-time value kept")
     out, errors = remeasure_all(specs, lat, seq)
@@ -287,6 +324,81 @@ def export_best(best_dir: Path, spec: Any, model: Any) -> dict[str, Any]:
     return out
 
 
+def _write_best(
+    run_dir: Path,
+    trials: list[FrozenTrial],
+    best_t: FrozenTrial,
+    objectives: list[Objective],
+    constraints: list[Constraint],
+    remeasured: dict[int, dict[str, Any]],
+    cfg: SearchConfig,
+    export: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """``best/``: the best trial's spec and report (from the storage), its weights and ONNX
+    export when they are on this machine."""
+    from archir.spec.loader import spec_from_text
+
+    bdir = run_dir / "best"
+    if bdir.is_symlink():
+        bdir.unlink()  # a link: removed, never followed
+    elif bdir.exists():
+        shutil.rmtree(inside(run_dir, bdir))
+    bdir.mkdir()
+    text, where = trial_spec_text(best_t, run_dir)
+    write_text(bdir / "spec.yaml", text)
+    bspec = spec_from_text(text, file=where)
+    best = trial_row(best_t, objectives, constraints, remeasured)
+    src_n = best_t.user_attrs.get("duplicate_of")
+    src_n = best_t.number if src_n is None else int(src_n)
+    src_t = next((t for t in trials if t.number == src_n), best_t)
+    weights = run_dir / "trials" / str(src_n) / "model.safetensors"
+    host = src_t.system_attrs.get(ATTR_HOST)
+    cost_only = cfg.section.fidelity.kind == "cost"
+    trained = not cost_only and any(
+        m not in PRE_TRAINING
+        for m in [o.metric for o in objectives] + [c.metric for c in constraints]
+    )
+    if weights.is_file():
+        inside(run_dir, weights)
+        shutil.copyfile(weights, bdir / "model.safetensors")  # normal mode, not the source's
+    elif trained:
+        where = (
+            f"on host {host} (its run folder's trials/{src_n}/model.safetensors)"
+            if host is not None and host != HOST
+            else f"not in {weights.parent} (trial {src_n} ran on host {host or '?'})"
+        )
+        msg = f"the weights of trial {src_n} are {where}: best/ has its spec and report only"
+        best["weights"] = {"trial": src_n, "host": host, "here": False}
+        say(msg + (", export skipped" if export else ""))
+        if export:
+            best["export"] = {"skipped": msg}
+    if export and weights.is_file():
+        from safetensors.torch import load_model
+
+        from archir.compiler import compile as compile_spec
+
+        model = compile_spec(bspec, seed=0)
+        load_model(model, str(weights))
+        model.eval()
+        t0 = time.perf_counter()
+        try:
+            best["export"] = export_best(bdir, bspec, model)
+            best["export"]["wall_s"] = time.perf_counter() - t0
+            say(f"exported {bdir / 'model.onnx'} (parity checked)")
+        except ModuleNotFoundError as exc:
+            best["export"] = {"error": f"exporters unavailable: {exc}"}
+            say(f"no ONNX export: {exc}")
+        except ArchirError as exc:  # e.g. ExportError on a parity failure
+            best["export"] = {"error": str(exc)}
+            say(f"ONNX export failed: {exc}")
+    elif export and not trained:
+        why = "fidelity cost" if cost_only else "no objective or constraint needs training"
+        best["export"] = {"skipped": f"no trained weights ({why})"}
+    write_text(bdir / "report.json", json.dumps(best, indent=2, default=str))
+    return best
+
+
 def finalize(
     cfg: SearchConfig,
     objectives: list[Objective],
@@ -296,9 +408,12 @@ def finalize(
     say: Callable[[str], None] = print,
 ) -> SearchResult:
     """Write ``pareto.json``, ``pareto.png`` and ``best/``; drop weights of trials off the
-    front; return the :class:`~searchers.run.SearchResult`."""
-    from archir.spec.loader import load_spec
+    front; return the :class:`~searchers.run.SearchResult`. Reads everything but the best
+    trial's weights from the storage (module docstring).
 
+    Raises:
+        PathError: ``best/`` or a trial folder leads outside the run folder (a link).
+    """
     run_dir = Path(cfg.run_dir)
     storage = open_storage(cfg.storage_url, cfg.journal, cfg.heartbeat_interval, cfg.grace_period)
     study = optuna.load_study(study_name=cfg.study_name, storage=storage)
@@ -328,7 +443,7 @@ def finalize(
         "best": best_t.number if best_t else None,
         "trials": [trial_row(t, objectives, constraints, remeasured) for t in trials],
     }
-    (run_dir / "pareto.json").write_text(json.dumps(doc, indent=2, default=str))
+    write_text(run_dir / "pareto.json", json.dumps(doc, indent=2, default=str))
     plot_front(
         run_dir / "pareto.png", trials, front, objectives, f"{cfg.study_name}: {len(trials)} trials"
     )
@@ -336,46 +451,13 @@ def finalize(
     keep = {t.number for t in front}
     for t in trials:
         w = run_dir / "trials" / str(t.number) / "model.safetensors"
-        if t.number not in keep and w.exists():
-            w.unlink()
+        if t.number not in keep and w.is_file() and not w.is_symlink():
+            inside(run_dir, w).unlink()
     best: dict[str, Any] | None = None
     if best_t is not None:
-        bdir = run_dir / "best"
-        if bdir.exists():
-            shutil.rmtree(bdir)
-        bdir.mkdir()
-        tdir = run_dir / "trials" / str(best_t.number)
-        src_dir = tdir
-        if best_t.user_attrs.get("duplicate_of") is not None:
-            src_dir = run_dir / "trials" / str(best_t.user_attrs["duplicate_of"])
-        shutil.copy(tdir / "spec.yaml", bdir / "spec.yaml")
-        best = trial_row(best_t, objectives, constraints, remeasured)
-        weights = src_dir / "model.safetensors"
-        if weights.exists():
-            shutil.copy(weights, bdir / "model.safetensors")
-        if export and weights.exists():
-            from safetensors.torch import load_model
-
-            from archir.compiler import compile as compile_spec
-
-            bspec = load_spec(bdir / "spec.yaml")
-            model = compile_spec(bspec, seed=0)
-            load_model(model, str(weights))
-            model.eval()
-            t0 = time.perf_counter()
-            try:
-                best["export"] = export_best(bdir, bspec, model)
-                best["export"]["wall_s"] = time.perf_counter() - t0
-                say(f"exported {bdir / 'model.onnx'} (parity checked)")
-            except ModuleNotFoundError as exc:
-                best["export"] = {"error": f"exporters unavailable: {exc}"}
-                say(f"no ONNX export: {exc}")
-            except ArchirError as exc:  # e.g. ExportError on a parity failure
-                best["export"] = {"error": str(exc)}
-                say(f"ONNX export failed: {exc}")
-        elif export:
-            best["export"] = {"skipped": "no trained weights (fidelity cost)"}
-        (bdir / "report.json").write_text(json.dumps(best, indent=2, default=str))
+        best = _write_best(
+            run_dir, trials, best_t, objectives, constraints, remeasured, cfg, export, say
+        )
     return SearchResult(
         run_dir=run_dir,
         study_name=cfg.study_name,

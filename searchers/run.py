@@ -29,10 +29,37 @@ plot show measured values only, and infeasible trials are never on the front.
 
 Resume and parallel work come from Optuna's storage: the same command resumes the study; a
 trial left RUNNING by a killed process (its heartbeat is stale, or its process is gone on
-this host) is marked FAIL and its configuration retried once (``RetryHeartbeatStaleTrialCallback``);
-``workers`` processes share one study. A trial's writes are grouped (:mod:`searchers.storage`):
-its parameters, host/pid and spec attributes in one journal append before any training, its
-results in another, so a trial costs a handful of ``fsync``s, not one per parameter.
+this host) is marked FAIL with its reason and its configuration retried once
+(``RetryHeartbeatStaleTrialCallback``); ``workers`` processes (or machines) share one study.
+A trial interrupted by Ctrl-C or SIGTERM is marked FAIL with status ``interrupted`` and its
+configuration is queued again (``failed_trial`` names it), so the next run retries it. A
+trial's writes are grouped (:mod:`searchers.storage`): its parameters, host/pid and spec
+attributes (the concrete spec's YAML included) in one journal append before any training,
+its results in another, so a trial costs a handful of ``fsync``s, not one per parameter.
+
+**The trial budget counts distinct models.** ``--trials N`` is reached when N trials count:
+COMPLETE (feasible or infeasible), PRUNED and FAIL trials, except a trial that reused the
+result of an identical model (``duplicate_of``: same concrete spec hash, nothing trained),
+a failed trial whose configuration was retried (killed process) and an interrupted one.
+A space smaller than the budget cannot loop forever: after
+:data:`MAX_CONSECUTIVE_DUPLICATES` proposals in a row that were all models already seen, a
+worker stops and says how many distinct models the study holds.
+
+**Run folder and resume rules.** The study is ``--study`` or the spec's name; the folder is
+``--out`` or ``runs/<study>`` (one folder per study). Names are identifiers
+(:func:`archir.paths.check_name`); ``--out`` is checked before any work, and a folder that
+holds another study, another search space, another storage or files that archir did not
+write is refused. A resumed study must keep its search space, objectives and training
+budget (fidelity kind, steps and the ``train:`` section, stored as ``archir:fidelity``
+when the study is created): another ``--steps``/``--fidelity``/``train:`` is refused with
+the old and new values — start a new study (``--study``) or folder (``--out``) instead.
+Nothing outside the run folder is written, and a failing run removes only what it created.
+
+**Many machines.** Everything a process needs to finish comes from the storage: each
+trial's concrete spec (``spec_yaml`` user attribute), values and host. A process whose
+folder lacks the best trial's weights (another machine trained it) writes
+``best/spec.yaml`` and ``best/report.json``, names the host holding the weights and skips
+the export.
 """
 
 from __future__ import annotations
@@ -43,11 +70,13 @@ import multiprocessing as mp
 import os
 import random
 import shutil
+import signal
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -56,7 +85,8 @@ import optuna
 import pydantic
 from optuna.trial import FrozenTrial, TrialState
 
-from archir.errors import ArchirError, SearchError
+from archir.errors import ArchirError, Location, SearchError
+from archir.paths import Created, check_name, check_out_dir, inside, normal_mode, write_text
 from archir.spec.loader import Spec, load_spec
 from archir.spec.sections import SearchSection, TrainSection
 from searchers.config import (
@@ -65,6 +95,9 @@ from searchers.config import (
     _objectives,
     _silence,
     _task_info,
+    check_option_bounds,
+    fidelity_changes,
+    fidelity_signature,
     trial_train_cfg,
 )
 from searchers.objectives import (
@@ -152,6 +185,26 @@ class TrialFailed(Exception):
     """A trial that crashed or diverged; recorded FAIL with its reason, the search goes on."""
 
 
+#: the reason recorded for a trial stopped by Ctrl-C or SIGTERM
+INTERRUPTED = (
+    "interrupted (Ctrl-C or SIGTERM); its configuration is retried when the search resumes"
+)
+#: a trial's own user attributes, never copied from the trial whose result it reuses
+_OWN_ATTRS = ("spec", "spec_hash", "spec_yaml", "searcher", "oneshot")
+#: proposals in a row that were all models already seen before a worker stops (the space is
+#: exhausted, or the sampler keeps proposing what it has)
+MAX_CONSECUTIVE_DUPLICATES = 50
+
+
+def _system_attrs(trial: optuna.Trial) -> dict[str, Any]:
+    """A running trial's system attributes as read when it started (Optuna keeps that copy;
+    read from the storage only if this Optuna version does not)."""
+    cached = getattr(trial, "_cached_frozen_trial", None)
+    if isinstance(cached, FrozenTrial):
+        return dict(cached.system_attrs)
+    return dict(trial.study._storage.get_trial_system_attrs(trial._trial_id))
+
+
 class _Log:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -162,7 +215,29 @@ class _Log:
         self.lines.append(f"[{time.perf_counter() - self.t0:7.2f}s] {msg}")
 
     def flush(self) -> None:
-        self.path.write_text("\n".join(self.lines) + "\n")
+        self.path.write_text("\n".join(self.lines) + "\n", encoding="utf-8")
+
+
+def trial_spec_name(base: str, number: int) -> str:
+    """The name of trial ``number``'s concrete spec: ``<base>-t<number>``, the base cut so
+    that the whole stays a valid name (at most 64 characters)."""
+    suffix = f"-t{number}"
+    return base[: 64 - len(suffix)] + suffix
+
+
+def clear_trial_dir(run_dir: Path, tdir: Path) -> None:
+    """Make way for trial folder ``tdir`` (``run_dir/trials/<n>``): a folder left by a killed
+    attempt with this number is removed — only when it lies inside ``run_dir`` (a link is
+    unlinked, never followed).
+
+    Raises:
+        PathError: ``tdir`` resolves outside the run folder (e.g. ``trials`` is a link).
+    """
+    if tdir.is_symlink():
+        tdir.unlink()
+    inside(run_dir, tdir)
+    if tdir.exists():
+        shutil.rmtree(tdir)
 
 
 class Evaluator:
@@ -179,6 +254,9 @@ class Evaluator:
         self.need_latency = "latency_ms" in used
         self._task: Any = None
         self.consecutive_rejections = 0
+        self.consecutive_duplicates = 0
+        #: the trial being evaluated (an interrupted one is queued again from it)
+        self.current: optuna.Trial | None = None
 
     @property
     def task(self) -> Any:
@@ -200,17 +278,30 @@ class Evaluator:
                     trial.set_constraint(c.metric, float(v))
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        self.current = trial
         tdir = self.run_dir / "trials" / str(trial.number)
-        if tdir.exists():  # a folder left by a killed attempt with this number
-            shutil.rmtree(tdir)
+        clear_trial_dir(self.run_dir, tdir)
         tdir.mkdir(parents=True)
         log = _Log(tdir / "log")
         timing: dict[str, float] = {}
         t_start = time.perf_counter()
         metrics: dict[str, Any] = {"trial": trial.number}
+        duplicate = False
         try:
-            return self._evaluate(trial, tdir, log, timing, metrics)
+            out = self._evaluate(trial, tdir, log, timing, metrics)
+            duplicate = "duplicate_of" in metrics
+            return out
         except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: recorded with the FAIL state Optuna writes next; the worker
+            # queues the configuration again (retry_interrupted)
+            metrics.update(status="interrupted", reason=INTERRUPTED)
+            log("interrupted: " + INTERRUPTED)
+            try:
+                self._attrs(trial, status="interrupted", reason=INTERRUPTED)
+            except Exception:  # noqa: BLE001 - the worker records it then
+                pass
             raise
         except Exception as exc:
             if isinstance(exc, TrialFailed | ArchirError):
@@ -227,10 +318,11 @@ class Evaluator:
                 raise
             raise TrialFailed(reason) from None
         finally:
+            self.consecutive_duplicates = self.consecutive_duplicates + 1 if duplicate else 0
             timing["total_s"] = time.perf_counter() - t_start
             metrics["timing"] = timing
             metrics["params_chosen"] = dict(trial.params)
-            (tdir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json))
+            write_text(tdir / "metrics.json", json.dumps(metrics, indent=2, default=_json))
             log.flush()
 
     def _evaluate(
@@ -245,21 +337,24 @@ class Evaluator:
 
         storage = trial.study._storage
         t = time.perf_counter()
-        # one append: host/pid, every suggested parameter and the spec attributes, written
-        # before anything expensive so a killed trial is retried with the same parameters
+        # one append: host/pid, every suggested parameter and the spec attributes (its YAML
+        # too: a process on another machine finishes from the storage), written before
+        # anything expensive so a killed trial is retried with the same parameters
         with grouped(storage):
             storage.set_trial_system_attr(trial._trial_id, ATTR_HOST, HOST)
             storage.set_trial_system_attr(trial._trial_id, ATTR_PID, os.getpid())
             concrete = self.spec.fix(suggest(trial))
             decisions = dict(concrete.decisions)
-            concrete.data["name"] = f"{self.spec.name}-t{trial.number}"
+            concrete.data["name"] = trial_spec_name(self.spec.name, trial.number)
             concrete = Spec(concrete.data)
             h = spec_hash(concrete)
+            text = concrete.to_yaml()
             trial.set_user_attr("spec", f"trials/{trial.number}/spec.yaml")
             trial.set_user_attr("spec_hash", h)
-        concrete.save(tdir / "spec.yaml")
+            trial.set_user_attr("spec_yaml", text)
+        write_text(tdir / "spec.yaml", text)
         timing["fix_s"] = time.perf_counter() - t
-        retried = storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+        retried = _system_attrs(trial).get("failed_trial")
         if retried is not None:
             metrics["retry_of"] = retried
             log(f"retry of trial {retried}")
@@ -271,12 +366,17 @@ class Evaluator:
         timing["cost_s"] = time.perf_counter() - t
         metrics["values"] = values
 
-        dup = self._duplicate_of(trial, h)
+        # one read of the finished trials per trial: duplicates and penalties both use it
+        finished = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        dup = self._duplicate_of(finished, trial.number, h)
         if dup is not None:
-            log(f"same model as trial {dup.number}: its results are reused")
-            metrics["duplicate_of"] = dup.number
-            copied = {k: v for k, v in dup.user_attrs.items() if k not in ("spec", "spec_hash")}
-            self._attrs(trial, **{**copied, "duplicate_of": dup.number})
+            original = int(dup.user_attrs.get("duplicate_of", dup.number))
+            log(f"same model as trial {original}: its results are reused")
+            metrics["duplicate_of"] = original
+            copied = {k: v for k, v in dup.user_attrs.items() if k not in _OWN_ATTRS}
+            if "reason" not in copied and trial.user_attrs.get("reason"):
+                copied["reason"] = ""  # a retry starts with its failed original's attributes
+            self._attrs(trial, **{**copied, "duplicate_of": original})
             metrics.update(status=dup.user_attrs.get("status", "ok"))
             if dup.user_attrs.get("reason"):
                 metrics["reason"] = dup.user_attrs["reason"]
@@ -285,7 +385,7 @@ class Evaluator:
 
         reasons = self._pre_check(values)
         if reasons:
-            return self._reject(trial, values, log, metrics, "cost analysis", reasons)
+            return self._reject(trial, values, log, metrics, "cost analysis", reasons, finished)
         model = None
         if self.need_latency or self.trains:
             from archir.compiler import compile as compile_spec
@@ -305,7 +405,9 @@ class Evaluator:
             log(f"latency {values['latency_ms']:.3f} ms, {how}")
             reasons = self._pre_check(values)
             if reasons:
-                return self._reject(trial, values, log, metrics, "latency measurement", reasons)
+                return self._reject(
+                    trial, values, log, metrics, "latency measurement", reasons, finished
+                )
         self.consecutive_rejections = 0
 
         if self.trains:
@@ -322,6 +424,8 @@ class Evaluator:
             attrs["reason"] = "; ".join(
                 check_constraints(self.constraints, values, pre_training=False)
             )
+        elif trial.user_attrs.get("reason"):
+            attrs["reason"] = ""  # a retry starts with its failed original's attributes
         self._attrs(trial, **attrs)
         metrics["status"] = attrs["status"]
         metrics["constraints"] = {
@@ -332,23 +436,26 @@ class Evaluator:
         log("values: " + ", ".join(f"{o.metric}={v:.5g}" for o, v in zip(self.objectives, out)))
         return out if len(out) > 1 else out[0]
 
-    def _duplicate_of(self, trial: optuna.Trial, h: str) -> FrozenTrial | None:
-        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if t.user_attrs.get("spec_hash") == h and t.number != trial.number:
-                return t
-        return None
+    @staticmethod
+    def _duplicate_of(finished: list[FrozenTrial], number: int, h: str) -> FrozenTrial | None:
+        """A finished trial of the same model (spec hash ``h``), an original one first."""
+        same = [t for t in finished if t.user_attrs.get("spec_hash") == h and t.number != number]
+        same.sort(key=lambda t: (t.user_attrs.get("duplicate_of") is not None, t.number))
+        return same[0] if same else None
 
     def _pre_check(self, values: dict[str, float]) -> list[str]:
         return check_constraints(
             [c for c in self.constraints if c.metric in values], values, pre_training=True
         )
 
-    def penalty(self, study: optuna.Study, objective: Objective) -> float:
+    @staticmethod
+    def penalty(finished: list[FrozenTrial], objective: Objective) -> float:
         """The value recorded for an objective a refused candidate never reached: the worst
-        measured value of it in the study so far, else ``inf`` (``-inf`` when maximized)."""
+        measured value of it among the ``finished`` (COMPLETE) trials, else ``inf``
+        (``-inf`` when maximized)."""
         worst = math.inf if objective.direction == "minimize" else -math.inf
         seen = []
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for t in finished:
             v = t.user_attrs.get("values", {}).get(objective.metric)
             if v is not None and math.isfinite(float(v)):
                 seen.append(float(v))
@@ -364,6 +471,7 @@ class Evaluator:
         metrics: dict[str, Any],
         phase: str,
         reasons: list[str],
+        finished: list[FrozenTrial],
     ) -> float | tuple[float, ...]:
         """Record a candidate refused before training as a COMPLETE, infeasible trial."""
         self.consecutive_rejections += 1
@@ -379,7 +487,7 @@ class Evaluator:
             if o.metric in values:
                 out.append(float(values[o.metric]))
             else:
-                out.append(self.penalty(trial.study, o))
+                out.append(self.penalty(finished, o))
                 penalized.append(o.metric)
         attrs: dict[str, Any] = {
             "status": "infeasible",
@@ -475,6 +583,7 @@ class Evaluator:
         from safetensors.torch import save_model
 
         save_model(model, str(tdir / "model.safetensors"))
+        normal_mode(tdir / "model.safetensors")  # safetensors writes 0600
         return out
 
 
@@ -496,17 +605,34 @@ def _retried(trials: list[FrozenTrial]) -> set[int]:
     return out
 
 
+def consumes_budget(t: FrozenTrial, retried: set[int]) -> bool:
+    """Whether a finished trial counts against ``--trials`` (module docstring)."""
+    if t.user_attrs.get("duplicate_of") is not None:
+        return False  # the same model as an earlier trial: nothing was trained
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    if t.state == TrialState.FAIL:
+        return t.user_attrs.get("status") != "interrupted" and t.number not in retried
+    return False
+
+
 def budget_used(trials: list[FrozenTrial]) -> int:
     """Finished trials that count against the budget: COMPLETE (incl. infeasible), PRUNED
-    and FAIL — except failed trials whose configuration was retried (killed processes)."""
+    and FAIL — except trials that reused an identical model's result (``duplicate_of``),
+    interrupted ones and failed trials whose configuration was retried (killed processes)."""
     retried = _retried(trials)
-    n = 0
-    for t in trials:
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            n += 1
-        elif t.state == TrialState.FAIL and t.number not in retried:
-            n += 1
-    return n
+    return sum(1 for t in trials if consumes_budget(t, retried))
+
+
+def distinct_models(trials: list[FrozenTrial]) -> int:
+    """How many different models (spec hashes) the finished trials of a study hold."""
+    return len(
+        {
+            t.user_attrs["spec_hash"]
+            for t in trials
+            if t.state == TrialState.COMPLETE and "spec_hash" in t.user_attrs
+        }
+    )
 
 
 def _closest(trials: list[FrozenTrial], k: int = 3) -> str:
@@ -517,6 +643,119 @@ def _closest(trials: list[FrozenTrial], k: int = 3) -> str:
         reason = str(t.user_attrs.get("reason", "")).split(": ", 1)[-1]
         parts.append(f"trial {t.number} {json.dumps(t.params, default=str)}: {reason}")
     return " | ".join(parts)
+
+
+# -- interrupted and stale trials ---------------------------------------------------------
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside the block, SIGTERM raises :class:`KeyboardInterrupt` as Ctrl-C does, so a
+    search stopped either way records its running trial as interrupted (retried on
+    resume). The previous handler is restored afterwards; nothing happens outside the main
+    thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while an interruption is being recorded (a second signal
+    would leave the trial half-written); previous handlers restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def retry_interrupted(study: optuna.Study, trial_id: int) -> int | None:
+    """Record trial ``trial_id`` as interrupted (FAIL, status ``interrupted``, if it is still
+    RUNNING) and queue its configuration again: a WAITING trial with the same parameters
+    and ``failed_trial`` naming it, which the next run evaluates first. Interrupted trials
+    do not count against the budget (:func:`budget_used`).
+
+    Returns the interrupted trial's number, or None when it had finished otherwise.
+    """
+    storage = study._storage
+    if isinstance(storage, HeartbeatJournalStorage):
+        storage.flush()  # writes held for the trial's final state
+    t = storage.get_trial(trial_id)
+    if t.state == TrialState.RUNNING:
+        try:
+            with grouped(storage):
+                storage.set_trial_user_attr(trial_id, "status", "interrupted")
+                storage.set_trial_user_attr(trial_id, "reason", INTERRUPTED)
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+        t = storage.get_trial(trial_id)
+    if t.state != TrialState.FAIL or t.user_attrs.get("status") != "interrupted":
+        return None
+    system = {
+        k: v
+        for k, v in t.system_attrs.items()
+        if k not in (ATTR_HOST, ATTR_PID) and not k.startswith("archir:heartbeat")
+    }
+    system["retry_history"] = [*system.get("retry_history", []), t.number]
+    system["failed_trial"] = t.number
+    user = {k: v for k, v in t.user_attrs.items() if k not in ("status", "reason")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=t.params,
+                distributions=t.distributions,
+                user_attrs=user,
+                system_attrs=system,
+            )
+        )
+    return t.number
+
+
+def fail_stale_with_reason(study: optuna.Study) -> list[int]:
+    """Fail (with a reason) and retry once the RUNNING trials whose heartbeat stopped —
+    before Optuna's own pass would fail them without one.
+
+    Returns the numbers of the trials failed.
+    """
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    storage = study._storage
+    if not isinstance(storage, BaseHeartbeat) or not is_heartbeat_enabled(storage):
+        return []
+    callback = storage.get_heartbeat_stale_trial_callback()
+    done = []
+    for tid in storage._get_stale_trial_ids(study._study_id):
+        t = storage.get_trial(tid)
+        host = t.system_attrs.get(ATTR_HOST, "an unknown host")
+        pid = t.system_attrs.get(ATTR_PID)
+        who = f"process {pid} on host {host}" if pid is not None else f"its process on {host}"
+        reason = f"its heartbeat stopped ({who} died or hung); configuration retried once"
+        try:
+            with grouped(storage):
+                storage.set_trial_user_attr(tid, "status", "failed")
+                storage.set_trial_user_attr(tid, "reason", reason)
+            if storage.set_trial_state_values(tid, state=TrialState.FAIL):
+                if callback is not None:
+                    callback(study, storage.get_trial(tid))
+                done.append(t.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another process failed it first
+    return done
 
 
 def worker(
@@ -531,9 +770,14 @@ def worker(
     set-up (imports, storage, study) so that no worker spends the budget alone while the
     others are still starting.
 
+    Stops early (without an error) after :data:`MAX_CONSECUTIVE_DUPLICATES` proposals in a
+    row were models already seen. A Ctrl-C or SIGTERM (:func:`sigterm_interrupts`) records
+    the running trial as interrupted and queues it again, then re-raises.
+
     Raises:
         SearchError: ``max_rejections`` consecutive candidates broke a constraint and no
             candidate has met them all yet.
+        KeyboardInterrupt: interrupted.
     """
     _silence()
     say = say or (lambda s: None)
@@ -569,26 +813,52 @@ def worker(
             f"{o}={vals[o]:.4g}" for o in sec.objectives if o in vals and vals[o] is not None
         )
         reason = t.user_attrs.get("reason", "")
+        dup = t.user_attrs.get("duplicate_of")
         say(
             f"trial {t.number:>3} {status:<10} {shown}"
             + (f"  ({reason[:110]})" if reason and status != "ok" else "")
+            + (f"  (same model as trial {dup}: not counted)" if dup is not None else "")
         )
 
     while True:
         trials = study.get_trials(deepcopy=False)
         used = budget_used(trials)
-        running = sum(1 for t in trials if t.state == TrialState.RUNNING and not dead_here(t))
+        running = [t for t in trials if t.state == TrialState.RUNNING and not dead_here(t)]
         waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
-        if used >= cfg.trials or (used + running >= cfg.trials and not waiting):
+        if used >= cfg.trials or (used + len(running) >= cfg.trials and not waiting):
             break
         if deadline is not None and time.time() > deadline:
             say("time budget reached")
             break
-        study.optimize(
-            evaluator, n_trials=1, catch=(TrialFailed,), callbacks=[report], gc_after_trial=False
-        )
+        if running:  # another process's trials: fail those whose heartbeat stopped, with why
+            for n in fail_stale_with_reason(study):
+                say(f"trial {n}: its heartbeat stopped (process died or hung): retried once")
+        evaluator.current = None
+        try:
+            study.optimize(
+                evaluator,
+                n_trials=1,
+                catch=(TrialFailed,),
+                callbacks=[report],
+                gc_after_trial=False,
+            )
+        except KeyboardInterrupt:
+            with _signals_held():
+                trial = evaluator.current
+                stopped = retry_interrupted(study, trial._trial_id) if trial is not None else None
+                if stopped is not None:
+                    say(f"trial {stopped} interrupted: its configuration is retried on resume")
+            raise
         if isinstance(storage, HeartbeatJournalStorage):
             storage.flush()  # nothing is normally held here; a safety net
+        if evaluator.consecutive_duplicates >= MAX_CONSECUTIVE_DUPLICATES:
+            trials = study.get_trials(deepcopy=False)
+            say(
+                f"search space exhausted: {distinct_models(trials)} distinct models seen and "
+                f"{evaluator.consecutive_duplicates} proposals in a row were models already "
+                f"trained; stopping at {budget_used(trials)} of {cfg.trials} trials"
+            )
+            break
         if evaluator.consecutive_rejections >= sec.max_rejections:
             trials = study.get_trials(deepcopy=False)
             if not any(feasible(t) for t in trials):
@@ -603,12 +873,20 @@ def worker(
 def _worker_entry(cfg_dict: dict[str, Any], worker_id: int, q: Any, ready: Any = None) -> None:
     cfg = SearchConfig(**cfg_dict)
     try:
-        worker(cfg, worker_id, say=lambda s: print(f"[w{worker_id}] {s}", flush=True), ready=ready)
+        with sigterm_interrupts():
+            worker(
+                cfg, worker_id, say=lambda s: print(f"[w{worker_id}] {s}", flush=True), ready=ready
+            )
         q.put((worker_id, None))
     except ArchirError as exc:
         q.put((worker_id, str(exc)))
         if ready is not None:
             ready.abort()  # release workers still waiting to start
+    except KeyboardInterrupt:
+        q.put((worker_id, "interrupted"))
+        if ready is not None:
+            ready.abort()
+        sys.exit(130)
     except BaseException as exc:  # noqa: BLE001
         q.put((worker_id, f"worker crashed: {type(exc).__name__}: {exc}"))
         if ready is not None:
@@ -655,14 +933,221 @@ def _preflight(spec: Spec, constraints: list[Constraint], tries: int, seed: int)
     )
 
 
-def _study_matches(storage: optuna.storages.BaseStorage, name: str, shash: str) -> bool | None:
-    """None: no such study; True/False: it exists with the same / a different space."""
+# -- the run set-up shared by every searcher (run_search, searchers.darts.run_oneshot) ------
+def run_location(spec: Spec, out: str | Path | None, study: str | None) -> tuple[Path, str]:
+    """The run folder and study name of a search, checked before any work: the study is
+    ``study`` or the spec's name, the folder ``out`` or ``runs/<study>`` (one folder per
+    study, so two studies never share a default folder).
+
+    Raises:
+        PathError: the spec's name or ``study`` is not a name (:func:`archir.paths.check_name`:
+            no ``.``/``..``, separators ...); ``out`` is a file, or nothing can be written there.
+    """
+    check_name(spec.name, "spec name", Location(file=spec.file, field="name"))
+    name = check_name(study, "--study") if study is not None else spec.name
+    if out is not None:
+        return check_out_dir(out, "--out"), name
+    return check_out_dir(Path("runs") / name, "run folder"), name
+
+
+#: what a run folder may hold that archir wrote (anything else: not a run folder)
+_MARKERS = ("run.json", "study.journal")
+_OWN_PATHS = (
+    "run.json",
+    "study.journal",
+    "spec.yaml",
+    "trials",
+    "best",
+    "pareto.json",
+    "pareto.png",
+    "arch_weights.json",
+    "oneshot.json",
+)
+_MAX_RUN_JSON = 16 * 2**20
+
+
+def check_run_folder(run_dir: Path, name: str, shash: str, storage: str | None) -> None:
+    """Refuse a folder this search must not write into, before any work: one holding files
+    but neither ``run.json`` nor ``study.journal`` (not an archir run folder: its files would
+    be overwritten), an unreadable ``run.json``, or a run folder of another study, search
+    space or storage (trial folders would collide); and any of archir's own paths in it
+    that leads outside it (a link).
+
+    Raises:
+        SearchError, PathError: with the folder, what it holds and what to do.
+    """
+    if not run_dir.is_dir():
+        return
     try:
-        sid = storage.get_study_id_from_name(name)
+        entries = {p.name for p in run_dir.iterdir()}
+    except OSError as exc:
+        raise SearchError(f"cannot read the run folder {run_dir}: {exc.strerror}") from None
+    if not entries:
+        return
+    if not entries & set(_MARKERS):
+        shown = ", ".join(sorted(entries)[:3]) + (" ..." if len(entries) > 3 else "")
+        raise SearchError(
+            f"{run_dir} is not empty ({shown}) and is not an archir run folder (no run.json)",
+            hint="give --out a new or empty folder",
+        )
+    for own in _OWN_PATHS:
+        if own in entries:
+            inside(run_dir, run_dir / own)
+    rj = run_dir / "run.json"
+    if "run.json" not in entries:
+        return  # a set-up cut short after the storage was created: resumed
+    if not rj.is_file() or rj.stat().st_size > _MAX_RUN_JSON:
+        raise SearchError(
+            f"{rj} is not a run.json archir wrote (not a regular file, or too large)",
+            hint="give another --out, or remove the folder",
+        )
+    try:
+        prev = json.loads(rj.read_text(encoding="utf-8"))
+        if not isinstance(prev, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise SearchError(
+            f"{rj} cannot be read: {str(exc)[:120]}",
+            hint="give another --out, or remove the folder",
+        ) from None
+    if prev.get("study") != name:
+        raise SearchError(
+            f"{run_dir} holds study {prev.get('study')!r}, not {name!r}",
+            hint="each study needs its own folder: give another --out (or none: runs/<study>)",
+        )
+    if prev.get("space_hash") != shash:
+        raise SearchError(
+            f"{run_dir} holds study '{name}' of a different search space",
+            hint="give another --out or --study, or delete the folder",
+        )
+    here = storage or "study.journal"
+    if prev.get("storage", here) != here:
+        raise SearchError(
+            f"{run_dir} holds study '{name}' stored in {prev.get('storage')!r}, not {here!r}",
+            hint="resume with the same --storage, or give another --out",
+        )
+
+
+def check_study(
+    st: optuna.storages.BaseStorage,
+    name: str,
+    shash: str,
+    objectives: list[Objective],
+    fidelity: dict[str, Any],
+) -> bool:
+    """Refuse to resume a study that searches another space, optimizes other objectives or
+    trains at another budget (``archir:fidelity``; see :func:`searchers.config.fidelity_signature`).
+
+    Returns:
+        whether the study exists.
+
+    Raises:
+        SearchError: naming what changed, the old and the new value.
+    """
+    try:
+        sid = st.get_study_id_from_name(name)
     except KeyError:
-        return None
-    attrs = storage.get_study_user_attrs(sid)
-    return attrs.get("archir:space_hash") == shash
+        return False
+    attrs = st.get_study_user_attrs(sid)
+    old = attrs.get("archir:space_hash")
+    if old is None and st.get_all_trials(sid, deepcopy=False):
+        raise SearchError(
+            f"study '{name}' exists in the storage and was not made by archir",
+            hint="use another --study name",
+        )
+    if old is not None and old != shash:
+        raise SearchError(
+            f"study '{name}' already exists in the storage with a different search space",
+            hint="use another --study name (or --out folder)",
+        )
+    stored = st.get_study_directions(sid)
+    if len(stored) != len(objectives):
+        raise SearchError(
+            f"study '{name}' exists with {len(stored)} objective(s), the spec has "
+            f"{len(objectives)}",
+            hint="use another --study name",
+        )
+    old_objs = attrs.get("archir:objectives")
+    new_objs = [[o.metric, o.direction] for o in objectives]
+    if old_objs is not None and [list(x) for x in old_objs] != new_objs:
+        raise SearchError(
+            f"study '{name}' optimizes "
+            + ", ".join(f"{m} ({d})" for m, d in old_objs)
+            + ", the spec "
+            + ", ".join(f"{m} ({d})" for m, d in new_objs),
+            hint="use another --study name",
+        )
+    old_fid = attrs.get("archir:fidelity")
+    if old_fid is not None and old_fid != fidelity:
+        changes = fidelity_changes(old_fid, fidelity)
+        raise SearchError(
+            f"study '{name}' was trained at another budget than this run asks for: "
+            + "; ".join(changes)
+            + " (a study keeps one training budget, so its front compares like with like)",
+            hint="resume with the same --fidelity/--steps and train: section, or start a new "
+            "study: --study NAME (or another --out)",
+        )
+    return True
+
+
+def create_or_load_study(
+    st: optuna.storages.BaseStorage,
+    name: str,
+    spec: Spec,
+    shash: str,
+    objectives: list[Objective],
+    constraints: list[Constraint],
+    fidelity: dict[str, Any],
+    **kwargs: Any,
+) -> optuna.Study:
+    """Create the study (or load it) and store what a resume is checked against — space
+    hash, objectives, constraints, the open spec and the fidelity — in one grouped write;
+    then check it again (another process may have created it meanwhile).
+
+    Raises:
+        SearchError: see :func:`check_study`.
+    """
+    study = optuna.create_study(
+        storage=st,
+        study_name=name,
+        directions=[
+            optuna.study.StudyDirection.MINIMIZE
+            if o.direction == "minimize"
+            else optuna.study.StudyDirection.MAXIMIZE
+            for o in objectives
+        ],
+        load_if_exists=True,
+        **kwargs,
+    )
+    want: dict[str, Any] = {
+        "archir:space_hash": shash,
+        "archir:objectives": [[o.metric, o.direction] for o in objectives],
+        "archir:constraints": [[c.metric, c.text] for c in constraints],
+        "archir:spec": spec.to_yaml(),
+        "archir:fidelity": fidelity,
+    }
+    have = study.user_attrs
+    missing = {k: v for k, v in want.items() if k not in have}
+    if missing:
+        with grouped(st):
+            for k, v in missing.items():
+                study.set_user_attr(k, v)
+    check_study(st, name, shash, objectives, fidelity)
+    return study
+
+
+def write_run_files(run_dir: Path, created: Created, doc: dict[str, Any], spec_text: str) -> None:
+    """Write ``run.json`` (first: it marks the folder as a run folder) and ``spec.yaml``
+    atomically with normal permissions; files that did not exist are remembered in
+    ``created`` (removed if the run fails)."""
+    for fname, text in (
+        ("run.json", json.dumps(doc, indent=2, default=str)),
+        ("spec.yaml", spec_text),
+    ):
+        p = run_dir / fname
+        if not p.exists():
+            created.file(p)
+        write_text(p, text)
 
 
 _FLAGS = {
@@ -714,9 +1199,9 @@ def run_search(
 
     Args:
         spec_path: an open spec with a ``search:`` section.
-        out: run folder (default ``runs/<spec name>``).
+        out: run folder (default ``runs/<study>``).
         storage: an Optuna storage URL (default: ``<out>/study.journal``).
-        study: study name (default: the spec name).
+        study: study name (default: the spec name); a name (letters, digits, ``_``, ``-``).
         sampler, trials, workers, seed, fidelity, steps, timeout_s: override the spec's
             ``search:`` section (``steps`` sets a proxy fidelity's step budget).
         export: write ``best/model.onnx`` (parity-checked) at the end.
@@ -725,10 +1210,15 @@ def run_search(
         SearchResult with the Pareto front and the best trial.
 
     Raises:
-        SpecError: the spec is invalid. SearchError: nothing to search, unknown objective,
-            malformed constraint, unreachable storage, a study of that name with a different
-            space, or constraints no candidate meets. Nothing is left behind in a run folder
-            that this call created when it fails.
+        SpecError: the spec is invalid. PathError: a name that is not one, an ``out``
+            where no folder can be written. SearchError: nothing to search, unknown
+            objective, malformed constraint, an option out of range, unreachable storage, a
+            run folder of another study or not made by archir, a study of that name with a
+            different space, objectives or training budget, or constraints no candidate
+            meets. Nothing this call did not create is ever removed: when it fails, what it
+            created (the run folder, or the files it added to an existing one) is removed.
+        KeyboardInterrupt: Ctrl-C (or SIGTERM inside :func:`sigterm_interrupts`); the
+            running trial is retried when the same command runs again.
     """
     _silence()
     say = say or print
@@ -767,8 +1257,15 @@ def run_search(
         sec = SearchSection.model_validate({**sec.model_dump(), **upd})
     except pydantic.ValidationError as exc:
         raise _option_error(exc) from None
-    run_dir = Path(out) if out else Path("runs") / spec.name
-    name = study or spec.name
+    check_option_bounds(
+        trials=sec.budget.trials,
+        workers=sec.workers,
+        steps=sec.fidelity.steps,
+        seed=sec.seed,
+        timeout_s=sec.budget.timeout_s,
+    )
+    # -- everything that can be refused is refused before anything is written -------------
+    run_dir, name = run_location(spec, out, study)
     shash = space_hash(spec.nodes)
     cfg = SearchConfig(
         spec_path=str(Path(spec_path)),
@@ -784,85 +1281,49 @@ def run_search(
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
     )
-    # -- everything that can be refused is refused before the run folder is touched --------
     objectives, constraints, _ = _objectives(cfg)
-    if storage is None and (run_dir / "run.json").exists():
-        prev = json.loads((run_dir / "run.json").read_text())
-        if prev.get("space_hash") != shash and prev.get("study") == name:
-            raise SearchError(
-                f"{run_dir} holds study '{name}' of a different search space",
-                hint="give another --out or --study, or delete the folder",
-            )
-    journal_exists = (run_dir / "study.journal").exists()
+    fid_sig = fidelity_signature(cfg)
+    check_run_folder(run_dir, name, shash, storage)
+    journal_exists = storage is None and cfg.journal.exists()
     st = (
         open_storage(storage, cfg.journal, heartbeat_interval, grace_period)
         if storage is not None or journal_exists
         else None
     )
     if st is not None:
-        match = _study_matches(st, name, shash)
-        if match is False:
-            raise SearchError(
-                f"study '{name}' already exists in the storage with a different search space",
-                hint="use another --study name (or --out folder)",
-            )
-        if match is True:
-            stored = st.get_study_directions(st.get_study_id_from_name(name))
-            if len(stored) != len(objectives):
-                raise SearchError(
-                    f"study '{name}' exists with {len(stored)} objective(s), the spec has "
-                    f"{len(objectives)}",
-                    hint="use another --study name",
-                )
+        check_study(st, name, shash, objectives, fid_sig)
     if "latency_ms" in {o.metric for o in objectives} | {c.metric for c in constraints}:
         from searchers.latency import check_available
 
         check_available(sec.latency)
     _preflight(spec, constraints, max(64, sec.max_rejections), sec.seed)
+    src = Path(spec_path).read_text(encoding="utf-8")
 
-    created = not run_dir.exists()
+    created = Created()  # what this call makes: removed again if it fails
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        created.mkdir(run_dir)
         if st is None:
+            if storage is None:
+                created.file(cfg.journal)
             st = open_storage(storage, cfg.journal, heartbeat_interval, grace_period)
-        src = Path(spec_path).read_text(encoding="utf-8")
-        (run_dir / "spec.yaml").write_text(src, encoding="utf-8")
-        (run_dir / "run.json").write_text(
-            json.dumps(
-                {
-                    "spec": str(spec_path),
-                    "study": name,
-                    "storage": storage or "study.journal",
-                    "space_hash": shash,
-                    "space": space_description(spec.nodes),
-                    "objectives": {o.metric: o.direction for o in objectives},
-                    "constraints": {c.metric: c.text for c in constraints},
-                    "search": sec.model_dump(),
-                },
-                indent=2,
-            )
+        write_run_files(
+            run_dir,
+            created,
+            {
+                "spec": str(spec_path),
+                "study": name,
+                "storage": storage or "study.journal",
+                "space_hash": shash,
+                "space": space_description(spec.nodes),
+                "objectives": {o.metric: o.direction for o in objectives},
+                "constraints": {c.metric: c.text for c in constraints},
+                "search": sec.model_dump(),
+                "fidelity": fid_sig,
+            },
+            src,
         )
-        ostudy = optuna.create_study(
-            storage=st,
-            study_name=name,
-            directions=[
-                optuna.study.StudyDirection.MINIMIZE
-                if o.direction == "minimize"
-                else optuna.study.StudyDirection.MAXIMIZE
-                for o in objectives
-            ],
-            load_if_exists=True,
-        )
-        if "archir:space_hash" not in ostudy.user_attrs:
-            with grouped(st):
-                ostudy.set_user_attr("archir:space_hash", shash)
-                ostudy.set_user_attr(
-                    "archir:objectives", [[o.metric, o.direction] for o in objectives]
-                )
-                ostudy.set_user_attr(
-                    "archir:constraints", [[c.metric, c.text] for c in constraints]
-                )
-                ostudy.set_user_attr("archir:spec", spec.to_yaml())
+        ostudy = create_or_load_study(st, name, spec, shash, objectives, constraints, fid_sig)
+        created.mkdir(run_dir / "trials")
         before = budget_used(ostudy.get_trials(deepcopy=False))
         sampler_name = sec.sampler or ("tpe" if len(objectives) == 1 else "nsga2")
         say(
@@ -874,34 +1335,57 @@ def run_search(
         if cfg.workers == 1:
             worker(cfg, 0, say)
         else:
-            ctx = mp.get_context("spawn")
-            q = ctx.Queue()
-            ready = ctx.Barrier(cfg.workers)
-            procs = [
-                ctx.Process(target=_worker_entry, args=(asdict(cfg), i, q, ready))
-                for i in range(cfg.workers)
-            ]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
-            errors = []
-            while not q.empty():
-                _, err = q.get()
-                if err:
-                    errors.append(err)
-            if errors:
-                raise SearchError(errors[0])
+            _run_workers(cfg)
         result = finalize(cfg, objectives, constraints, export=export, say=say)
     except ArchirError:
-        if created:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        created.undo()
         raise
     except KeyboardInterrupt:
         say(f"interrupted: run the same command again to resume ({run_dir})")
         raise
     result.wall_s = time.time() - t0
     return result
+
+
+def _run_workers(cfg: SearchConfig) -> None:
+    """``cfg.workers`` processes on the study; an interrupt (Ctrl-C reaches them all,
+    SIGTERM only this process) stops each one, which records its trial as interrupted.
+
+    Raises:
+        SearchError: a worker failed (its message). KeyboardInterrupt: interrupted.
+    """
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ready = ctx.Barrier(cfg.workers)
+    procs = [
+        ctx.Process(target=_worker_entry, args=(asdict(cfg), i, q, ready))
+        for i in range(cfg.workers)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        with _signals_held():
+            end = time.time() + 5  # a Ctrl-C reached them too: let them record it
+            for p in procs:
+                p.join(max(0.0, end - time.time()))
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()  # SIGTERM: the worker records its trial as interrupted
+            for p in procs:
+                p.join(60)
+        raise
+    errors = []
+    while not q.empty():
+        _, err = q.get()
+        if err and err != "interrupted":
+            errors.append(err)
+    if errors:
+        raise SearchError(errors[0])
+    if any(p.exitcode == 130 for p in procs):
+        raise KeyboardInterrupt
 
 
 def main_worker() -> None:  # pragma: no cover - used by `python -m searchers.run`
