@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
-from torch import nn
+
+if TYPE_CHECKING:  # torch is imported with the blocks (``_load``), not to read a spec
+    from torch import nn
 
 Role = Literal["token_mixer", "channel_mixer", "norm", "embedding", "head"]
 ROLES: tuple[str, ...] = ("token_mixer", "channel_mixer", "norm", "embedding", "head")
@@ -31,10 +33,20 @@ ROLES: tuple[str, ...] = ("token_mixer", "channel_mixer", "norm", "embedding", "
 ALLOWED_BITS: tuple[float, ...] = (32, 16, 8, 4, 2, 1.58, 1)
 
 
-class KindParams(BaseModel):
-    """Base of every kind's parameter model: unknown keys are errors."""
+#: Upper bound of a width-like parameter of a kind (``d_model``, ``d_ff``, ``n_heads``,
+#: ``d_state``, ``window`` ...): far beyond any real model, low enough that cost formulas stay
+#: exact integers and nothing is allocated for an absurd value.
+MAX_DIM = 65_536
+#: Upper bound of a hidden width that multiplies ``d_model`` (``d_ff``, ``dt_rank`` ...).
+MAX_HIDDEN = 1 << 20
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class KindParams(BaseModel):
+    """Base of every kind's parameter model: unknown keys are errors, values are strict
+    (``n_heads: true`` or ``"8"`` are not integers, ``bias: "yes"`` is not a boolean) and
+    floats must be finite. Subclasses bound every size (see :data:`MAX_DIM`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class NoParams(KindParams):
@@ -71,7 +83,7 @@ ParamsFn = Callable[[Any, BuildContext], int]
 FlopsFn = Callable[[Any, BuildContext, int], float]
 StateFn = Callable[[Any, BuildContext, int], int]
 CheckFn = Callable[[Any, BuildContext], None]
-BuildFn = Callable[[Any, BuildContext], nn.Module]
+BuildFn = Callable[[Any, BuildContext], "nn.Module"]
 
 
 def _zero(*_: Any) -> int:

@@ -18,6 +18,7 @@ from archir.cli import main
 from archir.cost import check_budget
 from archir.errors import ArchirError, BudgetError, GraphError, SpecError
 from archir.ir import build_graph
+from archir.paths import NAME_HINT
 from archir.spec import load_spec
 
 ERRORS = Path(__file__).resolve().parent / "errors"
@@ -28,8 +29,8 @@ EXPECTED: dict[str, tuple[type[ArchirError], int, int, str | None, str, str | No
         2,
         7,
         "name",
-        "must match pattern '^[A-Za-z0-9_.\\-]+$', got 'my model'",
-        None,
+        "must be a valid name, got 'my model'",
+        NAME_HINT,
     ),
     "bad_yaml_colon.yaml": (
         SpecError,
@@ -441,6 +442,88 @@ EXPECTED: dict[str, tuple[type[ArchirError], int, int, str | None, str, str | No
         "model.again",
         "a YAML alias refers to a mapping or list that contains it",
         "specs must be trees: remove the recursive '*alias'",
+    ),
+    "version_true.yaml": (
+        SpecError,
+        1,
+        9,
+        "archir",
+        "must be 1, got True",
+        "this version of archir reads spec format 'archir: 1'",
+    ),
+    "heads_bool.yaml": (
+        SpecError,
+        9,
+        38,
+        "model.layers.0.blocks.0.n_heads",
+        "must be a valid integer, got True",
+        None,
+    ),
+    "tie_embeddings_yes.yaml": (
+        SpecError,
+        10,
+        41,
+        "model.head.tie_embeddings",
+        "must be a valid boolean, got 'yes'",
+        None,
+    ),
+    "lr_inf.yaml": (SpecError, 11, 25, "train.lr", "must be a finite number, got inf", None),
+    "name_dotdot.yaml": (SpecError, 2, 7, "name", "must be a valid name, got '..'", NAME_HINT),
+    "too_many_blocks.yaml": (
+        SpecError,
+        8,
+        5,
+        "model.layers",
+        "the model has 5120 blocks once layer groups are repeated, over the limit of 4096",
+        None,
+    ),
+    "choice_too_many.yaml": (
+        SpecError,
+        5,
+        21,
+        "model.d_model.choice",
+        "a 'choice' has 257 options, over the limit of 256",
+        "use an {int: [low, high]} or {float: [low, high]} range for many values",
+    ),
+    "alias_bomb.yaml": (
+        SpecError,
+        7,
+        8,
+        "e.0",
+        "the spec has more than 20000 keys and values (aliases counted at each use)",
+        "a spec is a short file; an alias used many times multiplies its contents",
+    ),
+    "deep_nesting.yaml": (
+        SpecError,
+        4,
+        75,
+        "model.d_model.0.0.0.0.…",
+        "the spec is nested more than 64 levels deep",
+        "a spec is a shallow tree of mappings and lists",
+    ),
+    "big_int.json": (
+        SpecError,
+        1,
+        51,
+        "model.d_model",
+        "integer literal of 5000 characters is too long (at most 40)",
+        "integers in a spec lie within ±(2^63 - 1)",
+    ),
+    "merge_duplicate.yaml": (
+        SpecError,
+        6,
+        3,
+        "model.vocab_size",
+        "duplicate key 'vocab_size'",
+        "each field may appear once in a mapping",
+    ),
+    "nul_byte.yaml": (
+        SpecError,
+        2,
+        10,
+        None,
+        "control character U+0000 is not allowed in a spec",
+        "a spec is plain UTF-8 text; remove the character (a NUL suggests a binary file)",
     ),
     "zero_heads.yaml": (
         SpecError,

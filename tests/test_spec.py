@@ -305,11 +305,59 @@ def test_schema_is_valid_json_schema() -> None:
     jsonschema.Draft202012Validator.check_schema(schema)
 
 
-@pytest.mark.parametrize("path", sorted(ZOO.glob("*.yaml")), ids=lambda p: p.stem)
-def test_zoo_validates_against_schema(path: Path) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+SPECS = sorted((ZOO.parent).glob("*/*.yaml"))
+
+
+def test_specs_folder_has_zoo_and_search() -> None:
+    assert {p.parent.name for p in SPECS} >= {"zoo", "search"}
+    assert sum(p.parent.name == "search" for p in SPECS) >= 3
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_spec_validates_against_schema(path: Path) -> None:
+    """What ``archir validate`` accepts, ``archir schema`` accepts: zoo specs and search
+    spaces (block-level search nodes: a whole block, ``kind`` or ``n_heads`` as a choice)."""
+    import jsonschema
+
     spec = load_spec(path)
     jsonschema.Draft202012Validator(spec_json_schema()).validate(spec.data)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("trian", {}),  # unknown top-level key
+        ("model.d_modle", 64),
+        ("model.layers.0.blocks.0.n_head", 2),
+        ("model.d_model", {"choice": [32, 64], "tied": "w"}),  # unknown key in a search node
+        ("model.d_model", {"choice": []}),
+        ("model.layers.0.blocks.0.kind", "attention_v2"),
+        ("archir", 2),
+        ("name", "../up"),
+    ],
+    ids=lambda c: c[0],
+)
+def test_schema_rejects_bad_specs(change: tuple[str, Any]) -> None:
+    import jsonschema
+
+    data = base()
+    keys = [int(k) if k.isdigit() else k for k in change[0].split(".")]
+    node: Any = data
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = change[1]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(spec_json_schema()).validate(data)
+
+
+def test_schema_allows_search_nodes_in_lists() -> None:
+    import jsonschema
+
+    data = base()
+    data["model"]["layers"][0]["blocks"][1] = {"choice": [{"kind": "mlp"}, {"kind": "swiglu"}]}
+    data["model"]["layers"].append({"choice": [{"blocks": [{"kind": "mlp"}]}]})
+    spec_from_dict(data)  # the loader accepts it ...
+    jsonschema.Draft202012Validator(spec_json_schema()).validate(data)  # ... and so does the schema
 
 
 def test_open_spec_validates_against_schema() -> None:
@@ -323,3 +371,85 @@ def test_schema_rejects_unknown_block_key() -> None:
     data["model"]["layers"][0]["blocks"][0]["n_head"] = 2
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft202012Validator(spec_json_schema()).validate(data)
+
+
+# -- strict values and plain data ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("n_heads", True, "must be a valid integer, got True"),
+        ("n_heads", "2", "must be a valid integer, got '2'"),
+        ("n_heads", 2.0, "must be a valid integer, got 2.0"),
+        ("qkv_bias", "yes", "must be a valid boolean, got 'yes'"),
+        ("qkv_bias", 1, "must be a valid boolean, got 1"),
+        ("rope_base", float("inf"), "must be a finite number"),
+        ("n_heads", 10**6, "must be less than or equal to 65536"),
+    ],
+)
+def test_block_params_are_strict(field: str, value: Any, message: str) -> None:
+    data = base()
+    data["model"]["layers"][0]["blocks"][0][field] = value
+    with pytest.raises(SpecError, match=message.replace("(", r"\(")):
+        spec_from_dict(data)
+
+
+def test_ints_are_accepted_for_floats_and_bits() -> None:
+    data = base()
+    data["model"]["layers"][0]["blocks"][1].update(expansion=4, bits=8)
+    data["train"] = {"lr": 1, "time_budget_s": 60}
+    spec = spec_from_dict(data)
+    assert spec.model.train.lr == 1.0 and isinstance(spec.model.train.lr, float)
+
+
+def test_version_is_exactly_one() -> None:
+    for bad in (True, 1.0, "1", 2, None):
+        data = base()
+        data["archir"] = bad
+        with pytest.raises(SpecError, match="must be 1"):
+            spec_from_dict(data)
+
+
+def test_spec_from_dict_takes_python_data() -> None:
+    """Tuples become lists and integral/real numbers of other types become int/float; other
+    objects, huge integers and cycles are refused with a SpecError."""
+    import numpy as np
+
+    data = base()
+    data["model"]["layers"] = ({"blocks": ({"kind": "attention", "n_heads": np.int64(2)},)},)
+    data["model"]["d_model"] = np.int32(16)
+    spec = spec_from_dict(data)
+    assert spec.data["model"]["layers"] == [{"blocks": [{"kind": "attention", "n_heads": 2}]}]
+    assert type(spec.data["model"]["d_model"]) is int
+    for bad, match in ((object(), "plain data"), (10**400, "out of range"), ({1, 2}, "plain")):
+        data = base()
+        data["model"]["d_model"] = bad
+        with pytest.raises(SpecError, match=match):
+            spec_from_dict(data)
+    loop: dict[str, Any] = base()
+    loop["model"]["again"] = loop
+    with pytest.raises(SpecError, match="keys and values|nested"):
+        spec_from_dict(loop)
+
+
+def test_decisions_keep_the_option_type() -> None:
+    """A decision ``True`` does not pick the option ``1``, and ``2.0`` picks ``2``."""
+    data = base(d_model={"choice": [16, 32]})
+    spec = spec_from_dict(data)
+    assert spec.fix({"model.d_model": 32.0}).data["model"]["d_model"] == 32
+    assert type(spec.fix({"model.d_model": 32.0}).data["model"]["d_model"]) is int
+    with pytest.raises(SpecError, match="is not one of"):
+        spec.fix({"model.d_model": True})
+
+
+def test_to_yaml_reads_back_the_same_data() -> None:
+    """Strings the loader would read as something else (``1e3`` is a float in YAML 1.2,
+    ``yes`` a string) are quoted when a spec is written, so a trial's spec.yaml loads back."""
+    data = base()
+    data["name"] = "1e3"
+    data["description"] = "yes"
+    data["train"] = {"task": "2024-01-01", "task_options": {"a": "on", "b": ".5", "c": 1e-3}}
+    spec = spec_from_dict(data)
+    again = spec_from_text(spec.to_yaml())
+    assert again.data == spec.data

@@ -21,15 +21,15 @@ from pydantic import Field
 from torch import nn
 
 from archir.blocks.common import linear
-from archir.registry import BlockKind, BuildContext, KindParams, register
+from archir.registry import MAX_DIM, MAX_HIDDEN, BlockKind, BuildContext, KindParams, register
 
 
 class AttentionParams(KindParams):
-    n_heads: int = Field(4, ge=1)
-    n_kv_heads: int | None = Field(None, ge=1)
+    n_heads: int = Field(4, ge=1, le=MAX_DIM)
+    n_kv_heads: int | None = Field(None, ge=1, le=MAX_DIM)
     pos: Literal["rope", "alibi", "none"] = "rope"
     rope_base: float = Field(10000.0, gt=1)
-    window: int | None = Field(None, ge=1)
+    window: int | None = Field(None, ge=1, le=MAX_HIDDEN)
     causal: bool | None = None
     qkv_bias: bool = False
 

@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from archir.blocks.common import hidden_size, init_linear, linear_params
-from archir.registry import BlockKind, BuildContext, KindParams, NoParams, register
+from archir.registry import MAX_DIM, BlockKind, BuildContext, KindParams, NoParams, register
 
 
 def exporting() -> bool:
@@ -53,9 +53,9 @@ class HyenaParams(KindParams):
 
     order: int = Field(2, ge=1, le=8)
     short_kernel: int = Field(3, ge=1, le=64)
-    filter_width: int = Field(64, ge=1)
+    filter_width: int = Field(64, ge=1, le=MAX_DIM)
     filter_layers: int = Field(1, ge=0, le=8)
-    emb_dim: int = Field(9, ge=3)
+    emb_dim: int = Field(9, ge=3, le=MAX_DIM)
     decay_fast: float = Field(0.3, gt=0)
     decay_slow: float = Field(1.5, gt=0)
     fft: Literal["auto", "on", "off"] = "auto"

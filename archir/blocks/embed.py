@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from archir.registry import BlockKind, BuildContext, KindParams, register
+from archir.registry import MAX_DIM, BlockKind, BuildContext, KindParams, register
 
 
 class TokenEmbeddingParams(KindParams):
@@ -59,7 +59,7 @@ class TokenEmbedding(nn.Module):
 
 
 class PatchEmbeddingParams(KindParams):
-    patch_size: int = Field(2, ge=1)
+    patch_size: int = Field(2, ge=1, le=MAX_DIM)
     cls_token: bool = False
     pos: Literal["none", "learned"] = "learned"
 

@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from archir.blocks.common import hidden_size, linear, linear_params
-from archir.registry import BlockKind, BuildContext, KindParams, register
+from archir.registry import MAX_DIM, MAX_HIDDEN, BlockKind, BuildContext, KindParams, register
 
 Activation = Literal["gelu", "relu", "silu", "relu2"]
 
@@ -29,16 +29,16 @@ _ACT = {
 
 class MLPParams(KindParams):
     expansion: float = Field(4.0, gt=0, le=64)
-    d_ff: int | None = Field(None, gt=0)
-    multiple_of: int = Field(1, ge=1)
+    d_ff: int | None = Field(None, gt=0, le=MAX_HIDDEN)
+    multiple_of: int = Field(1, ge=1, le=MAX_DIM)
     activation: Activation = "gelu"
     bias: bool = False
 
 
 class GLUParams(KindParams):
     expansion: float = Field(8 / 3, gt=0, le=64)
-    d_ff: int | None = Field(None, gt=0)
-    multiple_of: int = Field(1, ge=1)
+    d_ff: int | None = Field(None, gt=0, le=MAX_HIDDEN)
+    multiple_of: int = Field(1, ge=1, le=MAX_DIM)
     bias: bool = False
 
 

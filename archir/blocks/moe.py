@@ -41,7 +41,7 @@ from pydantic import Field
 from torch import nn
 
 from archir.blocks.common import hidden_size
-from archir.registry import BlockKind, BuildContext, KindParams, register
+from archir.registry import MAX_HIDDEN, BlockKind, BuildContext, KindParams, register
 
 
 class MoEParams(KindParams):
@@ -61,9 +61,9 @@ class MoEParams(KindParams):
     """
 
     n_experts: int = Field(8, ge=1, le=4096)
-    top_k: int = Field(2, ge=1)
+    top_k: int = Field(2, ge=1, le=4096)
     expansion: float = Field(2.0, gt=0, le=64)
-    d_ff: int | None = Field(None, gt=0)
+    d_ff: int | None = Field(None, gt=0, le=MAX_HIDDEN)
     expert_kind: Literal["mlp", "swiglu"] = "mlp"
     capacity_factor: float | None = Field(1.25, gt=0)
     aux_loss_weight: float = Field(0.01, ge=0)

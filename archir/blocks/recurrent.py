@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import nn
 
 from archir.blocks.common import hidden_size, init_linear
-from archir.registry import BlockKind, BuildContext, KindParams, register
+from archir.registry import MAX_DIM, MAX_HIDDEN, BlockKind, BuildContext, KindParams, register
 
 State = tuple[torch.Tensor, ...]
 
@@ -62,7 +62,7 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 
 
 class LinearAttentionParams(KindParams):
-    n_heads: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1, le=MAX_DIM)
     feature_map: Literal["elu", "relu"] = "elu"
     eps: float = Field(1e-6, gt=0)
 
@@ -165,10 +165,10 @@ def _segsum(g: torch.Tensor) -> torch.Tensor:
 
 
 class GLAParams(KindParams):
-    n_heads: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1, le=MAX_DIM)
     expand_k: float = Field(0.5, gt=0, le=8)
     expand_v: float = Field(1.0, gt=0, le=8)
-    gate_rank: int = Field(16, ge=1)
+    gate_rank: int = Field(16, ge=1, le=MAX_DIM)
     gate_normalizer: float = Field(16.0, gt=0)
     eps: float = Field(1e-5, gt=0)
 
@@ -325,7 +325,7 @@ register(
 
 
 class RetNetParams(KindParams):
-    n_heads: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1, le=MAX_DIM)
     expand_v: float = Field(2.0, gt=0, le=8)
     pos: Literal["rope", "none"] = "rope"
     rope_base: float = Field(10000.0, gt=1)
@@ -624,8 +624,8 @@ register(
 
 class RWKVChannelMixParams(KindParams):
     expansion: float = Field(4.0, gt=0, le=64)
-    d_ff: int | None = Field(None, gt=0)
-    multiple_of: int = Field(1, ge=1)
+    d_ff: int | None = Field(None, gt=0, le=MAX_HIDDEN)
+    multiple_of: int = Field(1, ge=1, le=MAX_DIM)
 
 
 def _cmix_h(p: RWKVChannelMixParams, c: BuildContext) -> int:

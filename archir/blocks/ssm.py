@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from archir.blocks.common import init_linear
-from archir.registry import BlockKind, BuildContext, KindParams, register
+from archir.registry import MAX_DIM, BlockKind, BuildContext, KindParams, register
 
 State = tuple[torch.Tensor, ...]
 
@@ -272,10 +272,10 @@ def selective_scan(
 
 
 class MambaParams(KindParams):
-    d_state: int = Field(16, ge=1)
-    d_conv: int = Field(4, ge=1)
+    d_state: int = Field(16, ge=1, le=MAX_DIM)
+    d_conv: int = Field(4, ge=1, le=1024)
     expansion: float = Field(2.0, gt=0, le=16)
-    dt_rank: int | None = Field(None, ge=1)
+    dt_rank: int | None = Field(None, ge=1, le=MAX_DIM)
     dt_min: float = Field(0.001, gt=0)
     dt_max: float = Field(0.1, gt=0)
     conv_bias: bool = True
@@ -421,7 +421,7 @@ register(
 
 
 class S4DParams(KindParams):
-    d_state: int = Field(64, ge=2)
+    d_state: int = Field(64, ge=2, le=MAX_DIM)
     dt_min: float = Field(0.001, gt=0)
     dt_max: float = Field(0.1, gt=0)
 

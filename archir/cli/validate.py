@@ -15,15 +15,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from archir.cost import check_budget
-    from archir.ir import build_graph
     from archir.spec import load_spec
 
     bad = 0
     for path in args.specs:
         try:
-            spec = load_spec(path)
+            spec = load_spec(path)  # refuses hostile files before anything heavy is imported
             if spec.is_concrete:
+                from archir.cost import check_budget
+                from archir.ir import build_graph
+
                 check_budget(build_graph(spec))
                 print(f"ok: {path}")
             else:

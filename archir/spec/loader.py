@@ -9,19 +9,27 @@ a search would only reach after an hour is reported at load time.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from archir import registry
 from archir.errors import SpecError, did_you_mean
+from archir.paths import NAME_HINT
 from archir.spec.models import COMMON_BLOCK_KEYS, BlockSpec, ComponentSpec, SpecModel
-from archir.spec.source import PathKey, SourceMap, parse_source, path_str, read_source
+from archir.spec.source import (
+    PathKey,
+    SourceMap,
+    dump_yaml,
+    field_str,
+    parse_source,
+    plain_data,
+    read_source,
+    show_text,
+)
 from archir.spec.space import (
     Decide,
     SearchNode,
@@ -29,6 +37,7 @@ from archir.spec.space import (
     find_nodes,
     fix,
     is_node,
+    option_index,
 )
 
 Trace = dict[PathKey, PathKey]
@@ -92,8 +101,17 @@ def _clean_message(err: Any) -> str:
         if typ.endswith("_type") or typ == "literal_error":
             msg += f", got {_KIND_OF[type(value)]}"
     elif "got " not in msg:
-        msg += f", got {value!r}"
+        msg += f", got {short_repr(value)}"
     return msg
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a message stays one short line)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer over Python's digit limit, alone or inside a list
+        return "<a value too large to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _literal_options(err: Any) -> list[str]:
@@ -117,7 +135,7 @@ def _raise_validation(
     typ = err["type"]
     hint = None
     if typ == "extra_forbidden":
-        key = str(loc[-1])
+        key = show_text(str(loc[-1]))
         options = fields_hint if fields_hint is not None else _fields_at(tuple(err["loc"])[:-1])
         hint = did_you_mean(key, options) if options else None
         msg = f"unknown field '{key}'{what}"
@@ -126,7 +144,7 @@ def _raise_validation(
         msg = f"missing required field '{loc[-1]}'{what}"
         location = smap.locate(src[:-1]) if smap else None
         location = (
-            type(location)(location.file, location.line, location.column, path_str(src))
+            type(location)(location.file, location.line, location.column, field_str(src))
             if location
             else None
         )
@@ -139,6 +157,8 @@ def _raise_validation(
         location = smap.locate(src) if smap else None
         if tuple(loc) == ("archir",):
             hint = "this version of archir reads spec format 'archir: 1'"
+        if tuple(loc) == ("name",):
+            hint = NAME_HINT
     more = len(errors) - 1
     if more > 0:
         hint = (hint + "; " if hint else "") + f"{more} more problem(s) after this one"
@@ -164,7 +184,7 @@ def _validate_component(
     except KeyError:
         role_word = "block" if len(expected_roles) > 1 else expected_roles[0]
         raise SpecError(
-            f"unknown {role_word} kind '{comp.kind}'",
+            f"unknown {role_word} kind '{show_text(comp.kind)}'",
             loc(path + ("kind",)),
             did_you_mean(comp.kind, [k.name for r in expected_roles for k in registry.kinds(r)])
             or "run 'archir blocks' to list kinds",
@@ -177,7 +197,8 @@ def _validate_component(
         )
     if isinstance(comp, BlockSpec) and comp.role is not None and comp.role != kind.role:
         raise SpecError(
-            f"role '{comp.role}' does not match kind '{comp.kind}', which is a {kind.role}",
+            f"role '{show_text(comp.role)}' does not match kind '{comp.kind}', "
+            f"which is a {kind.role}",
             loc(path + ("role",)),
             f"write role: {kind.role} or leave role out",
         )
@@ -201,7 +222,7 @@ def _check_norm(name: str | None, path: PathKey, smap: SourceMap | None, trace: 
         return
     if name not in registry.names("norm"):
         raise SpecError(
-            f"unknown norm kind '{name}'",
+            f"unknown norm kind '{show_text(name)}'",
             smap.locate(_translate(path, trace)) if smap else None,
             did_you_mean(name, registry.names("norm") + ["none"]),
         )
@@ -242,8 +263,11 @@ def _prune_choice_kind(raw: Any, concrete: Any) -> Any:
     """A block whose ``kind`` was a choice keeps only the keys its chosen kind accepts."""
     if not (isinstance(raw, dict) and isinstance(concrete, dict) and is_node(raw.get("kind"))):
         return concrete
+    kind = concrete.get("kind")
+    if not isinstance(kind, str):
+        return concrete
     try:
-        accepted = set(registry.get(str(concrete.get("kind"))).params.model_fields)
+        accepted = set(registry.get(kind).params.model_fields)
     except KeyError:
         return concrete
     return {k: v for k, v in concrete.items() if k in COMMON_BLOCK_KEYS or k in accepted}
@@ -265,7 +289,8 @@ def _check_choice_kind_keys(data: Any, smap: SourceMap | None) -> None:
                 for key in v:
                     if key not in accepted:
                         raise SpecError(
-                            f"unknown field '{key}': no kind in {kn['choice']} accepts it",
+                            f"unknown field '{show_text(key)}': no kind in "
+                            f"{short_repr(kn['choice'], 120)} accepts it",
                             smap.locate(path + (key,), key=True) if smap else None,
                             did_you_mean(key, sorted(accepted)),
                         )
@@ -354,7 +379,7 @@ class Spec:
 
     def to_yaml(self) -> str:
         """The spec as YAML text; for a concrete spec it loads back to the same graph."""
-        return yaml.safe_dump(self.data, sort_keys=False, allow_unicode=True, width=100)
+        return dump_yaml(self.data)
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -366,6 +391,10 @@ class Spec:
         """Check every option of every node: types at once, graph rules (heads dividing
         d_model ...) against some value of the other nodes that could make it work.
 
+        The checks stop after validating :data:`_MAX_OPEN_WORK` blocks in all (a space so
+        large is checked up to there; later options are checked when a search fixes them),
+        so loading an open spec takes a bounded time.
+
         Raises:
             SpecError: an option does not type-check (at the defaults of the other nodes).
             GraphError: an option fails the graph checks for every combination tried.
@@ -374,6 +403,7 @@ class Spec:
         from archir.ir import build_graph
 
         _check_choice_kind_keys(self.data, self.smap)
+        work = 0
         by_name: dict[str, SearchNode] = {n.name: n for n in self.nodes}
         base = default_decisions(self.nodes)
         for node in self.nodes:
@@ -413,6 +443,8 @@ class Spec:
                             return _c[n.name]
                         return base(by_name.get(n.name, n))
 
+                    if work > _MAX_OPEN_WORK:
+                        return  # the budget is spent: the rest is checked when fixed
                     trace: Trace = {}
                     try:
                         concrete, _ = _fix_traced(self.data, decide, self.smap, trace)
@@ -420,7 +452,9 @@ class Spec:
                     except SpecError:
                         if first_error is None and not combo:
                             raise  # a type error of this option at the defaults
+                        work += 1
                         continue
+                    work += 1 + sum(len(g.blocks) * g.repeat for g in model.model.layers)
                     try:
                         build_graph(model, source=_TracedMap(self.smap, trace))
                     except GraphError as exc:
@@ -431,10 +465,14 @@ class Spec:
                 if first_error is not None:
                     where = node.path
                     if node.type == "choice":
-                        idx = value if not node.scalar_options else node.options.index(value)  # type: ignore[union-attr]
-                        where = node.path + ("choice", idx)
+                        at: Any = value
+                        if node.scalar_options:
+                            at = option_index(node.options or (), value)
+                        where = node.path + ("choice", at)
                     first_error.location = self.smap.locate(where)
-                    others = ", ".join(o.name for o in relevant)
+                    others = ", ".join(o.name for o in relevant[:4])
+                    if len(relevant) > 4:
+                        others += f" (or {len(relevant) - 4} more)"
                     extra = f"no value of {others} makes it fit" if others else None
                     if extra:
                         first_error.hint = (
@@ -449,6 +487,8 @@ class Spec:
 
 
 _MAX_COMBOS = 64
+#: Blocks validated in all while checking the options of an open spec (about 80 µs each).
+_MAX_OPEN_WORK = 50_000
 
 
 def _values(node: SearchNode) -> list[Any]:
@@ -536,11 +576,21 @@ def load_spec(path: str | Path) -> Spec:
 
 
 def spec_from_text(text: str, file: str | None = None) -> Spec:
-    """Like :func:`load_spec` for text already in memory."""
+    """Like :func:`load_spec` for text already in memory.
+
+    Raises:
+        SpecError: with file, line, column, field path and a hint.
+    """
     data, smap = parse_source(text, file)
     return Spec(data, smap)
 
 
 def spec_from_dict(data: dict[str, Any]) -> Spec:
-    """A spec built in Python (no source positions)."""
-    return Spec(copy.deepcopy(data))
+    """A spec built in Python (no source positions). The data is copied and checked like a
+    parsed file (:func:`~archir.spec.source.plain_data`: plain types, tuples become lists,
+    integers in range, depth and size limits).
+
+    Raises:
+        SpecError: located by field path.
+    """
+    return Spec(plain_data(data))

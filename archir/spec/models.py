@@ -25,16 +25,37 @@ The grammar::
 Each block's own keys (``n_heads``, ``d_state`` ...) are validated by its kind's parameter
 model from the registry; common keys (``role``, ``name``, ``inputs``, ``merge``, ``norm``,
 ``bits``, ``residual``, ``residual_scale``) are defined here.
+
+Values are strict (see :mod:`archir.spec.sections`): ``archir`` is exactly the integer ``1``;
+``name`` is an identifier (:data:`archir.paths.NAME_PATTERN`: it becomes a folder name);
+sizes have upper bounds (``d_model`` <= :data:`MAX_D_MODEL` ...) and a model has at most
+:data:`MAX_BLOCKS` blocks once every layer group is repeated.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from archir.registry import ALLOWED_BITS, KindParams
-from archir.spec.sections import SearchSection, Strict, TrainSection
+from archir.paths import NAME_PATTERN
+from archir.registry import ALLOWED_BITS, MAX_DIM, KindParams
+from archir.spec.sections import MAX_SEQ_LEN, SearchSection, Strict, TrainSection
+
+#: Largest residual width.
+MAX_D_MODEL = MAX_DIM
+#: Largest vocabulary and number of classes.
+MAX_VOCAB = 1 << 24
+#: Largest image side (pixels) and number of image channels.
+MAX_IMAGE_SIZE = 16_384
+MAX_CHANNELS = 4096
+#: Most times a layer group may be repeated.
+MAX_REPEAT = 1024
+#: Most blocks in a model once every layer group is repeated.
+MAX_BLOCKS = 4096
+#: A block's ``name`` (and what ``inputs`` may name: block names and ``embed``).
+BLOCK_NAME = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 
 Task = Literal["causal_lm", "seq_classification", "image_classification"]
 Residual = Literal["pre_norm", "post_norm", "peri_norm", "parallel"]
@@ -63,12 +84,14 @@ class BlockSpec(BaseModel):
     ``residual_scale`` multiplies the branch (0.5 for Macaron half-step FFNs).
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     role: str | None = None
     kind: str
-    name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")
-    inputs: list[str] | None = Field(None, min_length=1)
+    name: str | None = Field(None, pattern=BLOCK_NAME)
+    inputs: list[Annotated[str, Field(pattern=BLOCK_NAME)]] | None = Field(
+        None, min_length=1, max_length=MAX_BLOCKS
+    )
     merge: Merge = "sum"
     norm: str | None = None
     bits: float | None = None
@@ -91,7 +114,7 @@ class BlockSpec(BaseModel):
 class ComponentSpec(BaseModel):
     """An embedding or a head: ``kind`` plus that kind's parameters."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     kind: str
     bits: float | None = None
     _params: KindParams | None = PrivateAttr(default=None)
@@ -109,7 +132,7 @@ class ComponentSpec(BaseModel):
 class LayerGroup(Strict):
     """``blocks`` applied in order, the whole group repeated ``repeat`` times."""
 
-    repeat: int = Field(1, ge=1, le=1024)
+    repeat: int = Field(1, ge=1, le=MAX_REPEAT)
     share_weights: bool = False
     residual: Residual = "pre_norm"
     blocks: list[BlockSpec] = Field(min_length=1)
@@ -117,12 +140,12 @@ class LayerGroup(Strict):
 
 class ModelSpec(Strict):
     task: Task = "causal_lm"
-    vocab_size: int = Field(0, ge=0)
-    n_classes: int = Field(0, ge=0)
-    image_size: int = Field(0, ge=0)
-    channels: int = Field(1, ge=1)
-    d_model: int = Field(gt=0)
-    max_seq_len: int = Field(2048, gt=0)
+    vocab_size: int = Field(0, ge=0, le=MAX_VOCAB)
+    n_classes: int = Field(0, ge=0, le=MAX_VOCAB)
+    image_size: int = Field(0, ge=0, le=MAX_IMAGE_SIZE)
+    channels: int = Field(1, ge=1, le=MAX_CHANNELS)
+    d_model: int = Field(gt=0, le=MAX_D_MODEL)
+    max_seq_len: int = Field(2048, gt=0, le=MAX_SEQ_LEN)
     norm: str = "rmsnorm"
     final_norm: str | None = None
     bits: float = 16
@@ -133,13 +156,38 @@ class ModelSpec(Strict):
 
     _bits = field_validator("bits")(_check_bits)
 
+    @field_validator("layers")
+    @classmethod
+    def _block_count(cls, layers: list[LayerGroup]) -> list[LayerGroup]:
+        n = sum(len(g.blocks) * g.repeat for g in layers)
+        if n > MAX_BLOCKS:
+            raise ValueError(
+                f"the model has {n} blocks once layer groups are repeated, "
+                f"over the limit of {MAX_BLOCKS}"
+            )
+        return layers
+
 
 class SpecModel(Strict):
     """A whole concrete spec file."""
 
     archir: Literal[1] = 1
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(json_schema_extra={"pattern": NAME_PATTERN})
     description: str | None = None
     model: ModelSpec
     train: TrainSection = Field(default_factory=TrainSection)
     search: SearchSection | None = None
+
+    @field_validator("archir", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        if type(v) is not int or v != 1:  # not True, not 1.0, not "1"
+            raise ValueError("must be 1")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, v):
+            raise ValueError("must be a valid name")
+        return v

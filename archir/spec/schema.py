@@ -1,8 +1,10 @@
 """JSON Schema of the spec format (``archir schema``), for editors.
 
 Built from the pydantic models: each block is one of the registered kinds (``kind`` as a
-constant, that kind's parameters typed, nothing else allowed), and every value may also be a
-search-space node (``choice``/``int``/``float``).
+constant, that kind's parameters typed, nothing else allowed), and every value — a field, a
+list item such as a whole block or layer group — may also be a search-space node
+(``choice``/``int``/``float``), as the loader accepts. The options of a ``choice`` are not
+checked by the schema (the loader checks each of them).
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from typing import Any
 
 from archir import registry
 from archir.spec.models import BlockSpec, ComponentSpec, SpecModel
+from archir.spec.space import MAX_CHOICE_OPTIONS
 
 SEARCH_NODE: dict[str, Any] = {
     "title": "SearchNode",
     "description": "an open decision: {choice: [...]}, {int: [lo, hi]} or {float: [lo, hi]}",
     "type": "object",
     "properties": {
-        "choice": {"type": "array", "minItems": 1},
+        "choice": {"type": "array", "minItems": 1, "maxItems": MAX_CHOICE_OPTIONS},
         "int": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2},
         "float": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
         "tie": {"type": "string"},
@@ -29,15 +32,26 @@ SEARCH_NODE: dict[str, Any] = {
 }
 
 
+_NODE_REF = {"$ref": "#/$defs/SearchNode"}
+
+
+def _or_node(schema: Any) -> dict[str, Any]:
+    return {"anyOf": [schema, _NODE_REF]}
+
+
 def _searchable(schema: Any) -> Any:
-    """Allow a search node wherever a value may stand (recursively, on properties)."""
+    """Allow a search node wherever a value may stand (recursively: on properties, on the
+    items of lists and on the values of free-form mappings)."""
     if isinstance(schema, dict):
         out = {k: _searchable(v) for k, v in schema.items()}
         if "properties" in out:
             out["properties"] = {
-                k: {"anyOf": [v, {"$ref": "#/$defs/SearchNode"}]} if k != "kind" else v
-                for k, v in out["properties"].items()
+                k: _or_node(v) if k != "kind" else v for k, v in out["properties"].items()
             }
+        if isinstance(out.get("items"), dict):
+            out["items"] = _or_node(out["items"])
+        if isinstance(out.get("additionalProperties"), dict):
+            out["additionalProperties"] = _or_node(out["additionalProperties"])
         return out
     if isinstance(schema, list):
         return [_searchable(v) for v in schema]

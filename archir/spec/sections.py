@@ -2,17 +2,57 @@
 
 Kept apart from the model section so the trainer and the searchers can grow their own
 options without touching the model grammar.
+
+Values are strict: a boolean is not a number, a string is not a number or a boolean
+(``steps: "300"``, ``n_heads: true`` and ``predict: "yes"`` are errors), floats must be finite
+(``lr: .inf`` is an error), and every size, count and duration has an upper bound no real run
+reaches (the ``MAX_*`` constants) so absurd values are refused at load time.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+#: Optimizer steps (train.steps, warmup, eval_every, fidelity steps).
+MAX_STEPS = 100_000_000
+#: Sequences per batch (train.batch_size, latency.batch).
+MAX_BATCH = 65_536
+#: Tokens per sequence (train.seq_len, latency.seq_len, model.max_seq_len).
+MAX_SEQ_LEN = 1 << 20
+#: Seconds (time budgets, search timeout): ten years.
+MAX_SECONDS = 10 * 365 * 86400.0
+#: Training seeds: non-negative, at most 2^32 - 1 (NumPy's bound; ``archir train --seed``).
+MAX_SEED = 2**32 - 1
+#: Search seeds: at most 2^31 - 1 (as ``archir search --seed``).
+MAX_SEARCH_SEED = 2**31 - 1
+#: Search trials, population and rejections in a row.
+MAX_TRIALS = 1_000_000
+#: Processes sharing a study; CPU threads.
+MAX_WORKERS = 256
+MAX_THREADS = 1024
+#: Evaluation batches per evaluation; latency warm-up runs and repeats.
+MAX_REPEATS = 100_000
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Base of the spec's sections: unknown keys are errors; values are strict (no
+    bool-as-int, no str-as-number) and floats finite."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _task_option(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    if not isinstance(v, bool | int | float | str):
+        raise ValueError("must be a number, a string or true/false")
+    return v
+
+
+TaskOption = Annotated[int | float | str | bool, BeforeValidator(_task_option)]
 
 
 class TrainSection(Strict):
@@ -23,21 +63,21 @@ class TrainSection(Strict):
     cosine schedule to ``min_lr``.
     """
 
-    task: str = "text:pydoc"
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(32, ge=1)
-    seq_len: int = Field(128, ge=1)
+    task: str = Field("text:pydoc", min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$")
+    steps: int = Field(300, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    seq_len: int = Field(128, ge=1, le=MAX_SEQ_LEN)
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-5, ge=0)
     weight_decay: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(20, ge=0, le=MAX_STEPS)
     grad_clip: float = Field(1.0, gt=0)
-    eval_every: int = Field(100, ge=1)
-    eval_batches: int = Field(8, ge=1)
-    seed: int = 0
-    time_budget_s: float | None = Field(None, gt=0)
-    threads: int | None = Field(None, ge=1)
-    task_options: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    eval_every: int = Field(100, ge=1, le=MAX_STEPS)
+    eval_batches: int = Field(8, ge=1, le=MAX_REPEATS)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    time_budget_s: float | None = Field(None, gt=0, le=MAX_SECONDS)
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)
+    task_options: dict[str, TaskOption] = Field(default_factory=dict)
 
 
 Direction = Literal["minimize", "maximize"]
@@ -46,8 +86,8 @@ Direction = Literal["minimize", "maximize"]
 class BudgetSection(Strict):
     """How much a search may spend: ``trials`` finished trials and/or ``timeout_s`` seconds."""
 
-    trials: int = Field(20, ge=1)
-    timeout_s: float | None = Field(None, gt=0)
+    trials: int = Field(20, ge=1, le=MAX_TRIALS)
+    timeout_s: float | None = Field(None, gt=0, le=MAX_SECONDS)
 
 
 class FidelitySection(Strict):
@@ -60,10 +100,10 @@ class FidelitySection(Strict):
     """
 
     kind: Literal["cost", "proxy", "full"] = "proxy"
-    steps: int | None = Field(None, ge=1)
-    time_budget_s: float | None = Field(None, gt=0)
-    eval_every: int | None = Field(None, ge=1)
-    eval_batches: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    time_budget_s: float | None = Field(None, gt=0, le=MAX_SECONDS)
+    eval_every: int | None = Field(None, ge=1, le=MAX_STEPS)
+    eval_batches: int | None = Field(None, ge=1, le=MAX_REPEATS)
 
 
 class LatencySection(Strict):
@@ -76,11 +116,11 @@ class LatencySection(Strict):
 
     runtime: Literal["torch", "ort"] = "torch"
     predict: bool | None = None
-    threads: int = Field(1, ge=1)
-    batch: int = Field(1, ge=1)
-    seq_len: int | None = Field(None, ge=1)
-    warmup: int = Field(3, ge=0)
-    repeats: int = Field(10, ge=1)
+    threads: int = Field(1, ge=1, le=MAX_THREADS)
+    batch: int = Field(1, ge=1, le=MAX_BATCH)
+    seq_len: int | None = Field(None, ge=1, le=MAX_SEQ_LEN)
+    warmup: int = Field(3, ge=0, le=MAX_REPEATS)
+    repeats: int = Field(10, ge=1, le=MAX_REPEATS)
 
 
 class SearchSection(Strict):
@@ -99,13 +139,13 @@ class SearchSection(Strict):
     constraints: dict[str, str] = Field(default_factory=dict)
     budget: BudgetSection = Field(default_factory=BudgetSection)
     sampler: Literal["tpe", "nsga2", "random", "gp"] | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEARCH_SEED)
     pruner: Literal["median", "hyperband", "none"] = "median"
-    population: int | None = Field(None, ge=2)
+    population: int | None = Field(None, ge=2, le=MAX_TRIALS)
     fidelity: FidelitySection = Field(default_factory=FidelitySection)
     latency: LatencySection = Field(default_factory=LatencySection)
-    workers: int = Field(1, ge=1)
-    max_rejections: int = Field(50, ge=1)
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
+    max_rejections: int = Field(50, ge=1, le=MAX_TRIALS)
 
     @field_validator("fidelity", mode="before")
     @classmethod

@@ -19,15 +19,23 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from archir.errors import SpecError, did_you_mean
-from archir.spec.source import PathKey, SourceMap, path_str
+from archir.spec.source import MAX_INT, PathKey, SourceMap, path_str
 
 NODE_KEYS = ("choice", "int", "float")
 NODE_OPTIONAL = {"tie", "log", "step"}
+
+#: Most options of one ``choice``.
+MAX_CHOICE_OPTIONS = 256
+#: Most open decisions (search nodes, conditional ones included) in one spec.
+MAX_SEARCH_NODES = 512
+#: Longest ``tie`` name.
+MAX_TIE_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ class SearchNode:
 
     def describe(self) -> str:
         if self.type == "choice":
-            return f"choice {list(self.options or ())}"
+            return f"choice {_short(list(self.options or ()), 120)}"
         scale = " log" if self.log else ""
         return f"{self.type} [{self.low}, {self.high}]{scale}"
 
@@ -123,8 +131,10 @@ def parse_node(
         return SpecError(msg, loc, hint)
 
     tie = value.get("tie")
-    if tie is not None and (not isinstance(tie, str) or not tie):
-        raise err("'tie' must be a non-empty name", "tie")
+    if tie is not None and (
+        not isinstance(tie, str) or not 0 < len(tie) <= MAX_TIE_CHARS or not tie.isprintable()
+    ):
+        raise err(f"'tie' must be a name of 1-{MAX_TIE_CHARS} printable characters", "tie")
     name = tie or path_str(path)
     log = value.get("log", False)
     if not isinstance(log, bool):
@@ -137,6 +147,12 @@ def parse_node(
                 "choice",
                 "write {choice: [a, b]}",
             )
+        if len(opts) > MAX_CHOICE_OPTIONS:
+            raise err(
+                f"a 'choice' has {len(opts)} options, over the limit of {MAX_CHOICE_OPTIONS}",
+                "choice",
+                "use an {int: [low, high]} or {float: [low, high]} range for many values",
+            )
         if "step" in value or log:
             raise err("'step' and 'log' apply to int/float ranges, not to 'choice'")
         return SearchNode("choice", name, path, tuple(opts), conditional=conditional)
@@ -148,6 +164,8 @@ def parse_node(
         or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
     ):
         raise err(f"'{typ}' needs [low, high]", typ, f"write {{{typ}: [2, 6]}}")
+    if not all(abs(b) <= MAX_INT for b in bounds):  # also refuses nan
+        raise err(f"'{typ}' bounds must be finite numbers within ±{MAX_INT}", typ)
     low, high = bounds
     if typ == "int" and not all(float(b).is_integer() for b in bounds):
         raise err("'int' bounds must be whole numbers", typ)
@@ -157,7 +175,7 @@ def parse_node(
         raise err("a log-scale range needs low > 0", typ)
     step = value.get("step")
     if step is not None:
-        if typ != "int" or not isinstance(step, int) or step < 1:
+        if typ != "int" or not isinstance(step, int) or isinstance(step, bool) or step < 1:
             raise err("'step' must be a positive integer on an 'int' range", "step")
         if log:
             raise err("'step' cannot be combined with 'log'", "step")
@@ -196,6 +214,13 @@ def find_nodes(data: Any, smap: SourceMap | None = None) -> list[SearchNode]:
                 walk(sub, path + (i,), cond)
 
     walk(data, (), False)
+    if len(out) > MAX_SEARCH_NODES:
+        n = out[MAX_SEARCH_NODES]
+        raise SpecError(
+            f"the spec has {len(out)} search nodes, over the limit of {MAX_SEARCH_NODES}",
+            smap.locate(n.path) if smap else None,
+            "tie nodes that make the same decision ('tie: name') or fix some values",
+        )
     ties: dict[str, SearchNode] = {}
     for n in out:
         if n.name in ties and ties[n.name].signature() != n.signature():
@@ -210,17 +235,52 @@ def find_nodes(data: Any, smap: SourceMap | None = None) -> list[SearchNode]:
     return out
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def option_index(options: tuple[Any, ...], value: Any) -> int | None:
+    """Index of the option ``value`` names: the same object, else an equal value of the same
+    type, else an equal number (``2`` names ``2.0``); ``True`` never names ``1``."""
+    for i, o in enumerate(options):
+        if o is value:
+            return i
+    for i, o in enumerate(options):
+        if type(o) is type(value) and o == value:
+            return i
+    if _is_number(value):
+        for i, o in enumerate(options):
+            if _is_number(o) and o == value:
+                return i
+    return None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an integer over Python's digit limit, alone or inside a list
+        return "<a value too large to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_decision(node: SearchNode, value: Any, smap: SourceMap | None) -> Any:
     loc = smap.locate(node.path) if smap else None
     if node.type == "choice":
         assert node.options is not None
         if node.scalar_options:
-            if value not in node.options:
+            idx = option_index(node.options, value)
+            if idx is None:
                 raise SpecError(
-                    f"decision {value!r} for '{node.name}' is not one of {list(node.options)}", loc
+                    f"decision {_short(value)} for '{node.name}' is not one of "
+                    f"{_short(list(node.options), 200)}",
+                    loc,
                 )
-            return value
-        if not isinstance(value, int) or not 0 <= value < len(node.options):
+            return node.options[idx]
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not 0 <= value < len(node.options)
+        ):
             raise SpecError(
                 f"decision for '{node.name}' must be an option index 0..{len(node.options) - 1}",
                 loc,
@@ -228,7 +288,7 @@ def _check_decision(node: SearchNode, value: Any, smap: SourceMap | None) -> Any
         return node.options[value]
     assert node.low is not None and node.high is not None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SpecError(f"decision for '{node.name}' must be a number, got {value!r}", loc)
+        raise SpecError(f"decision for '{node.name}' must be a number, got {_short(value)}", loc)
     if not node.low <= value <= node.high:
         raise SpecError(
             f"decision {value} for '{node.name}' is outside [{node.low}, {node.high}]", loc
@@ -290,9 +350,8 @@ def fix(
             node = parse_node(v, path, smap, cond)
             chosen = get(node)
             if node.type == "choice":
-                idx = next(
-                    i for i, o in enumerate(node.options or ()) if o is chosen or o == chosen
-                )
+                idx = option_index(node.options or (), chosen)
+                assert idx is not None
                 src = path + ("choice", idx)
                 if trace is not None:
                     trace[dst] = src
