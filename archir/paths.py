@@ -41,7 +41,7 @@ def check_name(name: object, what: str = "name", location: Location | None = Non
         PathError: ``name`` is not a string, is empty, ``.``/``..``, has a separator, a dot,
             a control character, or is longer than 64 characters.
     """
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise PathError(f"{what} {name!r} is not a valid name", location, NAME_HINT)
     return name
 

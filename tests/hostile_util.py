@@ -8,8 +8,7 @@ Two ways to run a case:
   allocations (``tracemalloc``) during the call.
 - :func:`run_cli_subprocess` — a fresh ``python -m archir.cli`` with an address-space limit
   (``RLIMIT_AS``) and a wall-clock timeout, for inputs that could hang or eat memory; returns
-  the same fields, with the child's own peak resident memory (``ru_maxrss`` from
-  ``os.wait4``).
+  the same fields, with the child's own peak resident memory (``VmHWM``).
 
 :func:`assert_refused` checks the contract: exit 2, one located line on stderr starting
 ``error:`` (or argparse's ``archir ...: error:``), no traceback, within time and memory.
@@ -20,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -86,39 +84,60 @@ def run_cli_subprocess(
         subprocess.TimeoutExpired: the child ran past ``timeout`` (a hang: a failure).
     """
 
-    def limit() -> None:
-        lim = mem_limit_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "ARCHIR_TEST_MEM_LIMIT": str(mem_limit_mb * 2**20),
+    }
+    with (
+        tempfile.TemporaryFile("w+") as fout,
+        tempfile.TemporaryFile("w+") as ferr,
+        tempfile.NamedTemporaryFile("r", suffix=".hwm") as fhwm,
+    ):
+        env["ARCHIR_TEST_HWM"] = fhwm.name
         t0 = time.perf_counter()
         p = subprocess.Popen(
-            [sys.executable, "-m", "archir.cli", *[str(a) for a in args]],
+            [sys.executable, "-c", _LAUNCHER, *[str(a) for a in args]],
             cwd=cwd,
             env=env,
             stdin=stdin,
             stdout=fout,
             stderr=ferr,
             text=True,
-            preexec_fn=limit,
         )
-        # os.wait4 gives this child's own resource usage (peak resident memory)
-        while True:
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid == p.pid:
-                break
-            if time.perf_counter() - t0 > timeout:
-                p.kill()
-                os.wait4(p.pid, 0)
-                raise subprocess.TimeoutExpired(p.args, timeout)
-            time.sleep(0.01)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            raise
         seconds = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
         fout.seek(0)
         ferr.seek(0)
         out, err = fout.read(), ferr.read()
-    return Outcome(p.returncode, out, err, seconds, usage.ru_maxrss / 1024.0)
+        hwm = fhwm.read().strip()
+    # the child's own high-water mark (VmHWM, written at exit); ru_maxrss would include the
+    # memory of the pytest process it was forked from
+    peak_mb = int(hwm) / 1024.0 if hwm.isdigit() else float("nan")
+    return Outcome(p.returncode, out, err, seconds, peak_mb)
+
+
+#: runs ``archir.cli.main`` under an address-space limit and writes its peak resident memory
+#: (``VmHWM``, kB) to the file named by ``ARCHIR_TEST_HWM`` when it exits
+_LAUNCHER = """
+import atexit, os, resource, sys
+lim = int(os.environ["ARCHIR_TEST_MEM_LIMIT"])
+resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+def _hwm():
+    with open("/proc/self/status") as f:
+        kb = next((ln.split()[1] for ln in f if ln.startswith("VmHWM:")), "")
+    with open(os.environ["ARCHIR_TEST_HWM"], "w") as out:
+        out.write(kb)
+atexit.register(_hwm)
+from archir.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def assert_refused(

@@ -7,7 +7,8 @@ Cases run in this process (``run_cli``): torch and onnx are already imported, so
 measured is archir's own. The cases that could hang or eat memory if they regressed (a fifo,
 ``/dev/zero``) run in a child with a timeout and an address-space limit
 (``run_cli_subprocess``); a child imports torch (about 230 MB resident and 3-7 s on this
-machine before archir does anything), so those use ``max_seconds=60`` and ``max_mb=600``.
+machine before archir does anything), so those use ``max_seconds=60`` and ``max_mb=400`` (the child's own
+peak resident memory, torch included).
 """
 
 from __future__ import annotations
@@ -324,7 +325,7 @@ def test_text_task_on_special_file_is_refused_without_reading(work: Path, what: 
         mem_limit_mb=4096,
     )
     # a child imports torch first (~230 MB, seconds): bounds for the whole process
-    assert_refused(o, contains="not a regular file", max_lines=1, max_seconds=60, max_mb=600)
+    assert_refused(o, contains="not a regular file", max_lines=1, max_seconds=60, max_mb=400)
     assert not (work / "o").exists()
     if what == "fifo":
         assert stat.S_ISFIFO(os.stat(work / "pipe").st_mode)
