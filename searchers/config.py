@@ -156,11 +156,9 @@ def fidelity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 #: upper bounds of the search options (lower bounds: the ``search:`` section's schema)
-MAX_TRIALS = 1_000_000
-MAX_WORKERS = 256
-MAX_STEPS = 100_000_000
-MAX_TIMEOUT_S = 10 * 365 * 86400.0
-MAX_SEED = 2**31 - 1
+from archir.spec.sections import MAX_SEARCH_SEED as MAX_SEED  # noqa: E402
+from archir.spec.sections import MAX_SECONDS as MAX_TIMEOUT_S  # noqa: E402
+from archir.spec.sections import MAX_STEPS, MAX_TRIALS, MAX_WORKERS  # noqa: E402
 
 
 def check_option_bounds(**given: Any) -> None:

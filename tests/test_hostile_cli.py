@@ -76,7 +76,7 @@ FLAG_CASES = [
     (["train", S, "--steps", "0"], "--steps: must be >= 1"),
     (["train", S, "--steps", "-1"], "--steps: must be >= 1"),
     (["train", S, "--steps", "1e3"], "expected a whole number"),
-    (["train", S, "--steps", "10000001"], "must be <= 10_000_000"),
+    (["train", S, "--steps", "100000001"], "must be <= 100_000_000"),
     (["train", S, "--steps", "true"], "expected a whole number"),
     (["train", S, "--batch-size", "0"], "--batch-size: must be >= 1"),
     (["train", S, "--batch-size", "65537"], "--batch-size: must be <= 65_536"),

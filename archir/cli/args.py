@@ -2,7 +2,8 @@
 
 Every numeric flag is range-checked when the command line is parsed (argparse reports a
 bad value in one line and exits 2, before any work); every enumerated flag has ``choices``.
-The types here import nothing heavy, so a refused flag costs no torch import.
+The types here import nothing heavy (no torch), so a refused flag costs no torch import; the
+bounds shared with spec fields come from :mod:`archir.spec.sections`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import os
 import stat
 from collections.abc import Callable
 
-#: upper bounds of the numeric flags (sane limits, far above any CPU run archir makes)
-MAX_STEPS = 10_000_000
-MAX_BATCH = 65_536
-MAX_SEQ = 1_048_576
-MAX_THREADS = 1024
-MAX_SEED = 2**32 - 1
-MAX_SECONDS = 30 * 24 * 3600.0  # 30 days
+from archir.spec.sections import (  # one set of bounds for spec fields and flags
+    MAX_BATCH,
+    MAX_SECONDS,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_THREADS,
+)
+from archir.spec.sections import MAX_SEQ_LEN as MAX_SEQ
+
+#: upper bounds of the flags that have no spec field
 MAX_LR = 10.0
 MAX_WINDOWS = 1000
 MAX_OPSET = 99

@@ -6,14 +6,16 @@ import argparse
 import json
 from typing import Any
 
-from archir.cli.args import positive_int
+from archir.cli.args import seq_len
 
 HELP = "show a spec's graph: every block's shape, params, FLOPs/token, state bytes, bits"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="spec file (or an exported .onnx file)")
-    p.add_argument("--seq-len", type=positive_int, default=None, help="sequence length for costs")
+    p.add_argument(
+        "--seq-len", type=seq_len, default=None, help="sequence length for costs (1..2^20)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
         "--latency",
