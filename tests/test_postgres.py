@@ -1,0 +1,251 @@
+"""Many machines on a real PostgreSQL server (started here, on 127.0.0.1, by tests/pg.py).
+
+Skipped, with the reason, when the server binaries are not installed (``.ci/run`` installs
+Debian's ``postgresql`` package). The driver error needs no server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from archir.errors import SearchError
+from searchers import storage as storage_mod
+from searchers.storage import ATTR_PID, open_storage
+from tests.pg import PgServer, find_binaries
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "specs" / "search" / "tiny.yaml"
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="session")
+def pg():
+    bindir, why = find_binaries()
+    if bindir is None:
+        pytest.skip(why)
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg2 is not installed: pip install 'archir[postgres]'")
+    srv = PgServer.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+# -- (a) the driver ---------------------------------------------------------------------------
+def test_missing_driver_names_the_package(tmp_path, monkeypatch):
+    real = storage_mod.importlib.util.find_spec
+    monkeypatch.setattr(
+        storage_mod.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("psycopg2", "psycopg", "pg8000") else real(name, *a),
+    )
+    with pytest.raises(SearchError) as err:
+        open_storage("postgresql://me:s3cret@db.example:5432/nas", tmp_path / "j")
+    msg = str(err.value)
+    assert "no PostgreSQL driver is installed" in msg
+    assert "pip install 'archir[postgres]'" in msg and "psycopg2-binary" in msg
+    assert "s3cret" not in msg and "\n" not in msg
+
+
+def test_unknown_driver_names_the_package(tmp_path):
+    with pytest.raises(SearchError) as err:
+        open_storage("postgresql+nosuchdriver://me@127.0.0.1:1/nas", tmp_path / "j")
+    msg = str(err.value)
+    assert "'nosuchdriver'" in msg and "archir[postgres]" in msg and "psycopg2-binary" in msg
+
+
+def test_missing_driver_from_the_cli_is_one_line(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "archir.cli",
+            "search",
+            str(TINY),
+            "--storage",
+            "postgresql+nosuchdriver://me@127.0.0.1:1/nas",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "archir[postgres]" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bare_url_picks_an_installed_driver_and_commits_asynchronously(pg, tmp_path):
+    st = open_storage(pg.create_db(), tmp_path / "j")
+    assert isinstance(st, optuna.storages.RDBStorage)
+    assert st.engine.dialect.driver in ("psycopg2", "psycopg", "pg8000")
+    with st.engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+    # a URL with its own session options keeps them
+    own = pg.create_db() + "?options=-c%20synchronous_commit%3Don"
+    st2 = open_storage(own, tmp_path / "j")
+    with st2.engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+    st.engine.dispose()
+    st2.engine.dispose()
+
+
+# -- (b) processes starting at once on a fresh database -----------------------------------
+def _open_at_once(url: str, barrier, q) -> None:  # in a forked process
+    try:
+        barrier.wait(60)
+        st = open_storage(url, Path("unused.journal"))
+        optuna.create_study(storage=st, study_name="race", load_if_exists=True)
+        q.put("opened")
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        q.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_starting_at_once_on_a_fresh_database(pg, tmp_path):
+    """Processes (forked: they start in milliseconds) open one fresh database at the same
+    instant; each must open it and find the study, four times over."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    n_procs = 3
+    for rep in range(4):
+        url = pg.create_db()
+        barrier, q = ctx.Barrier(n_procs), ctx.Queue()
+        procs = [ctx.Process(target=_open_at_once, args=(url, barrier, q)) for _ in range(n_procs)]
+        for p in procs:
+            p.start()
+        got = [q.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(30)
+        assert got == ["opened"] * n_procs, f"try {rep}: {got}"
+        assert [p.exitcode for p in procs] == [0] * n_procs
+        st = open_storage(url, tmp_path / "j")
+        assert [s.study_name for s in st.get_all_studies()] == ["race"]
+        st.engine.dispose()
+
+
+# -- (c) two machines, one killed with kill -9 and restarted ---------------------------------
+def _spec(tmp_path: Path) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    data["search"].update(objectives={"val_bpb": "minimize"}, pruner="none")
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def _search(spec: Path, url: str, out: Path, trials: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "archir.cli",
+        "search",
+        str(spec),
+        "--storage",
+        url,
+        "--study",
+        "shared",
+        "--trials",
+        str(trials),
+        "--steps",
+        "20",
+        "--sampler",
+        "random",
+        "--out",
+        str(out),
+        "--no-export",
+    ]
+
+
+def test_two_machines_one_killed_and_restarted(pg, tmp_path):
+    """Two ``archir search`` processes share one study, each with its own run folder (two
+    machines); one is killed with kill -9 in the middle of a trial and started again. Both
+    end with exit 0; every trial number appears once; the killed trial is FAIL and retried
+    exactly once with its parameters; the budget is met."""
+    url = pg.create_db()
+    spec = _spec(tmp_path)
+    trials = 8
+    a_out, b_out = tmp_path / "machine-a", tmp_path / "machine-b"
+    a = subprocess.Popen(
+        _search(spec, url, a_out, trials),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    b = subprocess.Popen(
+        _search(spec, url, b_out, trials),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    # trials/<n>/spec.yaml is written once trial n's parameters are in the storage, before
+    # its training: kill A then, while no metrics.json says the trial ended
+    victim = None
+    deadline = time.time() + 180
+    while victim is None and time.time() < deadline:
+        if a.poll() is not None:
+            pytest.fail(f"A ended before it was killed: {a.stderr.read().decode()[-3000:]}")
+        for d in (a_out / "trials").glob("*") if (a_out / "trials").exists() else ():
+            if (d / "spec.yaml").exists() and not (d / "metrics.json").exists():
+                victim = int(d.name)
+                break
+        else:
+            time.sleep(0.005)
+    assert victim is not None, "A never started a trial"
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    st = open_storage(url, tmp_path / "j")
+    study = optuna.load_study(study_name="shared", storage=st)
+    t = study.trials[victim]
+    assert t.state == TrialState.RUNNING and t.system_attrs.get(ATTR_PID) == a.pid, (
+        "the trial A was killed in had already ended (make the trials longer)"
+    )
+    killed_params = t.params
+    a2 = subprocess.Popen(
+        _search(spec, url, a_out, trials),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    outs = {}
+    for name, p in (("A (restarted)", a2), ("B", b)):
+        out, err = p.communicate(timeout=600)
+        outs[name] = out.decode()
+        assert p.returncode == 0, f"{name} exit {p.returncode}: {err.decode()[-3000:]}"
+    study = optuna.load_study(study_name="shared", storage=st)
+    got = study.trials
+    numbers = [t.number for t in got]
+    assert numbers == list(range(len(got))), numbers  # each trial number once
+    assert not [t.number for t in got if t.state == TrialState.RUNNING]
+    failed = [t for t in got if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [victim]
+    assert "killed" in failed[0].user_attrs.get("reason", "")
+    retries = [t for t in got if t.system_attrs.get("failed_trial") == victim]
+    assert len(retries) == 1 and retries[0].params == killed_params
+    assert retries[0].state == TrialState.COMPLETE
+    complete = [t for t in got if t.state == TrialState.COMPLETE]
+    assert len(complete) >= trials
+    # both machines wrote the result of the whole study
+    for out_dir in (a_out, b_out):
+        best = json.loads((out_dir / "best" / "report.json").read_text())
+        assert best, out_dir
+    st.engine.dispose()
