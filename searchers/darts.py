@@ -974,11 +974,13 @@ def _run_oneshot(
     # anything is written or trained; a failure removes only what this call created
     check_run_folder(run_dir, study_name, shash, ocfg.storage)
     if ocfg.storage is not None or cfg.journal.exists():
-        check_study(open_storage(ocfg.storage, cfg.journal), study_name, shash, objectives, fid_sig)
+        check_study(
+            open_storage(ocfg.storage, cfg.journal, say=say), study_name, shash, objectives, fid_sig
+        )
     created.mkdir(run_dir)
     if ocfg.storage is None and not cfg.journal.exists():
         created.file(cfg.journal)
-    storage = open_storage(ocfg.storage, cfg.journal)
+    storage = open_storage(ocfg.storage, cfg.journal, say=say)
     held_doc = net.held_doc()
     write_run_files(
         run_dir,

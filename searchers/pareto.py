@@ -415,7 +415,9 @@ def finalize(
         PathError: ``best/`` or a trial folder leads outside the run folder (a link).
     """
     run_dir = Path(cfg.run_dir)
-    storage = open_storage(cfg.storage_url, cfg.journal, cfg.heartbeat_interval, cfg.grace_period)
+    storage = open_storage(
+        cfg.storage_url, cfg.journal, cfg.heartbeat_interval, cfg.grace_period, say=say
+    )
     study = optuna.load_study(study_name=cfg.study_name, storage=storage)
     trials = study.get_trials(deepcopy=False)
     front = front_trials(trials, objectives)

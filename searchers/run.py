@@ -116,8 +116,10 @@ from searchers.storage import (
     HeartbeatJournalStorage,
     dead_here,
     fail_dead_trials,
+    fail_stale_trials,
     grouped,
     open_storage,
+    started_system_attrs,
 )
 
 # re-exported: searchers.darts and older callers import these from here
@@ -194,15 +196,6 @@ _OWN_ATTRS = ("spec", "spec_hash", "spec_yaml", "searcher", "oneshot")
 #: proposals in a row that were all models already seen before a worker stops (the space is
 #: exhausted, or the sampler keeps proposing what it has)
 MAX_CONSECUTIVE_DUPLICATES = 50
-
-
-def _system_attrs(trial: optuna.Trial) -> dict[str, Any]:
-    """A running trial's system attributes as read when it started (Optuna keeps that copy;
-    read from the storage only if this Optuna version does not)."""
-    cached = getattr(trial, "_cached_frozen_trial", None)
-    if isinstance(cached, FrozenTrial):
-        return dict(cached.system_attrs)
-    return dict(trial.study._storage.get_trial_system_attrs(trial._trial_id))
 
 
 class _Log:
@@ -354,7 +347,7 @@ class Evaluator:
             trial.set_user_attr("spec_yaml", text)
         write_text(tdir / "spec.yaml", text)
         timing["fix_s"] = time.perf_counter() - t
-        retried = _system_attrs(trial).get("failed_trial")
+        retried = started_system_attrs(trial).get("failed_trial")
         if retried is not None:
             metrics["retry_of"] = retried
             log(f"retry of trial {retried}")
@@ -726,38 +719,6 @@ def retry_interrupted(study: optuna.Study, trial_id: int) -> int | None:
     return t.number
 
 
-def fail_stale_with_reason(study: optuna.Study) -> list[int]:
-    """Fail (with a reason) and retry once the RUNNING trials whose heartbeat stopped —
-    before Optuna's own pass would fail them without one.
-
-    Returns the numbers of the trials failed.
-    """
-    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
-
-    storage = study._storage
-    if not isinstance(storage, BaseHeartbeat) or not is_heartbeat_enabled(storage):
-        return []
-    callback = storage.get_heartbeat_stale_trial_callback()
-    done = []
-    for tid in storage._get_stale_trial_ids(study._study_id):
-        t = storage.get_trial(tid)
-        host = t.system_attrs.get(ATTR_HOST, "an unknown host")
-        pid = t.system_attrs.get(ATTR_PID)
-        who = f"process {pid} on host {host}" if pid is not None else f"its process on {host}"
-        reason = f"its heartbeat stopped ({who} died or hung); configuration retried once"
-        try:
-            with grouped(storage):
-                storage.set_trial_user_attr(tid, "status", "failed")
-                storage.set_trial_user_attr(tid, "reason", reason)
-            if storage.set_trial_state_values(tid, state=TrialState.FAIL):
-                if callback is not None:
-                    callback(study, storage.get_trial(tid))
-                done.append(t.number)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another process failed it first
-    return done
-
-
 def worker(
     cfg: SearchConfig,
     worker_id: int = 0,
@@ -783,7 +744,9 @@ def worker(
     say = say or (lambda s: None)
     spec = load_spec(cfg.spec_path)
     sec = cfg.section
-    storage = open_storage(cfg.storage_url, cfg.journal, cfg.heartbeat_interval, cfg.grace_period)
+    storage = open_storage(
+        cfg.storage_url, cfg.journal, cfg.heartbeat_interval, cfg.grace_period, say=say
+    )
     n_obj = len(sec.objectives)
     sampler_name = sec.sampler or ("tpe" if n_obj == 1 else "nsga2")
     existing = optuna.load_study(study_name=cfg.study_name, storage=storage)
@@ -825,13 +788,15 @@ def worker(
         used = budget_used(trials)
         running = [t for t in trials if t.state == TrialState.RUNNING and not dead_here(t)]
         waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
-        if used >= cfg.trials or (used + len(running) >= cfg.trials and not waiting):
+        # retries waiting (a killed or interrupted trial's configuration) are run even when
+        # the budget is reached meanwhile: they finish work the budget already counted
+        if not waiting and used + len(running) >= cfg.trials:
             break
         if deadline is not None and time.time() > deadline:
             say("time budget reached")
             break
         if running:  # another process's trials: fail those whose heartbeat stopped, with why
-            for n in fail_stale_with_reason(study):
+            for n in fail_stale_trials(study):
                 say(f"trial {n}: its heartbeat stopped (process died or hung): retried once")
         evaluator.current = None
         try:
@@ -1286,7 +1251,7 @@ def run_search(
     check_run_folder(run_dir, name, shash, storage)
     journal_exists = storage is None and cfg.journal.exists()
     st = (
-        open_storage(storage, cfg.journal, heartbeat_interval, grace_period)
+        open_storage(storage, cfg.journal, heartbeat_interval, grace_period, say=say)
         if storage is not None or journal_exists
         else None
     )
@@ -1305,7 +1270,7 @@ def run_search(
         if st is None:
             if storage is None:
                 created.file(cfg.journal)
-            st = open_storage(storage, cfg.journal, heartbeat_interval, grace_period)
+            st = open_storage(storage, cfg.journal, heartbeat_interval, grace_period, say=say)
         write_run_files(
             run_dir,
             created,
