@@ -9,7 +9,10 @@ time per trial in the search loop, the journal ``fsync``s per trial (each journa
 one ``fsync``; a trial groups its writes) or the SQL statements and commits per trial, and
 the PostgreSQL/journal ratio.
 
-    python benchmarks/search_overhead.py [--trials 60] [--pg URL | --no-pg]
+    python benchmarks/search_overhead.py [--trials 60] [--repeat 3] [--pg URL | --no-pg]
+
+``--repeat N`` runs the pair N times, alternating which storage goes first, each run a new
+study, and prints the median of each figure (a loaded machine makes single runs noisy).
 
 Without ``--pg`` a throw-away server is started on 127.0.0.1 (``tests/pg.py``) when the
 server binaries are installed (durable: fsync on commit, PostgreSQL's default).
@@ -70,7 +73,7 @@ class _SqlCounter:
 
 
 def run_one(
-    spec: Path, out: Path, storage: str | None, sql: _SqlCounter | None
+    spec: Path, out: Path, storage: str | None, sql: _SqlCounter | None, study: str | None = None
 ) -> dict[str, float]:
     from searchers.run import run_search
     from searchers.storage import open_storage
@@ -88,7 +91,9 @@ def run_one(
         sql.on = True
     try:
         t0 = time.perf_counter()
-        res = run_search(spec, out=out, storage=storage, export=False, say=lambda s: None)
+        res = run_search(
+            spec, out=out, storage=storage, study=study, export=False, say=lambda s: None
+        )
         wall = time.perf_counter() - t0
     finally:
         os.fsync = real_fsync  # type: ignore[assignment]
@@ -130,13 +135,15 @@ def main() -> None:
     )
     ap.add_argument("--pg", help="PostgreSQL URL of an empty database (default: start one)")
     ap.add_argument("--no-pg", action="store_true", help="the journal only")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="run the pair N times, interleaved; medians"
+    )
     args = ap.parse_args()
-    rows: dict[str, dict[str, float]] = {}
+    runs: dict[str, list[dict[str, float]]] = {"journal": []}
     server = None
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         spec = _spec(tmp, args.trials, args.sampler, args.space)
-        rows["journal"] = run_one(spec, tmp / "journal", None, None)
         pg_url = args.pg
         if pg_url is None and not args.no_pg:
             sys.path.insert(0, str(ROOT))
@@ -149,15 +156,34 @@ def main() -> None:
                 server = PgServer.start(durable=True)
                 pg_url = server.create_db("overhead")
         try:
+            sql = _SqlCounter() if pg_url is not None else None
             if pg_url is not None:
-                rows["postgresql"] = run_one(spec, tmp / "pg", pg_url, _SqlCounter())
+                runs["postgresql"] = []
+            for i in range(max(1, args.repeat)):
+                study = f"overhead_r{i}"
+                order = ["journal", "postgresql"] if i % 2 == 0 else ["postgresql", "journal"]
+                for name in order:
+                    if name == "journal":
+                        runs[name].append(run_one(spec, tmp / f"j{i}", None, None, study))
+                    elif pg_url is not None:
+                        runs[name].append(run_one(spec, tmp / f"pg{i}", pg_url, sql, study))
         finally:
             if server is not None:
                 server.stop()
+    rows = {
+        name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()
+    }
+    reps = len(runs["journal"])
     print(
         f"space {args.space}, sampler {args.sampler}, {args.trials} trials, cost fidelity "
-        "(no training)"
+        "(no training)" + (f"; medians of {reps} interleaved runs" if reps > 1 else "")
     )
+    if reps > 1:
+        for name, rs in runs.items():
+            print(
+                f"{name:>10}: search loop ms/trial per run: "
+                + ", ".join(f"{r['loop_ms']:.1f}" for r in rs)
+            )
     for name, r in rows.items():
         io = (
             f"{r['fsyncs']:.1f} journal fsyncs/trial"

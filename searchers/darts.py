@@ -103,7 +103,7 @@ import torch
 from archir.errors import ArchirError, SearchError
 from archir.spec.loader import Spec, load_spec
 from archir.spec.sections import SearchSection, TrainSection
-from searchers.objectives import COST_METRICS, Constraint, Objective
+from searchers.objectives import COST_METRICS, Constraint, Objective, trial_attrs
 from searchers.supernet import SuperNet, build_supernet
 
 HW_METRICS = frozenset(COST_METRICS) | {"latency_ms"}
@@ -1141,8 +1141,8 @@ def _run_oneshot(
         t = study.trials[-1]
         numbers.append(t.number)
         say(
-            f"trial {t.number} ({info['how']}): {t.user_attrs.get('status')} "
-            f"{t.user_attrs.get('values', {})}"
+            f"trial {t.number} ({info['how']}): {trial_attrs(t).get('status')} "
+            f"{trial_attrs(t).get('values', {})}"
         )
     if skipped:
         say(f"timeout: {len(skipped)} chosen architecture(s) not retrained ({', '.join(skipped)})")
@@ -1167,9 +1167,9 @@ def _run_oneshot(
         trial_rows.append(
             {
                 "trial": n,
-                "status": t.user_attrs.get("status", t.state.name.lower()),
-                "values": t.user_attrs.get("values", {}),
-                "how": t.user_attrs.get("oneshot"),
+                "status": trial_attrs(t).get("status", t.state.name.lower()),
+                "values": trial_attrs(t).get("values", {}),
+                "how": trial_attrs(t).get("oneshot"),
             }
         )
     out = {

@@ -206,3 +206,58 @@ def check_constraints(
         if not c.ok(v):
             out.append(f"{c.describe(v)}")
     return out
+
+
+# -- a trial's archir attributes ----------------------------------------------------------
+#: the one user attribute holding what archir records about a trial: the concrete model
+#: (``spec``, ``spec_hash``, ``spec_yaml``) and, once known, its result (``status``,
+#: ``reason``, ``values``, ``violations``, ``penalized``, ``rel_violation``, ``duplicate_of``)
+TRIAL_ATTR = "archir:trial"
+#: the model keys; earlier archir versions stored each key as a user attribute of its own
+MODEL_KEYS = ("spec", "spec_hash", "spec_yaml")
+RESULT_KEYS = (
+    "status",
+    "reason",
+    "values",
+    "violations",
+    "penalized",
+    "rel_violation",
+    "duplicate_of",
+)
+#: result statuses archir records for a trial that ended FAIL by itself
+_FAILED = ("failed", "interrupted")
+
+
+def trial_attrs(t: Any) -> dict[str, Any]:
+    """What archir recorded about trial ``t`` (a ``FrozenTrial``) as one flat dict —
+    ``spec``, ``spec_hash``, ``spec_yaml``, ``status``, ``reason``, ``values`` ... plus any
+    other user attribute (``searcher``, ``oneshot``) — whichever layout wrote it: the one
+    :data:`TRIAL_ATTR` dict (one storage write), or a user attribute per key (studies
+    written by earlier archir versions, and the ``status``/``reason`` that
+    :mod:`searchers.storage` records for a killed trial).
+
+    Where the dict holds a result, the separate result keys (copied from a failed original
+    to its retry) are ignored — except on a FAIL trial whose dict says it finished: the
+    process died after writing it and the separate ``status``/``reason`` say why.
+    """
+    ua = t.user_attrs
+    rec = ua.get(TRIAL_ATTR)
+    out = {k: v for k, v in ua.items() if k != TRIAL_ATTR}
+    if not isinstance(rec, dict):
+        return out
+    for k in MODEL_KEYS:
+        out.pop(k, None)
+    if "status" not in rec:
+        out.update(rec)
+        return out
+    killed = (
+        getattr(t.state, "name", None) == "FAIL"
+        and "status" in ua
+        and rec.get("status") not in _FAILED
+    )
+    flat = {k: out.pop(k) for k in RESULT_KEYS if k in out}
+    out.update(rec)
+    if killed:
+        out["status"] = flat["status"]
+        out["reason"] = flat.get("reason", "")
+    return out

@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from archir.errors import ArchirError, SearchError
 from archir.paths import inside, write_text
 from searchers.config import SearchConfig, SearchResult
-from searchers.objectives import PRE_TRAINING, Constraint, Objective
+from searchers.objectives import PRE_TRAINING, Constraint, Objective, trial_attrs
 from searchers.storage import ATTR_HOST, HOST, open_storage
 
 
@@ -88,7 +88,7 @@ def hypervolume_2d(
 
 def feasible(t: FrozenTrial) -> bool:
     return t.state == TrialState.COMPLETE and all(
-        v <= 0 for v in t.user_attrs.get("violations", [0.0])
+        v <= 0 for v in trial_attrs(t).get("violations", [0.0])
     )
 
 
@@ -99,7 +99,8 @@ def trial_row(
     remeasured: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One trial as a ``pareto.json`` row (``remeasured``: trial number -> latency record)."""
-    vals = dict(t.user_attrs.get("values", {}))
+    a = trial_attrs(t)
+    vals = dict(a.get("values", {}))
     rec = (remeasured or {}).get(t.number)
     if rec is not None:
         vals["latency_ms_search"] = vals.get("latency_ms")
@@ -107,8 +108,8 @@ def trial_row(
     row: dict[str, Any] = {
         "trial": t.number,
         "state": t.state.name,
-        "status": t.user_attrs.get("status", t.state.name.lower()),
-        "spec": t.user_attrs.get("spec", f"trials/{t.number}/spec.yaml"),
+        "status": a.get("status", t.state.name.lower()),
+        "spec": a.get("spec", f"trials/{t.number}/spec.yaml"),
         "objectives": {o.metric: vals.get(o.metric) for o in objectives},
         "constraints": {
             c.metric: {
@@ -121,10 +122,10 @@ def trial_row(
         "values": vals,
         "params": dict(t.params),
     }
-    if t.user_attrs.get("reason"):
-        row["reason"] = t.user_attrs["reason"]
-    if t.user_attrs.get("duplicate_of") is not None:
-        row["duplicate_of"] = t.user_attrs["duplicate_of"]
+    if a.get("reason"):
+        row["reason"] = a["reason"]
+    if a.get("duplicate_of") is not None:
+        row["duplicate_of"] = a["duplicate_of"]
     if rec is not None:
         row["latency"] = {**rec, "remeasured": True}
     return row
@@ -137,10 +138,11 @@ def trial_spec_text(t: FrozenTrial, run_dir: Path) -> tuple[str, str]:
     Raises:
         SearchError: neither is there (naming the trial and the host it ran on).
     """
-    text = t.user_attrs.get("spec_yaml")
+    a = trial_attrs(t)
+    text = a.get("spec_yaml")
     if isinstance(text, str):
         return text, f"trial {t.number} (storage)"
-    path = run_dir / str(t.user_attrs.get("spec", f"trials/{t.number}/spec.yaml"))
+    path = run_dir / str(a.get("spec", f"trials/{t.number}/spec.yaml"))
     try:
         return inside(run_dir, path).read_text(encoding="utf-8"), str(path)
     except OSError as exc:
@@ -229,7 +231,7 @@ def front_trials(trials: list[FrozenTrial], objectives: list[Objective]) -> list
     seen: set[Any] = set()
     out = []
     for t in sorted(front, key=lambda t: (tuple(t.values), t.number)):
-        key = t.user_attrs.get("spec_hash", t.number)
+        key = trial_attrs(t).get("spec_hash", t.number)
         if key in seen:
             continue
         seen.add(key)
@@ -256,7 +258,7 @@ def plot_front(
         m1 = objectives[1].metric
 
         def xy(t: FrozenTrial) -> tuple[float, float] | None:
-            v = t.user_attrs.get("values", {})
+            v = trial_attrs(t).get("values", {})
             if v.get(m0) is None or v.get(m1) is None:
                 return None
             return float(v[m1]), float(v[m0])
@@ -283,7 +285,7 @@ def plot_front(
     else:
         grey, ok = [], []
         for t in trials:
-            v = t.user_attrs.get("values", {}).get(m0)
+            v = trial_attrs(t).get("values", {}).get(m0)
             if v is None:
                 continue
             (ok if feasible(t) else grey).append((t.number, float(v)))
@@ -349,7 +351,7 @@ def _write_best(
     write_text(bdir / "spec.yaml", text)
     bspec = spec_from_text(text, file=where)
     best = trial_row(best_t, objectives, constraints, remeasured)
-    src_n = best_t.user_attrs.get("duplicate_of")
+    src_n = trial_attrs(best_t).get("duplicate_of")
     src_n = best_t.number if src_n is None else int(src_n)
     src_t = next((t for t in trials if t.number == src_n), best_t)
     weights = run_dir / "trials" / str(src_n) / "model.safetensors"
@@ -425,7 +427,7 @@ def finalize(
     states: dict[str, int] = {}
     for t in trials:
         key = (
-            t.user_attrs.get("status", t.state.name.lower())
+            trial_attrs(t).get("status", t.state.name.lower())
             if t.state != TrialState.RUNNING
             else "running"
         )

@@ -33,9 +33,14 @@ this host) is marked FAIL with its reason and its configuration retried once
 (``RetryHeartbeatStaleTrialCallback``); ``workers`` processes (or machines) share one study.
 A trial interrupted by Ctrl-C or SIGTERM is marked FAIL with status ``interrupted`` and its
 configuration is queued again (``failed_trial`` names it), so the next run retries it. A
-trial's writes are grouped (:mod:`searchers.storage`): its parameters, host/pid and spec
+trial's writes are grouped (:mod:`searchers.storage`): its parameters, host/pid and model
 attributes (the concrete spec's YAML included) in one journal append before any training,
 its results in another, so a trial costs a handful of ``fsync``s, not one per parameter.
+What archir records about a trial is one user attribute, ``archir:trial`` (model and
+result in one dict: one write on an RDB storage, which cannot group), read through
+:func:`searchers.objectives.trial_attrs`, which also reads the attribute-per-key layout of
+earlier versions; a trial with nothing expensive ahead (cost fidelity, no latency) writes
+it once, with its result.
 
 **The trial budget counts distinct models.** ``--trials N`` is reached when N trials count:
 COMPLETE (feasible or infeasible), PRUNED and FAIL trials, except a trial that reused the
@@ -56,7 +61,7 @@ the old and new values — start a new study (``--study``) or folder (``--out``)
 Nothing outside the run folder is written, and a failing run removes only what it created.
 
 **Many machines.** Everything a process needs to finish comes from the storage: each
-trial's concrete spec (``spec_yaml`` user attribute), values and host. A process whose
+trial's concrete spec (``spec_yaml`` in its record), values and host. A process whose
 folder lacks the best trial's weights (another machine trained it) writes
 ``best/spec.yaml`` and ``best/report.json``, names the host holding the weights and skips
 the export.
@@ -102,10 +107,14 @@ from searchers.config import (
 )
 from searchers.objectives import (
     COST_METRICS,
+    MODEL_KEYS,
     PRE_TRAINING,
+    RESULT_KEYS,
+    TRIAL_ATTR,
     Constraint,
     Objective,
     check_constraints,
+    trial_attrs,
 )
 from searchers.pareto import feasible, finalize
 from searchers.space import random_decider, space_description, space_hash, spec_hash, suggest
@@ -191,8 +200,6 @@ class TrialFailed(Exception):
 INTERRUPTED = (
     "interrupted (Ctrl-C or SIGTERM); its configuration is retried when the search resumes"
 )
-#: a trial's own user attributes, never copied from the trial whose result it reuses
-_OWN_ATTRS = ("spec", "spec_hash", "spec_yaml", "searcher", "oneshot")
 #: proposals in a row that were all models already seen before a worker stops (the space is
 #: exhausted, or the sampler keeps proposing what it has)
 MAX_CONSECUTIVE_DUPLICATES = 50
@@ -250,6 +257,11 @@ class Evaluator:
         self.consecutive_duplicates = 0
         #: the trial being evaluated (an interrupted one is queued again from it)
         self.current: optuna.Trial | None = None
+        #: the study's trials as the worker loop read them just before this trial (used by
+        #: the next trial's duplicate check and penalty instead of another read; None: read)
+        self.seen: list[FrozenTrial] | None = None
+        #: the current trial's model attributes (spec, spec_hash, spec_yaml)
+        self._model: dict[str, Any] = {}
 
     @property
     def task(self) -> Any:
@@ -260,18 +272,20 @@ class Evaluator:
         return self._task
 
     def _attrs(self, trial: optuna.Trial, **attrs: Any) -> None:
-        """Set a trial's result attributes (and, from ``violations``, its constraint values
-        for the samplers: ``Trial.set_constraint``, one per constraint, ``<= 0`` = met); they
-        are appended with the trial's final state (one journal append)."""
+        """Record a trial's result with its model attributes as the one user attribute
+        :data:`~searchers.objectives.TRIAL_ATTR` (one storage write; read it back with
+        :func:`~searchers.objectives.trial_attrs`), and, from ``violations``, its constraint
+        values for the samplers (``Trial.set_constraint``, one per constraint, ``<= 0`` =
+        met); appended with the trial's final state (one journal append)."""
         with grouped(trial.study._storage, until_state=True):
-            for k, v in attrs.items():
-                trial.set_user_attr(k, v)
+            trial.set_user_attr(TRIAL_ATTR, {**self._model, **attrs})
             if "violations" in attrs and self.constraints:
                 for c, v in zip(self.constraints, attrs["violations"]):
                     trial.set_constraint(c.metric, float(v))
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         self.current = trial
+        self._model = {}
         tdir = self.run_dir / "trials" / str(trial.number)
         clear_trial_dir(self.run_dir, tdir)
         tdir.mkdir(parents=True)
@@ -330,9 +344,11 @@ class Evaluator:
 
         storage = trial.study._storage
         t = time.perf_counter()
-        # one append: host/pid, every suggested parameter and the spec attributes (its YAML
-        # too: a process on another machine finishes from the storage), written before
-        # anything expensive so a killed trial is retried with the same parameters
+        # one append: host/pid, every suggested parameter and the model attributes (the
+        # spec's YAML too: a process on another machine finishes from the storage), written
+        # before anything expensive so a killed trial is retried with the same parameters.
+        # A trial with nothing expensive ahead (cost fidelity, no latency) records its model
+        # with its result instead: one storage write less (RDB storages cannot group)
         with grouped(storage):
             storage.set_trial_system_attr(trial._trial_id, ATTR_HOST, HOST)
             storage.set_trial_system_attr(trial._trial_id, ATTR_PID, os.getpid())
@@ -342,9 +358,13 @@ class Evaluator:
             concrete = Spec(concrete.data)
             h = spec_hash(concrete)
             text = concrete.to_yaml()
-            trial.set_user_attr("spec", f"trials/{trial.number}/spec.yaml")
-            trial.set_user_attr("spec_hash", h)
-            trial.set_user_attr("spec_yaml", text)
+            self._model = {
+                "spec": f"trials/{trial.number}/spec.yaml",
+                "spec_hash": h,
+                "spec_yaml": text,
+            }
+            if self.trains or self.need_latency:
+                trial.set_user_attr(TRIAL_ATTR, dict(self._model))
         write_text(tdir / "spec.yaml", text)
         timing["fix_s"] = time.perf_counter() - t
         retried = started_system_attrs(trial).get("failed_trial")
@@ -359,21 +379,24 @@ class Evaluator:
         timing["cost_s"] = time.perf_counter() - t
         metrics["values"] = values
 
-        # one read of the finished trials per trial: duplicates and penalties both use it
-        finished = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        # the finished trials, read once per trial (by the worker loop just before it, else
+        # here): duplicates and penalties both use it
+        seen, self.seen = self.seen, None
+        if seen is None:
+            seen = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        finished = [t for t in seen if t.state == TrialState.COMPLETE]
         dup = self._duplicate_of(finished, trial.number, h)
         if dup is not None:
-            original = int(dup.user_attrs.get("duplicate_of", dup.number))
+            got = trial_attrs(dup)
+            original = int(got.get("duplicate_of", dup.number))
             log(f"same model as trial {original}: its results are reused")
             metrics["duplicate_of"] = original
-            copied = {k: v for k, v in dup.user_attrs.items() if k not in _OWN_ATTRS}
-            if "reason" not in copied and trial.user_attrs.get("reason"):
-                copied["reason"] = ""  # a retry starts with its failed original's attributes
+            copied = {k: got[k] for k in RESULT_KEYS if k in got}
             self._attrs(trial, **{**copied, "duplicate_of": original})
-            metrics.update(status=dup.user_attrs.get("status", "ok"))
-            if dup.user_attrs.get("reason"):
-                metrics["reason"] = dup.user_attrs["reason"]
-            metrics["values"] = dup.user_attrs.get("values", values)
+            metrics.update(status=got.get("status", "ok"))
+            if got.get("reason"):
+                metrics["reason"] = got["reason"]
+            metrics["values"] = got.get("values", values)
             return tuple(dup.values) if len(dup.values) > 1 else dup.values[0]
 
         reasons = self._pre_check(values)
@@ -417,8 +440,6 @@ class Evaluator:
             attrs["reason"] = "; ".join(
                 check_constraints(self.constraints, values, pre_training=False)
             )
-        elif trial.user_attrs.get("reason"):
-            attrs["reason"] = ""  # a retry starts with its failed original's attributes
         self._attrs(trial, **attrs)
         metrics["status"] = attrs["status"]
         metrics["constraints"] = {
@@ -432,9 +453,13 @@ class Evaluator:
     @staticmethod
     def _duplicate_of(finished: list[FrozenTrial], number: int, h: str) -> FrozenTrial | None:
         """A finished trial of the same model (spec hash ``h``), an original one first."""
-        same = [t for t in finished if t.user_attrs.get("spec_hash") == h and t.number != number]
-        same.sort(key=lambda t: (t.user_attrs.get("duplicate_of") is not None, t.number))
-        return same[0] if same else None
+        same = []
+        for t in finished:
+            a = trial_attrs(t)
+            if a.get("spec_hash") == h and t.number != number:
+                same.append((a.get("duplicate_of") is not None, t.number, t))
+        same.sort(key=lambda x: x[:2])
+        return same[0][2] if same else None
 
     def _pre_check(self, values: dict[str, float]) -> list[str]:
         return check_constraints(
@@ -449,7 +474,7 @@ class Evaluator:
         worst = math.inf if objective.direction == "minimize" else -math.inf
         seen = []
         for t in finished:
-            v = t.user_attrs.get("values", {}).get(objective.metric)
+            v = trial_attrs(t).get("values", {}).get(objective.metric)
             if v is not None and math.isfinite(float(v)):
                 seen.append(float(v))
         if not seen:
@@ -600,13 +625,14 @@ def _retried(trials: list[FrozenTrial]) -> set[int]:
 
 def consumes_budget(t: FrozenTrial, retried: set[int]) -> bool:
     """Whether a finished trial counts against ``--trials`` (module docstring)."""
-    if t.user_attrs.get("duplicate_of") is not None:
+    if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+        return False
+    a = trial_attrs(t)
+    if a.get("duplicate_of") is not None:
         return False  # the same model as an earlier trial: nothing was trained
-    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-        return True
     if t.state == TrialState.FAIL:
-        return t.user_attrs.get("status") != "interrupted" and t.number not in retried
-    return False
+        return a.get("status") != "interrupted" and t.number not in retried
+    return True
 
 
 def budget_used(trials: list[FrozenTrial]) -> int:
@@ -619,21 +645,16 @@ def budget_used(trials: list[FrozenTrial]) -> int:
 
 def distinct_models(trials: list[FrozenTrial]) -> int:
     """How many different models (spec hashes) the finished trials of a study hold."""
-    return len(
-        {
-            t.user_attrs["spec_hash"]
-            for t in trials
-            if t.state == TrialState.COMPLETE and "spec_hash" in t.user_attrs
-        }
-    )
+    hashes = (trial_attrs(t).get("spec_hash") for t in trials if t.state == TrialState.COMPLETE)
+    return len({h for h in hashes if h is not None})
 
 
 def _closest(trials: list[FrozenTrial], k: int = 3) -> str:
-    cand = [t for t in trials if "rel_violation" in t.user_attrs]
-    cand.sort(key=lambda t: t.user_attrs["rel_violation"])
+    cand = [(a, t) for t in trials if "rel_violation" in (a := trial_attrs(t))]
+    cand.sort(key=lambda x: x[0]["rel_violation"])
     parts = []
-    for t in cand[:k]:
-        reason = str(t.user_attrs.get("reason", "")).split(": ", 1)[-1]
+    for a, t in cand[:k]:
+        reason = str(a.get("reason", "")).split(": ", 1)[-1]
         parts.append(f"trial {t.number} {json.dumps(t.params, default=str)}: {reason}")
     return " | ".join(parts)
 
@@ -687,15 +708,17 @@ def retry_interrupted(study: optuna.Study, trial_id: int) -> int | None:
         storage.flush()  # writes held for the trial's final state
     t = storage.get_trial(trial_id)
     if t.state == TrialState.RUNNING:
+        rec = t.user_attrs.get(TRIAL_ATTR)
+        model = {k: v for k, v in rec.items() if k in MODEL_KEYS} if isinstance(rec, dict) else {}
         try:
-            with grouped(storage):
-                storage.set_trial_user_attr(trial_id, "status", "interrupted")
-                storage.set_trial_user_attr(trial_id, "reason", INTERRUPTED)
+            storage.set_trial_user_attr(
+                trial_id, TRIAL_ATTR, {**model, "status": "interrupted", "reason": INTERRUPTED}
+            )
             storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
         t = storage.get_trial(trial_id)
-    if t.state != TrialState.FAIL or t.user_attrs.get("status") != "interrupted":
+    if t.state != TrialState.FAIL or trial_attrs(t).get("status") != "interrupted":
         return None
     system = {
         k: v
@@ -704,7 +727,8 @@ def retry_interrupted(study: optuna.Study, trial_id: int) -> int | None:
     }
     system["retry_history"] = [*system.get("retry_history", []), t.number]
     system["failed_trial"] = t.number
-    user = {k: v for k, v in t.user_attrs.items() if k not in ("status", "reason")}
+    # the retry starts without the interrupted trial's record (its own replaces it)
+    user = {k: v for k, v in t.user_attrs.items() if k != TRIAL_ATTR and k not in RESULT_KEYS}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         study.add_trial(
@@ -770,13 +794,14 @@ def worker(
     deadline = time.time() + cfg.timeout_s if cfg.timeout_s else None
 
     def report(study: optuna.Study, t: FrozenTrial) -> None:
-        status = t.user_attrs.get("status", t.state.name.lower())
-        vals = t.user_attrs.get("values", {})
+        a = trial_attrs(t)
+        status = a.get("status", t.state.name.lower())
+        vals = a.get("values", {})
         shown = ", ".join(
             f"{o}={vals[o]:.4g}" for o in sec.objectives if o in vals and vals[o] is not None
         )
-        reason = t.user_attrs.get("reason", "")
-        dup = t.user_attrs.get("duplicate_of")
+        reason = a.get("reason", "")
+        dup = a.get("duplicate_of")
         say(
             f"trial {t.number:>3} {status:<10} {shown}"
             + (f"  ({reason[:110]})" if reason and status != "ok" else "")
@@ -799,6 +824,7 @@ def worker(
             for n in fail_stale_trials(study):
                 say(f"trial {n}: its heartbeat stopped (process died or hung): retried once")
         evaluator.current = None
+        evaluator.seen = trials  # its duplicate check and penalty read no trials again
         try:
             study.optimize(
                 evaluator,

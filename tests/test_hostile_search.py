@@ -23,6 +23,7 @@ import optuna
 import pytest
 import yaml
 
+from searchers.objectives import trial_attrs
 from tests.hostile_util import ROOT, assert_refused, run_cli
 
 TINY = ROOT / "specs" / "search" / "tiny.yaml"
@@ -437,8 +438,8 @@ def test_interrupted_trials_are_retried_and_not_counted(tmp_path):
     trials = _study_trials(run)
     first = trials[0]
     assert first.state == optuna.trial.TrialState.FAIL
-    assert first.user_attrs["status"] == "interrupted"
-    assert "Ctrl-C or SIGTERM" in first.user_attrs["reason"]
+    assert trial_attrs(first)["status"] == "interrupted"
+    assert "Ctrl-C or SIGTERM" in trial_attrs(first)["reason"]
     (queued,) = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
     assert queued.state == optuna.trial.TrialState.WAITING and queued.params == first.params
     assert _counted(run) == []
@@ -446,7 +447,7 @@ def test_interrupted_trials_are_retried_and_not_counted(tmp_path):
     out = interrupt(signal.SIGTERM, queued.number)  # the queued configuration runs first
     assert "resuming" not in out  # nothing was counted
     trials = _study_trials(run)
-    assert trials[queued.number].user_attrs["status"] == "interrupted"
+    assert trial_attrs(trials[queued.number])["status"] == "interrupted"
     assert _counted(run) == []
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -454,7 +455,7 @@ def test_interrupted_trials_are_retried_and_not_counted(tmp_path):
     trials = _study_trials(run)
     (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == queued.number]
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == first.params
-    assert not retry.user_attrs.get("reason")  # the interrupted original's reason is gone
+    assert not trial_attrs(retry).get("reason")  # the interrupted original's reason is gone
     assert len(_counted(run)) == 2
 
 
@@ -476,19 +477,19 @@ def test_duplicates_do_not_consume_the_budget_and_exhaustion_stops(tmp_path):
     assert "search space exhausted: 2 distinct models seen" in o.out
     counted = _counted(run)
     assert len(counted) == 2
-    assert len({t.user_attrs["spec_hash"] for t in counted}) == 2
+    assert len({trial_attrs(t)["spec_hash"] for t in counted}) == 2
     trials = _study_trials(run)
-    dups = [t for t in trials if t.user_attrs.get("duplicate_of") is not None]
+    dups = [t for t in trials if trial_attrs(t).get("duplicate_of") is not None]
     assert len(dups) >= MAX_CONSECUTIVE_DUPLICATES
     originals = {t.number for t in counted}
-    assert all(t.user_attrs["duplicate_of"] in originals for t in dups)
+    assert all(trial_attrs(t)["duplicate_of"] in originals for t in dups)
     doc = json.loads((run / "pareto.json").read_text())
     assert len(doc["front"]) == 1  # one member per distinct model
 
 
 def test_stale_heartbeat_trial_gets_a_reason(tmp_path):
-    from searchers.run import fail_stale_with_reason
     from searchers.storage import ATTR_HOST, ATTR_PID, open_storage
+    from searchers.storage import fail_stale_trials as fail_stale_with_reason
 
     st = open_storage(None, tmp_path / "s.journal", heartbeat_interval=1, grace_period=1)
     study = optuna.create_study(storage=st, study_name="s")
@@ -499,9 +500,9 @@ def test_stale_heartbeat_trial_gets_a_reason(tmp_path):
     time.sleep(1.5)
     assert fail_stale_with_reason(study) == [0]
     t = study.trials[0]
-    assert t.state == optuna.trial.TrialState.FAIL and t.user_attrs["status"] == "failed"
-    assert "heartbeat stopped" in t.user_attrs["reason"]
-    assert "process 4242 on host machine-b" in t.user_attrs["reason"]
+    assert t.state == optuna.trial.TrialState.FAIL and trial_attrs(t)["status"] == "failed"
+    assert "heartbeat stopped" in trial_attrs(t)["reason"]
+    assert "process 4242 on host machine-b" in trial_attrs(t)["reason"]
     retry = [u for u in study.trials if u.system_attrs.get("failed_trial") == 0]
     assert len(retry) == 1 and retry[0].params == t.params
 

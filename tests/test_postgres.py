@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from archir.errors import SearchError
 from searchers import storage as storage_mod
+from searchers.objectives import trial_attrs
 from searchers.storage import ATTR_PID, open_storage
 from tests.pg import PgServer, find_binaries
 
@@ -240,7 +241,7 @@ def test_two_machines_one_killed_and_restarted(pg, tmp_path):
     assert not [t.number for t in got if t.state == TrialState.RUNNING]
     failed = [t for t in got if t.state == TrialState.FAIL]
     assert [t.number for t in failed] == [victim]
-    assert "killed" in failed[0].user_attrs.get("reason", "")
+    assert "killed" in trial_attrs(failed[0]).get("reason", "")
     retries = [t for t in got if t.system_attrs.get("failed_trial") == victim]
     assert len(retries) == 1 and retries[0].params == killed_params
     assert retries[0].state == TrialState.COMPLETE

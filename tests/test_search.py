@@ -20,7 +20,7 @@ import yaml
 from archir.errors import SearchError
 from archir.quant import quantize_model, quantize_tensor
 from archir.spec import load_spec
-from searchers.objectives import parse_constraint
+from searchers.objectives import parse_constraint, trial_attrs
 from searchers.run import run_search
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_infeasible_recorded_before_training(tmp_path):
     for t in bad:
         ot = by_number[t["trial"]]
         assert ot.values == [t["values"]["params"]]  # the real cost, no penalty needed
-        assert ot.user_attrs["violations"] == [pytest.approx(t["values"]["params"] - 12000)]
+        assert trial_attrs(ot)["violations"] == [pytest.approx(t["values"]["params"] - 12000)]
         # the samplers see it as infeasible through Optuna's constraint values
         assert ot.constraints["params"] == pytest.approx(t["values"]["params"] - 12000)
 
@@ -176,16 +176,16 @@ def test_rejected_candidate_gets_a_penalty_for_quality(tmp_path):
     run = tmp_path / "run"
     run_search(spec, out=run, export=False, say=lambda s: None)
     trials = sorted(study_of(run).trials, key=lambda t: t.number)
-    bad = [t for t in trials if t.user_attrs.get("status") == "infeasible"]
-    assert bad and any(t.user_attrs.get("status") == "ok" for t in trials)
+    bad = [t for t in trials if trial_attrs(t).get("status") == "infeasible"]
+    assert bad and any(trial_attrs(t).get("status") == "ok" for t in trials)
     for t in bad:
         assert t.state == optuna.trial.TrialState.COMPLETE
-        assert t.user_attrs["penalized"] == ["val_bpb"]
-        assert "val_bpb" not in t.user_attrs["values"]  # reports show measured values only
+        assert trial_attrs(t)["penalized"] == ["val_bpb"]
+        assert "val_bpb" not in trial_attrs(t)["values"]  # reports show measured values only
         trained = [
-            u.user_attrs["values"]["val_bpb"]
+            trial_attrs(u)["values"]["val_bpb"]
             for u in trials
-            if u.number < t.number and "val_bpb" in u.user_attrs.get("values", {})
+            if u.number < t.number and "val_bpb" in trial_attrs(u).get("values", {})
         ]
         assert t.values[0] == (max(trained) if trained else math.inf)
     doc = json.loads((run / "pareto.json").read_text())
@@ -239,6 +239,157 @@ def test_spec_hash_is_canonical_and_covers_training():
     assert spec_hash(spec_from_dict(trained_longer)) != spec_hash(a)
     wider = {**base, "model": {**base["model"], "d_model": base["model"]["d_model"] * 2}}
     assert spec_hash(spec_from_dict(wider)) != spec_hash(a)
+
+
+def test_a_trial_record_is_one_user_attribute_write(tmp_path, monkeypatch):
+    """What archir records about a trial is one user attribute (one storage write: RDB
+    storages cannot group writes), read back through ``trial_attrs``; the journal still
+    takes three appends (fsyncs) per trial."""
+    from searchers.objectives import TRIAL_ATTR
+    from searchers.storage import HeartbeatJournalStorage
+
+    writes: list[str] = []
+    real = HeartbeatJournalStorage.set_trial_user_attr
+
+    def counting(self, trial_id, key, value):
+        writes.append(key)
+        return real(self, trial_id, key, value)
+
+    monkeypatch.setattr(HeartbeatJournalStorage, "set_trial_user_attr", counting)
+    fsyncs = [0]
+    real_fsync = os.fsync
+
+    def counting_fsync(fd):
+        fsyncs[0] += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    spec = make_spec(
+        tmp_path,
+        objectives={"params": "minimize"},
+        constraints={"params": "<= 30000"},
+        fidelity="cost",
+        budget={"trials": 8},
+    )
+    run = tmp_path / "run"
+    res = run_search(spec, out=run, export=False, say=lambda s: None)
+    n = res.n_trials
+    assert writes == [TRIAL_ATTR] * n  # cost fidelity: model and result in one write
+    assert fsyncs[0] <= 3 * n + 12  # + the study's creation and its attributes
+    for t in study_of(run).trials:
+        assert set(t.user_attrs) == {TRIAL_ATTR}
+        a = trial_attrs(t)
+        assert a["spec"] == f"trials/{t.number}/spec.yaml" and a["spec_hash"]
+        assert a["status"] in ("ok", "infeasible") and "params" in a["values"]
+
+
+def _legacy_copy(src: Path, dst: Path, name: str = "tiny") -> int:
+    """A copy of run folder ``src`` whose journal holds what an earlier archir wrote: a user
+    attribute per key (``spec``, ``spec_hash``, ``status``, ``values`` ...)."""
+    import shutil
+
+    from searchers.objectives import TRIAL_ATTR
+    from searchers.run import open_storage
+
+    shutil.copytree(src, dst)
+    (dst / "study.journal").unlink()
+    old = study_of(src, name)
+    st = open_storage(None, dst / "study.journal")
+    new = optuna.create_study(storage=st, study_name=name, directions=old.directions)
+    for k, v in old.user_attrs.items():
+        new.set_user_attr(k, v)
+    for t in old.get_trials(deepcopy=False):
+        flat = {k: v for k, v in t.user_attrs.items() if k != TRIAL_ATTR}
+        flat.update(t.user_attrs.get(TRIAL_ATTR, {}))
+        new.add_trial(
+            optuna.trial.create_trial(
+                state=t.state,
+                values=t.values,
+                params=t.params,
+                distributions=t.distributions,
+                user_attrs=flat,
+                system_attrs=t.system_attrs,
+            )
+        )
+    return len(old.trials)
+
+
+def test_studies_of_earlier_versions_load_resume_and_report(tmp_path):
+    """A study whose trials hold a user attribute per key (archir before the one-record
+    layout) resumes: its trials count against the budget, are found as duplicates, and the
+    report and best/ come from them."""
+    from searchers.objectives import TRIAL_ATTR
+    from searchers.run import budget_used, distinct_models
+
+    spec = make_spec(
+        tmp_path,
+        objectives={"params": "minimize", "flops_per_token": "minimize"},
+        constraints={"params": "<= 30000"},
+        fidelity="cost",
+        budget={"trials": 6},
+    )
+    run_search(spec, out=tmp_path / "new", export=False, say=lambda s: None)
+    n_old = _legacy_copy(tmp_path / "new", tmp_path / "old")
+    legacy = study_of(tmp_path / "old").trials
+    assert not any(TRIAL_ATTR in t.user_attrs for t in legacy)
+    assert budget_used(legacy) == 6
+    assert distinct_models(legacy) == distinct_models(study_of(tmp_path / "new").trials)
+    said: list[str] = []
+    res = run_search(spec, out=tmp_path / "old", trials=9, export=False, say=said.append)
+    assert any("(6 done, resuming)" in s for s in said), said
+    trials = study_of(tmp_path / "old").trials
+    assert res.n_trials >= 9 and len(trials) > n_old
+    assert budget_used(trials) == 9
+    doc = json.loads((tmp_path / "old" / "pareto.json").read_text())
+    assert doc["front"] and all(r["status"] == "ok" for r in doc["front"])
+    assert (tmp_path / "old" / "best" / "spec.yaml").is_file()
+    for t in trials:  # both layouts read the same way
+        a = trial_attrs(t)
+        assert a["spec_hash"] and a["status"] in ("ok", "infeasible") and a["values"]
+
+
+def test_trial_attrs_reads_both_layouts_and_killed_trials():
+    from optuna.distributions import IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from searchers.objectives import TRIAL_ATTR
+
+    def frozen(state, **user):
+        return create_trial(
+            state=state,
+            value=None if state != TrialState.COMPLETE else 1.0,
+            params={"x": 1},
+            distributions={"x": IntDistribution(0, 9)},
+            user_attrs=user,
+        )
+
+    model = {"spec": "trials/3/spec.yaml", "spec_hash": "h", "spec_yaml": "y"}
+    old = frozen(TrialState.COMPLETE, spec_hash="h", status="ok", values={"params": 1.0})
+    assert trial_attrs(old) == {"spec_hash": "h", "status": "ok", "values": {"params": 1.0}}
+    rec = {**model, "status": "ok", "values": {"params": 2.0}}
+    new = frozen(TrialState.COMPLETE, searcher="darts", **{TRIAL_ATTR: rec})
+    assert trial_attrs(new) == {**rec, "searcher": "darts"}
+    # a retry of a killed trial starts with its original's separate status/reason: the
+    # retry's own record replaces them all
+    retry = frozen(
+        TrialState.COMPLETE,
+        status="failed",
+        reason="its process died",
+        penalized=["val_bpb"],
+        **{TRIAL_ATTR: rec},
+    )
+    assert trial_attrs(retry) == rec
+    # killed after its record was written, before its state: the kill's status/reason win
+    killed = frozen(TrialState.FAIL, status="failed", reason="killed", **{TRIAL_ATTR: rec})
+    assert trial_attrs(killed)["status"] == "failed"
+    assert trial_attrs(killed)["reason"] == "killed"
+    # a trial that failed by itself after a killed original: its own reason
+    own = {**model, "status": "failed", "reason": "diverged"}
+    failed = frozen(TrialState.FAIL, status="failed", reason="killed", **{TRIAL_ATTR: own})
+    assert trial_attrs(failed)["reason"] == "diverged"
+    # only the model recorded yet (a killed trial): the separate status/reason show
+    running = frozen(TrialState.FAIL, status="failed", reason="killed", **{TRIAL_ATTR: model})
+    assert trial_attrs(running) == {**model, "status": "failed", "reason": "killed"}
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat")
@@ -480,7 +631,7 @@ def test_kill9_then_resume_loses_nothing(tmp_path):
         assert done[n] == v
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert [t.number for t in failed] == [2]
-    assert "killed" in failed[0].user_attrs["reason"]
+    assert "killed" in trial_attrs(failed[0])["reason"]
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == 2]
     assert len(retries) == 1  # retried exactly once, with the same configuration
     assert retries[0].params == running[0].params
@@ -509,22 +660,22 @@ def test_two_workers_share_a_study(tmp_path):
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     # the budget counts distinct models: a trial that reused an identical model's result
     # (duplicate_of) does not count; two workers may each start the last trial
-    counted = [t for t in done if t.user_attrs.get("duplicate_of") is None]
+    counted = [t for t in done if trial_attrs(t).get("duplicate_of") is None]
     assert 10 <= len(counted) <= 11
     by_number = {t.number: t for t in done}
     for t in done:
-        dup = t.user_attrs.get("duplicate_of")
+        dup = trial_attrs(t).get("duplicate_of")
         if dup is not None:  # reused a finished trial's result: same model, same values
-            assert by_number[dup].user_attrs["spec_hash"] == t.user_attrs["spec_hash"]
+            assert trial_attrs(by_number[dup])["spec_hash"] == trial_attrs(t)["spec_hash"]
             assert by_number[dup].values == t.values
             continue
         # not marked duplicate: no trial of the same model had finished when it started
         for u in done:
-            if u.number != t.number and u.user_attrs["spec_hash"] == t.user_attrs["spec_hash"]:
+            if u.number != t.number and trial_attrs(u)["spec_hash"] == trial_attrs(t)["spec_hash"]:
                 assert u.datetime_complete > t.datetime_start, (t.number, u.number)
     assert "[w0]" in out.stdout and "[w1]" in out.stdout
     for t in done:
-        spec_file = run / t.user_attrs["spec"]
+        spec_file = run / trial_attrs(t)["spec"]
         assert load_spec(spec_file).is_concrete
 
 
