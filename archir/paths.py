@@ -61,13 +61,14 @@ def normal_mode(path: str | Path, *, executable: bool = False) -> None:
 
 
 def inside(root: str | Path, path: str | Path) -> Path:
-    """``path`` resolved, checked to lie inside ``root`` (resolved; symlinks followed).
+    """``path`` (absolute, or relative to the current folder, like ``root``) resolved and
+    checked to lie inside ``root`` (symlinks followed).
 
     Raises:
         PathError: ``path`` resolves outside ``root``.
     """
     r = Path(root).resolve()
-    p = (r / path).resolve() if not Path(path).is_absolute() else Path(path).resolve()
+    p = Path(path).resolve()
     if p != r and r not in p.parents:
         raise PathError(
             f"'{path}' resolves to {p}, outside the output folder {r}",

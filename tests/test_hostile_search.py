@@ -538,3 +538,21 @@ def test_a_process_without_the_best_weights_finishes_from_the_storage(tmp_path, 
     assert report["weights"] == {"trial": a.best["trial"], "host": HOST, "here": False}
     assert any(f"on host {HOST}" in s and "export skipped" in s for s in said)
     assert not list((tmp_path / "b" / "trials").iterdir())
+
+
+def test_inside_takes_paths_relative_to_the_current_folder(tmp_path, monkeypatch):
+    """Run folders are usually relative (runs/NAME): a path under one is inside it, and one
+    that leaves it (.., a link out) is refused."""
+    from archir.paths import PathError, inside
+
+    monkeypatch.chdir(tmp_path)
+    run = Path("runs") / "x"
+    (run / "trials" / "0").mkdir(parents=True)
+    w = run / "trials" / "0" / "model.safetensors"
+    w.write_text("w")
+    assert inside(run, w) == (tmp_path / w).resolve()
+    with pytest.raises(PathError):
+        inside(run, run / ".." / "y")
+    (run / "out").symlink_to(tmp_path)
+    with pytest.raises(PathError):
+        inside(run, run / "out" / "z")

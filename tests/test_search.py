@@ -705,19 +705,24 @@ def test_proxy_search_single_objective_with_bits_and_report(tmp_path):
     assert bad.returncode == 2 and "no pareto.json" in bad.stderr
 
 
-def test_best_is_exported_with_parity(tmp_path):
+def test_best_is_exported_with_parity(tmp_path, monkeypatch):
+    """As the main job runs: the default, relative run folder (runs/<study>); weights of
+    trials off the front are removed, the best's exported."""
     pytest.importorskip("exporters")
     spec = make_spec(
         tmp_path,
         objectives={"val_bpb": "minimize"},
         constraints={},
-        budget={"trials": 2},
+        budget={"trials": 3},
         fidelity={"kind": "proxy", "steps": 2},
     )
-    run = tmp_path / "run"
-    res = run_search(spec, out=run, say=lambda s: None)
+    monkeypatch.chdir(tmp_path)
+    res = run_search(spec.name, say=lambda s: None)
+    run = Path("runs") / "tiny"
     assert (run / "best" / "model.onnx").is_file(), res.best
     assert "error" not in res.best["export"]
+    weights = sorted(p.parent.name for p in (run / "trials").glob("*/model.safetensors"))
+    assert weights == [str(res.best["trial"])]
 
 
 def test_searchers_have_no_import_cycles():
