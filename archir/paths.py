@@ -16,7 +16,9 @@ import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from archir.errors import ArchirError, Location
 
@@ -141,21 +143,37 @@ def check_out_dir(path: str | Path, what: str = "--out") -> Path:
     return p
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` atomically (temp file in the same folder, then rename) with normal
-    permissions. A crash leaves either the old file or the new one, never a torn one."""
+def write_file(path: str | os.PathLike[str], write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, give it the permissions of
+    the user's umask, then rename it to ``path``: a crash leaves the old file or the new one,
+    never a torn one, and a failure leaves no temporary file behind. For writers that take a
+    path (safetensors, onnx).
+
+    Raises:
+        OSError: the folder cannot be written; whatever ``write`` raises.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        write(tmp)
         normal_mode(tmp)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) with :func:`write_file`: atomic, normal permissions."""
+    return write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` with :func:`write_file`: atomic, normal permissions."""
+    return write_file(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 class Created:

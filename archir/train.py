@@ -35,7 +35,6 @@ import math
 import os
 import re
 import stat
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ import torch
 from archir.compiler import CompiledModel
 from archir.compiler import compile as compile_spec
 from archir.errors import TrainingError
-from archir.paths import normal_mode, write_text
+from archir.paths import write_file, write_text
 from archir.spec.loader import Spec
 from archir.spec.sections import TrainSection
 from archir.tasks.base import Task, get_task
@@ -305,9 +304,9 @@ def save_run(
 
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "spec.yaml", spec.to_yaml())
-    _atomic(out / "model.safetensors", lambda tmp: save_model(model, tmp))
+    write_file(out / "model.safetensors", lambda tmp: save_model(model, tmp))
     if extra is not None:
-        _atomic(out / "task_modules.safetensors", lambda tmp: save_model(extra, tmp))
+        write_file(out / "task_modules.safetensors", lambda tmp: save_model(extra, tmp))
     write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
 
 
@@ -326,20 +325,6 @@ _FREE_SETTINGS = ("threads", "time_budget_s")
 _START_OVER = (
     "delete checkpoint.json and checkpoint-*.safetensors to start over, or use another --out"
 )
-
-
-def _atomic(path: Path, write: Callable[[str], Any]) -> None:
-    """``write(tmp)`` a temporary file beside ``path``, give it normal permissions, then
-    rename it to ``path`` (a crash leaves the old file or the new one, never a torn one)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        normal_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256(path: Path) -> str:
@@ -425,7 +410,7 @@ def save_checkpoint(
     tensors, optim = packed
     out.mkdir(parents=True, exist_ok=True)
     name = f"checkpoint-{int(state['step'])}.safetensors"
-    _atomic(out / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_file(out / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     manifest = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,

@@ -47,8 +47,8 @@ def export_safetensors(
     """
     from safetensors.torch import save_file
 
-    from archir.paths import check_out_dir, write_text
-    from exporters.onnx_export import load_weights, write_file
+    from archir.paths import check_out_dir, write_file, write_text
+    from exporters.onnx_export import load_weights
 
     spec.model  # noqa: B018 - raises SpecError for an open spec
     out = check_out_dir(out_dir)

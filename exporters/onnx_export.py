@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import torch
 
 import archir
 from archir.errors import ExportError
-from archir.paths import check_out_file, normal_mode
+from archir.paths import check_out_file, normal_mode, write_bytes
 from exporters import parity as par
 from exporters import quantize as qz
 
@@ -159,36 +158,6 @@ def _human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
-
-
-def write_file(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, give it the permissions of
-    the user's umask, then rename it to ``path``: a crash leaves the old file or the new
-    one, never a torn one, and a failure leaves no temporary file behind.
-
-    Raises:
-        OSError: the folder cannot be written; whatever ``write`` raises.
-    """
-    out = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        normal_mode(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` with :func:`write_file` (atomic, normal permissions).
-
-    Raises:
-        OSError: the folder cannot be written.
-    """
-    return write_file(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # -- model and graph bookkeeping --------------------------------------------------------------
