@@ -889,7 +889,7 @@ def _run_oneshot(
         trial_train_cfg,
         write_run_files,
     )
-    from searchers.space import space_description, space_hash
+    from searchers.space import space_hash
 
     _silence()
     say = say or (lambda s: None)
@@ -985,20 +985,18 @@ def _run_oneshot(
     write_run_files(
         run_dir,
         created,
-        {
-            "spec": str(spec.file or run_dir / "spec.yaml"),
-            "study": study_name,
-            "storage": ocfg.storage or "study.journal",
-            "space_hash": shash,
-            "space": space_description(spec.nodes),
-            "objectives": {o.metric: o.direction for o in objectives},
-            "constraints": {c.metric: c.text for c in constraints},
-            "search": sec.model_dump(),
-            "fidelity": fid_sig,
-            "searcher": searcher,
-            "held": held_doc,
-        },
-        spec.to_yaml(),
+        spec=spec,
+        spec_file=str(spec.file or run_dir / "spec.yaml"),
+        spec_text=spec.to_yaml(),
+        study=study_name,
+        storage=ocfg.storage,
+        shash=shash,
+        objectives=objectives,
+        constraints=constraints,
+        section=sec,
+        fidelity=fid_sig,
+        searcher=searcher,
+        held=held_doc,
     )
     study = create_or_load_study(
         storage,

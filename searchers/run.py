@@ -1127,10 +1127,37 @@ def create_or_load_study(
     return study
 
 
-def write_run_files(run_dir: Path, created: Created, doc: dict[str, Any], spec_text: str) -> None:
-    """Write ``run.json`` (first: it marks the folder as a run folder) and ``spec.yaml``
-    atomically with normal permissions; files that did not exist are remembered in
-    ``created`` (removed if the run fails)."""
+def write_run_files(
+    run_dir: Path,
+    created: Created,
+    *,
+    spec: Spec,
+    spec_file: str,
+    spec_text: str,
+    study: str,
+    storage: str | None,
+    shash: str,
+    objectives: list[Objective],
+    constraints: list[Constraint],
+    section: SearchSection,
+    fidelity: dict[str, Any],
+    **extra: Any,
+) -> None:
+    """Write ``run.json`` (first: it marks the folder as a run folder; ``extra`` keys are
+    added to it) and ``spec.yaml`` (``spec_text``) atomically with normal permissions; files
+    that did not exist are remembered in ``created`` (removed if the run fails)."""
+    doc = {
+        "spec": spec_file,
+        "study": study,
+        "storage": storage or "study.journal",
+        "space_hash": shash,
+        "space": space_description(spec.nodes),
+        "objectives": {o.metric: o.direction for o in objectives},
+        "constraints": {c.metric: c.text for c in constraints},
+        "search": section.model_dump(),
+        "fidelity": fidelity,
+        **extra,
+    }
     for fname, text in (
         ("run.json", json.dumps(doc, indent=2, default=str)),
         ("spec.yaml", spec_text),
@@ -1300,18 +1327,16 @@ def run_search(
         write_run_files(
             run_dir,
             created,
-            {
-                "spec": str(spec_path),
-                "study": name,
-                "storage": storage or "study.journal",
-                "space_hash": shash,
-                "space": space_description(spec.nodes),
-                "objectives": {o.metric: o.direction for o in objectives},
-                "constraints": {c.metric: c.text for c in constraints},
-                "search": sec.model_dump(),
-                "fidelity": fid_sig,
-            },
-            src,
+            spec=spec,
+            spec_file=str(spec_path),
+            spec_text=src,
+            study=name,
+            storage=storage,
+            shash=shash,
+            objectives=objectives,
+            constraints=constraints,
+            section=sec,
+            fidelity=fid_sig,
         )
         ostudy = create_or_load_study(st, name, spec, shash, objectives, constraints, fid_sig)
         created.mkdir(run_dir / "trials")

@@ -251,3 +251,13 @@ def test_compression_decoder_is_trained_and_shapes():
     res = train(spec, task, cfg=cfg, model=model)
     assert res.status == "ok" and 0.0 <= res.metrics["accuracy"] <= 1.0
     assert any(not torch.equal(a, b) for a, b in zip(before, dec.parameters()))
+
+
+def test_cli_lists_match_the_task_module():
+    """``archir mad`` lists the presets and tasks itself (parsing imports no torch): they
+    must be the task module's."""
+    import archir.cli.mad as cli
+    from archir.tasks import mad
+
+    assert cli.TASKS == mad.TASKS
+    assert set(cli.PRESETS) == set(mad.PRESETS)

@@ -28,6 +28,7 @@ from archir.spec.source import (
     parse_source,
     plain_data,
     read_source,
+    short_repr,
     show_text,
 )
 from archir.spec.space import (
@@ -103,15 +104,6 @@ def _clean_message(err: Any) -> str:
     elif "got " not in msg:
         msg += f", got {short_repr(value)}"
     return msg
-
-
-def short_repr(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters (a message stays one short line)."""
-    try:
-        text = repr(value)
-    except ValueError:  # an integer over Python's digit limit, alone or inside a list
-        return "<a value too large to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _literal_options(err: Any) -> list[str]:

@@ -75,7 +75,7 @@ def path_str(path: PathKey) -> str:
 
 def field_str(path: PathKey) -> str:
     """:func:`path_str` for a message: a long key is cut to 40 characters (``ab...``)."""
-    return ".".join(_short(p, 40) for p in path)
+    return ".".join(show_text(p, 40) for p in path)
 
 
 @dataclass
@@ -307,7 +307,7 @@ class _Builder:
             key = name = str(key)
         if name in top.out or (key is _MERGE_KEY and top.merges):
             raise self.error(
-                f"duplicate key '{_short(name)}'",
+                f"duplicate key '{show_text(name)}'",
                 pos,
                 top.path + (name,),
                 "each field may appear once in a mapping",
@@ -327,13 +327,13 @@ class _Builder:
             return str(tag)
         if tag in SafeConstructor.yaml_constructors:
             raise self.error(
-                f"the YAML tag '{_short(tag)}' is not allowed",
+                f"the YAML tag '{show_text(tag)}' is not allowed",
                 pos,
                 path,
                 "specs hold plain data only (a spec can never run code); remove the '!!' tag",
             )
         raise SpecError(
-            f"invalid YAML: could not determine a constructor for the tag '{_short(tag)}'",
+            f"invalid YAML: could not determine a constructor for the tag '{show_text(tag)}'",
             Location(self.file, pos[0], pos[1]),
             "specs hold plain data only (a spec can never run code); remove the '!!' tag",
         )
@@ -374,7 +374,7 @@ class _Builder:
                 raise ValueError(text)
         except (ValueError, IndexError, TypeError):
             raise self.error(
-                f"'{_short(text)}' is not a valid {tag.rsplit(':', 1)[-1]}",
+                f"'{show_text(text)}' is not a valid {tag.rsplit(':', 1)[-1]}",
                 pos,
                 path,
                 "write the number in decimal",
@@ -386,10 +386,10 @@ class _Builder:
         anchor = self.anchors.get(ev.anchor)
         if anchor is None:
             raise self.error(
-                f"the alias '*{_short(ev.anchor)}' names no anchor above it",
+                f"the alias '*{show_text(ev.anchor)}' names no anchor above it",
                 pos,
                 path,
-                f"define it first with '&{_short(ev.anchor)}'",
+                f"define it first with '&{show_text(ev.anchor)}'",
             )
         if anchor.hi < 0:
             raise self.error(
@@ -485,7 +485,7 @@ class _Builder:
             is_map = isinstance(ev, yaml.MappingStartEvent)
             if ev.tag not in (None, "!", _MAP if is_map else _SEQ):
                 raise self.error(
-                    f"the YAML tag '{_short(ev.tag)}' is not allowed",
+                    f"the YAML tag '{show_text(ev.tag)}' is not allowed",
                     pos,
                     path,
                     "specs hold plain data only (a spec can never run code); remove the '!!' tag",
@@ -504,7 +504,13 @@ def show_text(text: Any, limit: int = 60) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
-_short = show_text
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a message stays one short line)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer over Python's digit limit, alone or inside a list
+        return "<a value too large to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _events(text: str, file: str | None, use_c: bool) -> Any:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from archir.errors import SpecError, did_you_mean
-from archir.spec.source import MAX_INT, PathKey, SourceMap, path_str
+from archir.spec.source import MAX_INT, PathKey, SourceMap, path_str, short_repr
 
 NODE_KEYS = ("choice", "int", "float")
 NODE_OPTIONAL = {"tie", "log", "step"}
@@ -75,7 +75,7 @@ class SearchNode:
 
     def describe(self) -> str:
         if self.type == "choice":
-            return f"choice {_short(list(self.options or ()), 120)}"
+            return f"choice {short_repr(list(self.options or ()), 120)}"
         scale = " log" if self.log else ""
         return f"{self.type} [{self.low}, {self.high}]{scale}"
 
@@ -255,14 +255,6 @@ def option_index(options: tuple[Any, ...], value: Any) -> int | None:
     return None
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    try:
-        text = repr(value)
-    except ValueError:  # an integer over Python's digit limit, alone or inside a list
-        return "<a value too large to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _check_decision(node: SearchNode, value: Any, smap: SourceMap | None) -> Any:
     loc = smap.locate(node.path) if smap else None
     if node.type == "choice":
@@ -271,8 +263,8 @@ def _check_decision(node: SearchNode, value: Any, smap: SourceMap | None) -> Any
             idx = option_index(node.options, value)
             if idx is None:
                 raise SpecError(
-                    f"decision {_short(value)} for '{node.name}' is not one of "
-                    f"{_short(list(node.options), 200)}",
+                    f"decision {short_repr(value)} for '{node.name}' is not one of "
+                    f"{short_repr(list(node.options), 200)}",
                     loc,
                 )
             return node.options[idx]
@@ -288,7 +280,9 @@ def _check_decision(node: SearchNode, value: Any, smap: SourceMap | None) -> Any
         return node.options[value]
     assert node.low is not None and node.high is not None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SpecError(f"decision for '{node.name}' must be a number, got {_short(value)}", loc)
+        raise SpecError(
+            f"decision for '{node.name}' must be a number, got {short_repr(value)}", loc
+        )
     if not node.low <= value <= node.high:
         raise SpecError(
             f"decision {value} for '{node.name}' is outside [{node.low}, {node.high}]", loc
