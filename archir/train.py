@@ -36,7 +36,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,11 +62,37 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def lr_at(step: int, cfg: TrainSection) -> float:
-    """Learning rate at ``step`` (0-based): linear warm-up, then cosine to ``min_lr``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
+def decay_steps(total: int, cfg: TrainSection) -> int:
+    """Steps of the ``wsd`` schedule's final decay in a run of ``total`` steps:
+    ``decay_fraction`` of them, at least 1."""
+    return max(1, min(total, round(cfg.decay_fraction * total)))
+
+
+def decay_start(total: int, cfg: TrainSection) -> int:
+    """The first step of the ``wsd`` decay in a run of ``total`` steps (0-based). Every step
+    before it has the learning rate of the stable phase, whatever ``total`` is."""
+    return total - decay_steps(total, cfg)
+
+
+def lr_at(step: int, cfg: TrainSection, total: int | None = None) -> float:
+    """Learning rate at ``step`` (0-based) of a run of ``total`` steps (default
+    ``cfg.steps``): linear warm-up over ``warmup_steps``, then ``cfg.schedule``:
+
+    - ``cosine``: cosine from ``lr`` down to ``min_lr`` over the remaining steps;
+    - ``wsd``: ``lr`` until :func:`decay_start`, then linear down to ``min_lr``, reached at
+      the last step (warm-up, if it overlaps the decay, is cut short by it).
+    """
+    total = cfg.steps if total is None else total
+    warm = cfg.lr * (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else cfg.lr
+    if cfg.schedule == "wsd":
+        start = decay_start(total, cfg)
+        if step < start:
+            return warm
+        t = min(1.0, (step - start + 1) / decay_steps(total, cfg))
+        return min(warm, cfg.lr + (cfg.min_lr - cfg.lr) * t)
+    if step < cfg.warmup_steps:
+        return warm
+    span = max(1, total - cfg.warmup_steps)
     t = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
@@ -89,6 +115,136 @@ def make_optimizer(
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+class Trainer:
+    """The state of one training run and the operations the trainer and the fidelity ladder
+    are built from: optimizer steps at a given learning rate, held-out evaluation, an
+    in-memory snapshot (to branch off a decay and come back), and checkpoints.
+
+    Holds the compiled model (``[batch, seq]`` int64 tokens in), the task's own trainable
+    modules, AdamW, the data generator (seeded ``cfg.seed + 1``), the step reached, tokens
+    seen, the history of evaluations and the last training loss (nats).
+    """
+
+    def __init__(
+        self, spec: Spec, task: Task, cfg: TrainSection, model: CompiledModel | None = None
+    ) -> None:
+        task.check_model(spec.model.model)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.spec, self.task, self.cfg = spec, task, cfg
+        self.model = model or compile_spec(spec, seed=cfg.seed)
+        self.extra = task.extra_modules(self.model)
+        self.trained = torch.nn.ModuleList([self.model] + ([self.extra] if self.extra else []))
+        self.opt = make_optimizer(self.model, cfg, self.extra)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.seq_len = min(cfg.seq_len, spec.model.model.max_seq_len)
+        self.step = 0
+        self.tokens = 0
+        self.history: list[dict[str, float]] = []
+        self.last_loss = float("nan")
+        self.state: dict[str, Any] = {}  # other JSON kept in the checkpoint (ladder rungs)
+        self._t0 = time.perf_counter()
+        self._hash: str | None = None
+
+    @property
+    def wall_s(self) -> float:
+        """Seconds of training so far, earlier (checkpointed) sessions included."""
+        return time.perf_counter() - self._t0
+
+    def train_step(self, lr: float) -> str | None:
+        """One AdamW step at learning rate ``lr`` on a fresh batch; ``self.step`` advances.
+
+        Returns:
+            None, or why the step was not taken (the loss was not finite).
+        """
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        x, y = self.task.train_batch(self.cfg.batch_size, self.seq_len, self.gen)
+        loss = self.task.loss(self.model, x, y)
+        aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
+        total = loss + aux if aux is not None else loss
+        if not torch.isfinite(total):
+            return f"loss became {total.item()} at step {self.step}"
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.trained.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.tokens += y.numel()
+        self.last_loss = loss.item()
+        self.step += 1
+        return None
+
+    def evaluate(self) -> dict[str, float]:
+        """The task's held-out metrics (``eval_batches`` batches of ``eval_batch_size``)."""
+        self.trained.eval()
+        try:
+            bs = self.cfg.eval_batch_size or self.cfg.batch_size
+            return self.task.evaluate(self.model, bs, self.seq_len, self.cfg.eval_batches)
+        finally:
+            self.trained.train()
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of everything a step changes (weights, optimizer, generators, counters)."""
+        import copy
+
+        return {
+            "model": copy.deepcopy(self.model.state_dict()),
+            "extra": copy.deepcopy(self.extra.state_dict()) if self.extra is not None else None,
+            "opt": copy.deepcopy(self.opt.state_dict()),
+            "gen": self.gen.get_state(),
+            "rng": torch.get_rng_state(),
+            "counters": (self.step, self.tokens, self.last_loss),
+        }
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Go back to a :meth:`snapshot` (wall time keeps running)."""
+        self.model.load_state_dict(snap["model"])
+        if self.extra is not None:
+            self.extra.load_state_dict(snap["extra"])
+        self.opt.load_state_dict(snap["opt"])
+        self.gen.set_state(snap["gen"])
+        torch.set_rng_state(snap["rng"])
+        self.step, self.tokens, self.last_loss = snap["counters"]
+
+    def save(self, out: Path) -> None:
+        """Write a checkpoint of the current state into ``out`` (:func:`save_checkpoint`)."""
+        if self._hash is None:
+            self._hash = _spec_hash(self.spec)
+        save_checkpoint(
+            out,
+            _pack(self.model, self.extra, self.opt, self.gen),
+            {
+                "step": self.step,
+                "tokens": self.tokens,
+                "wall_s": self.wall_s,
+                "history": self.history,
+                "train_loss": self.last_loss,
+                "spec_hash": self._hash,
+                "train": _settings(self.cfg),
+                **self.state,
+            },
+        )
+
+    def resume(self, out: Path) -> bool:
+        """Continue from ``out``'s checkpoint when there is one; False when there is none.
+
+        Raises:
+            TrainingError: see :func:`load_checkpoint`, :func:`_check_resumable`.
+        """
+        loaded = load_checkpoint(out)
+        if loaded is None:
+            return False
+        state, tensors = loaded
+        _check_resumable(out / CHECKPOINT, state, self.spec, self.cfg)
+        _restore(out / CHECKPOINT, state, tensors, self.model, self.extra, self.opt, self.gen)
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.history, self.last_loss = state["history"], state["train_loss"]
+        self._t0 = time.perf_counter() - state["wall_s"]
+        self.state = {k: state[k] for k in _KEEP_STATE if k in state}
+        return True
 
 
 def train(
@@ -132,58 +288,14 @@ def train(
     """
     cfg = cfg or spec.model.train
     task = task or get_task(cfg.task, cfg.task_options)
-    task.check_model(spec.model.model)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    model = model or compile_spec(spec, seed=cfg.seed)
-    extra = task.extra_modules(model)
-    trained = torch.nn.ModuleList([model] + ([extra] if extra is not None else []))
-    opt = make_optimizer(model, cfg, extra)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    seq_len = min(cfg.seq_len, spec.model.model.max_seq_len)
-    history: list[dict[str, float]] = []
-    status, reason = "ok", None
-    tokens = 0
-    start = 0
-    elapsed = 0.0
-    last_loss = float("nan")
     out = Path(out_dir) if out_dir is not None else None
     if checkpoint_every is not None and out is None:
         raise TrainingError("checkpoint_every needs an output folder", hint="pass out_dir")
+    tr = Trainer(spec, task, cfg, model)
     if resume and out is not None:
-        loaded = load_checkpoint(out)
-        if loaded is not None:
-            state, tensors = loaded
-            _check_resumable(out / CHECKPOINT, state, spec, cfg)
-            _restore(out / CHECKPOINT, state, tensors, model, extra, opt, gen)
-            start, tokens, elapsed = state["step"], state["tokens"], state["wall_s"]
-            history, last_loss = state["history"], state["train_loss"]
-    step = start
-    t0 = time.perf_counter() - elapsed
-
-    hashes: list[str] = []
-
-    def spec_hash() -> str:
-        if not hashes:
-            hashes.append(_spec_hash(spec))
-        return hashes[0]
-
-    def save_checkpoint_at(at: int) -> None:
-        assert out is not None
-        save_checkpoint(
-            out,
-            _pack(model, extra, opt, gen),
-            {
-                "step": at,
-                "tokens": tokens,
-                "wall_s": time.perf_counter() - t0,
-                "history": history,
-                "train_loss": last_loss,
-                "spec_hash": spec_hash(),
-                "train": _settings(cfg),
-            },
-        )
+        tr.resume(out)
+    start = tr.step
+    status, reason = "ok", None
 
     bar = None
     if progress:
@@ -199,80 +311,209 @@ def train(
         bar.start()
         bar_id = bar.add_task("train", total=cfg.steps, info="")
     try:
-        trained.train()
+        tr.trained.train()
         if bar is not None and start:
             bar.update(bar_id, completed=start)
         for step in range(start, cfg.steps):
-            if cfg.time_budget_s and time.perf_counter() - t0 > cfg.time_budget_s:
-                status = "ok"
+            if cfg.time_budget_s and tr.wall_s > cfg.time_budget_s:
                 reason = f"time budget {cfg.time_budget_s:g}s reached at step {step}"
                 break
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            x, y = task.train_batch(cfg.batch_size, seq_len, gen)
-            loss = task.loss(model, x, y)
-            aux = model.aux_loss() if hasattr(model, "aux_loss") else None
-            total = loss + aux if aux is not None else loss
-            if not torch.isfinite(total):
-                status, reason = "failed", f"loss became {total.item()} at step {step}"
+            fail = tr.train_step(lr_at(step, cfg))
+            if fail is not None:
+                status, reason = "failed", fail
                 break
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
-            opt.step()
-            tokens += y.numel()
-            last_loss = loss.item()
             if bar is not None:
-                bar.update(bar_id, advance=1, info=f"loss {last_loss:.3f}")
+                bar.update(bar_id, advance=1, info=f"loss {tr.last_loss:.3f}")
             stop = False
             if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                trained.eval()
-                ev = task.evaluate(model, cfg.batch_size, seq_len, cfg.eval_batches)
-                trained.train()
-                ev = {"step": step + 1, "train_loss": last_loss, **ev}
-                history.append(ev)
+                ev = {"step": step + 1, "train_loss": tr.last_loss, **tr.evaluate()}
+                tr.history.append(ev)
                 if callback is not None and callback(step + 1, ev):
                     status, reason = "stopped", f"stopped by callback at step {step + 1}"
                     stop = True
             if checkpoint_every and ((step + 1) % checkpoint_every == 0 or stop):
-                save_checkpoint_at(step + 1)
+                assert out is not None
+                tr.save(out)
             if stop:
-                step += 1
                 break
-        else:
-            step = cfg.steps
     finally:
         if bar is not None:
             bar.stop()
     if checkpoint_every and status == "ok" and out is not None:
-        save_checkpoint_at(step)
-    wall = time.perf_counter() - t0
+        tr.save(out)
+    metrics = _final_metrics(tr, status, reason)
+    if out is not None:
+        save_run(out, spec, tr.model, metrics, tr.extra)
+    return TrainResult(metrics["status"], metrics, tr.model, tr.history)
+
+
+def _final_metrics(tr: Trainer, status: str, reason: str | None) -> dict[str, Any]:
+    """``metrics.json``'s content at the end of a run: status, steps, losses, held-out
+    metrics (evaluated here unless the run failed), history and seed."""
+    wall = tr.wall_s
     metrics: dict[str, Any] = {
         "status": status,
-        "task": task.name,
-        "steps": step,
-        "train_loss": last_loss,
+        "task": tr.task.name,
+        "steps": tr.step,
+        "train_loss": tr.last_loss,
         "wall_s": wall,
-        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "tokens_per_s": tr.tokens / wall if wall > 0 else 0.0,
     }
     if reason:
         metrics["reason"] = reason
     if status == "failed":
-        metrics["failed_step"] = step
-    if status != "failed":
-        trained.eval()
-        ev = task.evaluate(model, cfg.batch_size, seq_len, cfg.eval_batches)
+        metrics["failed_step"] = tr.step
+    else:
+        ev = tr.evaluate()
         metrics.update(ev)
-        history.append({"step": step, "train_loss": last_loss, **ev})
+        tr.history.append({"step": tr.step, "train_loss": tr.last_loss, **ev})
         if not all(math.isfinite(v) for v in ev.values() if isinstance(v, float)):
-            metrics["status"] = status = "failed"
+            metrics["status"] = "failed"
             metrics["reason"] = "evaluation produced a non-finite metric"
-    metrics["metric"] = task.metric
-    metrics["history"] = history
-    metrics["seed"] = cfg.seed
-    if out_dir is not None:
-        save_run(Path(out_dir), spec, model, metrics, extra)
-    return TrainResult(status, metrics, model, history)
+    metrics["metric"] = tr.task.metric
+    metrics["history"] = tr.history
+    metrics["seed"] = tr.cfg.seed
+    return metrics
+
+
+def rung_steps(rungs: Sequence[int], cfg: TrainSection) -> list[tuple[int, int]]:
+    """``(decay start, steps)`` of each rung of a ladder under the ``wsd`` schedule."""
+    return [(decay_start(s, cfg), s) for s in rungs]
+
+
+def check_ladder(rungs: Sequence[int], cfg: TrainSection) -> None:
+    """Refuse a ladder whose rungs do not grow, or whose warm-up reaches into the first
+    rung's decay (then a short rung would not be a prefix of a longer one).
+
+    Raises:
+        TrainingError: naming the rungs and what is wrong.
+    """
+    if not rungs or any(b <= a for a, b in zip(rungs, rungs[1:])) or rungs[0] < 1:
+        raise TrainingError(
+            f"ladder rungs must be step counts that grow, got {list(rungs)}",
+            hint="e.g. rungs: [50, 200, 800]",
+        )
+    first = decay_start(rungs[0], cfg)
+    if cfg.warmup_steps > first:
+        raise TrainingError(
+            f"warmup_steps {cfg.warmup_steps} reaches into the first rung's decay (it starts "
+            f"at step {first} of {rungs[0]})",
+            hint="use fewer warm-up steps or a longer first rung",
+        )
+
+
+def train_ladder(
+    spec: Spec,
+    task: Task,
+    cfg: TrainSection,
+    rungs: Sequence[int],
+    *,
+    until: int | None = None,
+    out_dir: str | Path | None = None,
+    model: CompiledModel | None = None,
+    on_rung: Callable[[int, dict[str, Any]], None] | None = None,
+    checkpoint_every: int | None = None,
+) -> TrainResult:
+    """Train under the ``wsd`` schedule and evaluate at every rung of a fidelity ladder up
+    to rung ``until`` (default: the last), continuing from ``out_dir``'s checkpoint.
+
+    One trunk run (warm-up, then the stable learning rate) goes on from rung to rung. At
+    rung ``k`` (``rungs[k]`` steps) the trunk stops at that rung's decay start, a branch
+    copies the state, decays the learning rate over the rung's last ``decay_fraction`` of
+    steps and is evaluated on the held-out split; the trunk then goes on from where it was.
+    So rung ``k``'s result is exactly that of an ordinary ``wsd`` run of ``rungs[k]`` steps
+    (:func:`train` with ``steps = rungs[k]``, same seed), and reaching rung ``k + 1`` later
+    costs only the steps between the rungs plus the new decay.
+
+    With ``out_dir`` a checkpoint of the trunk is written at each rung's decay start (and
+    every ``checkpoint_every`` steps) with the rungs done so far (``rungs`` in the manifest);
+    a later call resumes from it — after a kill, or to promote the model to a higher rung —
+    and repeats no rung. The returned model is the decayed one of the last rung run, and
+    ``metrics`` holds ``rungs``: one dict per rung reached (``rung``, ``steps``,
+    ``wall_s`` — the trunk's time so far plus the decay's — and the task's metrics).
+
+    Args:
+        rungs: steps of each rung, growing (:func:`check_ladder`); ``cfg.steps`` is ignored.
+        on_rung: called with ``(k, record)`` after each rung evaluated in this call.
+
+    Raises:
+        TrainingError: bad rungs, or a checkpoint that cannot be resumed.
+        TaskError: the task cannot run this model.
+    """
+    cfg = cfg.model_copy(update={"schedule": "wsd", "steps": int(rungs[-1])})
+    check_ladder(rungs, cfg)
+    until = len(rungs) - 1 if until is None else until
+    out = Path(out_dir) if out_dir is not None else None
+    tr = Trainer(spec, task, cfg, model)
+    if out is not None:
+        tr.resume(out)
+    done: list[dict[str, Any]] = list(tr.state.get("rungs", []))
+    status, reason = "ok", None
+    tr.trained.train()
+    for k, (start, steps) in enumerate(rung_steps(rungs, cfg)):
+        if k > until:
+            break
+        redo = k < len(done)  # evaluated before this call
+        if redo and k < until:
+            continue
+        if redo and tr.step != start:
+            raise TrainingError(
+                f"the checkpoint in '{out}' is at step {tr.step}, past rung {k}'s decay start "
+                f"({start}): its decayed model cannot be made again",
+                hint="continue to a higher rung, or start over in another folder",
+            )
+        while tr.step < start:
+            fail = tr.train_step(lr_at(tr.step, cfg, steps))
+            if fail is not None:
+                status, reason = "failed", fail
+                break
+            if checkpoint_every and out is not None and tr.step % checkpoint_every == 0:
+                tr.save(out)
+        if status == "failed":
+            break
+        if out is not None and tr.step > 0 and not redo:
+            tr.save(out)
+        snap = tr.snapshot()
+        while tr.step < steps:
+            fail = tr.train_step(lr_at(tr.step, cfg, steps))
+            if fail is not None:
+                status, reason = "failed", fail
+                break
+        if status == "failed":
+            break
+        if redo:  # the model of a rung already evaluated (resumed after it): decayed again
+            break
+        ev = tr.evaluate()
+        rec = {"rung": k, "steps": steps, "wall_s": tr.wall_s, "train_loss": tr.last_loss, **ev}
+        done.append(rec)
+        tr.history.append({"step": steps, "train_loss": tr.last_loss, **ev})
+        if not all(math.isfinite(v) for v in ev.values() if isinstance(v, float)):
+            status, reason = "failed", f"evaluation at rung {k} produced a non-finite metric"
+            break
+        if on_rung is not None:
+            on_rung(k, rec)
+        if k < until:  # the trunk goes on from before the decay
+            tr.restore(snap)
+        tr.state["rungs"] = done
+        if out is not None:
+            update_manifest(out, rungs=done)
+    metrics: dict[str, Any] = {
+        "status": status,
+        "task": task.name,
+        "steps": tr.step,
+        "train_loss": tr.last_loss,
+        "wall_s": tr.wall_s,
+        "tokens_per_s": tr.tokens / tr.wall_s if tr.wall_s > 0 else 0.0,
+        "metric": task.metric,
+        "rungs": done,
+        "history": tr.history,
+        "seed": cfg.seed,
+    }
+    if reason:
+        metrics["reason"] = reason
+    if done and status == "ok":
+        metrics.update({k: v for k, v in done[-1].items() if k not in ("rung", "wall_s")})
+    return TrainResult(status, metrics, tr.model, tr.history)
 
 
 def seed_everything(seed: int) -> None:
@@ -322,6 +563,8 @@ _TENSORS_RE = re.compile(r"^checkpoint-([0-9]{1,12})\.safetensors$")
 _MAX_MANIFEST_BYTES = 256 * 2**20
 # training settings that may change between an interrupted run and its resumption
 _FREE_SETTINGS = ("threads", "time_budget_s")
+# JSON a checkpoint carries beyond the training state (the ladder's rung records)
+_KEEP_STATE = ("rungs",)
 _START_OVER = (
     "delete checkpoint.json and checkpoint-*.safetensors to start over, or use another --out"
 )
@@ -426,6 +669,23 @@ def save_checkpoint(
     return out / CHECKPOINT
 
 
+def update_manifest(out: Path, **state: Any) -> None:
+    """Add or replace JSON values in ``out``'s checkpoint manifest (same tensors file),
+    atomically.
+
+    Raises:
+        TrainingError: there is no readable manifest.
+    """
+    man = out / CHECKPOINT
+    text = _read_small(man)
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise _bad(man, f"is not valid JSON (torn or corrupt: {exc})") from None
+    doc.update(state)
+    write_text(man, json.dumps(doc, indent=1))
+
+
 def _bad(path: Path, why: str) -> TrainingError:
     return TrainingError(f"checkpoint '{path}' {why}", hint=_START_OVER)
 
@@ -528,10 +788,17 @@ def _check_resumable(man: Path, state: dict[str, Any], spec: Spec, cfg: TrainSec
             hint="resume with the spec it was trained with, or use another --out",
         )
     now = _settings(cfg)
-    for k in sorted(set(now) | set(state["train"])):
-        if now.get(k) != state["train"].get(k):
+    # settings added since the checkpoint was written count as their defaults
+    then = {
+        k: f.get_default(call_default_factory=True)
+        for k, f in TrainSection.model_fields.items()
+        if k in now
+    }
+    then.update(state["train"])
+    for k in sorted(set(now) | set(then)):
+        if now.get(k) != then.get(k):
             raise TrainingError(
-                f"checkpoint '{man}' was written with {k}={state['train'].get(k)!r}, "
+                f"checkpoint '{man}' was written with {k}={then.get(k)!r}, "
                 f"this run has {k}={now.get(k)!r}",
                 hint="resume with the same training settings, or use another --out",
             )

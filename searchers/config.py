@@ -93,11 +93,41 @@ def _objectives(cfg: SearchConfig) -> tuple[list[Objective], list[Constraint], b
     return objs, cons, needs_training and fid != "cost"
 
 
+def ladder_rungs(cfg: SearchConfig) -> list[int]:
+    """The rungs (optimizer steps) of a ``ladder`` fidelity: as written, else
+    ``train.steps`` / 16, / 4 and ``train.steps`` (at least 1, 2, 3 steps)."""
+    fid, steps = cfg.section.fidelity, cfg.train_section.steps
+    if fid.rungs:
+        return list(fid.rungs)
+    return sorted({max(1, steps // 16), max(2, steps // 4), max(3, steps)})
+
+
+#: sequences per evaluation batch on a ladder (evaluating the whole validation split)
+LADDER_EVAL_BATCH = 64
+
+
 def trial_train_cfg(cfg: SearchConfig) -> TrainSection:
-    """The ``train:`` section a trial uses at the search's fidelity."""
+    """The ``train:`` section a trial uses at the search's fidelity (on a ladder: the
+    ``wsd`` schedule up to the last rung, the whole validation split evaluated)."""
     sec, train = cfg.section, cfg.train_section
     upd: dict[str, Any] = {}
     fid = sec.fidelity
+    if fid.kind == "ladder":
+        from archir.spec.sections import MAX_REPEATS
+        from archir.train import decay_start
+
+        rungs = ladder_rungs(cfg)
+        upd.update(
+            steps=rungs[-1],
+            schedule="wsd",
+            eval_every=rungs[-1],
+            eval_batches=fid.eval_batches or MAX_REPEATS,
+            eval_batch_size=train.eval_batch_size or LADDER_EVAL_BATCH,
+            threads=train.threads or 1,
+        )
+        first = decay_start(rungs[0], train)
+        upd["warmup_steps"] = min(train.warmup_steps, first)
+        return train.model_copy(update=upd)
     if fid.kind == "proxy":
         if fid.steps is not None:
             upd["steps"] = fid.steps
@@ -133,6 +163,13 @@ def fidelity_signature(cfg: SearchConfig) -> dict[str, Any]:
         return {"kind": "cost"}
     train = trial_train_cfg(cfg).model_dump(mode="json")
     train.pop("threads", None)
+    if kind == "ladder":
+        return {
+            "kind": kind,
+            "train": train,
+            "rungs": ladder_rungs(cfg),
+            "eta": cfg.section.fidelity.eta,
+        }
     return {"kind": kind, "train": train}
 
 
@@ -141,8 +178,18 @@ def fidelity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
     def flat(d: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"fidelity": d.get("kind")}
+        for k in ("rungs", "eta"):
+            if k in d:
+                out[k] = d[k]
+        defaults = {
+            k: f.get_default(call_default_factory=True)
+            for k, f in TrainSection.model_fields.items()
+        }
         for k, v in (d.get("train") or {}).items():
             out[f"train.{k}"] = v
+        for k, v in defaults.items():  # settings added since the study was made: defaults
+            if d.get("train") is not None and k not in d["train"] and k != "threads":
+                out[f"train.{k}"] = v
         return out
 
     if old.get("kind") != new.get("kind") and "cost" in (old.get("kind"), new.get("kind")):

@@ -38,6 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from archir.errors import ArchirError, SearchError
 from archir.paths import inside, write_text
 from searchers.config import SearchConfig, SearchResult
+from searchers.ladder import rungs_of, top_rung_trials
 from searchers.objectives import PRE_TRAINING, Constraint, Objective, trial_attrs
 from searchers.storage import ATTR_HOST, HOST, open_storage
 
@@ -122,6 +123,24 @@ def trial_row(
         "values": vals,
         "params": dict(t.params),
     }
+    if a.get("steps") is not None:
+        row["steps"] = a["steps"]  # optimizer steps it was trained and evaluated at
+    if a.get("rungs"):
+        row["rung"] = a.get("rung")
+        row["rungs"] = [
+            {
+                "rung": r.get("rung"),
+                "steps": r.get("steps"),
+                **r.get("values", {}),
+                **r.get("se", {}),
+            }
+            for r in a["rungs"]
+        ]
+        if a.get("continue_of") is not None:
+            row["continue_of"] = a["continue_of"]
+    se = {k: v for k, v in vals.items() if k.endswith("_se")}
+    if se:
+        row["noise"] = se
     if a.get("reason"):
         row["reason"] = a["reason"]
     if a.get("duplicate_of") is not None:
@@ -245,8 +264,14 @@ def plot_front(
     front: list[FrozenTrial],
     objectives: list[Objective],
     title: str,
+    pool: list[FrozenTrial] | None = None,
+    remeasured: dict[int, dict[str, Any]] | None = None,
 ) -> None:
-    """Write the front as a PNG (matplotlib Agg): feasible points coloured, infeasible grey."""
+    """Write the front as a PNG (matplotlib Agg): feasible points of the front's fidelity
+    (``pool``: the top rung of a ladder) coloured, infeasible ones and those stopped at a
+    lower rung grey; latency as in ``pareto.json`` (re-measured where it was)."""
+    in_pool = {t.number for t in (trials if pool is None else pool)}
+    again = remeasured or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,13 +283,18 @@ def plot_front(
         m1 = objectives[1].metric
 
         def xy(t: FrozenTrial) -> tuple[float, float] | None:
-            v = trial_attrs(t).get("values", {})
+            v = dict(trial_attrs(t).get("values", {}))
+            if t.number in again:
+                v["latency_ms"] = float(again[t.number]["ms"])
             if v.get(m0) is None or v.get(m1) is None:
                 return None
             return float(v[m1]), float(v[m0])
 
-        grey = [p for t in trials if not feasible(t) for p in [xy(t)] if p]
-        ok = [p for t in trials if feasible(t) for p in [xy(t)] if p]
+        def shown(t: FrozenTrial) -> bool:
+            return feasible(t) and t.number in in_pool
+
+        grey = [p for t in trials if not shown(t) for p in [xy(t)] if p]
+        ok = [p for t in trials if shown(t) for p in [xy(t)] if p]
         fr = sorted(p for t in front for p in [xy(t)] if p)
         if grey:
             ax.scatter(
@@ -272,7 +302,7 @@ def plot_front(
                 [p[1] for p in grey],
                 c="0.75",
                 s=18,
-                label="infeasible / not finished",
+                label="infeasible / not finished" + (" / lower rung" if pool is not None else ""),
             )
         if ok:
             ax.scatter([p[0] for p in ok], [p[1] for p in ok], c="tab:blue", s=22, label="feasible")
@@ -401,6 +431,32 @@ def _write_best(
     return best
 
 
+def _fidelity_doc(cfg: SearchConfig, trials: list[FrozenTrial], top: int | None) -> dict[str, Any]:
+    """``pareto.json``'s ``fidelity``: the kind, and on a ladder its rungs, how many
+    distinct models reached each, and the rung (and steps) the front was taken at."""
+    from searchers.config import ladder_rungs
+
+    kind = cfg.section.fidelity.kind
+    if kind != "ladder":
+        return {
+            "kind": kind,
+            "steps": cfg.train_section.steps if kind == "full" else cfg.section.fidelity.steps,
+        }
+    rungs = ladder_rungs(cfg)
+    reached: dict[int, set[Any]] = {}
+    for t in trials:
+        for r in rungs_of(t):
+            reached.setdefault(int(r["rung"]), set()).add(trial_attrs(t).get("spec_hash"))
+    return {
+        "kind": kind,
+        "rungs": rungs,
+        "eta": cfg.section.fidelity.eta,
+        "models_per_rung": [len(reached.get(k, ())) for k in range(len(rungs))],
+        "rung": top,
+        "steps": rungs[top] if top is not None else None,
+    }
+
+
 def finalize(
     cfg: SearchConfig,
     objectives: list[Objective],
@@ -422,7 +478,8 @@ def finalize(
     )
     study = optuna.load_study(study_name=cfg.study_name, storage=storage)
     trials = study.get_trials(deepcopy=False)
-    front = front_trials(trials, objectives)
+    pool, top = top_rung_trials(trials)  # a front compares models at one fidelity
+    front = front_trials(pool, objectives)
     front, remeasured = remeasure_front(cfg, front, objectives, constraints, say)
     states: dict[str, int] = {}
     for t in trials:
@@ -433,6 +490,7 @@ def finalize(
         )
         states[key] = states.get(key, 0) + 1
     rows = [trial_row(t, objectives, constraints, remeasured) for t in front]
+    fid = _fidelity_doc(cfg, trials, top)
     best_t = front[0] if front else None
     if front:
         sign = 1.0 if objectives[0].direction == "minimize" else -1.0
@@ -443,20 +501,27 @@ def finalize(
         "constraints": {c.metric: c.text for c in constraints},
         "n_trials": len(trials),
         "states": states,
+        "fidelity": fid,
         "front": rows,
         "best": best_t.number if best_t else None,
         "trials": [trial_row(t, objectives, constraints, remeasured) for t in trials],
     }
     write_text(run_dir / "pareto.json", json.dumps(doc, indent=2, default=str))
-    plot_front(
-        run_dir / "pareto.png", trials, front, objectives, f"{cfg.study_name}: {len(trials)} trials"
-    )
-    # weights: keep the front's only
+    title = f"{cfg.study_name}: {len(trials)} trials"
+    if top is not None:
+        title += f"; front at rung {top} ({fid.get('steps')} steps)"
+    plot_front(run_dir / "pareto.png", trials, front, objectives, title, pool, remeasured)
+    # weights: keep the front's only; ladder checkpoints are not needed any more (a
+    # promotion in a resumed search retrains from step 0, to the same numbers)
     keep = {t.number for t in front}
     for t in trials:
-        w = run_dir / "trials" / str(t.number) / "model.safetensors"
+        tdir = run_dir / "trials" / str(t.number)
+        w = tdir / "model.safetensors"
         if t.number not in keep and w.is_file() and not w.is_symlink():
             inside(run_dir, w).unlink()
+        ck = tdir / "ladder"
+        if ck.is_dir() and not ck.is_symlink():
+            shutil.rmtree(inside(run_dir, ck))
     best: dict[str, Any] | None = None
     if best_t is not None:
         best = _write_best(

@@ -103,8 +103,10 @@ from searchers.config import (
     check_option_bounds,
     fidelity_changes,
     fidelity_signature,
+    ladder_rungs,
     trial_train_cfg,
 )
+from searchers.ladder import ATTR_CONTINUE, ATTR_RUNG, continues, promotions, rungs_of
 from searchers.objectives import (
     COST_METRICS,
     MODEL_KEYS,
@@ -252,6 +254,8 @@ class Evaluator:
         self.run_dir = Path(cfg.run_dir)
         used = {o.metric for o in self.objectives} | {c.metric for c in self.constraints}
         self.need_latency = "latency_ms" in used
+        #: the fidelity ladder's rungs (optimizer steps), or [] without a ladder
+        self.rungs = ladder_rungs(cfg) if self.sec.fidelity.kind == "ladder" else []
         self._task: Any = None
         self.consecutive_rejections = 0
         self.consecutive_duplicates = 0
@@ -367,11 +371,14 @@ class Evaluator:
                 trial.set_user_attr(TRIAL_ATTR, dict(self._model))
         write_text(tdir / "spec.yaml", text)
         timing["fix_s"] = time.perf_counter() - t
-        retried = started_system_attrs(trial).get("failed_trial")
+        started = started_system_attrs(trial)
+        retried = started.get("failed_trial")
         if retried is not None:
             metrics["retry_of"] = retried
             log(f"retry of trial {retried}")
         log(f"decisions: {json.dumps(decisions, default=str)}")
+        if started.get(ATTR_CONTINUE) is not None:
+            return self._promoted(trial, concrete, started, tdir, log, timing, metrics)
 
         t = time.perf_counter()
         cost = analyze(concrete)
@@ -426,8 +433,26 @@ class Evaluator:
                 )
         self.consecutive_rejections = 0
 
-        if self.trains:
+        ladder: dict[str, Any] = {}
+        if self.trains and self.rungs:
+            values.update(
+                self._train_ladder(trial, concrete, model, tdir, log, timing, metrics, started)
+            )
+            ladder = metrics["ladder"]
+        elif self.trains:
             values.update(self._train(trial, concrete, model, tdir, log, timing, metrics))
+        return self._record(trial, values, log, metrics, ladder)
+
+    def _record(
+        self,
+        trial: optuna.Trial,
+        values: dict[str, float],
+        log: _Log,
+        metrics: dict[str, Any],
+        ladder: dict[str, Any],
+    ) -> float | tuple[float, ...]:
+        """Record a trained (or cost-only) trial's values, constraint status and rungs; the
+        objective values for Optuna."""
         metrics["values"] = values
         violations = [c.violation(values[c.metric]) for c in self.constraints] or [0.0]
         ok = all(v <= 0 for v in violations)
@@ -440,6 +465,28 @@ class Evaluator:
             attrs["reason"] = "; ".join(
                 check_constraints(self.constraints, values, pre_training=False)
             )
+        if not ladder and isinstance(metrics.get("train"), dict) and "steps" in metrics["train"]:
+            attrs["steps"] = int(metrics["train"]["steps"])
+        if ladder:
+            fixed = {k: v for k, v in values.items() if k in PRE_TRAINING}
+            for rec in ladder["rungs"]:
+                rec["values"] = {**fixed, **rec.get("values", {})}
+                if "violations" not in rec:
+                    rec["violations"] = [
+                        c.violation(rec["values"][c.metric]) if c.metric in rec["values"] else 0.0
+                        for c in self.constraints
+                    ] or [0.0]
+            ladder["rungs"][-1].update(values=dict(values), violations=violations)
+            attrs.update(ladder)
+            qmetric = self._quality_metric()
+            storage = trial.study._storage
+            with grouped(storage, until_state=True):
+                for rec in ladder["rungs"]:
+                    v = rec.get("values", {}).get(qmetric)
+                    if v is not None:
+                        storage.set_trial_intermediate_value(
+                            trial._trial_id, int(rec["steps"]), float(v)
+                        )
         self._attrs(trial, **attrs)
         metrics["status"] = attrs["status"]
         metrics["constraints"] = {
@@ -449,6 +496,166 @@ class Evaluator:
         out = tuple(float(values[o.metric]) for o in self.objectives)
         log("values: " + ", ".join(f"{o.metric}={v:.5g}" for o, v in zip(self.objectives, out)))
         return out if len(out) > 1 else out[0]
+
+    def _quality_metric(self) -> str:
+        """The metric a trained trial reports as its intermediate values."""
+        return next(
+            (o.metric for o in self.objectives if o.metric not in PRE_TRAINING), self.task.metric
+        )
+
+    def _promoted(
+        self,
+        trial: optuna.Trial,
+        concrete: Spec,
+        started: dict[str, Any],
+        tdir: Path,
+        log: _Log,
+        timing: dict[str, float],
+        metrics: dict[str, Any],
+    ) -> float | tuple[float, ...]:
+        """A promotion (:mod:`searchers.ladder`): the model of trial ``ATTR_CONTINUE``
+        continues to rung ``ATTR_RUNG``; its cost and latency are the trial's it continues."""
+        from archir.compiler import compile as compile_spec
+
+        source_n, target = int(started[ATTR_CONTINUE]), int(started[ATTR_RUNG])
+        seen, self.seen = self.seen, None
+        if seen is None:
+            seen = trial.study.get_trials(deepcopy=False)
+        src = next((t for t in seen if t.number == source_n), None)
+        if src is None or src.state != TrialState.COMPLETE or not self.rungs:
+            raise TrialFailed(f"promotion of trial {source_n}: it is not a finished ladder trial")
+        attempts = set(started.get("retry_history", []))
+        twin = next(
+            (
+                t
+                for t in seen
+                if continues(t) == source_n
+                and t.system_attrs.get(ATTR_RUNG) == target
+                and t.number < trial.number
+                and t.number not in attempts
+                and t.state != TrialState.FAIL
+            ),
+            None,
+        )
+        if twin is not None:  # two workers promoted the same model at once: one trains it
+            log(f"trial {twin.number} already promotes trial {source_n}: nothing trained")
+            metrics["duplicate_of"] = source_n
+            got = trial_attrs(src)
+            self._attrs(
+                trial,
+                **{k: got[k] for k in RESULT_KEYS if k in got},
+                duplicate_of=source_n,
+                status="ok",
+            )
+            metrics.update(status="ok", values=got.get("values", {}))
+            return tuple(src.values) if len(src.values) > 1 else src.values[0]
+        a = trial_attrs(src)
+        values = {k: float(v) for k, v in a.get("values", {}).items() if k in PRE_TRAINING}
+        metrics["values"] = values
+        metrics["continue_of"] = source_n
+        log(
+            f"promotion: trial {source_n}'s model goes on from rung {target - 1} "
+            f"({self.rungs[target - 1]} steps) to rung {target} ({self.rungs[target]} steps)"
+        )
+        t = time.perf_counter()
+        model = compile_spec(concrete, seed=self.train_cfg.seed)
+        timing["compile_s"] = time.perf_counter() - t
+        values.update(
+            self._train_ladder(
+                trial,
+                concrete,
+                model,
+                tdir,
+                log,
+                timing,
+                metrics,
+                started,
+                target=target,
+                inherited=rungs_of(src),
+                source=source_n,
+            )
+        )
+        return self._record(trial, values, log, metrics, metrics["ladder"])
+
+    def _train_ladder(
+        self,
+        trial: optuna.Trial,
+        concrete: Spec,
+        model: Any,
+        tdir: Path,
+        log: _Log,
+        timing: dict[str, float],
+        metrics: dict[str, Any],
+        started: dict[str, Any],
+        *,
+        target: int = 0,
+        inherited: list[dict[str, Any]] | None = None,
+        source: int | None = None,
+    ) -> dict[str, float]:
+        """Train to rung ``target`` (:func:`archir.train.train_ladder`), continuing from the
+        checkpoint of the attempt this trial retries or of the trial it promotes (moved into
+        ``tdir/ladder``), else from step 0. Sets ``metrics["ladder"]`` (the rung records)."""
+        from archir.errors import TrainingError
+        from archir.train import train_ladder
+
+        ck = tdir / "ladder"
+        history = started.get("retry_history") or [None]
+        for n in (history[-1], source):
+            if n is None:
+                continue
+            prev = self.run_dir / "trials" / str(n) / "ladder"
+            if prev.is_dir() and not prev.is_symlink() and not ck.exists():
+                os.replace(inside(self.run_dir, prev), ck)
+                log(f"continues from the checkpoint of trial {n}")
+                break
+
+        def run() -> Any:
+            return train_ladder(
+                concrete,
+                self.task,
+                self.train_cfg,
+                self.rungs,
+                until=target,
+                out_dir=ck,
+                model=model,
+                checkpoint_every=LADDER_CHECKPOINT_EVERY,
+            )
+
+        t = time.perf_counter()
+        try:
+            result = run()
+        except TrainingError as exc:
+            log(f"checkpoint not usable ({exc}); training from step 0")
+            shutil.rmtree(inside(self.run_dir, ck))
+            result = run()
+        timing["train_s"] = time.perf_counter() - t
+        m = {k: v for k, v in result.metrics.items() if k not in ("history", "rungs")}
+        metrics["train"] = m
+        metrics["history"] = result.history
+        if result.status == "failed":
+            raise TrialFailed(m.get("reason", "training failed"))
+        recs = result.metrics["rungs"]
+        last = recs[-1]
+        task = self.task
+        log(
+            f"rung {target} ({last['steps']} steps): "
+            + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k not in ("rung", "steps"))
+        )
+        out = {
+            k: float(v)
+            for k, v in last.items()
+            if k in (task.metric, "val_loss") or (k.endswith("_se") and isinstance(v, float))
+        }
+        out = self._finish(result.model, concrete, tdir, log, timing, metrics, out)
+        rungs = [dict(r) for r in (inherited or [])][:target]
+        if len(rungs) < target:  # retrained from step 0 without the earlier records
+            rungs += [_rung_record(r, {}) for r in recs[len(rungs) : target]]
+        rungs.append(_rung_record(last, out))
+        ladder: dict[str, Any] = {"rungs": rungs, "rung": target, "steps": self.rungs[target]}
+        if source is not None:
+            ladder["continue_of"] = source
+        metrics["ladder"] = ladder
+        return out
 
     @staticmethod
     def _duplicate_of(finished: list[FrozenTrial], number: int, h: str) -> FrozenTrial | None:
@@ -535,7 +742,6 @@ class Evaluator:
         timing: dict[str, float],
         metrics: dict[str, Any],
     ) -> dict[str, float]:
-        from archir.quant import needs_quantization, quantize_model
         from archir.train import train
 
         cfg = self.train_cfg
@@ -577,13 +783,31 @@ class Evaluator:
         if result.status == "failed":
             raise TrialFailed(m.get("reason", "training failed"))
         out: dict[str, float] = {k: float(m[k]) for k in (task.metric, "val_loss") if k in m}
-        model = result.model
+        return self._finish(result.model, concrete, tdir, log, timing, metrics, out)
+
+    def _finish(
+        self,
+        model: Any,
+        concrete: Spec,
+        tdir: Path,
+        log: _Log,
+        timing: dict[str, float],
+        metrics: dict[str, Any],
+        out: dict[str, float],
+    ) -> dict[str, float]:
+        """Fake-quantize a trained model's blocks below 16 bits and evaluate it again (the
+        quality the shipped bits give; full-precision values kept as ``<metric>_fp``), then
+        save its weights in ``tdir``. Returns ``out`` updated."""
+        from archir.quant import needs_quantization, quantize_model
+
+        cfg, task = self.train_cfg, self.task
         if needs_quantization(model):
             t = time.perf_counter()
             q = quantize_model(model)
+            model.eval()
             ev = task.evaluate(
                 model,
-                cfg.batch_size,
+                cfg.eval_batch_size or cfg.batch_size,
                 min(cfg.seq_len, concrete.model.model.max_seq_len),
                 cfg.eval_batches,
             )
@@ -605,6 +829,26 @@ class Evaluator:
         return out
 
 
+#: optimizer steps between two checkpoints of a ladder trial (besides one at every rung)
+LADDER_CHECKPOINT_EVERY = 200
+
+
+def _rung_record(rec: dict[str, Any], out: dict[str, float]) -> dict[str, Any]:
+    """A rung's record as a trial keeps it: rung, steps, wall seconds, the quality values
+    (``out``: after quantization, else the training run's) and their noise estimates."""
+    quality = out or {
+        k: float(v) for k, v in rec.items() if k in ("val_loss", "val_bpb", "accuracy")
+    }
+    src = out or rec
+    return {
+        "rung": int(rec["rung"]),
+        "steps": int(rec["steps"]),
+        "wall_s": float(rec["wall_s"]),
+        "values": {k: v for k, v in quality.items() if not k.endswith("_se")},
+        "se": {k: float(v) for k, v in src.items() if k.endswith("_se")},
+    }
+
+
 def _json(o: Any) -> Any:
     if isinstance(o, float):
         return o
@@ -624,8 +868,11 @@ def _retried(trials: list[FrozenTrial]) -> set[int]:
 
 
 def consumes_budget(t: FrozenTrial, retried: set[int]) -> bool:
-    """Whether a finished trial counts against ``--trials`` (module docstring)."""
+    """Whether a finished trial counts against ``--trials`` (module docstring); a ladder's
+    promotion never does (the budget is the number of models drawn)."""
     if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+        return False
+    if continues(t) is not None:
         return False
     a = trial_attrs(t)
     if a.get("duplicate_of") is not None:
@@ -743,6 +990,26 @@ def retry_interrupted(study: optuna.Study, trial_id: int) -> int | None:
     return t.number
 
 
+#: seconds a ladder worker with nothing to do waits before it looks for promotions again
+LADDER_POLL_S = 1.0
+
+
+def enqueue_promotion(study: optuna.Study, src: FrozenTrial, rung: int) -> None:
+    """Queue the promotion of trial ``src``'s model to ``rung``: a WAITING trial with its
+    parameters and the system attributes :data:`~searchers.ladder.ATTR_CONTINUE` and
+    :data:`~searchers.ladder.ATTR_RUNG`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=src.params,
+                distributions=src.distributions,
+                system_attrs={ATTR_CONTINUE: src.number, ATTR_RUNG: rung},
+            )
+        )
+
+
 def worker(
     cfg: SearchConfig,
     worker_id: int = 0,
@@ -802,27 +1069,51 @@ def worker(
         )
         reason = a.get("reason", "")
         dup = a.get("duplicate_of")
+        if a.get("rungs") and dup is None:
+            shown += f"  [rung {a.get('rung')}: {a.get('steps')} steps" + (
+                f", continues trial {a['continue_of']}]"
+                if a.get("continue_of") is not None
+                else "]"
+            )
         say(
             f"trial {t.number:>3} {status:<10} {shown}"
             + (f"  ({reason[:110]})" if reason and status != "ok" else "")
             + (f"  (same model as trial {dup}: not counted)" if dup is not None else "")
         )
 
+    rungs = evaluator.rungs
     while True:
         trials = study.get_trials(deepcopy=False)
         used = budget_used(trials)
         running = [t for t in trials if t.state == TrialState.RUNNING and not dead_here(t)]
         waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
-        # retries waiting (a killed or interrupted trial's configuration) are run even when
-        # the budget is reached meanwhile: they finish work the budget already counted
-        if not waiting and used + len(running) >= cfg.trials:
-            break
+        drawing = sum(1 for t in running if continues(t) is None)
         if deadline is not None and time.time() > deadline:
             say("time budget reached")
             break
         if running:  # another process's trials: fail those whose heartbeat stopped, with why
             for n in fail_stale_trials(study):
                 say(f"trial {n}: its heartbeat stopped (process died or hung): retried once")
+        # a ladder promotes before it draws a new model (searchers.ladder)
+        due = (
+            promotions(
+                trials, evaluator.objectives, evaluator.constraints, len(rungs), sec.fidelity.eta
+            )
+            if rungs and not waiting
+            else []
+        )
+        if due:
+            src, rung = due[0]
+            enqueue_promotion(study, src, rung)
+            say(f"trial {src.number} promoted to rung {rung} ({rungs[rung]} steps)")
+            trials = study.get_trials(deepcopy=False)
+        # retries waiting (a killed or interrupted trial's configuration) are run even when
+        # the budget is reached meanwhile: they finish work the budget already counted
+        elif not waiting and used + drawing >= cfg.trials:
+            if rungs and running:  # their results may make a promotion due: wait for them
+                time.sleep(LADDER_POLL_S)
+                continue
+            break
         evaluator.current = None
         evaluator.seen = trials  # its duplicate check and penalty read no trials again
         try:
@@ -1069,8 +1360,8 @@ def check_study(
             hint="use another --study name",
         )
     old_fid = attrs.get("archir:fidelity")
-    if old_fid is not None and old_fid != fidelity:
-        changes = fidelity_changes(old_fid, fidelity)
+    changes = fidelity_changes(old_fid, fidelity) if old_fid is not None else []
+    if changes:
         raise SearchError(
             f"study '{name}' was trained at another budget than this run asks for: "
             + "; ".join(changes)
@@ -1117,6 +1408,8 @@ def create_or_load_study(
         "archir:spec": spec.to_yaml(),
         "archir:fidelity": fidelity,
     }
+    if study.metric_names is None:  # names on the study: optuna-dashboard shows them
+        study.set_metric_names([o.metric for o in objectives])
     have = study.user_attrs
     missing = {k: v for k, v in want.items() if k not in have}
     if missing:

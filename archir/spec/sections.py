@@ -33,6 +33,8 @@ MAX_TRIALS = 1_000_000
 #: Processes sharing a study; CPU threads.
 MAX_WORKERS = 256
 MAX_THREADS = 1024
+#: Rungs of a fidelity ladder.
+MAX_RUNGS = 8
 #: Evaluation batches per evaluation; latency warm-up runs and repeats.
 MAX_REPEATS = 100_000
 
@@ -59,8 +61,14 @@ class TrainSection(Strict):
     """How to train a concrete model (``archir train`` and every search trial).
 
     ``steps`` is the optimizer step budget; ``time_budget_s`` stops earlier when given.
-    ``lr`` is the peak AdamW learning rate reached after ``warmup_steps`` and decayed by a
-    cosine schedule to ``min_lr``.
+    ``lr`` is the peak AdamW learning rate reached after ``warmup_steps``; ``schedule`` says
+    how it decays to ``min_lr``: ``cosine`` over the remaining steps, or ``wsd``
+    (warmup-stable-decay: constant, then linear decay over the last ``decay_fraction`` of
+    the steps; Hu et al. 2024, MiniCPM; Hägele et al. 2024). Under ``wsd`` every step before
+    the decay starts is the same for any ``steps``, so a short run is a prefix of a long one
+    plus its own decay (what the search's fidelity ladder relies on).
+    ``eval_batches`` batches of ``eval_batch_size`` (default ``batch_size``) sequences are
+    evaluated; a number larger than the validation split holds evaluates all of it.
     """
 
     task: str = Field("text:pydoc", min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$")
@@ -74,6 +82,9 @@ class TrainSection(Strict):
     grad_clip: float = Field(1.0, gt=0)
     eval_every: int = Field(100, ge=1, le=MAX_STEPS)
     eval_batches: int = Field(8, ge=1, le=MAX_REPEATS)
+    eval_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = Field(0.2, gt=0, le=1)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     time_budget_s: float | None = Field(None, gt=0, le=MAX_SECONDS)
     threads: int | None = Field(None, ge=1, le=MAX_THREADS)
@@ -95,15 +106,32 @@ class FidelitySection(Strict):
 
     ``kind``: ``cost`` (no training: cost metrics and measured latency only), ``proxy``
     (a short training run: ``steps`` optimizer steps and/or ``time_budget_s`` seconds, the
-    rest of the ``train:`` section unchanged) or ``full`` (the ``train:`` section as written).
+    rest of the ``train:`` section unchanged), ``full`` (the ``train:`` section as written)
+    or ``ladder``: rungs of training budget with promotion (``rungs``: optimizer steps of
+    each rung, growing — default ``train.steps`` / 16, / 4 and ``train.steps``; ``eta``: the
+    top ``1/eta`` of each rung is promoted to the next, where it continues from its
+    checkpoint). A ladder trains with the ``wsd`` schedule (a short run is a prefix of a
+    long one plus its own decay) and evaluates on the whole validation split unless
+    ``eval_batches`` says otherwise (see :mod:`searchers.ladder`).
     A plain string (``fidelity: cost``) is accepted as ``{kind: cost}``.
     """
 
-    kind: Literal["cost", "proxy", "full"] = "proxy"
+    kind: Literal["cost", "proxy", "full", "ladder"] = "proxy"
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     time_budget_s: float | None = Field(None, gt=0, le=MAX_SECONDS)
     eval_every: int | None = Field(None, ge=1, le=MAX_STEPS)
     eval_batches: int | None = Field(None, ge=1, le=MAX_REPEATS)
+    rungs: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] | None = Field(
+        None, min_length=2, max_length=MAX_RUNGS
+    )
+    eta: int = Field(3, ge=2, le=1000)
+
+    @field_validator("rungs")
+    @classmethod
+    def _growing(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"rungs must grow from one to the next, got {v}")
+        return v
 
 
 class LatencySection(Strict):

@@ -1,8 +1,11 @@
 """Byte-level language modelling on real text.
 
 ``text:pydoc`` is the Python reference manual text that ships with CPython
-(``pydoc_data.topics``); ``text:<path>`` is any UTF-8 file. Vocabulary: the 256 byte
-values. The split is deterministic: the first 90% of bytes train, the last 10% validate.
+(``pydoc_data.topics``, 0.8 MB); ``text:stdlib`` is the standard library's own Python
+source (about 12 MB; :func:`stdlib_corpus`), for budgets at which the reference manual would
+only be re-read; ``text:<path>`` is any UTF-8 file. Vocabulary: the 256 byte
+values. The split is deterministic: the first 90% of bytes train, the last 10% validate
+(``text:stdlib``: split by file).
 Metric: bits per byte on validation (``val_bpb`` = cross-entropy in nats / ln 2).
 
 Memory: the text is held once, as ``uint8`` (one byte of RAM per byte of text, read with a
@@ -14,9 +17,12 @@ reading, and so are files over :data:`MAX_TEXT_BYTES`.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import math
 import os
 import stat
+import sysconfig
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +43,69 @@ def pydoc_bytes() -> bytes:
     return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
 
 
+#: folders of the standard library left out of ``text:stdlib`` (tests differ between Python
+#: builds — Debian ships them in a separate package — and installed packages are not stdlib)
+_STDLIB_SKIP = frozenset(
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+)
+#: every this-many-th file of ``text:stdlib`` (in sorted order) is held out for validation
+STDLIB_VAL_EVERY = 10
+
+
+def stdlib_files() -> list[Path]:
+    """The ``.py`` files of this Python's standard library, sorted by path relative to it,
+    without test folders, installed packages and caches (:data:`_STDLIB_SKIP`)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP]
+        for f in filenames:
+            if f.endswith(".py"):
+                p = Path(dirpath) / f
+                out.append((p.relative_to(root).as_posix(), p))
+    out.sort()
+    return [p for _, p in out]
+
+
+def stdlib_corpus() -> tuple[bytes, bytes, dict[str, Any]]:
+    """``text:stdlib``: the standard library's Python source (about 12 MB on CPython 3.11),
+    split by file — every :data:`STDLIB_VAL_EVERY`-th file in sorted order validates, the
+    rest train — so no validation window shares a file with the training text. Files that
+    are not UTF-8 are skipped. Returns ``(train, val, info)``; ``info`` has the file and
+    byte counts and the SHA-256 of the corpus (its files' bytes in order), by which two
+    machines can tell whether they train on the same text.
+
+    Raises:
+        TaskError: no standard library source found (an install without ``.py`` files).
+    """
+    train_parts: list[bytes] = []
+    val_parts: list[bytes] = []
+    digest = hashlib.sha256()
+    n = 0
+    for i, p in enumerate(stdlib_files()):
+        try:
+            raw = p.read_bytes()
+            raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        digest.update(raw)
+        n += 1
+        (val_parts if i % STDLIB_VAL_EVERY == STDLIB_VAL_EVERY - 1 else train_parts).append(raw)
+    if not train_parts or not val_parts:
+        raise TaskError(
+            "text:stdlib found no Python source in this Python's standard library",
+            hint="use text:pydoc or text:<path to a UTF-8 file>",
+        )
+    train, val = b"\n".join(train_parts), b"\n".join(val_parts)
+    info = {
+        "files": n,
+        "train_bytes": len(train),
+        "val_bytes": len(val),
+        "sha256": digest.hexdigest(),
+    }
+    return train, val, info
+
+
 class TextTask(Task):
     """Next-byte prediction. Inputs/targets: ``[batch, seq]`` int64 (targets shifted by 1).
 
@@ -47,15 +116,28 @@ class TextTask(Task):
     metric = "val_bpb"
     direction = "minimize"
     model_task = "causal_lm"
+    #: what the text is, when it is a built-in corpus (``text:stdlib``: files, bytes, SHA-256)
+    corpus: dict[str, Any] | None = None
 
-    def __init__(self, name: str, data: bytes | torch.Tensor, val_fraction: float = 0.1) -> None:
+    def __init__(
+        self,
+        name: str,
+        data: bytes | torch.Tensor,
+        val_fraction: float = 0.1,
+        val_data: bytes | None = None,
+    ) -> None:
         """``data``: the text's bytes, or a 1-D ``uint8`` tensor of them (kept, not copied).
-        ``train_data`` / ``val_data`` are ``uint8`` views of it (1 byte per byte)."""
+        ``train_data`` / ``val_data`` are ``uint8`` views of it (1 byte per byte): the last
+        ``val_fraction`` validates, unless ``val_data`` (a held-out text) is given."""
         self.name = name
         if isinstance(data, torch.Tensor):
             arr = data.reshape(-1).to(torch.uint8)
         else:
             arr = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if val_data is not None:
+            self.train_data = arr
+            self.val_data = torch.frombuffer(bytearray(val_data), dtype=torch.uint8)
+            return
         n_val = max(1, int(len(arr) * val_fraction))
         self.train_data = arr[: len(arr) - n_val]
         self.val_data = arr[len(arr) - n_val :]
@@ -105,21 +187,37 @@ class TextTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, batch_size: int, seq_len: int, max_batches: int):
-        total, count = 0.0, 0
+        """Bits per byte on ``min(batch_size * max_batches, all)`` evenly spaced windows of
+        ``seq_len`` bytes of the validation split (all of it when ``max_batches`` is large).
+
+        Returns ``val_loss`` (nats per byte), ``val_bpb``, ``val_bpb_se`` — the standard
+        error of ``val_bpb`` as an estimate of the expected bits per byte on text like the
+        split: the standard deviation of the per-window bits per byte over the square root
+        of the number of windows (absent with one window) — and ``val_windows`` /
+        ``val_bytes`` evaluated.
+        """
+        per = []
         for x, y in self.val_batches(batch_size, seq_len, max_batches):
             logits = model(x)
-            total += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
-            ).item()
-            count += y.numel()
-        nats = total / max(count, 1)
-        return {"val_loss": nats, "val_bpb": nats / math.log(2)}
+            each = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
+            )
+            per.append(each.reshape(y.shape).double().mean(dim=1))
+        windows = torch.cat(per)
+        n = len(windows)
+        nats = float(windows.mean())
+        out: dict[str, float] = {"val_loss": nats, "val_bpb": nats / math.log(2)}
+        if n > 1:
+            out["val_bpb_se"] = float(windows.std()) / math.sqrt(n) / math.log(2)
+        out.update(val_windows=float(n), val_bytes=float(n * seq_len))
+        return out
 
 
 @register_task(
     "text",
-    "byte-level LM on text:pydoc (CPython's reference manual) or "
-    "text:<path> (any UTF-8 file); metric val_bpb",
+    "byte-level LM on text:pydoc (CPython's reference manual, 0.8 MB), text:stdlib (the "
+    "standard library's Python source, ~12 MB, split by file) or text:<path> (any UTF-8 "
+    "file); metric val_bpb",
 )
 def make_text_task(arg: str, options: dict[str, Any]) -> Task:
     """``text:pydoc`` (or ``text``) or ``text:<path>``; option ``val_fraction`` in (0, 1).
@@ -144,6 +242,17 @@ def make_text_task(arg: str, options: dict[str, Any]) -> Task:
         raise TaskError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if arg in ("", "pydoc"):
         return TextTask("text:pydoc", pydoc_bytes(), val_fraction)
+    if arg == "stdlib":
+        if "val_fraction" in options:
+            raise TaskError(
+                "text:stdlib is split by file (every 10th file validates): it takes no "
+                "val_fraction",
+                hint="drop task_options.val_fraction",
+            )
+        train, val, info = stdlib_corpus()
+        task = TextTask("text:stdlib", train, val_data=val)
+        task.corpus = info
+        return task
     return TextTask(f"text:{arg}", read_text_file(arg), val_fraction)
 
 
