@@ -39,7 +39,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from searchers.objectives import Constraint, Objective, trial_attrs
+from searchers.objectives import Constraint, Objective, feasible, trial_attrs
 
 #: system attribute of a promotion: the number of the trial whose model it continues
 ATTR_CONTINUE = "archir:continue_of"
@@ -211,8 +211,6 @@ def promotions(
 def top_rung_trials(trials: list[FrozenTrial]) -> tuple[list[FrozenTrial], int | None]:
     """The finished trials at the highest rung any feasible one reached, and that rung
     (None without a ladder: then every trial, as before)."""
-    from searchers.pareto import feasible
-
     laddered = [t for t in trials if rungs_of(t)]
     if not laddered:
         return trials, None

@@ -261,3 +261,10 @@ def trial_attrs(t: Any) -> dict[str, Any]:
         out["status"] = flat["status"]
         out["reason"] = flat.get("reason", "")
     return out
+
+
+def feasible(t: Any) -> bool:
+    """Whether trial ``t`` (a ``FrozenTrial``) finished and met every constraint."""
+    return getattr(t.state, "name", None) == "COMPLETE" and all(
+        v <= 0 for v in trial_attrs(t).get("violations", [0.0])
+    )

@@ -39,7 +39,7 @@ from archir.errors import ArchirError, SearchError
 from archir.paths import inside, write_text
 from searchers.config import SearchConfig, SearchResult
 from searchers.ladder import rungs_of, top_rung_trials
-from searchers.objectives import PRE_TRAINING, Constraint, Objective, trial_attrs
+from searchers.objectives import PRE_TRAINING, Constraint, Objective, feasible, trial_attrs
 from searchers.storage import ATTR_HOST, HOST, open_storage
 
 
@@ -85,12 +85,6 @@ def hypervolume_2d(
         best_y = min(best_y, y)
         area += (nx - x) * (r[1] - best_y)
     return area
-
-
-def feasible(t: FrozenTrial) -> bool:
-    return t.state == TrialState.COMPLETE and all(
-        v <= 0 for v in trial_attrs(t).get("violations", [0.0])
-    )
 
 
 def trial_row(

@@ -116,9 +116,10 @@ from searchers.objectives import (
     Constraint,
     Objective,
     check_constraints,
+    feasible,
     trial_attrs,
 )
-from searchers.pareto import feasible, finalize
+from searchers.pareto import finalize
 from searchers.space import random_decider, space_description, space_hash, spec_hash, suggest
 from searchers.storage import (
     ATTR_HOST,
