@@ -413,6 +413,7 @@ def train_ladder(
     model: CompiledModel | None = None,
     on_rung: Callable[[int, dict[str, Any]], None] | None = None,
     checkpoint_every: int | None = None,
+    evaluate_last: bool = True,
 ) -> TrainResult:
     """Train under the ``wsd`` schedule and evaluate at every rung of a fidelity ladder up
     to rung ``until`` (default: the last), continuing from ``out_dir``'s checkpoint.
@@ -435,6 +436,8 @@ def train_ladder(
     Args:
         rungs: steps of each rung, growing (:func:`check_ladder`); ``cfg.steps`` is ignored.
         on_rung: called with ``(k, record)`` after each rung evaluated in this call.
+        evaluate_last: False: rung ``until`` is trained but not evaluated (its record has
+            no metrics): for a caller that evaluates the model itself (e.g. quantized).
 
     Raises:
         TrainingError: bad rungs, or a checkpoint that cannot be resumed.
@@ -483,7 +486,7 @@ def train_ladder(
             break
         if redo:  # the model of a rung already evaluated (resumed after it): decayed again
             break
-        ev = tr.evaluate()
+        ev = tr.evaluate() if evaluate_last or k < until else {}
         rec = {"rung": k, "steps": steps, "wall_s": tr.wall_s, "train_loss": tr.last_loss, **ev}
         done.append(rec)
         tr.history.append({"step": steps, "train_loss": tr.last_loss, **ev})

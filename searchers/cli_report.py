@@ -122,6 +122,9 @@ def print_report(run: str | Path, *, brief: bool = False, show_all: bool = False
     table = Table(title=f"{doc['study']}: {'all trials' if show_all else 'Pareto front'}")
     table.add_column("trial", justify="right")
     table.add_column("status")
+    has_steps = any(r.get("steps") is not None for r in rows)
+    if has_steps:
+        table.add_column("steps", justify="right")
     for o in objs:
         table.add_column(f"{o} ({doc['objectives'][o][:3]})", justify="right")
     for c, expr in cons.items():
@@ -129,7 +132,12 @@ def print_report(run: str | Path, *, brief: bool = False, show_all: bool = False
     table.add_column(f"spec (in {run})")
     for r in rows:
         cells = [str(r["trial"]), r["status"]]
-        cells += [_fmt(r["objectives"].get(o)) for o in objs]
+        if has_steps:
+            cells.append(str(r.get("steps", "-")))
+        noise = r.get("noise") if isinstance(r.get("noise"), dict) else {}
+        for o in objs:
+            se = noise.get(f"{o}_se")
+            cells.append(_fmt(r["objectives"].get(o)) + (f" ± {se:.3f}" if se is not None else ""))
         for c in cons:
             st = r["constraints"].get(c, {})
             mark = "ok" if st.get("ok") else "NO"
@@ -139,6 +147,17 @@ def print_report(run: str | Path, *, brief: bool = False, show_all: bool = False
     console.print(table)
     states = ", ".join(f"{k}: {v}" for k, v in sorted(doc["states"].items()))
     console.print(f"{doc['n_trials']} trials ({states})")
+    fid = doc.get("fidelity") if isinstance(doc.get("fidelity"), dict) else {}
+    if fid.get("kind") == "ladder" and fid.get("rungs"):
+        per = fid.get("models_per_rung") or []
+        console.print(
+            "fidelity ladder: rungs "
+            + " / ".join(str(x) for x in fid["rungs"])
+            + f" steps, eta {fid.get('eta')}; models per rung "
+            + " / ".join(str(x) for x in per)
+            + f"; the front compares models at {fid.get('steps')} steps (± = standard error "
+            "of the held-out score)"
+        )
     if doc.get("best") is not None:
         console.print(f"best: trial {doc['best']} -> {run / 'best'}")
     if not brief:

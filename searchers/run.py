@@ -620,6 +620,7 @@ class Evaluator:
                 out_dir=ck,
                 model=model,
                 checkpoint_every=LADDER_CHECKPOINT_EVERY,
+                evaluate_last=False,  # evaluated once, by _finish (at the trial's bits)
             )
 
         t = time.perf_counter()
@@ -637,17 +638,11 @@ class Evaluator:
             raise TrialFailed(m.get("reason", "training failed"))
         recs = result.metrics["rungs"]
         last = recs[-1]
-        task = self.task
+        out = self._finish(result.model, concrete, tdir, log, timing, metrics, None)
         log(
             f"rung {target} ({last['steps']} steps): "
-            + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k not in ("rung", "steps"))
+            + ", ".join(f"{k}={v:.4g}" for k, v in out.items())
         )
-        out = {
-            k: float(v)
-            for k, v in last.items()
-            if k in (task.metric, "val_loss") or (k.endswith("_se") and isinstance(v, float))
-        }
-        out = self._finish(result.model, concrete, tdir, log, timing, metrics, out)
         rungs = [dict(r) for r in (inherited or [])][:target]
         if len(rungs) < target:  # retrained from step 0 without the earlier records
             rungs += [_rung_record(r, {}) for r in recs[len(rungs) : target]]
@@ -794,15 +789,30 @@ class Evaluator:
         log: _Log,
         timing: dict[str, float],
         metrics: dict[str, Any],
-        out: dict[str, float],
+        out: dict[str, float] | None,
     ) -> dict[str, float]:
         """Fake-quantize a trained model's blocks below 16 bits and evaluate it again (the
-        quality the shipped bits give; full-precision values kept as ``<metric>_fp``), then
-        save its weights in ``tdir``. Returns ``out`` updated."""
+        quality the shipped bits give; full-precision values ``out`` kept as
+        ``<metric>_fp``), then save its weights in ``tdir``. With ``out`` None the model is
+        evaluated here (once, quantized or not). Returns the values."""
         from archir.quant import needs_quantization, quantize_model
 
         cfg, task = self.train_cfg, self.task
-        if needs_quantization(model):
+        quantize = needs_quantization(model)
+        if out is None:
+            out = {}
+            if not quantize:
+                model.eval()
+                ev = task.evaluate(
+                    model,
+                    cfg.eval_batch_size or cfg.batch_size,
+                    min(cfg.seq_len, concrete.model.model.max_seq_len),
+                    cfg.eval_batches,
+                )
+                out = {k: float(v) for k, v in ev.items()}
+                if not all(math.isfinite(v) for v in out.values()):
+                    raise TrialFailed("evaluation produced a non-finite metric")
+        if quantize:
             t = time.perf_counter()
             q = quantize_model(model)
             model.eval()
@@ -817,12 +827,15 @@ class Evaluator:
                 out[f"{k}_fp"] = out[k]
             out.update({k: float(v) for k, v in ev.items()})
             metrics["quantized"] = q["quantized"]
+            fp = out.get(task.metric + "_fp")
             log(
-                f"fake-quantized {len(q['quantized'])} node(s): {task.metric} {out[task.metric]:.4g} "
-                f"(full precision {out[task.metric + '_fp']:.4g})"
+                f"fake-quantized {len(q['quantized'])} node(s): {task.metric} {out[task.metric]:.4g}"
+                + (f" (full precision {fp:.4g})" if fp is not None else "")
             )
             if not all(math.isfinite(v) for v in out.values()):
                 raise TrialFailed("evaluation after quantization produced a non-finite metric")
+        # how much was evaluated describes the evaluation, not the model
+        metrics["eval"] = {k: out.pop(k) for k in ("val_windows", "val_bytes") if k in out}
         from safetensors.torch import save_model
 
         save_model(model, str(tdir / "model.safetensors"))

@@ -317,3 +317,24 @@ def test_rwkv_backward_matches_step_form() -> None:
     for a, b in zip(got, ref, strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-7)
+
+
+def test_gla_gradients_stay_finite_with_closed_gates_fp32() -> None:
+    """Gates nearly closed on every step (log-gate −3.75, just inside the clamp, so
+    gradients flow) make the log-gate reach −60 within a chunk; the chunked form once
+    rescaled keys by exp(+60), whose square overflowed fp32 in the backward pass (NaN
+    gradients seen at step 318 of a search's 800-step training). Gradients now match the
+    step form's, in fp32."""
+    torch.manual_seed(8)
+    m, _ = _build("gla")
+    with torch.no_grad():
+        m.gk2.bias.fill_(-60.0)  # logsigmoid(−60) / 16 = −3.75
+        m.gk2.bias[::3] = 0.0  # some channels open, some closed
+    x = torch.randn(2, 40, D)
+    g = torch.randn(2, 40, D)
+    params = [p for p in m.parameters() if p.requires_grad]
+    got = torch.autograd.grad((m(x) * g).sum(), params)
+    ref = torch.autograd.grad((_run_steps(m, x) * g).sum(), params)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

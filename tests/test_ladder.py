@@ -359,3 +359,83 @@ def test_resume_with_other_rungs_is_refused(tmp_path):
     spec = _ladder_spec(tmp_path, trials=2, rungs=[4, 16])
     r = run_cli(["search", str(spec), "--out", str(run), "--no-export"], cwd=tmp_path)
     assert_refused(r, contains="rungs [4, 8, 16] -> [4, 16]")
+
+
+def test_a_promotion_killed_with_kill_9_resumes_from_its_checkpoint(tmp_path):
+    """kill -9 while a promotion trains; the same command again retries it from the
+    checkpoint it had (no rung is trained twice or lost) and finishes the ladder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = _ladder_spec(tmp_path, trials=3, rungs=[20, 600], eta=2)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "archir.cli", "search", str(spec), "--out", str(run)]
+    cmd.append("--no-export")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    victim = None
+    deadline = time.time() + 180
+    while victim is None and time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the search ended before a promotion: {proc.stderr.read()[-2000:]!r}")
+        for d in run.glob("trials/*"):
+            log = d / "log"
+            if (
+                (d / "ladder" / "checkpoint.json").exists()
+                and not (d / "metrics.json").exists()
+                and log.exists()
+                and "promotion" in log.read_text()
+            ):
+                victim = int(d.name)
+        time.sleep(0.01)
+    assert victim is not None, "no promotion started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"trial {victim} was left running by a killed process" in done.stdout
+    trials = _trials(run)
+    killed = trials[victim]
+    assert killed.state == optuna.trial.TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim]
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.system_attrs[ATTR_CONTINUE] == killed.system_attrs[ATTR_CONTINUE]
+    log = (run / "trials" / str(retry.number) / "log").read_text()
+    assert f"continues from the checkpoint of trial {victim}" in log
+    a = trial_attrs(retry)
+    src = trials[a["continue_of"]]
+    assert a["rung"] == 1 and a["rungs"][:1] == trial_attrs(src)["rungs"]
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in trials)
+    # that model reached rung 1 once: the killed attempt and its retry, nothing else
+    same = [
+        t
+        for t in trials
+        if t.system_attrs.get(ATTR_CONTINUE) == a["continue_of"]
+        and t.state == optuna.trial.TrialState.COMPLETE
+    ]
+    assert [t.number for t in same] == [retry.number]
+
+
+def test_two_workers_share_one_ladder(tmp_path):
+    spec = _ladder_spec(tmp_path, trials=8)
+    run = tmp_path / "run"
+    r = run_cli(
+        ["search", str(spec), "--out", str(run), "--no-export", "--workers", "2"], cwd=tmp_path
+    )
+    assert r.rc == 0, r.err
+    trials = _trials(run)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    promoted = [t for t in trials if ATTR_CONTINUE in t.system_attrs]
+    keys = [(t.system_attrs[ATTR_CONTINUE], t.system_attrs[ATTR_RUNG]) for t in promoted]
+    trained = [t for t in promoted if trial_attrs(t).get("duplicate_of") is None]
+    assert len(
+        {(t.system_attrs[ATTR_CONTINUE], t.system_attrs[ATTR_RUNG]) for t in trained}
+    ) == len(trained), keys  # no promotion trained twice
+    doc = json.loads((run / "pareto.json").read_text())
+    per_rung = doc["fidelity"]["models_per_rung"]
+    assert per_rung[0] == 8 and per_rung[0] >= per_rung[1] >= per_rung[2] >= 1
+    # successive halving is complete: each rung holds at least floor(n / eta) of the one below
+    assert all(b >= a // 2 for a, b in zip(per_rung, per_rung[1:]))

@@ -259,3 +259,41 @@ def test_two_machines_one_killed_and_restarted(pg, tmp_path):
         best = json.loads((out_dir / "best" / "report.json").read_text())
         assert best, out_dir
     st.engine.dispose()
+
+
+def test_a_ladder_with_two_workers_on_postgresql(pg, tmp_path):
+    """The fidelity ladder (issue 12) on a PostgreSQL study with 2 workers: promotions are
+    trials like any other, their learning curves are intermediate values in the database."""
+    from searchers.ladder import ATTR_CONTINUE
+
+    url = pg.create_db()
+    data = yaml.safe_load(TINY.read_text())
+    data["train"].update(steps=16, warmup_steps=1)
+    data["search"].update(
+        budget={"trials": 6},
+        sampler="random",
+        workers=2,
+        fidelity={"kind": "ladder", "rungs": [4, 8, 16], "eta": 2},
+    )
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = subprocess.run(
+        [sys.executable, "-m", "archir.cli", "search", str(spec), "--storage", url]
+        + ["--study", "lad", "--out", str(tmp_path / "run"), "--no-export"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = optuna.load_study(study_name="lad", storage=open_storage(url, tmp_path / "j"))
+    trials = study.trials
+    assert study.metric_names == ["val_bpb", "params"]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    promoted = [t for t in trials if ATTR_CONTINUE in t.system_attrs]
+    assert promoted
+    for t in promoted:
+        assert sorted(t.intermediate_values) == [r["steps"] for r in trial_attrs(t)["rungs"]]
+    doc = json.loads((tmp_path / "run" / "pareto.json").read_text())
+    assert doc["fidelity"]["models_per_rung"][0] == 6
+    assert all(row["steps"] == doc["fidelity"]["steps"] for row in doc["front"])

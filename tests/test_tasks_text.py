@@ -131,3 +131,68 @@ def test_peak_memory_is_about_the_file_size(tmp_path):
     ).stdout
     grew_mb = float(out.strip().splitlines()[-1])
     assert grew_mb < 1.5 * size_mb + 16, (grew_mb, size_mb)
+
+
+# -- evaluation noise and text:stdlib (issue 12) ------------------------------------------------
+class _Unigram(torch.nn.Module):
+    """A model whose logits are fixed per input byte: per-window losses known exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(
+            torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+        )
+
+    def forward(self, x):
+        return self.table[x]
+
+
+def test_evaluation_reports_the_standard_error_over_windows():
+    import math
+
+    task = get_task("text:pydoc")
+    model = _Unigram()
+    got = task.evaluate(model, 8, 32, 5)
+    per = []
+    for x, y in task.val_batches(8, 32, 5):
+        nll = torch.nn.functional.cross_entropy(
+            model(x).reshape(-1, 256), y.reshape(-1), reduction="none"
+        ).reshape(y.shape)
+        per += nll.double().mean(1).tolist()
+    per_t = torch.tensor(per, dtype=torch.float64)
+    assert got["val_windows"] == len(per) == 40
+    assert got["val_bpb"] == pytest.approx(float(per_t.mean()) / math.log(2), rel=1e-12)
+    want = float(per_t.std()) / math.sqrt(len(per)) / math.log(2)
+    assert got["val_bpb_se"] == pytest.approx(want, rel=1e-9)
+    # the whole split when asked for more than it holds: every window once, se shrinks
+    whole = task.evaluate(model, 64, 32, 10**6)
+    assert whole["val_windows"] == (len(task.val_data) - 1) // 32
+    assert whole["val_bpb_se"] < got["val_bpb_se"]
+
+
+def test_stdlib_corpus_is_split_by_file_and_identified():
+    import sysconfig
+    from pathlib import Path
+
+    from archir.tasks.text import STDLIB_VAL_EVERY, stdlib_files
+
+    files = stdlib_files()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rel = [p.relative_to(root).as_posix() for p in files]
+    assert rel == sorted(rel) and len(rel) > 500
+    parts = {part for r in rel for part in r.split("/")[:-1]}
+    assert not parts & {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    task = get_task("text:stdlib")
+    info = task.corpus
+    assert info is not None and info["files"] > 500 and info["train_bytes"] > 5_000_000
+    assert info["val_bytes"] == len(task.val_data) and info["train_bytes"] == len(task.train_data)
+    assert 0.05 < info["val_bytes"] / (info["train_bytes"] + info["val_bytes"]) < 0.2
+    # the held-out files are whole files that the training text does not contain
+    held = files[STDLIB_VAL_EVERY - 1].read_bytes()
+    assert bytes(task.val_data[: len(held)].numpy()) == held
+    mid = held[len(held) // 2 : len(held) // 2 + 300]
+    assert len(mid) == 300 and mid not in bytes(task.train_data.numpy())
+    again = get_task("text:stdlib")
+    assert again.corpus == info  # same files, same SHA-256
+    with pytest.raises(TaskError, match="split by file"):
+        get_task("text:stdlib", {"val_fraction": 0.2})

@@ -237,10 +237,15 @@ class GLA(nn.Module):
         la = chunks(self._log_gate(xp), hk)
         tril = torch.ones(C, C, dtype=x.dtype, device=x.device).tril()
         G = tril @ la  # log-gate since the chunk start (inclusive), in [-C·MAX, 0]
-        eG = torch.exp(G)
-        qg, kg = q * eG, k / eG
-        # within a chunk: A_ts = Σ_i q_ti k_si exp(G_ti − G_si) for s ≤ t
-        att = (qg @ kg.transpose(-1, -2)).masked_fill(tril == 0, 0.0)
+        qg = q * torch.exp(G)
+        # within a chunk: A_ts = Σ_i q_ti k_si exp(G_ti − G_si) for s ≤ t as one matmul of
+        # queries and keys rescaled around the chunk's middle step m — exp(G_t − G_m) and
+        # exp(G_m − G_s), each at most exp(C/2 · GLA_MAX_LOG_DECAY) = e^32 — not around its
+        # start (k / exp(G) reaches e^64, whose square overflows fp32 in the backward pass
+        # once a gate closes: NaN gradients)
+        mid = G[..., C // 2 : C // 2 + 1, :]
+        att = (q * torch.exp(G - mid)) @ (k * torch.exp(mid - G)).transpose(-1, -2)
+        att = att.masked_fill(tril == 0, 0.0)
         o = att @ v  # [B, H, nc, C, hv]
         # each chunk's own end state, then states carried across chunks (masked segsum)
         g_end = G[..., -1, :]  # [B, H, nc, hk]

@@ -1,0 +1,208 @@
+"""Does the laddered search beat the obvious alternatives at equal CPU time?
+
+On the main job's space (``specs/search/hybrid-lm-quick.yaml``, ``text:pydoc``), each arm
+searches for the same wall time with the same 2 worker processes (so the same CPU time), for
+each seed:
+
+* ``nsga2+ladder`` — the main job as shipped: NSGA-II, rungs 50 / 200 / 800, eta 3;
+* ``random+ladder`` — the same ladder, random proposals;
+* ``random`` — random proposals, every model trained the full 800 steps (same ``wsd``
+  schedule, same whole-split evaluation), no ladder.
+
+Each arm's front is read at 800 steps only (a ladder's lower rungs do not count) and scored
+by the hypervolume of (val_bpb, latency_ms) — both minimized — against the reference point
+(``--ref-bpb``, ``--ref-ms``), higher is better; latency as the search measured it.
+
+The best model found is then compared with the zoo Transformer and the zoo hybrid
+(``specs/zoo/transformer.yaml``, ``hybrid.yaml``) trained with the same budget: the same
+``wsd`` schedule, batch and learning rate as the search, for as many steps as one worker's
+share of the search's CPU time allows (``--zoo-steps``, default: measured), their latency
+measured like the search's.
+
+    python benchmarks/ladder_search.py [--seeds 0 1 2] [--seconds 240] [--arms ...]
+
+Results go to ``benchmarks/ladder_search_results.json`` and the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = ROOT / "specs" / "search" / "hybrid-lm-quick.yaml"
+ARMS = ("nsga2+ladder", "random+ladder", "random")
+
+
+def arm_spec(tmp: Path, arm: str, seed: int, seconds: float) -> Path:
+    data = yaml.safe_load(MAIN.read_text())
+    sec = data["search"]
+    sec["seed"] = seed
+    sec["budget"] = {"trials": 10_000, "timeout_s": seconds}
+    sec["max_rejections"] = 10_000
+    if arm.startswith("random"):
+        sec["sampler"] = "random"
+    if arm == "random":
+        top = sec["fidelity"]["rungs"][-1]
+        data["train"].update(steps=top, schedule="wsd", eval_batches=100_000, eval_batch_size=64)
+        sec["fidelity"] = {"kind": "full"}
+    data["name"] = f"bench-{arm.replace('+', '-')}-{seed}"
+    p = tmp / f"{data['name']}.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def front_at_top(doc: dict[str, Any], top_steps: int) -> list[tuple[float, float]]:
+    """(val_bpb, latency_ms) of the feasible trials evaluated at ``top_steps``, as found."""
+    pts = []
+    for row in doc["trials"]:
+        if row["status"] != "ok" or row.get("duplicate_of") is not None:
+            continue
+        if row.get("steps") != top_steps:
+            continue
+        v = row["values"]
+        if "val_bpb" in v and "latency_ms" in v:
+            pts.append((float(v["val_bpb"]), float(v["latency_ms"])))
+    return pts
+
+
+def hypervolume(pts: list[tuple[float, float]], ref: tuple[float, float]) -> float:
+    from searchers.pareto import hypervolume_2d
+
+    return float(hypervolume_2d(pts, ["minimize", "minimize"], ref)) if pts else 0.0
+
+
+def run_arm(arm: str, seed: int, seconds: float) -> dict[str, Any]:
+    from searchers.run import run_search
+
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        spec = arm_spec(tmp, arm, seed, seconds)
+        t0 = time.time()
+        run_search(spec, out=tmp / "run", export=False, say=lambda s: None)
+        wall = time.time() - t0
+        doc = json.loads((tmp / "run" / "pareto.json").read_text())
+    return {"arm": arm, "seed": seed, "wall_s": wall, "doc": doc}
+
+
+def zoo_model(name: str, steps: int) -> dict[str, Any]:
+    """A zoo spec trained ``steps`` steps with the search's training settings (wsd)."""
+    import torch
+
+    from archir.compiler import compile as compile_spec
+    from archir.spec.loader import load_spec
+    from archir.spec.sections import SearchSection, TrainSection
+    from archir.train import train
+    from searchers.latency import trial_latency
+
+    torch.set_num_threads(1)
+    spec = load_spec(ROOT / "specs" / "zoo" / f"{name}.yaml")
+    main = yaml.safe_load(MAIN.read_text())
+    cfg = TrainSection.model_validate(main["train"]).model_copy(
+        update={
+            "steps": steps,
+            "schedule": "wsd",
+            "eval_every": steps,
+            "eval_batches": 100_000,
+            "eval_batch_size": 64,
+            "threads": 1,
+        }
+    )
+    t0 = time.process_time()
+    res = train(spec, None, None, cfg)
+    cpu = time.process_time() - t0
+    sec = SearchSection.model_validate(main["search"])
+    lat = trial_latency(spec, sec.latency, cfg.seq_len, compile_spec(spec, seed=0))
+    from archir.cost import analyze
+
+    return {
+        "name": name,
+        "steps": steps,
+        "cpu_s": cpu,
+        "val_bpb": float(res.metrics["val_bpb"]),
+        "latency_ms": float(lat["ms"]),
+        "params": float(analyze(spec).params),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seconds", type=float, default=240.0)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--ref-bpb", type=float, default=3.0)
+    ap.add_argument("--ref-ms", type=float, default=20.0)
+    ap.add_argument("--zoo-steps", type=int, default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "ladder_search_results.json"))
+    args = ap.parse_args()
+    top = yaml.safe_load(MAIN.read_text())["search"]["fidelity"]["rungs"][-1]
+    ref = (args.ref_bpb, args.ref_ms)
+    rows = []
+    for seed in args.seeds:
+        for arm in args.arms:
+            r = run_arm(arm, seed, args.seconds)
+            pts = front_at_top(r["doc"], top)
+            r.update(
+                hv=hypervolume(pts, ref),
+                n_top=len(pts),
+                n_models=r["doc"]["fidelity"].get("models_per_rung", [len(pts)])[0],
+                best_bpb=min((p[0] for p in pts), default=float("nan")),
+                points=pts,
+            )
+            del r["doc"]
+            rows.append(r)
+            print(
+                f"{arm:<14} seed {seed}: HV {r['hv']:.3f}, {r['n_models']} models drawn, "
+                f"{r['n_top']} at {top} steps, best val_bpb {r['best_bpb']:.3f} "
+                f"({r['wall_s']:.0f} s)",
+                flush=True,
+            )
+    # the zoo models with one worker's share of the same CPU time
+    steps = args.zoo_steps
+    zoo = []
+    for name in ("transformer", "hybrid"):
+        if steps is None:
+            probe = zoo_model(name, 20)
+            n = int(args.seconds / (probe["cpu_s"] / 20))
+        else:
+            n = steps
+        zoo.append(zoo_model(name, n))
+        print(
+            f"zoo {name}: {n} steps in {zoo[-1]['cpu_s']:.0f} CPU s, val_bpb {zoo[-1]['val_bpb']:.3f}, "
+            f"latency {zoo[-1]['latency_ms']:.2f} ms",
+            flush=True,
+        )
+    print("\narm             HV (mean [min, max])     best val_bpb at top rung   models drawn")
+    for arm in args.arms:
+        rs = [r for r in rows if r["arm"] == arm]
+        hv = [r["hv"] for r in rs]
+        best = [r["best_bpb"] for r in rs]
+        print(
+            f"{arm:<15} {statistics.fmean(hv):.3f} [{min(hv):.3f}, {max(hv):.3f}]     "
+            f"{statistics.fmean(best):.3f} [{min(best):.3f}, {max(best):.3f}]     "
+            f"{statistics.fmean(r['n_models'] for r in rs):.1f}"
+        )
+    for z in zoo:
+        beat = []
+        for r in rows:
+            cand = [p for p in r["points"] if p[1] <= z["latency_ms"]]
+            if cand:
+                beat.append(min(p[0] for p in cand) < z["val_bpb"])
+        print(
+            f"zoo {z['name']}: val_bpb {z['val_bpb']:.3f} at {z['latency_ms']:.2f} ms; a searched "
+            f"model at equal or lower latency beats it in {sum(beat)}/{len(rows)} runs"
+        )
+    Path(args.out).write_text(
+        json.dumps({"seconds": args.seconds, "ref": ref, "runs": rows, "zoo": zoo}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
