@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "gp"])
     p.add_argument("--workers", type=int, help="processes sharing the study (1-256)")
     p.add_argument("--seed", type=int, help="sampler seed, 0 to 2^31-1 (same seed, same proposals)")
-    p.add_argument("--fidelity", choices=["cost", "proxy", "full"])
+    p.add_argument("--fidelity", choices=["cost", "proxy", "full", "ladder"])
     p.add_argument("--steps", type=int, help="training steps per trial (proxy fidelity)")
     p.add_argument("--timeout", type=float, dest="timeout_s", help="search wall-time budget, s")
     p.add_argument("--storage", help="Optuna storage URL (default: <run folder>/study.journal)")

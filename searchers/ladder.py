@@ -184,9 +184,14 @@ def promotions(
 ) -> list[tuple[FrozenTrial, int]]:
     """The promotions due now, highest rung first: ``(trial to continue, rung to reach)``.
 
-    At each rung ``k`` below the top, the top ``floor(n_k / eta)`` of the ``n_k`` models that
-    reached it (:func:`rank`) are due, except those that reached a higher rung already or
-    whose promotion exists as a trial in any state (waiting, running, finished or failed).
+    Rung ``k + 1`` may hold ``floor(n_k / eta)`` of the ``n_k`` models that reached rung
+    ``k``. While it holds fewer (counting models that went on and promotions that exist as
+    trials in any state — waiting, running, finished or failed), the best-ranked models of
+    rung ``k`` (:func:`rank`) that have not gone on are due, up to that quota. The quota
+    keeps successive halving's counts (30 models at rung 0, at most 10 at rung 1, 3 at rung
+    2 with ``eta`` 3): without it a two-objective ranking, whose crowding-distance order
+    shifts with every new model, would keep promoting whoever is momentarily in the top
+    third, and the top rung would fill up.
     """
     started = {
         (continues(t), t.system_attrs.get(ATTR_RUNG)) for t in trials if continues(t) is not None
@@ -201,10 +206,16 @@ def promotions(
         if k >= n_rungs - 1:
             continue
         members = list(by_rung[k].values())
-        for e in rank(members)[: len(members) // eta]:
-            if reached[e.spec_hash] > k or (e.trial.number, k + 1) in started:
+        went_on = {e.spec_hash for e in members if reached[e.spec_hash] > k}
+        went_on |= {e.spec_hash for e in members if (e.trial.number, k + 1) in started}
+        quota = len(members) // eta - len(went_on)
+        for e in rank(members):
+            if quota <= 0:
+                break
+            if e.spec_hash in went_on:
                 continue
             due.append((e.trial, k + 1))
+            quota -= 1
     return due
 
 

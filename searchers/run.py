@@ -12,7 +12,9 @@ Each trial: fix the spec with the sampler's suggestions (define-by-run), run the
 measure latency when asked (:mod:`searchers.latency`), refuse candidates that break a
 constraint decidable before training, then train at the chosen fidelity, fake-quantize blocks
 below 16 bits (:mod:`archir.quant`), evaluate, and report every objective and constraint
-value. Single-objective searches prune with the trainer's intermediate evaluations;
+value. With a fidelity ladder (``fidelity: {kind: ladder}``) a new trial trains to the first
+rung, and a worker promotes models that earned it before it draws a new one: a promotion is
+a trial of its own that continues the model from its checkpoint (:mod:`searchers.ladder`). Single-objective searches prune with the trainer's intermediate evaluations;
 multi-objective searches stop diverging trials.
 
 A candidate refused before training is recorded as a COMPLETE trial with status
@@ -778,7 +780,8 @@ class Evaluator:
             raise TrialFailed(state["diverged"])
         if result.status == "failed":
             raise TrialFailed(m.get("reason", "training failed"))
-        out: dict[str, float] = {k: float(m[k]) for k in (task.metric, "val_loss") if k in m}
+        keys = (task.metric, "val_loss", f"{task.metric}_se")
+        out: dict[str, float] = {k: float(m[k]) for k in keys if k in m}
         return self._finish(result.model, concrete, tdir, log, timing, metrics, out)
 
     def _finish(
@@ -1568,6 +1571,12 @@ def run_search(
     if fidelity is not None:
         fid["kind"] = fidelity
     if steps is not None:
+        if fid["kind"] == "ladder":
+            raise SearchError(
+                f"--steps {steps} does not apply to a fidelity ladder: its budget is its rungs "
+                f"({fid.get('rungs') or 'default'})",
+                hint="set search.fidelity.rungs in the spec, or --fidelity proxy --steps N",
+            )
         fid["steps"] = steps
         if fid["kind"] == "full":
             fid["kind"] = "proxy"

@@ -439,3 +439,58 @@ def test_two_workers_share_one_ladder(tmp_path):
     assert per_rung[0] == 8 and per_rung[0] >= per_rung[1] >= per_rung[2] >= 1
     # successive halving is complete: each rung holds at least floor(n / eta) of the one below
     assert all(b >= a // 2 for a, b in zip(per_rung, per_rung[1:]))
+
+
+def test_steps_flag_on_a_ladder_is_refused_and_fidelity_flag_picks_one(tmp_path):
+    spec = _ladder_spec(tmp_path, trials=2)
+    r = run_cli(["search", str(spec), "--out", str(tmp_path / "a"), "--steps", "40"], cwd=tmp_path)
+    assert_refused(r, contains="its budget is its rungs")
+    assert not (tmp_path / "a").exists()
+    # --fidelity ladder on a proxy spec: default rungs train.steps / 16, / 4, train.steps
+    data = yaml.safe_load(TINY.read_text())
+    data["train"].update(steps=32, warmup_steps=1)
+    data["search"]["budget"] = {"trials": 3}
+    p = tmp_path / "proxy.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    run = tmp_path / "b"
+    r = run_cli(
+        ["search", str(p), "--out", str(run), "--fidelity", "ladder", "--no-export"], cwd=tmp_path
+    )
+    assert r.rc == 0, r.err
+    assert json.loads((run / "pareto.json").read_text())["fidelity"]["rungs"] == [2, 8, 32]
+
+
+def test_a_study_made_before_the_new_train_settings_resumes():
+    from searchers.config import fidelity_changes
+
+    new = {"kind": "proxy", "train": TrainSection(steps=40).model_dump(mode="json")}
+    new["train"].pop("threads")
+    old = {"kind": "proxy", "train": dict(new["train"])}
+    for k in ("schedule", "decay_fraction", "eval_batch_size"):
+        del old["train"][k]
+    assert fidelity_changes(old, new) == []
+    new["train"]["schedule"] = "wsd"
+    assert fidelity_changes(old, new) == ["train.schedule 'cosine' -> 'wsd'"]
+
+
+def test_a_rung_never_takes_more_than_its_share():
+    """Successive halving's counts: rung 1 holds at most floor(n_0 / eta) models, however the
+    ranking of rung 0 shifts as models arrive (ASHA alone would promote every model that is
+    momentarily in the top third)."""
+    objs = [Objective("val_bpb", "minimize"), Objective("latency_ms", "minimize")]
+    trials = [
+        _ft(n, [3.0 + n / 10, 5.0 - n / 10], [_rec(0, 3.0 + n / 10, 5.0 - n / 10)])
+        for n in range(6)
+    ]
+    due = promotions(trials, objs, [], n_rungs=3, eta=3)
+    assert len(due) == 2
+    for i, (t, r) in enumerate(due):  # both promoted (waiting)
+        p = _ft(10 + i, [9, 9], [_rec(0, 9, 9)], continue_of=t.number, rung_target=r)
+        p.state = optuna.trial.TrialState.WAITING
+        trials.append(p)
+    # a new model better than all on both objectives: rung 1's share (floor(7/3) = 2) is taken
+    trials.append(_ft(6, [1.0, 1.0], [_rec(0, 1.0, 1.0)]))
+    assert promotions(trials, objs, [], n_rungs=3, eta=3) == []
+    # two more models: the share grows to 3, and the best one not promoted yet goes on
+    trials += [_ft(n, [4.0, 6.0], [_rec(0, 4.0 + n, 6.0)]) for n in (7, 8)]
+    assert [(t.number, r) for t, r in promotions(trials, objs, [], n_rungs=3, eta=3)] == [(6, 1)]
