@@ -42,8 +42,17 @@ MAIN = ROOT / "specs" / "search" / "hybrid-lm-quick.yaml"
 ETA = 3
 
 
+#: rungs given on the command line (``--rungs``, for a quick try), else the space's own
+RUNGS: list[int] | None = None
+
+
 def _setup(space: str) -> tuple[Any, Any, list[int], str, str]:
     """(open spec, train section, rungs, metric, direction) of a benchmark space."""
+    spec, train, rungs, metric, direction = _space(space)
+    return spec, train, (RUNGS or rungs), metric, direction
+
+
+def _space(space: str) -> tuple[Any, Any, list[int], str, str]:
     from archir.spec.loader import load_spec
     from searchers.config import SearchConfig, ladder_rungs, trial_train_cfg
 
@@ -157,6 +166,11 @@ def run_one(space: str, decisions: dict[str, Any], seed: int) -> dict[str, Any]:
     }
 
 
+def _init(rungs: list[int] | None) -> None:
+    global RUNGS
+    RUNGS = rungs
+
+
 def kendall(a: list[float], b: list[float]) -> float:
     from scipy.stats import kendalltau
 
@@ -213,7 +227,9 @@ def analyse(runs: list[dict[str, Any]], metric: str, direction: str) -> dict[str
             v = sorted(r["rungs"][k][metric] for r in per_seed[s] if len(r["rungs"]) > k)
             gaps += [abs(b - a) for a, b in zip(v, v[1:])]
         out["noise"][k] = {
-            "mean_se": statistics.fmean(x["se"] for x in vals if not math.isnan(x["se"])),
+            "mean_se": statistics.fmean(
+                [x["se"] for x in vals if not math.isnan(x["se"])] or [math.nan]
+            ),
             "median_gap_neighbours": statistics.median(gaps),
         }
         out["cpu_s"][k] = statistics.fmean(x["cpu_s"] for x in vals)
@@ -258,8 +274,11 @@ def main() -> None:
     ap.add_argument("--archs", type=int, default=12)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--rungs", type=int, nargs="+", help="override the rungs (a quick try)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "rank_fidelity_results.json"))
     args = ap.parse_args()
+    global RUNGS
+    RUNGS = args.rungs
     results: dict[str, Any] = {}
     path = Path(args.out)
     if path.exists():
@@ -268,7 +287,7 @@ def main() -> None:
         archs = draw(space, args.archs)
         jobs = [(space, d, s) for s in args.seeds for d in archs]
         t0 = time.time()
-        with ProcessPoolExecutor(args.jobs) as ex:
+        with ProcessPoolExecutor(args.jobs, initializer=_init, initargs=(args.rungs,)) as ex:
             runs = list(ex.map(run_one, *zip(*jobs)))
         _, _, rungs, metric, direction = _setup(space)
         res = analyse(runs, metric, direction)

@@ -94,7 +94,13 @@ class DigitsTask(Task):
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(-1) == y).sum())
         n = len(self.test_x)
-        return {"accuracy": correct / n, "test_loss": total_loss / n}
+        acc = correct / n
+        # binomial standard error of the accuracy over the n test images
+        return {
+            "accuracy": acc,
+            "accuracy_se": (acc * (1 - acc) / n) ** 0.5,
+            "test_loss": total_loss / n,
+        }
 
 
 @register_task(

@@ -690,7 +690,11 @@ class MADTask(Task):
             preds.append(logits.argmax(-1))
             targets.append(y)
         macro, micro = macro_accuracy(torch.cat(preds), torch.cat(targets))
-        return {"accuracy": macro, "micro_accuracy": micro, "test_loss": total / max(count, 1)}
+        out = {"accuracy": macro, "micro_accuracy": micro, "test_loss": total / max(count, 1)}
+        if count > 1:  # binomial standard error over the scored tokens (of the micro average;
+            # an approximation for the macro one)
+            out["accuracy_se"] = math.sqrt(max(micro * (1 - micro), 0.0) / count)
+        return out
 
 
 _OPTION_KEYS = {
