@@ -287,7 +287,8 @@ def plot_front(
         def shown(t: FrozenTrial) -> bool:
             return feasible(t) and t.number in in_pool
 
-        grey = [p for t in trials if not shown(t) for p in [xy(t)] if p]
+        lower = [p for t in trials if feasible(t) and not shown(t) for p in [xy(t)] if p]
+        grey = [p for t in trials if not feasible(t) for p in [xy(t)] if p]
         ok = [p for t in trials if shown(t) for p in [xy(t)] if p]
         fr = sorted(p for t in front for p in [xy(t)] if p)
         if grey:
@@ -296,7 +297,16 @@ def plot_front(
                 [p[1] for p in grey],
                 c="0.75",
                 s=18,
-                label="infeasible / not finished" + (" / lower rung" if pool is not None else ""),
+                label="infeasible / not finished",
+            )
+        if lower:
+            ax.scatter(
+                [p[0] for p in lower],
+                [p[1] for p in lower],
+                c="tab:blue",
+                alpha=0.25,
+                s=14,
+                label="stopped at a lower rung (fewer steps)",
             )
         if ok:
             ax.scatter([p[0] for p in ok], [p[1] for p in ok], c="tab:blue", s=22, label="feasible")

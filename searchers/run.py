@@ -609,7 +609,11 @@ class Evaluator:
             prev = self.run_dir / "trials" / str(n) / "ladder"
             if prev.is_dir() and not prev.is_symlink() and not ck.exists():
                 os.replace(inside(self.run_dir, prev), ck)
-                log(f"continues from the checkpoint of trial {n}")
+                try:
+                    at = json.loads((ck / "checkpoint.json").read_text(encoding="utf-8"))["step"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    at = "?"  # checked when it is loaded
+                log(f"continues from the checkpoint of trial {n} (step {at})")
                 break
 
         def run() -> Any:

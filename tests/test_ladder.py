@@ -382,13 +382,14 @@ def test_a_promotion_killed_with_kill_9_resumes_from_its_checkpoint(tmp_path):
         if proc.poll() is not None:
             pytest.fail(f"the search ended before a promotion: {proc.stderr.read()[-2000:]!r}")
         for d in run.glob("trials/*"):
-            log = d / "log"
-            if (
-                (d / "ladder" / "checkpoint.json").exists()
-                and not (d / "metrics.json").exists()
-                and log.exists()
-                and "promotion" in log.read_text()
-            ):
+            # a promotion on its way from rung 0 to rung 1: a checkpoint past rung 0's 20
+            # steps (one every 200 steps) and not ended (no metrics.json)
+            man = d / "ladder" / "checkpoint.json"
+            try:
+                step = json.loads(man.read_text())["step"] if man.exists() else 0
+            except (OSError, ValueError):
+                step = 0  # being replaced
+            if step > 20 and not (d / "metrics.json").exists():
                 victim = int(d.name)
         time.sleep(0.01)
     assert victim is not None, "no promotion started"
@@ -407,6 +408,11 @@ def test_a_promotion_killed_with_kill_9_resumes_from_its_checkpoint(tmp_path):
     assert f"continues from the checkpoint of trial {victim}" in log
     a = trial_attrs(retry)
     src = trials[a["continue_of"]]
+    # it went on from the killed attempt's last checkpoint (step 200, 400 or 480), not rung 0's
+    import re
+
+    m = re.search(rf"continues from the checkpoint of trial {victim} \(step (\d+)\)", log)
+    assert m and int(m.group(1)) in (200, 400, 480), log
     assert a["rung"] == 1 and a["rungs"][:1] == trial_attrs(src)["rungs"]
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in trials)
     # that model reached rung 1 once: the killed attempt and its retry, nothing else

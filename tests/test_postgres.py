@@ -289,7 +289,9 @@ def test_a_ladder_with_two_workers_on_postgresql(pg, tmp_path):
     study = optuna.load_study(study_name="lad", storage=open_storage(url, tmp_path / "j"))
     trials = study.trials
     assert study.metric_names == ["val_bpb", "params"]
-    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(t.state == TrialState.COMPLETE for t in trials), [
+        (t.number, t.state.name, trial_attrs(t).get("reason"), t.system_attrs) for t in trials
+    ]
     promoted = [t for t in trials if ATTR_CONTINUE in t.system_attrs]
     assert promoted
     for t in promoted:
