@@ -137,7 +137,8 @@ class Trainer:
         self.spec, self.task, self.cfg = spec, task, cfg
         self.model = model or compile_spec(spec, seed=cfg.seed)
         self.extra = task.extra_modules(self.model)
-        self.trained = torch.nn.ModuleList([self.model] + ([self.extra] if self.extra else []))
+        extra = [self.extra] if self.extra is not None else []
+        self.trained = torch.nn.ModuleList([self.model, *extra])
         self.opt = make_optimizer(self.model, cfg, self.extra)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.seq_len = min(cfg.seq_len, spec.model.model.max_seq_len)

@@ -1,8 +1,8 @@
 """Does the laddered search beat the obvious alternatives at equal CPU time?
 
 On the main job's space (``specs/search/hybrid-lm-quick.yaml``, ``text:pydoc``), each arm
-searches for the same wall time with the same 2 worker processes (so the same CPU time), for
-each seed:
+searches for the same wall time with one worker process (so the same CPU time: two arms run
+side by side, one per core, ``--jobs 2``), for each seed:
 
 * ``nsga2+ladder`` — the main job as shipped: NSGA-II, rungs 50 / 200 / 800, eta 3;
 * ``random+ladder`` — the same ladder, random proposals;
@@ -19,7 +19,7 @@ The best model found is then compared with the zoo Transformer and the zoo hybri
 share of the search's CPU time allows (``--zoo-steps``, default: measured), their latency
 measured like the search's.
 
-    python benchmarks/ladder_search.py [--seeds 0 1 2] [--seconds 240] [--arms ...]
+    python benchmarks/ladder_search.py [--seeds 0 1 2] [--seconds 300] [--arms ...] [--jobs 2]
 
 Results go to ``benchmarks/ladder_search_results.json`` and the table to stdout.
 """
@@ -31,6 +31,7 @@ import json
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,22 @@ MAIN = ROOT / "specs" / "search" / "hybrid-lm-quick.yaml"
 ARMS = ("nsga2+ladder", "random+ladder", "random")
 
 
+def _main_data() -> dict[str, Any]:
+    """The main job's spec as data (read by archir's loader: YAML 1.2 numbers such as 3e-3)."""
+    import copy
+
+    from archir.spec.loader import load_spec
+
+    return copy.deepcopy(load_spec(MAIN).data)
+
+
 def arm_spec(tmp: Path, arm: str, seed: int, seconds: float) -> Path:
-    data = yaml.safe_load(MAIN.read_text())
+    data = _main_data()
     sec = data["search"]
     sec["seed"] = seed
     sec["budget"] = {"trials": 10_000, "timeout_s": seconds}
     sec["max_rejections"] = 10_000
+    sec["workers"] = 1
     if arm.startswith("random"):
         sec["sampler"] = "random"
     if arm == "random":
@@ -59,11 +70,15 @@ def arm_spec(tmp: Path, arm: str, seed: int, seconds: float) -> Path:
     return p
 
 
-def front_at_top(doc: dict[str, Any], top_steps: int) -> list[tuple[float, float]]:
-    """(val_bpb, latency_ms) of the feasible trials evaluated at ``top_steps``, as found."""
+def front_at_top(
+    doc: dict[str, Any], top_steps: int, in_budget: list[int]
+) -> list[tuple[float, float]]:
+    """(val_bpb, latency_ms) of the feasible trials evaluated at ``top_steps`` that finished
+    within the budget, as found."""
     pts = []
+    ok = set(in_budget)
     for row in doc["trials"]:
-        if row["status"] != "ok" or row.get("duplicate_of") is not None:
+        if row["status"] != "ok" or row.get("duplicate_of") is not None or row["trial"] not in ok:
             continue
         if row.get("steps") != top_steps:
             continue
@@ -80,7 +95,14 @@ def hypervolume(pts: list[tuple[float, float]], ref: tuple[float, float]) -> flo
 
 
 def run_arm(arm: str, seed: int, seconds: float) -> dict[str, Any]:
+    """One search; ``in_budget``: the trials that finished within ``seconds`` of its start
+    (a trial running at the deadline is finished by the search but not counted here)."""
+    import datetime
+
+    import optuna
+
     from searchers.run import run_search
+    from searchers.storage import open_storage
 
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
@@ -89,7 +111,14 @@ def run_arm(arm: str, seed: int, seconds: float) -> dict[str, Any]:
         run_search(spec, out=tmp / "run", export=False, say=lambda s: None)
         wall = time.time() - t0
         doc = json.loads((tmp / "run" / "pareto.json").read_text())
-    return {"arm": arm, "seed": seed, "wall_s": wall, "doc": doc}
+        st = open_storage(None, tmp / "run" / "study.journal")
+        name = yaml.safe_load(spec.read_text())["name"]
+        deadline = datetime.datetime.fromtimestamp(t0 + seconds)
+        trials = optuna.load_study(study_name=name, storage=st).trials
+        in_budget = [
+            t.number for t in trials if t.datetime_complete and t.datetime_complete <= deadline
+        ]
+    return {"arm": arm, "seed": seed, "wall_s": wall, "doc": doc, "in_budget": in_budget}
 
 
 def zoo_model(name: str, steps: int) -> dict[str, Any]:
@@ -104,7 +133,7 @@ def zoo_model(name: str, steps: int) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     spec = load_spec(ROOT / "specs" / "zoo" / f"{name}.yaml")
-    main = yaml.safe_load(MAIN.read_text())
+    main = _main_data()
     cfg = TrainSection.model_validate(main["train"]).model_copy(
         update={
             "steps": steps,
@@ -135,48 +164,63 @@ def zoo_model(name: str, steps: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--seconds", type=float, default=240.0)
+    ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--ref-bpb", type=float, default=3.0)
     ap.add_argument("--ref-ms", type=float, default=20.0)
     ap.add_argument("--zoo-steps", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=2, help="arms run side by side, 1 worker each")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "ladder_search_results.json"))
     args = ap.parse_args()
-    top = yaml.safe_load(MAIN.read_text())["search"]["fidelity"]["rungs"][-1]
+    top = _main_data()["search"]["fidelity"]["rungs"][-1]
     ref = (args.ref_bpb, args.ref_ms)
     rows = []
-    for seed in args.seeds:
-        for arm in args.arms:
-            r = run_arm(arm, seed, args.seconds)
-            pts = front_at_top(r["doc"], top)
-            r.update(
-                hv=hypervolume(pts, ref),
-                n_top=len(pts),
-                n_models=r["doc"]["fidelity"].get("models_per_rung", [len(pts)])[0],
-                best_bpb=min((p[0] for p in pts), default=float("nan")),
-                points=pts,
-            )
-            del r["doc"]
-            rows.append(r)
-            print(
-                f"{arm:<14} seed {seed}: HV {r['hv']:.3f}, {r['n_models']} models drawn, "
-                f"{r['n_top']} at {top} steps, best val_bpb {r['best_bpb']:.3f} "
-                f"({r['wall_s']:.0f} s)",
-                flush=True,
-            )
-    # the zoo models with one worker's share of the same CPU time
-    steps = args.zoo_steps
-    zoo = []
-    for name in ("transformer", "hybrid"):
-        if steps is None:
-            probe = zoo_model(name, 20)
-            n = int(args.seconds / (probe["cpu_s"] / 20))
-        else:
-            n = steps
-        zoo.append(zoo_model(name, n))
+    jobs = [(arm, seed, args.seconds) for seed in args.seeds for arm in args.arms]
+    with ProcessPoolExecutor(args.jobs) as ex:
+        done = list(ex.map(run_arm, *zip(*jobs)))
+    for r in done:
+        arm, seed = r["arm"], r["seed"]
+        pts = front_at_top(r["doc"], top, r["in_budget"])
+        r.update(
+            hv=hypervolume(pts, ref),
+            n_top=len(pts),
+            n_models=len(
+                {
+                    json.dumps(row["params"], sort_keys=True)
+                    for row in r["doc"]["trials"]
+                    if row["trial"] in set(r["in_budget"])
+                    and row.get("continue_of") is None
+                    and row.get("duplicate_of") is None
+                    and row["status"] == "ok"
+                }
+            ),
+            best_bpb=min((p[0] for p in pts), default=float("nan")),
+            points=pts,
+        )
+        del r["doc"]
+        rows.append(r)
         print(
-            f"zoo {name}: {n} steps in {zoo[-1]['cpu_s']:.0f} CPU s, val_bpb {zoo[-1]['val_bpb']:.3f}, "
-            f"latency {zoo[-1]['latency_ms']:.2f} ms",
+            f"{arm:<14} seed {seed}: HV {r['hv']:.3f}, {r['n_models']} models drawn, "
+            f"{r['n_top']} at {top} steps, best val_bpb {r['best_bpb']:.3f} "
+            f"({r['wall_s']:.0f} s)",
+            flush=True,
+        )
+    # the zoo models with the same CPU time as one arm
+    names = ("transformer", "hybrid")
+    if args.zoo_steps is None:
+        with ProcessPoolExecutor(args.jobs) as ex:
+            probes = list(ex.map(zoo_model, names, [30, 30]))
+        # the probe's time includes one whole-split evaluation, as the full run does
+        steps = [int(30 * args.seconds / p["cpu_s"]) for p in probes]
+    else:
+        steps = [args.zoo_steps] * len(names)
+    with ProcessPoolExecutor(args.jobs) as ex:
+        zoo = list(ex.map(zoo_model, names, steps))
+    for n, name in zip(steps, names):
+        print(
+            f"zoo {name}: {n} steps in {zoo[names.index(name)]['cpu_s']:.0f} CPU s, "
+            f"val_bpb {zoo[names.index(name)]['val_bpb']:.3f}, "
+            f"latency {zoo[names.index(name)]['latency_ms']:.2f} ms",
             flush=True,
         )
     print("\narm             HV (mean [min, max])     best val_bpb at top rung   models drawn")

@@ -544,12 +544,8 @@ class Evaluator:
             log(f"trial {twin.number} already promotes trial {source_n}: nothing trained")
             metrics["duplicate_of"] = source_n
             got = trial_attrs(src)
-            self._attrs(
-                trial,
-                **{k: got[k] for k in RESULT_KEYS if k in got},
-                duplicate_of=source_n,
-                status="ok",
-            )
+            copied = {k: got[k] for k in RESULT_KEYS if k in got}
+            self._attrs(trial, **{**copied, "duplicate_of": source_n, "status": "ok"})
             metrics.update(status="ok", values=got.get("values", {}))
             return tuple(src.values) if len(src.values) > 1 else src.values[0]
         a = trial_attrs(src)

@@ -500,3 +500,35 @@ def test_a_rung_never_takes_more_than_its_share():
     # two more models: the share grows to 3, and the best one not promoted yet goes on
     trials += [_ft(n, [4.0, 6.0], [_rec(0, 4.0 + n, 6.0)]) for n in (7, 8)]
     assert [(t.number, r) for t, r in promotions(trials, objs, [], n_rungs=3, eta=3)] == [(6, 1)]
+
+
+def test_a_promotion_queued_twice_is_trained_once(tmp_path):
+    """Two workers may queue the same promotion at once; the second one to run reuses the
+    first's model (``duplicate_of``) and trains nothing."""
+    from searchers.run import enqueue_promotion
+
+    spec = _ladder_spec(tmp_path, trials=3)
+    run = tmp_path / "run"
+    assert run_cli(["search", str(spec), "--out", str(run), "--no-export"], cwd=tmp_path).rc == 0
+    st = open_storage(None, run / "study.journal")
+    study = optuna.load_study(study_name="tiny", storage=st)
+    stopped = [
+        t
+        for t in study.trials
+        if ATTR_CONTINUE not in t.system_attrs
+        and len(trial_attrs(t).get("rungs", [])) == 1
+        and not trial_attrs(t).get("duplicate_of")
+        and not any(u.system_attrs.get(ATTR_CONTINUE) == t.number for u in study.trials)
+    ]
+    assert stopped
+    src = stopped[0]
+    enqueue_promotion(study, src, 1)
+    enqueue_promotion(study, src, 1)
+    r = run_cli(["search", str(spec), "--out", str(run), "--no-export"], cwd=tmp_path)
+    assert r.rc == 0, r.err
+    twins = [t for t in _trials(run) if t.system_attrs.get(ATTR_CONTINUE) == src.number]
+    assert [t.state for t in twins] == [optuna.trial.TrialState.COMPLETE] * 2
+    first, second = twins
+    assert trial_attrs(first)["rung"] == 1 and not trial_attrs(first).get("duplicate_of")
+    assert trial_attrs(second)["duplicate_of"] == src.number
+    assert "already promotes" in (run / "trials" / str(second.number) / "log").read_text()
