@@ -170,14 +170,19 @@ def main() -> None:
     ap.add_argument("--ref-ms", type=float, default=20.0)
     ap.add_argument("--zoo-steps", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=2, help="arms run side by side, 1 worker each")
+    ap.add_argument("--zoo-only", action="store_true", help="reuse --out's arms, redo the zoo")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "ladder_search_results.json"))
     args = ap.parse_args()
     top = _main_data()["search"]["fidelity"]["rungs"][-1]
     ref = (args.ref_bpb, args.ref_ms)
     rows = []
     jobs = [(arm, seed, args.seconds) for seed in args.seeds for arm in args.arms]
-    with ProcessPoolExecutor(args.jobs) as ex:
-        done = list(ex.map(run_arm, *zip(*jobs)))
+    if args.zoo_only:  # the arms of an earlier run (--out), the zoo models again
+        done = []
+        rows = json.loads(Path(args.out).read_text())["runs"]
+    else:
+        with ProcessPoolExecutor(args.jobs) as ex:
+            done = list(ex.map(run_arm, *zip(*jobs)))
     for r in done:
         arm, seed = r["arm"], r["seed"]
         pts = front_at_top(r["doc"], top, r["in_budget"])
@@ -208,10 +213,16 @@ def main() -> None:
     # the zoo models with the same CPU time as one arm
     names = ("transformer", "hybrid")
     if args.zoo_steps is None:
+        # the CPU time of a step, from two short runs (their difference leaves out the
+        # compile and the whole-split evaluation every run has once)
         with ProcessPoolExecutor(args.jobs) as ex:
-            probes = list(ex.map(zoo_model, names, [30, 30]))
-        # the probe's time includes one whole-split evaluation, as the full run does
-        steps = [int(30 * args.seconds / p["cpu_s"]) for p in probes]
+            short = list(ex.map(zoo_model, names, [20, 20]))
+            long = list(ex.map(zoo_model, names, [80, 80]))
+        steps = []
+        for a, b in zip(short, long):
+            per_step = (b["cpu_s"] - a["cpu_s"]) / 60
+            fixed = max(0.0, a["cpu_s"] - 20 * per_step)
+            steps.append(int((args.seconds - fixed) / per_step))
     else:
         steps = [args.zoo_steps] * len(names)
     with ProcessPoolExecutor(args.jobs) as ex:
