@@ -291,25 +291,16 @@ def plot_front(
         grey = [p for t in trials if not feasible(t) for p in [xy(t)] if p]
         ok = [p for t in trials if shown(t) for p in [xy(t)] if p]
         fr = sorted(p for t in front for p in [xy(t)] if p)
-        if grey:
-            ax.scatter(
-                [p[0] for p in grey],
-                [p[1] for p in grey],
-                c="0.75",
-                s=18,
-                label="infeasible / not finished",
-            )
-        if lower:
-            ax.scatter(
-                [p[0] for p in lower],
-                [p[1] for p in lower],
-                c="tab:blue",
-                alpha=0.25,
-                s=14,
-                label="stopped at a lower rung (fewer steps)",
-            )
-        if ok:
-            ax.scatter([p[0] for p in ok], [p[1] for p in ok], c="tab:blue", s=22, label="feasible")
+        for pts, style in (
+            (grey, {"c": "0.75", "s": 18, "label": "infeasible / not finished"}),
+            (
+                lower,
+                {"c": "tab:blue", "alpha": 0.25, "s": 14, "label": "stopped at a lower rung"},
+            ),
+            (ok, {"c": "tab:blue", "s": 22, "label": "feasible"}),
+        ):
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], **style)
         if fr:
             ax.plot(
                 *zip(*fr), "o-", c="tab:red", ms=6, label="Pareto front", drawstyle="steps-post"
