@@ -397,17 +397,9 @@ class Evaluator:
         finished = [t for t in seen if t.state == TrialState.COMPLETE]
         dup = self._duplicate_of(finished, trial.number, h)
         if dup is not None:
-            got = trial_attrs(dup)
-            original = int(got.get("duplicate_of", dup.number))
+            original = int(trial_attrs(dup).get("duplicate_of", dup.number))
             log(f"same model as trial {original}: its results are reused")
-            metrics["duplicate_of"] = original
-            copied = {k: got[k] for k in RESULT_KEYS if k in got}
-            self._attrs(trial, **{**copied, "duplicate_of": original})
-            metrics.update(status=got.get("status", "ok"))
-            if got.get("reason"):
-                metrics["reason"] = got["reason"]
-            metrics["values"] = got.get("values", values)
-            return tuple(dup.values) if len(dup.values) > 1 else dup.values[0]
+            return self._reuse(trial, dup, original, metrics)
 
         reasons = self._pre_check(values)
         if reasons:
@@ -500,6 +492,21 @@ class Evaluator:
         log("values: " + ", ".join(f"{o.metric}={v:.5g}" for o, v in zip(self.objectives, out)))
         return out if len(out) > 1 else out[0]
 
+    def _reuse(
+        self, trial: optuna.Trial, done: FrozenTrial, original: int, metrics: dict[str, Any]
+    ) -> float | tuple[float, ...]:
+        """Record trial ``done``'s result as this trial's (``duplicate_of`` = ``original``:
+        nothing trained; not counted against the budget) and return its objective values."""
+        got = trial_attrs(done)
+        copied = {k: got[k] for k in RESULT_KEYS if k in got}
+        self._attrs(trial, **{**copied, "duplicate_of": original})
+        metrics.update(duplicate_of=original, status=got.get("status", "ok"))
+        if got.get("reason"):
+            metrics["reason"] = got["reason"]
+        if "values" in got:
+            metrics["values"] = got["values"]
+        return tuple(done.values) if len(done.values) > 1 else done.values[0]
+
     def _quality_metric(self) -> str:
         """The metric a trained trial reports as its intermediate values."""
         return next(
@@ -542,12 +549,7 @@ class Evaluator:
         )
         if twin is not None:  # two workers promoted the same model at once: one trains it
             log(f"trial {twin.number} already promotes trial {source_n}: nothing trained")
-            metrics["duplicate_of"] = source_n
-            got = trial_attrs(src)
-            copied = {k: got[k] for k in RESULT_KEYS if k in got}
-            self._attrs(trial, **{**copied, "duplicate_of": source_n, "status": "ok"})
-            metrics.update(status="ok", values=got.get("values", {}))
-            return tuple(src.values) if len(src.values) > 1 else src.values[0]
+            return self._reuse(trial, src, source_n, metrics)
         a = trial_attrs(src)
         values = {k: float(v) for k, v in a.get("values", {}).items() if k in PRE_TRAINING}
         metrics["values"] = values
@@ -854,7 +856,9 @@ def _rung_record(rec: dict[str, Any], out: dict[str, float]) -> dict[str, Any]:
     """A rung's record as a trial keeps it: rung, steps, wall seconds, the quality values
     (``out``: after quantization, else the training run's) and their noise estimates."""
     quality = out or {
-        k: float(v) for k, v in rec.items() if k in ("val_loss", "val_bpb", "accuracy")
+        k: float(v)
+        for k, v in rec.items()
+        if k not in ("rung", "steps", "wall_s", "train_loss", "val_windows", "val_bytes")
     }
     src = out or rec
     return {
