@@ -17,6 +17,7 @@ Two ways to run a case:
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import subprocess
@@ -59,6 +60,10 @@ def run_cli(args: list[str], cwd: str | Path | None = None) -> Outcome:
     old = os.getcwd()
     if cwd is not None:
         os.chdir(cwd)
+    # the objects earlier tests left in this process are not the command's: frozen, a
+    # collection the command triggers does not walk them (nor count them in its time)
+    gc.collect()
+    gc.freeze()
     tracemalloc.start()
     t0 = time.thread_time()
     try:
@@ -71,6 +76,7 @@ def run_cli(args: list[str], cwd: str | Path | None = None) -> Outcome:
         seconds = time.thread_time() - t0
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
+        gc.unfreeze()
         os.chdir(old)
     return Outcome(rc, out.getvalue(), err.getvalue(), seconds, peak / 2**20)
 
