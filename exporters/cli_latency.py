@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["ort", "torch", "compile", "both"],
         default=None,
         help="onnxruntime, torch eager, torch.compile, or ort+torch (default: both; "
-        "calibrate: ort)",
+        "--predict: the calibrated ones; calibrate: ort)",
     )
     p.add_argument(
         "--batch", type=a.int_range(1, MAX_BATCH), default=None, help="batch size (default 1)"
@@ -132,6 +132,23 @@ def _runtimes(arg: str | None) -> list[str]:
     return [arg]
 
 
+def _predict_runtimes(args: argparse.Namespace) -> list[str]:
+    """The runtimes ``--predict`` answers for. An explicit ``--runtime`` is kept (a missing
+    calibration is then an error). Without one: the runtime of the ``--calibration`` file,
+    else every runtime calibrated on this machine at these threads (``archir latency
+    calibrate`` calibrates onnxruntime only, so its default must not ask for torch too),
+    else ``ort`` (whose missing calibration is reported with the command that makes it)."""
+    if args.runtime is not None:
+        return _runtimes(args.runtime)
+    from exporters.latency.calibrate import find_calibration, load_calibration
+
+    if args.calibration is not None:
+        key = load_calibration(args.calibration).get("key") or {}
+        return [str(key.get("runtime", "ort"))]
+    have = [rt for rt in _runtimes(None) if find_calibration(rt, args.threads) is not None]
+    return have or ["ort"]
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from archir.paths import check_out_file
     from exporters.latency.calibrate import calibrate
@@ -222,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     if args.windows is not None:
         kw["windows"] = args.windows
     results: dict[str, Any] = {}
-    for rt in _runtimes(args.runtime):
+    for rt in _predict_runtimes(args) if args.predict else _runtimes(args.runtime):
         if args.predict:
             results[rt] = latency_ms(
                 spec, rt, True, batch, seq, args.threads, calibration=args.calibration

@@ -340,6 +340,35 @@ def test_cli_measures_and_predicts(tmp_path: Path, capsys: pytest.CaptureFixture
     assert rc == 2 and "does not match" in capsys.readouterr().err
 
 
+def test_cli_predict_defaults_to_the_calibrated_runtimes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`archir latency calibrate` calibrates onnxruntime only; `archir latency SPEC --predict`
+    then predicts for it instead of refusing for want of a torch calibration (issue 14)."""
+    from exporters.latency.calibrate import default_path
+
+    monkeypatch.setenv("ARCHIR_CACHE", str(tmp_path / "cache"))
+    data = make_spec_data(random.Random(3), "attention", "swiglu", 128, 3, 256, 8)
+    f = tmp_path / "s.yaml"
+    f.write_text(json.dumps(data))
+    rc = main(["latency", str(f), "--predict", "--seq", "256"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "archir latency calibrate --runtime ort" in err
+    cal = _cal_file(tmp_path / "cal.json", _synthetic_cal(20, seed=1))
+    # a named file answers for its own runtime
+    rc = main(["latency", str(f), "--predict", "--seq", "256", "--calibration", str(cal), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["ort"]["predicted"] and "torch" not in out
+    default_path("ort", 1).parent.mkdir(parents=True)
+    default_path("ort", 1).write_bytes(cal.read_bytes())
+    rc = main(["latency", str(f), "--predict", "--seq", "256", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["ort"]["predicted"] and "torch" not in out
+    # asking for torch by name still says what is missing
+    rc = main(["latency", str(f), "--predict", "--seq", "256", "--runtime", "both"])
+    assert rc == 2 and "--runtime torch" in capsys.readouterr().err
+
+
 def test_chain_export_joins_parts_where_one_piece_export_fails(tmp_path: Path) -> None:
     import numpy as np
     import torch
