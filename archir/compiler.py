@@ -62,6 +62,42 @@ class Residual(nn.Module):
             return x + self.scale * self.drop(y)
         return self.scale * self.fn(self.norm(x)) if self.scale != 1.0 else self.fn(self.norm(x))
 
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The block's decoding state (``()`` for a per-token block such as an MLP)."""
+        if hasattr(self.fn, "init_state"):
+            return tuple(self.fn.init_state(batch, device=device, dtype=dtype))
+        return ()
+
+    def step(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One token through the block: ``x [batch, 1, d] -> [batch, 1, d]`` and the new
+        state; the same arithmetic as ``forward`` on that position (eval mode)."""
+
+        def f(h: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            if hasattr(self.fn, "step"):
+                y, st = self.fn.step(h[:, 0], state)
+                return y[:, None], tuple(st)
+            return self.fn(h), state
+
+        style = self.style
+        if style == "pre_norm":
+            y, st = f(self.norm(x))
+            y = self.drop(y)
+            return (x + y if self.scale == 1.0 else x + self.scale * y), st
+        if style == "post_norm":
+            y, st = f(x)
+            return self.norm(x + self.scale * self.drop(y)), st
+        if style == "peri_norm":
+            y, st = f(self.norm(x))
+            if self.norm_out is not None:
+                y = self.norm_out(y)
+            return x + self.scale * self.drop(y), st
+        y, st = f(self.norm(x))
+        return (self.scale * y if self.scale != 1.0 else y), st
+
 
 class Merge(nn.Module):
     """Combine same-shaped outputs: ``sum``, ``mean`` or learned softmax ``weighted`` average
@@ -129,6 +165,7 @@ class CompiledModel(nn.Module):
         self.blocks = nn.ModuleList()
         self.merges = nn.ModuleList()
         owner_index: dict[str, int] = {}
+        self._block_of: dict[str, int] = {}  # node name -> index into self.blocks
         # plan entries: (kind, module index, input slots); executed in order, one slot each
         plan: list[tuple[str, int, tuple[int, ...]]] = []
         dropout = graph.spec.model.dropout
@@ -153,6 +190,7 @@ class CompiledModel(nn.Module):
                     )
                     idx = len(self.blocks) - 1
                     owner_index[n.name] = idx
+                self._block_of[n.name] = idx
                 plan.append(("block", idx, ins))
             elif n.op == "norm":
                 self.final_norm = _build_norm(n.kind, n) or nn.Identity()
@@ -206,6 +244,97 @@ class CompiledModel(nn.Module):
 
     def aux_loss(self) -> torch.Tensor | None:
         return sum_aux_losses(self._aux_modules)
+
+    # ------------------------------------------------------------------ decoding
+
+    def check_decodable(self) -> None:
+        """Raise :class:`~archir.errors.DecodeError` unless this is a causal language model
+        whose every block can go one token at a time (its token mixers causal; a mixer
+        without a step form is stepped per token only when it is a channel mixer or norm)."""
+        from archir.errors import DecodeError
+
+        m = self.spec.model
+        if m.task != "causal_lm" or not isinstance(self.embed, _token_embedding()):
+            raise DecodeError(
+                f"'{self.spec.name}' is a {m.task} model: only a causal language model "
+                "(model.task: causal_lm) decodes token by token"
+            )
+        for n in self.graph:
+            if n.op != "block" or n.weights_of is not None:
+                continue
+            kind = registry.get(n.kind or "")
+            fn = self.blocks[self._block_of[n.name]].fn
+            if kind.role == "token_mixer" and not hasattr(fn, "step"):
+                raise DecodeError(f"block '{n.name}' ({n.kind}) has no step form and cannot decode")
+            if hasattr(fn, "causal") and not fn.causal:
+                raise DecodeError(
+                    f"block '{n.name}' ({n.kind}) is bidirectional: it reads later tokens, so "
+                    "the model cannot decode one token at a time",
+                    hint="set causal: true on it (or remove causal: false)",
+                )
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> list[tuple[torch.Tensor, ...]]:
+        """The decoding state before the first token: one tuple of tensors per step of the
+        plan (the embedding's position, each block call's cache or recurrent state — a
+        block whose weights are shared gets one state per call; ``()`` where nothing is
+        kept). ``dtype``: of the floating-point states (default float32).
+
+        Raises:
+            DecodeError: :meth:`check_decodable`.
+        """
+        self.check_decodable()
+        dev = device if device is not None else self.embed.weight.device
+        out: list[tuple[torch.Tensor, ...]] = []
+        for op, idx, _ in self._plan:
+            if op == "embed":
+                out.append(tuple(self.embed.init_state(batch, device=dev, dtype=dtype)))
+            elif op == "block":
+                out.append(self.blocks[idx].init_state(batch, device=dev, dtype=dtype))
+            else:
+                out.append(())
+        return out
+
+    def step(
+        self, tokens: torch.Tensor, state: list[tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+        """Decode one token per sequence: ``tokens [batch]`` (int64) at the position the
+        state has reached -> logits ``[batch, vocab]`` for the next token, and the new state.
+        Feeding a sequence token by token reproduces ``forward``'s logits at every position
+        (call it in eval mode, as inference does: an MoE drops no token there).
+
+        Raises:
+            ValueError: a block that cannot go past ``max_seq_len`` was asked to (eager).
+        """
+        new: list[tuple[torch.Tensor, ...]] = []
+        vals: list[torch.Tensor] = []
+        for (op, idx, ins), st in zip(self._plan, state):
+            if op == "embed":
+                e, s2 = self.embed.step(tokens, st)
+                vals.append(e[:, None])
+                new.append(tuple(s2))
+                continue
+            if op == "block":
+                y, s2 = self.blocks[idx].step(vals[ins[0]], st)
+                new.append(s2)
+            elif op == "merge":
+                y = self.merges[idx]([vals[i] for i in ins])
+                new.append(st)
+            elif op == "norm":
+                y = self.final_norm(vals[ins[0]])
+                new.append(st)
+            else:
+                y = self.head(vals[ins[0]])
+                new.append(st)
+            vals.append(y)
+        return vals[-1][:, 0], new
+
+
+def _token_embedding() -> type:
+    from archir.blocks.embed import TokenEmbedding
+
+    return TokenEmbedding
 
 
 def compile(spec: Spec | SpecModel, *, seed: int | None = None) -> CompiledModel:  # noqa: A001

@@ -94,6 +94,11 @@ class ExportError(ArchirError):
     """An export was refused (parity failure, unsupported precision ...)."""
 
 
+class DecodeError(ArchirError):
+    """A model cannot decode one token at a time (not a causal language model, a
+    bidirectional mixer), or a decode went past what the model supports (``max_seq_len``)."""
+
+
 def did_you_mean(name: str, options: Iterable[str]) -> str | None:
     """Return ``"did you mean 'x'?"`` for the closest option, or a list of options."""
     opts = sorted(set(options))

@@ -206,6 +206,10 @@ def test_moe_capacity_drops_overflow_tokens() -> None:
     assert (y[0, cap:] == 0).all() and (y[0, :cap] != 0).any()
     # f_0 = 1, P_0 ≈ 1: the balancing loss is at its maximum ≈ weight · E
     assert m.aux_loss is not None and m.aux_loss.item() > 0.01 * 4 * 0.9
+    # capacity is a training bound: in eval mode every token reaches its expert
+    m.eval()
+    y = m(x)
+    assert (m.last_gates[:, 0] > 0).all() and (y[0] != 0).any(-1).all()
 
 
 @pytest.mark.parametrize("expert_kind", ["mlp", "swiglu"])

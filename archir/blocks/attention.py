@@ -125,6 +125,54 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An empty KV cache: ``k, v [batch, n_kv_heads, 0, head_dim]`` and the position
+        ``pos []`` int64 (tokens seen so far)."""
+        if not self.causal:
+            raise ValueError("bidirectional attention cannot decode one token at a time")
+        k = torch.zeros(batch, self.n_kv, 0, self.hd, device=device, dtype=dtype)
+        return k, k.clone(), torch.zeros((), dtype=torch.long, device=device)
+
+    def step(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One token ``x [batch, d_model]`` at position ``pos`` against the KV cache ``k, v
+        [batch, n_kv_heads, past, head_dim]``; returns ``y [batch, d_model]`` and the cache
+        with this token appended (only the last ``window`` entries kept with a window), so
+        ``past`` grows by one per token up to ``window``. Agrees with ``forward``."""
+        k_c, v_c, pos = state
+        B = x.shape[0]
+        q = self.q(x).view(B, self.n_heads, 1, self.hd)
+        k = self.k(x).view(B, self.n_kv, 1, self.hd)
+        v = self.v(x).view(B, self.n_kv, 1, self.hd)
+        if self.pos == "rope":
+            half = self.hd // 2
+            inv = 1.0 / (
+                self.base ** (torch.arange(half, dtype=torch.float32, device=x.device) / half)
+            )
+            ang = pos.to(torch.float32) * inv
+            ang = torch.cat([ang, ang], dim=-1)[None, :]  # [1, head_dim]
+            cos, sin = ang.cos(), ang.sin()
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_c = torch.cat([k_c, k.to(k_c.dtype)], dim=2)
+        v_c = torch.cat([v_c, v.to(v_c.dtype)], dim=2)
+        if self.window is not None:
+            k_c, v_c = k_c[:, :, -self.window :], v_c[:, :, -self.window :]
+        keys, values = k_c, v_c
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            keys = keys.repeat_interleave(rep, dim=1)
+            values = values.repeat_interleave(rep, dim=1)
+        mask = None
+        if self.pos == "alibi":
+            past = keys.shape[2]
+            dist = (past - 1 - torch.arange(past, device=x.device)).to(torch.float32)
+            mask = (-self.slopes[:, None] * dist[None, :])[None, :, None, :]  # [1, H, 1, past]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.o(y.reshape(B, -1)), (k_c, v_c, pos + 1)
+
 
 def _kv_dim(p: AttentionParams, c: BuildContext) -> int:
     return (p.n_kv_heads or p.n_heads) * (c.d_model // p.n_heads)

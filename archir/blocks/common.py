@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
@@ -36,3 +37,18 @@ def init_linear(layer: nn.Linear, std: float = 0.02) -> None:
     nn.init.normal_(layer.weight, mean=0.0, std=std)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
+
+
+def tracing(*, compiling: bool = True) -> bool:
+    """Whether a block's ``forward`` runs under graph capture rather than eagerly: TorchScript
+    tracing, ``torch.onnx.export`` (either exporter) or ``torch.export`` — and, with
+    ``compiling`` (the default), ``torch.compile``. Blocks then take their capture-friendly
+    path: static shapes, no data-dependent Python branches, no ``out=`` scratch buffers.
+    ``compiling=False`` is for a choice that only an exported graph needs (an op the ONNX
+    exporters cannot express), where ``torch.compile`` keeps the eager path."""
+    return bool(
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_exporting()
+        or (compiling and torch.compiler.is_compiling())
+    )

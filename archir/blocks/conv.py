@@ -22,14 +22,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archir.blocks.common import hidden_size, init_linear, linear_params
+from archir.blocks.common import hidden_size, init_linear, linear_params, tracing
 from archir.registry import MAX_DIM, BlockKind, BuildContext, KindParams, NoParams, register
-
-
-def exporting() -> bool:
-    """True while ``torch.onnx.export`` / ``torch.export`` traces the module."""
-    return bool(torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting())
-
 
 # --------------------------------------------------------------------------- hyena
 
@@ -159,7 +153,7 @@ class Hyena(nn.Module):
 
     def _use_fft(self) -> bool:
         if self.fft == "auto":
-            return not exporting()
+            return not tracing(compiling=False)  # an exported graph takes the direct form
         return self.fft == "on"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +185,7 @@ class Hyena(nn.Module):
         self, x_t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         buf, hist, pos = state
-        if not exporting() and int(pos) >= self.max_len:
+        if not tracing() and int(pos) >= self.max_len:
             raise ValueError(f"hyena: step past max_seq_len {self.max_len}")
         x = self.in_proj(x_t)[..., None]  # [B, C, 1]
         win = torch.cat([buf, x], dim=-1)  # [B, C, k]
@@ -289,9 +283,9 @@ class Pooling(nn.Module):
     counted. Causal: the mean of the last ``min(t+1, pool_size)`` tokens.
     """
 
-    def __init__(self, pool_size: int, causal: bool) -> None:
+    def __init__(self, pool_size: int, causal: bool, d: int = 0) -> None:
         super().__init__()
-        self.k, self.causal = pool_size, causal
+        self.k, self.causal, self.d = pool_size, causal, d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xt = x.transpose(1, 2)  # [B, d, T]
@@ -304,6 +298,28 @@ class Pooling(nn.Module):
             y = F.avg_pool1d(xt, self.k, stride=1, padding=self.k // 2, count_include_pad=False)
         return y.transpose(1, 2) - x
 
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last ``pool_size - 1`` inputs ``[batch, pool_size - 1, d]`` (zeros) and the
+        position ``pos []`` int64. Causal models only."""
+        if not self.causal:
+            raise ValueError("bidirectional pooling cannot decode one token at a time")
+        return (
+            torch.zeros(batch, self.k - 1, self.d, device=device, dtype=dtype),
+            torch.zeros((), dtype=torch.long, device=device),
+        )
+
+    def step(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``x [batch, d] -> [batch, d]``: the mean of the last ``min(pos + 1, pool_size)``
+        tokens minus ``x``; agrees with ``forward``."""
+        buf, pos = state
+        win = torch.cat([buf, x[:, None]], dim=1)  # [B, k, d]
+        count = torch.clamp(pos + 1, max=self.k).to(x.dtype)
+        return win.sum(1) / count - x, (win[:, 1:], pos + 1)
+
 
 def _pool_check(p: PoolingParams, c: BuildContext) -> None:
     if not c.causal and p.pool_size % 2 == 0:
@@ -315,7 +331,7 @@ register(
         name="pooling",
         role="token_mixer",
         params=PoolingParams,
-        build=lambda p, c: Pooling(p.pool_size, c.causal),
+        build=lambda p, c: Pooling(p.pool_size, c.causal, c.d_model),
         n_params=lambda p, c: 0,
         flops=lambda p, c, L: float(c.d_model * (p.pool_size + 1)),
         state_bytes=lambda p, c, L: 4 * c.d_model * (p.pool_size - 1) if c.causal else 0,
@@ -371,6 +387,7 @@ class SepConv(nn.Module):
         self.dw = nn.Conv1d(h, h, p.kernel_size, groups=h, bias=p.bias)
         self.pw2 = nn.Linear(h, d, bias=p.bias)
         k = p.kernel_size
+        self.k, self.h, self.causal = k, h, causal
         self.pad = (k - 1, 0) if causal else (k // 2, k // 2)
         init_linear(self.pw1)
         init_linear(self.pw2)
@@ -379,6 +396,26 @@ class SepConv(nn.Module):
         y = self.act(self.pw1(x)).transpose(1, 2)
         y = self.dw(F.pad(y, self.pad)).transpose(1, 2)
         return self.pw2(y)
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor]:
+        """The depthwise conv's last ``kernel_size - 1`` inputs ``[batch, hidden, k - 1]``
+        (zeros: the causal left padding). Causal models only."""
+        if not self.causal:
+            raise ValueError("bidirectional sepconv cannot decode one token at a time")
+        return (torch.zeros(batch, self.h, self.k - 1, device=device, dtype=dtype),)
+
+    def step(
+        self, x: torch.Tensor, state: tuple[torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
+        """``x [batch, d] -> [batch, d]``; agrees with ``forward``."""
+        (buf,) = state
+        win = torch.cat([buf, self.act(self.pw1(x))[..., None]], dim=-1)  # [B, h, k]
+        y = (win * self.dw.weight[:, 0, :]).sum(-1)
+        if self.dw.bias is not None:
+            y = y + self.dw.bias
+        return self.pw2(y), (win[..., 1:],)
 
 
 def _sep_h(p: SepConvParams, c: BuildContext) -> int:
@@ -434,13 +471,14 @@ class TokenMLP(nn.Module):
     ``W2[t, j]`` for ``p_j <= t`` (lower-triangular masks), so output ``t`` sees inputs ``<= t``.
     """
 
-    def __init__(self, max_len: int, p: TokenMLPParams, causal: bool) -> None:
+    def __init__(self, max_len: int, p: TokenMLPParams, causal: bool, d: int = 0) -> None:
         super().__init__()
         H = hidden_size(max_len, p.expansion, None)
         self.fc1 = nn.Linear(max_len, H)
         self.fc2 = nn.Linear(H, max_len)
         self.act = _ACTS[p.activation]()
         self.causal = causal
+        self.d, self.max_len = d, max_len
         init_linear(self.fc1)
         init_linear(self.fc2)
         owner = torch.arange(H) * max_len // H  # position of each hidden unit
@@ -457,6 +495,40 @@ class TokenMLP(nn.Module):
         h = self.act(F.linear(xt, w1, self.fc1.bias))
         return F.linear(h, w2, self.fc2.bias[:T]).transpose(1, 2)
 
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden units' running input sums ``acc [batch, d, H]`` (zeros) and the
+        position ``pos []`` int64. Causal models only; at most ``max_seq_len`` tokens."""
+        if not self.causal:
+            raise ValueError("a bidirectional token_mlp cannot decode one token at a time")
+        H = self.fc1.weight.shape[0]
+        return (
+            torch.zeros(batch, self.d, H, device=device, dtype=dtype),
+            torch.zeros((), dtype=torch.long, device=device),
+        )
+
+    def step(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``x [batch, d] -> [batch, d]`` at position ``pos < max_seq_len``. Hidden unit ``j``
+        sums ``W1[j, s]·x_s`` over ``s <= p_j``; output ``t`` reads the units with
+        ``p_j <= t``, all complete by then. Agrees with ``forward``.
+
+        Raises:
+            ValueError: past ``max_seq_len`` (eager mode).
+        """
+        acc, pos = state
+        if not tracing() and int(pos) >= self.max_len:
+            raise ValueError(f"token_mlp: step past max_seq_len {self.max_len}")
+        i = pos.reshape(1)
+        w1 = (self.fc1.weight * self.m1).index_select(1, i)[:, 0]  # [H]: W1[j, t], j sees t
+        acc = acc + x[..., None] * w1
+        h = self.act(acc + self.fc1.bias)  # [B, d, H]
+        w2 = (self.fc2.weight * self.m2).index_select(0, i)[0]  # [H]: W2[t, j], p_j <= t
+        y = h @ w2 + self.fc2.bias.index_select(0, i)
+        return y, (acc, pos + 1)
+
 
 def _tok_h(p: TokenMLPParams, c: BuildContext) -> int:
     return hidden_size(c.max_seq_len, p.expansion, None)
@@ -467,7 +539,7 @@ register(
         name="token_mlp",
         role="token_mixer",
         params=TokenMLPParams,
-        build=lambda p, c: TokenMLP(c.max_seq_len, p, c.causal),
+        build=lambda p, c: TokenMLP(c.max_seq_len, p, c.causal, c.d_model),
         n_params=lambda p, c: (
             linear_params(c.max_seq_len, _tok_h(p, c), True)
             + linear_params(_tok_h(p, c), c.max_seq_len, True)
@@ -490,6 +562,14 @@ class Identity(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[()]:
+        return ()
+
+    def step(self, x: torch.Tensor, state: tuple[()]) -> tuple[torch.Tensor, tuple[()]]:
+        return x, state
 
 
 register(

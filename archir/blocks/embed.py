@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from archir.blocks.common import tracing
 from archir.registry import MAX_DIM, BlockKind, BuildContext, KindParams, register
 
 
@@ -56,6 +57,30 @@ class TokenEmbedding(nn.Module):
         elif self.pos == "sinusoidal":
             x = x + sinusoidal(torch.arange(tokens.shape[1], device=tokens.device), self.d)
         return x
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor]:
+        """The position ``pos []`` int64 of the next token."""
+        return (torch.zeros((), dtype=torch.long, device=device),)
+
+    def step(
+        self, tokens: torch.Tensor, state: tuple[torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
+        """``tokens [batch] int64 -> [batch, d_model]`` at position ``pos``.
+
+        Raises:
+            ValueError: learned positions past ``max_seq_len`` (eager mode).
+        """
+        (pos,) = state
+        x = nn.functional.embedding(tokens, self.weight)
+        if self.pos == "learned":
+            if not tracing() and int(pos) >= self.pos_weight.shape[0]:
+                raise ValueError(f"learned positions end at max_seq_len {self.pos_weight.shape[0]}")
+            x = x + self.pos_weight.index_select(0, pos.reshape(1))
+        elif self.pos == "sinusoidal":
+            x = x + sinusoidal(pos.reshape(1), self.d)
+        return x, (pos + 1,)
 
 
 class PatchEmbeddingParams(KindParams):

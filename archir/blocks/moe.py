@@ -10,11 +10,16 @@ independently (``N = batch·seq`` tokens per forward).
 Routing: ``p = softmax(x·W_r)`` over ``n_experts``; each token goes to its ``top_k`` experts
 with gates ``p_i / Σ_topk p`` (renormalized, summing to 1; ``normalize_gates: false``
 keeps ``p_i`` as Switch does for ``top_k: 1``) and its output is
-``Σ gate_i · expert_i(x)``. Capacity: each expert takes at most
+``Σ gate_i · expert_i(x)``.
+
+Capacity (training only): in training mode each expert takes at most
 ``C = ceil(capacity_factor · N · top_k / n_experts)`` tokens; slots are filled in priority
 order (every token's first choice before any second choice, earlier tokens first) and tokens
 over capacity are dropped for that expert (their contribution is 0; the residual carries
-them). ``capacity_factor: null`` never drops.
+them). ``capacity_factor: null`` never drops. In eval mode — evaluation, inference, export —
+no token is dropped, so a sequence's output never depends on the other sequences in its
+batch (as in Switch Transformers' and Mixtral's inference, where capacity is a training-time
+bound on an expert's batch).
 
 Auxiliary loss (Switch style), set in ``self.aux_loss`` on every forward:
 ``aux_loss_weight · n_experts · Σ_i f_i · P_i`` with ``f_i`` the fraction of routing slots
@@ -40,7 +45,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archir.blocks.common import hidden_size
+from archir.blocks.common import hidden_size, tracing
 from archir.registry import MAX_HIDDEN, BlockKind, BuildContext, KindParams, register
 
 
@@ -52,7 +57,8 @@ class MoEParams(KindParams):
         top_k: experts per token.
         expansion: per-expert hidden width ``h = round(expansion·d_model)`` (or ``d_ff``).
         expert_kind: ``mlp`` (``W2·gelu(W1·x)``) or ``swiglu`` (``W2·(silu(Wg·x) ⊙ Wu·x)``).
-        capacity_factor: tokens per expert ``= ceil(cf·N·top_k/E)``; ``null`` = no limit.
+        capacity_factor: tokens per expert in training ``= ceil(cf·N·top_k/E)``; ``null`` =
+            no limit. Never applied in eval mode (inference does not drop tokens).
         aux_loss_weight: scale of the load-balancing loss.
         normalize_gates: renormalize the top-k probabilities to sum to 1; ``false`` keeps the
             raw router probabilities (Switch with ``top_k: 1``, where renormalized gates
@@ -69,14 +75,6 @@ class MoEParams(KindParams):
     aux_loss_weight: float = Field(0.01, ge=0)
     normalize_gates: bool = True
     dispatch: Literal["auto", "sparse", "dense"] = "auto"
-
-
-def _exporting() -> bool:
-    return bool(
-        torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_exporting()
-        or torch.compiler.is_compiling()
-    )
 
 
 class MoE(nn.Module):
@@ -112,13 +110,14 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router for tokens ``x [N, d]``: combine weights ``[N, E]`` (renormalized top-k
-        gates, zero where not chosen or dropped) and the auxiliary loss (scalar)."""
+        gates, zero where not chosen or, in training mode only, dropped over capacity) and
+        the auxiliary loss (scalar)."""
         E, k = self.E, self.k
         probs = torch.softmax(self.router(x).float(), dim=-1)  # [N, E]
         top_p, top_i = probs.topk(k, dim=-1)  # [N, k]
         gates = top_p / top_p.sum(-1, keepdim=True) if self.normalize else top_p
         chosen = F.one_hot(top_i, E).to(probs.dtype)  # [N, k, E]
-        if self.capacity_factor is not None:
+        if self.capacity_factor is not None and self.training:
             slots = chosen.transpose(0, 1).reshape(-1, E)  # [k·N, E], first choices first
             pos = torch.cumsum(slots, dim=0) - 1.0  # 0-based position in the expert
             n_tok = torch.ones_like(probs[:, 0]).sum()
@@ -132,7 +131,7 @@ class MoE(nn.Module):
         return combine.to(x.dtype), aux
 
     def _dense(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
-        if _exporting() and self.E <= 64:
+        if tracing() and self.E <= 64:
             # one 2-D MatMul per expert: in ONNX each expert's slice of the bank is a
             # constant Gather that the exporter folds into a 2-D initializer, which
             # onnxruntime's int8/int4 quantizers turn into MatMulInteger / MatMulNBits (they
@@ -165,7 +164,7 @@ class MoE(nn.Module):
         self.last_gates = combine.detach()
         mode = self.dispatch
         if mode == "auto":
-            mode = "dense" if _exporting() else "sparse"
+            mode = "dense" if tracing() else "sparse"
         y = self._dense(flat, combine) if mode == "dense" else self._sparse(flat, combine)
         return y.reshape(B, T, d)
 

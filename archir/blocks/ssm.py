@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archir.blocks.common import init_linear
+from archir.blocks.common import init_linear, tracing
 from archir.registry import MAX_DIM, BlockKind, BuildContext, KindParams, register
 
 State = tuple[torch.Tensor, ...]
@@ -97,18 +97,6 @@ def _give(*ts: torch.Tensor) -> None:
     _POOL.bufs = bufs
 
 
-def _exporting() -> bool:
-    """Whether ``forward`` is being traced for export or compiled (TorchScript tracing,
-    ``torch.onnx.export``, ``torch.export``, ``torch.compile``): then the scan takes the
-    plain path (no ``out=`` scratch buffers, no data-dependent ``.item()`` branch)."""
-    return bool(
-        torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_exporting()
-        or torch.compiler.is_compiling()
-    )
-
-
 def _any_clamped(dt: torch.Tensor, A: torch.Tensor) -> bool:
     """Whether some ``Δ·A`` (``dt [..., di]``, ``A [di, N]``) is below ``−MAX_LOG_DECAY``."""
     return bool((dt.reshape(-1, dt.shape[-1]).amax(0)[:, None] * A).amin() < -MAX_LOG_DECAY)
@@ -135,11 +123,11 @@ def _scan_forward(
     N = A.shape[1]
     shape, flat = (Bsz, nc, Q, di, N), (Bsz, nc, Q, di * N)
     tril = torch.ones(Q, Q, dtype=dt.dtype, device=dt.device).tril()
-    tracing = _exporting()  # export/compile: no out= arguments, no pool
+    capture = tracing()  # export/compile: no out= arguments, no pool
     # G: log-decay since the chunk start, centered on half the chunk's total (|G| ≤
     # Q·MAX_LOG_DECAY/2). Cumulative sums within a chunk are a matmul with a lower-triangular
     # ones matrix (much faster than cumsum over a strided axis on CPU; MatMul in ONNX).
-    if tracing:
+    if capture:
         buf = (dt[..., None] * A).clamp(min=-MAX_LOG_DECAY)
         G = torch.matmul(tril, buf.view(flat)).view(shape)
         half = 0.5 * G[:, :, -1:]  # [B, nc, 1, di, N]
@@ -155,8 +143,8 @@ def _scan_forward(
         G = torch.mul((Dc - Dhalf)[..., None], A, out=_take(shape, dt))
         half = Dhalf[..., None] * A
         buf = _take(shape, dt)
-    eG = torch.exp(G) if tracing else torch.exp(G, out=_take(shape, dt))
-    if tracing:
+    eG = torch.exp(G) if capture else torch.exp(G, out=_take(shape, dt))
+    if capture:
         v = ux[..., None] * Bm[..., None, :] / eG
         h = torch.matmul(tril, v.view(flat)).view(shape)
     else:  # reuse the buffers of the log-decays and of G
@@ -170,7 +158,7 @@ def _scan_forward(
     S = (eG[:, :, -1] * h[:, :, -1]).view(Bsz, nc, 1, di * N)
     L = carry_matrix((2.0 * half).view(Bsz, nc, di * N))  # [B, nc, nc, di·N]
     carry = (L * S.transpose(1, 2)).sum(2).view(Bsz, nc, di, N)  # entering each chunk
-    if tracing:  # out of place: autograd can run through it (torch.compile)
+    if capture:  # out of place: autograd can run through it (torch.compile)
         h = (h + (ehalf * carry)[:, :, None]) * eG
     else:
         h.add_((ehalf * carry)[:, :, None]).mul_(eG)  # [B, nc, Q, di, N]
@@ -241,23 +229,24 @@ def selective_scan(
     ``dt, ux [B, T, di]`` (``Δ`` and ``Δ·x``), ``A [di, N]`` (negative),
     ``Bm, Cm [B, T, N]`` -> ``y [B, T, di]``. Chunked parallel form, no loop over time;
     under autograd a hand-written backward (same chunked scan run backwards in time).
-    While exporting or compiling (``_exporting``): plain out-of-place ops that autograd and
-    torch.export follow, with symbolic padding (a dynamic sequence axis stays dynamic).
+    Under graph capture (:func:`~archir.blocks.common.tracing`): plain out-of-place ops
+    that autograd and torch.export follow, with symbolic padding (a dynamic sequence axis
+    stays dynamic).
     """
     Bsz, T, di = dt.shape
-    tracing = _exporting()
+    capture = tracing()
     # pad to nc·CHUNK steps with nc = ceil(T / CHUNK); written so that a symbolic T (dynamic
     # sequence axis under torch.export) gives a padded length that is nc·CHUNK by algebra
     nc = (T + CHUNK - 1) // CHUNK
     pad = nc * CHUNK - T
-    if tracing or pad:
+    if capture or pad:
         dt, ux = F.pad(dt, (0, 0, 0, pad)), F.pad(ux, (0, 0, 0, pad))
         Bm, Cm = F.pad(Bm, (0, 0, 0, pad)), F.pad(Cm, (0, 0, 0, pad))
     args = [t.reshape(Bsz, nc, CHUNK, t.shape[-1]).contiguous() for t in (dt, ux, Bm, Cm)]
     dt, ux, Bm, Cm = args
     A = A.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (dt, A, ux, Bm, Cm))
-    if tracing:  # export/compile: plain differentiable ops, no data-dependent branch
+    if capture:  # export/compile: plain differentiable ops, no data-dependent branch
         y = _scan_forward(dt, A, ux, Bm, Cm, True)[0]
     elif needs_grad:
         y = _SelectiveScan.apply(dt, A, ux, Bm, Cm)
