@@ -8,6 +8,7 @@ Examples::
     archir export specs/zoo/transformer.yaml --random-weights --out t.onnx   # untrained, fp32
     archir export SPEC --check-only                                  # parity report, no file
     archir export runs/lm/best --format safetensors --out deploy/    # spec.yaml + weights
+    archir export runs/lm --decode --out step.onnx                   # one token per call, with state
 
 Weights come from ``--weights``, or the ``model.safetensors`` beside the spec in a folder;
 without any, nothing is exported unless ``--random-weights`` says that untrained weights are
@@ -62,6 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--exporter", default=None, choices=("auto", "dynamo", "legacy"), help="default auto"
+    )
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="export the decode step of a causal LM: tokens [batch, 1] + state tensors in, "
+        "logits + updated states out (fp32; see exporters.decode)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
@@ -123,6 +130,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
     if args.format == "safetensors":
         onnx_only = {
+            "decode": "--decode",
             "precision": "--precision",
             "opset": "--opset",
             "exporter": "--exporter",
@@ -140,6 +148,18 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise ExportError("--out DIR is required for --format safetensors", hint="--out DIR")
         check_out_dir(args.out)
         return
+    if args.decode:
+        for dest, flag in {
+            "opset": "--opset",
+            "exporter": "--exporter",
+        }.items():
+            if getattr(args, dest) is not None:
+                raise ExportError(f"{flag} does not apply to --decode", hint="drop the flag")
+        if args.precision not in (None, "fp32"):
+            raise ExportError(
+                f"--decode exports fp32 only, not --precision {args.precision}",
+                hint="drop --precision",
+            )
     if args.check_only:
         if args.out:
             raise ExportError(
@@ -191,6 +211,25 @@ def run(args: argparse.Namespace) -> int:
                 f"({info['params']:,} parameters, {info['weights_bytes']:,} bytes)"
                 + (f"; {RANDOM_NOTE}" if untrained else "")
             )
+        return 0
+    if args.decode:
+        from exporters.decode import export_decode
+
+        dreport = export_decode(
+            spec,
+            args.out,
+            weights=weights,
+            task=args.task,
+            check=not args.no_check,
+            force=args.force,
+            check_only=args.check_only,
+        )
+        if args.json:
+            print(json.dumps(dreport.to_dict(), indent=2, default=str))
+        else:
+            print(dreport)
+            if untrained:
+                print(f"  note: {RANDOM_NOTE if args.random_weights else 'weights: random'}")
         return 0
     report = export_onnx(
         spec,

@@ -196,3 +196,213 @@ def test_past_max_seq_len_where_the_kind_cannot_go_on() -> None:
             for _ in range(MAX_LEN + 5):
                 logits, state = model.step(tok, state)
         assert torch.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------- ONNX decode model
+
+
+def _export(spec: Any, path: Any, **kw: Any) -> Any:
+    from exporters.decode import export_decode
+
+    return export_decode(spec, path, **kw)
+
+
+def _ort_logits(path: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, T, V]`` from a plain onnxruntime loop that reads only the file's
+    metadata (what a user without archir would write)."""
+    import json
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(path))
+    meta = json.loads(next(p.value for p in proto.metadata_props if p.key == "archir.decode"))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    B = tokens.shape[0]
+    states = {
+        s["input"]: np.zeros(
+            [B if d == "batch" else int(d) for d in s["init_shape"]],
+            dtype=np.int64 if s["dtype"] == "int64" else np.float32,
+        )
+        for s in meta["states"]
+    }
+    out = []
+    for t in range(tokens.shape[1]):
+        got = sess.run(None, {"tokens": tokens[:, t : t + 1].numpy(), **states})
+        out.append(got[0])
+        states = {s["input"]: v for s, v in zip(meta["states"], got[1:])}
+    return torch.from_numpy(np.concatenate(out, axis=1))
+
+
+@pytest.mark.parametrize("kind", _mixer_kinds())
+def test_every_token_mixer_exports_a_decode_model(kind: str, tmp_path: Any) -> None:
+    """The decode graph for every kind: parity-gated at export, and a plain onnxruntime loop
+    driven by the metadata alone reproduces the full-sequence logits — past max_seq_len
+    too where the kind can go on."""
+    from exporters.decode import decode_limit
+
+    spec = lm({"kind": kind, **KIND_PARAMS.get(kind, {})})
+    model = archir.compile(spec, seed=0).eval()
+    path = tmp_path / "step.onnx"
+    report = _export(spec, path, model=model, task="random")
+    assert report.written and report.parity is not None and report.parity.passed
+    T = MAX_LEN if decode_limit(model) is not None else MAX_LEN + 9
+    x = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        full = model(x)
+    got = _ort_logits(path, x)
+    assert (got - full).abs().max().item() <= RTOL * max(1.0, full.abs().max().item())
+
+
+def test_decode_state_layout_names_what_each_tensor_is(tmp_path: Any) -> None:
+    spec = lm({"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "window": 6})
+    report = _export(spec, tmp_path / "s.onnx", task="random")
+    from exporters.decode import read_decode_metadata
+
+    meta = read_decode_metadata(tmp_path / "s.onnx")
+    keys = [s for s in meta["states"] if s["what"] == "KV cache keys"]
+    assert len(keys) == 2  # one per layer
+    assert keys[0]["shape"] == ["batch", 2, "past_window", 8]
+    assert keys[0]["init_shape"] == ["batch", 2, 0, 8]
+    pos = [s for s in meta["states"] if s["what"] == "position"]
+    assert pos and all(s["dtype"] == "int64" and s["shape"] == [] for s in pos)
+    assert meta["max_tokens"] is None and "position" in meta
+    assert "state_in.0" in str(report)
+
+
+def test_decode_export_refuses_a_model_that_cannot_decode(tmp_path: Any) -> None:
+    spec = lm({"kind": "attention", "n_heads": 4, "causal": False})
+    with pytest.raises(DecodeError, match="bidirectional"):
+        _export(spec, tmp_path / "x.onnx", task="random")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_decode_parity_gate_refuses_a_wrong_step(tmp_path: Any, monkeypatch: Any) -> None:
+    from archir.blocks import recurrent
+    from archir.errors import ExportError
+
+    real = recurrent.GLA.step
+
+    def wrong(self: Any, x: torch.Tensor, state: Any) -> Any:
+        y, st = real(self, x, state)
+        return y * 1.01, st
+
+    monkeypatch.setattr(recurrent.GLA, "step", wrong)
+    with pytest.raises(ExportError, match="decode parity failed"):
+        _export(lm({"kind": "gla"}), tmp_path / "g.onnx", task="random")
+    assert not (tmp_path / "g.onnx").exists()
+
+
+@pytest.mark.parametrize("path", _zoo_lms())
+def test_every_zoo_language_model_exports_a_decode_model(path: Any, tmp_path: Any) -> None:
+    spec = archir.load_spec(path)
+    report = _export(spec, tmp_path / "z.onnx", task="text:pydoc")
+    assert report.parity is not None and report.parity.passed, report.parity.summary()
+    assert report.parity.source == "task:text:pydoc"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _spec_file(tmp_path: Any, mixer: dict[str, Any], **model: Any) -> Any:
+    import yaml
+
+    spec = lm(mixer, **model)
+    data = spec.data
+    data["model"]["vocab_size"] = 256
+    f = tmp_path / "m.yaml"
+    f.write_text(yaml.safe_dump(data, sort_keys=False))
+    return f
+
+
+def _gen(capfd: Any, *argv: str) -> tuple[int, dict[str, Any] | None, str]:
+    import json
+
+    from archir.cli import main
+
+    rc = main(["generate", *argv])
+    out, err = capfd.readouterr()
+    info = json.loads(out) if rc == 0 and "--json" in argv else None
+    return rc, info, err
+
+
+def test_generate_greedy_is_the_same_on_torch_and_onnxruntime(tmp_path: Any, capfd: Any) -> None:
+    import safetensors.torch
+
+    f = _spec_file(tmp_path, {"kind": "attention", "n_heads": 4, "window": 8})
+    data = __import__("yaml").safe_load(f.read_text())
+    data["model"]["layers"].append({"blocks": [{"kind": "mamba", "d_state": 4}, {"kind": "moe"}]})
+    f.write_text(__import__("yaml").safe_dump(data, sort_keys=False))
+    model = archir.compile(archir.load_spec(f), seed=3)
+    with torch.no_grad():  # sharper logits than fresh init: fewer near-ties
+        model.embed.weight.mul_(40)
+    w = tmp_path / "w.safetensors"
+    safetensors.torch.save_model(model, str(w))
+    common = ["--prompt", "def f(x):", "--max-new-tokens", "24", "--weights", str(w), "--json"]
+    rc, t, err = _gen(capfd, str(f), "--runtime", "torch", *common)
+    assert rc == 0, err
+    rc, o, err = _gen(capfd, str(f), "--runtime", "ort", *common)
+    assert rc == 0, err
+    assert t is not None and o is not None
+    assert t["new_tokens"] == 24 and t["tokens"] == o["tokens"]
+    assert t["ms_per_token"] > 0 and o["prefill_ms"] > 0
+    # sampling: the seed decides, and top-k keeps draws among the k best
+    s1 = _gen(capfd, str(f), *common, "--temperature", "1.0", "--top-k", "5", "--seed", "7")[1]
+    s2 = _gen(capfd, str(f), *common, "--temperature", "1.0", "--top-k", "5", "--seed", "7")[1]
+    s3 = _gen(capfd, str(f), *common, "--temperature", "1.0", "--seed", "8")[1]
+    assert s1 is not None and s2 is not None and s3 is not None
+    assert s1["tokens"] == s2["tokens"] and s1["tokens"] != s3["tokens"]
+    # streaming: the prompt, then the bytes
+    from archir.cli import main
+
+    rc = main(
+        ["generate", str(f), "--prompt", "def f(x):", "--max-new-tokens", "24"]
+        + ["--weights", str(w)]
+    )
+    out = capfd.readouterr().out
+    assert rc == 0 and out.startswith("def f(x):")
+    assert out.encode("utf-8", "surrogateescape")  # bytes were written
+
+
+def test_generate_from_an_exported_decode_model(tmp_path: Any, capfd: Any) -> None:
+    from archir.cli import main
+
+    f = _spec_file(tmp_path, {"kind": "gla", "n_heads": 2})
+    step = tmp_path / "step.onnx"
+    rc = main(["export", str(f), "--decode", "--random-weights", "--out", str(step)])
+    out = capfd.readouterr().out
+    assert rc == 0 and step.is_file() and "state_in.0" in out and "parity" in out
+    args = ["--prompt", "x = ", "--max-new-tokens", "12", "--json"]
+    rc, a_, err = _gen(capfd, str(step), *args)
+    assert rc == 0, err
+    rc, b_, err = _gen(capfd, str(f), "--random-weights", "--runtime", "torch", *args)
+    assert rc == 0, err
+    assert a_ is not None and b_ is not None and a_["tokens"] == b_["tokens"]
+    assert a_["runtime"] == "ort"
+    rc = main(["export", str(f), "--decode", "--precision", "int8", "--out", str(step)])
+    assert rc == 2 and "fp32 only" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "mixer", "message"),
+    [
+        (["--prompt", ""], {"kind": "gla"}, "prompt is empty"),
+        (["--prompt", "ab", "--max-new-tokens", "47"], {"kind": "token_mlp"}, "max_seq_len 48"),
+        (["--prompt", "ab"], {"kind": "attention", "causal": False}, "bidirectional"),
+        (["--prompt", "ab", "--top-k", "3"], {"kind": "gla"}, "sampling only"),
+        (["--prompt", "ab", "--temperature", "-1"], {"kind": "gla"}, "temperature"),
+    ],
+)
+def test_generate_refuses_with_a_reason(
+    tmp_path: Any, capfd: Any, argv: list[str], mixer: dict[str, Any], message: str
+) -> None:
+    f = _spec_file(tmp_path, mixer)
+    rc, _, err = _gen(capfd, str(f), "--random-weights", *argv)
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_generate_needs_weights_or_says_so(tmp_path: Any, capfd: Any) -> None:
+    f = _spec_file(tmp_path, {"kind": "gla"})
+    rc, _, err = _gen(capfd, str(f), "--prompt", "a")
+    assert rc == 2 and "no trained weights" in err

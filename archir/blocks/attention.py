@@ -74,6 +74,8 @@ class Attention(nn.Module):
     ``[batch, seq, d_model] -> [batch, seq, d_model]``.
     """
 
+    state_names = ("KV cache keys", "KV cache values", "position")
+
     def __init__(self, d: int, p: AttentionParams, causal: bool) -> None:
         super().__init__()
         self.n_heads = p.n_heads

@@ -146,6 +146,8 @@ class Hyena(nn.Module):
         self.in_proj = nn.Linear(d, C, bias=p.bias)
         self.short = nn.Conv1d(C, C, p.short_kernel, groups=C, bias=True)
         self.filter = ImplicitFilter(p.order * d, max_len, p)
+        self.decode_limit = max_len  # the filter is max_len long
+        self.state_names = ("short conv inputs", "input history", "position")
         self.skip = nn.Parameter(torch.randn(p.order, d) * 0.02)  # D^n
         self.out_proj = nn.Linear(d, d, bias=p.bias)
         init_linear(self.in_proj)
@@ -283,6 +285,8 @@ class Pooling(nn.Module):
     counted. Causal: the mean of the last ``min(t+1, pool_size)`` tokens.
     """
 
+    state_names = ("last pool_size - 1 inputs", "position")
+
     def __init__(self, pool_size: int, causal: bool, d: int = 0) -> None:
         super().__init__()
         self.k, self.causal, self.d = pool_size, causal, d
@@ -388,6 +392,7 @@ class SepConv(nn.Module):
         self.pw2 = nn.Linear(h, d, bias=p.bias)
         k = p.kernel_size
         self.k, self.h, self.causal = k, h, causal
+        self.state_names = ("depthwise conv inputs",)
         self.pad = (k - 1, 0) if causal else (k // 2, k // 2)
         init_linear(self.pw1)
         init_linear(self.pw2)
@@ -479,6 +484,8 @@ class TokenMLP(nn.Module):
         self.act = _ACTS[p.activation]()
         self.causal = causal
         self.d, self.max_len = d, max_len
+        self.decode_limit = max_len  # step cannot go past max_seq_len
+        self.state_names = ("hidden units' running input sums", "position")
         init_linear(self.fc1)
         init_linear(self.fc2)
         owner = torch.arange(H) * max_len // H  # position of each hidden unit

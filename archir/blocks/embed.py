@@ -49,6 +49,9 @@ class TokenEmbedding(nn.Module):
         self.d = d
         if pos == "learned":
             self.pos_weight = nn.Parameter(torch.randn(max_len, d) * 0.02)
+        #: the most positions :meth:`step` can go to (learned positions end), else None
+        self.decode_limit = max_len if pos == "learned" else None
+        self.state_names = ("position",)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = nn.functional.embedding(tokens, self.weight)

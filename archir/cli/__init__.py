@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "report": "searchers.cli_report",
     "export": "exporters.cli_export",
     "latency": "exporters.cli_latency",
+    "generate": "exporters.cli_generate",
 }
 
 

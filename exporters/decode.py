@@ -1,0 +1,449 @@
+"""The decode (step) model: a causal language model that takes one token per sequence and
+carries every block's state as explicit ONNX inputs and outputs, so a plain onnxruntime loop
+generates text without recomputing the sequence.
+
+Graph (``export_decode``)::
+
+    inputs:  tokens int64 [batch, 1],  state_in.0 ... state_in.{n-1}
+    outputs: logits float32 [batch, 1, vocab],  state_out.0 ... state_out.{n-1}
+
+``state_out.i`` is fed back as ``state_in.i`` for the next token. What each state is comes
+from the blocks' ``init_state`` / ``step`` (:meth:`archir.compiler.CompiledModel.step`): a KV
+cache ``[batch, n_kv_heads, past, head_dim]`` for attention (``past`` grows by one per token;
+with a sliding window it stops at ``window``: the axis is named ``past_window``), fixed-size
+recurrent states for the state-space and recurrent kinds, the last inputs of a convolution or
+pooling window, a token MLP's running sums, and int64 position counters ``[]`` where a block
+needs one. The metadata key ``archir.decode`` holds JSON describing each state tensor — input
+and output name, block, meaning, dtype, symbolic shape, and ``init_shape``: the shape to fill
+with zeros before the first token (``batch`` replaced by the batch size) — and the position
+handling, so nothing of archir is needed to generate (see :func:`ort_generate_loop`).
+
+The export is refused unless onnxruntime, fed a real text token by token from zero states,
+reproduces PyTorch's full-sequence logits at every position (``≤ 1e-4 ×`` the logits' scale),
+at batch 1 and 3. Exported with the TorchScript exporter (``dynamic_axes`` over ``batch`` and
+the growing cache axes), fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from archir.errors import ExportError
+from archir.paths import check_out_file, write_bytes
+from exporters import parity as par
+
+DECODE_META = "archir.decode"
+DECODE_OPSET = 18
+STATE_IN = "state_in.{}"
+STATE_OUT = "state_out.{}"
+POSITION_NOTE = (
+    "Feed tokens in order, one per call. Every block that needs the position keeps its own "
+    "int64 counter among the states (starting at 0, advanced by the graph), so the caller "
+    "never passes positions. Start every state from zeros of init_shape (batch -> the batch "
+    "size, every other named axis -> 0) and feed each state_out.i back as state_in.i."
+)
+
+
+@dataclass
+class StateTensor:
+    """One state tensor of the decode graph.
+
+    Attributes:
+        input, output: its graph input (``state_in.i``) and output (``state_out.i``) names.
+        node: the IR node it belongs to; ``kind``: that block's kind; ``what``: its meaning.
+        dtype: ``float32`` or ``int64``.
+        shape: symbolic shape (``batch``, ``past``, ``past_window`` or numbers).
+        init_shape: the shape before the first token (growing axes 0).
+    """
+
+    input: str
+    output: str
+    node: str
+    kind: str
+    what: str
+    dtype: str
+    shape: list[int | str]
+    init_shape: list[int | str]
+
+
+def _names(fn: Any, n: int) -> list[str]:
+    named = list(getattr(fn, "state_names", ()))
+    return [named[j] if j < len(named) else f"state {j}" for j in range(n)]
+
+
+def state_layout(model: Any) -> list[StateTensor]:
+    """The decode graph's state tensors, in input order (those of each plan step in turn).
+
+    Raises:
+        DecodeError: the model cannot decode (:meth:`CompiledModel.check_decodable`).
+    """
+    with torch.no_grad():
+        s2 = model.init_state(2)
+        s3 = model.init_state(3)
+        _, after = model.step(torch.zeros(2, dtype=torch.long), s2)
+    nodes = list(model.graph)
+    out: list[StateTensor] = []
+    for (op, idx, _), node, a, b, c in zip(model._plan, nodes, s2, s3, after):
+        if not a:
+            continue
+        fn = model.embed if op == "embed" else model.blocks[idx].fn
+        window = getattr(fn, "window", None)
+        grow = "past_window" if window else "past"
+        names = _names(fn, len(a))
+        for j, (t2, t3, t_after) in enumerate(zip(a, b, c)):
+            shape: list[int | str] = []
+            init: list[int | str] = []
+            for d, n in enumerate(t2.shape):
+                if t3.shape[d] != n:
+                    shape.append("batch")
+                    init.append("batch")
+                elif t_after.shape[d] != n:
+                    shape.append(grow)
+                    init.append(n)
+                else:
+                    shape.append(int(n))
+                    init.append(int(n))
+            i = len(out)
+            out.append(
+                StateTensor(
+                    input=STATE_IN.format(i),
+                    output=STATE_OUT.format(i),
+                    node=node.name,
+                    kind=node.kind or op,
+                    what=names[j],
+                    dtype="int64" if t2.dtype == torch.long else "float32",
+                    shape=shape,
+                    init_shape=init,
+                )
+            )
+    return out
+
+
+def decode_limit(model: Any) -> int | None:
+    """The most tokens the model can decode (``max_seq_len`` when a block cannot go past
+    it: learned positions, ``token_mlp``, ``hyena``), else ``None`` (no limit)."""
+    limits = [
+        int(m.decode_limit) for m in model.modules() if getattr(m, "decode_limit", None) is not None
+    ]
+    return min(limits) if limits else None
+
+
+class DecodeModule(torch.nn.Module):
+    """``forward(tokens [batch, 1], *states) -> (logits [batch, 1, vocab], *states)``: one
+    :meth:`CompiledModel.step` with the state flattened into tensors (export wrapper)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+        with torch.no_grad():
+            self.counts = [len(s) for s in model.init_state(1)]
+
+    def forward(self, tokens: torch.Tensor, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        state: list[tuple[torch.Tensor, ...]] = []
+        i = 0
+        for n in self.counts:
+            state.append(tuple(flat[i : i + n]))
+            i += n
+        logits, new = self.model.step(tokens[:, 0], state)
+        return (logits[:, None], *[t for s in new for t in s])
+
+
+def initial_states(layout: list[StateTensor], batch: int) -> dict[str, np.ndarray]:
+    """Zero-filled first states for an onnxruntime decode loop (``{input name: array}``)."""
+    out = {}
+    for s in layout:
+        shape = [batch if d == "batch" else int(d) for d in s.init_shape]
+        out[s.input] = np.zeros(shape, dtype=np.int64 if s.dtype == "int64" else np.float32)
+    return out
+
+
+class OrtDecodeLoop:
+    """A decode session made to look like a full-sequence one: ``run(None, {"tokens": [B,
+    T]})`` steps through the tokens and returns ``[logits [B, T, vocab]]`` (for the parity
+    gate's :func:`~exporters.parity.compare`)."""
+
+    def __init__(self, session: Any, layout: list[StateTensor]) -> None:
+        self.session = session
+        self.layout = layout
+
+    def get_inputs(self) -> list[Any]:
+        return self.session.get_inputs()[:1]
+
+    def get_outputs(self) -> list[Any]:
+        return self.session.get_outputs()[:1]
+
+    def run(self, _: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        tokens = next(iter(feeds.values()))
+        states = initial_states(self.layout, tokens.shape[0])
+        outs = [s.output for s in self.layout]
+        logits = []
+        for t in range(tokens.shape[1]):
+            got = self.session.run(None, {"tokens": tokens[:, t : t + 1], **states})
+            logits.append(got[0])
+            states = {s.input: v for s, v in zip(self.layout, got[1 : 1 + len(outs)])}
+        return [np.concatenate(logits, axis=1)]
+
+
+@dataclass
+class DecodeReport:
+    """What a decode export produced: ``path`` (``None`` when not written), the state
+    layout, the parity of the onnxruntime decode loop against PyTorch's full forward,
+    file size and seconds."""
+
+    path: str | None
+    spec_name: str
+    states: list[StateTensor]
+    parity: par.ParityReport | None
+    file_bytes: int
+    export_s: float
+    written: bool = False
+    forced: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [
+            f"export {self.spec_name} (decode step) -> {self.path or '(not written)'}",
+            f"  torch.onnx (TorchScript), opset {DECODE_OPSET}, fp32, {self.export_s:.1f}s, "
+            f"{self.file_bytes:,} bytes",
+            "  inputs:  tokens: int64[batch, 1] + " + f"{len(self.states)} state tensor(s)",
+            "  outputs: logits: float32[batch, 1, vocab] + the updated states",
+        ]
+        for s in self.states:
+            shape = ", ".join(str(d) for d in s.shape)
+            lines.append(
+                f"    {s.input} -> {s.output}: {s.dtype}[{shape}]  {s.node} ({s.kind}) {s.what}"
+            )
+        if self.parity is not None:
+            lines.append(f"  parity (decode loop vs full forward): {self.parity.summary()}")
+        if self.forced:
+            lines.append("  WARNING: written with --force despite a parity failure")
+        return "\n".join(lines)
+
+
+def _export_proto(model: Any, layout: list[StateTensor]) -> onnx.ModelProto:
+    wrapper = DecodeModule(model)
+    tokens = torch.zeros(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        state = model.init_state(2)
+        for t in (3, 1, 4):  # a past of 3: no axis is 0 or 1 in the example
+            _, state = model.step(torch.full((2,), t, dtype=torch.long), state)
+    flat = [t for s in state for t in s]
+    names_in = ["tokens"] + [s.input for s in layout]
+    names_out = ["logits"] + [s.output for s in layout]
+    axes: dict[str, dict[int, str]] = {"tokens": {0: "batch"}, "logits": {0: "batch"}}
+    for s in layout:
+        dyn = {d: n for d, n in enumerate(s.shape) if isinstance(n, str)}
+        if dyn:
+            axes[s.input] = dyn
+            axes[s.output] = dyn
+    f = io.BytesIO()
+    with (
+        contextlib.redirect_stdout(io.StringIO()),
+        warnings.catch_warnings(),
+        torch.no_grad(),
+    ):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            (tokens, *flat),
+            f,
+            dynamo=False,
+            opset_version=DECODE_OPSET,
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_axes=axes,
+        )
+    return onnx.load_from_string(f.getvalue())
+
+
+def decode_metadata(spec: Any, layout: list[StateTensor], limit: int | None) -> dict[str, Any]:
+    """The JSON stored under ``archir.decode``."""
+    m = spec.model.model
+    return {
+        "format": 1,
+        "tokens": {"input": "tokens", "dtype": "int64", "shape": ["batch", 1]},
+        "logits": {"output": "logits", "dtype": "float32", "shape": ["batch", 1, m.vocab_size]},
+        "vocab_size": m.vocab_size,
+        "max_tokens": limit,
+        "states": [asdict(s) for s in layout],
+        "position": POSITION_NOTE,
+    }
+
+
+def decode_proto(spec: Any, model: Any) -> tuple[onnx.ModelProto, list[StateTensor], int | None]:
+    """The decode graph of ``model`` (in eval mode) with its metadata, its state layout and
+    its token limit (:func:`decode_limit`); no parity check.
+
+    Raises:
+        DecodeError: the model cannot decode; ExportError: ``torch.onnx.export`` failed.
+    """
+    from exporters.onnx_export import _set_metadata, block_bits
+
+    layout = state_layout(model)  # raises DecodeError
+    limit = decode_limit(model)
+    try:
+        proto = _export_proto(model, layout)
+    except Exception as exc:  # noqa: BLE001 - exporter internals
+        raise ExportError(
+            f"torch.onnx.export failed for the decode step: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        ) from None
+    _set_metadata(proto, spec, "fp32", "legacy", {b: "fp32" for b in block_bits(model)})
+    proto.metadata_props.add(
+        key=DECODE_META, value=json.dumps(decode_metadata(spec, layout, limit))
+    )
+    for p in proto.metadata_props:
+        if p.key == "archir.inputs":
+            p.value = json.dumps(
+                {
+                    "tokens": "int64 [batch, 1] the next token of each sequence",
+                    "logits": "float32 [batch, 1, vocab] next-token logits",
+                    "states": "see archir.decode",
+                }
+            )
+    return proto, layout, limit
+
+
+def export_decode(
+    spec: Any,
+    out_path: str | Path | None,
+    *,
+    model: Any = None,
+    weights: str | Path | None = None,
+    task: Any = None,
+    check: bool = True,
+    force: bool = False,
+    check_only: bool = False,
+    threads: int | None = 1,
+) -> DecodeReport:
+    """Export a causal language model's decode step to ONNX (module docstring).
+
+    Args:
+        spec: a concrete :class:`archir.Spec` of a causal language model.
+        out_path: the ``.onnx`` file (``None`` with ``check_only``).
+        model: a trained ``CompiledModel`` (default: compiled with seed 0, ``weights`` loaded).
+        task: task (or name) whose text feeds the parity loop; default the spec's own,
+            ``"random"`` for random tokens.
+        check: run the parity gate; ``force``: write despite a failure.
+
+    Raises:
+        DecodeError: the model cannot decode; ExportError: the export or the parity gate
+            failed; PathError: a bad ``out_path`` (checked first).
+    """
+    import archir
+    from exporters.onnx_export import load_weights
+
+    t0 = time.perf_counter()
+    if not check_only and out_path is not None:
+        check_out_file(out_path)
+    if model is None:
+        model = archir.compile(spec, seed=0)
+        if weights is not None:
+            load_weights(model, weights)
+    was_training = model.training
+    model.eval()
+    try:
+        proto, layout, limit = decode_proto(spec, model)
+        report_parity = None
+        if check:
+            spec_model = spec.model
+            the_task = par.resolve_task(spec_model, task)
+            L = max(2, min(spec_model.train.seq_len, spec_model.model.max_seq_len, 48))
+            if limit is not None:
+                L = min(L, limit)
+            inputs, source = par.parity_inputs(
+                spec_model, the_task, shapes=[(1, L), (3, min(17, L))]
+            )
+            sess = par.make_session(proto.SerializeToString(), threads)
+            report_parity = par.compare(OrtDecodeLoop(sess, layout), model, inputs, source=source)
+        data = proto.SerializeToString()
+        report = DecodeReport(
+            path=None,
+            spec_name=spec.model.name,
+            states=layout,
+            parity=report_parity,
+            file_bytes=len(data),
+            export_s=0.0,
+        )
+        failed = report_parity is not None and not report_parity.passed
+        if failed and not force:
+            assert report_parity is not None
+            raise ExportError(
+                "decode parity failed: onnxruntime's token-by-token logits differ from "
+                f"PyTorch's by {report_parity.max_abs_err:.3g} (tolerance "
+                f"{report_parity.tolerance:.3g}); first divergence: "
+                f"{report_parity.first_divergence or report_parity.where}",
+                hint="the step form of a block is wrong in the export; --force writes it anyway",
+            )
+        if not check_only and out_path is not None:
+            out = Path(out_path)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(out, data)
+            report.path, report.written, report.forced = str(out), True, failed
+        report.export_s = time.perf_counter() - t0
+        return report
+    finally:
+        model.train(was_training)
+
+
+def read_decode_metadata(proto_or_path: Any) -> dict[str, Any]:
+    """The ``archir.decode`` JSON of a decode model (a path or a loaded proto).
+
+    Raises:
+        ExportError: the file is not an archir decode model.
+    """
+    proto = (
+        proto_or_path
+        if isinstance(proto_or_path, onnx.ModelProto)
+        else onnx.load(str(proto_or_path), load_external_data=False)
+    )
+    for p in proto.metadata_props:
+        if p.key == DECODE_META:
+            return dict(json.loads(p.value))
+    raise ExportError(
+        "not an archir decode model (no archir.decode metadata)",
+        hint="export one with `archir export SPEC_OR_RUN --decode --out step.onnx`",
+    )
+
+
+def ort_generate_loop(
+    session: Any, meta: dict[str, Any], prompt: list[int], max_new: int, pick: Any
+) -> Any:
+    """Generate with an onnxruntime decode session and only its metadata: feed ``prompt``
+    token by token, then ``max_new`` tokens chosen by ``pick(logits [vocab] float32 numpy)
+    -> int``; yields each new token as it is chosen. Batch 1."""
+    states: dict[str, np.ndarray] = {}
+    for s in meta["states"]:
+        shape = [1 if d == "batch" else int(d) for d in s["init_shape"]]
+        states[s["input"]] = np.zeros(
+            shape, dtype=np.int64 if s["dtype"] == "int64" else np.float32
+        )
+    ins = [s["input"] for s in meta["states"]]
+
+    def feed(tok: int) -> np.ndarray:
+        nonlocal states
+        got = session.run(None, {"tokens": np.array([[tok]], dtype=np.int64), **states})
+        states = dict(zip(ins, got[1:]))
+        return np.asarray(got[0][0, -1], dtype=np.float32)
+
+    logits = None
+    for tok in prompt:
+        logits = feed(tok)
+    for i in range(max_new if logits is not None else 0):
+        nxt = int(pick(logits))
+        yield nxt
+        if i + 1 < max_new:
+            logits = feed(nxt)
