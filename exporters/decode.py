@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -447,3 +448,112 @@ def ort_generate_loop(
         yield nxt
         if i + 1 < max_new:
             logits = feed(nxt)
+
+
+# --------------------------------------------------------------------------- decode cost
+
+
+def measure_decode(
+    spec: Any,
+    model: Any = None,
+    *,
+    runtime: str = "ort",
+    context: int = 128,
+    threads: int = 1,
+    budget_s: float = 0.3,
+    warmup: int = 3,
+    min_runs: int = 10,
+    max_runs: int = 200,
+) -> dict[str, Any]:
+    """What generating costs, measured on the graph that ships (``ort``: the decode model
+    :func:`export_decode` writes; ``torch``: :meth:`CompiledModel.step`), batch 1.
+
+    ``prefill_ms``: feeding a ``context``-token prompt token by token from zero states
+    (what ``archir generate`` does; the faster of two runs). ``decode_ms_per_token``: one
+    more token with ``context`` tokens of state (the KV cache of attention holds
+    ``context`` entries, or ``window``), repeated from that same state
+    (:func:`~exporters.latency.harness.measure`: the best window's median). ``state_bytes``:
+    the bytes of every state tensor at that point (what a server keeps per sequence).
+
+    Raises:
+        DecodeError: the model cannot decode, or cannot reach ``context + 1`` tokens
+            (``max_seq_len`` of learned positions, token_mlp, hyena).
+        ExportError: the decode graph did not export (``ort``).
+    """
+    import archir
+    from archir.errors import DecodeError
+    from exporters.latency.harness import measure, torch_threads
+
+    if model is None:
+        model = archir.compile(spec, seed=0)
+    model.eval()
+    limit = decode_limit(model)
+    if limit is not None and context + 1 > limit:
+        raise DecodeError(
+            f"decode cost at context {context} needs {context + 1} tokens, past max_seq_len "
+            f"{limit} of this model (learned positions, token_mlp or hyena cannot go past it)",
+            hint=f"set search.decode.context below {limit}",
+        )
+    gen = torch.Generator().manual_seed(0)
+    vocab = max(1, spec.model.model.vocab_size)
+    prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
+    tok = torch.randint(0, vocab, (1,), generator=gen)
+    if runtime == "ort":
+        proto, layout, _ = decode_proto(spec, model)
+        sess = par.make_session(proto.SerializeToString(), threads)
+        ins = [s.input for s in layout]
+
+        def prefill() -> dict[str, np.ndarray]:
+            st = initial_states(layout, 1)
+            for t in prompt:
+                got = sess.run(None, {"tokens": np.array([[t]], dtype=np.int64), **st})
+                st = dict(zip(ins, got[1:]))
+            return st
+
+        best_prefill = math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            st = prefill()
+            best_prefill = min(best_prefill, time.perf_counter() - t0)
+        feeds = {"tokens": tok.numpy()[None, :], **st}
+        m = measure(
+            lambda: sess.run(None, feeds),
+            warmup=warmup,
+            min_runs=min_runs,
+            max_runs=max_runs,
+            budget_s=budget_s,
+            max_attempts=1,
+        )
+        nbytes = sum(int(v.nbytes) for v in st.values())
+    elif runtime == "torch":
+        with torch_threads(threads), torch.no_grad():
+            best_prefill = math.inf
+            for _ in range(2):
+                t0 = time.perf_counter()
+                state = model.init_state(1)
+                for t in prompt:
+                    _, state = model.step(torch.tensor([t]), state)
+                best_prefill = min(best_prefill, time.perf_counter() - t0)
+            m = measure(
+                lambda: model.step(tok, state),
+                warmup=warmup,
+                min_runs=min_runs,
+                max_runs=max_runs,
+                budget_s=budget_s,
+                max_attempts=1,
+            )
+            nbytes = sum(int(t.numel() * t.element_size()) for s in state for t in s)
+    else:
+        raise ExportError(f"unknown runtime '{runtime}'", hint="ort or torch")
+    return {
+        "decode_ms_per_token": m.best_ms,
+        "prefill_ms": best_prefill * 1e3,
+        "state_bytes": nbytes,
+        "context": context,
+        "runtime": runtime,
+        "threads": threads,
+        "median_ms": m.median_ms,
+        "cv": m.cv,
+        "runs": m.runs,
+        "noisy": m.noisy,
+    }

@@ -11,6 +11,9 @@ metric              meaning (unit)                                           dec
 ``weight_bytes``    parameters × bits / 8 at each node's bits (bytes)        before training
 ``weight_bits_avg`` parameter-weighted mean weight bits                      before training
 ``latency_ms``      measured CPU forward latency, median (ms)                before training
+``decode_ms_per_    one generated token with ``search.decode.context``       before training
+token``             tokens of state, on the shipped decode model (ms)
+``prefill_ms``      feeding a ``context``-token prompt token by token (ms)   before training
 quality             the task's metric (``val_bpb``, ``accuracy``) and        after training
                     ``val_loss``; ``quality`` names the task's headline
 =================== ======================================================== =============
@@ -38,7 +41,9 @@ COST_METRICS: tuple[str, ...] = (
     "weight_bytes",
     "weight_bits_avg",
 )
-MEASURED_METRICS: tuple[str, ...] = ("latency_ms",)
+MEASURED_METRICS: tuple[str, ...] = ("latency_ms", "decode_ms_per_token", "prefill_ms")
+#: measured by generating (:func:`exporters.decode.measure_decode`)
+DECODE_METRICS: tuple[str, ...] = ("decode_ms_per_token", "prefill_ms")
 PRE_TRAINING = frozenset(COST_METRICS + MEASURED_METRICS)
 
 _OPS: dict[str, Callable[[float, float], bool]] = {

@@ -111,6 +111,7 @@ from searchers.config import (
 from searchers.ladder import ATTR_CONTINUE, ATTR_RUNG, continues, promotions, rungs_of
 from searchers.objectives import (
     COST_METRICS,
+    DECODE_METRICS,
     MODEL_KEYS,
     PRE_TRAINING,
     RESULT_KEYS,
@@ -257,6 +258,7 @@ class Evaluator:
         self.run_dir = Path(cfg.run_dir)
         used = {o.metric for o in self.objectives} | {c.metric for c in self.constraints}
         self.need_latency = "latency_ms" in used
+        self.need_decode = bool(used & set(DECODE_METRICS))
         #: the fidelity ladder's rungs (optimizer steps), or [] without a ladder
         self.rungs = ladder_rungs(cfg) if self.sec.fidelity.kind == "ladder" else []
         self._task: Any = None
@@ -405,7 +407,7 @@ class Evaluator:
         if reasons:
             return self._reject(trial, values, log, metrics, "cost analysis", reasons, finished)
         model = None
-        if self.need_latency or self.trains:
+        if self.need_latency or self.trains or self.need_decode:
             from archir.compiler import compile as compile_spec
 
             t = time.perf_counter()
@@ -426,6 +428,15 @@ class Evaluator:
                 return self._reject(
                     trial, values, log, metrics, "latency measurement", reasons, finished
                 )
+        if self.need_decode:
+            t = time.perf_counter()
+            values.update(self._decode_cost(concrete, model, log, metrics))
+            timing["decode_s"] = time.perf_counter() - t
+            reasons = self._pre_check(values)
+            if reasons:
+                return self._reject(
+                    trial, values, log, metrics, "decode measurement", reasons, finished
+                )
         self.consecutive_rejections = 0
 
         ladder: dict[str, Any] = {}
@@ -437,6 +448,29 @@ class Evaluator:
         elif self.trains:
             values.update(self._train(trial, concrete, model, tdir, log, timing, metrics))
         return self._record(trial, values, log, metrics, ladder)
+
+    def _decode_cost(
+        self, concrete: Spec, model: Any, log: _Log, metrics: dict[str, Any]
+    ) -> dict[str, float]:
+        """``decode_ms_per_token`` and ``prefill_ms`` of the fresh model (timing does not
+        depend on the weights) on the graph that ships (``search.decode``)."""
+        from archir.errors import DecodeError
+        from exporters.decode import measure_decode
+
+        dec = self.sec.decode
+        try:
+            rec = measure_decode(
+                concrete, model, runtime=dec.runtime, context=dec.context, threads=dec.threads
+            )
+        except DecodeError as exc:
+            raise TrialFailed(f"decode cost not measurable: {exc.message}") from None
+        metrics["decode"] = rec
+        log(
+            f"decode at context {dec.context} ({dec.runtime}): "
+            f"{rec['decode_ms_per_token']:.3f} ms/token, prefill {rec['prefill_ms']:.1f} ms, "
+            f"state {rec['state_bytes']:,} bytes"
+        )
+        return {k: float(rec[k]) for k in DECODE_METRICS}
 
     def _record(
         self,
@@ -1634,6 +1668,17 @@ def run_search(
         from searchers.latency import check_available
 
         check_available(sec.latency)
+    used = {o.metric for o in objectives} | {c.metric for c in constraints}
+    if used & set(DECODE_METRICS) and spec.data.get("model", {}).get("task") not in (
+        None,
+        "causal_lm",
+    ):
+        raise SearchError(
+            f"{', '.join(sorted(used & set(DECODE_METRICS)))} measure generating text: "
+            f"only a causal language model decodes (this spec's model.task is "
+            f"{spec.data['model']['task']})",
+            hint="drop the decode metrics from search.objectives / search.constraints",
+        )
     _preflight(spec, constraints, max(64, sec.max_rejections), sec.seed)
     src = Path(spec_path).read_text(encoding="utf-8")
 

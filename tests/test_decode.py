@@ -406,3 +406,59 @@ def test_generate_needs_weights_or_says_so(tmp_path: Any, capfd: Any) -> None:
     f = _spec_file(tmp_path, {"kind": "gla"})
     rc, _, err = _gen(capfd, str(f), "--prompt", "a")
     assert rc == 2 and "no trained weights" in err
+
+
+# --------------------------------------------------------------------------- search
+
+
+def test_a_search_optimizes_decode_cost(tmp_path: Any) -> None:
+    """decode_ms_per_token and prefill_ms are objectives/constraints like latency_ms,
+    measured on the decode graph that ships; every trial records them."""
+    import json
+
+    import optuna
+    import yaml
+
+    from archir.cli import main
+    from searchers.objectives import trial_attrs
+    from searchers.run import open_storage
+
+    data = yaml.safe_load((ZOO.parent / "search" / "tiny.yaml").read_text())
+    data["search"].update(
+        objectives={"decode_ms_per_token": "minimize", "params": "minimize"},
+        constraints={"prefill_ms": "<= 60000"},
+        fidelity="cost",
+        budget={"trials": 4},
+        decode={"context": 24, "runtime": "ort"},
+    )
+    f = tmp_path / "dec.yaml"
+    f.write_text(yaml.safe_dump(data, sort_keys=False))
+    run = tmp_path / "run"
+    assert main(["search", str(f), "--out", str(run), "--no-export"]) == 0
+    study = optuna.load_study(study_name="tiny", storage=open_storage(None, run / "study.journal"))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) >= 4
+    for t in done:
+        v = trial_attrs(t)["values"]
+        assert v["decode_ms_per_token"] > 0 and v["prefill_ms"] > v["decode_ms_per_token"]
+    front = json.loads((run / "pareto.json").read_text())["front"]
+    assert front and all("decode_ms_per_token" in row["values"] for row in front)
+    logs = " ".join((p / "log").read_text() for p in (run / "trials").iterdir())
+    assert "decode at context 24 (ort)" in logs
+
+
+def test_decode_metrics_on_a_model_that_cannot_generate_are_refused(
+    tmp_path: Any, capfd: Any
+) -> None:
+    import yaml
+
+    from archir.cli import main
+
+    data = yaml.safe_load((ZOO / "vit-digits.yaml").read_text())
+    data["model"]["d_model"] = {"choice": [32, 64]}
+    data["search"] = {"objectives": {"decode_ms_per_token": "minimize"}, "fidelity": "cost"}
+    f = tmp_path / "v.yaml"
+    f.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert main(["search", str(f), "--out", str(tmp_path / "r")]) == 2
+    assert "only a causal language model decodes" in capfd.readouterr().err
+    assert not (tmp_path / "r").exists()

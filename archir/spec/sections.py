@@ -151,6 +151,18 @@ class LatencySection(Strict):
     repeats: int = Field(10, ge=1, le=MAX_REPEATS)
 
 
+class DecodeSection(Strict):
+    """How the decode costs are measured (``decode_ms_per_token``, ``prefill_ms``; batch 1):
+    the cost of one more token with ``context`` tokens of state, and of feeding a
+    ``context``-token prompt token by token, on ``runtime`` (``ort``: the decode model that
+    ``archir export --decode`` ships; ``torch``: the PyTorch step) with ``threads`` intra-op
+    threads."""
+
+    context: int = Field(128, ge=1, le=MAX_SEQ_LEN)
+    runtime: Literal["torch", "ort"] = "ort"
+    threads: int = Field(1, ge=1, le=MAX_THREADS)
+
+
 class SearchSection(Strict):
     """What a search optimizes (``archir search``).
 
@@ -172,6 +184,7 @@ class SearchSection(Strict):
     population: int | None = Field(None, ge=2, le=MAX_TRIALS)
     fidelity: FidelitySection = Field(default_factory=FidelitySection)
     latency: LatencySection = Field(default_factory=LatencySection)
+    decode: DecodeSection = Field(default_factory=DecodeSection)
     workers: int = Field(1, ge=1, le=MAX_WORKERS)
     max_rejections: int = Field(50, ge=1, le=MAX_TRIALS)
 
