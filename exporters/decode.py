@@ -464,12 +464,13 @@ def measure_decode(
     warmup: int = 3,
     min_runs: int = 10,
     max_runs: int = 200,
+    prefill_runs: int = 2,
 ) -> dict[str, Any]:
     """What generating costs, measured on the graph that ships (``ort``: the decode model
     :func:`export_decode` writes; ``torch``: :meth:`CompiledModel.step`), batch 1.
 
     ``prefill_ms``: feeding a ``context``-token prompt token by token from zero states
-    (what ``archir generate`` does; the faster of two runs). ``decode_ms_per_token``: one
+    (what ``archir generate`` does; the fastest of ``prefill_runs`` runs). ``decode_ms_per_token``: one
     more token with ``context`` tokens of state (the KV cache of attention holds
     ``context`` entries, or ``window``), repeated from that same state
     (:func:`~exporters.latency.harness.measure`: the best window's median). ``state_bytes``:
@@ -511,7 +512,7 @@ def measure_decode(
             return st
 
         best_prefill = math.inf
-        for _ in range(2):
+        for _ in range(max(1, prefill_runs)):
             t0 = time.perf_counter()
             st = prefill()
             best_prefill = min(best_prefill, time.perf_counter() - t0)
@@ -528,7 +529,7 @@ def measure_decode(
     elif runtime == "torch":
         with torch_threads(threads), torch.no_grad():
             best_prefill = math.inf
-            for _ in range(2):
+            for _ in range(max(1, prefill_runs)):
                 t0 = time.perf_counter()
                 state = model.init_state(1)
                 for t in prompt:
