@@ -149,12 +149,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         check_out_dir(args.out)
         return
     if args.decode:
-        for dest, flag in {
-            "opset": "--opset",
-            "exporter": "--exporter",
-        }.items():
-            if getattr(args, dest) is not None:
-                raise ExportError(f"{flag} does not apply to --decode", hint="drop the flag")
+        if args.opset is not None:
+            raise ExportError("--opset does not apply to --decode", hint="drop the flag")
         if args.precision not in (None, "fp32"):
             raise ExportError(
                 f"--decode exports fp32 only, not --precision {args.precision}",
@@ -223,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
             check=not args.no_check,
             force=args.force,
             check_only=args.check_only,
+            exporter=args.exporter or "auto",
         )
         if args.json:
             print(json.dumps(dreport.to_dict(), indent=2, default=str))

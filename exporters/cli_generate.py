@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
             from exporters.decode import decode_proto, ort_generate_loop, read_decode_metadata
             from exporters.parity import make_session
 
-            proto, _, _ = decode_proto(spec, model)
+            proto, *_ = decode_proto(spec, model)
             sess = make_session(proto.SerializeToString(), threads=None)
             tokens = ort_generate_loop(
                 sess, read_decode_metadata(proto), prompt, args.max_new_tokens, pick

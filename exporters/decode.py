@@ -20,8 +20,9 @@ handling, so nothing of archir is needed to generate (see :func:`ort_generate_lo
 
 The export is refused unless onnxruntime, fed a real text token by token from zero states,
 reproduces PyTorch's full-sequence logits at every position (``≤ 1e-4 ×`` the logits' scale),
-at batch 1 and 3. Exported with the TorchScript exporter (``dynamic_axes`` over ``batch`` and
-the growing cache axes), fp32.
+at batch 1 and 3. Exported fp32 with torch.export (``dynamo``, the exporter of the
+full-sequence model: ``batch`` and each growing cache axis a dynamic dimension from 0),
+falling back to the TorchScript exporter with a note.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from archir.paths import check_out_file, write_bytes
 from exporters import parity as par
 
 DECODE_META = "archir.decode"
-DECODE_OPSET = 18
+LEGACY_OPSET = 18  # the TorchScript exporter stops at 18
 STATE_IN = "state_in.{}"
 STATE_OUT = "state_out.{}"
 POSITION_NOTE = (
@@ -208,6 +209,8 @@ class DecodeReport:
     parity: par.ParityReport | None
     file_bytes: int
     export_s: float
+    exporter: str = "dynamo"
+    notes: list[str] = field(default_factory=list)
     written: bool = False
     forced: bool = False
 
@@ -217,7 +220,7 @@ class DecodeReport:
     def __str__(self) -> str:
         lines = [
             f"export {self.spec_name} (decode step) -> {self.path or '(not written)'}",
-            f"  torch.onnx (TorchScript), opset {DECODE_OPSET}, fp32, {self.export_s:.1f}s, "
+            f"  exporter: torch.onnx ({self.exporter}), fp32, {self.export_s:.1f}s, "
             f"{self.file_bytes:,} bytes",
             "  inputs:  tokens: int64[batch, 1] + " + f"{len(self.states)} state tensor(s)",
             "  outputs: logits: float32[batch, 1, vocab] + the updated states",
@@ -229,12 +232,20 @@ class DecodeReport:
             )
         if self.parity is not None:
             lines.append(f"  parity (decode loop vs full forward): {self.parity.summary()}")
+        lines.extend(f"  note: {n}" for n in self.notes)
         if self.forced:
             lines.append("  WARNING: written with --force despite a parity failure")
         return "\n".join(lines)
 
 
-def _export_proto(model: Any, layout: list[StateTensor]) -> onnx.ModelProto:
+def _export_proto(
+    model: Any, layout: list[StateTensor], exporter: str
+) -> tuple[onnx.ModelProto, str, list[str]]:
+    """``(proto, exporter used, one line per exporter that failed before it)``: ``dynamo``
+    (torch.export, as the full-sequence export; every growing axis a ``Dim`` from 0),
+    ``legacy`` (TorchScript, ``dynamic_axes``) or ``auto`` (dynamo, then legacy)."""
+    from exporters.onnx_export import DEFAULT_OPSET, _captured_stderr, _failure_reason
+
     wrapper = DecodeModule(model)
     tokens = torch.zeros(2, 1, dtype=torch.long)
     with torch.no_grad():
@@ -244,30 +255,71 @@ def _export_proto(model: Any, layout: list[StateTensor]) -> onnx.ModelProto:
     flat = [t for s in state for t in s]
     names_in = ["tokens"] + [s.input for s in layout]
     names_out = ["logits"] + [s.output for s in layout]
-    axes: dict[str, dict[int, str]] = {"tokens": {0: "batch"}, "logits": {0: "batch"}}
-    for s in layout:
-        dyn = {d: n for d, n in enumerate(s.shape) if isinstance(n, str)}
-        if dyn:
-            axes[s.input] = dyn
-            axes[s.output] = dyn
-    f = io.BytesIO()
-    with (
-        contextlib.redirect_stdout(io.StringIO()),
-        warnings.catch_warnings(),
-        torch.no_grad(),
-    ):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper,
-            (tokens, *flat),
-            f,
-            dynamo=False,
-            opset_version=DECODE_OPSET,
-            input_names=names_in,
-            output_names=names_out,
-            dynamic_axes=axes,
-        )
-    return onnx.load_from_string(f.getvalue())
+    errors: list[str] = []
+    for which in ["dynamo", "legacy"] if exporter == "auto" else [exporter]:
+        try:
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                _captured_stderr(),
+                warnings.catch_warnings(),
+                torch.no_grad(),
+            ):
+                warnings.simplefilter("ignore")
+                if which == "dynamo":
+                    batch = torch.export.Dim("batch", min=1)
+                    grow: dict[str, Any] = {}
+                    per_state: list[dict[int, Any]] = []
+                    for s in layout:
+                        d: dict[int, Any] = {}
+                        for i, n in enumerate(s.shape):
+                            if n == "batch":
+                                d[i] = batch
+                            elif isinstance(n, str):
+                                d[i] = grow.setdefault(n, torch.export.Dim(n, min=0))
+                        per_state.append(d)  # {} for a static one (a tuple of Nones fails)
+                    prog = torch.onnx.export(
+                        wrapper,
+                        (tokens, *flat),
+                        None,
+                        dynamo=True,
+                        opset_version=DEFAULT_OPSET,
+                        input_names=names_in,
+                        output_names=names_out,
+                        dynamic_shapes=({0: batch}, tuple(per_state)),
+                        optimize=True,
+                        verbose=False,
+                    )
+                    assert prog is not None
+                    proto = prog.model_proto
+                else:
+                    axes: dict[str, dict[int, str]] = {
+                        "tokens": {0: "batch"},
+                        "logits": {0: "batch"},
+                    }
+                    for s in layout:
+                        dyn = {i: n for i, n in enumerate(s.shape) if isinstance(n, str)}
+                        if dyn:
+                            axes[s.input] = dyn
+                            axes[s.output] = dyn
+                    f = io.BytesIO()
+                    torch.onnx.export(
+                        wrapper,
+                        (tokens, *flat),
+                        f,
+                        dynamo=False,
+                        opset_version=LEGACY_OPSET,
+                        input_names=names_in,
+                        output_names=names_out,
+                        dynamic_axes=axes,
+                    )
+                    proto = onnx.load_from_string(f.getvalue())
+            return proto, which, errors
+        except Exception as exc:  # noqa: BLE001 - exporter internals
+            errors.append(f"{which}: {_failure_reason(exc)}")
+    raise ExportError(
+        "torch.onnx.export failed for the decode step: " + " | ".join(errors),
+        hint="a block's step form may branch on a tensor's value; the message names the op",
+    )
 
 
 def decode_metadata(spec: Any, layout: list[StateTensor], limit: int | None) -> dict[str, Any]:
@@ -284,9 +336,13 @@ def decode_metadata(spec: Any, layout: list[StateTensor], limit: int | None) -> 
     }
 
 
-def decode_proto(spec: Any, model: Any) -> tuple[onnx.ModelProto, list[StateTensor], int | None]:
+def decode_proto(
+    spec: Any, model: Any, exporter: str = "auto"
+) -> tuple[onnx.ModelProto, list[StateTensor], int | None, str, list[str]]:
     """The decode graph of ``model`` (in eval mode) with its metadata, its state layout and
-    its token limit (:func:`decode_limit`); no parity check.
+    its token limit (:func:`decode_limit`), the exporter used and why any before it failed;
+    no parity check. ``exporter``: ``auto`` (torch.export, falling back to TorchScript),
+    ``dynamo`` or ``legacy``.
 
     Raises:
         DecodeError: the model cannot decode; ExportError: ``torch.onnx.export`` failed.
@@ -295,14 +351,8 @@ def decode_proto(spec: Any, model: Any) -> tuple[onnx.ModelProto, list[StateTens
 
     layout = state_layout(model)  # raises DecodeError
     limit = decode_limit(model)
-    try:
-        proto = _export_proto(model, layout)
-    except Exception as exc:  # noqa: BLE001 - exporter internals
-        raise ExportError(
-            f"torch.onnx.export failed for the decode step: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}"
-        ) from None
-    _set_metadata(proto, spec, "fp32", "legacy", {b: "fp32" for b in block_bits(model)})
+    proto, used, failed = _export_proto(model, layout, exporter)
+    _set_metadata(proto, spec, "fp32", used, {b: "fp32" for b in block_bits(model)})
     proto.metadata_props.add(
         key=DECODE_META, value=json.dumps(decode_metadata(spec, layout, limit))
     )
@@ -315,7 +365,7 @@ def decode_proto(spec: Any, model: Any) -> tuple[onnx.ModelProto, list[StateTens
                     "states": "see archir.decode",
                 }
             )
-    return proto, layout, limit
+    return proto, layout, limit, used, failed
 
 
 def export_decode(
@@ -329,6 +379,7 @@ def export_decode(
     force: bool = False,
     check_only: bool = False,
     threads: int | None = 1,
+    exporter: str = "auto",
 ) -> DecodeReport:
     """Export a causal language model's decode step to ONNX (module docstring).
 
@@ -339,6 +390,8 @@ def export_decode(
         task: task (or name) whose text feeds the parity loop; default the spec's own,
             ``"random"`` for random tokens.
         check: run the parity gate; ``force``: write despite a failure.
+        exporter: ``auto`` (torch.export, as the full-sequence export; TorchScript when it
+            fails, with a note), ``dynamo`` or ``legacy``.
 
     Raises:
         DecodeError: the model cannot decode; ExportError: the export or the parity gate
@@ -357,7 +410,8 @@ def export_decode(
     was_training = model.training
     model.eval()
     try:
-        proto, layout, limit = decode_proto(spec, model)
+        proto, layout, limit, used, failures = decode_proto(spec, model, exporter)
+        notes = [f"{used} exporter after: {f}" for f in failures]
         report_parity = None
         if check:
             spec_model = spec.model
@@ -378,6 +432,8 @@ def export_decode(
             parity=report_parity,
             file_bytes=len(data),
             export_s=0.0,
+            exporter=used,
+            notes=notes,
         )
         failed = report_parity is not None and not report_parity.passed
         if failed and not force:
@@ -465,6 +521,7 @@ def measure_decode(
     min_runs: int = 10,
     max_runs: int = 200,
     prefill_runs: int = 2,
+    exporter: str = "auto",
 ) -> dict[str, Any]:
     """What generating costs, measured on the graph that ships (``ort``: the decode model
     :func:`export_decode` writes; ``torch``: :meth:`CompiledModel.step`), batch 1.
@@ -500,7 +557,7 @@ def measure_decode(
     prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
     tok = torch.randint(0, vocab, (1,), generator=gen)
     if runtime == "ort":
-        proto, layout, _ = decode_proto(spec, model)
+        proto, layout, *_ = decode_proto(spec, model, exporter)
         sess = par.make_session(proto.SerializeToString(), threads)
         ins = [s.input for s in layout]
 
