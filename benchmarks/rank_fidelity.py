@@ -18,9 +18,10 @@ space, side by side:
 
 Spaces: ``main`` — the main job's (``specs/search/hybrid-lm-quick.yaml``, ``text:pydoc``,
 its ladder); ``mad`` — the same space on MAD in-context recall (lite setting: vocabulary 16,
-64 tokens; batch 16, lr 2e-3; rungs 25 / 100 / 400), metric accuracy.
+64 tokens; batch 16, lr 2e-3; rungs 25 / 100 / 400), metric accuracy; ``mad-copying`` — the
+same on MAD selective copying (lite: vocabulary 16, 64 tokens, 8 to copy).
 
-    python benchmarks/rank_fidelity.py [--space main mad] [--archs 12] [--seeds 0 1 2] [--jobs 2]
+    python benchmarks/rank_fidelity.py [--space main mad mad-copying] [--archs 12] [--seeds 0 1 2] [--jobs 2]
 
 Results go to ``benchmarks/rank_fidelity_results.json`` (``--out``) and the table to stdout.
 """
@@ -44,6 +45,11 @@ ETA = 3
 
 #: rungs given on the command line (``--rungs``, for a quick try), else the space's own
 RUNGS: list[int] | None = None
+
+
+#: the MAD spaces: the main job's space trained on one MAD task (lite setting)
+MAD_TASKS = {"mad": "mad:in-context-recall", "mad-copying": "mad:selective-copying"}
+SPACES = ["main", *MAD_TASKS]
 
 
 def _setup(space: str) -> tuple[Any, Any, list[int], str, str]:
@@ -74,7 +80,7 @@ def _space(space: str) -> tuple[Any, Any, list[int], str, str]:
         return spec, train, ladder_rungs(cfg), "val_bpb", "minimize"
     train = train.model_copy(
         update={
-            "task": "mad:in-context-recall",
+            "task": MAD_TASKS[space],
             "task_options": {"preset": "lite"},
             "batch_size": 16,
             "lr": 2e-3,
@@ -270,7 +276,7 @@ def analyse(runs: list[dict[str, Any]], metric: str, direction: str) -> dict[str
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--space", nargs="+", default=["main", "mad"], choices=["main", "mad"])
+    ap.add_argument("--space", nargs="+", default=["main", "mad"], choices=SPACES)
     ap.add_argument("--archs", type=int, default=12)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2)
