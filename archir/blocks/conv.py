@@ -529,10 +529,11 @@ class TokenMLP(nn.Module):
         if not tracing() and int(pos) >= self.max_len:
             raise ValueError(f"token_mlp: step past max_seq_len {self.max_len}")
         i = pos.reshape(1)
-        w1 = (self.fc1.weight * self.m1).index_select(1, i)[:, 0]  # [H]: W1[j, t], j sees t
+        # column t of W1 and row t of W2 only (not the masked matrices: O(H) per token)
+        w1 = (self.fc1.weight.index_select(1, i) * self.m1.index_select(1, i))[:, 0]  # [H]
         acc = acc + x[..., None] * w1
         h = self.act(acc + self.fc1.bias)  # [B, d, H]
-        w2 = (self.fc2.weight * self.m2).index_select(0, i)[0]  # [H]: W2[t, j], p_j <= t
+        w2 = (self.fc2.weight.index_select(0, i) * self.m2.index_select(0, i))[0]  # [H]
         y = h @ w2 + self.fc2.bias.index_select(0, i)
         return y, (acc, pos + 1)
 
