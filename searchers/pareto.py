@@ -5,7 +5,8 @@ lists each member with every objective and constraint value and the path of its 
 spec; ``pareto.png`` draws all trials on the first two objectives (one objective: value per
 trial), infeasible ones greyed, the front highlighted. ``best/`` holds the chosen member
 (best on the first objective among the front): ``spec.yaml``, ``model.safetensors``,
-``model.onnx`` (parity-checked against onnxruntime) and ``report.json``.
+``model.onnx`` (parity-checked against onnxruntime), for a language model ``decode.onnx``
+(the decode step with state, :mod:`exporters.decode`) and ``report.json``.
 
 Everything here comes from the study's storage, not from the local run folder: each trial's
 concrete spec is its ``spec_yaml`` user attribute (the folder's ``trials/<n>/spec.yaml`` is
@@ -351,6 +352,27 @@ def export_best(best_dir: Path, spec: Any, model: Any) -> dict[str, Any]:
     return out
 
 
+def export_decode_best(best_dir: Path, spec: Any, model: Any) -> dict[str, Any]:
+    """Write ``best_dir/decode.onnx``, the decode step of a language model (parity-checked
+    token by token against PyTorch's forward); ``{"error": ...}`` when it cannot be made (a
+    bidirectional mixer, an export or parity failure), which does not fail the search."""
+    from exporters.decode import export_decode
+
+    t0 = time.perf_counter()
+    try:
+        rep = export_decode(spec, best_dir / "decode.onnx", model=model)
+    except ArchirError as exc:
+        return {"error": str(exc)}
+    return {
+        "path": rep.path,
+        "exporter": rep.exporter,
+        "states": len(rep.states),
+        "parity": rep.parity.to_dict() if rep.parity is not None else None,
+        "file_bytes": rep.file_bytes,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
 def _write_best(
     run_dir: Path,
     trials: list[FrozenTrial],
@@ -413,6 +435,12 @@ def _write_best(
             best["export"] = export_best(bdir, bspec, model)
             best["export"]["wall_s"] = time.perf_counter() - t0
             say(f"exported {bdir / 'model.onnx'} (parity checked)")
+            if bspec.model.model.task == "causal_lm":
+                best["decode_export"] = export_decode_best(bdir, bspec, model)
+                if "error" in best["decode_export"]:
+                    say(f"no decode graph: {best['decode_export']['error']}")
+                else:
+                    say(f"exported {bdir / 'decode.onnx'} (decode step, parity checked)")
         except ModuleNotFoundError as exc:
             best["export"] = {"error": f"exporters unavailable: {exc}"}
             say(f"no ONNX export: {exc}")

@@ -721,6 +721,9 @@ def test_best_is_exported_with_parity(tmp_path, monkeypatch):
     run = Path("runs") / "tiny"
     assert (run / "best" / "model.onnx").is_file(), res.best
     assert "error" not in res.best["export"]
+    # a language model also ships its decode step, parity-checked token by token
+    assert (run / "best" / "decode.onnx").is_file(), res.best.get("decode_export")
+    assert res.best["decode_export"]["parity"]["passed"]
     weights = sorted(p.parent.name for p in (run / "trials").glob("*/model.safetensors"))
     assert weights == [str(res.best["trial"])]
 
