@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from archir import registry
+from archir.blocks.common import tracing
 from archir.cost import DEFAULT_MAX_PARAMS, max_params  # noqa: F401  (re-exported)
 from archir.ir import Graph, Node, build_graph
 from archir.spec.models import SpecModel
@@ -205,9 +206,27 @@ class CompiledModel(nn.Module):
             len(ins) == 1 and ins[0] == i - 1 for i, (_, _, ins) in enumerate(plan) if i > 0
         )
         self._aux_modules = [m for m in self.modules() if getattr(m, "has_aux_loss", False)]
+        limits = [
+            int(m.decode_limit)
+            for m in self.modules()
+            if getattr(m, "decode_limit", None) is not None
+        ]
+        #: the longest sequence a block can take (learned positions, token_mlp, hyena end at
+        #: max_seq_len), None when nothing limits it
+        self.seq_limit: int | None = min(limits) if limits else None
 
     def _run(self, x: torch.Tensor, stop_before_head: bool) -> torch.Tensor:
         plan = self._plan
+        if (
+            self.seq_limit is not None
+            and x.dim() == 2
+            and not tracing()
+            and x.shape[1] > self.seq_limit
+        ):
+            raise ValueError(
+                f"input 'tokens' has {x.shape[1]} positions, past max_seq_len {self.seq_limit} "
+                f"of '{self.spec.name}' (learned positions, token_mlp or hyena end there)"
+            )
         if self._chain:
             h = self.embed(x)
             for op, idx, _ in plan[1:]:

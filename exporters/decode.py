@@ -135,10 +135,7 @@ def state_layout(model: Any) -> list[StateTensor]:
 def decode_limit(model: Any) -> int | None:
     """The most tokens the model can decode (``max_seq_len`` when a block cannot go past
     it: learned positions, ``token_mlp``, ``hyena``), else ``None`` (no limit)."""
-    limits = [
-        int(m.decode_limit) for m in model.modules() if getattr(m, "decode_limit", None) is not None
-    ]
-    return min(limits) if limits else None
+    return model.seq_limit  # type: ignore[no-any-return]
 
 
 class DecodeModule(torch.nn.Module):

@@ -479,3 +479,12 @@ def test_decode_metrics_on_a_model_that_cannot_generate_are_refused(
     assert main(["search", str(f), "--out", str(tmp_path / "r")]) == 2
     assert "only a causal language model decodes" in capfd.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_forward_past_max_seq_len_names_the_limit() -> None:
+    model = archir.compile(lm({"kind": "token_mlp"}), seed=0)
+    with pytest.raises(ValueError, match="past max_seq_len 48"):
+        model(torch.zeros(1, MAX_LEN + 1, dtype=torch.long))
+    model = archir.compile(lm({"kind": "gla"}), seed=0)  # nothing limits it
+    assert model.seq_limit is None
+    assert model(torch.zeros(1, MAX_LEN + 1, dtype=torch.long)).shape[1] == MAX_LEN + 1

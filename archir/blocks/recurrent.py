@@ -212,7 +212,12 @@ class GLA(nn.Module):
             init_linear(layer)
 
     def _log_gate(self, x: torch.Tensor) -> torch.Tensor:
-        la = F.logsigmoid(self.gk2(self.gk1(x))) / self.norm_gate
+        z = self.gk2(self.gk1(x))
+        # logsigmoid(z) = min(z, 0) − log1p(exp(−|z|)), written out: the exporters lower
+        # F.logsigmoid to Log(Sigmoid(z)), and onnxruntime's Sigmoid returns 0 below
+        # z ≈ −18, so a trained, firmly closed gate became log(0) = −inf (clamped to the
+        # −4 floor) in the exported graph only: logits off by 0.01 on real text
+        la = (torch.clamp(z, max=0.0) - torch.log1p(torch.exp(-z.abs()))) / self.norm_gate
         return la.clamp(min=-GLA_MAX_LOG_DECAY)
 
     def _out(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
