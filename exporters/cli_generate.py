@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -104,8 +105,11 @@ def torch_tokens(model: Any, prompt: list[int], max_new: int, pick: Any) -> Iter
 def _check_flags(args: argparse.Namespace) -> None:
     from archir.errors import DecodeError
 
-    if not args.temperature >= 0 or args.temperature != args.temperature:
-        raise DecodeError(f"--temperature must be >= 0, got {args.temperature}", hint="0 is greedy")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise DecodeError(
+            f"--temperature must be a finite number >= 0, got {args.temperature}",
+            hint="0 is greedy",
+        )
     if args.top_k is not None and args.temperature == 0:
         raise DecodeError("--top-k applies to sampling only", hint="add --temperature 0.8")
     if not args.prompt:

@@ -409,6 +409,7 @@ def test_generate_from_an_exported_decode_model(tmp_path: Any, capfd: Any) -> No
         (["--prompt", "ab"], {"kind": "attention", "causal": False}, "bidirectional"),
         (["--prompt", "ab", "--top-k", "3"], {"kind": "gla"}, "sampling only"),
         (["--prompt", "ab", "--temperature", "-1"], {"kind": "gla"}, "temperature"),
+        (["--prompt", "ab", "--temperature", "nan"], {"kind": "gla"}, "finite number"),
     ],
 )
 def test_generate_refuses_with_a_reason(
