@@ -125,7 +125,7 @@ def _prompt_tokens(prompt: str, vocab: int) -> list[int]:
             "(vocab_size 256) only",
             hint="a tokenizer for other vocabularies is not supported yet",
         )
-    data = list(prompt.encode("utf-8"))
+    data = list(prompt.encode("utf-8", "surrogateescape"))  # bytes argv could not decode
     bad = sorted({b for b in data if b >= vocab})
     if bad:
         raise DecodeError(
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     setup_s = time.perf_counter() - t0
     out = sys.stdout.buffer
     if not args.json:
-        out.write(args.prompt.encode("utf-8"))
+        out.write(args.prompt.encode("utf-8", "surrogateescape"))
         out.flush()
     got: list[int] = []
     t1 = time.perf_counter()

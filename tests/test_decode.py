@@ -421,6 +421,27 @@ def test_generate_refuses_with_a_reason(
     assert rc == 2 and message in err and "Traceback" not in err
 
 
+def test_generate_takes_a_prompt_that_is_not_utf8(tmp_path: Any, capfd: Any) -> None:
+    """A command line's bytes that are not UTF-8 reach Python as surrogates; they are the
+    prompt's bytes, not a traceback."""
+    f = _spec_file(tmp_path, {"kind": "gla"})
+    rc, info, err = _gen(
+        capfd, str(f), "--random-weights", "--prompt", "a\udcffb", "--max-new-tokens", "2"
+    )
+    assert rc == 0 and "Traceback" not in err, err
+    rc, info, err = _gen(
+        capfd,
+        str(f),
+        "--random-weights",
+        "--prompt",
+        "a\udcffb",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    )
+    assert rc == 0 and info is not None and info["prompt_tokens"] == 3
+
+
 def test_generate_needs_weights_or_says_so(tmp_path: Any, capfd: Any) -> None:
     f = _spec_file(tmp_path, {"kind": "gla"})
     rc, _, err = _gen(capfd, str(f), "--prompt", "a")
