@@ -9,6 +9,7 @@ would not fit (``ARCHIR_MAX_PARAMS``, default 2e9).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +23,9 @@ from archir.spec.models import SpecModel
 
 if TYPE_CHECKING:
     from archir.spec.loader import Spec
+
+#: a block's decoding state: its tensors (``()`` for a block that keeps none)
+_State = tuple[torch.Tensor, ...]
 
 
 class Residual(nn.Module):
@@ -49,40 +53,11 @@ class Residual(nn.Module):
         self.scale = scale
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        style = self.style
-        if style == "pre_norm":
-            y = self.drop(self.fn(self.norm(x)))
-            return x + y if self.scale == 1.0 else x + self.scale * y
-        if style == "post_norm":
-            return self.norm(x + self.scale * self.drop(self.fn(x)))
-        if style == "peri_norm":
-            y = self.fn(self.norm(x))
-            if self.norm_out is not None:
-                y = self.norm_out(y)
-            return x + self.scale * self.drop(y)
-        return self.scale * self.fn(self.norm(x)) if self.scale != 1.0 else self.fn(self.norm(x))
-
-    def init_state(
-        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> tuple[torch.Tensor, ...]:
-        """The block's decoding state (``()`` for a per-token block such as an MLP)."""
-        if hasattr(self.fn, "init_state"):
-            return tuple(self.fn.init_state(batch, device=device, dtype=dtype))
-        return ()
-
-    def step(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """One token through the block: ``x [batch, 1, d] -> [batch, 1, d]`` and the new
-        state; the same arithmetic as ``forward`` on that position (eval mode)."""
-
-        def f(h: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-            if hasattr(self.fn, "step"):
-                y, st = self.fn.step(h[:, 0], state)
-                return y[:, None], tuple(st)
-            return self.fn(h), state
-
+    def _around(
+        self, x: torch.Tensor, f: Callable[[torch.Tensor], tuple[torch.Tensor, _State]]
+    ) -> tuple[torch.Tensor, _State]:
+        """The residual structure around ``f`` (the block's function, returning its output
+        and state): shared by ``forward`` and ``step``."""
         style = self.style
         if style == "pre_norm":
             y, st = f(self.norm(x))
@@ -98,6 +73,29 @@ class Residual(nn.Module):
             return x + self.scale * self.drop(y), st
         y, st = f(self.norm(x))
         return (self.scale * y if self.scale != 1.0 else y), st
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._around(x, lambda h: (self.fn(h), ()))[0]
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> _State:
+        """The block's decoding state (``()`` for a per-token block such as an MLP)."""
+        if hasattr(self.fn, "init_state"):
+            return tuple(self.fn.init_state(batch, device=device, dtype=dtype))
+        return ()
+
+    def step(self, x: torch.Tensor, state: _State) -> tuple[torch.Tensor, _State]:
+        """One token through the block: ``x [batch, 1, d] -> [batch, 1, d]`` and the new
+        state; the same arithmetic as ``forward`` on that position (eval mode)."""
+
+        def f(h: torch.Tensor) -> tuple[torch.Tensor, _State]:
+            if hasattr(self.fn, "step"):
+                y, st = self.fn.step(h[:, 0], state)
+                return y[:, None], tuple(st)
+            return self.fn(h), state
+
+        return self._around(x, f)
 
 
 class Merge(nn.Module):
