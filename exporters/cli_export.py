@@ -119,6 +119,31 @@ def resolve_source(path: str, weights: str | None) -> tuple[Any, str | None]:
     return load_spec(spec_p), weights or (str(w) if w.is_file() else None)
 
 
+def check_weights(
+    source: str, weights: str | None, allow_none: bool, random_weights: bool, why: str
+) -> None:
+    """Refuse a source without trained weights unless ``allow_none`` (``--random-weights``
+    or nothing is written), and ``--random-weights`` beside real weights.
+
+    Raises:
+        ExportError: either case; ``why`` says what random weights would do.
+    """
+    from archir.errors import ExportError
+
+    if weights is not None and random_weights:
+        raise ExportError(
+            f"--random-weights given, but there are weights ({weights})",
+            hint="drop --random-weights to use them",
+        )
+    if weights is None and not allow_none:
+        raise ExportError(
+            f"'{source}' has no trained weights (no --weights, no model.safetensors "
+            f"beside it): {why}",
+            hint="pass --weights FILE or a run folder, or add --random-weights to use "
+            "untrained weights on purpose",
+        )
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse flags the chosen form would ignore, and ``--out`` problems, before any work.
 
@@ -176,23 +201,17 @@ def run(args: argparse.Namespace) -> int:
         ArchirError: a bad spec, folder, flag, ``--out`` or weights; no weights and no
             ``--random-weights``; an export or parity failure.
     """
-    from archir.errors import ExportError
 
     _check_flags(args)
     spec, weights = resolve_source(args.spec, args.weights)
-    if weights is not None and args.random_weights:
-        raise ExportError(
-            f"--random-weights given, but there are weights ({weights})",
-            hint="drop --random-weights to export them",
-        )
+    check_weights(
+        args.spec,
+        weights,
+        args.random_weights or args.check_only,
+        args.random_weights,
+        "the export would hold random weights",
+    )
     untrained = weights is None
-    if untrained and not args.random_weights and not args.check_only:
-        raise ExportError(
-            f"'{args.spec}' has no trained weights (no --weights, no model.safetensors "
-            "beside it): the export would hold random weights",
-            hint="pass --weights FILE or a run folder, or add --random-weights to export "
-            "untrained weights on purpose",
-        )
     from exporters import export_onnx, export_safetensors
 
     if args.format == "safetensors":

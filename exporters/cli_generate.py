@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         ArchirError: see the module docstring.
     """
-    from archir.errors import DecodeError, ExportError
+    from archir.errors import DecodeError
 
     _check_flags(args)
     pick = make_picker(args.temperature, args.top_k, args.seed)
@@ -175,29 +175,20 @@ def run(args: argparse.Namespace) -> int:
         name = str(src)
     else:
         import archir
-        from exporters.cli_export import RANDOM_NOTE, resolve_source
-        from exporters.decode import decode_limit
+        from exporters.cli_export import RANDOM_NOTE, check_weights, resolve_source
         from exporters.onnx_export import load_weights
 
         spec, weights = resolve_source(args.spec, args.weights)
-        if weights is None and not args.random_weights:
-            raise ExportError(
-                f"'{args.spec}' has no trained weights (no --weights, no model.safetensors "
-                "beside it): it would generate noise",
-                hint="pass --weights FILE or a run folder, or --random-weights on purpose",
-            )
-        if weights is not None and args.random_weights:
-            raise ExportError(
-                f"--random-weights given, but there are weights ({weights})",
-                hint="drop --random-weights",
-            )
+        check_weights(
+            args.spec, weights, args.random_weights, args.random_weights, "it would generate noise"
+        )
         model = archir.compile(spec, seed=0)
         if weights is not None:
             load_weights(model, weights)
         model.eval()
         model.check_decodable()
         prompt = _prompt_tokens(args.prompt, spec.model.model.vocab_size)
-        _check_limit(decode_limit(model), len(prompt), args.max_new_tokens, spec.model.name)
+        _check_limit(model.seq_limit, len(prompt), args.max_new_tokens, spec.model.name)
         name = spec.model.name
         if weights is None and not args.json:
             print(f"note: {RANDOM_NOTE}", file=sys.stderr)

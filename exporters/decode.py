@@ -33,6 +33,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ import onnx
 import torch
 
 from archir.errors import ExportError
-from archir.paths import check_out_file, write_bytes
+from archir.paths import check_out_file
 from exporters import parity as par
 
 DECODE_META = "archir.decode"
@@ -132,12 +133,6 @@ def state_layout(model: Any) -> list[StateTensor]:
     return out
 
 
-def decode_limit(model: Any) -> int | None:
-    """The most tokens the model can decode (``max_seq_len`` when a block cannot go past
-    it: learned positions, ``token_mlp``, ``hyena``), else ``None`` (no limit)."""
-    return model.seq_limit  # type: ignore[no-any-return]
-
-
 class DecodeModule(torch.nn.Module):
     """``forward(tokens [batch, 1], *states) -> (logits [batch, 1, vocab], *states)``: one
     :meth:`CompiledModel.step` with the state flattened into tensors (export wrapper)."""
@@ -167,6 +162,21 @@ def initial_states(layout: list[StateTensor], batch: int) -> dict[str, np.ndarra
     return out
 
 
+class OrtStepper:
+    """An onnxruntime decode session with the states it has reached: ``feed(tokens [batch,
+    1] int64) -> logits [batch, 1, vocab]``, starting from zero states (``init_shape``)."""
+
+    def __init__(self, session: Any, layout: list[StateTensor], batch: int) -> None:
+        self.session = session
+        self.inputs = [s.input for s in layout]
+        self.states = initial_states(layout, batch)
+
+    def feed(self, tokens: np.ndarray) -> np.ndarray:
+        got = self.session.run(None, {"tokens": tokens, **self.states})
+        self.states = dict(zip(self.inputs, got[1:]))
+        return np.asarray(got[0])
+
+
 class OrtDecodeLoop:
     """A decode session made to look like a full-sequence one: ``run(None, {"tokens": [B,
     T]})`` steps through the tokens and returns ``[logits [B, T, vocab]]`` (for the parity
@@ -184,13 +194,8 @@ class OrtDecodeLoop:
 
     def run(self, _: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         tokens = next(iter(feeds.values()))
-        states = initial_states(self.layout, tokens.shape[0])
-        outs = [s.output for s in self.layout]
-        logits = []
-        for t in range(tokens.shape[1]):
-            got = self.session.run(None, {"tokens": tokens[:, t : t + 1], **states})
-            logits.append(got[0])
-            states = {s.input: v for s, v in zip(self.layout, got[1 : 1 + len(outs)])}
+        stepper = OrtStepper(self.session, self.layout, tokens.shape[0])
+        logits = [stepper.feed(tokens[:, t : t + 1]) for t in range(tokens.shape[1])]
         return [np.concatenate(logits, axis=1)]
 
 
@@ -337,7 +342,7 @@ def decode_proto(
     spec: Any, model: Any, exporter: str = "auto"
 ) -> tuple[onnx.ModelProto, list[StateTensor], int | None, str, list[str]]:
     """The decode graph of ``model`` (in eval mode) with its metadata, its state layout and
-    its token limit (:func:`decode_limit`), the exporter used and why any before it failed;
+    its token limit (``CompiledModel.seq_limit``), the exporter used and why any before it failed;
     no parity check. ``exporter``: ``auto`` (torch.export, falling back to TorchScript),
     ``dynamo`` or ``legacy``.
 
@@ -347,7 +352,7 @@ def decode_proto(
     from exporters.onnx_export import _set_metadata, block_bits
 
     layout = state_layout(model)  # raises DecodeError
-    limit = decode_limit(model)
+    limit = model.seq_limit
     proto, used, failed = _export_proto(model, layout, exporter)
     _set_metadata(proto, spec, "fp32", used, {b: "fp32" for b in block_bits(model)})
     proto.metadata_props.add(
@@ -395,7 +400,7 @@ def export_decode(
             failed; PathError: a bad ``out_path`` (checked first).
     """
     import archir
-    from exporters.onnx_export import load_weights
+    from exporters.onnx_export import load_weights, write_model
 
     t0 = time.perf_counter()
     if not check_only and out_path is not None:
@@ -443,10 +448,8 @@ def export_decode(
                 hint="the step form of a block is wrong in the export; --force writes it anyway",
             )
         if not check_only and out_path is not None:
-            out = Path(out_path)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes(out, data)
-            report.path, report.written, report.forced = str(out), True, failed
+            report.path = write_model(out_path, proto, data)
+            report.written, report.forced = True, failed
         report.export_s = time.perf_counter() - t0
         return report
     finally:
@@ -479,19 +482,10 @@ def ort_generate_loop(
     """Generate with an onnxruntime decode session and only its metadata: feed ``prompt``
     token by token, then ``max_new`` tokens chosen by ``pick(logits [vocab] float32 numpy)
     -> int``; yields each new token as it is chosen. Batch 1."""
-    states: dict[str, np.ndarray] = {}
-    for s in meta["states"]:
-        shape = [1 if d == "batch" else int(d) for d in s["init_shape"]]
-        states[s["input"]] = np.zeros(
-            shape, dtype=np.int64 if s["dtype"] == "int64" else np.float32
-        )
-    ins = [s["input"] for s in meta["states"]]
+    stepper = OrtStepper(session, [StateTensor(**st) for st in meta["states"]], 1)
 
     def feed(tok: int) -> np.ndarray:
-        nonlocal states
-        got = session.run(None, {"tokens": np.array([[tok]], dtype=np.int64), **states})
-        states = dict(zip(ins, got[1:]))
-        return np.asarray(got[0][0, -1], dtype=np.float32)
+        return np.asarray(stepper.feed(np.array([[tok]], dtype=np.int64))[0, -1], np.float32)
 
     logits = None
     for tok in prompt:
@@ -542,7 +536,7 @@ def measure_decode(
     if model is None:
         model = archir.compile(spec, seed=0)
     model.eval()
-    limit = decode_limit(model)
+    limit = model.seq_limit
     if limit is not None and context + 1 > limit:
         raise DecodeError(
             f"decode cost at context {context} needs {context + 1} tokens, past max_seq_len "
@@ -556,50 +550,45 @@ def measure_decode(
     if runtime == "ort":
         proto, layout, *_ = decode_proto(spec, model, exporter)
         sess = par.make_session(proto.SerializeToString(), threads)
-        ins = [s.input for s in layout]
 
-        def prefill() -> dict[str, np.ndarray]:
-            st = initial_states(layout, 1)
+        def prefill() -> tuple[Callable[[], Any], int]:
+            """Feed the prompt; one more token from there, and the state's bytes."""
+            stepper = OrtStepper(sess, layout, 1)
             for t in prompt:
-                got = sess.run(None, {"tokens": np.array([[t]], dtype=np.int64), **st})
-                st = dict(zip(ins, got[1:]))
-            return st
+                stepper.feed(np.array([[t]], dtype=np.int64))
+            feeds = {"tokens": tok.numpy()[None, :], **stepper.states}
+            return (lambda: sess.run(None, feeds)), sum(
+                int(v.nbytes) for v in stepper.states.values()
+            )
 
+        fixed: Any = contextlib.nullcontext()
+    elif runtime == "torch":
+
+        def prefill() -> tuple[Callable[[], Any], int]:
+            state = model.init_state(1)
+            for t in prompt:
+                _, state = model.step(torch.tensor([t]), state)
+            return (lambda: model.step(tok, state)), sum(
+                int(t.numel() * t.element_size()) for s in state for t in s
+            )
+
+        fixed = torch_threads(threads)
+    else:
+        raise ExportError(f"unknown runtime '{runtime}'", hint="ort or torch")
+    with fixed, torch.no_grad():
         best_prefill = math.inf
         for _ in range(max(1, prefill_runs)):
             t0 = time.perf_counter()
-            st = prefill()
+            one, nbytes = prefill()
             best_prefill = min(best_prefill, time.perf_counter() - t0)
-        feeds = {"tokens": tok.numpy()[None, :], **st}
         m = measure(
-            lambda: sess.run(None, feeds),
+            one,
             warmup=warmup,
             min_runs=min_runs,
             max_runs=max_runs,
             budget_s=budget_s,
             max_attempts=1,
         )
-        nbytes = sum(int(v.nbytes) for v in st.values())
-    elif runtime == "torch":
-        with torch_threads(threads), torch.no_grad():
-            best_prefill = math.inf
-            for _ in range(max(1, prefill_runs)):
-                t0 = time.perf_counter()
-                state = model.init_state(1)
-                for t in prompt:
-                    _, state = model.step(torch.tensor([t]), state)
-                best_prefill = min(best_prefill, time.perf_counter() - t0)
-            m = measure(
-                lambda: model.step(tok, state),
-                warmup=warmup,
-                min_runs=min_runs,
-                max_runs=max_runs,
-                budget_s=budget_s,
-                max_attempts=1,
-            )
-            nbytes = sum(int(t.numel() * t.element_size()) for s in state for t in s)
-    else:
-        raise ExportError(f"unknown runtime '{runtime}'", hint="ort or torch")
     return {
         "decode_ms_per_token": m.best_ms,
         "prefill_ms": best_prefill * 1e3,

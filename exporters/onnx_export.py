@@ -623,6 +623,20 @@ def _quality(task: Any, spec_model: Any, model: torch.nn.Module, session: Any) -
     }
 
 
+def write_model(out_path: str | os.PathLike, proto: onnx.ModelProto, data: bytes) -> str:
+    """Write ``proto`` (serialized: ``data``) to ``out_path``, making its folder; past
+    1.9 GB the weights go to an external-data file beside it (protobuf caps a message at
+    2 GB). Returns the path written."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(data) > 1_900_000_000:
+        onnx.save(proto, str(out), save_as_external_data=True)
+        normal_mode(out)
+    else:
+        write_bytes(out, data)
+    return str(out)
+
+
 def export_onnx(
     spec: Any,
     out_path: str | os.PathLike | None,
@@ -782,14 +796,7 @@ def export_onnx(
                 hint="the export is wrong for this block; --force writes it anyway",
             )
         if not check_only and out_path is not None:
-            out = Path(out_path)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if len(data) > 1_900_000_000:
-                onnx.save(final, str(out), save_as_external_data=True)
-                normal_mode(out)
-            else:
-                write_bytes(out, data)
-            report.path = str(out)
+            report.path = write_model(out_path, final, data)
             report.written = True
             report.forced = failed
         report.export_s = time.perf_counter() - t0

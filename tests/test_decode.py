@@ -240,15 +240,13 @@ def test_every_token_mixer_exports_a_decode_model(kind: str, tmp_path: Any) -> N
     """The decode graph for every kind: parity-gated at export, and a plain onnxruntime loop
     driven by the metadata alone reproduces the full-sequence logits — past max_seq_len
     too where the kind can go on."""
-    from exporters.decode import decode_limit
-
     spec = lm({"kind": kind, **KIND_PARAMS.get(kind, {})})
     model = archir.compile(spec, seed=0).eval()
     path = tmp_path / "step.onnx"
     report = _export(spec, path, model=model, task="random")
     assert report.written and report.parity is not None and report.parity.passed
     assert report.exporter == "dynamo", report.notes  # the exporter the full model ships with
-    T = MAX_LEN if decode_limit(model) is not None else MAX_LEN + 9
+    T = MAX_LEN if model.seq_limit is not None else MAX_LEN + 9
     x = torch.randint(0, VOCAB, (2, T))
     with torch.no_grad():
         full = model(x)
