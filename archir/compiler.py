@@ -18,7 +18,7 @@ from torch import nn
 from archir import registry
 from archir.blocks.common import tracing
 from archir.cost import DEFAULT_MAX_PARAMS, max_params  # noqa: F401  (re-exported)
-from archir.ir import Graph, Node, build_graph
+from archir.ir import Graph, Node, build_graph, norm_params
 from archir.spec.models import SpecModel
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def _build_norm(name: str | None, node: Node) -> nn.Module | None:
         return None
     k = registry.get(name)
     assert node.ctx is not None
-    return k.build(k.params(), node.ctx)
+    return k.build(norm_params(name, node.ctx.norm_eps), node.ctx)
 
 
 def sum_aux_losses(modules: list[nn.Module]) -> torch.Tensor | None:

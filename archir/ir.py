@@ -143,6 +143,7 @@ def _ctx(m: Any, bits: float | None, path: str) -> BuildContext:
         channels=m.channels,
         bits=float(bits if bits is not None else m.bits),
         path=path,
+        norm_eps=m.norm_eps,
     )
 
 
@@ -282,7 +283,7 @@ def build_graph(
                 "final_norm",
                 "norm",
                 final,
-                registry.get(final).params(),
+                norm_params(final, m.norm_eps),
                 [prev],
                 _ctx(m, None, "final_norm"),
                 spec_path=("model", "final_norm") if m.final_norm else ("model", "norm"),
@@ -306,6 +307,15 @@ def build_graph(
     if check:
         infer_shapes(graph)
     return graph
+
+
+def norm_params(kind: str, eps: float | None) -> KindParams:
+    """The parameters of a norm of ``kind`` built with the model's ``norm_eps`` (``None``:
+    the kind's defaults; a kind without an ``eps`` ignores it)."""
+    params = registry.get(kind).params
+    if eps is not None and "eps" in params.model_fields:
+        return params.model_validate({"eps": eps})
+    return params()
 
 
 def _input_type(m: Any) -> TensorType:

@@ -66,6 +66,7 @@ class BuildContext:
         image_size, channels: input geometry for patch embeddings.
         bits: weight bits of the node being built.
         path: the node's stable path, e.g. ``layers.2.blocks.0`` (for messages).
+        norm_eps: epsilon of the norms the model builds (``None``: the norm kind's default).
     """
 
     d_model: int
@@ -77,6 +78,7 @@ class BuildContext:
     channels: int = 1
     bits: float = 16
     path: str = ""
+    norm_eps: float | None = None
 
 
 ParamsFn = Callable[[Any, BuildContext], int]

@@ -4,10 +4,25 @@ Vaswani et al., 2017, "Attention Is All You Need"; grouped-query heads from Ains
 2023, "GQA"; RoPE from Su et al., 2021, "RoFormer"; ALiBi from Press et al., 2022, "Train
 Short, Test Long"; sliding windows as in Beltagy et al., 2020, "Longformer".
 
-Shapes: ``x [batch, seq, d_model] -> [batch, seq, d_model]``; ``head_dim = d_model / n_heads``.
-Cost: FLOPs per token at length L = projections ``2·d·(2d + 2·kv_dim)`` plus scores and
-values ``4·L·d`` (computed densely, as the kernel does; a window masks but does not skip).
+Shapes: ``x [batch, seq, d_model] -> [batch, seq, d_model]``; ``head_dim`` defaults to
+``d_model / n_heads`` (``q_dim = n_heads·head_dim``, ``kv_dim = n_kv_heads·head_dim``).
+Cost: FLOPs per token at length L = projections ``2·d·(2·q_dim + 2·kv_dim)`` plus scores and
+values ``4·L·q_dim`` (computed densely, as the kernel does; a window masks but does not skip).
 Inference state: KV cache ``2 · n_kv_heads · head_dim · min(L, window) · 4`` bytes.
+
+Options the published model families need (Hugging Face names in brackets):
+
+* ``qkv_bias`` / ``out_bias``: biases on the q, k, v and on the output projection (GPT-2 has
+  both; Qwen2 only the first) [``attention_bias``, ``c_attn``/``c_proj`` biases].
+* ``head_dim`` independent of ``d_model / n_heads`` [``head_dim``].
+* ``rotary_dim``: rotate only the first ``rotary_dim`` channels of each head, pass the rest
+  through (GPT-NeoX ``rotary_pct``, Phi ``partial_rotary_factor``, GPT-J ``rotary_dim``).
+* ``rope_interleaved``: rotate adjacent pairs ``(x₂ᵢ, x₂ᵢ₊₁)`` (GPT-J and Meta's original
+  layout) instead of the two halves ``(xᵢ, xᵢ₊d/2)`` (GPT-NeoX, Hugging Face Llama).
+* ``rope_scaling``: position interpolation (``linear``: frequencies ÷ ``factor``; Chen et
+  al., 2023) or Llama 3's frequency-dependent rule (``llama3``: wavelengths longer than
+  ``original_max_seq_len / low_freq_factor`` ÷ ``factor``, shorter than
+  ``original_max_seq_len / high_freq_factor`` kept, a smooth blend between).
 """
 
 from __future__ import annotations
@@ -32,25 +47,93 @@ class AttentionParams(KindParams):
     window: int | None = Field(None, ge=1, le=MAX_HIDDEN)
     causal: bool | None = None
     qkv_bias: bool = False
+    out_bias: bool = False
+    head_dim: int | None = Field(None, ge=1, le=MAX_DIM)
+    rotary_dim: int | None = Field(None, ge=2, le=MAX_DIM)
+    rope_interleaved: bool = False
+    rope_scaling: RopeScaling | None = None
+
+
+class RopeScaling(KindParams):
+    """Rotary frequency scaling for contexts longer than trained (see the module docstring).
+
+    ``type``: ``linear`` (every frequency ÷ ``factor``) or ``llama3``; ``low_freq_factor``,
+    ``high_freq_factor`` and ``original_max_seq_len`` (tokens) are Llama 3's.
+    """
+
+    type: Literal["linear", "llama3"]
+    factor: float = Field(gt=0, le=1e6)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_seq_len: int = Field(8192, ge=1, le=1 << 30)
+
+
+AttentionParams.model_rebuild()
+
+
+def rope_inv_freq(
+    rot_dim: int,
+    base: float,
+    scaling: RopeScaling | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Rotary frequencies ``base^(−2i/rot_dim)``, ``i < rot_dim/2`` (radians per position),
+    after ``scaling``. ``[rot_dim/2]`` float32."""
+    half = rot_dim // 2
+    inv = 1.0 / (base ** (torch.arange(half, dtype=torch.float32, device=device) / half))
+    if scaling is None:
+        return inv
+    if scaling.type == "linear":
+        return inv / scaling.factor
+    # Llama 3 (Meta's reference apply_scaling): long wavelengths ÷ factor, short kept
+    old = float(scaling.original_max_seq_len)
+    lo, hi = scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / scaling.factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo) if hi != lo else torch.zeros_like(inv)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(medium, blended, scaled)
 
 
 def rope_cos_sin(
-    seq: int, head_dim: int, base: float, device: torch.device | None = None
+    positions: torch.Tensor | int,
+    rot_dim: int,
+    base: float,
+    device: torch.device | None = None,
+    scaling: RopeScaling | None = None,
+    interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real-valued rotary tables ``cos, sin: [seq, head_dim]`` (rotate-half layout)."""
-    half = head_dim // 2
-    inv = 1.0 / (base ** (torch.arange(half, dtype=torch.float32, device=device) / half))
-    ang = torch.arange(seq, dtype=torch.float32, device=device)[:, None] * inv[None, :]
-    ang = torch.cat([ang, ang], dim=-1)
+    """Real-valued rotary tables ``cos, sin: [seq, rot_dim]`` for ``positions`` (a ``[seq]``
+    tensor, or an int ``seq`` for ``0..seq−1``): each frequency written twice, as
+    ``(f₀..fₕ, f₀..fₕ)`` (rotate-half layout) or ``(f₀, f₀, f₁, f₁, …)`` (interleaved)."""
+    if isinstance(positions, int):
+        positions = torch.arange(positions, dtype=torch.float32, device=device)
+    inv = rope_inv_freq(rot_dim, base, scaling, device)
+    ang = positions.to(torch.float32)[:, None] * inv[None, :]
+    if interleaved:
+        ang = ang.repeat_interleave(2, dim=-1)
+    else:
+        ang = torch.cat([ang, ang], dim=-1)
     return ang.cos(), ang.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [batch, heads, seq, head_dim]`` by position (sin/cos, no complex numbers)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False
+) -> torch.Tensor:
+    """Rotate ``x [batch, heads, seq, head_dim]`` by position (sin/cos, no complex numbers).
+    With ``cos, sin [seq, rot_dim]`` narrower than ``head_dim`` only the first ``rot_dim``
+    channels rotate (partial rotary); the rest pass through."""
+    rd = cos.shape[-1]
+    xr = x[..., :rd] if rd < x.shape[-1] else x
+    if interleaved:  # pairs (x0, x1), (x2, x3) ... -> (-x1, x0), (-x3, x2) ...
+        pairs = xr.unflatten(-1, (rd // 2, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    else:
+        half = rd // 2
+        rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+    out = xr * cos + rotated * sin
+    return torch.cat([out, x[..., rd:]], dim=-1) if rd < x.shape[-1] else out
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -80,17 +163,26 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = p.n_heads
         self.n_kv = p.n_kv_heads or p.n_heads
-        self.hd = d // p.n_heads
+        self.hd = _head_dim(p, d)
         self.pos = p.pos
         self.base = p.rope_base
+        self.rot = p.rotary_dim or self.hd
+        self.interleaved = p.rope_interleaved
+        self.scaling = p.rope_scaling
         self.window = p.window
         self.causal = causal if p.causal is None else p.causal
-        self.q = linear(d, d, bias=p.qkv_bias)
+        q_dim = p.n_heads * self.hd
+        self.q = linear(d, q_dim, bias=p.qkv_bias)
         self.k = linear(d, self.n_kv * self.hd, bias=p.qkv_bias)
         self.v = linear(d, self.n_kv * self.hd, bias=p.qkv_bias)
-        self.o = linear(d, d, bias=False)
+        self.o = linear(q_dim, d, bias=p.out_bias)
         if self.pos == "alibi":
             self.register_buffer("slopes", alibi_slopes(p.n_heads), persistent=False)
+
+    def _rope(
+        self, positions: torch.Tensor | int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(positions, self.rot, self.base, device, self.scaling, self.interleaved)
 
     def _mask(self, T: int, device: torch.device) -> torch.Tensor | None:
         if self.pos != "alibi" and self.window is None:
@@ -114,8 +206,11 @@ class Attention(nn.Module):
         k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if self.pos == "rope":
-            cos, sin = rope_cos_sin(T, self.hd, self.base, x.device)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            cos, sin = self._rope(T, x.device)
+            q, k = (
+                apply_rope(q, cos, sin, self.interleaved),
+                apply_rope(k, cos, sin, self.interleaved),
+            )
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k = k.repeat_interleave(rep, dim=1)
@@ -150,14 +245,11 @@ class Attention(nn.Module):
         k = self.k(x).view(B, self.n_kv, 1, self.hd)
         v = self.v(x).view(B, self.n_kv, 1, self.hd)
         if self.pos == "rope":
-            half = self.hd // 2
-            inv = 1.0 / (
-                self.base ** (torch.arange(half, dtype=torch.float32, device=x.device) / half)
+            cos, sin = self._rope(pos.reshape(1), x.device)  # [1, rot_dim]
+            q, k = (
+                apply_rope(q, cos, sin, self.interleaved),
+                apply_rope(k, cos, sin, self.interleaved),
             )
-            ang = pos.to(torch.float32) * inv
-            ang = torch.cat([ang, ang], dim=-1)[None, :]  # [1, head_dim]
-            cos, sin = ang.cos(), ang.sin()
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_c = torch.cat([k_c, k.to(k_c.dtype)], dim=2)
         v_c = torch.cat([v_c, v.to(v_c.dtype)], dim=2)
         if self.window is not None:
@@ -176,30 +268,43 @@ class Attention(nn.Module):
         return self.o(y.reshape(B, -1)), (k_c, v_c, pos + 1)
 
 
+def _head_dim(p: AttentionParams, d_model: int) -> int:
+    return p.head_dim or d_model // p.n_heads
+
+
 def _kv_dim(p: AttentionParams, c: BuildContext) -> int:
-    return (p.n_kv_heads or p.n_heads) * (c.d_model // p.n_heads)
+    return (p.n_kv_heads or p.n_heads) * _head_dim(p, c.d_model)
 
 
 def _check(p: AttentionParams, c: BuildContext) -> None:
-    if c.d_model % p.n_heads:
+    if p.head_dim is None and c.d_model % p.n_heads:
         raise ValueError(f"n_heads {p.n_heads} does not divide d_model {c.d_model}")
     if p.n_kv_heads is not None and p.n_heads % p.n_kv_heads:
         raise ValueError(f"n_kv_heads {p.n_kv_heads} does not divide n_heads {p.n_heads}")
-    if p.pos == "rope" and (c.d_model // p.n_heads) % 2:
-        raise ValueError(f"rope needs an even head_dim, got {c.d_model // p.n_heads}")
+    hd = _head_dim(p, c.d_model)
+    rot = p.rotary_dim or hd
+    if p.rotary_dim is not None and (p.pos != "rope" or p.rotary_dim > hd):
+        raise ValueError(f"rotary_dim {p.rotary_dim} needs pos: rope and at most head_dim {hd}")
+    if p.pos == "rope" and rot % 2:
+        what = "rotary_dim" if p.rotary_dim else "head_dim"
+        raise ValueError(f"rope needs an even {what}, got {rot}")
 
 
 def _params(p: AttentionParams, c: BuildContext) -> int:
     d, kv = c.d_model, _kv_dim(p, c)
-    n = d * d + 2 * d * kv + d * d
+    q = p.n_heads * _head_dim(p, d)
+    n = d * q + 2 * d * kv + q * d
     if p.qkv_bias:
-        n += d + 2 * kv
+        n += q + 2 * kv
+    if p.out_bias:
+        n += d
     return n
 
 
 def _flops(p: AttentionParams, c: BuildContext, L: int) -> float:
     d, kv = c.d_model, _kv_dim(p, c)
-    return 2.0 * d * (2 * d + 2 * kv) + 4.0 * L * d
+    q = p.n_heads * _head_dim(p, d)
+    return 2.0 * d * (2 * q + 2 * kv) + 4.0 * L * q
 
 
 def _state(p: AttentionParams, c: BuildContext, L: int) -> int:

@@ -17,10 +17,12 @@ from torch import nn
 from archir.blocks.common import hidden_size, linear, linear_params
 from archir.registry import MAX_DIM, MAX_HIDDEN, BlockKind, BuildContext, KindParams, register
 
-Activation = Literal["gelu", "relu", "silu", "relu2"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "relu2"]
 
 _ACT = {
     "gelu": F.gelu,
+    # the tanh approximation of GELU (Hendrycks & Gimpel, 2016), GPT-2's ``gelu_new``
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
     "relu2": lambda x: F.relu(x).square(),
@@ -91,7 +93,7 @@ register(
         ),
         flops=lambda p, c, L: 4.0 * c.d_model * _h(p, c),
         paper="Vaswani et al., 2017, 'Attention Is All You Need'",
-        summary="feed-forward MLP: fc2(act(fc1(x))), act in gelu/relu/silu/relu2",
+        summary="feed-forward MLP: fc2(act(fc1(x))), act in gelu/gelu_tanh/relu/silu/relu2",
     )
 )
 

@@ -19,7 +19,8 @@ class NormParams(KindParams):
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm: ``x / rms(x) * g`` (Zhang & Sennrich, 2019, "Root Mean Square
-    Layer Normalization"). ``[..., d] -> [..., d]``."""
+    Layer Normalization"). ``[..., d] -> [..., d]``. Under fp16/bf16 the normalization is
+    computed in fp32 and cast back before the gain, as Llama's reference does."""
 
     def __init__(self, d: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -27,6 +28,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            return h.to(x.dtype) * self.weight
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 

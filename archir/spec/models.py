@@ -148,6 +148,9 @@ class ModelSpec(Strict):
     max_seq_len: int = Field(2048, gt=0, le=MAX_SEQ_LEN)
     norm: str = "rmsnorm"
     final_norm: str | None = None
+    #: epsilon of every norm the model builds (block norms and the final norm); ``null``:
+    #: each norm kind's default (1e-5). Llama and Mistral use 1e-6.
+    norm_eps: float | None = Field(None, gt=0, lt=1)
     bits: float = 16
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     embed: ComponentSpec
