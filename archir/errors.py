@@ -99,6 +99,12 @@ class DecodeError(ArchirError):
     bidirectional mixer), or a decode went past what the model supports (``max_seq_len``)."""
 
 
+class InteropError(ArchirError):
+    """A model from another library cannot be brought in or written out: a config field with
+    no archir equivalent, missing or misshapen weights, a spec that maps onto no family, or
+    logits that do not match the other library's."""
+
+
 def did_you_mean(name: str, options: Iterable[str]) -> str | None:
     """Return ``"did you mean 'x'?"`` for the closest option, or a list of options."""
     opts = sorted(set(options))

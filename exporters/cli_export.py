@@ -9,6 +9,7 @@ Examples::
     archir export SPEC --check-only                                  # parity report, no file
     archir export runs/lm/best --format safetensors --out deploy/    # spec.yaml + weights
     archir export runs/lm --decode --out step.onnx                   # one token per call, with state
+    archir export imported/ --format hf --out hf-model/              # a transformers folder
 
 Weights come from ``--weights``, or the ``model.safetensors`` beside the spec in a folder;
 without any, nothing is exported unless ``--random-weights`` says that untrained weights are
@@ -52,7 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--precision", default=None, choices=PRECISIONS, help="default fp32")
     p.add_argument(
-        "--format", default="onnx", choices=("onnx", "safetensors"), help="artifact kind"
+        "--format",
+        default="onnx",
+        choices=("onnx", "safetensors", "hf"),
+        help="artifact kind (hf: a Hugging Face folder, config.json + model.safetensors, for "
+        "Llama/Mistral/Qwen2/Mixtral/GPT-2/Mamba/RWKV-shaped specs)",
     )
     p.add_argument("--check-only", action="store_true", help="parity report, write nothing")
     p.add_argument("--force", action="store_true", help="write even if parity fails")
@@ -153,7 +158,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     from archir.errors import ExportError
     from archir.paths import check_out_dir, check_out_file
 
-    if args.format == "safetensors":
+    if args.format in ("safetensors", "hf"):
         onnx_only = {
             "decode": "--decode",
             "precision": "--precision",
@@ -164,13 +169,15 @@ def _check_flags(args: argparse.Namespace) -> None:
             "force": "--force",
             "no_check": "--no-check",
         }
+        if args.format == "hf":
+            del onnx_only["no_check"]  # the transformers parity check can be skipped
         for dest, flag in onnx_only.items():
             if getattr(args, dest) not in (None, False):
                 raise ExportError(
-                    f"{flag} does not apply to --format safetensors", hint="drop the flag"
+                    f"{flag} does not apply to --format {args.format}", hint="drop the flag"
                 )
         if not args.out:
-            raise ExportError("--out DIR is required for --format safetensors", hint="--out DIR")
+            raise ExportError(f"--out DIR is required for --format {args.format}", hint="--out DIR")
         check_out_dir(args.out)
         return
     if args.decode:
@@ -213,6 +220,13 @@ def run(args: argparse.Namespace) -> int:
     )
     untrained = weights is None
     from exporters import export_onnx, export_safetensors
+
+    if args.format == "hf":
+        from archir.interop import export_hf
+
+        hreport = export_hf(spec, args.out, weights=weights, check=not args.no_check)
+        print(json.dumps(hreport.to_dict(), indent=2) if args.json else hreport)
+        return 0
 
     if args.format == "safetensors":
         info = export_safetensors(spec, args.out, weights=weights)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "train": "archir.cli.train",
     "tasks": "archir.cli.tasks",
     "mad": "archir.cli.mad",
+    "import": "archir.cli.import_",
     "search": "searchers.cli_search",
     "report": "searchers.cli_report",
     "export": "exporters.cli_export",
