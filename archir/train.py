@@ -47,6 +47,7 @@ from archir.compiler import CompiledModel
 from archir.compiler import compile as compile_spec
 from archir.errors import TrainingError
 from archir.paths import write_file, write_text
+from archir.inherit import InitReport, inherit, read_init, resolve_init
 from archir.spec.loader import Spec
 from archir.spec.sections import TrainSection
 from archir.tasks.base import Task, get_task
@@ -136,6 +137,12 @@ class Trainer:
         seed_everything(cfg.seed)
         self.spec, self.task, self.cfg = spec, task, cfg
         self.model = model or compile_spec(spec, seed=cfg.seed)
+        #: what ``train.init`` inherited (None without it); a checkpoint resumed afterwards
+        #: replaces these weights, as it replaces a fresh initialization
+        self.init_report: InitReport | None = None
+        if cfg.init is not None:
+            path = resolve_init(cfg.init, spec.file)
+            self.init_report = inherit(self.model, read_init(path), str(path))
         self.extra = task.extra_modules(self.model)
         extra = [self.extra] if self.extra is not None else []
         self.trained = torch.nn.ModuleList([self.model, *extra])
@@ -372,6 +379,8 @@ def _final_metrics(tr: Trainer, status: str, reason: str | None) -> dict[str, An
             metrics["status"] = "failed"
             metrics["reason"] = "evaluation produced a non-finite metric"
     metrics["metric"] = tr.task.metric
+    if tr.init_report is not None:
+        metrics["init"] = tr.init_report.to_dict()
     metrics["history"] = tr.history
     metrics["seed"] = tr.cfg.seed
     return metrics
@@ -590,7 +599,10 @@ def _spec_hash(spec: Spec) -> str:
 
 def _settings(cfg: TrainSection) -> dict[str, Any]:
     d = cfg.model_dump(mode="json")
-    return {k: v for k, v in d.items() if k not in _FREE_SETTINGS}
+    out = {k: v for k, v in d.items() if k not in _FREE_SETTINGS}
+    if out.get("init") is None:  # absent when unset: checkpoints of earlier versions resume
+        out.pop("init", None)
+    return out
 
 
 def _pack(

@@ -1619,6 +1619,19 @@ def run_search(
         if fid["kind"] == "full":
             fid["kind"] = "proxy"
     upd["fidelity"] = fid
+    if train.init is not None:
+        # every trial, worker and resumed run reads the same file: the path relative to the
+        # spec file, made absolute once here
+        from archir.inherit import resolve_init
+
+        init = resolve_init(train.init, str(spec_path))
+        if not init.is_file():
+            raise SearchError(
+                f"train.init '{train.init}' is not a file (looked for {init})",
+                hint="a model.safetensors, relative to the spec file's folder (archir import "
+                "hf writes one)",
+            )
+        train = train.model_copy(update={"init": str(init.resolve())})
     budget = sec.budget.model_dump()
     if trials is not None:
         budget["trials"] = trials

@@ -69,6 +69,10 @@ class TrainSection(Strict):
     plus its own decay (what the search's fidelity ladder relies on).
     ``eval_batches`` batches of ``eval_batch_size`` (default ``batch_size``) sequences are
     evaluated; a number larger than the validation split holds evaluates all of it.
+    ``init``: a safetensors file (relative paths: from the spec file's folder) whose tensors
+    start the model instead of a fresh initialization where names match — copied, or
+    sliced/padded when a width changed (:mod:`archir.inherit`); how an imported Hugging Face
+    model is hybridized or shrunk.
     """
 
     task: str = Field("text:pydoc", min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$")
@@ -89,6 +93,7 @@ class TrainSection(Strict):
     time_budget_s: float | None = Field(None, gt=0, le=MAX_SECONDS)
     threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     task_options: dict[str, TaskOption] = Field(default_factory=dict)
+    init: str | None = Field(None, min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$")
 
 
 Direction = Literal["minimize", "maximize"]
