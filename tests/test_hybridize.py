@@ -196,3 +196,41 @@ def test_a_search_with_a_missing_init_is_refused_before_anything_is_written(tmp_
     with pytest.raises(SearchError, match="train.init 'nowhere/model.safetensors' is not a file"):
         run_search(spec_p, out=tmp_path / "run", say=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_imported_model_with_its_own_tokenizer_trains_on_text_through_it(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from pydoc_data.topics import topics
+
+    from archir.interop import import_hf
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["[UNK]"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([topics[k] for k in sorted(topics)[:40]], trainer)
+    n = tok.get_vocab_size()
+    cfg = transformers.LlamaConfig(
+        vocab_size=n,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
+    src = tmp_path / "src"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    tok.save(str(src / "tokenizer.json"))
+    import_hf(src, tmp_path / "out")
+    spec = load_spec(tmp_path / "out" / "spec.yaml")
+    opt = spec.model.train.task_options["tokenizer"]
+    assert Path(str(opt)) == (tmp_path / "out" / "tokenizer.json").resolve()
+    cfg_t = spec.model.train.model_copy(
+        update={"steps": 2, "batch_size": 2, "seq_len": 32, "eval_batches": 1}
+    )
+    res = train(spec, cfg=cfg_t)
+    assert res.metrics["status"] == "ok" and 0 < res.metrics["val_bpb"] < 20

@@ -422,6 +422,11 @@ def import_hf(
         )
     data["name"] = _spec_name(src_p, fam.name, name)
     data["description"] = f"imported from the Hugging Face {fam.name} model '{src_p.name}'"
+    if _regular(src_p / "tokenizer.json") and data["model"]["vocab_size"] != 256:
+        # a model with its own vocabulary trains on text through its own tokenizer (copied
+        # beside the spec); a byte-level model (vocabulary 256) needs none
+        tok = (out_p / "tokenizer.json").resolve()
+        data["train"] = {"task": "text:pydoc", "task_options": {"tokenizer": str(tok)}}
     spec = spec_from_dict(data)
     check_budget(build_graph(spec))
     tensors = read_tensors(weight_files(src_p))
