@@ -129,8 +129,19 @@ def _build_norm(name: str | None, node: Node) -> nn.Module | None:
 
 
 def sum_aux_losses(modules: list[nn.Module]) -> torch.Tensor | None:
-    """Sum of the ``aux_loss`` tensors set by ``modules`` in the last forward (None if none)."""
+    """Sum of the ``aux_loss`` tensors set by ``modules`` in the last forward, plus one pooled
+    term per group of MoE layers with ``aux_loss_style: mixtral`` (same ``n_experts`` and
+    weight; see :mod:`archir.blocks.moe`). None if there is none."""
     losses = [m.aux_loss for m in modules if getattr(m, "aux_loss", None) is not None]
+    pooled: dict[tuple[int, float], list[nn.Module]] = {}
+    for m in modules:
+        if getattr(m, "aux_style", None) == "mixtral" and m.aux_stats is not None:
+            pooled.setdefault((m.E, m.aux_weight), []).append(m)
+    for (E, weight), group in pooled.items():
+        counts = sum(m.aux_stats[0] for m in group)
+        probs = sum(m.aux_stats[1] for m in group)
+        rows = sum(m.aux_stats[2] for m in group)
+        losses.append(weight * E * ((counts / rows) * (probs / rows)).sum())
     if not losses:
         return None
     total = losses[0]

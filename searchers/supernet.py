@@ -727,6 +727,8 @@ class SuperNet(nn.Module):
         state = self._state
         for m in self._aux_modules:  # a candidate off this path must not keep an old loss
             m.aux_loss = None  # type: ignore[assignment]
+            if hasattr(m, "aux_stats"):
+                m.aux_stats = None
         for op in self._plan:
             if op.op == "embed":
                 vals.append(self.embed(x))

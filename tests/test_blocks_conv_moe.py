@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import archir
@@ -360,3 +361,72 @@ def test_zoo_spec_params(name: str) -> None:
     with torch.no_grad():
         out = model(torch.randint(0, 256, (1, 9)))
     assert out.shape == (1, 9, 256)
+
+
+def _moe_lm(style: str, layers: int = 3) -> torch.nn.Module:
+    from archir.compiler import compile as compile_spec
+    from archir.spec import spec_from_dict
+
+    moe = {
+        "kind": "moe",
+        "n_experts": 4,
+        "top_k": 2,
+        "d_ff": 16,
+        "expert_kind": "swiglu",
+        "capacity_factor": None,
+        "aux_loss_weight": 0.02,
+        "aux_loss_style": style,
+    }
+    data = {
+        "archir": 1,
+        "name": "moe-lm",
+        "model": {
+            "vocab_size": 64,
+            "d_model": 32,
+            "embed": {"kind": "token_embedding"},
+            "layers": [{"repeat": layers, "blocks": [{"kind": "attention", "n_heads": 4}, moe]}],
+            "head": {"kind": "lm_head"},
+        },
+    }
+    return compile_spec(spec_from_dict(data), seed=0).train()
+
+
+def _router_logits(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    logits: list[torch.Tensor] = []
+    for b in model.blocks:
+        if hasattr(b.fn, "router"):
+            b.fn.router.register_forward_hook(lambda mod, i, o: logits.append(o.detach()))
+    model(x)
+    return logits
+
+
+def test_mixtral_balancing_loss_pools_layers_as_transformers_does():
+    """aux_loss_style mixtral: w · E · Σ_e (c_e / R)(p_e / R) over all layers' rows pooled
+    (c: top-k assignments, p: summed router probabilities); switch: per layer, summed, and
+    per layer it is the pooled formula divided by top_k."""
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    m = _moe_lm("mixtral")
+    logits = _router_logits(m, x)
+    probs = [torch.softmax(g, -1) for g in logits]
+    counts = sum(F.one_hot(p.topk(2, -1).indices, 4).float().sum((0, 1)) for p in probs)
+    psum = sum(p.sum(0) for p in probs)
+    rows = sum(p.shape[0] for p in probs)
+    want = 0.02 * 4 * ((counts / rows) * (psum / rows)).sum()
+    assert torch.allclose(m.aux_loss(), want, rtol=1e-6)
+    s = _moe_lm("switch")
+    _router_logits(s, x)
+    per_layer = [
+        0.02
+        * 4
+        * (
+            (F.one_hot(p.topk(2, -1).indices, 4).float().sum((0, 1)) / (2 * p.shape[0])) * p.mean(0)
+        ).sum()
+        for p in probs
+    ]
+    assert torch.allclose(s.aux_loss(), sum(per_layer), rtol=1e-6)
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    ref = 0.02 * load_balancing_loss_func(tuple(logits), 4, 2)
+    assert torch.allclose(m.aux_loss(), ref, rtol=1e-6)
+    del transformers

@@ -21,9 +21,18 @@ no token is dropped, so a sequence's output never depends on the other sequences
 batch (as in Switch Transformers' and Mixtral's inference, where capacity is a training-time
 bound on an expert's batch).
 
-Auxiliary loss (Switch style), set in ``self.aux_loss`` on every forward:
-``aux_loss_weight · n_experts · Σ_i f_i · P_i`` with ``f_i`` the fraction of routing slots
-assigned to expert ``i`` (before drops) and ``P_i`` the mean router probability.
+Auxiliary loss, ``aux_loss_style``:
+
+* ``switch`` (default; Fedus et al., 2022), set in ``self.aux_loss`` on every forward and
+  summed over layers by the model: ``aux_loss_weight · n_experts · Σ_i f_i · P_i`` per layer,
+  ``f_i`` the fraction of routing slots assigned to expert ``i`` (before drops), ``P_i`` the
+  mean router probability;
+* ``mixtral`` (transformers' ``load_balancing_loss_func``): one term for the whole model,
+  ``aux_loss_weight · n_experts · Σ_i (c_i / R) · (p_i / R)`` with ``c_i`` expert ``i``'s
+  top-k assignments and ``p_i`` its summed router probabilities over the rows ``R`` of every
+  such layer together — ``top_k`` times the Switch value for one layer, and layers pooled
+  instead of summed. Each layer leaves ``self.aux_stats = (c, p, rows)``; the compiled model
+  combines them (:meth:`archir.compiler.CompiledModel.aux_loss`).
 
 Two numerically equal execution paths (``dispatch``): ``sparse`` runs each expert on the
 tokens it was given (index gather; data-dependent shapes, fast in eager PyTorch); ``dense``
@@ -64,6 +73,8 @@ class MoEParams(KindParams):
             raw router probabilities (Switch with ``top_k: 1``, where renormalized gates
             would all be 1 and the router would learn only from the auxiliary loss).
         dispatch: ``auto`` | ``sparse`` | ``dense`` (see the module docstring).
+        aux_loss_style: ``switch`` (per layer, summed) or ``mixtral`` (pooled over layers,
+            as transformers computes it; see the module docstring).
     """
 
     n_experts: int = Field(8, ge=1, le=4096)
@@ -75,6 +86,7 @@ class MoEParams(KindParams):
     aux_loss_weight: float = Field(0.01, ge=0)
     normalize_gates: bool = True
     dispatch: Literal["auto", "sparse", "dense"] = "auto"
+    aux_loss_style: Literal["switch", "mixtral"] = "switch"
 
 
 class MoE(nn.Module):
@@ -99,7 +111,10 @@ class MoE(nn.Module):
         self.w_out = nn.Parameter(torch.randn(E, h, d) * 0.02)  # [E, h, d]
         nn.init.normal_(self.router.weight, std=0.02)
         self.has_aux_loss = True
+        self.aux_style = p.aux_loss_style
         self.aux_loss: torch.Tensor | None = None
+        #: ``(assignments [E], summed router probabilities [E], rows)`` of the last forward
+        self.aux_stats: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self.last_gates: torch.Tensor | None = None
 
     def _act(self, a: torch.Tensor) -> torch.Tensor:
@@ -126,7 +141,9 @@ class MoE(nn.Module):
         else:
             kept = chosen
         combine = (gates[..., None] * kept).sum(1)  # [N, E]
-        frac = chosen.sum(1).mean(0) / k  # f_i
+        counts = chosen.sum((0, 1))  # top-k assignments per expert
+        self.aux_stats = (counts, probs.sum(0), probs.shape[0])
+        frac = counts / (k * probs.shape[0])  # f_i
         aux = self.aux_weight * E * (frac * probs.mean(0)).sum()
         return combine.to(x.dtype), aux
 
@@ -160,7 +177,7 @@ class MoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
         combine, aux = self.route(flat)
-        self.aux_loss = aux
+        self.aux_loss = aux if self.aux_style == "switch" else None
         self.last_gates = combine.detach()
         mode = self.dispatch
         if mode == "auto":

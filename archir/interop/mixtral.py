@@ -7,8 +7,9 @@ renormalized — archir's ``moe`` with ``expert_kind: swiglu``, ``normalize_gate
 ``w3`` (up) and ``w2`` (down) are archir's ``w_in[e] = [w1ᵀ | w3ᵀ]`` and ``w_out[e] = w2ᵀ``;
 transformers 5's fused ``gate_up_proj``/``down_proj`` layout is read too.
 ``router_jitter_noise`` is training-time noise (inert at inference); ``router_aux_loss_coef``
-becomes ``aux_loss_weight`` (archir's balancing loss is transformers' divided by
-``top_k``, summed over layers instead of averaged: the same minimizer, another scale).
+becomes ``aux_loss_weight`` with ``aux_loss_style: mixtral`` (transformers' balancing loss,
+pooled over layers). transformers adds it only with ``output_router_logits: true``;
+archir always trains with it (set ``aux_loss_weight: 0`` to train without).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def _to_spec(cfg: HFConfig) -> dict[str, Any]:
         "capacity_factor": None,
         "aux_loss_weight": cfg.get("router_aux_loss_coef", 0.001, float),
         "normalize_gates": True,
+        "aux_loss_style": "mixtral",
     }
     attn: dict[str, Any] = {"window": window} if window is not None else {}
     return llama.decoder_spec(cfg, "mixtral", attn, moe)
@@ -51,7 +53,10 @@ def _pairs(spec: SpecModel) -> list[Any]:
     first = pairs[0][1]
     for _, p in pairs:
         if p.expert_kind != "swiglu" or not p.normalize_gates:
-            raise refuse_spec("mixtral", "its experts are not renormalized top-k SwiGLU")
+            raise refuse_spec(
+                "mixtral",
+                "its experts are not renormalized top-k SwiGLU",
+            )
         if (p.n_experts, p.top_k, p.d_ff, p.expansion) != (
             first.n_experts,
             first.top_k,
