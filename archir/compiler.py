@@ -138,9 +138,10 @@ def sum_aux_losses(modules: list[nn.Module]) -> torch.Tensor | None:
         if getattr(m, "aux_style", None) == "mixtral" and m.aux_stats is not None:
             pooled.setdefault((m.E, m.aux_weight), []).append(m)
     for (E, weight), group in pooled.items():
-        counts = sum(m.aux_stats[0] for m in group)
-        probs = sum(m.aux_stats[1] for m in group)
-        rows = sum(m.aux_stats[2] for m in group)
+        stats = [m.aux_stats for m in group]
+        counts = torch.stack([s[0] for s in stats]).sum(0)
+        probs = torch.stack([s[1] for s in stats]).sum(0)
+        rows = float(sum(int(s[2]) for s in stats))
         losses.append(weight * E * ((counts / rows) * (probs / rows)).sum())
     if not losses:
         return None

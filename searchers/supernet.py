@@ -728,7 +728,7 @@ class SuperNet(nn.Module):
         for m in self._aux_modules:  # a candidate off this path must not keep an old loss
             m.aux_loss = None  # type: ignore[assignment]
             if hasattr(m, "aux_stats"):
-                m.aux_stats = None
+                m.aux_stats = None  # type: ignore[assignment]
         for op in self._plan:
             if op.op == "embed":
                 vals.append(self.embed(x))
