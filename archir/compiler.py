@@ -141,7 +141,9 @@ def sum_aux_losses(modules: list[nn.Module]) -> torch.Tensor | None:
         stats = [m.aux_stats for m in group]
         counts = torch.stack([s[0] for s in stats]).sum(0)
         probs = torch.stack([s[1] for s in stats]).sum(0)
-        rows = float(sum(int(s[2]) for s in stats))
+        rows = 0.0
+        for st in stats:
+            rows += float(st[2])
         losses.append(weight * E * ((counts / rows) * (probs / rows)).sum())
     if not losses:
         return None
