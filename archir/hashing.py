@@ -33,7 +33,8 @@ def graph_hash(graph: Graph) -> str:
         "max_seq_len": m.max_seq_len,
         "dropout": m.dropout,
     }
-    if m.norm_eps is not None:  # absent when unset: hashes of earlier studies stay the same
+    if m.norm_eps is not None and m.norm_eps != 1e-5:
+        # absent when unset or the norms' own default: hashes of earlier studies stay
         head["norm_eps"] = m.norm_eps
     payload = json.dumps(
         {"model": head, "nodes": graph_summary(graph)}, sort_keys=True, default=str

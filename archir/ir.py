@@ -403,7 +403,7 @@ def graph_summary(graph: Graph) -> list[dict[str, Any]]:
                 "name": n.name,
                 "op": n.op,
                 "kind": n.kind,
-                "params": n.params.model_dump() if n.params is not None else {},
+                "params": n.params.hash_dump() if n.params is not None else {},
                 "inputs": list(n.inputs),
                 "norm": n.norm,
                 "residual": n.residual,

@@ -46,8 +46,8 @@ import torch
 from archir.compiler import CompiledModel
 from archir.compiler import compile as compile_spec
 from archir.errors import TrainingError
-from archir.paths import write_file, write_text
 from archir.inherit import InitReport, inherit, read_init, resolve_init
+from archir.paths import write_file, write_text
 from archir.spec.loader import Spec
 from archir.spec.sections import TrainSection
 from archir.tasks.base import Task, get_task

@@ -101,6 +101,8 @@ def spec_hash(spec: Spec) -> str:
     from archir.hashing import canonical_hash
 
     train = spec.model.train.model_dump(mode="json")
+    if train.get("init") is None:  # absent when unset: hashes of earlier studies stay
+        train.pop("init", None)
     t = hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()
     both = f"{canonical_hash(spec)}:{t}"
     return hashlib.sha256(both.encode()).hexdigest()[:16]

@@ -28,7 +28,7 @@ Options the published model families need (Hugging Face names in brackets):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,10 @@ class AttentionParams(KindParams):
     rotary_dim: int | None = Field(None, ge=2, le=MAX_DIM)
     rope_interleaved: bool = False
     rope_scaling: RopeScaling | None = None
+
+    added_later: ClassVar[frozenset[str]] = frozenset(
+        {"out_bias", "head_dim", "rotary_dim", "rope_interleaved", "rope_scaling"}
+    )
 
 
 class RopeScaling(KindParams):
@@ -105,16 +109,18 @@ def rope_cos_sin(
     interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Real-valued rotary tables ``cos, sin: [seq, rot_dim]`` for ``positions`` (a ``[seq]``
-    tensor, or an int ``seq`` for ``0..seq−1``): each frequency written twice, as
-    ``(f₀..fₕ, f₀..fₕ)`` (rotate-half layout) or ``(f₀, f₀, f₁, f₁, …)`` (interleaved)."""
-    if isinstance(positions, int):
+    tensor, or a length ``seq`` — an int, or a 0-d tensor while tracing — for ``0..seq−1``):
+    each frequency written twice, as ``(f₀..fₕ, f₀..fₕ)`` (rotate-half layout) or
+    ``(f₀, f₀, f₁, f₁, …)`` (interleaved; a constant gather, so the graph keeps a dynamic
+    sequence axis)."""
+    if isinstance(positions, int) or positions.dim() == 0:
         positions = torch.arange(positions, dtype=torch.float32, device=device)
     inv = rope_inv_freq(rot_dim, base, scaling, device)
-    ang = positions.to(torch.float32)[:, None] * inv[None, :]
     if interleaved:
-        ang = ang.repeat_interleave(2, dim=-1)
+        inv = inv[torch.tensor([i // 2 for i in range(rot_dim)], device=device)]
     else:
-        ang = torch.cat([ang, ang], dim=-1)
+        inv = torch.cat([inv, inv])
+    ang = positions.to(torch.float32)[:, None] * inv[None, :]
     return ang.cos(), ang.sin()
 
 
@@ -126,9 +132,10 @@ def apply_rope(
     channels rotate (partial rotary); the rest pass through."""
     rd = cos.shape[-1]
     xr = x[..., :rd] if rd < x.shape[-1] else x
-    if interleaved:  # pairs (x0, x1), (x2, x3) ... -> (-x1, x0), (-x3, x2) ...
-        pairs = xr.unflatten(-1, (rd // 2, 2))
-        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    if interleaved:  # pairs (x0, x1), (x2, x3) ... -> (-x1, x0), (-x3, x2) ...: one gather
+        idx = torch.tensor([i ^ 1 for i in range(rd)], device=x.device)  # 1, 0, 3, 2, ...
+        sign = torch.tensor([(-1.0) ** (i + 1) for i in range(rd)], dtype=x.dtype, device=x.device)
+        rotated = xr.index_select(-1, idx) * sign
     else:
         half = rd // 2
         rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)

@@ -47,7 +47,7 @@ experts (``4·d·h`` for ``mlp``, ``6·d·h`` for ``swiglu``); the dense path ru
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,8 @@ class MoEParams(KindParams):
     normalize_gates: bool = True
     dispatch: Literal["auto", "sparse", "dense"] = "auto"
     aux_loss_style: Literal["switch", "mixtral"] = "switch"
+
+    added_later: ClassVar[frozenset[str]] = frozenset({"aux_loss_style"})
 
 
 class MoE(nn.Module):

@@ -225,7 +225,7 @@ def register(family: Family) -> Family:
 
 
 def _load() -> None:
-    import archir.interop.families  # noqa: F401  (registers every family)
+    import archir.interop.catalog  # noqa: F401  (registers every family)
 
 
 def families() -> list[Family]:

@@ -188,6 +188,10 @@ def hf_to_archir(
     rules = fam.rules(spec, set(tensors))
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
+    if spec.model.head.params.tie_embeddings:  # type: ignore[attr-defined]
+        # a tied checkpoint may store the head too (torch.save of a state_dict); transformers
+        # ties it to the embedding on load, and so does archir
+        used.add("lm_head.weight")
     for r in rules:
         missing = [k for k in r.hf if k not in tensors]
         if missing:
@@ -409,6 +413,12 @@ def import_hf(
 
     src_p, out_p = Path(src), Path(out)
     check_out_dir(out_p)
+    if out_p.exists() and src_p.exists() and out_p.resolve() == src_p.resolve():
+        raise InteropError(
+            f"--out '{out_p}' is the folder being imported: its model.safetensors would be "
+            "replaced",
+            hint="give another output folder",
+        )
     cfg = read_config(src_p)
     fam = family_of(cfg)
     data = fam.to_spec(cfg)
@@ -467,7 +477,12 @@ def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def _load_exact(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    where: str,
+    hint: str = "the weights do not match config.json",
+) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     if missing:
@@ -478,8 +493,8 @@ def _load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], where: s
         if tuple(own[k].shape) != tuple(v.shape):
             raise InteropError(
                 f"{where}: '{k}' is {tuple(v.shape)} in the checkpoint, "
-                f"{tuple(own[k].shape)} in the spec built from its config",
-                hint="the weights do not match config.json",
+                f"{tuple(own[k].shape)} in the spec",
+                hint=hint,
             )
     model.load_state_dict(state, strict=True)
 
@@ -561,8 +576,8 @@ def export_hf(
             a mismatch removes what was written and raises.
 
     Raises:
-        InteropError: the spec maps onto no family; parity failure. ExportError: weights
-            that do not fit the spec.
+        InteropError: the spec maps onto no family, weights that do not fit the spec,
+            ``out`` holding those weights, a parity failure.
     """
     from safetensors.torch import save_file
 
@@ -572,10 +587,21 @@ def export_hf(
     fam, config = family_for_spec(sm)
     out_p = Path(out)
     check_out_dir(out_p)
+    if weights is not None and out_p.exists() and Path(weights).resolve().parent == out_p.resolve():
+        raise InteropError(
+            f"--out '{out_p}' holds the weights being exported ({weights}): they would be "
+            "replaced by the Hugging Face layout",
+            hint="give another output folder",
+        )
     model = compile(spec)
     note = ""
     if weights is not None:
-        _load_exact(model, read_tensors([_weights_file(weights)]), str(weights))
+        _load_exact(
+            model,
+            read_tensors([_weights_file(weights)]),
+            str(weights),
+            hint="give the model.safetensors saved beside this spec",
+        )
     else:
         note = "weights: random (untrained)"
     hf_state = archir_to_hf(fam, sm, {k: v.detach() for k, v in model.state_dict().items()})

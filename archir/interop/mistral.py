@@ -20,10 +20,12 @@ def _to_spec(cfg: HFConfig) -> dict[str, Any]:
     return llama.decoder_spec(cfg, "mistral", attn, llama.glu(cfg))
 
 
-def _pairs(spec: SpecModel) -> list[Any]:
+def _pairs(spec: SpecModel, export: bool = False) -> list[Any]:
+    """The layers; ``export`` also asks for a window (without one the spec is written as
+    Llama, the same function; an imported Mistral without a window is still read)."""
     pairs = llama.decoder_layers(spec, "mistral", ("swiglu", "geglu"))
     pa = pairs[0][0]
-    if pa.window is None:
+    if export and pa.window is None:
         raise refuse_spec("mistral", "its attention has no sliding window (that is Llama)")
     if pa.qkv_bias or pa.out_bias:
         raise refuse_spec("mistral", "its attention has biases")
@@ -41,7 +43,7 @@ def _rules(spec: SpecModel, hf_keys: set[str] | None) -> list[Rule]:
 
 
 def _to_config(spec: SpecModel) -> dict[str, Any]:
-    pairs = _pairs(spec)
+    pairs = _pairs(spec, export=True)
     cfg = llama.decoder_config(spec, "mistral", "MistralForCausalLM", pairs)
     glu = llama.uniform_glu(spec, "mistral", pairs)
     del glu["mlp_bias"]

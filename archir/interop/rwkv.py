@@ -39,6 +39,13 @@ def _to_spec(cfg: HFConfig) -> dict[str, Any]:
             "attention_hidden_size", f"{att} differs from hidden_size {d}; archir's rwkv is d→d"
         )
     eps = cfg.get("layer_norm_epsilon", 1e-5, float)
+    if eps != 1e-5:
+        raise cfg.refuse(
+            "layer_norm_epsilon",
+            f"{eps:g}: transformers' RWKV uses it for pre_ln, ln1 and ln2 but 1e-5 for ln_out; "
+            "archir's norm_eps sets every norm alike",
+            "only layer_norm_epsilon 1e-5 maps exactly",
+        )
     cfg.get("rescale_every", 6, int)
     return {
         "archir": 1,
@@ -97,8 +104,8 @@ def _layers(spec: SpecModel) -> int:
         widths.add((pc.d_ff, pc.expansion, pc.multiple_of))
     if len(widths) != 1:
         raise refuse_spec("rwkv", "its channel-mix widths differ between layers")
-    if m.norm_eps is not None and blocks[0][1].eps != m.norm_eps:
-        raise refuse_spec("rwkv", "pre_ln's eps differs from the model's norm_eps")
+    if m.norm_eps not in (None, 1e-5) or blocks[0][1].eps != 1e-5:
+        raise refuse_spec("rwkv", "its norms' eps is not 1e-5 (transformers' ln_out is fixed)")
     return len(rest) // 2
 
 
@@ -113,9 +120,7 @@ def _rules(spec: SpecModel, hf_keys: set[str] | None) -> list[Rule]:
         copy("final_norm.weight", f"{r}.ln_out.weight"),
         copy("final_norm.bias", f"{r}.ln_out.bias"),
     ]
-    if spec.model.head.params.tie_embeddings:  # type: ignore[attr-defined]
-        pass
-    else:
+    if not spec.model.head.params.tie_embeddings:  # type: ignore[attr-defined]
         rules.append(copy("head.weight", "head.weight"))
     for i in range(n):
         t, c, h = 1 + 2 * i, 2 + 2 * i, f"{r}.blocks.{i}"
