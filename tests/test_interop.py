@@ -33,8 +33,12 @@ from archir.blocks.attention import Attention
 from archir.cli import main
 from archir.compiler import compile as compile_spec
 from archir.errors import ArchirError, InteropError
-from archir.interop import PARITY_RTOL, export_hf, import_hf
-from archir.interop import families  # see test_interop_families_stays_a_function
+from archir.interop import (
+    PARITY_RTOL,
+    export_hf,
+    families,  # see test_interop_families_stays_a_function
+    import_hf,
+)
 from archir.spec import spec_from_dict
 from tests.conftest import ZOO
 
