@@ -234,3 +234,7 @@ def test_an_imported_model_with_its_own_tokenizer_trains_on_text_through_it(tmp_
     )
     res = train(spec, cfg=cfg_t)
     assert res.metrics["status"] == "ok" and 0 < res.metrics["val_bpb"] < 20
+    # the imported spec trains on from the imported weights (train.init: model.safetensors)
+    init = res.metrics["init"]
+    assert init["fresh"] == 0 and init["params_inherited"] == init["params_total"]
+    assert init["file"] == str((tmp_path / "out" / "model.safetensors").resolve())

@@ -3,7 +3,8 @@
 ``import_hf(src, out)``: ``src/config.json`` + weights (``model.safetensors``, sharded
 safetensors with their index, or ``pytorch_model.bin`` read with PyTorch's restricted
 ``weights_only`` unpickler, which builds tensors and nothing else) become ``out/spec.yaml``
-(concrete, validates on its own) + ``out/model.safetensors`` (archir's state-dict names),
+(concrete, validates on its own; ``train.init: model.safetensors``, so training it goes on
+from the imported weights) + ``out/model.safetensors`` (archir's state-dict names),
 with the tokenizer files copied alongside and ``out/import.json`` recording the source and
 the parity numbers. When ``transformers`` is installed the logits of both models on the same
 tokens are compared first, and a mismatch above :data:`PARITY_RTOL` (relative to the largest
@@ -432,11 +433,13 @@ def import_hf(
         )
     data["name"] = _spec_name(src_p, fam.name, name)
     data["description"] = f"imported from the Hugging Face {fam.name} model '{src_p.name}'"
+    # training the imported spec goes on from the imported weights (relative to the spec)
+    data["train"] = {"task": "text:pydoc", "init": "model.safetensors"}
     if _regular(src_p / "tokenizer.json") and data["model"]["vocab_size"] != 256:
         # a model with its own vocabulary trains on text through its own tokenizer (copied
         # beside the spec); a byte-level model (vocabulary 256) needs none
         tok = (out_p / "tokenizer.json").resolve()
-        data["train"] = {"task": "text:pydoc", "task_options": {"tokenizer": str(tok)}}
+        data["train"]["task_options"] = {"tokenizer": str(tok)}
     spec = spec_from_dict(data)
     check_budget(build_graph(spec))
     tensors = read_tensors(weight_files(src_p))
