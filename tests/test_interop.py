@@ -1067,3 +1067,32 @@ def test_tokenizer_files_are_copied_but_not_through_links(llama_src: Path, tmp_p
         "merges.txt",
     }
     assert read_json(out / "import.json")["tokenizer_files"] == report.tokenizer_files
+
+
+@needs_transformers
+def test_a_mamba_with_trained_strength_decays_round_trips(tmp_path: Path) -> None:
+    """A Mamba whose per-step log-decay Δ·A reaches far below −4 (as trained checkpoints'
+    do) imports and exports with parity: archir's scan has no clamp (issue 16)."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(FAMILY_CONFIGS["mamba"](transformers)).eval()
+    perturb_(hf, seed=2)
+    with torch.no_grad():
+        for layer in hf.backbone.layers:
+            layer.mixer.A_log.add_(3.0)  # A down to about −16·e³
+            layer.mixer.dt_proj.bias.fill_(2.0)  # Δ about 2
+    src, out, back = tmp_path / "src", tmp_path / "out", tmp_path / "back"
+    hf.save_pretrained(src)
+    report = import_hf(src, out)
+    assert report.parity is not None and report.parity.rel <= RTOL
+    spec = archir.load_spec(out / "spec.yaml")
+    model = compile_spec(spec).eval()
+    load_model(model, str(out / "model.safetensors"), strict=True)
+    fn = model.blocks[0].fn
+    with torch.no_grad():
+        dt_max = float(torch.nn.functional.softplus(fn.dt_proj.bias).max())
+        assert -float(torch.exp(fn.A_log).max()) * dt_max < -50
+        tokens = text_tokens(64)
+        assert rel_err(model(tokens), hf(input_ids=tokens).logits) <= RTOL
+    ereport = export_hf(spec, back, weights=str(out / "model.safetensors"))
+    assert ereport.parity is not None and ereport.parity.ok

@@ -29,13 +29,21 @@ from archir.registry import MAX_DIM, BlockKind, BuildContext, KindParams, regist
 
 State = tuple[torch.Tensor, ...]
 
-# Mamba's parallel scan works in chunks of CHUNK steps. Within a chunk the log-decay
-# G_t = Σ_{s≤t} Δ_s·A is cumulated and centered on half the chunk total, so the state is
-# exp(G_t)·Σ_{s≤t} exp(−G_s)·u_s with both factors bounded by exp(CHUNK·MAX_LOG_DECAY/2) =
-# e^64 (fp32-safe): the per-step log-decay Δ·A is clamped to [−MAX_LOG_DECAY, 0] (a decay
-# factor ≥ e^-4 ≈ 0.018 per step) in both the parallel and the step form.
+# Mamba's parallel scan works in chunks of CHUNK steps, in one of two exact forms (no clamp:
+# the recurrence is the paper's for any Δ·A ≤ 0):
+# * fast (the usual case, every per-step log-decay Δ·A ≥ −FAST_LOG_DECAY): within a chunk the
+#   log-decay G_t = Σ_{s≤t} Δ_s·A is cumulated and centered on half the chunk total, and the
+#   state is exp(G_t)·Σ_{s≤t} exp(−G_s)·u_s, both factors bounded by
+#   exp(CHUNK·FAST_LOG_DECAY/2) = e^64 (fp32-safe); cumulative sums are matmuls;
+# * stable (any Δ·A, e.g. −50 after training; and always under export, where the data cannot
+#   choose): the recurrence h = exp(Δ·A)·h + u run CHUNK steps over every chunk at once (a
+#   fixed count of steps, not a loop over the sequence) — once from a zero state for each
+#   chunk's end state, once more from the state carried in — products of factors ≤ 1, no
+#   overflow.
+# Between chunks both forms carry the chunk end states through ``carry_matrix`` (sums of
+# log-decays ≤ 0, stable).
 CHUNK = 32
-MAX_LOG_DECAY = 4.0
+FAST_LOG_DECAY = 4.0
 
 
 def carry_matrix(g: torch.Tensor) -> torch.Tensor:
@@ -97,9 +105,35 @@ def _give(*ts: torch.Tensor) -> None:
     _POOL.bufs = bufs
 
 
-def _any_clamped(dt: torch.Tensor, A: torch.Tensor) -> bool:
-    """Whether some ``Δ·A`` (``dt [..., di]``, ``A [di, N]``) is below ``−MAX_LOG_DECAY``."""
-    return bool((dt.reshape(-1, dt.shape[-1]).amax(0)[:, None] * A).amin() < -MAX_LOG_DECAY)
+def _needs_stable(dt: torch.Tensor, A: torch.Tensor) -> bool:
+    """Whether some ``Δ·A`` (``dt [..., di]``, ``A [di, N]``) is below ``−FAST_LOG_DECAY``
+    (then only the stable form is exact in fp32)."""
+    return bool((dt.reshape(-1, dt.shape[-1]).amax(0)[:, None] * A).amin() < -FAST_LOG_DECAY)
+
+
+def _scan_stable(
+    dt: torch.Tensor, A: torch.Tensor, ux: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor
+) -> torch.Tensor:
+    """The stable chunked scan (see the comment at :data:`CHUNK`), out of place (autograd and
+    export follow it). Same shapes as :func:`_scan_forward`; returns ``y [B, nc, Q, di]``."""
+    Bsz, nc, Q, di = dt.shape
+    la = dt[..., None] * A  # [B, nc, Q, di, N] log-decay of each step
+    a_q = torch.exp(la).unbind(2)  # one unbind each: its backward is one stack
+    u_q = (ux[..., None] * Bm[..., None, :]).unbind(2)
+    # every chunk at once, CHUNK steps (a fixed count whatever the length): first from a
+    # zero state to each chunk's end state S, then again from the state carried in
+    h = u_q[0]
+    for q in range(1, Q):
+        h = a_q[q] * h + u_q[q]
+    S = h.reshape(Bsz, 1, nc, -1)
+    L = carry_matrix(la.sum(2).reshape(Bsz, nc, -1))  # [B, nc, nc, di·N]
+    h = (L * S).sum(2).view(h.shape)  # the state entering each chunk
+    hs = []
+    for q in range(Q):
+        h = a_q[q] * h + u_q[q]
+        hs.append(h)
+    h = torch.stack(hs, 2)
+    return torch.einsum("bkqdn,bkqn->bkqd", h, Cm)
 
 
 def _scan_forward(
@@ -108,36 +142,30 @@ def _scan_forward(
     ux: torch.Tensor,
     Bm: torch.Tensor,
     Cm: torch.Tensor,
-    clamped: bool = True,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Chunked selective scan, run without an autograd graph (intermediates are updated in
     place: on CPU a fresh ``[B, T, di, N]`` tensor costs more in page faults than the
     arithmetic on it).
 
     ``dt, ux [B, nc, Q, di]``, ``A [di, N]``, ``Bm, Cm [B, nc, Q, N]`` -> ``y [B, nc, Q, di]``
-    with ``y_t = C_t·h_t``, ``h_t = exp(clamp(Δ_t A)) h_{t−1} + ux_t B_t``, and what the
-    backward pass needs: ``(eG, h, L, ehalf)``. ``clamped=False`` promises that no ``Δ·A``
-    reaches the clamp (see ``_any_clamped``); then ``G = cumsum(Δ)·A`` is formed directly.
+    with ``y_t = C_t·h_t``, ``h_t = exp(Δ_t A) h_{t−1} + ux_t B_t``, and what the backward
+    pass needs: ``(eG, h, L, ehalf)``. The fast form: exact while every ``Δ·A ≥
+    −FAST_LOG_DECAY`` (:func:`_needs_stable` is False; the callers check).
     """
     Bsz, nc, Q, di = dt.shape
     N = A.shape[1]
     shape, flat = (Bsz, nc, Q, di, N), (Bsz, nc, Q, di * N)
     tril = torch.ones(Q, Q, dtype=dt.dtype, device=dt.device).tril()
-    capture = tracing()  # export/compile: no out= arguments, no pool
+    capture = tracing()  # compile: no out= arguments, no pool
     # G: log-decay since the chunk start, centered on half the chunk's total (|G| ≤
-    # Q·MAX_LOG_DECAY/2). Cumulative sums within a chunk are a matmul with a lower-triangular
-    # ones matrix (much faster than cumsum over a strided axis on CPU; MatMul in ONNX).
+    # Q·FAST_LOG_DECAY/2). Cumulative sums within a chunk are a matmul with a lower-triangular
+    # ones matrix (much faster than cumsum over a strided axis on CPU).
     if capture:
-        buf = (dt[..., None] * A).clamp(min=-MAX_LOG_DECAY)
+        buf = dt[..., None] * A
         G = torch.matmul(tril, buf.view(flat)).view(shape)
         half = 0.5 * G[:, :, -1:]  # [B, nc, 1, di, N]
         G = G - half
-    elif clamped:
-        buf = torch.mul(dt[..., None], A, out=_take(shape, dt)).clamp_(min=-MAX_LOG_DECAY)
-        G = torch.matmul(tril, buf.view(flat), out=_take(flat, dt)).view(shape)
-        half = 0.5 * G[:, :, -1:]
-        G.sub_(half)
-    else:  # no clamp: cumulate Δ [B, nc, Q, di] only, then scale by A
+    else:  # cumulate Δ [B, nc, Q, di] only, then scale by A
         Dc = torch.matmul(tril, dt)
         Dhalf = 0.5 * Dc[:, :, -1:]
         G = torch.mul((Dc - Dhalf)[..., None], A, out=_take(shape, dt))
@@ -180,10 +208,7 @@ class _SelectiveScan(torch.autograd.Function):
         Bm: torch.Tensor,
         Cm: torch.Tensor,
     ) -> torch.Tensor:
-        # whether any Δ·A was clamped (then the clamp's zero gradient must be applied)
-        clamped = _any_clamped(dt, A)
-        y, (eG, h, L, ehalf) = _scan_forward(dt, A, ux, Bm, Cm, clamped)
-        ctx.clamped = clamped  # type: ignore[attr-defined]
+        y, (eG, h, L, ehalf) = _scan_forward(dt, A, ux, Bm, Cm)
         ctx.save_for_backward(dt, A, ux, Bm, Cm, eG, h, L, ehalf)
         return y
 
@@ -206,8 +231,6 @@ class _SelectiveScan(torch.autograd.Function):
         Fk = (L * R).sum(1).view(Bsz, nc, di, N)
         delta = rc.add_((ehalf * Fk)[:, :, None]).div_(eG)  # ∂loss/∂h_t (total)
         gla = torch.addcmul(h, ux[..., None], Bm[..., None, :], value=-1.0, out=w).mul_(delta)
-        if ctx.clamped:  # type: ignore[attr-defined]
-            gla.mul_(dt[..., None] * A >= -MAX_LOG_DECAY)
         gdt = gla.mul_(A).sum(-1)  # Σ_n ∂la·A
         gA = gla.mul_(dt[..., None]).view(-1, di, N).sum(0).div_(A)  # Σ_{b,t} ∂la·Δ
         gux = torch.einsum("bkqdn,bkqn->bkqd", delta, Bm)
@@ -223,15 +246,16 @@ class _SelectiveScan(torch.autograd.Function):
 def selective_scan(
     dt: torch.Tensor, A: torch.Tensor, ux: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor
 ) -> torch.Tensor:
-    """Mamba's selective scan ``y_t = C_t·h_t``, ``h_t = exp(clamp(Δ_t A)) h_{t−1} + ux_t B_t``
-    (``h_{−1} = 0``; ``clamp`` to ``[−MAX_LOG_DECAY, 0]``).
+    """Mamba's selective scan ``y_t = C_t·h_t``, ``h_t = exp(Δ_t A) h_{t−1} + ux_t B_t``
+    (``h_{−1} = 0``), exact for any ``Δ·A ≤ 0`` (no clamp).
 
     ``dt, ux [B, T, di]`` (``Δ`` and ``Δ·x``), ``A [di, N]`` (negative),
-    ``Bm, Cm [B, T, N]`` -> ``y [B, T, di]``. Chunked parallel form, no loop over time;
-    under autograd a hand-written backward (same chunked scan run backwards in time).
-    Under graph capture (:func:`~archir.blocks.common.tracing`): plain out-of-place ops
-    that autograd and torch.export follow, with symbolic padding (a dynamic sequence axis
-    stays dynamic).
+    ``Bm, Cm [B, T, N]`` -> ``y [B, T, di]``. Chunked parallel form, no loop over time (see
+    :data:`CHUNK`): the fast form when every ``Δ·A ≥ −FAST_LOG_DECAY`` (under autograd with a
+    hand-written backward: the same chunked scan run backwards in time), else the stable
+    form. Under graph capture (:func:`~archir.blocks.common.tracing`): the stable form
+    always (the data cannot choose in a graph), plain out-of-place ops that autograd and
+    torch.export follow, with symbolic padding (a dynamic sequence axis stays dynamic).
     """
     Bsz, T, di = dt.shape
     capture = tracing()
@@ -246,13 +270,13 @@ def selective_scan(
     dt, ux, Bm, Cm = args
     A = A.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (dt, A, ux, Bm, Cm))
-    if capture:  # export/compile: plain differentiable ops, no data-dependent branch
-        y = _scan_forward(dt, A, ux, Bm, Cm, True)[0]
+    if capture or _needs_stable(dt, A):  # export/compile: no data-dependent branch
+        y = _scan_stable(dt, A, ux, Bm, Cm)
     elif needs_grad:
         y = _SelectiveScan.apply(dt, A, ux, Bm, Cm)
     else:
         with torch.no_grad():
-            y, (eG, h, _, _) = _scan_forward(dt, A, ux, Bm, Cm, _any_clamped(dt, A))
+            y, (eG, h, _, _) = _scan_forward(dt, A, ux, Bm, Cm)
             _give(eG, h)
     return y.reshape(Bsz, nc * CHUNK, di)[:, :T]
 
@@ -282,7 +306,7 @@ class Mamba(nn.Module):
     conv_{d_conv}(x))``; input-dependent ``Δ = softplus(dt_proj(·))`` (low rank ``dt_rank``),
     ``B, C [d_state]`` from ``x_proj``; per channel ``c`` and state ``n``:
     ``h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t x_t``, ``y_t = C_t·h_t + D x_t`` with
-    ``A = −exp(A_log) [d_inner, d_state]`` (log-decay clamped, see ``MAX_LOG_DECAY``);
+    ``A = −exp(A_log) [d_inner, d_state]`` (no clamp: exact for any ``Δ·A``, see ``CHUNK``);
     output ``out_proj(y ⊙ silu(z))``.
 
     ``forward``: ``[B, T, d] -> [B, T, d]`` by a chunked parallel scan: cumulative sums within
@@ -321,7 +345,7 @@ class Mamba(nn.Module):
         dt, Bm, Cm = torch.split(dbc, [self.R, self.N, self.N], dim=-1)
         dt = F.softplus(self.dt_proj(dt))
         A = -torch.exp(self.A_log)
-        log_decay = (dt[..., None] * A).clamp(min=-MAX_LOG_DECAY)
+        log_decay = dt[..., None] * A
         u = (dt * xc)[..., None] * Bm[..., None, :]
         return log_decay, u, Cm, dt
 
@@ -382,8 +406,10 @@ def _mamba_flops(p: MambaParams, c: BuildContext, L: int) -> float:
     di, R = _mamba_dims(p, d)
     N, K = p.d_state, p.d_conv
     dense = 2.0 * d * 2 * di + 2.0 * di * K + 2.0 * di * (R + 2 * N) + 2.0 * R * di + 2.0 * di * d
-    # per (channel, state): Δ·A, Δx·B, exp(-G)·u, cumsum, exp(G)·(·), carry multiply-add,
-    # C·h multiply-add = 9; between chunks the nc×nc transfer matrix: ~2·nc/CHUNK per token
+    # per (channel, state): Δ·A, Δx·B, the in-chunk recurrence or cumulative sum (counted
+    # as 1, as since the latency predictor was calibrated: the triangular matmul the forms
+    # run costs 2·CHUNK), the decay, the carry multiply-add, C·h multiply-add = 9; between
+    # chunks the nc×nc transfer matrix: ~2·nc/CHUNK per token
     nc = math.ceil(max(L, 1) / CHUNK)
     scan = 9.0 * di * N + 2.0 * di * N * nc / CHUNK
     return dense + scan + 4.0 * di  # + D skip and gate
