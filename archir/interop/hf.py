@@ -465,6 +465,9 @@ def import_hf(
         created.mkdir(out_p)
         from safetensors.torch import save_model
 
+        for f in ("spec.yaml", "model.safetensors", "import.json", *TOKENIZER_FILES):
+            if not (out_p / f).exists():  # removed again if the import fails from here on
+                created.file(out_p / f)
         write_text(out_p / "spec.yaml", spec.to_yaml())
         write_file(out_p / "model.safetensors", lambda tmp: save_model(model, tmp))
         copied = _copy_tokenizer(src_p, out_p)
