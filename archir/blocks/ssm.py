@@ -136,6 +136,91 @@ def _scan_stable(
     return torch.einsum("bkqdn,bkqn->bkqd", h, Cm)
 
 
+def _between(nc: int, like: torch.Tensor) -> torch.Tensor:
+    """``[nc·nc, nc]`` 0/1: row ``(i, j)`` marks the chunks ``r`` with ``j < r < i`` (as in
+    :func:`carry_matrix`)."""
+    idx = torch.arange(nc, device=like.device)
+    i, j, r = idx[:, None, None], idx[None, :, None], idx[None, None, :]
+    return ((j < r) & (r < i)).to(like.dtype).reshape(nc * nc, nc)
+
+
+class _StableScan(torch.autograd.Function):
+    """:func:`_scan_stable` with a hand-written backward (eager training with strong decays):
+    the adjoint of the in-chunk recurrence ``δ_q = C_q gy_q + a_{q+1} δ_{q+1}`` run backwards
+    over the chunk's steps in place, the carry's adjoint through ``carry_matrix``, and the
+    end-state recurrence's adjoint ``ε_{q−1} = a_q ε_q``; ``∂la = ∂a·a`` plus the chunk
+    total's share. Saves ``a`` and ``h`` (``[B, nc, Q, di, N]`` each)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        ux: torch.Tensor,
+        Bm: torch.Tensor,
+        Cm: torch.Tensor,
+    ) -> torch.Tensor:
+        Bsz, nc, Q, di = dt.shape
+        la = dt[..., None] * A
+        g = la.sum(2)  # [B, nc, di, N]
+        a = torch.exp(la, out=la)
+        u = ux[..., None] * Bm[..., None, :]
+        z = u[:, :, 0].clone()
+        for q in range(1, Q):
+            z.mul_(a[:, :, q]).add_(u[:, :, q])
+        L = carry_matrix(g.reshape(Bsz, nc, -1))  # [B, nc, nc, di·N]
+        H = (L * z.reshape(Bsz, 1, nc, -1)).sum(2).view(z.shape)
+        h = u  # overwritten step by step: h_q = a_q h_{q−1} + u_q
+        prev = H
+        for q in range(Q):
+            h[:, :, q].addcmul_(a[:, :, q], prev)
+            prev = h[:, :, q]
+        y = torch.einsum("bkqdn,bkqn->bkqd", h, Cm)
+        ctx.save_for_backward(dt, A, ux, Bm, Cm, a, h, H, z, L)
+        return y
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, gy: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        dt, A, ux, Bm, Cm, a, h, H, S, L = ctx.saved_tensors  # type: ignore[attr-defined]
+        Bsz, nc, Q, di = dt.shape
+        N = A.shape[1]
+        gy = gy.contiguous()
+        gC = torch.einsum("bkqd,bkqdn->bkqn", gy, h)
+        delta = gy[..., None] * Cm[..., None, :]  # ∂y/∂h directly, then the adjoint
+        for q in range(Q - 2, -1, -1):
+            delta[:, :, q].addcmul_(a[:, :, q + 1], delta[:, :, q + 1])
+        ga = torch.empty_like(a)
+        torch.mul(delta[:, :, 1:], h[:, :, :-1], out=ga[:, :, 1:])
+        torch.mul(delta[:, :, 0], H, out=ga[:, :, 0])
+        gH = a[:, :, 0] * delta[:, :, 0]  # [B, nc, di, N]
+        X = di * N
+        gS = (L * gH.reshape(Bsz, nc, 1, X)).sum(1).view(S.shape)
+        W = (L * gH.reshape(Bsz, nc, 1, X) * S.reshape(Bsz, 1, nc, X)).reshape(Bsz, nc * nc, X)
+        gg = torch.matmul(_between(nc, dt).t(), W).view(Bsz, nc, di, N)  # ∂ chunk totals
+        # the end-state recurrence z_q = a_q z_{q−1} + u_q (z_{Q−1} = S), backwards: z is
+        # recomputed forwards, then ε runs back from ∂S
+        gu = delta
+        u = ux[..., None] * Bm[..., None, :]
+        z = torch.empty_like(u)
+        z[:, :, 0] = u[:, :, 0]
+        for q in range(1, Q):
+            torch.addcmul(u[:, :, q], a[:, :, q], z[:, :, q - 1], out=z[:, :, q])
+        eps = gS
+        for q in range(Q - 1, -1, -1):
+            gu[:, :, q].add_(eps)
+            if q > 0:
+                ga[:, :, q].addcmul_(eps, z[:, :, q - 1])
+                eps = eps * a[:, :, q]
+        gla = ga.mul_(a).add_(gg[:, :, None])
+        gdt = (gla * A).sum(-1)
+        gA = (gla * dt[..., None]).reshape(-1, di, N).sum(0)
+        gux = (gu * Bm[..., None, :]).sum(-1)
+        gB = (gu * ux[..., None]).sum(-2)
+        return gdt, gA, gux, gB, gC
+
+
 def _scan_forward(
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -270,8 +355,10 @@ def selective_scan(
     dt, ux, Bm, Cm = args
     A = A.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (dt, A, ux, Bm, Cm))
-    if capture or _needs_stable(dt, A):  # export/compile: no data-dependent branch
+    if capture:  # export/compile: no data-dependent branch
         y = _scan_stable(dt, A, ux, Bm, Cm)
+    elif _needs_stable(dt, A):
+        y = _StableScan.apply(dt, A, ux, Bm, Cm) if needs_grad else _scan_stable(dt, A, ux, Bm, Cm)
     elif needs_grad:
         y = _SelectiveScan.apply(dt, A, ux, Bm, Cm)
     else:
