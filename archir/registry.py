@@ -126,7 +126,9 @@ class BlockKind:
         paper: the source paper (authors, year, title).
         summary: one line for ``archir blocks``.
         recurrent: provides ``init_state``/``step`` (decoding with carried state).
-        exportable_loopless: the ``forward`` graph has no per-time-step loop.
+        extra: facts other passes read by name: ``out_shape(params, ctx, in_shape)`` for
+            embeddings and heads whose output is not ``[batch, seq, d_model]``,
+            ``flops_counts`` (a note on what the FLOPs rule counts; read by no pass).
     """
 
     name: str

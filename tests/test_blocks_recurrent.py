@@ -261,7 +261,9 @@ def test_check_errors() -> None:
     ctx = BuildContext(d_model=30)
     with pytest.raises(ValueError, match="n_heads 4 does not divide d_model 30"):
         registry.get("linear_attention").check(registry.get("linear_attention").params(), ctx)
-    with pytest.raises(ValueError, match="must divide the key width 15"):
+    with pytest.raises(
+        ValueError, match="n_heads 4 does not divide the key width expand_k·d_model = 15"
+    ):
         registry.get("gla").check(registry.get("gla").params(), ctx)
     with pytest.raises(ValueError, match="d_state 5 must be even"):
         registry.get("s4d").check(S4DParams.model_validate({"d_state": 5}), ctx)

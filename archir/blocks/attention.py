@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archir.blocks.common import linear
+from archir.blocks.common import check_heads, linear
 from archir.registry import MAX_DIM, MAX_HIDDEN, BlockKind, BuildContext, KindParams, register
 
 
@@ -284,8 +284,8 @@ def _kv_dim(p: AttentionParams, c: BuildContext) -> int:
 
 
 def _check(p: AttentionParams, c: BuildContext) -> None:
-    if p.head_dim is None and c.d_model % p.n_heads:
-        raise ValueError(f"n_heads {p.n_heads} does not divide d_model {c.d_model}")
+    if p.head_dim is None:
+        check_heads(p.n_heads, d_model=c.d_model)
     if p.n_kv_heads is not None and p.n_heads % p.n_kv_heads:
         raise ValueError(f"n_kv_heads {p.n_kv_heads} does not divide n_heads {p.n_heads}")
     hd = _head_dim(p, c.d_model)

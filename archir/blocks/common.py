@@ -52,3 +52,12 @@ def tracing(*, compiling: bool = True) -> bool:
         or torch.compiler.is_exporting()
         or (compiling and torch.compiler.is_compiling())
     )
+
+
+def check_heads(n_heads: int, **widths: int) -> None:
+    """Raise ``ValueError("n_heads H does not divide <name> <width>")`` for the first width
+    that ``n_heads`` does not divide (every multi-head kind's check; the message starts with
+    the field name, so the spec error points at ``n_heads``)."""
+    for name, width in widths.items():
+        if width % n_heads:
+            raise ValueError(f"n_heads {n_heads} does not divide {name} {width}")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archir.blocks.common import hidden_size, init_linear
+from archir.blocks.common import check_heads, hidden_size, init_linear
 from archir.registry import MAX_DIM, MAX_HIDDEN, BlockKind, BuildContext, KindParams, register
 
 State = tuple[torch.Tensor, ...]
@@ -122,8 +122,7 @@ class LinearAttention(nn.Module):
 
 
 def _check_heads(p: LinearAttentionParams, c: BuildContext) -> None:
-    if c.d_model % p.n_heads:
-        raise ValueError(f"n_heads {p.n_heads} does not divide d_model {c.d_model}")
+    check_heads(p.n_heads, d_model=c.d_model)
 
 
 register(
@@ -281,11 +280,8 @@ class GLA(nn.Module):
 
 def _gla_check(p: GLAParams, c: BuildContext) -> None:
     dk, dv = _gla_dims(p, c.d_model)
-    if dk % p.n_heads or dv % p.n_heads:
-        raise ValueError(
-            f"n_heads {p.n_heads} must divide the key width {dk} (expand_k·d_model) "
-            f"and the value width {dv} (expand_v·d_model)"
-        )
+    check_heads(p.n_heads, **{"the key width expand_k·d_model =": dk})
+    check_heads(p.n_heads, **{"the value width expand_v·d_model =": dv})
 
 
 def _gla_params(p: GLAParams, c: BuildContext) -> int:
@@ -440,10 +436,8 @@ class RetNet(nn.Module):
 
 def _retnet_check(p: RetNetParams, c: BuildContext) -> None:
     dv = _retnet_dv(p, c.d_model)
-    if c.d_model % p.n_heads or dv % p.n_heads:
-        raise ValueError(
-            f"n_heads {p.n_heads} must divide d_model {c.d_model} and the value width {dv}"
-        )
+    check_heads(p.n_heads, d_model=c.d_model)
+    check_heads(p.n_heads, **{"the value width expand_v·d_model =": dv})
     if p.pos == "rope" and (c.d_model // p.n_heads) % 2:
         raise ValueError(f"rope needs an even head_dim, got {c.d_model // p.n_heads}")
 
