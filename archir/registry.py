@@ -128,7 +128,9 @@ class BlockKind:
         recurrent: provides ``init_state``/``step`` (decoding with carried state).
         extra: facts other passes read by name: ``out_shape(params, ctx, in_shape)`` for
             embeddings and heads whose output is not ``[batch, seq, d_model]``,
-            ``flops_counts`` (a note on what the FLOPs rule counts; read by no pass).
+            ``flops_counts`` (a note on what the FLOPs rule counts; read by no pass),
+            ``flops_exact: True`` (the FLOPs rule equals ``torch.utils.flop_counter``'s count
+            of the module, matmul-class operations only — tested for every such kind).
     """
 
     name: str

@@ -87,6 +87,28 @@ def test_flops_per_token_match_torch_counter(case: str, seq: int) -> None:
     assert archir.analyze(s, seq_len=seq).flops_per_token == measured
 
 
+EXACT_KINDS = [k.name for k in registry.kinds() if k.extra.get("flops_exact")]
+
+
+def test_flops_exact_kinds_are_declared() -> None:
+    # the registry says which FLOPs rules equal torch's counter; the list is not empty and
+    # holds the kinds the hand-written cases above cover
+    assert {"attention", "mlp", "swiglu", "geglu"} <= set(EXACT_KINDS)
+
+
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+@pytest.mark.parametrize("seq", [8, 32])
+def test_flops_of_every_exact_kind_match_torch_counter(kind: str, seq: int) -> None:
+    """Every kind that declares ``flops_exact`` (registry ``extra``), at its default
+    parameters: the cost rule equals ``torch.utils.flop_counter`` on the real module."""
+    s = spec([{"kind": kind}])
+    model = archir.compile(s).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(torch.randint(0, 64, (2, seq)))
+    assert archir.analyze(s, seq_len=seq).flops_per_token == counter.get_total_flops() / (2 * seq)
+
+
 def test_flops_tied_head_same_as_untied() -> None:
     a = spec([{"kind": "mlp"}], head={"kind": "lm_head", "tie_embeddings": True})
     b = spec([{"kind": "mlp"}])

@@ -331,5 +331,6 @@ register(
         check=_check,
         paper="Vaswani et al., 2017, 'Attention Is All You Need' (+ GQA, RoPE, ALiBi, windows)",
         summary="multi-head softmax attention; causal/bidirectional, rope/alibi/none, GQA, window",
+        extra={"flops_exact": True},
     )
 )

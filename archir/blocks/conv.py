@@ -452,6 +452,7 @@ register(
         check=_sep_check,
         paper="Yu et al., 2023, 'MetaFormer Baselines for Vision' (ConvFormer)",
         summary="separable conv: pointwise expand, act, depthwise conv, pointwise project",
+        extra={"flops_exact": True},
     )
 )
 
@@ -557,6 +558,7 @@ register(
         state_bytes=lambda p, c, L: 4 * c.d_model * L,
         paper="Tolstikhin et al., 2021, 'MLP-Mixer: An all-MLP Architecture for Vision'",
         summary="MLP across the sequence axis (lower-triangular masked when causal)",
+        extra={"flops_exact": True},
     )
 )
 
@@ -590,5 +592,6 @@ register(
         flops=lambda p, c, L: 0.0,
         paper="Yu et al., 2022, 'MetaFormer Is Actually What You Need for Vision' (identity)",
         summary="no-op token mixer (skip)",
+        extra={"flops_exact": True},
     )
 )

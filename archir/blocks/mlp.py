@@ -94,6 +94,7 @@ register(
         flops=lambda p, c, L: 4.0 * c.d_model * _h(p, c),
         paper="Vaswani et al., 2017, 'Attention Is All You Need'",
         summary="feed-forward MLP: fc2(act(fc1(x))), act in gelu/gelu_tanh/relu/silu/relu2",
+        extra={"flops_exact": True},
     )
 )
 
@@ -116,5 +117,6 @@ for _name, _act in (("swiglu", "silu"), ("geglu", "gelu")):
             flops=lambda p, c, L: 6.0 * c.d_model * _h(p, c),
             paper="Shazeer, 2020, 'GLU Variants Improve Transformer'",
             summary=f"gated FFN: down({_act}(gate(x)) * up(x))",
+            extra={"flops_exact": True},
         )
     )

@@ -223,6 +223,6 @@ register(
             "Fedus et al., 2022, 'Switch Transformers'"
         ),
         summary="top-k routed mixture of FFN experts, capacity factor, load-balancing loss",
-        extra={"flops_counts": "router + top_k experts (sparse path)"},
+        extra={"flops_counts": "router + top_k experts (sparse path)", "flops_exact": True},
     )
 )
