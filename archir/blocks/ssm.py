@@ -36,14 +36,17 @@ State = tuple[torch.Tensor, ...]
 #   state is exp(G_t)·Σ_{s≤t} exp(−G_s)·u_s, both factors bounded by
 #   exp(CHUNK·FAST_LOG_DECAY/2) = e^64 (fp32-safe); cumulative sums are matmuls;
 # * stable (any Δ·A, e.g. −50 after training; and always under export, where the data cannot
-#   choose): the recurrence h = exp(Δ·A)·h + u run CHUNK steps over every chunk at once (a
-#   fixed count of steps, not a loop over the sequence) — once from a zero state for each
-#   chunk's end state, once more from the state carried in — products of factors ≤ 1, no
-#   overflow.
+#   choose): sub-chunks of STABLE_STEPS steps; their end states from zero as
+#   Σ exp(suffix sum of Δ·A)·u, carried through the chunk and between chunks (every exponent
+#   a sum of Δ·A ≤ 0), then the recurrence h = exp(Δ·A)·h + u from each sub-chunk's entering
+#   state over its STABLE_STEPS steps, every sub-chunk at once (a fixed count of steps, not a
+#   loop over the sequence) — products of factors ≤ 1, no overflow.
 # Between chunks both forms carry the chunk end states through ``carry_matrix`` (sums of
 # log-decays ≤ 0, stable).
 CHUNK = 32
 FAST_LOG_DECAY = 4.0
+#: steps of the stable form's recurrence (a sub-chunk; CHUNK is a multiple of it)
+STABLE_STEPS = 8
 
 
 def carry_matrix(g: torch.Tensor) -> torch.Tensor:
@@ -117,22 +120,33 @@ def _scan_stable(
     """The stable chunked scan (see the comment at :data:`CHUNK`), out of place (autograd and
     export follow it). Same shapes as :func:`_scan_forward`; returns ``y [B, nc, Q, di]``."""
     Bsz, nc, Q, di = dt.shape
-    la = dt[..., None] * A  # [B, nc, Q, di, N] log-decay of each step
-    a_q = torch.exp(la).unbind(2)  # one unbind each: its backward is one stack
-    u_q = (ux[..., None] * Bm[..., None, :]).unbind(2)
-    # every chunk at once, CHUNK steps (a fixed count whatever the length): first from a
-    # zero state to each chunk's end state S, then again from the state carried in
-    h = u_q[0]
-    for q in range(1, Q):
-        h = a_q[q] * h + u_q[q]
-    S = h.reshape(Bsz, 1, nc, -1)
-    L = carry_matrix(la.sum(2).reshape(Bsz, nc, -1))  # [B, nc, nc, di·N]
-    h = (L * S).sum(2).view(h.shape)  # the state entering each chunk
+    N = A.shape[1]
+    P = STABLE_STEPS
+    M = Q // P  # sub-chunks of P steps per chunk
+    la = (dt[..., None] * A).reshape(Bsz, nc, M, P, di * N)  # log-decay of each step
+    u = (ux[..., None] * Bm[..., None, :]).reshape(la.shape)
+    dev, dty = dt.device, dt.dtype
+    # every exponent below is a sum of log-decays ≤ 0 (sums over steps are matmuls with
+    # triangular 0/1 matrices), so nothing overflows
+    suffix = torch.matmul(torch.ones(P, P, dtype=dty, device=dev).triu(1), la)  # Σ_{r>p}
+    S_sub = (torch.exp(suffix) * u).sum(3)  # [B, nc, M, X]: sub-chunk end states from zero
+    g_sub = la.sum(3)  # [B, nc, M, X]: sub-chunk total log-decays
+    after = torch.matmul(torch.ones(M, M, dtype=dty, device=dev).triu(1), g_sub)  # Σ_{r>m}
+    S = (torch.exp(after) * S_sub).sum(2)  # [B, nc, X]: chunk end states from zero
+    L = carry_matrix(g_sub.sum(2))  # [B, nc, nc, X]
+    H = (L * S[:, None]).sum(2)  # [B, nc, X]: the state entering each chunk
+    # the state entering each sub-chunk: the chunk's, decayed, plus the sub-chunks before
+    before = torch.matmul(torch.ones(M, M, dtype=dty, device=dev).tril(-1), g_sub)  # Σ_{r<m}
+    L_in = carry_matrix(g_sub.reshape(Bsz * nc, M, -1)).view(Bsz, nc, M, M, -1)
+    h = torch.exp(before) * H[:, :, None] + (L_in * S_sub[:, :, None]).sum(3)  # [B,nc,M,X]
+    # then the recurrence over the P steps of every sub-chunk at once (a fixed count of
+    # steps whatever the length; few steps keep the exported graph small)
+    a_p, u_p = torch.exp(la).unbind(3), u.unbind(3)
     hs = []
-    for q in range(Q):
-        h = a_q[q] * h + u_q[q]
+    for p in range(P):
+        h = a_p[p] * h + u_p[p]
         hs.append(h)
-    h = torch.stack(hs, 2)
+    h = torch.stack(hs, 3).view(Bsz, nc, Q, di, N)
     return torch.einsum("bkqdn,bkqn->bkqd", h, Cm)
 
 
