@@ -159,7 +159,8 @@ def _between(nc: int, like: torch.Tensor) -> torch.Tensor:
 
 
 class _StableScan(torch.autograd.Function):
-    """:func:`_scan_stable` with a hand-written backward (eager training with strong decays):
+    """The stable form with a hand-written backward (eager training with strong decays; the
+    same function as :func:`_scan_stable`, its recurrence run over whole chunks):
     the adjoint of the in-chunk recurrence ``δ_q = C_q gy_q + a_{q+1} δ_{q+1}`` run backwards
     over the chunk's steps in place, the carry's adjoint through ``carry_matrix``, and the
     end-state recurrence's adjoint ``ε_{q−1} = a_q ε_q``; ``∂la = ∂a·a`` plus the chunk
