@@ -290,9 +290,44 @@ def refuse_spec(family: str, why: str) -> InteropError:
     return InteropError(f"not a {family} model: {why}")
 
 
-def check_plain_spec(spec: SpecModel, family: str) -> None:
+def lm_spec(
+    cfg: HFConfig,
+    *,
+    d_model: int,
+    max_seq_len: int,
+    norm: str,
+    norm_eps: float,
+    layers: list[dict[str, Any]],
+    tie: bool,
+    pos: str = "none",
+) -> dict[str, Any]:
+    """The spec dict of an imported causal LM (its name and description are set by the
+    importer): token embedding (``pos`` absolute positions), ``layers``, the final norm of
+    kind ``norm``, an LM head (tied when ``tie``)."""
+    embed: dict[str, Any] = {"kind": "token_embedding"}
+    if pos != "none":
+        embed["pos"] = pos
+    return {
+        "archir": 1,
+        "name": "imported",
+        "model": {
+            "task": "causal_lm",
+            "vocab_size": cfg.size("vocab_size"),
+            "d_model": d_model,
+            "max_seq_len": max_seq_len,
+            "norm": norm,
+            "norm_eps": norm_eps,
+            "embed": embed,
+            "layers": layers,
+            "head": {"kind": "lm_head", "tie_embeddings": tie},
+        },
+    }
+
+
+def check_plain_spec(spec: SpecModel, family: str, norm: str, pos: str = "none") -> None:
     """Refuse what no Hugging Face family writes: inputs/merges, shared weights, non
-    pre-norm residuals, per-block bits, dropout-free assumptions aside.
+    pre-norm residuals, per-block bits; and a model norm other than ``norm`` or absolute
+    positions other than ``pos`` (the family's).
 
     Raises:
         InteropError: naming the first such feature.
@@ -304,6 +339,10 @@ def check_plain_spec(spec: SpecModel, family: str) -> None:
         raise refuse_spec(family, f"the embedding is {m.embed.kind}")
     if m.head.kind != "lm_head":
         raise refuse_spec(family, f"the head is {m.head.kind}")
+    if m.norm != norm or (m.final_norm or m.norm) != norm:
+        raise refuse_spec(family, f"its norm is {m.norm} ({norm} expected)")
+    if m.embed.params.pos != pos:  # type: ignore[attr-defined]
+        raise refuse_spec(family, f"its embedding positions are {m.embed.params.pos}, not {pos}")  # type: ignore[attr-defined]
     for gi, g in enumerate(m.layers):
         if g.share_weights:
             raise refuse_spec(family, f"layer group {gi} shares weights")

@@ -22,6 +22,7 @@ from archir.interop.base import (
     Rule,
     check_plain_spec,
     copy,
+    lm_spec,
     refuse_spec,
     register,
     spec_params,
@@ -41,52 +42,29 @@ def _to_spec(cfg: HFConfig) -> dict[str, Any]:
     cfg.expect("scale_attn_by_inverse_layer_idx", [False], False, "scores scaled by 1/layer index")
     cfg.get("reorder_and_upcast_attn", False, bool)  # fp32 attention: the same in fp32
     n_inner = cfg.size("n_inner", None)
-    return {
-        "archir": 1,
-        "name": "gpt2",
-        "model": {
-            "task": "causal_lm",
-            "vocab_size": cfg.size("vocab_size"),
-            "d_model": d,
-            "max_seq_len": cfg.size("n_positions", 1024, hi=1 << 20),
-            "norm": "layernorm",
-            "norm_eps": cfg.get("layer_norm_epsilon", 1e-5, float),
-            "embed": {"kind": "token_embedding", "pos": "learned"},
-            "layers": [
-                {
-                    "repeat": cfg.size("n_layer", hi=4096),
-                    "blocks": [
-                        {
-                            "kind": "attention",
-                            "n_heads": cfg.size("n_head"),
-                            "pos": "none",
-                            "qkv_bias": True,
-                            "out_bias": True,
-                        },
-                        {
-                            "kind": "mlp",
-                            "d_ff": n_inner or 4 * d,
-                            "activation": _ACTS[act],
-                            "bias": True,
-                        },
-                    ],
-                }
-            ],
-            "head": {
-                "kind": "lm_head",
-                "tie_embeddings": cfg.get("tie_word_embeddings", True, bool),
-            },
-        },
+    attn = {
+        "kind": "attention",
+        "n_heads": cfg.size("n_head"),
+        "pos": "none",
+        "qkv_bias": True,
+        "out_bias": True,
     }
+    mlp = {"kind": "mlp", "d_ff": n_inner or 4 * d, "activation": _ACTS[act], "bias": True}
+    return lm_spec(
+        cfg,
+        d_model=d,
+        max_seq_len=cfg.size("n_positions", 1024, hi=1 << 20),
+        norm="layernorm",
+        norm_eps=cfg.get("layer_norm_epsilon", 1e-5, float),
+        layers=[{"repeat": cfg.size("n_layer", hi=4096), "blocks": [attn, mlp]}],
+        tie=cfg.get("tie_word_embeddings", True, bool),
+        pos="learned",
+    )
 
 
 def _layers(spec: SpecModel) -> list[Any]:
-    check_plain_spec(spec, "gpt2")
+    check_plain_spec(spec, "gpt2", "layernorm", "learned")
     m = spec.model
-    if m.norm != "layernorm" or (m.final_norm or m.norm) != "layernorm":
-        raise refuse_spec("gpt2", f"its norm is {m.norm} (layernorm expected)")
-    if m.embed.params.pos != "learned":  # type: ignore[attr-defined]
-        raise refuse_spec("gpt2", "its embedding has no learned positions")
     blocks = spec_params(spec)
     if len(blocks) % 2 or not blocks:
         raise refuse_spec("gpt2", "its blocks do not pair into (attention, mlp) layers")

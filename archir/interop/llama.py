@@ -21,6 +21,7 @@ from archir.interop.base import (
     Rule,
     check_plain_spec,
     copy,
+    lm_spec,
     refuse_spec,
     register,
     spec_params,
@@ -89,25 +90,15 @@ def decoder_spec(
         attn["head_dim"] = head_dim
     attn.update(rope(cfg))
     attn.update(attention)
-    tie = cfg.get("tie_word_embeddings", False, bool)
-    return {
-        "archir": 1,
-        "name": family,
-        "description": f"imported from a Hugging Face {family} checkpoint",
-        "model": {
-            "task": "causal_lm",
-            "vocab_size": cfg.size("vocab_size"),
-            "d_model": d,
-            "max_seq_len": min(cfg.size("max_position_embeddings", 2048), MAX_SEQ_LEN),
-            "norm": "rmsnorm",
-            "norm_eps": cfg.get(norm_eps_key, 1e-6, float),
-            "embed": {"kind": "token_embedding"},
-            "layers": [
-                {"repeat": cfg.size("num_hidden_layers", hi=4096), "blocks": [attn, channel]}
-            ],
-            "head": {"kind": "lm_head", "tie_embeddings": tie},
-        },
-    }
+    return lm_spec(
+        cfg,
+        d_model=d,
+        max_seq_len=min(cfg.size("max_position_embeddings", 2048), MAX_SEQ_LEN),
+        norm="rmsnorm",
+        norm_eps=cfg.get(norm_eps_key, 1e-6, float),
+        layers=[{"repeat": cfg.size("num_hidden_layers", hi=4096), "blocks": [attn, channel]}],
+        tie=cfg.get("tie_word_embeddings", False, bool),
+    )
 
 
 def glu(cfg: HFConfig, bias: bool = False) -> dict[str, Any]:
@@ -163,12 +154,7 @@ def decoder_layers(spec: SpecModel, family: str, channel_kinds: tuple[str, ...])
         InteropError: the spec is not ``n`` × (attention, channel mixer of ``channel_kinds``)
             with RMSNorm and a causal RoPE attention.
     """
-    check_plain_spec(spec, family)
-    m = spec.model
-    if m.norm != "rmsnorm" or (m.final_norm or m.norm) != "rmsnorm":
-        raise refuse_spec(family, f"its norm is {m.norm} (rmsnorm expected)")
-    if m.embed.params.pos != "none":  # type: ignore[attr-defined]
-        raise refuse_spec(family, "the embedding adds absolute positions")
+    check_plain_spec(spec, family, "rmsnorm")
     blocks = spec_params(spec)
     if len(blocks) % 2:
         raise refuse_spec(family, "its blocks do not pair into (attention, mlp) layers")
@@ -248,6 +234,27 @@ def uniform_glu(spec: SpecModel, family: str, pairs: list[Any]) -> dict[str, Any
     }
 
 
+def glu_decoder_rules(spec: SpecModel, pairs: list[Any]) -> list[Rule]:
+    """The tensor rules of (attention, GLU) layers (Llama, Mistral, Qwen2)."""
+    rules = outer_rules(spec)
+    for i, (pa, pc) in enumerate(pairs):
+        rules += attention_rules(i, 2 * i, pa)
+        rules += glu_rules(i, 2 * i + 1, pc.bias)
+    return rules
+
+
+def glu_decoder_config(
+    spec: SpecModel, family: str, arch: str, pairs: list[Any], mlp_bias: bool = True
+) -> dict[str, Any]:
+    """The config of (attention, GLU) layers; ``mlp_bias``: the family has that field."""
+    cfg = decoder_config(spec, family, arch, pairs)
+    glu_fields = uniform_glu(spec, family, pairs)
+    if not mlp_bias:
+        del glu_fields["mlp_bias"]
+    cfg.update(glu_fields)
+    return cfg
+
+
 # -- Llama ------------------------------------------------------------------------------
 
 
@@ -268,17 +275,13 @@ def _pairs(spec: SpecModel) -> list[Any]:
 
 
 def _rules(spec: SpecModel, hf_keys: set[str] | None) -> list[Rule]:
-    rules = outer_rules(spec)
-    for i, (pa, pc) in enumerate(_pairs(spec)):
-        rules += attention_rules(i, 2 * i, pa)
-        rules += glu_rules(i, 2 * i + 1, pc.bias)
-    return rules
+    return glu_decoder_rules(spec, _pairs(spec))
 
 
 def _to_config(spec: SpecModel) -> dict[str, Any]:
     pairs = _pairs(spec)
-    cfg = decoder_config(spec, "llama", "LlamaForCausalLM", pairs)
-    cfg.update(uniform_glu(spec, "llama", pairs), attention_bias=pairs[0][0].qkv_bias)
+    cfg = glu_decoder_config(spec, "llama", "LlamaForCausalLM", pairs)
+    cfg["attention_bias"] = pairs[0][0].qkv_bias
     return cfg
 
 

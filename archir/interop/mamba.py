@@ -22,6 +22,7 @@ from archir.interop.base import (
     Rule,
     check_plain_spec,
     copy,
+    lm_spec,
     refuse_spec,
     register,
     spec_params,
@@ -63,33 +64,19 @@ def _to_spec(cfg: HFConfig) -> dict[str, Any]:
         "dt_rank": rank,
         "conv_bias": cfg.get("use_conv_bias", True, bool),
     }
-    return {
-        "archir": 1,
-        "name": "mamba",
-        "model": {
-            "task": "causal_lm",
-            "vocab_size": cfg.size("vocab_size"),
-            "d_model": d,
-            "max_seq_len": 1 << 20,
-            "norm": "rmsnorm",
-            "norm_eps": cfg.get("layer_norm_epsilon", 1e-5, float),
-            "embed": {"kind": "token_embedding"},
-            "layers": [{"repeat": cfg.size("num_hidden_layers", hi=4096), "blocks": [block]}],
-            "head": {
-                "kind": "lm_head",
-                "tie_embeddings": cfg.get("tie_word_embeddings", True, bool),
-            },
-        },
-    }
+    return lm_spec(
+        cfg,
+        d_model=d,
+        max_seq_len=1 << 20,
+        norm="rmsnorm",
+        norm_eps=cfg.get("layer_norm_epsilon", 1e-5, float),
+        layers=[{"repeat": cfg.size("num_hidden_layers", hi=4096), "blocks": [block]}],
+        tie=cfg.get("tie_word_embeddings", True, bool),
+    )
 
 
 def _layers(spec: SpecModel) -> list[Any]:
-    check_plain_spec(spec, "mamba")
-    m = spec.model
-    if m.norm != "rmsnorm" or (m.final_norm or m.norm) != "rmsnorm":
-        raise refuse_spec("mamba", f"its norm is {m.norm} (rmsnorm expected)")
-    if m.embed.params.pos != "none":  # type: ignore[attr-defined]
-        raise refuse_spec("mamba", "its embedding adds absolute positions")
+    check_plain_spec(spec, "mamba", "rmsnorm")
     blocks = spec_params(spec)
     if not blocks or any(k != "mamba" for k, _, _ in blocks):
         raise refuse_spec("mamba", "not every block is a mamba block")

@@ -35,19 +35,13 @@ def _pairs(spec: SpecModel, export: bool = False) -> list[Any]:
 
 
 def _rules(spec: SpecModel, hf_keys: set[str] | None) -> list[Rule]:
-    rules = llama.outer_rules(spec)
-    for i, (pa, _) in enumerate(_pairs(spec)):
-        rules += llama.attention_rules(i, 2 * i, pa)
-        rules += llama.glu_rules(i, 2 * i + 1)
-    return rules
+    return llama.glu_decoder_rules(spec, _pairs(spec))
 
 
 def _to_config(spec: SpecModel) -> dict[str, Any]:
     pairs = _pairs(spec, export=True)
-    cfg = llama.decoder_config(spec, "mistral", "MistralForCausalLM", pairs)
-    glu = llama.uniform_glu(spec, "mistral", pairs)
-    del glu["mlp_bias"]
-    cfg.update(glu, sliding_window=pairs[0][0].window)
+    cfg = llama.glu_decoder_config(spec, "mistral", "MistralForCausalLM", pairs, mlp_bias=False)
+    cfg.update(sliding_window=pairs[0][0].window)
     return cfg
 
 

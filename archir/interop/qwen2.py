@@ -39,19 +39,13 @@ def _pairs(spec: SpecModel) -> list[Any]:
 
 
 def _rules(spec: SpecModel, hf_keys: set[str] | None) -> list[Rule]:
-    rules = llama.outer_rules(spec)
-    for i, (pa, _) in enumerate(_pairs(spec)):
-        rules += llama.attention_rules(i, 2 * i, pa)
-        rules += llama.glu_rules(i, 2 * i + 1)
-    return rules
+    return llama.glu_decoder_rules(spec, _pairs(spec))
 
 
 def _to_config(spec: SpecModel) -> dict[str, Any]:
     pairs = _pairs(spec)
-    cfg = llama.decoder_config(spec, "qwen2", "Qwen2ForCausalLM", pairs)
-    glu = llama.uniform_glu(spec, "qwen2", pairs)
-    del glu["mlp_bias"]
-    cfg.update(glu, use_sliding_window=False)
+    cfg = llama.glu_decoder_config(spec, "qwen2", "Qwen2ForCausalLM", pairs, mlp_bias=False)
+    cfg.update(use_sliding_window=False)
     return cfg
 
 

@@ -23,6 +23,7 @@ from archir.interop.base import (
     Rule,
     check_plain_spec,
     copy,
+    lm_spec,
     refuse_spec,
     register,
     reshaped,
@@ -47,42 +48,27 @@ def _to_spec(cfg: HFConfig) -> dict[str, Any]:
             "only layer_norm_epsilon 1e-5 maps exactly",
         )
     cfg.get("rescale_every", 6, int)
-    return {
-        "archir": 1,
-        "name": "rwkv",
-        "model": {
-            "task": "causal_lm",
-            "vocab_size": cfg.size("vocab_size"),
-            "d_model": d,
-            "max_seq_len": cfg.size("context_length", 1024, hi=1 << 20),
-            "norm": "layernorm",
-            "norm_eps": eps,
-            "embed": {"kind": "token_embedding"},
-            "layers": [
-                {"blocks": [{"kind": "layernorm", "eps": eps, "norm": "none", "residual": False}]},
-                {
-                    "repeat": cfg.size("num_hidden_layers", hi=4096),
-                    "blocks": [
-                        {"kind": "rwkv"},
-                        {"kind": "rwkv_cmix", "d_ff": cfg.size("intermediate_size", None) or 4 * d},
-                    ],
-                },
-            ],
-            "head": {
-                "kind": "lm_head",
-                "tie_embeddings": cfg.get("tie_word_embeddings", False, bool),
+    d_ff = cfg.size("intermediate_size", None) or 4 * d
+    return lm_spec(
+        cfg,
+        d_model=d,
+        max_seq_len=cfg.size("context_length", 1024, hi=1 << 20),
+        norm="layernorm",
+        norm_eps=eps,
+        layers=[
+            {"blocks": [{"kind": "layernorm", "eps": eps, "norm": "none", "residual": False}]},
+            {
+                "repeat": cfg.size("num_hidden_layers", hi=4096),
+                "blocks": [{"kind": "rwkv"}, {"kind": "rwkv_cmix", "d_ff": d_ff}],
             },
-        },
-    }
+        ],
+        tie=cfg.get("tie_word_embeddings", False, bool),
+    )
 
 
 def _layers(spec: SpecModel) -> int:
-    check_plain_spec(spec, "rwkv")
+    check_plain_spec(spec, "rwkv", "layernorm")
     m = spec.model
-    if m.norm != "layernorm" or (m.final_norm or m.norm) != "layernorm":
-        raise refuse_spec("rwkv", f"its norm is {m.norm} (layernorm expected)")
-    if m.embed.params.pos != "none":  # type: ignore[attr-defined]
-        raise refuse_spec("rwkv", "its embedding adds absolute positions")
     blocks = spec_params(spec)
     if (
         not blocks
