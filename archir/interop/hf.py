@@ -614,6 +614,9 @@ def export_hf(
     created = Created()
     try:
         created.mkdir(out_p)
+        for f in ("config.json", "model.safetensors"):
+            if not (out_p / f).exists():  # removed again if the export fails from here on
+                created.file(out_p / f)
         write_text(out_p / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_file(
             out_p / "model.safetensors",
@@ -634,9 +637,6 @@ def export_hf(
             )
     except BaseException:
         created.undo()
-        for f in ("config.json", "model.safetensors"):
-            if not created.dirs:  # the folder existed: remove only what was written
-                (out_p / f).unlink(missing_ok=True)
         raise
     return HFExportReport(fam.name, str(out_p), _n_params(model), par, note)
 
