@@ -269,6 +269,10 @@ class Evaluator:
         #: the study's trials as the worker loop read them just before this trial (used by
         #: the next trial's duplicate check and penalty instead of another read; None: read)
         self.seen: list[FrozenTrial] | None = None
+        #: other processes may finish trials meanwhile (several workers, or a storage URL
+        #: that other searches join): the duplicate check reads the finished trials again
+        #: after this trial was created, so a model finished just before it is not trained twice
+        self.shared = (cfg.workers or 1) > 1 or cfg.storage_url is not None
         #: the current trial's model attributes (spec, spec_hash, spec_yaml)
         self._model: dict[str, Any] = {}
 
@@ -394,7 +398,7 @@ class Evaluator:
         # the finished trials, read once per trial (by the worker loop just before it, else
         # here): duplicates and penalties both use it
         seen, self.seen = self.seen, None
-        if seen is None:
+        if seen is None or self.shared:
             seen = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         finished = [t for t in seen if t.state == TrialState.COMPLETE]
         dup = self._duplicate_of(finished, trial.number, h)
