@@ -168,6 +168,87 @@ class DecodeSection(Strict):
     threads: int = Field(1, ge=1, le=MAX_THREADS)
 
 
+#: a knob's values in ``search.evolution``: one value (fixed) or a list to draw from
+KnobValue = int | float | str | bool
+KnobRange = KnobValue | list[KnobValue]
+
+#: what evolution may do to a model (``search.evolution.operators``)
+Operator = Literal[
+    "swap_token_mixer",
+    "swap_channel_mixer",
+    "insert_layer",
+    "drop_layer",
+    "d_model",
+    "expansion",
+    "d_state",
+    "n_heads",
+    "bits",
+    "share_weights",
+    "skip",
+]
+#: every operator at rate 1, except the two that change connectivity (0.5)
+DEFAULT_OPERATOR_RATES: dict[str, float] = {
+    "swap_token_mixer": 1.0,
+    "swap_channel_mixer": 1.0,
+    "insert_layer": 1.0,
+    "drop_layer": 1.0,
+    "d_model": 1.0,
+    "expansion": 1.0,
+    "d_state": 1.0,
+    "n_heads": 1.0,
+    "bits": 1.0,
+    "share_weights": 0.5,
+    "skip": 0.5,
+}
+
+
+class EvolutionSection(Strict):
+    """What ``archir search --searcher evolution`` may change in a model (the author stays in
+    charge: an operator whose range is not given here has nothing to draw from and is not
+    used).
+
+    ``token_mixers`` / ``channel_mixers``: the kinds a swapped or inserted block may take,
+    each with its knobs (one value: fixed; a list: drawn from, and mutated within by the
+    ``expansion`` / ``d_state`` / ``n_heads`` operators); empty: the kinds the spec itself
+    uses, with their written knobs. ``depth``: ``[min, max]`` layers (a layer is one repeat of
+    a layer group). ``d_model``: widths to move between. ``bits``: weight bits a mixer may move
+    to. ``operators``: relative rates (0 turns one off; unknown names are errors).
+    ``crossover``: the chance a child is two parents joined at a layer boundary.
+    ``mutations``: at most this many operators per child (1 to ``mutations``, uniformly).
+    ``population``: the elite that parents are drawn from (binary tournaments; default
+    ``search.population`` or 8). ``inherit``: a child starts from its parents' trained
+    weights where tensors carry over (:mod:`archir.inherit`); off by default, so a trial's
+    quality is that of the spec trained from scratch. ``max_proposals``: children drawn per
+    trial before the search gives up (each one invalid, infeasible by its cost, or a model
+    already seen).
+    """
+
+    token_mixers: dict[str, dict[str, KnobRange]] = Field(default_factory=dict)
+    channel_mixers: dict[str, dict[str, KnobRange]] = Field(default_factory=dict)
+    depth: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
+        None, min_length=2, max_length=2
+    )
+    d_model: list[Annotated[int, Field(ge=1, le=65_536)]] | None = Field(None, min_length=1)
+    bits: list[float] | None = Field(None, min_length=1)
+    operators: dict[Operator, Annotated[float, Field(ge=0, le=1000)]] = Field(default_factory=dict)
+    crossover: float = Field(0.2, ge=0, le=1)
+    mutations: int = Field(1, ge=1, le=16)
+    population: int | None = Field(None, ge=2, le=MAX_TRIALS)
+    inherit: bool = False
+    max_proposals: int = Field(200, ge=1, le=100_000)
+
+    @field_validator("depth")
+    @classmethod
+    def _depth_order(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"depth is [min, max] with min <= max, got {v}")
+        return v
+
+    def rates(self) -> dict[str, float]:
+        """Every operator's rate (the defaults overridden by ``operators``)."""
+        return {**DEFAULT_OPERATOR_RATES, **self.operators}
+
+
 class SearchSection(Strict):
     """What a search optimizes (``archir search``).
 
@@ -177,7 +258,8 @@ class SearchSection(Strict):
     several), ``random`` or ``gp``; ``seed`` makes proposals reproducible. ``pruner``
     (single-objective only): ``median``, ``hyperband`` or ``none``. ``max_rejections``:
     consecutive candidates refused by a constraint before the search gives up with the
-    closest candidates. ``workers``: processes sharing the study.
+    closest candidates. ``workers``: processes sharing the study. ``evolution``: what
+    ``--searcher evolution`` may change in the graph (:class:`EvolutionSection`).
     """
 
     objectives: dict[str, Direction] = Field(default_factory=lambda: {"val_loss": "minimize"})
@@ -192,6 +274,7 @@ class SearchSection(Strict):
     decode: DecodeSection = Field(default_factory=DecodeSection)
     workers: int = Field(1, ge=1, le=MAX_WORKERS)
     max_rejections: int = Field(50, ge=1, le=MAX_TRIALS)
+    evolution: EvolutionSection | None = None
 
     @field_validator("fidelity", mode="before")
     @classmethod
