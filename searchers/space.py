@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from archir.spec.space import SearchNode
+from archir.spec.space import SearchNode, random_decider
 
 if TYPE_CHECKING:
     from archir.spec.loader import Spec
+
+__all__ = ["random_decider", "space_description", "space_hash", "spec_hash", "suggest"]
 
 
 def suggest(trial: optuna.Trial) -> Callable[[SearchNode], Any]:
@@ -36,10 +37,7 @@ def suggest(trial: optuna.Trial) -> Callable[[SearchNode], Any]:
 
     def decide(node: SearchNode) -> Any:
         if node.type == "choice":
-            opts = node.options or ()
-            if node.scalar_options:
-                return trial.suggest_categorical(node.name, list(opts))
-            return trial.suggest_categorical(node.name, list(range(len(opts))))
+            return trial.suggest_categorical(node.name, list(node.allowed() or ()))
         assert node.low is not None and node.high is not None
         if node.type == "int":
             return trial.suggest_int(
@@ -50,30 +48,6 @@ def suggest(trial: optuna.Trial) -> Callable[[SearchNode], Any]:
                 log=node.log,
             )
         return trial.suggest_float(node.name, float(node.low), float(node.high), log=node.log)
-
-    return decide
-
-
-def random_decider(rng: random.Random) -> Callable[[SearchNode], Any]:
-    """A decider drawing uniformly (log-uniformly for ``log`` ranges) with ``rng``."""
-    import math
-
-    def decide(node: SearchNode) -> Any:
-        if node.type == "choice":
-            opts = node.options or ()
-            i = rng.randrange(len(opts))
-            return opts[i] if node.scalar_options else i
-        assert node.low is not None and node.high is not None
-        if node.type == "int":
-            step = int(node.step or 1)
-            if node.log:
-                return int(round(math.exp(rng.uniform(math.log(node.low), math.log(node.high)))))
-            return int(node.low) + step * rng.randrange(
-                (int(node.high) - int(node.low)) // step + 1
-            )
-        if node.log:
-            return math.exp(rng.uniform(math.log(node.low), math.log(node.high)))
-        return rng.uniform(node.low, node.high)
 
     return decide
 

@@ -122,21 +122,24 @@ def _label(opt: Any) -> str:
 
 
 def _values(node: SearchNode) -> tuple[list[Any], list[str]]:
-    if node.type == "choice":
-        opts = list(node.options or ())
-        if node.scalar_options:
-            return opts, [str(o) for o in opts]
-        return list(range(len(opts))), [_label(o) for o in opts]
-    assert node.low is not None and node.high is not None
-    if node.type == "int":
-        vals = list(range(int(node.low), int(node.high) + 1, int(node.step or 1)))
-        if len(vals) > MAX_VALUES:
+    """The values the supernet searches for ``node`` and their labels: every option, every
+    step of an int range, :data:`FLOAT_GRID` points of a float range.
+
+    Raises:
+        SearchError: an int range with more than :data:`MAX_VALUES` steps.
+    """
+    allowed = node.allowed()
+    if node.type == "choice" and not node.scalar_options:
+        return list(allowed or ()), [_label(o) for o in node.options or ()]
+    if allowed is not None:
+        if node.type == "int" and len(allowed) > MAX_VALUES:
             raise SearchError(
-                f"'{node.name}' has {len(vals)} values; a one-shot supernet takes at most "
+                f"'{node.name}' has {len(allowed)} values; a one-shot supernet takes at most "
                 f"{MAX_VALUES} per decision",
                 hint="add a 'step' or narrow the range, or use --searcher tpe",
             )
-        return vals, [str(v) for v in vals]
+        return list(allowed), [str(v) for v in allowed]
+    assert node.low is not None and node.high is not None
     lo, hi = float(node.low), float(node.high)
     if node.log:
         fvals = [lo * (hi / lo) ** (i / (FLOAT_GRID - 1)) for i in range(FLOAT_GRID)]
@@ -146,11 +149,12 @@ def _values(node: SearchNode) -> tuple[list[Any], list[str]]:
 
 
 def _held_reference(node: SearchNode) -> Any:
-    if node.type == "choice":
-        return node.options[0] if node.scalar_options else 0  # type: ignore[index]
+    """A held decision's default: the first option, the low end of an int range, the middle
+    of a float range (geometric on a log scale)."""
+    allowed = node.allowed()
+    if allowed is not None:
+        return allowed[0]
     assert node.low is not None and node.high is not None
-    if node.type == "int":
-        return int(node.low)
     if node.log:
         return math.sqrt(float(node.low) * float(node.high))
     return (float(node.low) + float(node.high)) / 2

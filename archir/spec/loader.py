@@ -410,7 +410,7 @@ class Spec:
                     and node.path[plen] == "choice"
                 ):
                     idx = int(node.path[plen + 1])
-                    forced[other.name] = other.options[idx] if other.scalar_options else idx  # type: ignore[index]
+                    forced[other.name] = (other.allowed() or ())[idx]
             relevant = [
                 o
                 for o in by_name.values()
@@ -484,15 +484,13 @@ _MAX_OPEN_WORK = 50_000
 
 
 def _values(node: SearchNode) -> list[Any]:
-    """The decisions tried for ``node`` when validating an open spec."""
+    """The decisions tried for ``node`` when validating an open spec: every option, the
+    ends of a range."""
+    allowed = node.allowed()
     if node.type == "choice":
-        n = len(node.options or ())
-        return list(node.options or ()) if node.scalar_options else list(range(n))
-    assert node.low is not None and node.high is not None
-    if node.type == "int":
-        step = node.step or 1
-        last = int(node.low + (node.high - node.low) // step * step)
-        return sorted({int(node.low), last})
+        return list(allowed or ())
+    if allowed is not None:
+        return sorted({allowed[0], allowed[-1]})
     return [node.low, node.high]
 
 
@@ -503,12 +501,9 @@ def _combos(nodes: list[SearchNode], limit: int) -> list[dict[str, Any]]:
         return out
     pools = []
     for n in nodes:
-        vals = _values(n)
-        if n.type == "int" and n.low is not None and n.high is not None:
-            step = n.step or 1
-            if (n.high - n.low) // step < 16:
-                vals = list(range(int(n.low), int(n.high) + 1, step))
-        pools.append(vals)
+        allowed = n.allowed()
+        short = n.type == "int" and allowed is not None and len(allowed) <= 16
+        pools.append(list(allowed) if short and allowed is not None else _values(n))
     for i, combo in enumerate(itertools.product(*pools)):
         if i >= limit:
             break

@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Callable, Mapping
+import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,20 @@ class SearchNode:
     def signature(self) -> tuple[Any, ...]:
         opts = repr(self.options) if self.options is not None else None
         return (self.type, opts, self.low, self.high, self.step, self.log)
+
+    def allowed(self) -> Sequence[Any] | None:
+        """Every decision the node allows, in order, as :meth:`Spec.fix` takes them: a
+        ``choice``'s options (their indices when an option is not a plain scalar), every
+        step of an ``int`` range (a ``range``: its length costs nothing to ask); ``None`` for
+        a ``float`` range, a continuum. The one place that maps a node to its values, so
+        deciders, defaults, space sizes and grids agree."""
+        if self.type == "choice":
+            opts = self.options or ()
+            return opts if self.scalar_options else range(len(opts))
+        if self.type == "int":
+            assert self.low is not None and self.high is not None
+            return range(int(self.low), int(self.high) + 1, int(self.step or 1))
+        return None
 
     def describe(self) -> str:
         if self.type == "choice":
@@ -367,9 +382,25 @@ def default_decisions(nodes: list[SearchNode]) -> Callable[[SearchNode], Any]:
     """A decider picking the first option / the low end of every range."""
 
     def decide(node: SearchNode) -> Any:
-        if node.type == "choice":
-            return node.options[0] if node.scalar_options else 0  # type: ignore[index]
-        return node.low
+        allowed = node.allowed()
+        return allowed[0] if allowed is not None else node.low
+
+    return decide
+
+
+def random_decider(rng: random.Random) -> Callable[[SearchNode], Any]:
+    """A decider drawing uniformly with ``rng`` (log-uniformly for ``log`` ranges: an
+    ``int`` one rounded to the nearest whole number), for :meth:`Spec.fix`."""
+
+    def decide(node: SearchNode) -> Any:
+        allowed = node.allowed()
+        if allowed is not None and not (node.log and node.type == "int"):
+            return allowed[rng.randrange(len(allowed))]
+        assert node.low is not None and node.high is not None
+        if node.log:
+            x = math.exp(rng.uniform(math.log(node.low), math.log(node.high)))
+            return int(round(x)) if node.type == "int" else x
+        return rng.uniform(node.low, node.high)
 
     return decide
 
@@ -380,11 +411,8 @@ def space_size(nodes: list[SearchNode]) -> float:
     for n in nodes:
         if n.conditional:
             continue
-        if n.type == "choice":
-            size *= len(n.options or ())
-        elif n.type == "int":
-            assert n.low is not None and n.high is not None
-            size *= (n.high - n.low) // (n.step or 1) + 1
-        else:
+        allowed = n.allowed()
+        if allowed is None:
             return math.inf
+        size *= len(allowed)
     return size

@@ -349,30 +349,15 @@ def make_spec_data(
     }
 
 
-def _random_decider(rng: random.Random) -> Callable[[Any], Any]:
-    def decide(node: Any) -> Any:
-        if node.type == "choice":
-            i = rng.randrange(len(node.options))
-            return node.options[i] if node.scalar_options else i
-        if node.type == "int":
-            step = node.step or 1
-            n = int((node.high - node.low) // step)
-            return int(node.low + step * rng.randint(0, n))
-        if node.log:
-            return math.exp(rng.uniform(math.log(node.low), math.log(node.high)))
-        return rng.uniform(node.low, node.high)
-
-    return decide
-
-
 def draw_from_space(space: Any, rng: random.Random, tries: int = 20) -> Any | None:
     """A random concrete spec from an open spec (``Spec.fix`` with random decisions),
     restricted to causal LMs of width ≤ 512; ``None`` when no draw builds."""
     from archir.ir import build_graph
+    from archir.spec.space import random_decider
 
     for _ in range(tries):
         try:
-            s = space.fix(_random_decider(rng))
+            s = space.fix(random_decider(rng))
             m = s.model.model
             if m.task != "causal_lm" or m.d_model > 512:
                 continue
