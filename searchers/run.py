@@ -108,6 +108,7 @@ from searchers.config import (
     ladder_rungs,
     trial_train_cfg,
 )
+from searchers.evolution import ATTR_GENOME, ATTR_LINEAGE, ATTR_ORIGINS, genome_data
 from searchers.ladder import ATTR_CONTINUE, ATTR_RUNG, continues, promotions, rungs_of
 from searchers.objectives import (
     COST_METRICS,
@@ -273,8 +274,28 @@ class Evaluator:
         #: that other searches join): the duplicate check reads the finished trials again
         #: after this trial was created, so a model finished just before it is not trained twice
         self.shared = (cfg.workers or 1) > 1 or cfg.storage_url is not None
-        #: the current trial's model attributes (spec, spec_hash, spec_yaml)
+        #: the current trial's model attributes (spec, spec_hash, spec_yaml; lineage)
         self._model: dict[str, Any] = {}
+        #: the graph-mutation proposer of ``--searcher evolution`` (None otherwise)
+        self.evolution: Any = None
+        if getattr(cfg, "searcher", "optuna") == "evolution":
+            from searchers.evolution import Evolution
+
+            if self.sec.evolution is None:
+                raise SearchError(
+                    "--searcher evolution needs a search.evolution section: what evolution "
+                    "may change in the graph",
+                    hint="e.g. search: {evolution: {token_mixers: {attention: {n_heads: [2, "
+                    "4]}, mamba: {d_state: [8, 16]}}, depth: [2, 6], d_model: [64, 128]}}",
+                )
+            self.evolution = Evolution(
+                self.sec.evolution,
+                spec,
+                self.objectives,
+                self.constraints,
+                self.sec.population,
+                self.sec.seed,
+            )
 
     @property
     def task(self) -> Any:
@@ -362,10 +383,14 @@ class Evaluator:
         # before anything expensive so a killed trial is retried with the same parameters.
         # A trial with nothing expensive ahead (cost fidelity, no latency) records its model
         # with its result instead: one storage write less (RDB storages cannot group)
+        started = started_system_attrs(trial)
         with grouped(storage):
             storage.set_trial_system_attr(trial._trial_id, ATTR_HOST, HOST)
             storage.set_trial_system_attr(trial._trial_id, ATTR_PID, os.getpid())
-            concrete = self.spec.fix(suggest(trial))
+            if started.get(ATTR_GENOME) is not None:  # a child evolution proposed
+                concrete = Spec(genome_data(started[ATTR_GENOME]))
+            else:
+                concrete = self.spec.fix(suggest(trial))
             decisions = dict(concrete.decisions)
             concrete.data["name"] = trial_spec_name(self.spec.name, trial.number)
             concrete = Spec(concrete.data)
@@ -376,16 +401,24 @@ class Evaluator:
                 "spec_hash": h,
                 "spec_yaml": text,
             }
+            if self.evolution is not None:
+                self._model["lineage"] = started.get(ATTR_LINEAGE) or (
+                    self.evolution.seed_lineage()
+                )
             if self.trains or self.need_latency:
                 trial.set_user_attr(TRIAL_ATTR, dict(self._model))
         write_text(tdir / "spec.yaml", text)
         timing["fix_s"] = time.perf_counter() - t
-        started = started_system_attrs(trial)
         retried = started.get("failed_trial")
         if retried is not None:
             metrics["retry_of"] = retried
             log(f"retry of trial {retried}")
-        log(f"decisions: {json.dumps(decisions, default=str)}")
+        if "lineage" in self._model:
+            from searchers.evolution import lineage_text
+
+            log("lineage: " + lineage_text(self._model["lineage"]))
+        else:
+            log(f"decisions: {json.dumps(decisions, default=str)}")
         if started.get(ATTR_CONTINUE) is not None:
             return self._promoted(trial, concrete, started, tdir, log, timing, metrics)
 
@@ -417,6 +450,8 @@ class Evaluator:
             t = time.perf_counter()
             model = compile_spec(concrete, seed=self.train_cfg.seed)
             timing["compile_s"] = time.perf_counter() - t
+            if self.trains and started.get(ATTR_ORIGINS) is not None:
+                self._inherit(model, started[ATTR_ORIGINS], log, metrics)
         if self.need_latency:
             from searchers.latency import trial_latency
 
@@ -452,6 +487,31 @@ class Evaluator:
         elif self.trains:
             values.update(self._train(trial, concrete, model, tdir, log, timing, metrics))
         return self._record(trial, values, log, metrics, ladder)
+
+    def _inherit(self, model: Any, origins: list[Any], log: _Log, metrics: dict[str, Any]) -> None:
+        """Start an evolution child from its parents' trained weights (``inherit: true``):
+        :func:`searchers.evolution.inherited_source` renamed onto its blocks, loaded by
+        :func:`archir.inherit.inherit`. A parent whose weights are not in this run folder
+        (another machine's worker trained it) leaves its blocks fresh."""
+        from archir.inherit import inherit
+        from searchers.evolution import inherited_source
+
+        def weights_of(n: int) -> Path | None:
+            p = self.run_dir / "trials" / str(int(n)) / "model.safetensors"
+            return p if p.is_file() and not p.is_symlink() else None
+
+        source, read = inherited_source(self.run_dir, origins, weights_of)
+        if not read:
+            log("inherits nothing: the parents' weights are not in this run folder")
+            return
+        rep = inherit(model, source, ", ".join(f"trials/{n}/model.safetensors" for n in read))
+        metrics["init"] = rep.to_dict()
+        self._model["lineage"] = {**self._model.get("lineage", {}), "inherited_from": read[0]}
+        log(
+            f"inherits from trial(s) {', '.join(map(str, read))}: {rep.copied} tensors copied, "
+            f"{rep.resized} resized, {rep.fresh} fresh ({rep.params_inherited:,} of "
+            f"{rep.params_total:,} parameters)"
+        )
 
     def _decode_cost(
         self, concrete: Spec, model: Any, log: _Log, metrics: dict[str, Any]
@@ -1064,7 +1124,17 @@ def enqueue_promotion(study: optuna.Study, src: FrozenTrial, rung: int) -> None:
                 state=TrialState.WAITING,
                 params=src.params,
                 distributions=src.distributions,
-                system_attrs={ATTR_CONTINUE: src.number, ATTR_RUNG: rung},
+                # an evolution child's genome and lineage go with its model (not its
+                # origins: a promotion continues from its own checkpoint)
+                system_attrs={
+                    ATTR_CONTINUE: src.number,
+                    ATTR_RUNG: rung,
+                    **{
+                        k: src.system_attrs[k]
+                        for k in (ATTR_GENOME, ATTR_LINEAGE)
+                        if k in src.system_attrs
+                    },
+                },
             )
         )
 
@@ -1138,6 +1208,7 @@ def worker(
             f"trial {t.number:>3} {status:<10} {shown}"
             + (f"  ({reason[:110]})" if reason and status != "ok" else "")
             + (f"  (same model as trial {dup}: not counted)" if dup is not None else "")
+            + _lineage_note(a)
         )
 
     rungs = evaluator.rungs
@@ -1173,6 +1244,14 @@ def worker(
                 time.sleep(LADDER_POLL_S)
                 continue
             break
+        elif evaluator.evolution is not None and not waiting:
+            # evolution draws the next model (None: the spec's own first population)
+            child = evaluator.evolution.propose(
+                trials, spec_hash, lambda n: trial_spec_name(spec.name, n)
+            )
+            if child is not None:
+                evaluator.evolution.enqueue(study, child)
+                trials = study.get_trials(deepcopy=False)
         evaluator.current = None
         evaluator.seen = trials  # its duplicate check and penalty read no trials again
         try:
@@ -1209,6 +1288,17 @@ def worker(
                     hint="loosen search.constraints or shrink the space toward the closest "
                     "candidates",
                 )
+
+
+def _lineage_note(a: dict[str, Any]) -> str:
+    """``  <- mutation of #3: ...`` for an evolution child's first trial, else ``""``."""
+    lin = a.get("lineage")
+    if not isinstance(lin, dict) or not lin.get("parents") or a.get("continue_of") is not None:
+        return ""
+    from searchers.evolution import lineage_text
+
+    text = lineage_text(lin)
+    return "  <- " + (text if len(text) <= 100 else text[:97] + "...")
 
 
 def _worker_entry(cfg_dict: dict[str, Any], worker_id: int, q: Any, ready: Any = None) -> None:
