@@ -631,7 +631,6 @@ def mutate(g: Genome, space: Space, rng: random.Random, n: int = 1) -> Genome:
         NotApplicable: no allowed operator can change ``g``.
     """
     child = g.copy()
-    child.mutations = []
     names = [k for k, r in space.rates.items() if r > 0]
     for _ in range(n):
         left = list(names)

@@ -128,7 +128,7 @@ def test_every_operator_gives_valid_children(name):
             g = base
             continue
         data, _ = to_data(child)
-        assert len(child.mutations) == 1
+        assert len(child.mutations) == len(g.mutations) + 1
         try:
             spec = Spec(data)
         except Exception as exc:  # noqa: BLE001 - counted, asserted rare below
