@@ -1,4 +1,9 @@
-"""``archir report RUN_DIR``: Pareto table, constraint status, where each trial's files are."""
+"""``archir report RUN_DIR``: Pareto table, constraint status, where each trial's files are.
+
+``--lineage`` (runs of ``--searcher evolution``): draws the family tree into
+``RUN_DIR/lineage.png`` and prints, for each front member, the mutation path from its seed
+(:mod:`searchers.lineage`).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder, e.g. runs/hybrid-lm")
     p.add_argument("--json", action="store_true", help="print pareto.json")
     p.add_argument("--all", action="store_true", help="list every trial, not only the front")
+    p.add_argument(
+        "--lineage",
+        action="store_true",
+        help="family tree of an evolution search: writes RUN/lineage.png and prints the "
+        "mutation path from the seed to each front member (with --all: to every model)",
+    )
 
 
 def _fmt(v: Any) -> str:
@@ -167,8 +178,86 @@ def print_report(run: str | Path, *, brief: bool = False, show_all: bool = False
         )
 
 
+def print_lineage(run: str | Path, *, show_all: bool = False) -> Path:
+    """``archir report RUN --lineage``: write ``RUN/lineage.png`` (the family tree,
+    :func:`searchers.lineage.draw_lineage`) and print the mutation path from the seed to each
+    front member (``show_all``: to every model), ending with its values in ``pareto.json``.
+    Reads the study without writing to it; writes nothing but ``lineage.png``, and replaces
+    only a ``lineage.png`` archir wrote.
+
+    Returns:
+        The path of the PNG.
+
+    Raises:
+        SearchError: not a finished search run, a storage that cannot be read, a study
+            without lineage (not searched with ``--searcher evolution``), a ``lineage.png``
+            that archir did not write.
+    """
+    from searchers.lineage import (
+        PNG_NAME,
+        build_tree,
+        check_png_target,
+        draw_lineage,
+        format_path,
+        read_trials,
+    )
+
+    run = Path(run)
+    doc = load_pareto(run)
+    png = check_png_target(run / PNG_NAME)  # before any work: never a file archir did not write
+    study, trials = read_trials(run)
+    front = [int(r["trial"]) for r in doc["front"]]
+    tree = build_tree(trials, front, run_dir=run, study=study)
+    draw_lineage(tree, png)
+    roots = tree.graph["roots"]
+    metrics = list(doc["objectives"]) + [
+        c for c in doc["constraints"] if c not in doc["objectives"]
+    ]
+    gens = 1 + max(int(g) for _, g in tree.nodes(data="generation"))
+    members = []
+    for r in doc["front"]:
+        n = roots.get(int(r["trial"]), int(r["trial"]))
+        if n not in {m for m, _ in members}:
+            members.append((n, r))
+    print(
+        f"{study}: {tree.number_of_nodes()} models in {gens} generation(s), "
+        f"{len(members)} on the front; family tree in {png}"
+    )
+    rows = {int(r["trial"]): r for r in doc["trials"]}
+    if show_all:
+        targets = [(n, rows.get(tree.nodes[n]["trial"])) for n in sorted(tree.nodes)]
+    else:
+        targets = [(n, r) for n, r in members]
+    for n, row in targets:
+        print()
+        if n not in tree:
+            print(f"front member #{n}: not a trial of study {study!r}")
+            continue
+        a = tree.nodes[n]
+        where = f"trial {row['trial']}" if row is not None and row["trial"] != n else ""
+        steps = row.get("steps") if row is not None else a.get("steps")
+        at = ", ".join(x for x in (where, f"{steps} steps" if steps is not None else "") if x)
+        what = "front member" if a["on_front"] else "model"
+        title = f"{what} #{n}" + (f" ({at})" if at else "") + f": {a['label']}"
+        values = None
+        if row is not None:
+            values = row["values"] if isinstance(row.get("values"), dict) else row["objectives"]
+        print(format_path(tree, n, values=values, metrics=metrics, title=title))
+    if not members:
+        print("the front is empty: no model met every constraint")
+    return png
+
+
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
+    if args.lineage:
+        if args.json:
+            raise SearchError(
+                "--lineage and --json cannot be combined",
+                hint="--json prints pareto.json; --lineage draws and prints the family tree",
+            )
+        print_lineage(run_dir, show_all=args.all)
+        return 0
     if args.json:
         print(json.dumps(load_pareto(run_dir), indent=2))
         return 0
