@@ -7,7 +7,7 @@ Usage::
 
 Each method gets the same trial budget: random search trains ``--trials`` architectures for
 ``--steps`` steps each; the one-shot methods train a supernet for about the same number of
-single-model steps (``run_oneshot``'s default) and retrain their pick for ``--steps``.
+single-model steps (the one-shot searchers' default) and retrain their pick for ``--steps``.
 Printed (and written to ``<out>/results.json``): best quality, constraint satisfaction,
 process CPU minutes, and the supernet's step time / weights against one candidate.
 """
@@ -121,7 +121,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     from archir.spec import spec_from_dict
-    from searchers.darts import run_oneshot
     from searchers.run import run_search
 
     out = Path(args.out) / args.task.replace(":", "_")
@@ -141,11 +140,18 @@ def main() -> None:
             n = res.n_trials
             extra: dict[str, Any] = {}
         else:
-            method, relax = ("spos", "softmax") if m == "spos" else ("darts", "softmax")
-            if m == "gdas":
-                relax = "gumbel"
-            r = run_oneshot(spec, out / m, method=method, relax=relax, seed=0)
-            best = r["best"] or {}
+            opts = {"relax": "gumbel"} if m == "gdas" else {}
+            res = run_search(
+                spec,
+                searcher="spos" if m == "spos" else "darts",
+                out=out / m,
+                seed=0,
+                export=False,
+                say=lambda s: None,
+                **opts,
+            )
+            best = res.best or {}
+            r = res.extra
             n = len(r["trials"])
             extra = {
                 "collapse": r["collapse"]["triggered"],

@@ -33,6 +33,9 @@ class SearchConfig:
     progress: bool = False
     heartbeat_interval: int = 5
     grace_period: int = 30
+    #: the registered searcher (:mod:`searchers.base`) whose run this is: the worker loop
+    #: asks it who proposes the next model
+    searcher: str = "optuna"
 
     @property
     def section(self) -> SearchSection:
@@ -49,7 +52,16 @@ class SearchConfig:
 
 @dataclass
 class SearchResult:
-    """What a finished search left behind."""
+    """What a finished search left behind (every searcher returns one).
+
+    Attributes:
+        run_dir: the run folder. study_name, storage: where the trials are recorded.
+        n_trials: trials in the study. states: trials per state (``COMPLETE``, ...).
+        front: the Pareto front's rows (``pareto.json``). best: the best trial's row, or None.
+        wall_s: seconds the search took. messages: what the front's bookkeeping said.
+        extra: what a searcher adds (one-shot: ``arch_weights``, ``collapse``, ``held``,
+            ``latency``, ``supernet``, ``cpu_s`` ... as in ``oneshot.json``).
+    """
 
     run_dir: Path
     study_name: str
@@ -60,6 +72,7 @@ class SearchResult:
     best: dict[str, Any] | None
     wall_s: float
     messages: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _task_info(train: TrainSection) -> tuple[str, str, tuple[str, ...]]:
@@ -209,8 +222,8 @@ from archir.spec.sections import MAX_STEPS, MAX_TRIALS, MAX_WORKERS  # noqa: E40
 
 
 def check_option_bounds(**given: Any) -> None:
-    """Range-check search options — given on the command line, to :func:`run_search` /
-    :func:`run_oneshot`, or in the spec's ``search:`` section (``None`` = not set):
+    """Range-check search options — given on the command line, to
+    :func:`searchers.run.run_search`, or in the spec's ``search:`` section (``None`` = not set):
     ``trials``, ``workers``, ``steps``, ``supernet_steps``, ``seed``, ``timeout_s``. (The
     lower bounds of the ``search:`` fields are also the section's schema's.)
 

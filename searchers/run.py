@@ -75,7 +75,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import random
 import shutil
 import signal
 import sys
@@ -89,22 +88,19 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import pydantic
 from optuna.trial import FrozenTrial, TrialState
 
-from archir.errors import ArchirError, Location, SearchError
-from archir.paths import Created, check_name, check_out_dir, inside, normal_mode, write_text
+from archir.errors import ArchirError, SearchError
+from archir.paths import Created, inside, normal_mode, write_text
 from archir.spec.loader import Spec, load_spec
 from archir.spec.sections import SearchSection, TrainSection
+from searchers.base import RunPlan, Searcher, get_searcher
 from searchers.config import (
     SearchConfig,
     SearchResult,
     _objectives,
     _silence,
     _task_info,
-    check_option_bounds,
-    fidelity_changes,
-    fidelity_signature,
     ladder_rungs,
     trial_train_cfg,
 )
@@ -117,14 +113,14 @@ from searchers.objectives import (
     PRE_TRAINING,
     RESULT_KEYS,
     TRIAL_ATTR,
-    Constraint,
     Objective,
     check_constraints,
     feasible,
     trial_attrs,
 )
 from searchers.pareto import finalize
-from searchers.space import random_decider, space_description, space_hash, spec_hash, suggest
+from searchers.setup import open_run, prepare_run
+from searchers.space import space_description, spec_hash, suggest
 from searchers.storage import (
     ATTR_HOST,
     ATTR_PID,
@@ -1328,324 +1324,83 @@ def _worker_entry(cfg_dict: dict[str, Any], worker_id: int, q: Any, ready: Any =
 # ---------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------
-def _preflight(spec: Spec, constraints: list[Constraint], tries: int, seed: int) -> None:
-    """Refuse a search whose cost constraints no candidate meets: draw up to ``tries``
-    random candidates through the cost pass (no training) and stop at the first feasible one.
+class OptunaSearcher(Searcher):
+    """Trial by trial on Optuna's samplers (TPE, NSGA-II, random, GP): each worker process
+    (:func:`worker`) asks the study's sampler for the next configuration, the
+    :class:`Evaluator` measures it (cost, latency, training at the search's fidelity, a
+    fidelity ladder's promotions), until the budget is spent.
 
-    Raises:
-        SearchError: none met the cost constraints; the closest three are listed.
+    Options: ``sampler`` (``search.sampler``) and ``workers`` (``search.workers``: processes
+    sharing the study). A subclass that proposes models another way (``cfg.searcher`` tells
+    the workers whose run it is) reuses the whole loop: it sets :attr:`name` and
+    :attr:`options` and overrides :meth:`proposer`.
     """
-    from archir.cost import analyze
 
-    cost_cons = [c for c in constraints if c.metric in COST_METRICS]
-    if not cost_cons:
-        return
-    rng = random.Random(seed)
-    seen: list[tuple[float, str]] = []
-    for _ in range(tries):
-        try:
-            concrete = spec.fix(random_decider(rng))
-            cost = analyze(concrete)
-        except ArchirError:
-            continue
-        values = {k: float(getattr(cost, k)) for k in COST_METRICS}
-        if all(c.ok(values[c.metric]) for c in cost_cons):
-            return
-        rel = sum(c.relative_violation(values[c.metric]) for c in cost_cons)
-        broken = "; ".join(
-            c.describe(values[c.metric]) for c in cost_cons if not c.ok(values[c.metric])
+    name = "optuna"
+    family = "trial-based"
+    options = frozenset({"sampler", "workers"})
+
+    def section_overrides(self) -> dict[str, Any]:
+        return {
+            k: v for k, v in self.given.items() if k in ("sampler", "workers") and v is not None
+        }
+
+    def proposer(self, run: RunPlan) -> str:
+        """Who proposes the models, for the first line of the run (``sampler tpe``)."""
+        sec = run.section
+        return "sampler " + (sec.sampler or ("tpe" if len(run.objectives) == 1 else "nsga2"))
+
+    def search(
+        self,
+        run: RunPlan,
+        study: optuna.Study,
+        *,
+        export: bool,
+        say: Callable[[str], None],
+    ) -> SearchResult:
+        """Run the workers on the study (one in this process, or ``cfg.workers`` processes)
+        until the budget is spent, then the front (:func:`searchers.pareto.finalize`).
+
+        Raises:
+            SearchError: a worker failed (its message), ``max_rejections`` consecutive
+                candidates broke a constraint. KeyboardInterrupt: interrupted.
+        """
+        cfg = run.cfg
+        before = budget_used(study.get_trials(deepcopy=False))
+        say(
+            f"search '{run.study_name}': {len(space_description(run.spec.nodes))} decisions, "
+            f"{self.proposer(run)}, fidelity {run.section.fidelity.kind}, {cfg.trials} trials"
+            + (f" ({before} done, resuming)" if before else "")
+            + f", {cfg.workers} worker(s); storage {run.storage_url or cfg.journal}"
         )
-        seen.append((rel, f"{json.dumps(concrete.decisions, default=str)}: {broken}"))
-    seen.sort(key=lambda x: x[0])
-    raise SearchError(
-        f"no candidate meets the constraints ({len(seen)} of {tries} random candidates "
-        f"checked by cost analysis); closest: " + " | ".join(s for _, s in seen[:3]),
-        hint="loosen search.constraints or shrink the space",
-    )
+        if cfg.workers == 1:
+            worker(cfg, 0, say)
+        else:
+            _run_workers(cfg)
+        return finalize(cfg, run.objectives, run.constraints, export=export, say=say)
 
 
-# -- the run set-up shared by every searcher (run_search, searchers.darts.run_oneshot) ------
-def run_location(spec: Spec, out: str | Path | None, study: str | None) -> tuple[Path, str]:
-    """The run folder and study name of a search, checked before any work: the study is
-    ``study`` or the spec's name, the folder ``out`` or ``runs/<study>`` (one folder per
-    study, so two studies never share a default folder).
+class EvolutionSearcher(OptunaSearcher):
+    """Graph-mutation evolution (:mod:`searchers.evolution`) through the same worker loop:
+    the :class:`Evaluator` and the worker loop ask :class:`searchers.evolution.Evolution`
+    for the next model where the sampler would draw one (``cfg.searcher``); what it may
+    change is the spec's ``search.evolution`` section."""
 
-    Raises:
-        PathError: the spec's name or ``study`` is not a name (:func:`archir.paths.check_name`:
-            no ``.``/``..``, separators ...); ``out`` is a file, or nothing can be written there.
-    """
-    check_name(spec.name, "spec name", Location(file=spec.file, field="name"))
-    name = check_name(study, "--study") if study is not None else spec.name
-    if out is not None:
-        return check_out_dir(out, "--out"), name
-    return check_out_dir(Path("runs") / name, "run folder"), name
+    name = "evolution"
+    searches_concrete = True
 
-
-#: what a run folder may hold that archir wrote (anything else: not a run folder)
-_MARKERS = ("run.json", "study.journal")
-_OWN_PATHS = (
-    "run.json",
-    "study.journal",
-    "spec.yaml",
-    "trials",
-    "best",
-    "pareto.json",
-    "pareto.png",
-    "arch_weights.json",
-    "oneshot.json",
-)
-_MAX_RUN_JSON = 16 * 2**20
-
-
-def check_run_folder(run_dir: Path, name: str, shash: str, storage: str | None) -> None:
-    """Refuse a folder this search must not write into, before any work: one holding files
-    but neither ``run.json`` nor ``study.journal`` (not an archir run folder: its files would
-    be overwritten), an unreadable ``run.json``, or a run folder of another study, search
-    space or storage (trial folders would collide); and any of archir's own paths in it
-    that leads outside it (a link).
-
-    Raises:
-        SearchError, PathError: with the folder, what it holds and what to do.
-    """
-    if not run_dir.is_dir():
-        return
-    try:
-        entries = {p.name for p in run_dir.iterdir()}
-    except OSError as exc:
-        raise SearchError(f"cannot read the run folder {run_dir}: {exc.strerror}") from None
-    if not entries:
-        return
-    if not entries & set(_MARKERS):
-        shown = ", ".join(sorted(entries)[:3]) + (" ..." if len(entries) > 3 else "")
-        raise SearchError(
-            f"{run_dir} is not empty ({shown}) and is not an archir run folder (no run.json)",
-            hint="give --out a new or empty folder",
-        )
-    for own in _OWN_PATHS:
-        if own in entries:
-            inside(run_dir, run_dir / own)
-    rj = run_dir / "run.json"
-    if "run.json" not in entries:
-        return  # a set-up cut short after the storage was created: resumed
-    if not rj.is_file() or rj.stat().st_size > _MAX_RUN_JSON:
-        raise SearchError(
-            f"{rj} is not a run.json archir wrote (not a regular file, or too large)",
-            hint="give another --out, or remove the folder",
-        )
-    try:
-        prev = json.loads(rj.read_text(encoding="utf-8"))
-        if not isinstance(prev, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise SearchError(
-            f"{rj} cannot be read: {str(exc)[:120]}",
-            hint="give another --out, or remove the folder",
-        ) from None
-    if prev.get("study") != name:
-        raise SearchError(
-            f"{run_dir} holds study {prev.get('study')!r}, not {name!r}",
-            hint="each study needs its own folder: give another --out (or none: runs/<study>)",
-        )
-    if prev.get("space_hash") != shash:
-        raise SearchError(
-            f"{run_dir} holds study '{name}' of a different search space",
-            hint="give another --out or --study, or delete the folder",
-        )
-    here = storage or "study.journal"
-    if prev.get("storage", here) != here:
-        raise SearchError(
-            f"{run_dir} holds study '{name}' stored in {prev.get('storage')!r}, not {here!r}",
-            hint="resume with the same --storage, or give another --out",
-        )
-
-
-def check_study(
-    st: optuna.storages.BaseStorage,
-    name: str,
-    shash: str,
-    objectives: list[Objective],
-    fidelity: dict[str, Any],
-) -> bool:
-    """Refuse to resume a study that searches another space, optimizes other objectives or
-    trains at another budget (``archir:fidelity``; see :func:`searchers.config.fidelity_signature`).
-
-    Returns:
-        whether the study exists.
-
-    Raises:
-        SearchError: naming what changed, the old and the new value.
-    """
-    try:
-        sid = st.get_study_id_from_name(name)
-    except KeyError:
-        return False
-    attrs = st.get_study_user_attrs(sid)
-    old = attrs.get("archir:space_hash")
-    if old is None and st.get_all_trials(sid, deepcopy=False):
-        raise SearchError(
-            f"study '{name}' exists in the storage and was not made by archir",
-            hint="use another --study name",
-        )
-    if old is not None and old != shash:
-        raise SearchError(
-            f"study '{name}' already exists in the storage with a different search space",
-            hint="use another --study name (or --out folder)",
-        )
-    stored = st.get_study_directions(sid)
-    if len(stored) != len(objectives):
-        raise SearchError(
-            f"study '{name}' exists with {len(stored)} objective(s), the spec has "
-            f"{len(objectives)}",
-            hint="use another --study name",
-        )
-    old_objs = attrs.get("archir:objectives")
-    new_objs = [[o.metric, o.direction] for o in objectives]
-    if old_objs is not None and [list(x) for x in old_objs] != new_objs:
-        raise SearchError(
-            f"study '{name}' optimizes "
-            + ", ".join(f"{m} ({d})" for m, d in old_objs)
-            + ", the spec "
-            + ", ".join(f"{m} ({d})" for m, d in new_objs),
-            hint="use another --study name",
-        )
-    old_fid = attrs.get("archir:fidelity")
-    changes = fidelity_changes(old_fid, fidelity) if old_fid is not None else []
-    if changes:
-        raise SearchError(
-            f"study '{name}' was trained at another budget than this run asks for: "
-            + "; ".join(changes)
-            + " (a study keeps one training budget, so its front compares like with like)",
-            hint="resume with the same --fidelity/--steps and train: section, or start a new "
-            "study: --study NAME (or another --out)",
-        )
-    return True
-
-
-def create_or_load_study(
-    st: optuna.storages.BaseStorage,
-    name: str,
-    spec: Spec,
-    shash: str,
-    objectives: list[Objective],
-    constraints: list[Constraint],
-    fidelity: dict[str, Any],
-    **kwargs: Any,
-) -> optuna.Study:
-    """Create the study (or load it) and store what a resume is checked against — space
-    hash, objectives, constraints, the open spec and the fidelity — in one grouped write;
-    then check it again (another process may have created it meanwhile).
-
-    Raises:
-        SearchError: see :func:`check_study`.
-    """
-    study = optuna.create_study(
-        storage=st,
-        study_name=name,
-        directions=[
-            optuna.study.StudyDirection.MINIMIZE
-            if o.direction == "minimize"
-            else optuna.study.StudyDirection.MAXIMIZE
-            for o in objectives
-        ],
-        load_if_exists=True,
-        **kwargs,
-    )
-    want: dict[str, Any] = {
-        "archir:space_hash": shash,
-        "archir:objectives": [[o.metric, o.direction] for o in objectives],
-        "archir:constraints": [[c.metric, c.text] for c in constraints],
-        "archir:spec": spec.to_yaml(),
-        "archir:fidelity": fidelity,
-    }
-    if study.metric_names is None:  # names on the study: optuna-dashboard shows them
-        study.set_metric_names([o.metric for o in objectives])
-    have = study.user_attrs
-    missing = {k: v for k, v in want.items() if k not in have}
-    if missing:
-        with grouped(st):
-            for k, v in missing.items():
-                study.set_user_attr(k, v)
-    check_study(st, name, shash, objectives, fidelity)
-    return study
-
-
-def write_run_files(
-    run_dir: Path,
-    created: Created,
-    *,
-    spec: Spec,
-    spec_file: str,
-    spec_text: str,
-    study: str,
-    storage: str | None,
-    shash: str,
-    objectives: list[Objective],
-    constraints: list[Constraint],
-    section: SearchSection,
-    fidelity: dict[str, Any],
-    **extra: Any,
-) -> None:
-    """Write ``run.json`` (first: it marks the folder as a run folder; ``extra`` keys are
-    added to it) and ``spec.yaml`` (``spec_text``) atomically with normal permissions; files
-    that did not exist are remembered in ``created`` (removed if the run fails)."""
-    doc = {
-        "spec": spec_file,
-        "study": study,
-        "storage": storage or "study.journal",
-        "space_hash": shash,
-        "space": space_description(spec.nodes),
-        "objectives": {o.metric: o.direction for o in objectives},
-        "constraints": {c.metric: c.text for c in constraints},
-        "search": section.model_dump(),
-        "fidelity": fidelity,
-        **extra,
-    }
-    for fname, text in (
-        ("run.json", json.dumps(doc, indent=2, default=str)),
-        ("spec.yaml", spec_text),
-    ):
-        p = run_dir / fname
-        if not p.exists():
-            created.file(p)
-        write_text(p, text)
-
-
-_FLAGS = {
-    ("budget", "trials"): "--trials",
-    ("budget", "timeout_s"): "--timeout",
-    ("workers",): "--workers",
-    ("seed",): "--seed",
-    ("sampler",): "--sampler",
-    ("fidelity", "kind"): "--fidelity",
-    ("fidelity", "steps"): "--steps",
-}
-
-
-def _option_error(exc: pydantic.ValidationError) -> SearchError:
-    """A one-line error for a search option override that fails validation: the option
-    (``--flag`` and ``search.`` path), pydantic's message and the value given."""
-    err = exc.errors()[0]
-    loc = tuple(str(x) for x in err.get("loc", ()))
-    path = "search." + ".".join(loc)
-    flag = _FLAGS.get(loc)
-    name = f"{flag} ({path})" if flag else path
-    got = err.get("input")
-    msg = str(err.get("msg", "invalid value"))
-    return SearchError(
-        f"bad search option {name}: {msg[:1].lower() + msg[1:]} (got {got!r})",
-        hint="see 'archir search --help'",
-    )
+    def proposer(self, run: RunPlan) -> str:
+        return "evolution (search.evolution)"
 
 
 def run_search(
-    spec_path: str | Path,
+    spec: Spec | str | Path,
     *,
+    searcher: str = "optuna",
     out: str | Path | None = None,
     storage: str | None = None,
     study: str | None = None,
-    sampler: str | None = None,
     trials: int | None = None,
-    workers: int | None = None,
     seed: int | None = None,
     fidelity: str | None = None,
     steps: int | None = None,
@@ -1654,182 +1409,74 @@ def run_search(
     heartbeat_interval: int = 5,
     grace_period: int = 30,
     say: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> SearchResult:
-    """Search the open choices of a spec; write the run folder (DESIGN.md §9).
+    """Search the open choices of a spec with a registered searcher; write the run folder
+    (DESIGN.md §7, §9). What ``archir search`` runs.
+
+    The searcher (:func:`searchers.base.get_searcher`) is built with ``options``; the shared
+    set-up (:func:`searchers.setup.prepare_run`, :func:`searchers.setup.open_run`) checks
+    everything, then creates the run folder, storage, ``run.json`` and study; the searcher
+    searches (:meth:`searchers.base.Searcher.search`).
 
     Args:
-        spec_path: an open spec with a ``search:`` section.
+        spec: an open spec (or its file) with a ``search:`` section.
+        searcher: ``optuna`` (default), ``darts``, ``spos`` ... (:func:`searcher_names`).
         out: run folder (default ``runs/<study>``).
         storage: an Optuna storage URL (default: ``<out>/study.journal``).
         study: study name (default: the spec name); a name (letters, digits, ``_``, ``-``).
-        sampler, trials, workers, seed, fidelity, steps, timeout_s: override the spec's
-            ``search:`` section (``steps`` sets a proxy fidelity's step budget).
+        trials, seed, fidelity, steps, timeout_s: override the spec's ``search:`` section
+            (``steps`` sets a proxy fidelity's step budget).
         export: write ``best/model.onnx`` (parity-checked) at the end.
+        heartbeat_interval, grace_period: the storage's heartbeat, seconds.
+        options: the searcher's own: ``sampler``, ``workers`` (optuna); ``relax``,
+            ``supernet_steps``, ``held``, ``n_final`` ... (darts, spos:
+            :class:`searchers.oneshot.OneShotConfig`).
 
     Returns:
-        SearchResult with the Pareto front and the best trial.
+        SearchResult with the Pareto front and the best trial (``extra``: what the searcher
+        adds).
 
     Raises:
         SpecError: the spec is invalid. PathError: a name that is not one, an ``out``
-            where no folder can be written. SearchError: nothing to search, unknown
-            objective, malformed constraint, an option out of range, unreachable storage, a
-            run folder of another study or not made by archir, a study of that name with a
-            different space, objectives or training budget, or constraints no candidate
-            meets. Nothing this call did not create is ever removed: when it fails, what it
-            created (the run folder, or the files it added to an existing one) is removed.
+            where no folder can be written. SearchError: an unknown searcher, an option it
+            does not take, and everything :func:`searchers.setup.prepare_run` refuses
+            (nothing to search, an option out of range, a run folder or study of another
+            search ...) or the searcher does. Nothing this call did not create is ever
+            removed: when it fails, what it created (the run folder, or the files it added
+            to an existing one) is removed.
         KeyboardInterrupt: Ctrl-C (or SIGTERM inside :func:`sigterm_interrupts`); the
             running trial is retried when the same command runs again.
     """
     _silence()
     say = say or print
     t0 = time.time()
-    spec = load_spec(spec_path)
-    if spec.is_concrete:
-        raise SearchError(
-            f"spec '{spec.name}' has no search nodes: nothing to search",
-            hint="write {choice: [...]}, {int: [lo, hi]} or {float: [lo, hi]} where a value may vary",
-        )
-    data = spec.data
-    sec = SearchSection.model_validate(data.get("search") or {})
-    train = TrainSection.model_validate(data.get("train") or {})
-    upd: dict[str, Any] = {}
-    if sampler is not None:
-        upd["sampler"] = sampler
-    if seed is not None:
-        upd["seed"] = seed
-    if workers is not None:
-        upd["workers"] = workers
-    fid = sec.fidelity.model_dump()
-    if fidelity is not None:
-        fid["kind"] = fidelity
-    if steps is not None:
-        if fid["kind"] == "ladder":
-            raise SearchError(
-                f"--steps {steps} does not apply to a fidelity ladder: its budget is its rungs "
-                f"({fid.get('rungs') or 'default'})",
-                hint="set search.fidelity.rungs in the spec, or --fidelity proxy --steps N",
-            )
-        fid["steps"] = steps
-        if fid["kind"] == "full":
-            fid["kind"] = "proxy"
-    upd["fidelity"] = fid
-    if train.init is not None:
-        # every trial, worker and resumed run reads the same file: the path relative to the
-        # spec file, made absolute once here
-        from archir.inherit import resolve_init
-
-        init = resolve_init(train.init, str(spec_path))
-        if not init.is_file():
-            raise SearchError(
-                f"train.init '{train.init}' is not a file (looked for {init})",
-                hint="a model.safetensors, relative to the spec file's folder (archir import "
-                "hf writes one)",
-            )
-        train = train.model_copy(update={"init": str(init.resolve())})
-    budget = sec.budget.model_dump()
-    if trials is not None:
-        budget["trials"] = trials
-    if timeout_s is not None:
-        budget["timeout_s"] = timeout_s
-    upd["budget"] = budget
-    try:
-        sec = SearchSection.model_validate({**sec.model_dump(), **upd})
-    except pydantic.ValidationError as exc:
-        raise _option_error(exc) from None
-    check_option_bounds(
-        trials=sec.budget.trials,
-        workers=sec.workers,
-        steps=sec.fidelity.steps,
-        seed=sec.seed,
-        timeout_s=sec.budget.timeout_s,
-    )
+    chosen = get_searcher(searcher)(**options)
     # -- everything that can be refused is refused before anything is written -------------
-    run_dir, name = run_location(spec, out, study)
-    shash = space_hash(spec.nodes)
-    cfg = SearchConfig(
-        spec_path=str(Path(spec_path)),
-        run_dir=str(run_dir),
-        storage_url=storage,
-        study_name=name,
-        search=sec.model_dump(),
-        train=train.model_dump(),
-        space_hash=shash,
-        trials=sec.budget.trials,
-        timeout_s=sec.budget.timeout_s,
-        workers=sec.workers,
+    plan = prepare_run(
+        spec,
+        chosen,
+        out=out,
+        storage=storage,
+        study=study,
+        trials=trials,
+        seed=seed,
+        fidelity=fidelity,
+        steps=steps,
+        timeout_s=timeout_s,
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
+        say=say,
     )
-    objectives, constraints, _ = _objectives(cfg)
-    fid_sig = fidelity_signature(cfg)
-    check_run_folder(run_dir, name, shash, storage)
-    journal_exists = storage is None and cfg.journal.exists()
-    st = (
-        open_storage(storage, cfg.journal, heartbeat_interval, grace_period, say=say)
-        if storage is not None or journal_exists
-        else None
-    )
-    if st is not None:
-        check_study(st, name, shash, objectives, fid_sig)
-    if "latency_ms" in {o.metric for o in objectives} | {c.metric for c in constraints}:
-        from searchers.latency import check_available
-
-        check_available(sec.latency)
-    used = {o.metric for o in objectives} | {c.metric for c in constraints}
-    if used & set(DECODE_METRICS) and spec.data.get("model", {}).get("task") not in (
-        None,
-        "causal_lm",
-    ):
-        raise SearchError(
-            f"{', '.join(sorted(used & set(DECODE_METRICS)))} measure generating text: "
-            f"only a causal language model decodes (this spec's model.task is "
-            f"{spec.data['model']['task']})",
-            hint="drop the decode metrics from search.objectives / search.constraints",
-        )
-    _preflight(spec, constraints, max(64, sec.max_rejections), sec.seed)
-    src = Path(spec_path).read_text(encoding="utf-8")
-
     created = Created()  # what this call makes: removed again if it fails
     try:
-        created.mkdir(run_dir)
-        if st is None:
-            if storage is None:
-                created.file(cfg.journal)
-            st = open_storage(storage, cfg.journal, heartbeat_interval, grace_period, say=say)
-        write_run_files(
-            run_dir,
-            created,
-            spec=spec,
-            spec_file=str(spec_path),
-            spec_text=src,
-            study=name,
-            storage=storage,
-            shash=shash,
-            objectives=objectives,
-            constraints=constraints,
-            section=sec,
-            fidelity=fid_sig,
-        )
-        ostudy = create_or_load_study(st, name, spec, shash, objectives, constraints, fid_sig)
-        created.mkdir(run_dir / "trials")
-        before = budget_used(ostudy.get_trials(deepcopy=False))
-        sampler_name = sec.sampler or ("tpe" if len(objectives) == 1 else "nsga2")
-        say(
-            f"search '{name}': {len(space_description(spec.nodes))} decisions, sampler "
-            f"{sampler_name}, fidelity {sec.fidelity.kind}, {cfg.trials} trials"
-            + (f" ({before} done, resuming)" if before else "")
-            + f", {cfg.workers} worker(s); storage {storage or cfg.journal}"
-        )
-        if cfg.workers == 1:
-            worker(cfg, 0, say)
-        else:
-            _run_workers(cfg)
-        result = finalize(cfg, objectives, constraints, export=export, say=say)
+        ostudy = open_run(plan, created, say=say)
+        result = chosen.search(plan, ostudy, export=export, say=say)
     except ArchirError:
         created.undo()
         raise
     except KeyboardInterrupt:
-        say(f"interrupted: run the same command again to resume ({run_dir})")
+        say(f"interrupted: run the same command again to resume ({plan.run_dir})")
         raise
     result.wall_s = time.time() - t0
     return result

@@ -32,9 +32,9 @@ which every candidate architecture is a path:
   ``residual``/``share_weights``, ``train.lr`` ...) changes tensors that all candidates share
   and is **not searched**: it is held at one value while the supernet trains and every
   discrete architecture keeps that value. The value is the one given in
-  ``build_supernet(spec, held={name: value})`` (``run_oneshot(..., held=...)``), else the
+  ``build_supernet(spec, held={name: value})`` (``run_search(..., held=...)``), else the
   first option of a choice, the low end of an int range or the middle of a float range.
-  ``SuperNet.held`` lists them (``run_oneshot`` prints and records them). To search such a
+  ``SuperNet.held`` lists them (the one-shot searchers print and record them). To search such a
   decision, run one one-shot search per value, or use a trial-based searcher.
   Float nodes inside blocks are searched over a 4-point grid.
 
@@ -52,7 +52,7 @@ searched by the supernet. Sliced candidates share the leading channels of the la
 Costs. :meth:`SuperNet.expected_costs` gives differentiable expectations of ``params``,
 ``flops_per_token``, ``state_bytes``, ``weight_bytes`` and ``weight_bits_avg`` under the
 architecture distribution, from the exact per-candidate rows of ``archir.cost.node_cost``
-(the registry's cost rules) — the hardware-aware loss of :mod:`searchers.darts`.
+(the registry's cost rules) — the hardware-aware loss of :mod:`searchers.archloss`.
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ from archir import compile as compile_spec
 from archir.errors import SearchError
 from archir.spec import spec_from_dict
 from archir.spec.loader import load_spec
-from searchers.darts import CollapseGuard, HardwareLoss, OneShotConfig, run_oneshot
+from searchers.archloss import CollapseGuard, HardwareLoss
 from searchers.objectives import Objective, parse_constraint
+from searchers.oneshot import OneShotConfig
+from searchers.run import run_search
 from searchers.supernet import MixedBlock, build_supernet
 
 
@@ -227,13 +229,20 @@ def test_collapse_guard_triggers_rolls_back_and_freezes():
     assert "frozen" in ev["action"]
 
 
+def oneshot(spec, out, searcher="darts", say=None, **options):
+    """A one-shot search through the one entry point (no ONNX export, quiet)."""
+    return run_search(
+        spec, searcher=searcher, out=out, export=False, say=say or (lambda s: None), **options
+    )
+
+
 def _study(run_dir):
     storage = JournalStorage(JournalFileBackend(str(run_dir / "study.journal")))
     return optuna.load_study(study_name="small", storage=storage)
 
 
-def test_run_oneshot_darts_end_to_end(tmp_path):
-    out = run_oneshot(spec_from_dict(small_space()), tmp_path / "run", steps=6, log_every=2)
+def test_oneshot_darts_end_to_end(tmp_path):
+    out = oneshot(spec_from_dict(small_space()), tmp_path / "run", supernet_steps=6, log_every=2)
     run = tmp_path / "run"
     for f in (
         "spec.yaml",
@@ -265,33 +274,35 @@ def test_run_oneshot_darts_end_to_end(tmp_path):
         assert sum(d["probs"]) == pytest.approx(1.0, abs=1e-4)
     assert aw["collapse"]["guard"] is True
     assert aw["training"]["warmup_steps"] == 1
-    assert out["best"]["constraints"]["params"]["ok"]
-    assert out["cpu_s"]["supernet"] > 0
+    assert out.best is not None and out.best["constraints"]["params"]["ok"]
+    assert out.extra["cpu_s"]["supernet"] > 0
 
 
-def test_run_oneshot_spos_and_gumbel(tmp_path):
-    out = run_oneshot(
+def test_oneshot_spos_and_gumbel(tmp_path):
+    out = oneshot(
         spec_from_dict(small_space()),
         tmp_path / "spos",
-        method="spos",
-        steps=4,
+        searcher="spos",
+        supernet_steps=4,
         population=4,
         generations=1,
         n_final=2,
-    )
+    ).extra
     assert len(out["trials"]) == 2 and all(t["how"] == "evolution" for t in out["trials"])
     assert len(_study(tmp_path / "spos").trials) == 2
-    g = run_oneshot(spec_from_dict(small_space()), tmp_path / "gdas", relax="gumbel", steps=4)
-    assert g["relax"] == "gumbel" and g["trials"][0]["status"] in ("ok", "infeasible")
+    g = oneshot(spec_from_dict(small_space()), tmp_path / "gdas", relax="gumbel", supernet_steps=4)
+    assert g.extra["relax"] == "gumbel" and g.extra["trials"][0]["status"] in ("ok", "infeasible")
     hist = json.loads((tmp_path / "gdas" / "arch_weights.json").read_text())["training"]
     assert hist["history"][-1]["tau"] < OneShotConfig().tau_max
 
 
 def test_bad_arguments_are_search_errors(tmp_path):
-    with pytest.raises(SearchError, match="unknown one-shot method"):
-        run_oneshot(spec_from_dict(small_space()), tmp_path, method="enas")
+    with pytest.raises(SearchError, match="unknown searcher 'enas'"):
+        oneshot(spec_from_dict(small_space()), tmp_path, searcher="enas")
     with pytest.raises(SearchError, match="unknown one-shot option 'temperature'"):
-        run_oneshot(spec_from_dict(small_space()), tmp_path, temperature=3)
+        oneshot(spec_from_dict(small_space()), tmp_path, temperature=3)
+    with pytest.raises(SearchError, match="relax does not apply to --searcher spos"):
+        oneshot(spec_from_dict(small_space()), tmp_path, searcher="spos", relax="gumbel")
     held_only = small_space()
     held_only["model"]["layers"][0] = {"repeat": 1, "blocks": [{"kind": "mlp"}]}
     held_only["model"]["d_model"] = {"choice": [16, 32]}
@@ -321,19 +332,19 @@ class FakePredictor:
 
 @pytest.fixture
 def fake_predictor(monkeypatch):
-    import searchers.darts as darts
+    import searchers.archloss as archloss
 
     def load(runtime, threads, calibration):
         assert runtime == "torch" and threads == 1
         return FakePredictor(), calibration or "fake.json"
 
-    monkeypatch.setattr(darts, "load_predictor", load)
+    monkeypatch.setattr(archloss, "load_predictor", load)
 
 
 def test_latency_predictor_gives_each_candidate_its_own_prediction(fake_predictor):
     from archir.spec.sections import SearchSection
     from exporters.latency import graph_features
-    from searchers.darts import make_latency_model
+    from searchers.archloss import make_latency_model
 
     spec = spec_from_dict(_lat_space())
     net = build_supernet(spec)
@@ -363,7 +374,7 @@ def test_latency_falls_back_to_flops_without_calibration(tmp_path, monkeypatch):
     import exporters.latency as xl
     from archir.cost import analyze
     from archir.spec.sections import SearchSection
-    from searchers.darts import make_latency_model
+    from searchers.archloss import make_latency_model
 
     monkeypatch.setenv("ARCHIR_CACHE", str(tmp_path / "empty"))
     monkeypatch.setattr(xl, "latency_ms", lambda *a, **k: {"ms": 2.0, "median_ms": 2.0})
@@ -382,18 +393,18 @@ def test_latency_falls_back_to_flops_without_calibration(tmp_path, monkeypatch):
         make_latency_model(net, sec, 16, OneShotConfig(latency_model="predictor"))
 
 
-def test_run_oneshot_records_which_latency_estimate_it_used(tmp_path, monkeypatch):
-    import searchers.darts as darts
+def test_oneshot_records_which_latency_estimate_it_used(tmp_path, monkeypatch):
+    import searchers.archloss as archloss
 
     monkeypatch.setenv("ARCHIR_CACHE", str(tmp_path / "empty"))
     spec = spec_from_dict(_lat_space())
     said: list[str] = []
-    out = run_oneshot(spec, tmp_path / "f", steps=3, say=said.append)
+    out = oneshot(spec, tmp_path / "f", supernet_steps=3, say=said.append).extra
     assert out["latency"]["source"] == "flops"
     assert any("latency: FLOPs" in s and "no calibrated predictor" in s for s in said)
-    monkeypatch.setattr(darts, "load_predictor", lambda *a: (FakePredictor(), "fake.json"))
+    monkeypatch.setattr(archloss, "load_predictor", lambda *a: (FakePredictor(), "fake.json"))
     said.clear()
-    out = run_oneshot(spec, tmp_path / "p", steps=3, say=said.append)
+    out = oneshot(spec, tmp_path / "p", supernet_steps=3, say=said.append).extra
     aw = json.loads((tmp_path / "p" / "arch_weights.json").read_text())
     assert aw["latency"]["source"] == "predictor" and out["latency"]["source"] == "predictor"
     assert any(s.startswith("latency: calibrated predictor (fake.json") for s in said)
@@ -431,25 +442,26 @@ def test_held_decisions_default_to_the_first_option_or_the_users_value():
 
 
 # -- the common search options --------------------------------------------------------------
-def test_run_oneshot_takes_the_search_options(tmp_path):
+def test_oneshot_takes_the_search_options(tmp_path):
     said: list[str] = []
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    out = run_oneshot(
+    res = oneshot(
         spec_from_dict(_held_space()),
         tmp_path / "run",
         trials=40,
         storage=url,
         study="mine",
         timeout_s=0.01,
-        trial_steps=2,
+        steps=2,
         held={"model.d_model": 32},
         n_final=2,
         say=said.append,
     )
-    # trials sizes the supernet when steps is not given: max(10, trials * trial_steps / 2)
+    out = res.extra
+    # trials sizes the supernet when supernet_steps is not given: max(10, trials * steps / 2)
     assert out["supernet"]["planned_steps"] == 40
     assert out["supernet"]["stopped"].startswith("timeout") and out["supernet"]["steps"] < 40
-    assert out["study"] == "mine" and out["storage"] == url
+    assert res.study_name == "mine" and res.storage == url
     assert not (tmp_path / "run" / "study.journal").exists()
     study = optuna.load_study(study_name="mine", storage=url)
     assert len(study.trials) == 1 and study.trials[0].params["model.d_model"] == 32
@@ -458,13 +470,15 @@ def test_run_oneshot_takes_the_search_options(tmp_path):
         doc = json.loads((tmp_path / "run" / f).read_text())
         assert doc["held"]["model.d_model"]["value"] == 32, f
     metrics = json.loads((tmp_path / "run" / "trials/0/metrics.json").read_text())
-    assert metrics["train"]["steps"] == 2  # trial_steps: the retraining budget
+    assert metrics["train"]["steps"] == 2  # steps: the retraining budget
     with pytest.raises(SearchError, match="val_bpb"):
-        run_oneshot(spec_from_dict(small_space()), tmp_path / "c", fidelity="cost")
-    with pytest.raises(SearchError, match="bad one-shot option"):
-        run_oneshot(spec_from_dict(small_space()), tmp_path / "d", fidelity="fast")
+        oneshot(spec_from_dict(small_space()), tmp_path / "c", fidelity="cost")
+    with pytest.raises(SearchError, match=r"bad search option --fidelity \(search.fidelity.kind\)"):
+        oneshot(spec_from_dict(small_space()), tmp_path / "d", fidelity="fast")
     with pytest.raises(SearchError, match="unknown latency_model"):
-        run_oneshot(spec_from_dict(small_space()), tmp_path / "e", latency_model="exact")
+        oneshot(spec_from_dict(small_space()), tmp_path / "e", latency_model="exact")
+    for bad in "cde":
+        assert not (tmp_path / bad).exists()  # refused before the run folder was made
 
 
 def test_sampled_paths_do_not_keep_the_aux_loss_of_a_candidate_off_the_path():

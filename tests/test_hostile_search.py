@@ -43,7 +43,7 @@ def _imported():
     import archir.blocks  # noqa: F401
     import archir.cost  # noqa: F401
     import searchers.cli_report  # noqa: F401
-    import searchers.darts  # noqa: F401
+    import searchers.oneshot  # noqa: F401
     import searchers.run  # noqa: F401
 
 
@@ -290,7 +290,7 @@ def test_oneshot_refuses_a_bad_name_too(tmp_path, name):
 
 def test_oneshot_failure_removes_only_what_it_created(tmp_path, monkeypatch):
     """A failure after the run folder was made removes it (and only it)."""
-    import searchers.darts as d
+    import searchers.oneshot as d
     from archir.errors import SearchError
 
     def boom(*a, **k):
