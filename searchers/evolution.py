@@ -940,6 +940,11 @@ class Evolution:
                 if nb != na and self.rng.random() < self.space.crossover:
                     child = crossover(ga, genome_of(genome_data(yb), 1), self.space, self.rng)
                     parents = [na, nb]
+                    child.mutations[0] = (
+                        child.mutations[0]
+                        .replace("of parent 1", f"of #{na}")
+                        .replace("of parent 2", f"of #{nb}")
+                    )
                     if self.rng.random() < 0.5:
                         child = mutate(child, self.space, self.rng, 1)
                 else:

@@ -75,6 +75,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import random
 import shutil
 import signal
 import sys
@@ -1178,6 +1179,8 @@ def worker(
     for n in fail_dead_trials(study):
         say(f"trial {n} was left running by a killed process: failed, retried once")
     evaluator = Evaluator(cfg, spec)
+    if evaluator.evolution is not None:  # each worker its own proposals, as its sampler
+        evaluator.evolution.rng = random.Random(seed)
     if ready is not None:
         try:
             ready.wait(timeout=300)
@@ -1242,9 +1245,13 @@ def worker(
             break
         elif evaluator.evolution is not None and not waiting:
             # evolution draws the next model (None: the spec's own first population)
-            child = evaluator.evolution.propose(
-                trials, spec_hash, lambda n: trial_spec_name(spec.name, n)
-            )
+            try:
+                child = evaluator.evolution.propose(
+                    trials, spec_hash, lambda n: trial_spec_name(spec.name, n)
+                )
+            except SearchError as exc:  # nothing new within search.evolution: stop here
+                say(f"evolution stopped at {used} of {cfg.trials} trials: {exc.message}")
+                break
             if child is not None:
                 evaluator.evolution.enqueue(study, child)
                 trials = study.get_trials(deepcopy=False)
@@ -1294,7 +1301,13 @@ def _lineage_note(a: dict[str, Any]) -> str:
     from searchers.evolution import lineage_text
 
     text = lineage_text(lin)
-    return "  <- " + (text if len(text) <= 100 else text[:97] + "...")
+    why = lin.get("rejected_why") or {}
+    redrawn = (
+        f"  [{sum(why.values())} redrawn: " + ", ".join(f"{k} {v}" for k, v in why.items()) + "]"
+        if why
+        else ""
+    )
+    return "  <- " + (text if len(text) <= 100 else text[:97] + "...") + redrawn
 
 
 def _worker_entry(cfg_dict: dict[str, Any], worker_id: int, q: Any, ready: Any = None) -> None:
