@@ -850,12 +850,8 @@ class Evolution:
         population: int | None,
         seed: int,
     ) -> None:
-        self.seed_data = copy.deepcopy(spec.data)
         self.open = not spec.is_concrete
-        seed_data = self.seed_data
-        if self.open:  # the kinds the spec's first sampled model would use are unknown: none
-            seed_data = spec.fix(_first_options).data
-        self.space = make_space(sec, seed_data, population)
+        self.space = make_space(sec, seed_data(spec), population)
         self.objectives = list(objectives)
         self.constraints = [c for c in constraints if c.pre_training and c.metric in PRE_TRAINING]
         self.rng = random.Random(seed)
@@ -994,6 +990,12 @@ def _first_options(node: Any) -> Any:
     return node.low
 
 
+def seed_data(spec: Spec) -> dict[str, Any]:
+    """The model evolution completes its space from (:func:`make_space`): the spec itself,
+    or for an open spec the model of every node's first option."""
+    return copy.deepcopy(spec.data if spec.is_concrete else spec.fix(_first_options).data)
+
+
 # -- weight inheritance -------------------------------------------------------------------------
 def inherited_source(
     run_dir: Path, origins: Sequence[Sequence[int] | None], weights_of: Callable[[int], Path | None]
@@ -1056,6 +1058,7 @@ __all__ = [
     "elite",
     "genome_data",
     "genome_of",
+    "seed_data",
     "inherited_source",
     "lineage_text",
     "make_space",

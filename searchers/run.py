@@ -275,16 +275,11 @@ class Evaluator:
         self._model: dict[str, Any] = {}
         #: the graph-mutation proposer of ``--searcher evolution`` (None otherwise)
         self.evolution: Any = None
-        if getattr(cfg, "searcher", "optuna") == "evolution":
+        if cfg.searcher == "evolution":
             from searchers.evolution import Evolution
 
-            if self.sec.evolution is None:
-                raise SearchError(
-                    "--searcher evolution needs a search.evolution section: what evolution "
-                    "may change in the graph",
-                    hint="e.g. search: {evolution: {token_mixers: {attention: {n_heads: [2, "
-                    "4]}, mamba: {d_state: [8, 16]}}, depth: [2, 6], d_model: [64, 128]}}",
-                )
+            # a missing section was refused before the run began (EvolutionSearcher.prepare)
+            assert self.sec.evolution is not None
             self.evolution = Evolution(
                 self.sec.evolution,
                 spec,
@@ -1401,6 +1396,21 @@ class EvolutionSearcher(OptunaSearcher):
 
     name = "evolution"
     searches_concrete = True
+
+    def prepare(self, spec: Spec, section: SearchSection) -> TrainSection | None:
+        """Refuse, before anything is written, a spec without a ``search.evolution`` section
+        or one whose kinds and knobs the registry refuses (the field path named)."""
+        from searchers.evolution import make_space, seed_data
+
+        if section.evolution is None:
+            raise SearchError(
+                "--searcher evolution needs a search.evolution section: what evolution may "
+                "change in the graph",
+                hint="e.g. search: {evolution: {token_mixers: {attention: {n_heads: [2, 4]}, "
+                "mamba: {d_state: [8, 16]}}, depth: [2, 6], d_model: [64, 128]}}",
+            )
+        make_space(section.evolution, seed_data(spec), section.population)
+        return None
 
     def proposer(self, run: RunPlan) -> str:
         return "evolution (search.evolution)"

@@ -246,7 +246,7 @@ class EvolutionSection(Strict):
 
     def rates(self) -> dict[str, float]:
         """Every operator's rate (the defaults overridden by ``operators``)."""
-        return {**DEFAULT_OPERATOR_RATES, **self.operators}
+        return {**DEFAULT_OPERATOR_RATES, **{str(k): v for k, v in self.operators.items()}}
 
 
 class SearchSection(Strict):
