@@ -199,16 +199,16 @@ def main() -> None:
         "tau_inherited_60": kendall([r["inherited"][60] for r in rows], truth),
         "tau_fresh_240": kendall([r["fresh"][240] for r in rows], truth),
         "tau_inherited_240": kendall([r["inherited"][240] for r in rows], truth),
-        "inherited_reach_median": statistics.median(
-            [r["inherited_reach"] or 10**9 for r in rows]
-        ),
+        "inherited_reach_median": statistics.median([r["inherited_reach"] or 10**9 for r in rows]),
         "fresh_reach_median": statistics.median([r["fresh_reach"] or 10**9 for r in rows]),
         "reached_inherited": sum(r["inherited_reach"] is not None for r in rows),
         "reached_fresh": sum(r["fresh_reach"] is not None for r in rows),
         "n_children": len(rows),
     }
     print(json.dumps(summary, indent=1))
-    Path(args.out).write_text(json.dumps({"args": vars(args), "summary": summary, "rows": rows}, indent=1))
+    Path(args.out).write_text(
+        json.dumps({"args": vars(args), "summary": summary, "rows": rows}, indent=1)
+    )
 
 
 if __name__ == "__main__":
