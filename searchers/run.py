@@ -1,6 +1,9 @@
-"""The search loop: an Optuna study over a spec's open choices.
+"""The search loop of the trial-based searchers: an Optuna study whose trials are proposed by
+a sampler over a spec's open choices (``optuna``) or by graph mutation
+(``evolution``, :mod:`searchers.evolution`: a queued trial carries its child's concrete spec).
 
-``run_search(spec_path, ...)`` is what ``archir search`` runs::
+``run_search(spec_path, searcher=..., ...)`` is what ``archir search`` runs for every
+searcher (:mod:`searchers.base`, :mod:`searchers.setup`)::
 
     runs/<name>/
       spec.yaml        the spec as given           run.json   storage URL, study name, space
