@@ -132,8 +132,14 @@ def genome_of(data: dict[str, Any], parent: int = 0) -> Genome:
     layers: list[Layer] = []
     index = 0
     run_id = 0
-    for g in data["model"]["layers"]:
+    for gi, g in enumerate(data["model"]["layers"]):
         repeat = int(g.get("repeat", 1))
+        if repeat > 1 and any("name" in b or "inputs" in b for b in g["blocks"]):
+            raise SearchError(
+                f"model.layers.{gi}: evolution cannot unroll a repeated layer group with named "
+                "blocks or inputs (each repeat would reuse the names)",
+                hint="write the repeats out as groups of their own",
+            )
         shared = bool(g.get("share_weights", False)) and repeat > 1
         residual = g.get("residual", "pre_norm")
         if shared:
@@ -264,8 +270,11 @@ def make_space(sec: EvolutionSection, seed_data: dict[str, Any], population: int
                     hint=f"list it under {'token_mixers' if k.role == 'token_mixer' else 'channel_mixers'}",
                 )
             for knob, values in knobs.items():
-                if knob in ("kind", "role"):
-                    raise SearchError(f"{where}.{knob}: not a knob", hint="remove it")
+                if knob in ("kind", "role", "name", "inputs", "merge"):
+                    raise SearchError(
+                        f"{where}.{knob}: not a knob (evolution sets the graph's structure)",
+                        hint="remove it",
+                    )
                 if knob in _COMMON:
                     continue
                 if knob not in k.params.model_fields:
@@ -283,6 +292,14 @@ def make_space(sec: EvolutionSection, seed_data: dict[str, Any], population: int
                             f"{msg[-1].strip() if msg else type(exc).__name__}"
                         ) from None
         out[role] = {kind: dict(knobs) for kind, knobs in kinds.items()}
+    from archir.registry import ALLOWED_BITS
+
+    bad = [b for b in sec.bits or [] if float(b) not in ALLOWED_BITS]
+    if bad:
+        raise SearchError(
+            f"search.evolution.bits: {bad[0]} is not a weight bit width",
+            hint="one of " + ", ".join(str(b) for b in ALLOWED_BITS),
+        )
     depth0 = len(g.layers)
     depth = tuple(sec.depth) if sec.depth else (max(1, depth0 - 1), depth0 + 2)
     dm = sec.d_model or [g.d_model]
@@ -400,9 +417,9 @@ def _insert(g: Genome, space: Space, rng: random.Random) -> str:
     nb = g.layers[min(p, len(g.layers) - 1)] if p == len(g.layers) else g.layers[p]
     if p > 0 and rng.random() < 0.5:
         nb = g.layers[p - 1]
+    src = next(i for i, x in enumerate(g.layers) if x is nb)
     if rng.random() < 0.5:
         lay = _strip_names(nb)
-        src = g.layers.index(nb)
         what = f"insert layer at {p} (copy of layer {src})"
     else:
         lay = _fresh_layer(g, nb, space, rng)
@@ -414,6 +431,17 @@ def _insert(g: Genome, space: Space, rng: random.Random) -> str:
             lay.run = g.layers[p].run
             lay.origins = list(g.layers[p].origins)
     g.layers.insert(p, lay)
+    # a block after it that read the old previous output by name now reads the new layer's
+    # (otherwise the inserted layer would feed nothing)
+    if 0 < p < len(g.layers) - 1:
+        prev = g.layers[p - 1].blocks[-1].get("name")
+        for b in g.layers[p + 1].blocks:
+            ins = b.get("inputs")
+            if prev is not None and isinstance(ins, list) and prev in ins:
+                last = lay.blocks[-1]
+                if "name" not in last:
+                    last["name"] = _fresh_name(g, "l")
+                b["inputs"] = [last["name"] if x == prev else x for x in ins]
     return what
 
 
@@ -562,17 +590,20 @@ def _fresh_name(g: Genome, base: str) -> str:
 
 def _skip(g: Genome, space: Space, rng: random.Random) -> str:
     # remove: a block reading a merge of inputs loses one of them
+    def plain(li: int) -> bool:  # weights of its own, the default residual structure
+        return g.layers[li].run is None and g.layers[li].residual == "pre_norm"
+
     has = [
         (li, bi)
         for li, lay in enumerate(g.layers)
         for bi, b in enumerate(lay.blocks)
-        if isinstance(b.get("inputs"), list)
+        if isinstance(b.get("inputs"), list) and plain(li)
     ]
     add = [
         li
         for li in range(1, len(g.layers))
-        if g.layers[li].run is None
-        and g.layers[li - 1].run is None
+        if plain(li)
+        and plain(li - 1)
         and _role(g.layers[li].blocks[0]) == "token_mixer"
         and "inputs" not in g.layers[li].blocks[0]
     ]
@@ -591,7 +622,7 @@ def _skip(g: Genome, space: Space, rng: random.Random) -> str:
         return f"skip removed: layer {li} no longer reads {gone}"
     li = rng.choice(add)
     # an earlier layer with weights of its own (-1: the embedding)
-    src = rng.choice([-1] + [j for j in range(li - 1) if g.layers[j].run is None])
+    src = rng.choice([-1] + [j for j in range(li - 1) if plain(j)])
     prev = g.layers[li - 1].blocks[-1]
     if "name" not in prev:
         prev["name"] = _fresh_name(g, "l")
@@ -683,6 +714,12 @@ def crossover(a: Genome, b: Genome, space: Space, rng: random.Random) -> Genome:
         lay.origins = [(1, o[1]) if o is not None else None for o in lay.origins]
         if lay.run is not None:
             lay.run += offset
+    # a tail block reading a name of b's head has nothing to read in the child
+    own = {"embed"} | {n for lay in tail for n in _names_in(lay)}
+    tmp = Genome(child.data, tail)
+    _drop_refs(
+        tmp, {x for lay in tail for blk in lay.blocks for x in blk.get("inputs") or []} - own
+    )
     names = {n for lay in head for n in _names_in(lay)}
     renamed: dict[str, str] = {}
     for lay in tail:
@@ -810,23 +847,48 @@ def genome_data(text: str) -> dict[str, Any]:
     return data
 
 
-def check_child(data: dict[str, Any], constraints: Sequence[Constraint]) -> tuple[Spec | None, str]:
+def check_child(
+    data: dict[str, Any],
+    constraints: Sequence[Constraint],
+    latency_of: Callable[[Spec], float] | None = None,
+) -> tuple[Spec | None, str]:
     """Whether ``data`` is a model that may be trained: it validates (schema, graph, shapes),
-    its cost analysis runs and it meets the constraints known before training. Returns the
-    concrete spec, or None and the reason."""
+    every block's output is used, its cost analysis runs and it meets the constraints known
+    before training — ``latency_ms`` too when ``latency_of`` (the calibrated predictor, ms)
+    is given. Returns the concrete spec, or None and the reason."""
     from archir.cost import analyze
     from searchers.objectives import COST_METRICS
 
     try:
         spec = Spec(data)
         cost = analyze(spec)
+        dead = unused_blocks(spec)
     except ArchirError as exc:
         return None, f"invalid: {exc.message}"
+    if dead:
+        return None, f"invalid: {dead[0]}'s output reaches nothing"
     values = {k: float(getattr(cost, k)) for k in COST_METRICS}
+    if latency_of is not None and any(c.metric == "latency_ms" for c in constraints):
+        try:
+            values["latency_ms"] = float(latency_of(spec))
+        except ArchirError as exc:
+            return None, f"invalid: latency not predictable: {exc.message}"
     reasons = check_constraints(list(constraints), values, pre_training=True)
     if reasons:
         return None, "infeasible: " + "; ".join(reasons)
     return spec, ""
+
+
+def unused_blocks(spec: Spec) -> list[str]:
+    """The blocks whose output never reaches the head (a layer a skip bypasses entirely)."""
+    import networkx as nx
+
+    from archir.ir import build_graph
+
+    graph = build_graph(spec)
+    order = [n.name for n in graph]
+    feeding = nx.ancestors(graph.g, order[-1])
+    return [n for n in order[:-1] if n not in feeding]
 
 
 class Evolution:
@@ -855,6 +917,8 @@ class Evolution:
         self.objectives = list(objectives)
         self.constraints = [c for c in constraints if c.pre_training and c.metric in PRE_TRAINING]
         self.rng = random.Random(seed)
+        #: the calibrated latency predictor (spec -> ms), when a constraint needs it
+        self.latency_of: Callable[[Spec], float] | None = None
 
     def seed_lineage(self) -> dict[str, Any]:
         """The lineage of a model the evolution did not make (the seed spec, or a sample of
@@ -867,25 +931,18 @@ class Evolution:
             "rejected": 0,
         }
 
-    def enqueue(self, study: Any, p: Proposal) -> None:
-        """Queue proposal ``p`` as a WAITING trial carrying its genome, lineage and origins
-        (a worker evaluates it next; a retry of it keeps them)."""
-        import warnings
-
-        import optuna
-
-        system: dict[str, Any] = {
+    def system_attrs(self, p: Proposal) -> dict[str, Any]:
+        """What a trial evaluating proposal ``p`` records before it trains (its genome, the
+        genome's hash, lineage and, with ``inherit``, its blocks' origins): a retry of the
+        trial and a promotion of its model read them back."""
+        out: dict[str, Any] = {
             ATTR_GENOME: Spec(p.data).to_yaml(),
             ATTR_GENOME_HASH: p.spec_hash,
             ATTR_LINEAGE: p.lineage,
         }
         if self.space.inherit:
-            system[ATTR_ORIGINS] = p.origins
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            study.add_trial(
-                optuna.trial.create_trial(state=TrialState.WAITING, system_attrs=system)
-            )
+            out[ATTR_ORIGINS] = p.origins
+        return out
 
     def propose(
         self,
@@ -926,6 +983,13 @@ class Evolution:
                 and (y := trial_attrs(t).get("spec_yaml") or t.system_attrs.get(ATTR_GENOME))
             ]
             if not seen:
+                if not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+                    why = next((trial_attrs(t).get("reason") for t in trials), None)
+                    raise SearchError(
+                        "the seed spec could not be evaluated, so there is nothing to mutate"
+                        + (f": {why}" if why else ""),
+                        hint="fix the spec (archir train SPEC shows the problem) and run again",
+                    )
                 return None
             parents_of = lambda: [self.rng.choice(seen), self.rng.choice(seen)]  # noqa: E731
         reasons: dict[str, int] = {}
@@ -933,8 +997,13 @@ class Evolution:
             (na, ya), (nb, yb) = parents_of()
             try:
                 ga = genome_of(genome_data(ya), 0)
+                child = None
                 if nb != na and self.rng.random() < self.space.crossover:
-                    child = crossover(ga, genome_of(genome_data(yb), 1), self.space, self.rng)
+                    try:
+                        child = crossover(ga, genome_of(genome_data(yb), 1), self.space, self.rng)
+                    except NotApplicable:  # no cut fits the depth bounds: a mutation instead
+                        child = None
+                if child is not None:
                     parents = [na, nb]
                     child.mutations[0] = (
                         child.mutations[0]
@@ -951,9 +1020,12 @@ class Evolution:
             except NotApplicable:
                 reasons["no operator applies"] = reasons.get("no operator applies", 0) + 1
                 continue
+            except SearchError:  # a parent evolution cannot unroll
+                reasons["parent not evolvable"] = reasons.get("parent not evolvable", 0) + 1
+                continue
             data, origins = to_data(child)
             data["name"] = name_of(len(trials))
-            spec, why = check_child(data, self.constraints)
+            spec, why = check_child(data, self.constraints, self.latency_of)
             if spec is None:
                 key = why.split(":")[0]
                 reasons[key] = reasons.get(key, 0) + 1
@@ -998,31 +1070,44 @@ def seed_data(spec: Spec) -> dict[str, Any]:
 
 # -- weight inheritance -------------------------------------------------------------------------
 def inherited_source(
-    run_dir: Path, origins: Sequence[Sequence[int] | None], weights_of: Callable[[int], Path | None]
+    run_dir: Path,
+    origins: Sequence[Sequence[int] | None],
+    weights_of: Callable[[int], Path | None],
+    parents: Sequence[int] = (),
 ) -> tuple[dict[str, Any], list[int]]:
     """The parents' trained tensors renamed onto the child's weight blocks: for child block
     ``i`` with origin ``[trial, j]``, ``blocks.{j}.*`` of that trial's weights becomes
     ``blocks.{i}.*``; tensors outside the blocks (embedding, final norm, head) come from the
-    first parent. Returns the renamed tensors and the parent trials read (a parent whose
-    weights are not on this machine is skipped: its blocks stay fresh).
+    first of ``parents`` whose weights are here (the lineage's order; default: the order of
+    first appearance in ``origins``). DenseFormer merge weights (``merges.*``) are not
+    inherited: a child's merges need not be its parent's. Returns the renamed tensors and
+    the parent trials read (a parent whose weights are not on this machine is skipped: its
+    blocks stay fresh).
 
     Raises:
         TrainingError: a weights file that is not a readable safetensors file.
     """
     from archir.inherit import read_init
 
-    parents: list[int] = []
+    order: list[int] = [int(p) for p in parents]
     for o in origins:
-        if o is not None and int(o[0]) not in parents:
-            parents.append(int(o[0]))
+        if o is not None and int(o[0]) not in order:
+            order.append(int(o[0]))
     loaded: dict[int, dict[str, Any]] = {}
-    for p in parents:
+    for p in order:
         path = weights_of(p)
         if path is not None and path.is_file():
             loaded[p] = read_init(path)
     out: dict[str, Any] = {}
-    if parents and parents[0] in loaded:
-        out.update({k: v for k, v in loaded[parents[0]].items() if not k.startswith("blocks.")})
+    first = next((p for p in order if p in loaded), None)
+    if first is not None:
+        out.update(
+            {
+                k: v
+                for k, v in loaded[first].items()
+                if not k.startswith("blocks.") and not k.startswith("merges.")
+            }
+        )
     for i, o in enumerate(origins):
         if o is None or int(o[0]) not in loaded:
             continue
@@ -1030,7 +1115,7 @@ def inherited_source(
         for k, v in loaded[int(o[0])].items():
             if k.startswith(pre):
                 out[f"blocks.{i}." + k[len(pre) :]] = v
-    return out, [p for p in parents if p in loaded]
+    return out, [p for p in order if p in loaded]
 
 
 def lineage_text(lineage: dict[str, Any]) -> str:

@@ -96,7 +96,7 @@ def trial_latency(spec: Any, lat: Any, train_seq: int, model: Any = None) -> dic
         return latency_ms(
             spec, lat.runtime, predict=True, batch=lat.batch, seq=seq, threads=lat.threads
         )
-    if lat.predict is None and _has_calibration(lat):
+    if lat.predict is None and has_calibration(lat):
         from exporters.latency import CalibrationError
 
         try:
@@ -158,7 +158,8 @@ def remeasure_all(
     return {k: measurement_record(m) for k, m in ms.items()}, errors
 
 
-def _has_calibration(lat: Any) -> bool:
+def has_calibration(lat: Any) -> bool:
+    """Whether a latency calibration exists for ``lat``'s runtime and threads."""
     from exporters.latency import find_calibration
 
     return find_calibration(lat.runtime, lat.threads) is not None

@@ -291,6 +291,16 @@ class Evaluator:
                 self.sec.population,
                 self.sec.seed,
             )
+            lat = self.sec.latency
+            if any(c.metric == "latency_ms" for c in self.constraints):
+                from searchers.latency import has_calibration, trial_latency
+
+                if lat.predict is True or (lat.predict is None and has_calibration(lat)):
+                    seq = self.train_cfg.seq_len
+                    self.evolution.latency_of = lambda s: float(trial_latency(s, lat, seq)["ms"])
+        #: the child evolution proposed for the next trial (the worker loop sets it; a trial
+        #: that is a retry or a promotion leaves it unused)
+        self.next_child: Any = None
 
     @property
     def task(self) -> Any:
@@ -382,6 +392,13 @@ class Evaluator:
         with grouped(storage):
             storage.set_trial_system_attr(trial._trial_id, ATTR_HOST, HOST)
             storage.set_trial_system_attr(trial._trial_id, ATTR_PID, os.getpid())
+            child, self.next_child = self.next_child, None
+            if child is not None and not {ATTR_GENOME, ATTR_CONTINUE, "failed_trial"} & set(
+                started
+            ):  # this new trial evaluates evolution's child: recorded before anything runs
+                for k, v in self.evolution.system_attrs(child).items():
+                    storage.set_trial_system_attr(trial._trial_id, k, v)
+                    started[k] = v
             if started.get(ATTR_GENOME) is not None:  # a child evolution proposed
                 concrete = Spec(genome_data(started[ATTR_GENOME]))
             else:
@@ -495,7 +512,8 @@ class Evaluator:
             p = self.run_dir / "trials" / str(int(n)) / "model.safetensors"
             return p if p.is_file() and not p.is_symlink() else None
 
-        source, read = inherited_source(self.run_dir, origins, weights_of)
+        parents = self._model.get("lineage", {}).get("parents", [])
+        source, read = inherited_source(self.run_dir, origins, weights_of, parents)
         if not read:
             log("inherits nothing: the parents' weights are not in this run folder")
             return
@@ -1250,9 +1268,7 @@ def worker(
             except SearchError as exc:  # nothing new within search.evolution: stop here
                 say(f"evolution stopped at {used} of {cfg.trials} trials: {exc.message}")
                 break
-            if child is not None:
-                evaluator.evolution.enqueue(study, child)
-                trials = study.get_trials(deepcopy=False)
+            evaluator.next_child = child  # the next trial evaluates it
         evaluator.current = None
         evaluator.seen = trials  # its duplicate check and penalty read no trials again
         try:

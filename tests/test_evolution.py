@@ -22,6 +22,7 @@ from searchers.evolution import (
     OPERATORS,
     Evolution,
     NotApplicable,
+    check_child,
     crossover,
     elite,
     genome_of,
@@ -350,3 +351,93 @@ def test_inheritance_maps_trained_blocks_onto_the_child(tmp_path):
     got = task.evaluate(model, 8, 32, 4)["val_loss"]
     base = task.evaluate(fresh, 8, 32, 4)["val_loss"]
     assert got < base - 0.3, (got, base)
+
+
+def test_children_never_bypass_a_layer():
+    """Skips, inserts next to them, drops and crossovers leave every block feeding the head."""
+    sp = space(operators={"skip": 3.0, "insert_layer": 1.0, "drop_layer": 1.0}, crossover=0.5)
+    rng = random.Random(3)
+    pool = [genome_of(mixed()), genome_of(small(layers=4))]
+    reasons = Counter()
+    for _ in range(250):
+        a, b = rng.choice(pool), rng.choice(pool)
+        try:
+            child = (
+                crossover(a, genome_of(to_data(b)[0], 1), sp, rng)
+                if rng.random() < 0.3
+                else mutate(a, sp, rng, 2)
+            )
+        except NotApplicable:
+            continue
+        data, _ = to_data(child)
+        spec, why = check_child(data, [])
+        if spec is None:
+            reasons[why.split(":")[0] + ("/dead" if "reaches nothing" in why else "")] += 1
+            continue
+        pool.append(genome_of(data))
+    assert reasons["invalid/dead"] == 0, reasons
+    assert sum(reasons.values()) <= 5, reasons
+    assert sum("inputs" in b for g in pool for lay in g.layers for b in lay.blocks) >= 10
+
+
+def test_seeds_and_sections_evolution_refuses():
+    data = small(layers=1)
+    data["model"]["layers"] = [
+        {
+            "repeat": 2,
+            "blocks": [
+                {"kind": "attention", "n_heads": 2, "name": "att"},
+                {"kind": "swiglu", "inputs": ["embed", "att"], "merge": "weighted"},
+            ],
+        }
+    ]
+    with pytest.raises(SearchError, match=r"model\.layers\.0: evolution cannot unroll"):
+        genome_of(data)
+    with pytest.raises(Exception, match="at least 1 item"):
+        EvolutionSection.model_validate({"token_mixers": {"mamba": {"d_state": []}}})
+    with pytest.raises(SearchError, match="search.evolution.bits: 5"):
+        make_space(EvolutionSection.model_validate({"bits": [4, 5]}), small(), None)
+    with pytest.raises(SearchError, match=r"attention\.name: not a knob"):
+        make_space(
+            EvolutionSection.model_validate({"token_mixers": {"attention": {"name": "x"}}}),
+            small(),
+            None,
+        )
+
+
+def test_a_failed_seed_stops_evolution():
+    spec = Spec(small())
+    evo = Evolution(EvolutionSection.model_validate(WIDE), spec, [], [], 4, seed=0)
+    failed = create_trial(
+        state=TrialState.FAIL,
+        user_attrs={TRIAL_ATTR: {"status": "failed", "reason": "loss diverged"}},
+    )
+    failed.number = 0
+    with pytest.raises(SearchError, match="seed spec could not be evaluated.*loss diverged"):
+        evo.propose([failed], spec_hash, lambda k: f"seed-t{k}")
+
+
+def test_inherited_source_takes_the_first_parents_frame_and_no_merges(tmp_path):
+    from safetensors.torch import save_file
+
+    for n, fill in ((3, 1.0), (5, 2.0)):
+        save_file(
+            {
+                "embed.weight": torch.full((4, 2), fill),
+                "merges.0": torch.full((2,), fill),
+                "blocks.0.fn.w": torch.full((2, 2), fill),
+            },
+            str(tmp_path / f"{n}.safetensors"),
+        )
+
+    def weights(n):
+        return tmp_path / f"{n}.safetensors"
+
+    src, read = inherited_source(tmp_path, [[3, 0], [5, 0]], weights, parents=[5, 3])
+    assert read == [5, 3]
+    assert float(src["embed.weight"][0, 0]) == 2.0  # the lineage's first parent
+    assert "merges.0" not in src
+    assert float(src["blocks.0.fn.w"][0, 0]) == 1.0 and float(src["blocks.1.fn.w"][0, 0]) == 2.0
+    # the first parent's weights missing: the frame comes from the other one
+    src, read = inherited_source(tmp_path, [[3, 0], [9, 0]], weights, parents=[9, 3])
+    assert read == [3] and float(src["embed.weight"][0, 0]) == 1.0

@@ -170,7 +170,7 @@ class DecodeSection(Strict):
 
 #: a knob's values in ``search.evolution``: one value (fixed) or a list to draw from
 KnobValue = int | float | str | bool
-KnobRange = KnobValue | list[KnobValue]
+KnobRange = KnobValue | Annotated[list[KnobValue], Field(min_length=1)]
 
 #: what evolution may do to a model (``search.evolution.operators``)
 Operator = Literal[
@@ -204,8 +204,9 @@ DEFAULT_OPERATOR_RATES: dict[str, float] = {
 
 class EvolutionSection(Strict):
     """What ``archir search --searcher evolution`` may change in a model (the author stays in
-    charge: an operator whose range is not given here has nothing to draw from and is not
-    used).
+    charge: ``d_model``, ``bits`` and the knob operators move only within ranges given here;
+    ``insert_layer`` / ``drop_layer`` within ``depth``, default the seed's depth −1 to +2;
+    ``share_weights`` and ``skip`` are on at rate 0.5 unless ``operators`` turns them off).
 
     ``token_mixers`` / ``channel_mixers``: the kinds a swapped or inserted block may take,
     each with its knobs (one value: fixed; a list: drawn from, and mutated within by the
