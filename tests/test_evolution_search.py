@@ -213,8 +213,8 @@ def test_inherited_children_on_a_ladder(tmp_path):
         tmp_path,
         objectives={"val_bpb": "minimize", "params": "minimize"},
         fidelity={"kind": "ladder", "rungs": [6, 12], "eta": 2},
-        budget={"trials": 8},
-        evolution={**EVOLUTION, "inherit": True, "population": 3},
+        budget={"trials": 6},
+        evolution={**EVOLUTION, "inherit": True, "population": 2},
     )
     run = tmp_path / "run"
     out = subprocess.run(
