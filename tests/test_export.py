@@ -144,6 +144,7 @@ def test_parity_gate_refuses_a_broken_export(tmp_path: Path, monkeypatch, capsys
     assert not (tmp_path / "c.onnx").exists()
 
 
+@pytest.mark.slow  # 29 s; auto precision, MoE banks and static int8 keep quantization covered
 def test_quantized_variants_smaller_and_reported(tmp_path: Path) -> None:
     spec = lm_spec(d=128, layers=2, expansion=4.0)  # linear-heavy
     sizes = {}

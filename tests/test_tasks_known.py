@@ -132,6 +132,7 @@ def memorization_accuracy(
     return float(train(spec, task, cfg=cfg, model=model).metrics["accuracy"])
 
 
+@pytest.mark.slow  # 32 s; the recall test above keeps a learned ordering in the default suite
 def test_memorization_rises_with_channel_mixer_width_fast():
     # measured (1,500 steps, seeds 0/1/2): expansion 1 -> 0.29/0.28/0.21, 32 -> 1.0/1.0/1.0
     narrow = memorization_accuracy(1, seed=0, steps=1000)
