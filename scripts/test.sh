@@ -11,4 +11,4 @@ for d in archir searchers exporters; do [ -f "$d/__init__.py" ] && pkgs+=(-p "$d
 $V/ruff check "${dirs[@]}"
 $V/ruff format --check "${dirs[@]}"
 $V/mypy "${pkgs[@]}"
-$V/python -m pytest -q -n 2 "$@"
+$V/python -m pytest -q -n 2 --dist worksteal "$@"
