@@ -831,17 +831,18 @@ class Proposal:
 
 
 def genome_data(text: str) -> dict[str, Any]:
-    """The spec data of a recorded genome (YAML text written by archir; safe loader).
+    """The spec data of a recorded genome, read by the spec loader's own parser
+    (:func:`archir.spec.source.parse_source`: YAML 1.2 scalars, safe, bounded).
 
     Raises:
-        SearchError: the text is not a YAML mapping.
+        SearchError: the text is not a spec mapping.
     """
-    import yaml
+    from archir.spec.source import parse_source
 
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SearchError(f"a trial's recorded spec is not YAML: {str(exc)[:120]}") from None
+        data, _ = parse_source(text, "<recorded genome>")
+    except ArchirError as exc:
+        raise SearchError(f"a trial's recorded spec cannot be read: {exc.message}") from None
     if not isinstance(data, dict):
         raise SearchError("a trial's recorded spec is not a mapping")
     return data
