@@ -24,7 +24,7 @@ from tests.conftest import ZOO
 
 D = 32
 #: the families this file covers; every kind registered by them is tested, from the registry
-FAMILIES = ("archir.blocks.recurrent", "archir.blocks.ssm")
+FAMILIES = ("archir.blocks.recurrent", "archir.blocks.ssm", "archir.blocks.ssd")
 
 
 def _family_kinds() -> list[str]:
@@ -313,7 +313,7 @@ def test_spec_compiles_and_trains(name: str) -> None:
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-@pytest.mark.parametrize("zoo_name", ["mamba", "gla", "retnet", "rwkv"])
+@pytest.mark.parametrize("zoo_name", ["mamba", "mamba2", "gla", "retnet", "rwkv"])
 def test_zoo_spec(zoo_name: str) -> None:
     spec = archir.load_spec(ZOO / f"{zoo_name}.yaml")
     model = archir.compile(spec, seed=0)

@@ -2,6 +2,7 @@
 
 Families: ``norm``, ``embed``, ``heads``, ``attention``, ``mlp`` (MLP, SwiGLU, GeGLU),
 ``moe``, ``recurrent`` (linear attention, GLA, RetNet, RWKV), ``ssm`` (Mamba, S4D),
+``ssd`` (Mamba-2),
 ``conv`` (Hyena, PoolFormer pooling, ConvFormer separable convolution, MLP-Mixer token MLP,
 identity).
 """
@@ -15,5 +16,6 @@ from archir.blocks import (  # noqa: F401
     moe,
     norm,
     recurrent,
+    ssd,
     ssm,
 )
