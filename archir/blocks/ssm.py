@@ -47,6 +47,17 @@ CHUNK = 32
 FAST_LOG_DECAY = 4.0
 #: steps of the stable form's recurrence (a sub-chunk; CHUNK is a multiple of it)
 STABLE_STEPS = 8
+# The exported form (ONNX / torch.export / TorchScript tracing; not torch.compile, which keeps
+# the stable form above): the same exact recurrence laid out for onnxruntime, which has no
+# fused kernels and pays for every full-size [B, T, d_inner, d_state] tensor it writes, every
+# strided slice (a copy) and every broadcast with a short inner span. See
+# :func:`_scan_export`: sub-chunks of EXPORT_STEPS steps run as an unrolled recurrence, step by
+# step on contiguous [B, T/EXPORT_STEPS, d_state, d_inner] tensors, their end states carried
+# through chunks of EXPORT_CHUNK steps by a short recurrence and between chunks by
+# ``carry_matrix``; about 8 full-size passes instead of ~16, 2-3x faster in onnxruntime at
+# T 128-1,024 (benchmarks/README.md, issue 14 part 6).
+EXPORT_STEPS = 16
+EXPORT_CHUNK = 64
 
 
 def carry_matrix(g: torch.Tensor) -> torch.Tensor:
@@ -108,6 +119,19 @@ def _give(*ts: torch.Tensor) -> None:
     _POOL.bufs = bufs
 
 
+def _exporting() -> bool:
+    """Graph capture for export (ONNX, ``torch.export``, TorchScript tracing), not
+    ``torch.compile`` (which keeps the stable form and ``F.softplus``)."""
+    if not tracing():
+        return False
+    return (
+        not torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+    )
+
+
 def _needs_stable(dt: torch.Tensor, A: torch.Tensor) -> bool:
     """Whether some ``Δ·A`` (``dt [..., di]``, ``A [di, N]``) is below ``−FAST_LOG_DECAY``
     (then only the stable form is exact in fp32)."""
@@ -148,6 +172,56 @@ def _scan_stable(
         hs.append(h)
     h = torch.stack(hs, 3).view(Bsz, nc, Q, di, N)
     return torch.einsum("bkqdn,bkqn->bkqd", h, Cm)
+
+
+def _scan_export(
+    dt: torch.Tensor, A: torch.Tensor, ux: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor
+) -> torch.Tensor:
+    """The selective scan as exported (see :data:`EXPORT_CHUNK`), out of place, no
+    data-dependent branch, exact for any ``Δ·A ≤ 0`` (every factor is ``exp`` of a sum of
+    log-decays ≤ 0).
+
+    ``dt, ux [B, T, di]``, ``A [di, N]``, ``Bm, Cm [B, T, N]`` with ``T`` a multiple of
+    :data:`EXPORT_CHUNK` -> ``y [B, T, di]``. States are laid out ``[..., N, di]`` (the
+    broadcasts ``Δ⊗A`` and ``B⊗Δx`` then have spans of ``di`` elements, and ``C·h`` is a
+    batched row-vector MatMul); the step axis of a sub-chunk is sliced from the small
+    ``[B, T, di]`` inputs, never from a full-size tensor.
+    """
+    Bsz, T, di = dt.shape
+    N = A.shape[1]
+    P, M = EXPORT_STEPS, EXPORT_CHUNK // EXPORT_STEPS
+    ns = T // P  # sub-chunks
+    nc = ns // M  # chunks
+    X = N * di
+    AT = A.t()  # [N, di]
+    dt4 = dt.reshape(Bsz, ns, P, di)
+    ux4 = ux.reshape(Bsz, ns, P, di)
+    B4 = Bm.reshape(Bsz, ns, P, N)
+    C4 = Cm.reshape(Bsz, ns, P, 1, N)
+    # per step p of every sub-chunk: decay a = exp(Δ·A) ≤ 1 and input u = Δx·B, [B, ns, N, di]
+    a = [torch.exp(dt4[:, :, p, None, :] * AT) for p in range(P)]
+    u = [B4[:, :, p, :, None] * ux4[:, :, p, None, :] for p in range(P)]
+    z = u[0]  # the sub-chunks' end states from zero
+    for p in range(1, P):
+        z = a[p] * z + u[p]
+    S = z.reshape(Bsz, nc, M, X)
+    g = (dt4.sum(2)[:, :, None, :] * AT).reshape(Bsz, nc, M, X)  # sub-chunk log-decays
+    D = torch.exp(g)
+    e = S[:, :, 0]  # the chunks' end states from zero
+    for m in range(1, M):
+        e = D[:, :, m] * e + S[:, :, m]
+    L = carry_matrix(g.sum(2))  # [B, nc, nc, X]
+    h = (L * e[:, None]).sum(2)  # the state entering each chunk
+    h_in = [h]  # ... and each sub-chunk
+    for m in range(M - 1):
+        h = D[:, :, m] * h + S[:, :, m]
+        h_in.append(h)
+    h = torch.stack(h_in, 2).reshape(Bsz, ns, N, di)
+    ys = []
+    for p in range(P):
+        h = a[p] * h + u[p]
+        ys.append(torch.matmul(C4[:, :, p], h))  # [B, ns, 1, di]
+    return torch.cat(ys, 2).reshape(Bsz, T, di)
 
 
 def _between(nc: int, like: torch.Tensor) -> torch.Tensor:
@@ -353,11 +427,20 @@ def selective_scan(
     ``Bm, Cm [B, T, N]`` -> ``y [B, T, di]``. Chunked parallel form, no loop over time (see
     :data:`CHUNK`): the fast form when every ``Δ·A ≥ −FAST_LOG_DECAY`` (under autograd with a
     hand-written backward: the same chunked scan run backwards in time), else the stable
-    form. Under graph capture (:func:`~archir.blocks.common.tracing`): the stable form
-    always (the data cannot choose in a graph), plain out-of-place ops that autograd and
+    form. Under graph capture (:func:`~archir.blocks.common.tracing`) no data-dependent
+    branch: while exporting (ONNX, torch.export, tracing) :func:`_scan_export`, under
+    ``torch.compile`` the stable form; both plain out-of-place ops that autograd and
     torch.export follow, with symbolic padding (a dynamic sequence axis stays dynamic).
     """
     Bsz, T, di = dt.shape
+    if _exporting():  # ONNX / torch.export: the onnxruntime-shaped exact form
+        # padded to ne·EXPORT_CHUNK steps, written so that a symbolic T gives a padded
+        # length that is a multiple by algebra (a dynamic sequence axis stays dynamic)
+        ne = (T + EXPORT_CHUNK - 1) // EXPORT_CHUNK
+        pad = ne * EXPORT_CHUNK - T
+        dt, ux = F.pad(dt, (0, 0, 0, pad)), F.pad(ux, (0, 0, 0, pad))
+        Bm, Cm = F.pad(Bm, (0, 0, 0, pad)), F.pad(Cm, (0, 0, 0, pad))
+        return _scan_export(dt, A, ux, Bm, Cm)[:, :T]
     capture = tracing()
     # pad to nc·CHUNK steps with nc = ceil(T / CHUNK); written so that a symbolic T (dynamic
     # sequence axis under torch.export) gives a padded length that is nc·CHUNK by algebra
@@ -399,6 +482,15 @@ class MambaParams(KindParams):
 def _mamba_dims(p: MambaParams, d: int) -> tuple[int, int]:
     """``(d_inner, dt_rank)``."""
     return int(round(p.expansion * d)), p.dt_rank or math.ceil(d / 16)
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """``softplus(x) = log(1 + exp(x))``; while exporting written ``relu(x) + log1p(exp(−|x|))``
+    (the same value to an ulp): onnxruntime's ``Softplus`` kernel is scalar, ~10x slower
+    than these vectorized ops (3 ms of a 25 ms layer at T 512)."""
+    if _exporting():
+        return F.relu(x) + torch.log1p(torch.exp(-x.abs()))
+    return F.softplus(x)
 
 
 class Mamba(nn.Module):
@@ -456,7 +548,7 @@ class Mamba(nn.Module):
         xi, z = self.in_proj(x).chunk(2, dim=-1)
         xc = F.silu(self.conv(xi.transpose(1, 2))[..., :T].transpose(1, 2))
         dt, Bm, Cm = torch.split(self.x_proj(xc), [self.R, self.N, self.N], dim=-1)
-        dt = F.softplus(self.dt_proj(dt))
+        dt = _softplus(self.dt_proj(dt))
         y = selective_scan(dt, -torch.exp(self.A_log), dt * xc, Bm, Cm) + xc * self.D
         return self.out_proj(y * F.silu(z))
 
