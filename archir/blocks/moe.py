@@ -35,10 +35,11 @@ Auxiliary loss, ``aux_loss_style``:
   combines them (:meth:`archir.compiler.CompiledModel.aux_loss`).
 
 Two numerically equal execution paths (``dispatch``): ``sparse`` runs each expert on the
-tokens it was given (index gather; data-dependent shapes, fast in eager PyTorch); ``dense``
-runs every expert on every token and masks (static shapes: exports to ONNX with dynamic
-batch and sequence). ``auto`` is sparse in eager mode and dense while exporting or
-compiling.
+tokens it was given (index gather; data-dependent shapes); ``dense`` runs every expert on
+every token and masks (static shapes). ``auto`` is sparse in eager mode and while exporting
+(ONNX ``NonZero`` → ``Gather`` → two MatMuls → ``ScatterND`` add per expert, dynamic batch
+and sequence: onnxruntime runs ``top_k/n_experts`` of the expert FLOPs, as eager does; up to
+:data:`SPARSE_EXPORT_MAX` experts), dense under ``torch.compile`` and for larger banks.
 
 Cost: FLOPs per token count what the sparse path runs: the router ``2·d·E`` plus ``top_k``
 experts (``4·d·h`` for ``mlp``, ``6·d·h`` for ``swiglu``); the dense path runs
@@ -56,6 +57,23 @@ from torch import nn
 
 from archir.blocks.common import hidden_size, tracing
 from archir.registry import MAX_HIDDEN, BlockKind, BuildContext, KindParams, register
+
+#: largest ``n_experts`` whose exported graph dispatches sparsely (one unrolled branch per
+#: expert; past it the graph runs every expert on every token as one batched MatMul)
+SPARSE_EXPORT_MAX = 64
+
+
+def _exporting() -> bool:
+    """Graph capture for export (ONNX, ``torch.export``, TorchScript tracing), not
+    ``torch.compile``."""
+    if not tracing():
+        return False
+    return (
+        not torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+    )
 
 
 class MoEParams(KindParams):
@@ -150,7 +168,7 @@ class MoE(nn.Module):
         return combine.to(x.dtype), aux
 
     def _dense(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
-        if tracing() and self.E <= 64:
+        if tracing() and self.E <= SPARSE_EXPORT_MAX:
             # one 2-D MatMul per expert: in ONNX each expert's slice of the bank is a
             # constant Gather that the exporter folds into a 2-D initializer, which
             # onnxruntime's int8/int4 quantizers turn into MatMulInteger / MatMulNBits (they
@@ -165,14 +183,21 @@ class MoE(nn.Module):
         return torch.einsum("ne,end->nd", combine, y)
 
     def _sparse(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+        exporting = _exporting()
         out = torch.zeros_like(x)
         for e in range(self.E):
-            idx = torch.nonzero(combine[:, e] > 0).squeeze(-1)
-            if idx.numel() == 0:
-                continue
+            idx = torch.nonzero(combine[:, e] > 0).squeeze(-1)  # this expert's tokens
+            if not exporting and idx.numel() == 0:
+                continue  # (in a graph an empty expert is an empty Gather and MatMul)
             xe = x.index_select(0, idx)
+            # one 2-D MatMul per expert weight: in ONNX w_in[e] is a constant Gather that the
+            # exporter folds into a 2-D initializer, which the int8/int4 quantizers take
             ye = self._act(xe @ self.w_in[e]) @ self.w_out[e]
-            out.index_add_(0, idx, ye * combine.index_select(0, idx)[:, e : e + 1])
+            gate = combine[:, e].index_select(0, idx)[:, None]
+            if exporting:  # NonZero, Gather, MatMul, ScatterND(add) in ONNX
+                out = out.index_add(0, idx, ye * gate)
+            else:
+                out.index_add_(0, idx, ye * gate)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +208,10 @@ class MoE(nn.Module):
         self.last_gates = combine.detach()
         mode = self.dispatch
         if mode == "auto":
-            mode = "dense" if tracing() else "sparse"
+            # eager and export (up to SPARSE_EXPORT_MAX experts): sparse; torch.compile
+            # (data-dependent shapes break its graph) and very many experts: dense
+            sparse = not tracing() or (_exporting() and self.E <= SPARSE_EXPORT_MAX)
+            mode = "sparse" if sparse else "dense"
         y = self._dense(flat, combine) if mode == "dense" else self._sparse(flat, combine)
         return y.reshape(B, T, d)
 
