@@ -7,12 +7,27 @@ and reports the largest absolute difference and the first position beyond tolera
 
 Tolerance (fp32): ``max |onnx - torch| <= rtol · max(1, max |torch|)`` with ``rtol = 1e-4``:
 an absolute error relative to the output's scale.
+
+Sequence length. A full-sequence graph is exported (``seq`` axis bounded by the spec's
+``max_seq_len``) and parity-checked for ``seq <= max_seq_len`` only. archir's own
+onnxruntime paths (:func:`compare`, :class:`OrtModule`, :func:`run_session`) refuse a longer
+input with an :class:`~archir.errors.ExportError` naming the input, its length and
+``max_seq_len`` (:func:`check_seq_len`). A plain onnxruntime user gets no such check: a model
+with learned positions fails inside the graph with onnxruntime's ``Attempting to broadcast an
+axis by a dimension other than 1. <max_seq_len> by <seq>`` (an ``Add`` node), and models
+without a hard limit (RoPE, Mamba ...) run past it, outside what the parity gate covered. The
+limit is in the file's metadata for them to check: ``archir.max_seq_len`` (when the exporter
+wrote it) and always the input description ``archir.inputs`` / the input's ``doc_string``
+(``seq <= N (max_seq_len)``), read with
+``session.get_modelmeta().custom_metadata_map``.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -73,16 +88,95 @@ def make_session(model: str | bytes, threads: int | None = 1) -> Any:
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
+#: metadata key holding the spec's ``max_seq_len`` (written by the exporter; older files
+#: carry it only in ``archir.inputs``)
+MAX_SEQ_LEN_KEY = "archir.max_seq_len"
+_SEQ_DESC = re.compile(r"seq <= (\d+) \(max_seq_len\)")
+
+
+def max_seq_len_of(meta: Mapping[str, str]) -> int | None:
+    """The longest ``seq`` an exported full-sequence graph takes, from its metadata
+    (``custom_metadata_map`` / ``metadata_props``): ``archir.max_seq_len``, else the
+    ``seq <= N (max_seq_len)`` of the input description in ``archir.inputs``; ``None`` when
+    neither says (image models, files archir did not write)."""
+    value = meta.get(MAX_SEQ_LEN_KEY)
+    if value is not None and value.strip().isdigit():
+        return int(value)
+    try:
+        descs = json.loads(meta.get("archir.inputs", "{}"))
+    except ValueError:
+        return None
+    for text in descs.values() if isinstance(descs, dict) else ():
+        m = _SEQ_DESC.search(str(text))
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _session_limit(session: Any) -> tuple[str, int | None, str]:
+    """``(input name, max_seq_len or None, model name)`` of a session whose first input has
+    a symbolic ``seq`` axis (dimension 1); ``None`` limit for any other graph (images, the
+    one-token decode graph)."""
+    inp = session.get_inputs()[0]
+    shape = list(getattr(inp, "shape", []) or [])
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    name = meta.get("archir.spec_name", "the model")
+    if len(shape) < 2 or shape[1] != "seq":
+        return inp.name, None, name
+    return inp.name, max_seq_len_of(meta), name
+
+
+def check_seq_len(
+    length: int, limit: int | None, input_name: str = "tokens", model: str = "the model"
+) -> None:
+    """Refuse a sequence longer than the exported graph's ``max_seq_len``.
+
+    Raises:
+        ExportError: ``length > limit``; the message names the input, its length,
+            ``max_seq_len`` and the model.
+    """
+    if limit is None or length <= limit:
+        return
+    from archir.errors import ExportError
+
+    raise ExportError(
+        f"input '{input_name}' has {length} positions, past max_seq_len {limit} of "
+        f"'{model}' (the ONNX graph is exported and parity-checked for seq <= max_seq_len; "
+        f"the limit is in its metadata, '{MAX_SEQ_LEN_KEY}' / 'archir.inputs')",
+        hint=f"feed at most {limit} tokens (e.g. a sliding window), or export a spec with a "
+        "larger max_seq_len",
+    )
+
+
+def run_session(session: Any, x: np.ndarray | torch.Tensor) -> list[np.ndarray]:
+    """``session.run`` on one input ``x`` (tokens ``[batch, seq]`` or images), after
+    :func:`check_seq_len` against the graph's ``max_seq_len``; returns every output.
+
+    Raises:
+        ExportError: ``seq`` is past ``max_seq_len``.
+    """
+    name, limit, model = _session_limit(session)
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.ndim >= 2:
+        check_seq_len(int(arr.shape[1]), limit, name, model)
+    return list(session.run(None, {name: arr}))
+
+
 class OrtModule(torch.nn.Module):
     """Wrap an onnxruntime session as a PyTorch module (``forward(x) -> torch.Tensor``), so
-    that a task's ``evaluate`` can score the exported file exactly as it scores the model."""
+    that a task's ``evaluate`` can score the exported file exactly as it scores the model.
+
+    Raises (``forward``): ExportError for a ``seq`` past the graph's ``max_seq_len``.
+    """
 
     def __init__(self, session: Any) -> None:
         super().__init__()
         self.session = session
-        self.input_name = session.get_inputs()[0].name
+        self.input_name, self.max_seq_len, self._model = _session_limit(session)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() >= 2:
+            check_seq_len(int(x.shape[1]), self.max_seq_len, self.input_name, self._model)
         out = self.session.run(None, {self.input_name: x.detach().cpu().numpy()})[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
@@ -185,9 +279,16 @@ def compare(
     """Run ``session`` and ``model`` on every input and compare all outputs.
 
     Returns a :class:`ParityReport`; the caller decides whether a failure refuses.
+
+    Raises:
+        ExportError: an input's ``seq`` is past the graph's ``max_seq_len`` (checked for
+            every input before anything runs).
     """
     names = list(output_names or [o.name for o in session.get_outputs()])
-    in_name = session.get_inputs()[0].name
+    in_name, limit, model_name = _session_limit(session)
+    for x in inputs:
+        if x.dim() >= 2:
+            check_seq_len(int(x.shape[1]), limit, in_name, model_name)
     refs: list[list[np.ndarray]] = []
     outs: list[list[np.ndarray]] = []
     was_training = model.training
