@@ -216,6 +216,7 @@ def test_matches_transformers_mamba2_mixer() -> None:
     [
         ({"n_heads": 3}, "n_heads", "n_heads 3 does not divide the inner width"),
         ({"n_heads": 4, "n_groups": 3}, "n_groups", "n_groups 3 does not divide n_heads 4"),
+        ({"expansion": 0.01}, "expansion", "expansion 0.01 leaves an inner width 0 < n_heads"),
         ({"dt_min": 0.5, "dt_max": 0.1}, "dt_min", "dt_min 0.5 is larger than dt_max 0.1"),
     ],
 )

@@ -125,7 +125,7 @@ def ssd_scan(
     enter = F.pad(ends, (0, 0, 1, 0))[:, :, :, :nc]  # the state entering each chunk
     enter = enter.reshape(Bsz, G, R, nc, P, N).permute(0, 3, 1, 5, 2, 4)  # [B,nc,G,N,R,P]
     # 4. read-out of the entering state, decayed to each step: exp(Gc_t)·(C_t·state)
-    off = torch.matmul(Cc, enter.reshape(Bsz, nc, G, N, R * P)).view(Bsz, nc, G, Q, R, P)
+    off = torch.matmul(Cc, enter.reshape(Bsz, nc, G, N, R * P)).reshape(Bsz, nc, G, Q, R, P)
     y = y + off.transpose(3, 4) * torch.exp(Gc)[..., None]  # [B, nc, G, R, Q, P]
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(Bsz, nc * Q, H, P)
     return y[:, :T] if capture or pad else y
@@ -263,6 +263,8 @@ class Mamba2(nn.Module):
 
 def _check(p: Mamba2Params, c: BuildContext) -> None:
     di = _dims(p, c.d_model)[0]
+    if di < p.n_heads:
+        raise ValueError(f"expansion {p.expansion} leaves an inner width {di} < n_heads")
     check_heads(p.n_heads, **{"the inner width expansion·d_model =": di})
     if p.n_heads % p.n_groups:
         raise ValueError(f"n_groups {p.n_groups} does not divide n_heads {p.n_heads}")
