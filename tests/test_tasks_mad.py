@@ -1,4 +1,6 @@
-"""MAD generators: layouts, token ranges, ignore positions, determinism, settings, errors."""
+"""MAD generators: layouts, token ranges, ignore positions, determinism, settings, errors;
+the metric, selective-copy placement, fuzzy motifs and the compression decoder as the
+reference (athms/mad-lab) defines them."""
 
 from __future__ import annotations
 
@@ -10,12 +12,16 @@ from archir.errors import TaskError
 from archir.spec import spec_from_dict
 from archir.tasks import get_task
 from archir.tasks.mad import (
+    DATA_VERSION,
     IGNORE,
     LITE_SETTINGS,
     TASKS,
+    CompressionDecoder,
+    MADReport,
     MADSetting,
     MADTask,
     adapt_spec,
+    decoder_positions,
     full_settings,
     generate,
     macro_accuracy,
@@ -126,10 +132,8 @@ def test_fuzzy_recall_layout():
     for x in d.train_x:
         nonpad = np.flatnonzero(x != pad)
         assert (x[nonpad[0] :] != pad).all()
-    # train targets: next token, pads ignored
-    nxt = d.train_x[:, 1:]
-    tgt = d.train_y[:, :-1]
-    assert ((tgt == nxt) | ((nxt == pad) & (tgt == IGNORE))).all()
+    # train targets: the next token everywhere, pads too (as the reference)
+    assert (d.train_y[:, :-1] == d.train_x[:, 1:]).all() and (d.train_y != IGNORE).all()
     # test targets are value tokens only, and the last one is the probe's value
     vt = d.test_y[d.test_y != IGNORE]
     assert vt.min() >= (V - 1) // 2 and vt.max() < V - 1
@@ -261,3 +265,125 @@ def test_cli_lists_match_the_task_module():
 
     assert cli.TASKS == mad.TASKS
     assert set(cli.PRESETS) == set(mad.PRESETS)
+
+
+# ------------------------------------------------ the reference's metric and generators
+
+
+def test_macro_accuracy_counts_predicted_classes_that_are_never_targets():
+    # vocab 16 recall: targets are the 8 value tokens [8, 16), 10 positions each; 7 of every
+    # 10 answered right, the 3 wrong answers name key tokens [0, 8) (every key named)
+    target = torch.arange(8, 16).repeat_interleave(10)
+    pred = target.clone()
+    wrong = torch.tensor([i % 10 >= 7 for i in range(80)])
+    pred[wrong] = torch.arange(int(wrong.sum())) % 8
+    macro, micro = macro_accuracy(pred, target)
+    assert micro == pytest.approx(0.70)
+    # the reference averages over the 16 classes targeted or predicted: 8 x 0.7 / 16
+    assert macro == pytest.approx(0.35)  # a target-classes-only average would give 0.70
+    # the same mistakes among the value tokens themselves: no extra class, 0.70
+    pred2 = target.clone()
+    pred2[wrong] = 8 + (target[wrong] - 8 + 1) % 8
+    assert macro_accuracy(pred2, target)[0] == pytest.approx(0.70)
+    # predictions at ignored positions count for nothing
+    ignored_t = torch.cat([target, torch.full((5,), IGNORE)])
+    ignored_p = torch.cat([pred2, torch.full((5,), 3)])
+    assert macro_accuracy(ignored_p, ignored_t)[0] == pytest.approx(0.70)
+
+
+def test_macro_accuracy_equals_torchmetrics_multiclass_accuracy():
+    # torchmetrics 1.9.0 MulticlassAccuracy(num_classes=16, ignore_index=-100) (the MAD
+    # reference's metric, default average="macro") gives 0.3538235 on these [6, 50] arrays
+    rng = np.random.Generator(np.random.PCG64(7))
+    t = rng.integers(4, 12, size=(6, 50))
+    t[rng.random((6, 50)) < 0.3] = IGNORE
+    p = rng.integers(0, 14, size=(6, 50))
+    keep = rng.random((6, 50)) < 0.5
+    p[keep] = np.where(t[keep] >= 0, t[keep], p[keep])
+    macro, micro = macro_accuracy(torch.from_numpy(p), torch.from_numpy(t))
+    assert macro == pytest.approx(0.3538235, abs=1e-6)
+    assert micro == pytest.approx(float((p == t)[t != IGNORE].mean()))
+    assert macro_accuracy(torch.tensor([1, 2]), torch.tensor([IGNORE, IGNORE])) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="differ"):
+        macro_accuracy(torch.tensor([1, 2]), torch.tensor([1]))
+
+
+def test_selective_copying_blanks_go_before_content_tokens():
+    # the reference inserts every blank before a uniformly chosen content token: the last
+    # content token always sits right before the marker; the blanks before each content
+    # token are multinomial(L - 2n - 1, 1/n): std sqrt(223 * 15/16 / 16) = 3.6 at the
+    # baseline (uniform placement, archir's DATA_VERSION 1, gave 12.8 and a blank tail)
+    s = MADSetting("selective-copying", 16, 256, 1, num_test=200, n_tokens_to_copy=16)
+    d = generate(s, 0)
+    V, L, n = s.vocab_size, s.seq_len, s.n_tokens_to_copy
+    blank, marker = V - 2, V - 1
+    gaps = []
+    for x, y in zip(d.test_x, d.test_y):
+        m = L - n - 1
+        assert x[m] == marker
+        pos = np.flatnonzero(x[:m] != blank)
+        assert len(pos) == n and pos[-1] == m - 1
+        assert (x[pos] == y[m + 1 :]).all()
+        gaps.append(np.diff(np.r_[-1, pos]) - 1)
+    g = np.concatenate(gaps)
+    assert g.mean() == pytest.approx((L - 2 * n - 1) / n)
+    assert 3.1 < g.std() < 4.1
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fuzzy_recall_motifs_never_repeat_a_token_and_probe_shown_before(train):
+    # keys and values are ordered tuples without a repeated token (the reference draws
+    # them from permutations); DATA_VERSION 1 repeated a value token in 15% of values
+    s = MADSetting("fuzzy-in-context-recall", 16, 128, 150, num_test=150)
+    d = generate(s, 0)
+    V = s.vocab_size
+    nk, pad = (V - 1) // 2, V - 1
+    xs, ys = (d.train_x, d.train_y) if train else (d.test_x, d.test_y)
+    n_values = 0
+    for x, y in zip(xs, ys):
+        full = np.append(x, y[-1])  # the last target (train or test) is the last token
+        body = full[full != pad].tolist()
+        # split into (key, value) runs: key tokens < nk, value tokens >= nk
+        pairs, i = [], 0
+        while i < len(body):
+            j = i
+            while j < len(body) and body[j] < nk:
+                j += 1
+            k = j
+            while k < len(body) and body[k] >= nk:
+                k += 1
+            pairs.append((tuple(body[i:j]), tuple(body[j:k])))
+            i = k
+        kv: dict[tuple[int, ...], tuple[int, ...]] = {}
+        for key, val in pairs:
+            assert 1 <= len(key) <= 3 and 1 <= len(val) <= 3
+            assert len(set(key)) == len(key) and len(set(val)) == len(val)
+            assert kv.setdefault(key, val) == val  # one value per key within a sequence
+            assert train or len(key) == 3
+            n_values += 1
+        probe = pairs[-1][0]
+        assert probe in [k for k, _ in pairs[:-1]]  # the final query was shown before
+    assert n_values > 1000
+
+
+def test_compression_decoder_is_non_expanding_like_the_reference():
+    d = 12
+    dec = CompressionDecoder(d)
+    linears = [m for m in dec.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(d, d), (d, d)]
+    # two d x d layers with biases and three RMSNorm gains (DATA_VERSION 1: 2d hidden)
+    assert sum(p.numel() for p in dec.parameters()) == 2 * (d * d + d) + 3 * d
+    assert dec(torch.randn(3, d), 5).shape == (3, 5, d)
+    # the reference's sinusoid: frequencies 10000^(-i / (d/2 - 1)), sin then cos
+    pos = decoder_positions(7, d)
+    half = d // 2
+    t = torch.arange(7, dtype=torch.float32)
+    assert torch.allclose(pos[:, half - 1], torch.sin(t * 1e-4))
+    assert torch.allclose(pos[:, half], torch.cos(t))
+    assert decoder_positions(3, 5)[:, -1].abs().sum() == 0  # odd width: a zero column
+
+
+def test_data_version_is_recorded():
+    assert DATA_VERSION >= 2
+    assert MADReport("x", "lite").to_dict()["data_version"] == DATA_VERSION
+    assert MADTask(small("compression")).describe()["data_version"] == DATA_VERSION

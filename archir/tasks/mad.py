@@ -16,9 +16,29 @@ Six tasks, each a per-position classification over tokens with ignore index ``-1
 * ``mad:memorization`` — one fixed key -> value map for the whole dataset (no shift).
 
 Shapes: inputs ``[batch, T]`` int64 tokens, targets ``[batch, T]`` int64 with ``-100`` where
-ignored; ``T`` is :attr:`MADSetting.input_len`. Metric ``accuracy``: macro accuracy (mean
-over the target classes present of the per-class accuracy) of the argmax prediction on
-non-ignored test positions; ``direction = maximize``.
+ignored; ``T`` is :attr:`MADSetting.input_len`. Metric ``accuracy``: the reference's macro
+accuracy (torchmetrics ``MulticlassAccuracy(average="macro", ignore_index=-100)``) of the
+argmax prediction on non-ignored test positions — the mean of per-class recall over every
+class that is a target *or is predicted* there, so a class the model predicts but that is
+never a target counts 0 (:func:`macro_accuracy`); ``direction = maximize``.
+
+Where the reference defines a task or the metric, archir follows it (checked against
+athms/mad-lab's generators and metric). Deliberate differences:
+
+* every sequence comes from archir's seeded stream (the reference's selective copying draws
+  blank positions from numpy's unseeded global generator);
+* fuzzy recall always shows the probe pair before its final query (the reference skips it in
+  ~2% of baseline test sequences, 6% at ``L = 64``, when the drawn probe position falls
+  after the last pair, so the final target cannot be known);
+* compression's encoder state is taken after the spec's own final norm (the model's
+  ``forward_features``; the reference adds the position code to the un-normed state), and
+  the decoder's last linear map to logits is the spec's LM head (tied to the embedding if
+  the spec ties it) where the reference has an untied one; the decoder itself has the
+  reference's layers and width (:class:`CompressionDecoder`).
+
+:data:`DATA_VERSION` names this definition of the data and metric; it is recorded with every
+MAD report (:meth:`MADReport.to_dict`) and task description, so numbers made under an older
+definition are not mixed with new ones.
 
 Data are generated from one seeded ``numpy.random.Generator`` stream per setting (training
 set first, then test set; memorization's global map before both), so the same setting and
@@ -52,6 +72,12 @@ from archir.errors import TaskError, did_you_mean
 from archir.tasks.base import Task, register_task
 
 IGNORE = -100
+
+#: Version of the MAD data and metric definition. 1: archir's first reimplementation
+#: (macro accuracy over target classes only, uniform selective-copy placement, fuzzy
+#: values with repeats, a 2x-wide compression decoder). 2: the reference's metric and
+#: generators (see the module docstring).
+DATA_VERSION = 2
 
 TASKS: tuple[str, ...] = (
     "in-context-recall",
@@ -151,8 +177,8 @@ class MADSetting:
             elif not 0.0 <= self.frac_noise < 1.0:
                 bad = "frac_noise must be in [0, 1)"
         elif t == "fuzzy-in-context-recall":
-            if (V - 1) // 2 < 3 or L < 12:
-                bad = "fuzzy recall needs vocab_size >= 8 and seq_len >= 12"
+            if (V - 1) // 2 < FUZZY_MAX_KEY or L <= 2 * (FUZZY_MAX_KEY + FUZZY_MAX_VALUE):
+                bad = "fuzzy recall needs vocab_size >= 7 and seq_len >= 13"
         elif t == "selective-copying":
             if V < 3 or L < 2 * self.n_tokens_to_copy + 1:
                 bad = "selective copying needs vocab_size >= 3 and seq_len >= 2*n_tokens_to_copy+1"
@@ -214,76 +240,87 @@ def _recall(s: MADSetting, rng: np.random.Generator, train: bool) -> Pair:
     return x, y
 
 
-def _fuzzy_recall(s: MADSetting, rng: np.random.Generator, train: bool) -> Pair:
-    """Fuzzy in-context recall: key and value motifs of 1-3 tokens.
+#: longest key and value motif of fuzzy recall (the reference's ``k_motif_size``,
+#: ``v_motif_size``)
+FUZZY_MAX_KEY = 3
+FUZZY_MAX_VALUE = 3
 
-    Pad ``V-1``; key tokens ``[0, (V-1)//2)`` (ordered, no repeated token within a key),
-    value tokens ``[(V-1)//2, V-1)``. Training motifs have lengths uniform in {1, 2, 3};
-    test keys have length 3. A probe pair is inserted at a random place among the pairs and
-    appended again at the end; the sequence is left-padded to ``L + 1`` and shifted. Train
-    target: next token (pads ignored); test target: value tokens of keys seen before and the
-    final probe value.
+
+def _fuzzy_recall(s: MADSetting, rng: np.random.Generator, train: bool) -> Pair:
+    """Fuzzy in-context recall: key and value motifs of 1-3 tokens (as the reference).
+
+    Pad ``V-1``; key tokens ``[0, (V-1)//2)``, value tokens ``[(V-1)//2, V-1)``; a motif is
+    an ordered tuple with no repeated token (uniform over such tuples), for keys and values
+    alike. Training keys have lengths uniform in {1, 2, 3}, test keys length 3; values
+    always 1-3. A probe pair is drawn first with a position ``p`` uniform in
+    ``[0, L - 2 * probe_len)``; pairs are added while the sequence is shorter than
+    ``L - probe_len - 6``, the probe pair taking the first place at or after ``p`` (or the
+    last place, when the pairs would end first: a deliberate difference, the reference then
+    leaves it out); a key seen before keeps its value, the probe key its probe value. The
+    probe is appended again at the end, the sequence left-padded to ``L + 1`` and shifted.
+    Train target: the next token everywhere (pads too); test target: the value tokens of
+    keys seen before and the final probe value.
     """
     V, L = s.vocab_size, s.seq_len
     pad = V - 1
     nk = (V - 1) // 2
-    key_tok = np.arange(nk)
-    val_tok = np.arange(nk, V - 1)
+    longest = FUZZY_MAX_KEY + FUZZY_MAX_VALUE
+
+    def motif(lo: int, hi: int, n: int) -> tuple[int, ...]:
+        return tuple(lo + int(t) for t in rng.choice(hi - lo, size=n, replace=False))
 
     def key() -> tuple[int, ...]:
-        n = int(rng.integers(1, 4)) if train else 3
-        return tuple(int(t) for t in rng.choice(key_tok, size=n, replace=False))
+        return motif(0, nk, int(rng.integers(1, FUZZY_MAX_KEY + 1)) if train else FUZZY_MAX_KEY)
 
     def value() -> tuple[int, ...]:
-        n = int(rng.integers(1, 4))
-        return tuple(int(t) for t in rng.choice(val_tok, size=n, replace=True))
+        return motif(nk, V - 1, int(rng.integers(1, FUZZY_MAX_VALUE + 1)))
 
     pk, pv = key(), value()
-    kv: dict[tuple[int, ...], tuple[int, ...]] = {pk: pv}
     probe_len = len(pk) + len(pv)
-    room = L + 1 - 2 * probe_len - 2  # room for the other pairs; a few tokens left free
-    pairs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-    used = 0
-    while True:
-        k = key()
-        v = kv.setdefault(k, value())
-        if used + len(k) + len(v) > room:
-            break
-        pairs.append((k, v))
-        used += len(k) + len(v)
-    pos = int(rng.integers(0, len(pairs) + 1))
-    pairs.insert(pos, (pk, pv))
-    pairs.append((pk, pv))
+    probe_at = int(rng.integers(0, L - 2 * probe_len))
+    limit = L - probe_len - longest
+    kv: dict[tuple[int, ...], tuple[int, ...]] = {pk: pv}
     seq: list[int] = []
     tgt: list[int] = []
     seen: set[tuple[int, ...]] = set()
-    for k, v in pairs:
+    placed = False
+    while len(seq) < limit:
+        if not placed and (len(seq) >= probe_at or len(seq) + longest >= limit):
+            k = pk
+        else:
+            k = key()
+            if k not in kv:
+                kv[k] = value()
+        v = kv[k]
+        placed = placed or k == pk
         seq += list(k) + list(v)
         tgt += [IGNORE] * len(k) + (list(v) if k in seen else [IGNORE] * len(v))
         seen.add(k)
+    seq += list(pk) + list(pv)
+    tgt += [IGNORE] * len(pk) + list(pv)
     n_pad = L + 1 - len(seq)
     seq = [pad] * n_pad + seq
     tgt = [IGNORE] * n_pad + tgt
     x = np.asarray(seq[:-1], dtype=np.int64)
-    if train:
-        y = np.asarray(seq[1:], dtype=np.int64)
-        y[y == pad] = IGNORE
-    else:
-        y = np.asarray(tgt[1:], dtype=np.int64)
+    y = np.asarray(seq[1:] if train else tgt[1:], dtype=np.int64)
     return x, y
 
 
 def _selective_copying(s: MADSetting, rng: np.random.Generator, train: bool) -> Pair:
     """Selective copying: content ``[0, V-2)``, blank ``V-2``, copy marker ``V-1``.
 
-    ``n`` content tokens (with replacement) scattered in order among ``L - 2n - 1`` blanks,
-    then the marker and ``n`` blanks whose targets are the content tokens. No shift.
+    ``n`` content tokens (with replacement); each of the ``L - 2n - 1`` blanks is inserted
+    before one of the content tokens, chosen uniformly and independently (as the reference
+    does), so the last content token sits right before the marker and the gaps are
+    multinomial (baseline: gap std 3.6 tokens). Then the marker and ``n`` blanks whose
+    targets are the content tokens in order. No shift.
     """
     V, L, n = s.vocab_size, s.seq_len, s.n_tokens_to_copy
     blank, marker = V - 2, V - 1
     content = rng.integers(0, V - 2, size=n).astype(np.int64)
     body = L - n - 1
-    where = np.sort(rng.choice(body, size=n, replace=False))
+    before = np.bincount(rng.integers(0, n, size=body - n), minlength=n)
+    where = np.cumsum(before) + np.arange(n)  # content token i comes after its blanks
     x = np.full(L, blank, dtype=np.int64)
     x[where] = content
     x[body] = marker
@@ -524,45 +561,84 @@ def get_preset(name: str) -> Protocol:
 # --------------------------------------------------------------------------------------
 
 
+def decoder_positions(length: int, d: int) -> torch.Tensor:
+    """The compression decoder's sinusoidal position codes ``[length, d]`` (as the
+    reference's: ``sin`` then ``cos`` of ``t * 10000^(-i / (d/2 - 1))`` for ``i < d/2``, a zero
+    column when ``d`` is odd)."""
+    half = d // 2
+    step = math.log(10000.0) / max(half - 1, 1)
+    freq = torch.exp(-step * torch.arange(half, dtype=torch.float32))
+    ang = torch.arange(length, dtype=torch.float32)[:, None] * freq[None, :]
+    out = torch.cat([ang.sin(), ang.cos()], dim=-1)
+    if d % 2:
+        out = torch.cat([out, torch.zeros(length, 1)], dim=-1)
+    return out
+
+
 class CompressionDecoder(nn.Module):
-    """The compression task's fixed two-layer MLP decoder.
+    """The compression task's fixed, non-expanding two-layer MLP decoder (as the reference's).
 
     ``h_last [batch, d]`` -> ``[batch, L, d]``: for each output position ``t`` the encoder's
-    last state plus a sinusoidal code of ``t`` goes through LayerNorm, Linear(d, 2d), GELU,
-    Linear(2d, d); the model's LM head then gives logits.
+    last state plus the sinusoidal code of ``t`` (:func:`decoder_positions`) goes through
+    RMSNorm, Linear(d, d), GELU, RMSNorm, Linear(d, d), GELU and a last RMSNorm (the
+    reference's unembedding norm); the model's LM head then gives logits. Every layer is
+    ``d`` wide (the reference hard-codes a non-expanding decoder); linear weights start
+    ``N(0, 0.02)`` with zero biases, as the reference initializes them.
     """
 
-    def __init__(self, d: int, hidden: int | None = None) -> None:
+    def __init__(self, d: int) -> None:
         super().__init__()
-        hidden = hidden or 2 * d
+        from archir.blocks.norm import RMSNorm
+
         self.d = d
-        self.norm = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, hidden)
-        self.fc2 = nn.Linear(hidden, d)
+        self.norm1 = RMSNorm(d)
+        self.fc1 = nn.Linear(d, d)
+        self.norm2 = RMSNorm(d)
+        self.fc2 = nn.Linear(d, d)
+        self.norm_out = RMSNorm(d)
+        for fc in (self.fc1, self.fc2):
+            nn.init.normal_(fc.weight, std=0.02)
+            nn.init.zeros_(fc.bias)
 
     def forward(self, h_last: torch.Tensor, length: int) -> torch.Tensor:
-        from archir.blocks.embed import sinusoidal
-
-        pos = sinusoidal(torch.arange(length, device=h_last.device), self.d).to(h_last.dtype)
+        pos = decoder_positions(length, self.d).to(h_last.device, h_last.dtype)
         z = h_last[:, None, :] + pos[None]
-        return self.fc2(F.gelu(self.fc1(self.norm(z))))
+        z = F.gelu(self.fc1(self.norm1(z)))
+        z = F.gelu(self.fc2(self.norm2(z)))
+        return self.norm_out(z)
 
 
 def macro_accuracy(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
     """``(macro, micro)`` accuracy of ``pred`` on positions where ``target != -100``.
 
-    Macro: the mean over target classes present of that class's accuracy. Both are 0.0
-    when every position is ignored.
+    ``pred`` and ``target``: int tensors of one shape (argmax tokens and targets). Macro is
+    the MAD reference's metric (torchmetrics ``MulticlassAccuracy`` with ``average="macro"``
+    and ``ignore_index=-100``): the per-class recall ``hits / target count`` averaged over
+    every class that occurs as a target *or as a prediction* on the scored positions; a
+    predicted class that is never a target counts 0. So a model that answers 70% of the
+    values right and otherwise names key tokens scores about 0.35 at vocabulary 16, not
+    0.70. Micro: the fraction of scored positions predicted right. Both are 0.0 when every
+    position is ignored.
+
+    Raises:
+        ValueError: ``pred`` and ``target`` differ in shape, or a prediction is negative.
     """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     mask = target != IGNORE
-    t, p = target[mask], pred[mask]
+    t, p = target[mask].long(), pred[mask].long()
     if t.numel() == 0:
         return 0.0, 0.0
-    classes, inv = torch.unique(t, return_inverse=True)
-    correct = (p == t).to(torch.float64)
-    per_class = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, inv, correct)
-    counts = torch.bincount(inv, minlength=len(classes)).to(torch.float64)
-    return float((per_class / counts).mean()), float(correct.mean())
+    if int(p.min()) < 0 or int(t.min()) < 0:
+        raise ValueError("predictions and (non-ignored) targets must be class indices >= 0")
+    n = int(max(int(t.max()), int(p.max()))) + 1
+    hit = p == t
+    support = torch.bincount(t, minlength=n)
+    predicted = torch.bincount(p, minlength=n)
+    hits = torch.bincount(t[hit], minlength=n)
+    scored = (support > 0) | (predicted > 0)
+    recall = hits.to(torch.float64) / support.clamp(min=1).to(torch.float64)
+    return float(recall[scored].mean()), float(hit.to(torch.float64).mean())
 
 
 class MADTask(Task):
@@ -607,7 +683,14 @@ class MADTask(Task):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update({"setting": asdict(self.setting), "seed": self.seed, "preset": self.preset})
+        d.update(
+            {
+                "setting": asdict(self.setting),
+                "seed": self.seed,
+                "preset": self.preset,
+                "data_version": DATA_VERSION,
+            }
+        )
         return d
 
     def check_model(self, model_spec: Any) -> None:
@@ -825,6 +908,7 @@ class MADReport:
         return {
             "spec": self.spec_name,
             "preset": self.preset,
+            "data_version": DATA_VERSION,
             "scores": self.task_scores(),
             "mean": self.mean,
             "cpu_s": self.task_cpu_s(),
