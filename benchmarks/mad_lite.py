@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": rows}, f, indent=2)
+            payload = {"args": vars(args), "data_version": mad.DATA_VERSION, "results": rows}
+            json.dump(payload, f, indent=2)
     return 0
 
 
