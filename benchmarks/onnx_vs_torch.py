@@ -5,19 +5,28 @@ Usage::
 
     python benchmarks/onnx_vs_torch.py [--threads 2] [--seqs 128 512] [--repeats 20]
         [--kinds attention swiglu ...] [--zoo specs/zoo/*.yaml] [--markdown out.md]
+        [--baseline DIR] [--no-quant]
 
 Batch 1. Each per-kind model is one layer group of 4 × (kind [+ mlp for token mixers]) at
 d_model 128 (the stack the matrix test uses, scaled up), vocab 256. Latency is the median
-of ``--repeats`` forward passes after 3 warm-up passes; torch runs under
-``torch.inference_mode()`` with ``torch.set_num_threads(threads)``, onnxruntime with
+of ``--repeats`` forward passes after 3 warm-up passes, the runtimes interleaved (one pass
+of each in turn per repeat, so that load on a shared machine hits them alike); torch runs
+under ``torch.inference_mode()`` with ``torch.set_num_threads(threads)``, onnxruntime with
 ``intra_op_num_threads = threads``, all optimizations on.
+
+``--baseline DIR``: also export the same weights with the archir source tree in ``DIR`` (an
+older commit, e.g. ``git archive <commit> | tar -x -C DIR``; exported in a subprocess) and
+time that file in the same interleaved loop: before/after ratios from one run. ``--kinds``
+with no name (or ``--zoo`` with none) skips that group.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,18 +67,61 @@ def kind_spec(kind: str, d: int = 128) -> Any:
 
 
 def _median_ms(fn: Any, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
+    return _interleaved_ms({"x": fn}, repeats)["x"]
+
+
+def _interleaved_ms(fns: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Median ms of each callable: 3 warm-up passes each, then ``repeats`` rounds that call
+    every one in turn."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1000 * statistics.median(ts)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t)
+    return {k: 1000 * statistics.median(v) for k, v in ts.items()}
+
+
+_BASELINE_EXPORT = """
+import sys, archir
+from exporters import export_onnx
+spec = archir.load_spec(sys.argv[1])
+model = archir.compile(spec, seed=0)
+from safetensors.torch import load_model
+load_model(model, sys.argv[2])
+export_onnx(spec, sys.argv[3], model=model.eval(), task="random")
+"""
+
+
+def export_baseline(tree: Path, spec: Any, model: Any, out: Path) -> None:
+    """Export ``model`` (its weights) with the archir source tree ``tree``, in a subprocess."""
+    from safetensors.torch import save_model
+
+    spec_file, weights = out.with_suffix(".yaml"), out.with_suffix(".safetensors")
+    spec_file.write_text(spec.to_yaml(), encoding="utf-8")
+    save_model(model, str(weights))
+    env = dict(os.environ, PYTHONPATH=str(tree.resolve()))
+    subprocess.run(
+        [sys.executable, "-c", _BASELINE_EXPORT, str(spec_file), str(weights), str(out)],
+        cwd=str(tree),
+        env=env,
+        check=True,
+        capture_output=True,
+    )
 
 
 def bench_one(
-    name: str, spec: Any, seqs: list[int], threads: int, repeats: int, tmp: Path, quant: bool
+    name: str,
+    spec: Any,
+    seqs: list[int],
+    threads: int,
+    repeats: int,
+    tmp: Path,
+    quant: bool,
+    baseline: Path | None = None,
 ) -> list[dict[str, Any]]:
     torch.set_num_threads(threads)
     model = archir.compile(spec, seed=0).eval()
@@ -77,6 +129,9 @@ def bench_one(
     rep = export_onnx(spec, tmp / f"{name}.onnx", model=model, task="random")
     export_s = time.perf_counter() - t0
     files = {"fp32": tmp / f"{name}.onnx"}
+    if baseline is not None:
+        files["base"] = tmp / f"{name}-base.onnx"
+        export_baseline(baseline, spec, model, files["base"])
     sizes = {"fp32": rep.file_bytes}
     if quant:
         for prec in ("int8", "int4"):
@@ -98,9 +153,13 @@ def bench_one(
             x = torch.randn(1, m.channels, m.image_size, m.image_size)
         else:
             x = torch.randint(0, m.vocab_size, (1, min(T, m.max_seq_len)))
-        with torch.inference_mode():
-            t_torch = _median_ms(lambda x=x: model(x), repeats)
         feed = {sessions["fp32"].get_inputs()[0].name: x.numpy()}
+        fns: dict[str, Any] = {"torch": lambda x=x: model(x)}
+        for p, s in sessions.items():
+            fns[p] = lambda s=s, feed=feed: s.run(None, feed)
+        with torch.inference_mode():
+            ms = _interleaved_ms(fns, repeats)
+        t_torch = ms["torch"]
         row: dict[str, Any] = {
             "name": name,
             "seq": int(x.shape[1]) if x.dim() == 2 else 0,
@@ -109,9 +168,11 @@ def bench_one(
             "export_s": export_s,
             "fp32_bytes": sizes["fp32"],
         }
-        for p, s in sessions.items():
-            row[f"ort_{p}_ms"] = _median_ms(lambda s=s, feed=feed: s.run(None, feed), repeats)
+        for p in sessions:
+            row[f"ort_{p}_ms"] = ms[p]
         row["speedup"] = t_torch / row["ort_fp32_ms"]
+        if "base" in sessions:
+            row["base_speedup"] = t_torch / row["ort_base_ms"]
         for p in ("int8", "int4"):
             if p in sizes:
                 row[f"{p}_size_ratio"] = sizes["fp32"] / sizes[p]
@@ -130,10 +191,23 @@ HEADER = (
 )
 
 
+BASE_HEADER = (
+    "| model | seq | torch ms | ort ms, baseline | ort ms, now | ort/torch speedup, baseline "
+    "| ort/torch speedup, now | export s | exporter |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---|"
+)
+
+
 def _fmt_row(r: dict[str, Any]) -> str:
     def f(key: str, fmt: str) -> str:
         return format(r[key], fmt) if key in r else "-"
 
+    if "base_speedup" in r:
+        return (
+            f"| {r['name']} | {r['seq']} | {r['torch_ms']:.2f} | {r['ort_base_ms']:.2f} | "
+            f"{r['ort_fp32_ms']:.2f} | {r['base_speedup']:.2f}x | {r['speedup']:.2f}x | "
+            f"{r['export_s']:.1f} | {r['exporter']} |"
+        )
     return (
         f"| {r['name']} | {r['seq']} | {r['torch_ms']:.2f} | {r['ort_fp32_ms']:.2f} | "
         f"{r['speedup']:.2f}x | {f('int8_size_ratio', '.2f')} | {f('int8_latency_ratio', '.2f')} | "
@@ -151,13 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zoo", nargs="*", default=None, help="default: specs/zoo/*.yaml")
     ap.add_argument("--no-quant", action="store_true")
     ap.add_argument("--markdown", default=None, help="also write the table here")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="an older archir source tree: also time its export of the same weights",
+    )
     args = ap.parse_args(argv)
+    quant = not args.no_quant and args.baseline is None
     kinds = args.kinds
     if kinds is None:
         kinds = registry.names("token_mixer") + registry.names("channel_mixer")
     zoo = args.zoo if args.zoo is not None else sorted(glob.glob("specs/zoo/*.yaml"))
     rows: list[dict[str, Any]] = []
-    print(HEADER)
+    header = BASE_HEADER if args.baseline is not None else HEADER
+    print(header)
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         for kind in kinds:
@@ -169,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.threads,
                     args.repeats,
                     tmp,
-                    not args.no_quant,
+                    quant,
+                    args.baseline,
                 )
             except Exception as exc:  # noqa: BLE001 - report and go on
                 print(f"| {kind} | FAILED: {str(exc)[:200]} |", flush=True)
@@ -183,13 +266,14 @@ def main(argv: list[str] | None = None) -> int:
                     args.threads,
                     args.repeats,
                     tmp,
-                    not args.no_quant,
+                    quant,
+                    args.baseline,
                 )
             except Exception as exc:  # noqa: BLE001
                 print(f"| zoo:{Path(path).stem} | FAILED: {str(exc)[:200]} |", flush=True)
     if args.markdown:
         Path(args.markdown).write_text(
-            HEADER + "\n" + "\n".join(_fmt_row(r) for r in rows) + "\n", encoding="utf-8"
+            header + "\n" + "\n".join(_fmt_row(r) for r in rows) + "\n", encoding="utf-8"
         )
     slower = [r for r in rows if r["speedup"] < 1.0]
     print(
