@@ -302,3 +302,22 @@ def test_latency_predictor_handles_a_kind_its_calibration_never_saw() -> None:
     pred = predictor.predict(graph_features(spec_from_dict(data), 1, 128))
     assert pred.extrapolated and math.isfinite(pred.ms) and pred.ms > 0
     assert pred.band_ms[0] <= pred.ms <= pred.band_ms[1]
+
+
+@pytest.mark.slow
+def test_torch_compile_across_lengths() -> None:
+    """Under ``torch.compile`` (AOT autograd) the scan runs eagerly behind a graph break:
+    outputs and input gradients equal eager ones at lengths of several chunks, then of one
+    (the order that broke the compiled backward)."""
+    torch.manual_seed(4)
+    m, _ = _build(n_groups=2)
+    compiled = torch.compile(m, backend="aot_eager")
+    for T in (5, 40, 77, 17):
+        x = torch.randn(2, T, D, requires_grad=True)
+        y = compiled(x)
+        (g,) = torch.autograd.grad(y.square().sum(), x)
+        x2 = x.detach().requires_grad_(True)
+        y2 = m(x2)
+        (g2,) = torch.autograd.grad(y2.square().sum(), x2)
+        torch.testing.assert_close(y, y2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g, g2, atol=1e-5, rtol=1e-5)

@@ -131,6 +131,20 @@ def ssd_scan(
     return y[:, :T] if capture or pad else y
 
 
+#: :func:`ssd_scan` run eagerly inside a ``torch.compile``d model (a graph break): its
+#: dynamic-length chunked graph trips torch 2.13's compilers (a view in AOT autograd's
+#: backward once a length of one chunk follows longer ones; Inductor's stride ordering of
+#: the padded, symbolic length). ``torch.export`` and the ONNX exporters trace it.
+_ssd_scan_eager = torch.compiler.disable(ssd_scan)
+
+
+def _compiling_only() -> bool:
+    """Under ``torch.compile`` but not exporting (``torch.export``, ``torch.onnx``)."""
+    return torch.compiler.is_compiling() and not (
+        torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    )
+
+
 def ssd_flops(L: int, H: int, P: int, G: int, N: int) -> int:
     """Matmul FLOPs of :func:`ssd_scan` over one sequence of length ``L`` (eager chunking,
     padding included): ``C Bᵀ`` (2·Q·N per step and group) and the masked map times ``Δx``
@@ -229,7 +243,8 @@ class Mamba2(nn.Module):
         xs, Bm, Cm = torch.split(xbc, [self.di, self.G * self.N, self.G * self.N], dim=-1)
         xs = xs.reshape(Bsz, T, self.H, self.P)
         Bm, Cm = Bm.reshape(Bsz, T, self.G, self.N), Cm.reshape(Bsz, T, self.G, self.N)
-        y = ssd_scan(xs, dt, -torch.exp(self.A_log), Bm, Cm) + xs * self.D[:, None]
+        scan = _ssd_scan_eager if _compiling_only() else ssd_scan
+        y = scan(xs, dt, -torch.exp(self.A_log), Bm, Cm) + xs * self.D[:, None]
         return self.out_proj(self.norm(y.flatten(-2), z))
 
     def init_state(
