@@ -39,7 +39,8 @@ State = tuple[torch.Tensor, ...]
 #: ``L ⊙ C Bᵀ`` (``[CHUNK, CHUNK]`` per head); between chunks the chunk end states are carried
 #: through a ``[n_chunks, n_chunks]`` decay matrix. Eagerly a length ``T`` is cut into
 #: ``⌈T/CHUNK⌉`` chunks of ``⌈T/⌈T/CHUNK⌉⌉`` steps (the least padding); under graph capture
-#: (export, compile) every chunk has CHUNK steps, whatever the (symbolic) length.
+#: (``torch.export``, the ONNX exporters) every chunk has CHUNK steps, whatever the
+#: (symbolic) length.
 CHUNK = 32
 
 
