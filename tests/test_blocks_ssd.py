@@ -78,10 +78,11 @@ def test_chunked_form_is_exact_without_a_clamp(
     dtype: torch.dtype, tol: float, decays: str, capture: bool, monkeypatch: Any
 ) -> None:
     """Against the step recurrence in fp64: values to ``tol`` relative, gradients of every
-    input to 10·tol. ``strong``: Δ·A down to below −50; ``mixed``: steps of −50 and of
-    −0.01 alternate in runs within a chunk (a difference of two large prefix sums, as in
-    the SSD papers' "segsum" by subtraction, would be off by ~1e-4 in fp32 here).
-    ``capture``: the fixed-CHUNK form that export and compile run."""
+    input to 10·tol. ``strong``: Δ·A down to −147; ``mixed``: runs of steps of −50 and of
+    −0.01 alternate within a chunk, where a difference of two large prefix sums loses
+    digits (transformers' reference chunk scan, which takes one for its chunk end states,
+    is off by 6e-6 here in fp32 at chunk 32; this form by 9e-8). ``capture``: the
+    fixed-CHUNK form that the exporters trace."""
     if capture:
         monkeypatch.setattr(ssd, "tracing", lambda **_: True)
     g = torch.Generator().manual_seed(5)
