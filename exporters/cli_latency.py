@@ -65,10 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="noisy above this coefficient of variation, in (0, 1] (default 0.05)",
     )
     p.add_argument(
-        "--exporter",
-        choices=["direct", "exporters", "auto"],
+        "--precision",
+        choices=["auto", "fp32", "fp16", "int8", "int4"],
         default=None,
-        help="how the ort graph is exported (default direct)",
+        help="precision of the ort graph measured (default auto: what the spec's per-block "
+        "bits ship as, the graph `archir export --precision auto` writes)",
     )
     p.add_argument("--out", default=None, help="calibrate: output file")
     p.add_argument(
@@ -90,14 +91,14 @@ _MEASURE_ONLY = {
     "seq": "--seq",
     "batch": "--batch",
     "cv_threshold": "--cv-threshold",
-    "exporter": "--exporter",
+    "precision": "--precision",
 }
 # flags a prediction has no use for (it times nothing)
 _TIMING_ONLY = {
     "budget_s": "--budget-s",
     "windows": "--windows",
     "cv_threshold": "--cv-threshold",
-    "exporter": "--exporter",
+    "precision": "--precision",
 }
 
 
@@ -232,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     batch = args.batch or 1
     kw: dict[str, Any] = {
         "cv_threshold": 0.05 if args.cv_threshold is None else args.cv_threshold,
-        "exporter": args.exporter or "direct",
+        "precision": args.precision or "auto",
     }
     if args.budget_s is not None:
         kw["budget_s"] = args.budget_s

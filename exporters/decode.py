@@ -28,11 +28,9 @@ falling back to the TorchScript exporter with a note.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +45,6 @@ from archir.paths import check_out_file
 from exporters import parity as par
 
 DECODE_META = "archir.decode"
-LEGACY_OPSET = 18  # the TorchScript exporter stops at 18
 STATE_IN = "state_in.{}"
 STATE_OUT = "state_out.{}"
 POSITION_NOTE = (
@@ -243,10 +240,11 @@ class DecodeReport:
 def _export_proto(
     model: Any, layout: list[StateTensor], exporter: str
 ) -> tuple[onnx.ModelProto, str, list[str]]:
-    """``(proto, exporter used, one line per exporter that failed before it)``: ``dynamo``
-    (torch.export, as the full-sequence export; every growing axis a ``Dim`` from 0),
-    ``legacy`` (TorchScript, ``dynamic_axes``) or ``auto`` (dynamo, then legacy)."""
-    from exporters.onnx_export import DEFAULT_OPSET, _captured_stderr, _failure_reason
+    """``(proto, exporter used, one line per exporter that failed before it)`` through the
+    one export path (:func:`exporters.graph.export_graph`): ``dynamo`` (torch.export, as the
+    full-sequence export; every growing axis a dimension from 0), ``legacy`` (TorchScript)
+    or ``auto`` (dynamo, then legacy)."""
+    from exporters.graph import DEFAULT_OPSET, Axis, export_graph
 
     wrapper = DecodeModule(model)
     tokens = torch.zeros(2, 1, dtype=torch.long)
@@ -255,73 +253,28 @@ def _export_proto(
         for t in (3, 1, 4):  # a past of 3: no axis is 0 or 1 in the example
             _, state = model.step(torch.full((2,), t, dtype=torch.long), state)
     flat = [t for s in state for t in s]
-    names_in = ["tokens"] + [s.input for s in layout]
-    names_out = ["logits"] + [s.output for s in layout]
-    errors: list[str] = []
-    for which in ["dynamo", "legacy"] if exporter == "auto" else [exporter]:
-        try:
-            with (
-                contextlib.redirect_stdout(io.StringIO()),
-                _captured_stderr(),
-                warnings.catch_warnings(),
-                torch.no_grad(),
-            ):
-                warnings.simplefilter("ignore")
-                if which == "dynamo":
-                    batch = torch.export.Dim("batch", min=1)
-                    grow: dict[str, Any] = {}
-                    per_state: list[dict[int, Any]] = []
-                    for s in layout:
-                        d: dict[int, Any] = {}
-                        for i, n in enumerate(s.shape):
-                            if n == "batch":
-                                d[i] = batch
-                            elif isinstance(n, str):
-                                d[i] = grow.setdefault(n, torch.export.Dim(n, min=0))
-                        per_state.append(d)  # {} for a static one (a tuple of Nones fails)
-                    prog = torch.onnx.export(
-                        wrapper,
-                        (tokens, *flat),
-                        None,
-                        dynamo=True,
-                        opset_version=DEFAULT_OPSET,
-                        input_names=names_in,
-                        output_names=names_out,
-                        dynamic_shapes=({0: batch}, tuple(per_state)),
-                        optimize=True,
-                        verbose=False,
-                    )
-                    assert prog is not None
-                    proto = prog.model_proto
-                else:
-                    axes: dict[str, dict[int, str]] = {
-                        "tokens": {0: "batch"},
-                        "logits": {0: "batch"},
-                    }
-                    for s in layout:
-                        dyn = {i: n for i, n in enumerate(s.shape) if isinstance(n, str)}
-                        if dyn:
-                            axes[s.input] = dyn
-                            axes[s.output] = dyn
-                    f = io.BytesIO()
-                    torch.onnx.export(
-                        wrapper,
-                        (tokens, *flat),
-                        f,
-                        dynamo=False,
-                        opset_version=LEGACY_OPSET,
-                        input_names=names_in,
-                        output_names=names_out,
-                        dynamic_axes=axes,
-                    )
-                    proto = onnx.load_from_string(f.getvalue())
-            return proto, which, errors
-        except Exception as exc:  # noqa: BLE001 - exporter internals
-            errors.append(f"{which}: {_failure_reason(exc)}")
-    raise ExportError(
-        "torch.onnx.export failed for the decode step: " + " | ".join(errors),
-        hint="a block's step form may branch on a tensor's value; the message names the op",
+    axes: list[dict[int, Axis]] = [{0: Axis("batch")}]
+    for s in layout:
+        axes.append(
+            {
+                i: Axis("batch") if n == "batch" else Axis(n, min=0)
+                for i, n in enumerate(s.shape)
+                if isinstance(n, str)
+            }
+        )
+    out_axes = [{0: "batch"}] + [{i: a.name for i, a in ax.items()} for ax in axes[1:]]
+    ex = export_graph(
+        wrapper,
+        (tokens, *flat),
+        input_names=["tokens"] + [s.input for s in layout],
+        output_names=["logits"] + [s.output for s in layout],
+        input_axes=axes,
+        output_axes=out_axes,
+        leading=1,
+        exporter=exporter,
+        opset=DEFAULT_OPSET,
     )
+    return ex.proto, ex.exporter, ex.failures
 
 
 def decode_metadata(spec: Any, layout: list[StateTensor], limit: int | None) -> dict[str, Any]:

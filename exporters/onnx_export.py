@@ -13,15 +13,9 @@ the first diverging output and position, unless ``force=True``.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
-import sys
-import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +28,8 @@ from archir.errors import ExportError
 from archir.paths import check_out_file, normal_mode, write_bytes
 from exporters import parity as par
 from exporters import quantize as qz
+from exporters.graph import DEFAULT_OPSET, model_graph
 
-DEFAULT_OPSET = 20
 # opsets accepted up front: the torch.export exporter emits opset 18 at least (it does not
 # down-convert below that) and, with torch 2.13 / onnxscript 0.7, nothing past 25 passes
 # the onnx checker; the legacy exporter caps its opset at 18.
@@ -259,36 +253,6 @@ def block_bits(model: Any) -> dict[str, float]:
     return out
 
 
-def _scope_of(node: onnx.NodeProto) -> str | None:
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = json.loads(p.value.replace("'", '"'))
-            except ValueError:
-                return None
-            return scopes[1] if len(scopes) > 1 else None
-    return None
-
-
-def _tag_and_strip(proto: onnx.ModelProto, mod2block: dict[str, str]) -> None:
-    """Tag every node with its IR block (``archir.block``), drop torch's bulky per-node
-    metadata (stack traces hold local paths), and name unnamed nodes."""
-    for i, n in enumerate(proto.graph.node):
-        scope = _scope_of(n)
-        if scope is None and n.name:
-            # legacy exporter: node names like /blocks.0/fn/q/MatMul
-            parts = n.name.strip("/").split("/")
-            scope = parts[0] if parts and parts[0] in mod2block else None
-            if scope is None and len(parts) > 1 and parts[0] == "blocks":
-                scope = f"blocks.{parts[1]}" if parts[1].isdigit() else None
-        block = mod2block.get(scope or "")
-        del n.metadata_props[:]
-        if block:
-            n.metadata_props.add(key=qz.BLOCK_KEY, value=block)
-        if not n.name:
-            n.name = f"{n.op_type}_{i}"
-
-
 def fold_constant_weights(proto: onnx.ModelProto) -> int:
     """Replace ``Gather(initializer W, constant scalar i, axis=0)`` by a new initializer
     ``W[i]`` (e.g. an MoE expert's weights read out of a ``[E, d, h]`` bank) and
@@ -378,15 +342,6 @@ def tensor_infos(values: Any) -> list[TensorInfo]:
     return out
 
 
-def _io_names(spec_model: Any) -> tuple[str, str, dict[int, str], dict[int, str]]:
-    m = spec_model.model
-    if m.task == "image_classification":
-        return "images", "logits", {0: "batch"}, {0: "batch"}
-    if m.task == "causal_lm":
-        return "tokens", "logits", {0: "batch", 1: "seq"}, {0: "batch", 1: "seq"}
-    return "tokens", "logits", {0: "batch", 1: "seq"}, {0: "batch"}
-
-
 def input_descriptions(spec_model: Any) -> dict[str, str]:
     m = spec_model.model
     if m.task == "image_classification":
@@ -405,25 +360,6 @@ def input_descriptions(spec_model: Any) -> dict[str, str]:
     return desc
 
 
-def _fix_dim_names(proto: onnx.ModelProto, in_axes: dict[int, str], out_axes: dict[int, str]):
-    """Give the dynamic axes their archir names (``batch``, ``seq``) on inputs/outputs."""
-    for v, axes in ((proto.graph.input[0], in_axes), (proto.graph.output[0], out_axes)):
-        dims = v.type.tensor_type.shape.dim
-        for i, name in axes.items():
-            if i < len(dims) and not dims[i].HasField("dim_value"):
-                dims[i].dim_param = name
-
-
-def _specialized_axes(proto: onnx.ModelProto, in_axes: dict[int, str]) -> dict[str, int]:
-    """Dynamic axes that the exporter turned into constants: ``{axis name: value}``."""
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    return {
-        name: dims[i].dim_value
-        for i, name in in_axes.items()
-        if i < len(dims) and dims[i].HasField("dim_value")
-    }
-
-
 # -- the exporter -----------------------------------------------------------------------------
 
 
@@ -435,133 +371,14 @@ def _example_input(spec_model: Any) -> torch.Tensor:
     return par.random_input(spec_model, 2, max(2, min(EXAMPLE_SEQ, m.max_seq_len)), gen)
 
 
-@contextlib.contextmanager
-def _captured_stderr() -> Any:
-    """Capture everything written to stderr for the duration: file descriptor 2 (C++
-    warnings), ``sys.stderr`` and the stream handlers of torch's loggers (which keep the
-    stream they were created with; a failed torch.export logs whole FX graphs there).
-    Yields a function returning the captured text."""
-    py = io.StringIO()
-    handlers = [
-        h
-        for name, lg in logging.root.manager.loggerDict.items()
-        if name.startswith("torch") and isinstance(lg, logging.Logger)
-        for h in lg.handlers
-        if type(h) is logging.StreamHandler
-    ]
-    handlers += [h for h in logging.root.handlers if type(h) is logging.StreamHandler]
-    streams = [h.setStream(py) for h in handlers]  # type: ignore[arg-type]
-    try:
-        saved: int | None = os.dup(2)
-        sys.stderr.flush()
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        saved = None
-    with tempfile.TemporaryFile(mode="w+b") as tmp, contextlib.redirect_stderr(py):
-        if saved is not None:
-            os.dup2(tmp.fileno(), 2)
-
-        def text() -> str:
-            tmp.seek(0)
-            return tmp.read().decode("utf-8", "replace") + py.getvalue()
-
-        try:
-            yield text
-        finally:
-            if saved is not None:
-                os.dup2(saved, 2)
-                os.close(saved)
-            for h, st in zip(handlers, streams):
-                if st is not None:
-                    h.setStream(st)
-
-
-def _failure_reason(exc: BaseException) -> str:
-    """One line naming why an exporter failed: the innermost cause's type and first line
-    (torch.onnx wraps the torch.export error in a generic 'Failed to export' message)."""
-    seen: list[BaseException] = [exc]
-    cur: BaseException | None = exc
-    while cur is not None and len(seen) < 16:
-        cur = cur.__cause__ or cur.__context__
-        if cur is not None:
-            seen.append(cur)
-    inner = seen[-1]
-    lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
-    text = lines[0] if lines else ""
-    for ln in lines:  # a data-dependent branch or a violated shape constraint says more
-        if "data-dependent" in ln.lower() or "Not all values" in ln:
-            text = ln
-            break
-    return f"{type(inner).__name__}: {text}"[:300]
-
-
 def _torch_export(
     model: torch.nn.Module, spec_model: Any, opset: int, exporter: str
 ) -> tuple[onnx.ModelProto, str, list[str]]:
-    """``(model proto, exporter used, one line per exporter that failed before it)``."""
-    x = _example_input(spec_model)
-    in_name, out_name, in_axes, out_axes = _io_names(spec_model)
-    errors: list[str] = []
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    order = ["dynamo", "legacy"] if exporter == "auto" else [exporter]
-    for which in order:
-        buf = io.StringIO()
-        try:
-            with (
-                contextlib.redirect_stdout(buf),
-                _captured_stderr(),
-                warnings.catch_warnings(),
-                torch.no_grad(),
-            ):
-                warnings.simplefilter("ignore")
-                if which == "dynamo":
-                    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1)}
-                    if 1 in in_axes:
-                        dims[1] = torch.export.Dim("seq", min=1, max=spec_model.model.max_seq_len)
-                    prog = torch.onnx.export(
-                        model,
-                        (x,),
-                        None,
-                        dynamo=True,
-                        opset_version=opset,
-                        input_names=[in_name],
-                        output_names=[out_name],
-                        dynamic_shapes=({k: v for k, v in dims.items()},),
-                        optimize=True,
-                        verbose=False,
-                    )
-                    assert prog is not None
-                    proto = prog.model_proto
-                else:
-                    f = io.BytesIO()
-                    torch.onnx.export(
-                        model,
-                        (x,),
-                        f,
-                        dynamo=False,
-                        opset_version=min(opset, 18),
-                        input_names=[in_name],
-                        output_names=[out_name],
-                        dynamic_axes={in_name: in_axes, out_name: out_axes},
-                    )
-                    proto = onnx.load_from_string(f.getvalue())
-            fixed = _specialized_axes(proto, in_axes)
-            if fixed:
-                raise ExportError(
-                    "torch.export specialized the dynamic axes "
-                    + ", ".join(f"{n}={v}" for n, v in fixed.items())
-                    + " to the example input (a shape computation in forward() that "
-                    "torch.export cannot prove for every length, e.g. padding to a chunk "
-                    "multiple then reshaping by a computed count)"
-                )
-            _fix_dim_names(proto, in_axes, out_axes)
-            return proto, which, errors
-        except Exception as exc:  # noqa: BLE001 - exporter internals
-            errors.append(f"{which}: {_failure_reason(exc)}")
-    raise ExportError(
-        "torch.onnx.export failed for this model: " + " | ".join(errors),
-        hint="a block's forward may use data-dependent shapes or a Python loop over time; "
-        "the message names the operation",
-    )
+    """``(model proto, exporter used, one line per exporter that failed before it)``: the
+    full-sequence graph through the one export path (:func:`exporters.graph.model_graph`),
+    tagged with IR blocks and with constant weights folded."""
+    ex = model_graph(spec_model, model, _example_input(spec_model), exporter=exporter, opset=opset)
+    return ex.proto, ex.exporter, ex.failures
 
 
 def _set_metadata(
@@ -715,10 +532,7 @@ def export_onnx(
         if used != exporter and exporter == "auto" and used == "legacy":
             why = failures[0].split(": ", 1)[-1] if failures else "unknown reason"
             notes.append(f"dynamo exporter failed ({why}); used the legacy TorchScript exporter")
-        mod2block = module_to_block(model)
         bits = block_bits(model)
-        _tag_and_strip(proto, mod2block)
-        fold_constant_weights(proto)
         _set_metadata(proto, spec, "fp32", used, {b: "fp32" for b in bits})
         _check_model(proto, "fp32")
         fp32_bytes = proto.ByteSize()

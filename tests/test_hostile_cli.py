@@ -114,7 +114,7 @@ FLAG_CASES = [
     (["latency", S, "--cv-threshold", "0"], "--cv-threshold: must be > 0"),
     (["latency", S, "--cv-threshold", "2"], "--cv-threshold: must be <= 1"),
     (["latency", S, "--runtime", "tpu"], "invalid choice: 'tpu'"),
-    (["latency", S, "--exporter", "magic"], "invalid choice: 'magic'"),
+    (["latency", S, "--precision", "magic"], "invalid choice: 'magic'"),
     (["latency", S, "--predict", "--calibration", "/dev/null"], "not a regular file"),
     (["latency", S, "--predict", "--calibration", "."], "is a folder"),
     (["latency", S, "--predict", "--calibration", "nope.json"], "no such file"),

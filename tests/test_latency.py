@@ -306,9 +306,80 @@ def test_part_and_whole_measured_at_their_shape() -> None:
     with Runner(spec, "ort", model=model) as r:
         m1 = r.measure(1, 16, budget_s=0.01, min_runs=3, max_attempts=1)
         m2 = r.measure(1, 24, budget_s=0.01, min_runs=3, max_attempts=1)
-        assert r.exporter_used == "direct-torchscript"
-        assert set(r._sessions) == {(1, 16), (1, 24)}  # one static graph per shape
+        assert r.exporter_used == "dynamo"  # the shipped file's exporter, one graph
     assert m1.seq == 16 and m2.seq == 24
+
+
+def _ops(path: Path) -> set[str]:
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_measured_graph_is_the_shipped_graph_at_its_bits(tmp_path: Path) -> None:
+    """What `archir latency` / a search times is the file `archir export --precision auto`
+    writes: the same exporter, the same nodes, the precision the bits select (int8:
+    MatMulInteger; int4: MatMulNBits), and the same outputs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import archir
+    from exporters import export_onnx
+    from exporters.latency.harness import export_onnx_file
+
+    for bits, op in ((16, None), (8, "MatMulInteger"), (4, "MatMulNBits")):
+        data = make_spec_data(random.Random(1), "attention", "swiglu", 64, 2, 128, bits)
+        spec = spec_from_dict(data)
+        model = archir.compile(spec, seed=0).eval()
+        timed, shipped = tmp_path / f"t{bits}.onnx", tmp_path / f"s{bits}.onnx"
+        assert export_onnx_file(spec, timed, model) == "dynamo"
+        export_onnx(spec, shipped, model=model, precision="auto", task="random", quality=False)
+        ops = _ops(timed)
+        assert ops == _ops(shipped)
+        assert (op in ops) if op else not ops & {"MatMulInteger", "MatMulNBits"}
+        x = np.random.default_rng(0).integers(0, 256, (2, 40))
+        outs = [
+            ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(
+                None, {"tokens": x}
+            )[0]
+            for f in (timed, shipped)
+        ]
+        assert np.array_equal(outs[0], outs[1])
+
+
+def test_part_graph_ships_at_the_parts_bits() -> None:
+    """A calibration part is exported like the shipped file, quantized by its own bits, and
+    one part graph runs at any length (dynamic seq)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    import archir
+    from exporters.graph import part_graph
+    from exporters.latency.parts import part_bits, part_module_and_input
+
+    data = make_spec_data(random.Random(1), "gla", "swiglu", 64, 2, 128, 8)
+    spec = spec_from_dict(data)
+    model = archir.compile(spec, seed=0).eval()
+    g = graph_features(spec, 1, 48)
+    precisions = {p.name: p.precision for p in g.parts}
+    assert set(precisions.values()) == {"fp32", "int8"}  # the SwiGLU at 8 bits, GLA at 16
+    for p in g.parts:
+        mod, x = part_module_and_input(model, p)
+        ex, prec = part_graph(mod, x, bits=part_bits(model, p), max_seq=128)
+        assert prec == p.precision
+        has_int8 = any(n.op_type == "MatMulInteger" for n in ex.proto.graph.node)
+        assert has_int8 == (prec == "int8")
+        sess = ort.InferenceSession(
+            ex.proto.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        for t in (48, 17):
+            xt = x[:, :t]
+            out = sess.run(None, {"input": xt.numpy()})[0]
+            with torch.no_grad():
+                ref = mod(xt).numpy()
+            tol = 1e-4 if prec == "fp32" else 0.1
+            assert np.abs(out - ref).max() <= tol * max(1.0, np.abs(ref).max())
 
 
 def test_latency_ms_predicts_with_calibration_and_refuses_without(tmp_path: Path) -> None:
@@ -369,29 +440,30 @@ def test_cli_predict_defaults_to_the_calibrated_runtimes(
     assert rc == 2 and "--runtime torch" in capsys.readouterr().err
 
 
-def test_chain_export_joins_parts_where_one_piece_export_fails(tmp_path: Path) -> None:
+def test_runner_times_a_gla_hyena_hybrid_at_several_lengths(tmp_path: Path) -> None:
+    """A GLA -> Hyena chain (whose one-piece TorchScript export used to fail) is timed on
+    its shipped graph, one session for every length, matching PyTorch."""
     import numpy as np
     import torch
 
     import archir
-    from exporters.latency.harness import ort_session
-    from exporters.latency.parts import export_static
+    from exporters.latency.harness import Runner
 
     data = make_spec_data(random.Random(0), "gla", "swiglu", 32, 2, 64, 16, second_mixer="hyena")
     data["model"]["layers"][0]["repeat"] = 1
     data["model"]["layers"][1]["repeat"] = 1
     hyena = {"role": "token_mixer", "kind": "hyena", "order": 2, "filter_width": 16}
     data["model"]["layers"][1]["blocks"][0] = hyena
-    model = archir.compile(spec_from_dict(data)).eval()
-    x = torch.randint(0, 256, (1, 48))
-    used = export_static(model, x, tmp_path / "m.onnx")
-    assert used in ("torchscript", "torchscript-chain")
-    sess = ort_session(tmp_path / "m.onnx", 1)
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    with torch.no_grad():
-        ref = model(x).numpy()
-    assert np.allclose(out, ref, atol=1e-4)
-    assert all(p.requires_grad for p in model.parameters())  # restored after the export
+    spec = spec_from_dict(data)
+    model = archir.compile(spec).eval()
+    with Runner(spec, "ort", model=model) as r:
+        for t in (48, 20):
+            x = torch.randint(0, 256, (1, t))
+            out = r.session.run(None, {"tokens": x.numpy()})[0]
+            with torch.no_grad():
+                ref = model(x).numpy()
+            assert np.allclose(out, ref, atol=1e-4)
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_cpu_share_flags_a_core_taken_by_another_process() -> None:
@@ -410,12 +482,49 @@ def test_cpu_share_flags_a_core_taken_by_another_process() -> None:
     assert m.cpu_share == 1.0  # not checked unless asked
 
 
-def test_calibrate_writes_a_loadable_file_of_interleaved_samples(tmp_path: Path) -> None:
-    from exporters.latency.calibrate import calibrate, predictor_from
+def test_a_part_is_exported_once_and_timed_at_several_lengths(tmp_path: Path) -> None:
+    """Calibration measures one exported part at several lengths: one dynamic-length graph,
+    one session, each callable fed its own length."""
+    import archir
+    from exporters.latency.calibrate import part_callables
 
-    path, data = calibrate("ort", budget_s=6.0, out=tmp_path / "cal.json", rounds=2)
+    spec = spec_from_dict(TINY)
+    model = archir.compile(spec).eval()
+    parts = [next(p for p in graph_features(spec, 1, 16).parts if p.kind == "attention")]
+    parts += [next(p for p in graph_features(spec, 1, 9).parts if p.kind == "attention")]
+    fns = part_callables(model, parts, "ort", 1, tmp_path)
+    assert [f()[0].shape for f in fns] == [(1, 16, 16), (1, 9, 16)]
+    assert len(list(tmp_path.iterdir())) == 1  # one graph for both lengths
+
+
+@pytest.mark.slow  # about a minute: every part goes through torch.export
+def test_calibrate_writes_a_loadable_file_of_interleaved_samples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    import yaml
+
+    cal = importlib.import_module("exporters.latency.calibrate")
+
+    # one small space (attention or GLA, SwiGLU at 8 or 16 bits): parts export in seconds
+    space = json.loads(json.dumps(TINY))
+    space["model"]["layers"][0]["blocks"] = [
+        {"choice": [{"kind": "attention", "n_heads": 2}, {"kind": "gla", "n_heads": 2}]},
+        {"role": "channel_mixer", "kind": "swiglu", "bits": {"choice": [8, 16]}},
+    ]
+    f = tmp_path / "space.yaml"
+    f.write_text(yaml.safe_dump(space))
+    monkeypatch.setattr(cal, "space_paths", lambda extra=(): [f])
+    path, data = cal.calibrate("ort", budget_s=90.0, out=tmp_path / "cal.json", rounds=2)
     assert path.exists() and data["version"] == VERSION and data["rounds"] == 2
-    assert data["parts"] and data["wholes"] and data["wall_s"] < 30 and data["probe_ms"] > 0
+    assert data["parts"] and data["wholes"] and data["wall_s"] < 180 and data["probe_ms"] > 0
+    # one export measured at several lengths
+    by_node: dict[tuple[int, str], set[int]] = {}
+    for r in data["parts"]:
+        by_node.setdefault((r["spec"], r["node"]), set()).add(r["seq"])
+    assert max(len(v) for v in by_node.values()) >= 2
+    predictor_from = cal.predictor_from
     for r in data["parts"] + data["wholes"]:
         # 2 rounds, more (up to 3x) while the speed probe saw the machine slow
         assert 2 <= r["windows"] <= 6 and 0 < r["ms"] <= r["median_ms"] * 1.0001

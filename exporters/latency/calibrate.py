@@ -15,20 +15,24 @@ space in ``specs/search/`` (plus extra space files) with their width replaced by
 cycling through :data:`WIDTHS` (64-512) and measured at a length cycling through
 :data:`SEQS` (128-1024). It runs batch by batch. **Prepare**: every **part** of a drawn spec
 (a residual block, or the fixed embedding/final-norm/head part) not prepared before is
-exported alone at its shape and loaded into a session, and — while whole specs have taken
-less than ``whole_share`` of the preparation time — so is the whole spec, until a batch
-(about a hundred samples, a few GB of sessions at most) is ready. **Measure**: the batch in
-``rounds`` round-robin windows (:func:`~.harness.measure_interleaved`) — with the speed
-probe (:class:`~.harness.SpeedProbe`) timed every round, and more rounds (up to three times
-as many) while fewer than two rounds ran at the probe's fastest speed so far, so a slow
-phase longer than a batch does not go into the samples; then the next batch, while the
-budget allows. The probe's fastest time is stored (``probe_ms``) for later measurements
-to compare against; a sample's value is its
+exported alone through the one export path (:func:`exporters.graph.part_graph`: the shipped
+file's exporter and dynamic length, at the precision the part's ``bits`` ship as) and loaded
+into a session, measured at its own length and at up to :data:`EXTRA_SEQS` other lengths of
+:data:`SEQS` (one export, several samples); while whole specs have taken less than
+``whole_share`` of the preparation time, so is the whole spec (the graph ``archir export
+--precision auto`` writes, at two lengths), until a batch (about a hundred samples, a few GB
+of sessions at most) is ready. **Measure**: the batch in ``rounds`` round-robin windows
+(:func:`~.harness.measure_interleaved`) — with the speed probe (:class:`~.harness.SpeedProbe`)
+timed every round, and more rounds (up to three times as many) while fewer than two rounds
+ran at the probe's fastest speed so far, so a slow phase longer than a batch does not go
+into the samples; then the next batch, while the budget allows. The probe's fastest time is
+stored (``probe_ms``) for later measurements to compare against; a sample's value is its
 fastest window's median (``best_ms``, see :mod:`.harness` on why). Interleaving matters on a
 shared machine: a slow phase of a few seconds then costs every sample one window, instead of
-costing a few samples their whole measurement. A part is a fraction of a second to export,
-so a 9-minute budget covers several hundred parts — every block configuration the spaces
-produce at many widths and lengths — and about a hundred whole specs.
+costing a few samples their whole measurement. A part takes one to a few seconds to export
+through torch.export (a Mamba block over ten: its dynamic-length scan makes torch.export
+reason about many symbolic shapes), so a 9-minute budget covers a few hundred part samples
+and a few dozen whole specs.
 
 Files live in ``$ARCHIR_CACHE/latency/`` (default ``~/.cache/archir/latency/``) named
 ``<runtime>-t<threads>-<cpu slug>.json``.
@@ -71,7 +75,9 @@ from exporters.latency.predictor import (
 )
 
 FORMAT = "archir-latency-calibration"
-VERSION = 3
+VERSION = (
+    4  # 4: parts and wholes measured on the shipped graph (exporters.graph), at their precision
+)
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 SEQS = (128, 192, 256, 384, 512, 768, 1024)
 DEPTH = (2, 12)
@@ -445,20 +451,44 @@ def space_specs(
         yield s, seq
 
 
-def part_callable(
-    model: Any, part: PartFeatures, runtime: str, threads: int, tmpdir: str | Path
-) -> Callable[[], Any]:
-    """A no-argument callable running one part of a compiled model alone (onnxruntime: its
-    own graph at the part's static shape; torch: eager), see
-    :func:`~.parts.module_callable`.
+def part_callables(
+    model: Any,
+    parts: Sequence[PartFeatures],
+    runtime: str,
+    threads: int,
+    tmpdir: str | Path,
+) -> list[Callable[[], Any]]:
+    """No-argument callables running one part of a compiled model alone at each of the
+    shapes of ``parts`` (the same IR node at several lengths; onnxruntime: one graph from
+    the one export path, dynamic length, at the precision its bits ship as, one session;
+    torch: eager), see :func:`~.parts.module_callables`.
 
     Raises:
         RuntimeUnavailableError: the export fails.
     """
-    from exporters.latency.parts import module_callable, part_module_and_input
+    from exporters.latency.parts import module_callables, part_bits, part_module_and_input
 
-    mod, x = part_module_and_input(model, part)
-    return module_callable(mod, x, runtime, threads, tmpdir)
+    mods = [part_module_and_input(model, p) for p in parts]
+    return module_callables(
+        mods[0][0],
+        [x for _, x in mods],
+        runtime,
+        threads,
+        tmpdir,
+        bits=part_bits(model, parts[0]),
+        max_seq=int(model.spec.model.max_seq_len),
+    )
+
+
+def part_callable(
+    model: Any, part: PartFeatures, runtime: str, threads: int, tmpdir: str | Path
+) -> Callable[[], Any]:
+    """:func:`part_callables` at the part's own shape.
+
+    Raises:
+        RuntimeUnavailableError: the export fails.
+    """
+    return part_callables(model, [part], runtime, threads, tmpdir)[0]
 
 
 def measure_part(
@@ -481,6 +511,16 @@ BATCH_ITEMS = 120
 BATCH_BYTES = 3 * 2**30  # resident memory a batch of prepared sessions may add
 
 
+#: lengths each exported part is measured at besides its own (one export, several samples)
+EXTRA_SEQS = 2
+
+
+def _more_seqs(rng: random.Random, seq: int, max_seq: int) -> list[int]:
+    """Up to :data:`EXTRA_SEQS` other lengths of :data:`SEQS` (at most ``max_seq``), drawn."""
+    pool = [t for t in SEQS if t != seq and t <= max_seq]
+    return rng.sample(pool, min(EXTRA_SEQS, len(pool)))
+
+
 def rss_bytes() -> int:
     """This process's resident memory in bytes (0 where ``/proc`` is not available)."""
     try:
@@ -500,7 +540,7 @@ def calibrate(
     whole_share: float = 0.5,
     window_s: float = INTERLEAVED_WINDOW_S,
     rounds: int = INTERLEAVED_ROUNDS,
-    part_limit_s: float = 20.0,
+    part_limit_s: float = 60.0,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Prepare the designed set batch by batch, measure each batch interleaved, until
@@ -555,6 +595,7 @@ def calibrate(
         return time.perf_counter() - t
 
     draws = space_specs(100_000, seed, spaces_open, widths=(*WIDTHS, None, None, None))
+    rng = random.Random(seed + 1)
     out_of_time = False
     probe = SpeedProbe(runtime, threads)
     probe_ms: float | None = None  # the probe's fastest window so far: the machine's speed
@@ -590,19 +631,8 @@ def calibrate(
                     continue
                 idx = len(specs)
                 specs.append(spec.data)
-                for p in todo:
-                    if not fits():
-                        break
-                    seen.add(p.signature)
-                    try:
-                        with time_limit(part_limit_s):
-                            fn = part_callable(model, p, runtime, threads, tmp)
-                            est = first_call_s(fn)
-                    except Exception as exc:
-                        skip(exc, "part")
-                        continue
-                    meta = {"spec": idx, "node": p.name, "kind": p.kind, "batch": 1, "seq": seq}
-                    items.append(("part", meta, fn, est))
+                # one export serves several lengths (the graph's length is dynamic)
+                more = _more_seqs(rng, seq, spec.model.model.max_seq_len)
                 if want_whole and fits():
                     tw = time.perf_counter()
                     try:
@@ -610,12 +640,42 @@ def calibrate(
                             r = stack.enter_context(
                                 Runner(spec, runtime, threads=threads, model=model)
                             )
-                            fn = r.call_for(1, seq)
-                            est = first_call_s(fn)
-                        items.append(("whole", {"spec": idx, "batch": 1, "seq": seq}, fn, est))
+                            for t in [seq, *more[:1]]:
+                                fn = r.call_for(1, t)
+                                est = first_call_s(fn)
+                                wmeta: dict[str, Any] = {"spec": idx, "batch": 1, "seq": t}
+                                items.append(("whole", wmeta, fn, est))
                     except Exception as exc:
                         skip(exc, "whole")
                     whole_s += time.perf_counter() - tw
+                others = [graph_features(spec, 1, t) for t in more]
+                for p in todo:
+                    if not fits():
+                        break
+                    seen.add(p.signature)
+                    same = [p] + [
+                        q
+                        for o in others
+                        for q in o.parts
+                        if q.name == p.name and q.signature not in seen
+                    ]
+                    seen.update(q.signature for q in same)
+                    try:
+                        with time_limit(part_limit_s):
+                            fns = part_callables(model, same, runtime, threads, tmp)
+                            ests = [first_call_s(fn) for fn in fns]
+                    except Exception as exc:
+                        skip(exc, "part")
+                        continue
+                    for q, fn, est in zip(same, fns, ests):
+                        meta: dict[str, Any] = {
+                            "spec": idx,
+                            "node": q.name,
+                            "kind": q.kind,
+                            "batch": 1,
+                            "seq": q.seq,
+                        }
+                        items.append(("part", meta, fn, est))
                 if progress:
                     progress(
                         f"[{elapsed():6.1f}s] {len(parts) + len(wholes)} measured, batch: "
@@ -677,7 +737,7 @@ def calibrate(
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "archir_version": archir.__version__,
         "platform": platform.platform(),
-        "exporter": "direct",
+        "graph": "exporters.graph (torch.export, dynamic axes, precision auto)",
         "wall_s": round(wall, 1),
         "prepare_s": round(prep_s, 1),
         "rounds": n_rounds,

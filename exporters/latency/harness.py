@@ -29,11 +29,10 @@ value the predictor is fitted on and the one searches optimise (``latency_ms(...
 the median, trimmed mean and CV stay in every record.
 
 Runtimes (:func:`measure_spec`): ``"ort"`` — onnxruntime ``CPUExecutionProvider`` on the
-exported model (by default a direct TorchScript ``torch.onnx.export`` traced at the measured
-``[batch, seq]`` — the same graphs the calibration measured, and ~20x faster to produce than
-the dynamo path; ``exporter="auto"`` or ``"exporters"`` measures the file
-``exporters.export_onnx`` writes, with dynamic axes), ``"torch"`` — torch eager under ``torch.no_grad``, ``"compile"`` —
-``torch.compile`` (inductor; raises :class:`RuntimeUnavailableError` where it does not work).
+graph ``archir export --precision auto`` ships (:func:`export_onnx_file`: the one export
+path, dynamic axes, the precision the spec's ``bits`` select), ``"torch"`` — torch eager
+under ``torch.no_grad``, ``"compile"`` — ``torch.compile`` (inductor; raises
+:class:`RuntimeUnavailableError` where it does not work).
 Threads are fixed for the duration: ``torch.set_num_threads`` / ORT ``intra_op_num_threads``
 and one inter-op thread.
 
@@ -49,7 +48,6 @@ import os
 import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -507,63 +505,38 @@ def default_seq(spec_model: Any, seq: int | None) -> int:
     return max(1, min(s, m.max_seq_len))
 
 
-def export_onnx_file(spec: Any, path: str | Path, model: Any = None, exporter: str = "auto") -> str:
-    """Write the ONNX file that onnxruntime measurements run. Returns the exporter used.
-
-    ``exporter``: ``"auto"`` (``exporters.export_onnx`` if importable, else direct),
-    ``"exporters"`` or ``"direct"`` (``torch.onnx.export`` TorchScript path, dynamic batch
-    and sequence axes, opset 17 — about 20x faster to export, used by calibration).
+def export_onnx_file(
+    spec: Any, path: str | Path, model: Any = None, precision: str = "auto"
+) -> str:
+    """Write the ONNX graph that onnxruntime measurements of a whole spec run: the graph
+    ``archir export --precision auto`` ships — the one export path
+    (:func:`exporters.graph.model_graph`: torch.export, dynamic ``batch`` and ``seq``,
+    constant weights folded), reduced to the precision the spec's per-block ``bits`` select
+    (or ``precision``) — without the parity check and metadata. Returns the exporter used.
 
     Raises:
-        RuntimeUnavailableError: the export fails.
+        RuntimeUnavailableError: the export or the quantizer fails.
     """
-    import torch
+    import onnx
 
-    if exporter in ("auto", "exporters"):
-        try:
-            from exporters import export_onnx  # type: ignore[attr-defined]
-        except ImportError:
-            if exporter == "exporters":
-                raise RuntimeUnavailableError(
-                    "exporters.export_onnx is not available", hint="use exporter='direct'"
-                ) from None
-        else:
-            try:
-                export_onnx(spec, str(path), model=model, check=False, force=True)
-                return "exporters"
-            except ArchirError:
-                raise
-            except Exception as exc:  # a bug or an unsupported op in that exporter
-                if exporter == "exporters":
-                    raise RuntimeUnavailableError(f"ONNX export failed: {exc}") from exc
     import archir
+    from exporters.graph import model_graph, ship_precision
+    from exporters.onnx_export import _example_input, block_bits
 
     mod = model if model is not None else archir.compile(spec)
+    was_training = mod.training
     mod.eval()
-    sm = spec.model
-    x = example_tokens(sm, 1, min(16, sm.model.max_seq_len))
-    image = sm.model.task == "image_classification"
-    axes = {"input": {0: "batch"}} if image else {"input": {0: "batch", 1: "seq"}}
-    axes["output"] = {0: "batch"}
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                mod,
-                (x,),
-                str(path),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["output"],
-                dynamic_axes=axes,
-                opset_version=17,
-            )
-    except Exception as exc:
+        ex = model_graph(spec.model, mod, _example_input(spec.model))
+        proto, _ = ship_precision(ex.proto, block_bits(mod), precision)
+    except ArchirError as exc:
         raise RuntimeUnavailableError(
-            f"ONNX export of '{spec.name}' failed: {type(exc).__name__}: {exc}",
-            hint="measure with --runtime torch",
+            f"ONNX export of '{spec.name}' failed: {exc}", hint="measure with --runtime torch"
         ) from exc
-    return "direct"
+    finally:
+        mod.train(was_training)
+    onnx.save(proto, str(path))
+    return ex.exporter
 
 
 def ort_session(path: str | Path, threads: int) -> Any:
@@ -583,7 +556,10 @@ class Runner:
     """A prepared model on one runtime, callable at several (batch, seq) shapes.
 
     Building it does the expensive part once (compile, export, session); :meth:`measure`
-    then times one input shape. Use as a context manager to remove the temporary ONNX file.
+    then times one input shape. On onnxruntime the graph is the shipped one
+    (:func:`export_onnx_file`: dynamic axes, so one session serves every shape, at the
+    precision the spec's ``bits`` select unless ``precision`` says otherwise). Use as a
+    context manager to remove the temporary ONNX file.
     """
 
     def __init__(
@@ -592,7 +568,7 @@ class Runner:
         runtime: str = "ort",
         *,
         threads: int = DEFAULT_THREADS,
-        exporter: str = "direct",
+        precision: str = "auto",
         model: Any = None,
     ) -> None:
         import archir
@@ -612,12 +588,13 @@ class Runner:
             self.model.eval()
             if runtime == "ort":
                 self._tmp = tempfile.TemporaryDirectory(prefix="archir-lat-")
-                self._exporter = exporter
-                self._sessions: dict[tuple[int, int], Any] = {}
-                if exporter != "direct":  # one file with dynamic axes, as exporters writes it
-                    path = Path(self._tmp.name) / "model.onnx"
-                    self.exporter_used = export_onnx_file(spec, path, self.model, exporter)
-                    self.session = ort_session(path, self.threads)
+                path = Path(self._tmp.name) / "model.onnx"
+                try:
+                    self.exporter_used = export_onnx_file(spec, path, self.model, precision)
+                except BaseException:
+                    self.close()
+                    raise
+                self.session = ort_session(path, self.threads)
             elif runtime == "compile":
                 import torch
 
@@ -625,29 +602,6 @@ class Runner:
                     self.fn = torch.compile(self.model)
                 except Exception as exc:  # pragma: no cover - depends on the toolchain
                     raise RuntimeUnavailableError(f"torch.compile failed: {exc}") from exc
-
-    def _session_for(self, batch: int, seq: int, x: Any) -> Any:
-        """The onnxruntime session for one input shape. The direct export is traced at that
-        exact shape: some mixers (chunked scans, length-T convolution kernels) trace to a
-        graph that only holds for the traced length."""
-        if self._exporter != "direct":
-            return self.session
-        key = (batch, seq)
-        if key not in self._sessions:
-            from exporters.latency.parts import export_static
-
-            assert self._tmp is not None
-            path = Path(self._tmp.name) / f"model-b{batch}-t{seq}.onnx"
-            try:
-                used = export_static(self.model, x, path)
-            except RuntimeUnavailableError as exc:
-                raise RuntimeUnavailableError(
-                    f"ONNX export of '{self.spec.name}' failed: {exc}",
-                    hint="measure with --runtime torch",
-                ) from exc
-            self.exporter_used = f"direct-{used}"
-            self._sessions[key] = ort_session(path, self.threads)
-        return self._sessions[key]
 
     close = _close_tmp
 
@@ -663,7 +617,7 @@ class Runner:
 
         x = example_tokens(self._sm, batch, seq)
         if self.runtime == "ort":
-            sess = self._session_for(batch, seq, x)
+            sess = self.session
             feed = {sess.get_inputs()[0].name: x.numpy()}
             return lambda: sess.run(None, feed)
         fn = self.fn if self.runtime == "compile" else self.model
@@ -707,7 +661,7 @@ def measure_spec(
     batch: int = 1,
     seq: int | None = None,
     threads: int = DEFAULT_THREADS,
-    exporter: str = "direct",
+    precision: str = "auto",
     **kw: Any,
 ) -> Measurement:
     """Measured latency of one forward pass of a concrete spec on ``runtime``.
@@ -718,11 +672,14 @@ def measure_spec(
         batch, seq: input shape ``[batch, seq]`` (seq defaults to ``train.seq_len``, capped
             at ``max_seq_len``).
         threads: intra-op threads.
+        precision: onnxruntime graph precision: ``auto`` (what the spec's per-block
+            ``bits`` ship as, :mod:`exporters.quantize`) or ``fp32``/``fp16``/``int8``/
+            ``int4``.
         kw: :func:`measure` options (``budget_s``, ``cv_threshold`` ...).
 
     Raises:
         LatencyError: unknown runtime; RuntimeUnavailableError: export/compile failure.
     """
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    with Runner(spec, runtime, threads=threads, exporter=exporter) as r:
+    with Runner(spec, runtime, threads=threads, precision=precision) as r:
         return r.measure(batch, seq, **kw)

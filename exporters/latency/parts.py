@@ -3,21 +3,19 @@
 A spec's onnxruntime latency is, to a good approximation, the sum of the latencies of its
 parts run one after another: every residual block (its norm, mixer and residual add) and the
 fixed parts (token embedding, final norm and LM head). Measuring parts instead of whole specs
-makes calibration cheap — a block graph exports in tens of milliseconds, and one block
-configuration measured once is reused by every spec that contains it — and lets the
-predictor (:mod:`.predictor`) fit a model per kind on clean, single-kind samples.
+makes calibration cheap — one block configuration measured once is reused by every spec that
+contains it — and lets the predictor (:mod:`.predictor`) fit a model per kind and precision
+on clean, single-kind samples.
 
-Every graph is exported **at the shape it is measured at** (static ``[batch, seq]``): some
-mixers (chunked scans, length-T convolution kernels) trace to a graph that only holds for the
-traced length, so a graph traced at one length and run at another measures the wrong thing.
+Every part graph comes from the one export path (:func:`exporters.graph.part_graph`): the
+exporter, dynamic length, clean-up and quantizer of the file ``archir export`` ships, at the
+precision the part's ``bits`` select (``auto``: 16+ fp32, 8 int8, 4 and below int4), so a
+part is timed with the kernels it ships with.
 """
 
 from __future__ import annotations
 
-import tempfile
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,179 +41,76 @@ def fixed_module(model: Any) -> Any:
     return Fixed()
 
 
-@contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptors 1 and 2 (the TorchScript exporter prints whole graphs on
-    failure, the dynamo exporter its progress)."""
-    import os
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, old in zip((1, 2), saved):
-            os.dup2(old, fd)
-            os.close(old)
-
-
-def _export_torchscript(module: Any, example: Any, path: str | Path) -> None:
-    import torch
-
-    with warnings.catch_warnings(), torch.no_grad(), _quiet_stderr():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=["input"],
-            output_names=["output"],
-        )
-
-
-def export_chain(model: Any, tokens: Any, path: str | Path) -> None:
-    """Export a chain-shaped compiled model part by part (TorchScript, static shapes) and
-    join the graphs with ``onnx.compose`` into one model: embedding -> every block -> final
-    norm and head. The graph onnxruntime runs is the whole model's, built from the same
-    TorchScript kernels the parts were calibrated with — for specs whose one-piece
-    TorchScript export fails (a Hyena block after a block whose output shape ONNX shape
-    inference loses).
-
-    Raises:
-        ValueError: the model is not a chain (merges, multiple inputs).
-    """
-    import onnx
-    import torch
-    from torch import nn
-
-    if not getattr(model, "_chain", False):
-        raise ValueError("not a chain model")
-
-    class Head(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.final_norm, self.head = model.final_norm, model.head
-
-        def forward(self, x: Any) -> Any:
-            return self.head(self.final_norm(x))
-
-    mods = node_modules(model)
-    order = [n.name for n in model.graph if n.op == "block"]
-    stages: list[tuple[Any, Any]] = [(model.embed, tokens)]
-    with torch.no_grad():
-        h = model.embed(tokens)
-        for name in order:
-            stages.append((mods[name], h))
-            h = mods[name](h)
-    stages.append((Head(), h))
-    acc: Any = None
-    grads = [(q, q.requires_grad) for q in model.parameters()]
-    for q, _ in grads:  # a tied head reads the embedding's weight as a traced constant
-        q.requires_grad_(False)
-    with tempfile.TemporaryDirectory(prefix="archir-chain-") as tmp:
-        try:
-            acc = _join(stages, tmp)
-        finally:
-            for q, g in grads:
-                q.requires_grad_(g)
-    onnx.save(acc, str(path))
-
-
-def _join(stages: list[tuple[Any, Any]], tmp: str) -> Any:
-    import onnx
-    from onnx import compose
-
-    acc: Any = None
-    for i, (mod, x) in enumerate(stages):
-        f = Path(tmp) / f"s{i}.onnx"
-        _export_torchscript(mod, x, f)
-        m = compose.add_prefix(onnx.load(str(f)), prefix=f"s{i}_")
-        if acc is None:
-            acc = m
-        else:
-            out = acc.graph.output[0].name
-            acc = compose.merge_models(acc, m, io_map=[(out, f"s{i}_input")])
-    return acc
-
-
-def export_static(module: Any, example: Any, path: str | Path) -> str:
-    """Export ``module`` at the example's exact shape; returns the exporter used.
-
-    The TorchScript path (opset 17, fast) first; where it fails (e.g. a Hyena block after a
-    block whose output shape ONNX shape inference loses) and the module is a chain-shaped
-    compiled model, :func:`export_chain` (the same TorchScript kernels, joined); else
-    ``torch.export`` (dynamo, opset 18, seconds slower, other kernels).
-
-    Raises:
-        RuntimeUnavailableError: every export fails.
-    """
-    import torch
-
-    try:
-        _export_torchscript(module, example, path)
-        return "torchscript"
-    except Exception as exc:
-        first = exc
-    if getattr(module, "_chain", False):
-        try:
-            export_chain(module, example, path)
-            return "torchscript-chain"
-        except Exception:
-            pass
-    try:
-        with warnings.catch_warnings(), torch.no_grad(), _quiet_stderr():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                (example,),
-                str(path),
-                dynamo=True,
-                opset_version=18,
-                optimize=True,
-                input_names=["input"],
-                output_names=["output"],
-            )
-        return "dynamo"
-    except Exception as exc:
-        raise RuntimeUnavailableError(
-            f"ONNX export failed: {type(first).__name__}: {str(first)[:160]}; "
-            f"dynamo: {type(exc).__name__}: {str(exc)[:160]}"
-        ) from exc
-
-
-def module_callable(
-    module: Any, example: Any, runtime: str, threads: int, tmpdir: str | Path
-) -> Callable[[], Any]:
-    """A no-argument callable running ``module`` on ``example``: onnxruntime — its graph
-    exported at the example's static shape into ``tmpdir``, in a session with ``threads``
-    intra-op threads; torch — eager under ``no_grad``.
+def module_callables(
+    module: Any,
+    examples: list[Any],
+    runtime: str,
+    threads: int,
+    tmpdir: str | Path,
+    *,
+    bits: float = 16.0,
+    max_seq: int | None = None,
+) -> list[Callable[[], Any]]:
+    """No-argument callables running ``module`` on each of ``examples`` (the same module at
+    several lengths): onnxruntime — one graph made by the one export path
+    (:func:`exporters.graph.part_graph`: the shipped file's exporter, dynamic length, the
+    precision ``bits`` select) saved into ``tmpdir``, one session with ``threads`` intra-op
+    threads serving every example; torch — eager under ``no_grad``. The first example is
+    the export's (its size-1 axes stay static).
 
     Raises:
         RuntimeUnavailableError: the export fails.
     """
     if runtime == "ort":
+        import onnx
+
+        from archir.errors import ExportError
+        from exporters.graph import part_graph
+
         path = Path(tmpdir) / f"m{len(list(Path(tmpdir).iterdir()))}.onnx"
         with torch_threads(threads):
-            export_static(module, example, path)
+            try:
+                ex, _ = part_graph(module, examples[0], bits=bits, max_seq=max_seq)
+            except ExportError as exc:
+                raise RuntimeUnavailableError(f"ONNX export failed: {exc}") from exc
+        onnx.save(ex.proto, str(path))
         sess = ort_session(path, threads)
-        feed = {sess.get_inputs()[0].name: example.numpy()}
-        return lambda: sess.run(None, feed)
+        name = sess.get_inputs()[0].name
+
+        def ort_run(feed: dict[str, Any]) -> Callable[[], Any]:
+            return lambda: sess.run(None, feed)
+
+        return [ort_run({name: x.numpy()}) for x in examples]
     import torch
 
-    def run() -> Any:
-        with torch.no_grad():
-            return module(example)
+    def eager(x: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.no_grad():
+                return module(x)
 
-    return run
+        return run
+
+    return [eager(x) for x in examples]
+
+
+def module_callable(
+    module: Any,
+    example: Any,
+    runtime: str,
+    threads: int,
+    tmpdir: str | Path,
+    *,
+    bits: float = 16.0,
+    max_seq: int | None = None,
+) -> Callable[[], Any]:
+    """:func:`module_callables` for one example.
+
+    Raises:
+        RuntimeUnavailableError: the export fails.
+    """
+    return module_callables(
+        module, [example], runtime, threads, tmpdir, bits=bits, max_seq=max_seq
+    )[0]
 
 
 def node_modules(model: Any) -> dict[str, Any]:
@@ -240,6 +135,19 @@ def part_example(d_model: int, batch: int, seq: int) -> Any:
 
     g = torch.Generator().manual_seed(0)
     return torch.randn(batch, seq, d_model, generator=g)
+
+
+def part_bits(model: Any, part: Any) -> float:
+    """The weight bits that decide a part's precision: its IR node's (a shared node: its
+    owner's); the fixed part: the lowest of the embedding's and head's."""
+    graph = model.graph
+    if part.kind == "fixed":
+        fixed = [n.bits for n in graph if n.op in ("embed", "head") and n.weights_of is None]
+        return float(min(fixed, default=16.0))
+    node = graph[part.name]
+    if node.weights_of is not None:
+        node = graph[node.weights_of]
+    return float(node.bits)
 
 
 def part_module_and_input(model: Any, part: Any) -> tuple[Any, Any]:

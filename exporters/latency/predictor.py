@@ -75,7 +75,7 @@ KNOBS: tuple[str, ...] = (
     "kernel_size",
     "d_ff",
 )
-FEATURE_VERSION = 2
+FEATURE_VERSION = 3  # 3: parts carry the precision their bits ship at
 FIXED = "fixed"
 MIN_COMP_SPECS = 20
 
@@ -92,7 +92,10 @@ class PartFeatures:
         d_model, batch, seq: the shape.
         knobs: the numeric values of :data:`KNOBS` (0 where the kind has none).
         signature: what decides this part's latency (kind, parameters, width, norm,
-            residual, shape) — equal signatures are measured once.
+            residual, shape, precision) — equal signatures are measured once.
+        precision: what the part ships as — ``fp32``, ``int8`` or ``int4`` from its
+            ``bits`` (:func:`part_precision`); the predictor models each (kind, precision)
+            apart (:attr:`model_kind`).
     """
 
     name: str
@@ -104,6 +107,25 @@ class PartFeatures:
     seq: int
     knobs: tuple[float, ...]
     signature: str
+    precision: str = "fp32"
+
+    @property
+    def model_kind(self) -> str:
+        """``kind`` at fp32, ``kind@precision`` otherwise (``swiglu@int8``)."""
+        return self.kind if self.precision == "fp32" else f"{self.kind}@{self.precision}"
+
+
+#: bits of a precision label (a numeric feature of the part correction)
+PRECISION_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.0, "int4": 4.0}
+
+
+def part_precision(bits: float, has_weights: bool) -> str:
+    """The precision a part with weight ``bits`` ships as under ``--precision auto``
+    (:func:`exporters.quantize.plan_precision`): 16+ fp32, 8-15 int8, below 8 int4; a part
+    without weights stays fp32."""
+    if not has_weights or bits >= 16:
+        return "fp32"
+    return "int8" if bits >= 8 else "int4"
 
 
 @dataclass
@@ -133,11 +155,14 @@ def _knobs(params: Any) -> tuple[float, ...]:
     return tuple(out)
 
 
-def _signature(kind: str, params: Any, d: int, norm: Any, residual: Any, b: int, s: int) -> str:
+def _signature(
+    kind: str, params: Any, d: int, norm: Any, residual: Any, b: int, s: int, prec: str = "fp32"
+) -> str:
     import json
 
     p = params.model_dump() if hasattr(params, "model_dump") else params
-    return json.dumps([kind, p, d, norm, residual, b, s], sort_keys=True, default=str)
+    key = [kind, p, d, norm, residual, b, s] + ([prec] if prec != "fp32" else [])
+    return json.dumps(key, sort_keys=True, default=str)
 
 
 def graph_features(spec_or_graph: Any, batch: int, seq: int) -> GraphFeatures:
@@ -157,6 +182,7 @@ def graph_features(spec_or_graph: Any, batch: int, seq: int) -> GraphFeatures:
     params = 0
     bits_w = 0.0
     depth = 0
+    fixed_bits: list[float] = []
     for node in graph:
         cL = node_cost(node, seq)
         c1 = node_cost(node, 1)
@@ -170,10 +196,15 @@ def graph_features(spec_or_graph: Any, batch: int, seq: int) -> GraphFeatures:
         flops += cL.flops_per_token * tokens
         params += cL.params
         bits_w += cL.params * cL.bits
+        owner = graph[node.weights_of] if node.weights_of is not None else node
         if node.op == "block":
             if cL.role == "token_mixer":
                 depth += 1
             kind = node.kind or ""
+            prec = part_precision(float(owner.bits), full_params > 0)
+            sig = _signature(
+                kind, node.params, m.d_model, node.norm, node.residual, batch, seq, prec
+            )
             parts.append(
                 PartFeatures(
                     node.name,
@@ -184,13 +215,17 @@ def graph_features(spec_or_graph: Any, batch: int, seq: int) -> GraphFeatures:
                     batch,
                     seq,
                     _knobs(node.params),
-                    _signature(kind, node.params, m.d_model, node.norm, node.residual, batch, seq),
+                    sig,
+                    prec,
                 )
             )
         else:
             fixed += np.asarray(x)
             fixed_sig.append(f"{node.op}:{node.kind or node.merge}")
+            if node.op in ("embed", "head") and node.weights_of is None and full_params > 0:
+                fixed_bits.append(float(node.bits))
     fixed[4] = 1.0
+    fixed_prec = part_precision(min(fixed_bits, default=16.0), bool(fixed_bits))
     vocab = int(getattr(m, "vocab_size", 0) or 0)
     parts.append(
         PartFeatures(
@@ -203,8 +238,16 @@ def graph_features(spec_or_graph: Any, batch: int, seq: int) -> GraphFeatures:
             seq,
             (0.0,) * len(KNOBS),
             _signature(
-                FIXED, {"parts": fixed_sig, "vocab": vocab}, m.d_model, m.norm, None, batch, seq
+                FIXED,
+                {"parts": fixed_sig, "vocab": vocab},
+                m.d_model,
+                m.norm,
+                None,
+                batch,
+                seq,
+                fixed_prec,
             ),
+            fixed_prec,
         )
     )
     return GraphFeatures(
@@ -286,11 +329,11 @@ class LatencyPredictor:
 
     # ---- stage 1 -------------------------------------------------------------------
     def _fit_linear(self, parts: Sequence[PartFeatures], y: np.ndarray) -> None:
-        self.kinds = sorted({p.kind for p in parts})
-        self.kind_role = {p.kind: p.role for p in parts}
+        self.kinds = sorted({p.model_kind for p in parts})
+        self.kind_role = {p.model_kind: p.role for p in parts}
         self.coef = {}
         for k in self.kinds:
-            idx = [i for i, p in enumerate(parts) if p.kind == k]
+            idx = [i for i, p in enumerate(parts) if p.model_kind == k]
             A = np.asarray([parts[i].x for i in idx], dtype=float)
             yk = y[idx]
             scale = np.maximum(np.abs(A).max(axis=0), 1e-12)
@@ -298,21 +341,29 @@ class LatencyPredictor:
             self.coef[k] = _nnls(Aw, np.ones(len(idx))) / scale
 
     def _coef_for(self, kind: str, role: str) -> tuple[np.ndarray, bool]:
+        """Coefficients of ``kind`` (a :attr:`PartFeatures.model_kind`); one never
+        calibrated borrows its fp32 kind's (``swiglu@int4`` -> ``swiglu``) or its role's
+        mean, and counts as extrapolated."""
         if kind in self.coef:
             return self.coef[kind], False
+        base = kind.split("@", 1)[0]
+        if base in self.coef:
+            return self.coef[base], True
         same = [self.coef[k] for k in self.kinds if self.kind_role.get(k) == role]
         pool = same or [self.coef[k] for k in self.kinds if k != FIXED] or list(self.coef.values())
         return (np.mean(pool, axis=0) if pool else np.zeros(len(FEATURES))), True
 
     def _linear(self, p: PartFeatures) -> tuple[float, bool]:
-        c, ex = self._coef_for(p.kind, p.role)
+        c, ex = self._coef_for(p.model_kind, p.role)
         return max(float(np.dot(c, p.x)), 1e-6), ex
 
     # ---- stage 2 -------------------------------------------------------------------
     def _pfeat(self, p: PartFeatures, lin_ms: float) -> list[float]:
-        kind_id = float(self.kinds.index(p.kind)) if p.kind in self.kinds else -1.0
+        mk = p.model_kind
+        kind_id = float(self.kinds.index(mk)) if mk in self.kinds else -1.0
         return [
             kind_id,
+            PRECISION_BITS.get(p.precision, 32.0),
             math.log(p.d_model),
             math.log(p.seq),
             math.log(p.batch),
@@ -368,8 +419,8 @@ class LatencyPredictor:
         act_mb = 4.0 * sum(p.x[2] for p in g.parts)
         share = {k: 0.0 for k in self.kinds}
         for p, v in zip(g.parts, per):
-            if p.kind in share:
-                share[p.kind] += v / sop
+            if p.model_kind in share:
+                share[p.model_kind] += v / sop
         return [
             math.log(g.seq),
             math.log(g.d_model),
