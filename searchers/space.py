@@ -71,12 +71,20 @@ def spec_hash(spec: Spec) -> str:
     """Hash of what a trial trains: the architecture's canonical hash
     (:func:`archir.hashing.canonical_hash` — identical graphs written differently hash the
     same) combined with a hash of the validated ``train:`` section. Two trials with the same
-    hash build and train the same model, so the later one reuses the earlier one's result."""
+    hash build and train the same model, so the later one reuses the earlier one's result.
+    A MAD task's hash also holds its data version (:data:`archir.tasks.mad.DATA_VERSION`)."""
     from archir.hashing import canonical_hash
 
     train = spec.model.train.model_dump(mode="json")
     if train.get("init") is None:  # absent when unset: hashes of earlier studies stay
         train.pop("init", None)
+    if str(train.get("task", "")).startswith("mad:"):
+        # MAD's data and metric changed to the reference's (archir.tasks.mad.DATA_VERSION
+        # 2): a study's version-1 results are not this version's (absent for other tasks,
+        # whose hashes stay)
+        from archir.tasks.mad import DATA_VERSION
+
+        train["mad_data_version"] = DATA_VERSION
     t = hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()
     both = f"{canonical_hash(spec)}:{t}"
     return hashlib.sha256(both.encode()).hexdigest()[:16]

@@ -241,6 +241,26 @@ def test_spec_hash_is_canonical_and_covers_training():
     assert spec_hash(spec_from_dict(wider)) != spec_hash(a)
 
 
+def test_spec_hash_of_a_mad_task_holds_its_data_version(monkeypatch):
+    """A resumed MAD study does not reuse results scored with another data version."""
+    import copy
+
+    import archir.tasks.mad as mad
+    from archir.spec import spec_from_dict
+    from searchers.space import spec_hash
+
+    base = copy.deepcopy(load_spec(ROOT / "specs" / "zoo" / "transformer.yaml").data)
+    base["train"] = {**base["train"], "task": "mad:in_context_recall"}
+    spec = spec_from_dict(base)
+    now = spec_hash(spec)
+    monkeypatch.setattr(mad, "DATA_VERSION", mad.DATA_VERSION - 1)
+    assert spec_hash(spec) != now
+    text = spec_from_dict({**base, "train": {**base["train"], "task": "text:pydoc"}})
+    h = spec_hash(text)
+    monkeypatch.setattr(mad, "DATA_VERSION", mad.DATA_VERSION + 1)
+    assert spec_hash(text) == h  # other tasks' hashes do not move
+
+
 def test_a_trial_record_is_one_user_attribute_write(tmp_path, monkeypatch):
     """What archir records about a trial is one user attribute (one storage write: RDB
     storages cannot group writes), read back through ``trial_attrs``; the journal still
