@@ -35,8 +35,8 @@ State = tuple[torch.Tensor, ...]
 #   log-decay G_t = Σ_{s≤t} Δ_s·A is cumulated and centered on half the chunk total, and the
 #   state is exp(G_t)·Σ_{s≤t} exp(−G_s)·u_s, both factors bounded by
 #   exp(CHUNK·FAST_LOG_DECAY/2) = e^64 (fp32-safe); cumulative sums are matmuls;
-# * stable (any Δ·A, e.g. −50 after training; and always under export, where the data cannot
-#   choose): sub-chunks of STABLE_STEPS steps; their end states from zero as
+# * stable (any Δ·A, e.g. −50 after training; and always under torch.compile, where the data
+#   cannot choose; export runs the same recurrence as _scan_export, below): sub-chunks of STABLE_STEPS steps; their end states from zero as
 #   Σ exp(suffix sum of Δ·A)·u, carried through the chunk and between chunks (every exponent
 #   a sum of Δ·A ≤ 0), then the recurrence h = exp(Δ·A)·h + u from each sub-chunk's entering
 #   state over its STABLE_STEPS steps, every sub-chunk at once (a fixed count of steps, not a
