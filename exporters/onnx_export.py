@@ -395,6 +395,8 @@ def _set_metadata(
         "archir.task": spec_model.model.task,
         "archir.exporter": f"torch.onnx {exporter} (torch {torch.__version__})",
     }
+    if spec_model.model.task != "image_classification":
+        meta[par.MAX_SEQ_LEN_KEY] = str(spec_model.model.max_seq_len)
     keep = [p for p in proto.metadata_props if not p.key.startswith(META_PREFIX)]
     del proto.metadata_props[:]
     for p in keep:

@@ -116,10 +116,12 @@ def max_seq_len_of(meta: Mapping[str, str]) -> int | None:
 def _session_limit(session: Any) -> tuple[str, int | None, str]:
     """``(input name, max_seq_len or None, model name)`` of a session whose first input has
     a symbolic ``seq`` axis (dimension 1); ``None`` limit for any other graph (images, the
-    one-token decode graph)."""
+    one-token decode graph, or an object that only looks like a session, such as
+    :class:`exporters.decode.OrtDecodeLoop`, which has no model metadata)."""
     inp = session.get_inputs()[0]
     shape = list(getattr(inp, "shape", []) or [])
-    meta = dict(session.get_modelmeta().custom_metadata_map)
+    modelmeta = getattr(session, "get_modelmeta", None)
+    meta = dict(modelmeta().custom_metadata_map) if modelmeta is not None else {}
     name = meta.get("archir.spec_name", "the model")
     if len(shape) < 2 or shape[1] != "seq":
         return inp.name, None, name

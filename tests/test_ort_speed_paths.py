@@ -132,7 +132,8 @@ def test_onnxruntime_paths_name_max_seq_len(pos: str, tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     export_onnx(spec, path, model=model, task="random")
     sess = make_session(str(path))
-    assert max_seq_len_of(sess.get_modelmeta().custom_metadata_map) == 24
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert max_seq_len_of(meta) == 24 and meta["archir.max_seq_len"] == "24"
     ok = torch.randint(0, 32, (2, 24))
     assert run_session(sess, ok)[0].shape == (2, 24, 32)
     assert compare(sess, model, [ok]).passed
@@ -147,6 +148,13 @@ def test_onnxruntime_paths_name_max_seq_len(pos: str, tmp_path: Path) -> None:
         msg = str(info.value)
         assert "input 'tokens' has 30 positions" in msg and "max_seq_len 24" in msg, msg
         assert "tiny-" in msg and "hint:" in msg
+    from exporters.latency.harness import Runner
+
+    with (
+        Runner(spec, "torch", model=model) as r,
+        pytest.raises(ExportError, match="max_seq_len 24"),
+    ):
+        r.call_for(1, 30)  # the latency harness names the limit too
 
 
 def test_max_seq_len_metadata_key_wins_over_the_description() -> None:

@@ -616,6 +616,10 @@ class Runner:
         import torch
 
         x = example_tokens(self._sm, batch, seq)
+        if self._sm.model.task != "image_classification":
+            from exporters.parity import check_seq_len
+
+            check_seq_len(seq, self._sm.model.max_seq_len, "tokens", self.spec.name)
         if self.runtime == "ort":
             sess = self.session
             feed = {sess.get_inputs()[0].name: x.numpy()}
