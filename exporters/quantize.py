@@ -6,16 +6,18 @@ Precisions (``--precision``):
 * ``fp16`` — every float tensor and op in float16 (``onnxruntime.transformers.float16``),
   inputs and outputs kept float32; runs on onnxruntime's CPU provider.
 * ``int8`` — dynamic quantization (``onnxruntime.quantization.quantize_dynamic``): weights of
-  every MatMul/Gemm with a constant weight (and the token-embedding Gather) stored as int8
-  with one scale per output channel, activations quantized on the fly (per-tensor,
-  unsigned). Per-channel weight scales ran faster than one scale per tensor on this
-  project's AVX2 CPU (1.8-2.0x fp32 instead of 1.4-1.5x on d_model 256-512 transformers at
-  batch 1; ``benchmarks/precision.py``) and are more accurate.
+  every MatMul/Gemm with a constant weight (and the token-embedding Gather) stored as int8,
+  activations quantized on the fly (per-tensor, unsigned). One scale per weight tensor:
+  per-channel scales ran 0-9 % slower on this project's AVX2 CPU with no measurable
+  quality gain on a trained model (``benchmarks/precision.py``).
 * ``int8-static`` — QDQ static quantization (``quantize_static``) of the weight MatMuls/Convs,
   activation ranges calibrated (MinMax) on task batches (random inputs without a task).
 * ``int4`` — weight-only 4-bit blockwise quantization to ``MatMulNBits`` (and
   ``GatherBlockQuantized`` for the embedding) with ``onnxruntime.quantization.
-  matmul_nbits_quantizer`` (RTN, symmetric, block 32).
+  matmul_nbits_quantizer`` (RTN, symmetric, block 32, ``accuracy_level`` 4: activations
+  quantized to int8 per block for the product — on this AVX2 CPU 3.4x faster than the
+  float-compute kernel for one token at a time and 1.5x for 16, the same for whole
+  prompts, ``benchmarks/precision.py``).
 * ``auto`` — the IR's per-block ``bits`` decide: ``bits >= 16`` stays float32; ``bits == 8``
   gets int8 (dynamic); ``bits <= 4`` gets int4 weight-only (2, 1.58 and 1 bits have no
   onnxruntime kernel and are stored at 4 bits — the report says so).
@@ -40,6 +42,8 @@ from archir.errors import ExportError
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int4", "auto")
 BLOCK_KEY = "archir.block"
 INT4_BLOCK = 32
+#: MatMulNBits ``accuracy_level``: 4 = int8 compute (the fast kernels on x86 CPUs)
+INT4_ACCURACY_LEVEL = 4
 
 
 def node_block(node: onnx.NodeProto) -> str | None:
@@ -136,6 +140,7 @@ def to_int4(model: onnx.ModelProto, nodes: list[str], gather_nodes: list[str]) -
         op_types_to_quantize=ops,
         quant_axes=(("MatMul", 0), ("Gather", 1)),
         bits=4,
+        accuracy_level=INT4_ACCURACY_LEVEL,
     )
     chosen = set(nodes) | set(gather_nodes)
     # nodes_to_include does not restrict the quantizer in every version: exclude the rest
@@ -150,6 +155,7 @@ def to_int4(model: onnx.ModelProto, nodes: list[str], gather_nodes: list[str]) -
         nodes_to_include=sorted(chosen),
         op_types_to_quantize=ops,
         algo_config=cfg,
+        accuracy_level=INT4_ACCURACY_LEVEL,
     )
     q.process()
     return q.model.model
@@ -166,7 +172,7 @@ def to_int8_dynamic(model: onnx.ModelProto, nodes: list[str], tmp: Path) -> onnx
         op_types_to_quantize=["MatMul", "Gemm", "Gather"],
         nodes_to_quantize=nodes,
         weight_type=QuantType.QInt8,
-        per_channel=True,
+        per_channel=False,
         extra_options={"MatMulConstBOnly": True},
     )
     return onnx.load(str(dst))
