@@ -208,6 +208,7 @@ def test_evolution_resumes_after_kill9(tmp_path):
     _check_children(run)
 
 
+@pytest.mark.slow  # ~33 s; inheritance itself is covered by tests/test_evolution.py
 def test_inherited_children_on_a_ladder(tmp_path):
     spec = seed_spec(
         tmp_path,

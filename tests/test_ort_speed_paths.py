@@ -56,6 +56,7 @@ def test_mamba_export_scan_is_exact_for_any_decay(
             assert float((a - b).abs().max()) <= 10 * tol * float(b.abs().max()), T
 
 
+@pytest.mark.slow  # ~27 s; test_blocks_recurrent's strong-decay export parity stays default
 def test_mamba_with_strong_decays_matches_in_onnxruntime() -> None:
     """A Mamba block whose Δ·A reaches about −60 and beyond, exported with torch.export
     (dynamic batch and sequence): onnxruntime matches PyTorch at lengths other than the
