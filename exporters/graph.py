@@ -275,6 +275,8 @@ def export_graph(
         ExportError: every exporter failed (each one's reason in the message), or a dynamic
             axis was specialized to the example's size.
     """
+    if exporter not in ("auto", "dynamo", "legacy"):
+        raise ExportError(f"unknown exporter '{exporter}'", hint="dynamo, legacy or auto")
     _memoize_torchlib()
     from exporters.onnx_export import fold_constant_weights
 
@@ -310,7 +312,7 @@ def export_graph(
                     )
                     assert prog is not None
                     proto = prog.model_proto
-                elif which == "legacy":
+                else:
                     f = io.BytesIO()
                     torch.onnx.export(
                         module,
@@ -324,8 +326,6 @@ def export_graph(
                         | _legacy_axes(output_names, list(output_axes)),
                     )
                     proto = onnx.load_from_string(f.getvalue())
-                else:
-                    raise ExportError(f"unknown exporter '{which}'", hint="dynamo, legacy or auto")
             fixed = _fix_dim_names(proto.graph.input, in_axes)
             _fix_dim_names(proto.graph.output, list(output_axes))
             if fixed:
@@ -341,8 +341,6 @@ def export_graph(
                 fold_constant_weights(proto)
             return Exported(proto, which, errors)
         except Exception as exc:  # noqa: BLE001 - exporter internals
-            if isinstance(exc, ExportError) and "unknown exporter" in str(exc):
-                raise
             errors.append(f"{which}: {failure_reason(exc)}")
     raise ExportError(
         "torch.onnx.export failed: " + " | ".join(errors),

@@ -18,13 +18,7 @@ from archir.errors import ExportError
 pytest.importorskip("onnxruntime")
 
 
-def _naive_scan(dt, A, ux, Bm, Cm):  # type: ignore[no-untyped-def]
-    h = torch.zeros(dt.shape[0], dt.shape[2], A.shape[1], dtype=dt.dtype)
-    ys = []
-    for t in range(dt.shape[1]):
-        h = torch.exp(dt[:, t, :, None] * A) * h + ux[:, t, :, None] * Bm[:, t, None, :]
-        ys.append((h * Cm[:, t, None, :]).sum(-1))
-    return torch.stack(ys, 1)
+from tests.test_blocks_recurrent import _naive_scan  # the step-by-step reference
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -38,7 +32,7 @@ def test_mamba_export_scan_is_exact_for_any_decay(
     from archir.blocks import ssm
 
     monkeypatch.setattr(ssm, "tracing", lambda **_: True)  # eager, on the export path
-    assert ssm._exporting()
+    assert ssm.tracing(compiling=False)
     g = torch.Generator().manual_seed(5)
     di, N = 8, 4
     A = -torch.exp(torch.rand(di, N, generator=g, dtype=dtype) * 3)

@@ -63,19 +63,6 @@ from archir.registry import MAX_HIDDEN, BlockKind, BuildContext, KindParams, reg
 SPARSE_EXPORT_MAX = 64
 
 
-def _exporting() -> bool:
-    """Graph capture for export (ONNX, ``torch.export``, TorchScript tracing), not
-    ``torch.compile``."""
-    if not tracing():
-        return False
-    return (
-        not torch.compiler.is_compiling()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_exporting()
-        or torch.jit.is_tracing()
-    )
-
-
 class MoEParams(KindParams):
     """Parameters of ``moe``.
 
@@ -183,7 +170,7 @@ class MoE(nn.Module):
         return torch.einsum("ne,end->nd", combine, y)
 
     def _sparse(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
-        exporting = _exporting()
+        exporting = tracing(compiling=False)
         out = torch.zeros_like(x)
         for e in range(self.E):
             idx = torch.nonzero(combine[:, e] > 0).squeeze(-1)  # this expert's tokens
@@ -210,7 +197,7 @@ class MoE(nn.Module):
         if mode == "auto":
             # eager and export (up to SPARSE_EXPORT_MAX experts): sparse; torch.compile
             # (data-dependent shapes break its graph) and very many experts: dense
-            sparse = not tracing() or (_exporting() and self.E <= SPARSE_EXPORT_MAX)
+            sparse = not tracing() or (tracing(compiling=False) and self.E <= SPARSE_EXPORT_MAX)
             mode = "sparse" if sparse else "dense"
         y = self._dense(flat, combine) if mode == "dense" else self._sparse(flat, combine)
         return y.reshape(B, T, d)

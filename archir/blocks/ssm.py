@@ -119,19 +119,6 @@ def _give(*ts: torch.Tensor) -> None:
     _POOL.bufs = bufs
 
 
-def _exporting() -> bool:
-    """Graph capture for export (ONNX, ``torch.export``, TorchScript tracing), not
-    ``torch.compile`` (which keeps the stable form and ``F.softplus``)."""
-    if not tracing():
-        return False
-    return (
-        not torch.compiler.is_compiling()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_exporting()
-        or torch.jit.is_tracing()
-    )
-
-
 def _needs_stable(dt: torch.Tensor, A: torch.Tensor) -> bool:
     """Whether some ``Δ·A`` (``dt [..., di]``, ``A [di, N]``) is below ``−FAST_LOG_DECAY``
     (then only the stable form is exact in fp32)."""
@@ -433,7 +420,7 @@ def selective_scan(
     torch.export follow, with symbolic padding (a dynamic sequence axis stays dynamic).
     """
     Bsz, T, di = dt.shape
-    if _exporting():  # ONNX / torch.export: the onnxruntime-shaped exact form
+    if tracing(compiling=False):  # ONNX / torch.export: the onnxruntime-shaped exact form
         # padded to ne·EXPORT_CHUNK steps, written so that a symbolic T gives a padded
         # length that is a multiple by algebra (a dynamic sequence axis stays dynamic)
         ne = (T + EXPORT_CHUNK - 1) // EXPORT_CHUNK
@@ -488,7 +475,7 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     """``softplus(x) = log(1 + exp(x))``; while exporting written ``relu(x) + log1p(exp(−|x|))``
     (the same value to an ulp): onnxruntime's ``Softplus`` kernel is scalar, ~10x slower
     than these vectorized ops (3 ms of a 25 ms layer at T 512)."""
-    if _exporting():
+    if tracing(compiling=False):
         return F.relu(x) + torch.log1p(torch.exp(-x.abs()))
     return F.softplus(x)
 
