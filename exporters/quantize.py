@@ -224,6 +224,7 @@ def quantize(
         ExportError: unknown precision, or a quantizer failed.
     """
     plan = plan_precision(model, precision, block_bits)
+    _import_quantizers()
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizers log advice at WARNING on the root logger
@@ -231,6 +232,22 @@ def quantize(
         return _quantize(model, precision, plan, calibration)
     finally:
         root.setLevel(level)
+
+
+def _import_quantizers() -> None:
+    """Import onnxruntime's quantizers without their side effect on logging: importing
+    ``matmul_nbits_quantizer`` calls ``logging.basicConfig(level=INFO)``, which installs a
+    root handler and makes every later INFO record of the process print (hundreds of
+    "skip to quantize node ..." lines per int4 export)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    import onnxruntime.quantization  # noqa: F401
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
 
 
 def _quantize(

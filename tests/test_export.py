@@ -456,3 +456,33 @@ def test_trained_moe_is_batch_independent_and_exports_with_parity(tmp_path: Path
     report = export_onnx(spec, tmp_path / "moe.onnx", model=model, task=task, quality=False)
     assert report.parity is not None and report.parity.passed, report.parity.summary()
     assert report.parity.source == "task:text:pydoc"
+
+
+def test_quantizer_import_leaves_logging_alone() -> None:
+    """onnxruntime's 4-bit quantizer calls logging.basicConfig(level=INFO) when imported,
+    which printed hundreds of "skip to quantize node" lines per int4 export and every later
+    INFO record of the process; archir imports it without that side effect."""
+    import logging
+    import sys
+
+    from exporters.quantize import _import_quantizers
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    name = "onnxruntime.quantization.matmul_nbits_quantizer"
+    saved_mod = sys.modules.pop(name, None)
+    try:
+        for h in list(root.handlers):
+            root.removeHandler(h)  # as in a plain program: basicConfig acts only then
+        root.setLevel(logging.WARNING)
+        _import_quantizers()
+        assert name in sys.modules  # really imported again
+        assert root.handlers == [] and root.level == logging.WARNING
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved_handlers:
+            root.addHandler(h)
+        root.setLevel(saved_level)
+        if saved_mod is not None:
+            sys.modules[name] = saved_mod
