@@ -2,7 +2,7 @@
 
 Families: ``norm``, ``embed``, ``heads``, ``attention``, ``mlp`` (MLP, SwiGLU, GeGLU),
 ``moe``, ``recurrent`` (linear attention, GLA, RetNet, RWKV), ``ssm`` (Mamba, S4D),
-``ssd`` (Mamba-2),
+``ssd`` (Mamba-2), ``slstm`` (xLSTM's sLSTM),
 ``conv`` (Hyena, PoolFormer pooling, ConvFormer separable convolution, MLP-Mixer token MLP,
 identity).
 """
@@ -16,6 +16,7 @@ from archir.blocks import (  # noqa: F401
     moe,
     norm,
     recurrent,
+    slstm,
     ssd,
     ssm,
 )
