@@ -159,7 +159,8 @@ class CompiledModel(nn.Module):
     ``forward(x)``: tokens ``[batch, seq]`` (int64) or images ``[batch, C, H, W]`` ->
     logits ``[batch, seq, vocab]`` (language models) or ``[batch, n_classes]``.
     ``forward_features(x)`` returns the final hidden states ``[batch, seq, d_model]``
-    (after the final norm), before the head. ``aux_loss()`` sums auxiliary losses set by
+    (after the final norm), before the head; in a vision hierarchy ``[batch, H·W, d]`` at
+    the last stage's grid and width (``downsamples`` holds the layers between stages). ``aux_loss()`` sums auxiliary losses set by
     blocks during the last forward (e.g. MoE load balancing).
 
     Attributes:
@@ -177,6 +178,8 @@ class CompiledModel(nn.Module):
         self.head: nn.Module = nn.Identity()
         self.blocks = nn.ModuleList()
         self.merges = nn.ModuleList()
+        #: downsampling layers between the stages of a vision hierarchy (none elsewhere)
+        self.downsamples = nn.ModuleList()
         owner_index: dict[str, int] = {}
         self._block_of: dict[str, int] = {}  # node name -> index into self.blocks
         # plan entries: (kind, module index, input slots); executed in order, one slot each
@@ -191,6 +194,9 @@ class CompiledModel(nn.Module):
             elif n.op == "merge":
                 self.merges.append(Merge(len(n.inputs), n.merge))
                 plan.append(("merge", len(self.merges) - 1, ins))
+            elif n.op == "downsample":
+                self.downsamples.append(registry.get(n.kind or "").build(n.params, n.ctx))
+                plan.append(("downsample", len(self.downsamples) - 1, ins))
             elif n.op == "block":
                 if n.weights_of is not None:
                     idx = owner_index[n.weights_of]
@@ -248,6 +254,8 @@ class CompiledModel(nn.Module):
                     h = self.final_norm(h)
                 elif op == "head":
                     return h if stop_before_head else self.head(h)
+                elif op == "downsample":
+                    h = self.downsamples[idx](h)
                 else:
                     h = self.merges[idx]([h])
             return h
@@ -259,6 +267,8 @@ class CompiledModel(nn.Module):
                 vals.append(self.blocks[idx](vals[ins[0]]))
             elif op == "merge":
                 vals.append(self.merges[idx]([vals[i] for i in ins]))
+            elif op == "downsample":
+                vals.append(self.downsamples[idx](vals[ins[0]]))
             elif op == "norm":
                 vals.append(self.final_norm(vals[ins[0]]))
             else:

@@ -5,6 +5,11 @@ Units:
     flops_per_token forward FLOPs per token at sequence length ``seq_len`` (a multiply-add is
                     2 FLOPs; matmul-class operations as counted by ``torch.utils.flop_counter``,
                     plus the scans of state-space mixers, which have no matmul form).
+                    In a vision hierarchy (an image model with ``downsample`` layers) a
+                    "token" is one of the stem's grid: ``seq_len`` is the stem's token count
+                    and ``flops_per_token × seq_len`` is the FLOPs of one image (each stage's
+                    nodes counted at their own grid: per-token FLOPs at that grid's length ×
+                    that grid's tokens ÷ ``seq_len``).
     state_bytes     inference state per sequence at ``seq_len`` in fp32 (KV caches grow with
                     length, recurrent state does not).
     weight_bytes    parameters × bits / 8 at each node's weight ``bits``.
@@ -65,8 +70,12 @@ def _norm_params(name: str | None, node: Node) -> int:
     return k.n_params(k.params(), node.ctx)
 
 
-def node_cost(node: Node, seq_len: int) -> NodeCost:
-    """Cost of one IR node (weights of a node sharing another's are counted as 0)."""
+def node_cost(node: Node, seq_len: int, tokens: int | None = None) -> NodeCost:
+    """Cost of one IR node (weights of a node sharing another's are counted as 0).
+
+    ``tokens``: in a vision hierarchy, the tokens of the node's output grid; its FLOPs and
+    state are taken at that length and its FLOPs scaled by ``tokens / seq_len`` (FLOPs per
+    token of the stem's grid)."""
     ctx = node.ctx
     assert ctx is not None
     params = 0
@@ -81,8 +90,11 @@ def node_cost(node: Node, seq_len: int) -> NodeCost:
         kind = registry.get(node.kind or "")
         role = kind.role
         params = kind.n_params(node.params, ctx)
-        flops = float(kind.flops(node.params, ctx, seq_len))
-        state = int(kind.state_bytes(node.params, ctx, seq_len))
+        n = tokens if tokens is not None else seq_len
+        flops = float(kind.flops(node.params, ctx, n))
+        if n != seq_len:
+            flops = flops * n / seq_len
+        state = int(kind.state_bytes(node.params, ctx, n))
         if node.op == "block":
             params += _norm_params(node.norm, node)
             if node.residual == "peri_norm":
@@ -111,7 +123,12 @@ def analyze_graph(graph: Graph, seq_len: int | None = None) -> CostReport:
     if seq_len is not None and seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     L = int(seq_len if seq_len is not None else min(graph.spec.train.seq_len, m.max_seq_len))
-    rows = [node_cost(n, L) for n in graph]
+    if any(n.op == "downsample" for n in graph):
+        # a vision hierarchy: lengths are the grids', FLOPs per token of the stem's grid
+        L = _tokens(graph["embed"]) or L
+        rows = [node_cost(n, L, None if n.op in ("head", "merge") else _tokens(n)) for n in graph]
+    else:
+        rows = [node_cost(n, L) for n in graph]
     params = sum(r.params for r in rows)
     bits_w = sum(r.params * r.bits for r in rows)
     return CostReport(
@@ -124,6 +141,12 @@ def analyze_graph(graph: Graph, seq_len: int | None = None) -> CostReport:
         weight_bits_avg=(bits_w / params) if params else 0.0,
         blocks=rows,
     )
+
+
+def _tokens(node: Node) -> int | None:
+    """The number of tokens of a node's output ``[batch, tokens, d]`` when it is fixed."""
+    shape = node.out.shape if node.out is not None else ()
+    return shape[1] if len(shape) == 3 and isinstance(shape[1], int) else None
 
 
 DEFAULT_MAX_PARAMS = 2e9
@@ -165,7 +188,8 @@ def analyze(spec: Spec | SpecModel, seq_len: int | None = None) -> CostReport:
 
     Args:
         spec: a concrete :class:`Spec` or :class:`SpecModel`.
-        seq_len: sequence length for FLOPs and state (default: ``train.seq_len``).
+        seq_len: sequence length for FLOPs and state (default: ``train.seq_len``; a vision
+            hierarchy always uses its grids, see the module docstring).
 
     Raises:
         SpecError: the spec is open; GraphError: the graph does not validate.

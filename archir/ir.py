@@ -131,20 +131,60 @@ class Graph:
         return self.source.locate(node.spec_path + ((sub,) if sub else ()))
 
 
-def _ctx(m: Any, bits: float | None, path: str) -> BuildContext:
+@dataclass(frozen=True)
+class GridContext(BuildContext):
+    """The build context of a node whose tokens form an image's grid (vision hierarchies).
+
+    Attributes (besides :class:`~archir.registry.BuildContext`'s, whose ``d_model`` is the
+    width of the node's stage):
+        grid: ``(H, W)`` of the tokens the node reads, ``[batch, H·W, d]`` row-major; a 2-D
+            token mixer (``pooling``, ``sepconv``) reshapes to it.
+        d_in: the width entering a downsampling node (its output width is ``d_model``);
+            0 for every other node.
+    """
+
+    grid: tuple[int, int] | None = None
+    d_in: int = 0
+
+
+def _ctx(
+    m: Any,
+    bits: float | None,
+    path: str,
+    *,
+    d_model: int | None = None,
+    grid: tuple[int, int] | None = None,
+    d_in: int = 0,
+) -> BuildContext:
+    """A node's build context: the model-wide facts at the node's stage width ``d_model``
+    (default ``model.d_model``); a :class:`GridContext` when the node reads a token grid."""
     causal = m.task == "causal_lm"
-    return BuildContext(
-        d_model=m.d_model,
-        vocab_size=m.vocab_size,
-        max_seq_len=m.max_seq_len,
-        causal=causal,
-        n_classes=m.n_classes,
-        image_size=m.image_size,
-        channels=m.channels,
-        bits=float(bits if bits is not None else m.bits),
-        path=path,
-        norm_eps=m.norm_eps,
-    )
+    fields: dict[str, Any] = {
+        "d_model": d_model if d_model is not None else m.d_model,
+        "vocab_size": m.vocab_size,
+        "max_seq_len": m.max_seq_len,
+        "causal": causal,
+        "n_classes": m.n_classes,
+        "image_size": m.image_size,
+        "channels": m.channels,
+        "bits": float(bits if bits is not None else m.bits),
+        "path": path,
+        "norm_eps": m.norm_eps,
+    }
+    if grid is None and not d_in:
+        return BuildContext(**fields)
+    return GridContext(**fields, grid=grid, d_in=d_in)
+
+
+def _out_grid(
+    kind: BlockKind, params: KindParams | None, ctx: BuildContext
+) -> tuple[int, int] | None:
+    """The token grid a node of ``kind`` produces (``None``: a sequence, or not a grid)."""
+    rule = kind.extra.get("out_grid")
+    if rule is None:
+        return None
+    h, w = rule(params, ctx)
+    return (int(h), int(w)) if h >= 1 and w >= 1 else None
 
 
 def build_graph(
@@ -167,6 +207,14 @@ def build_graph(
     def node_loc(path: PathKey) -> Location | None:
         return source.locate(path) if source else Location(field=".".join(map(str, path)))
 
+    image = m.task == "image_classification"
+    embed_kind = registry.get(m.embed.kind)
+    stem = image and bool(embed_kind.extra.get("downsample"))
+    embed_ctx = (
+        _ctx(m, m.embed.bits, "embed", grid=(m.image_size, m.image_size), d_in=m.channels)
+        if stem
+        else _ctx(m, m.embed.bits, "embed")
+    )
     embed = graph.add(
         Node(
             "embed",
@@ -174,16 +222,57 @@ def build_graph(
             m.embed.kind,
             m.embed.params,
             [],
-            _ctx(m, m.embed.bits, "embed"),
+            embed_ctx,
             spec_path=("model", "embed"),
         )
     )
+    # vision hierarchies: the token grid and the width of the current stage
+    grid = _out_grid(embed_kind, m.embed.params, embed_ctx) if image else None
+    width = m.d_model
     names: dict[str, str] = {"embed": embed.name}
     prev = embed.name
     layer = 0
     merges = 0
     for gi, group in enumerate(m.layers):
         first_of_group: dict[int, str] = {}
+        if group.downsample is not None:
+            dpath: PathKey = ("model", "layers", gi, "downsample")
+            if grid is None:
+                if not image:
+                    why = f"this {m.task} model's tokens are a sequence"
+                else:
+                    why = f"the tokens of {m.embed.kind} here are not a grid"
+                raise GraphError(
+                    f"layer group {gi} downsamples, but {why}: a downsample shrinks an "
+                    "image's token grid",
+                    node_loc(dpath),
+                    "downsampling needs model.task: image_classification and an embedding "
+                    "that keeps the grid (downsample, or patch_embedding without cls_token)",
+                )
+            new_width = group.d_model if group.d_model is not None else width
+            dname = f"layers.{layer}.downsample"
+            down = Node(
+                dname,
+                "downsample",
+                group.downsample.kind,
+                group.downsample.params,
+                [prev],
+                _ctx(m, group.downsample.bits, dname, d_model=new_width, grid=grid, d_in=width),
+                spec_path=dpath,
+            )
+            graph.add(down)
+            prev = dname
+            assert down.ctx is not None
+            grid = _out_grid(registry.get(down.kind or ""), down.params, down.ctx)
+            width = new_width
+        elif group.d_model is not None and group.d_model != width:
+            raise GraphError(
+                f"layer group {gi} has d_model {group.d_model} but its input has width "
+                f"{width}: a residual cannot add [batch, seq, {width}] and "
+                f"[batch, seq, {group.d_model}]",
+                node_loc(("model", "layers", gi, "d_model")),
+                "give the group a downsample (it changes the width), or remove d_model",
+            )
         for rep in range(group.repeat):
             layer_in = prev
             branch_outs: list[str] = []
@@ -220,7 +309,7 @@ def build_graph(
                                 "merge",
                                 inputs=srcs,
                                 merge=block.merge,
-                                ctx=_ctx(m, None, mname),
+                                ctx=_ctx(m, None, mname, d_model=width, grid=grid),
                                 spec_path=spath + ("inputs",),
                             )
                         )
@@ -240,7 +329,7 @@ def build_graph(
                     block.kind,
                     block.params,
                     [x_in],
-                    _ctx(m, block.bits, name),
+                    _ctx(m, block.bits, name, d_model=width, grid=grid),
                     norm=None if norm == "none" else norm,
                     residual=residual,
                     residual_scale=block.residual_scale,
@@ -270,7 +359,7 @@ def build_graph(
                         "merge",
                         inputs=[layer_in, *branch_outs],
                         merge="sum",
-                        ctx=_ctx(m, None, mname),
+                        ctx=_ctx(m, None, mname, d_model=width, grid=grid),
                         spec_path=("model", "layers", gi, "residual"),
                     )
                 )
@@ -285,7 +374,7 @@ def build_graph(
                 final,
                 norm_params(final, m.norm_eps),
                 [prev],
-                _ctx(m, None, "final_norm"),
+                _ctx(m, None, "final_norm", d_model=width, grid=grid),
                 spec_path=("model", "final_norm") if m.final_norm else ("model", "norm"),
             )
         )
@@ -297,7 +386,7 @@ def build_graph(
             m.head.kind,
             m.head.params,
             [prev],
-            _ctx(m, m.head.bits, "head"),
+            _ctx(m, m.head.bits, "head", d_model=width, grid=grid),
             spec_path=("model", "head"),
         )
     )
@@ -377,12 +466,31 @@ def infer_shapes(graph: Graph) -> None:
             node.out = TensorType(first.shape, first.dtype, node.bits)
             continue
         x = in_types[0]
-        assert x is not None
-        if len(x.shape) != 3 or x.shape[-1] != m.d_model:
+        assert x is not None and node.ctx is not None
+        grid = getattr(node.ctx, "grid", None)
+        d_in = getattr(node.ctx, "d_in", 0) or node.ctx.d_model
+        n_tok: Dim = grid[0] * grid[1] if grid is not None else "seq"
+        if node.op == "downsample":
+            assert kind is not None and grid is not None
+            if len(x.shape) != 3 or x.shape[-1] != d_in or x.shape[1] != n_tok:
+                raise GraphError(
+                    f"{node.name}: expects the {grid[0]}x{grid[1]} token grid "
+                    f"[batch, {n_tok}, {d_in}] but {node.inputs[0]} gives {x}",
+                    graph.locate(node),
+                    "check the blocks before this downsample",
+                )
+            node.out = TensorType(
+                kind.extra["out_shape"](node.params, node.ctx, x.shape), bits=node.bits
+            )
+            continue
+        d = node.ctx.d_model
+        if len(x.shape) != 3 or x.shape[-1] != d or (grid is not None and x.shape[1] != n_tok):
+            where = f" (a {grid[0]}x{grid[1]} token grid)" if grid is not None else ""
             raise GraphError(
-                f"{node.name}: expects [batch, seq, {m.d_model}] but {node.inputs[0]} gives {x}",
+                f"{node.name}: expects [batch, {n_tok}, {d}]{where} but {node.inputs[0]} gives {x}",
                 graph.locate(node),
-                "check the embedding and the inputs of this block",
+                "check the embedding and the inputs of this block"
+                + (" (inputs from another stage have another grid or width)" if grid else ""),
             )
         if node.op == "head":
             assert kind is not None

@@ -4,7 +4,8 @@ Families: ``norm``, ``embed``, ``heads``, ``attention``, ``mlp`` (MLP, SwiGLU, G
 ``moe``, ``recurrent`` (linear attention, GLA, RetNet, RWKV), ``ssm`` (Mamba, S4D),
 ``ssd`` (Mamba-2), ``slstm`` (xLSTM's sLSTM),
 ``conv`` (Hyena, PoolFormer pooling, ConvFormer separable convolution, MLP-Mixer token MLP,
-identity).
+identity),
+``vision`` (the downsampling layers of vision hierarchies: strided convolution, patch merging).
 """
 
 from archir.blocks import (  # noqa: F401
@@ -19,4 +20,5 @@ from archir.blocks import (  # noqa: F401
     slstm,
     ssd,
     ssm,
+    vision,
 )

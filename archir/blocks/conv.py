@@ -277,21 +277,37 @@ class PoolingParams(KindParams):
     pool_size: int = Field(3, ge=1, le=1024)
 
 
+def _grid(c: BuildContext) -> tuple[int, int] | None:
+    """The image token grid ``(H, W)`` a bidirectional mixer reads (``archir.ir.GridContext``
+    in a vision model), ``None`` for a sequence."""
+    return None if c.causal else getattr(c, "grid", None)
+
+
 class Pooling(nn.Module):
     """PoolFormer token mixer ``avgpool(x) - x`` (Yu et al., 2022, "MetaFormer Is Actually
     What You Need for Vision").
 
     ``[batch, seq, d] -> [batch, seq, d]``. Bidirectional: centred window, padding not
-    counted. Causal: the mean of the last ``min(t+1, pool_size)`` tokens.
+    counted. Causal: the mean of the last ``min(t+1, pool_size)`` tokens. On an image's
+    token grid (``grid = (H, W)``, ``seq = H·W`` row-major) the window is the paper's
+    2-D ``pool_size × pool_size`` square (stride 1, padding not counted).
     """
 
     state_names = ("last pool_size - 1 inputs", "position")
 
-    def __init__(self, pool_size: int, causal: bool, d: int = 0) -> None:
+    def __init__(
+        self, pool_size: int, causal: bool, d: int = 0, grid: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
-        self.k, self.causal, self.d = pool_size, causal, d
+        self.k, self.causal, self.d, self.grid = pool_size, causal, d, grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid is not None:
+            H, W = self.grid
+            g = x.transpose(1, 2).reshape(-1, x.shape[-1], H, W)
+            k = self.k
+            y = F.avg_pool2d(g, k, stride=1, padding=k // 2, count_include_pad=False)
+            return y.flatten(2).transpose(1, 2) - x
         xt = x.transpose(1, 2)  # [B, d, T]
         if self.causal:
             s = F.avg_pool1d(F.pad(xt, (self.k - 1, 0)), self.k, stride=1) * self.k
@@ -335,9 +351,9 @@ register(
         name="pooling",
         role="token_mixer",
         params=PoolingParams,
-        build=lambda p, c: Pooling(p.pool_size, c.causal, c.d_model),
+        build=lambda p, c: Pooling(p.pool_size, c.causal, c.d_model, _grid(c)),
         n_params=lambda p, c: 0,
-        flops=lambda p, c, L: float(c.d_model * (p.pool_size + 1)),
+        flops=lambda p, c, L: float(c.d_model * (p.pool_size ** (2 if _grid(c) else 1) + 1)),
         state_bytes=lambda p, c, L: 4 * c.d_model * (p.pool_size - 1) if c.causal else 0,
         check=_pool_check,
         paper="Yu et al., 2022, 'MetaFormer Is Actually What You Need for Vision'",
@@ -380,15 +396,21 @@ class SepConv(nn.Module):
     pointwise expand -> activation -> depthwise conv over the sequence -> pointwise project.
 
     ``[batch, seq, d] -> [batch, seq, d]``; the depthwise conv is left-padded (causal) in
-    causal models and centred otherwise.
+    causal models and centred otherwise. On an image's token grid (``grid = (H, W)``,
+    ``seq = H·W`` row-major) the depthwise conv is the paper's 2-D ``k × k`` one (zero
+    padding ``k // 2``).
     """
 
-    def __init__(self, d: int, p: SepConvParams, causal: bool) -> None:
+    def __init__(
+        self, d: int, p: SepConvParams, causal: bool, grid: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
         h = hidden_size(d, p.expansion, None)
         self.pw1 = nn.Linear(d, h, bias=p.bias)
         self.act = _ACTS[p.activation]()
-        self.dw = nn.Conv1d(h, h, p.kernel_size, groups=h, bias=p.bias)
+        self.grid = grid
+        conv = nn.Conv2d if grid is not None else nn.Conv1d
+        self.dw = conv(h, h, p.kernel_size, groups=h, bias=p.bias)
         self.pw2 = nn.Linear(h, d, bias=p.bias)
         k = p.kernel_size
         self.k, self.h, self.causal = k, h, causal
@@ -399,6 +421,10 @@ class SepConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.pw1(x)).transpose(1, 2)
+        if self.grid is not None:
+            H, W = self.grid
+            y = F.pad(y.reshape(-1, self.h, H, W), self.pad + self.pad)
+            return self.pw2(self.dw(y).flatten(2).transpose(1, 2))
         y = self.dw(F.pad(y, self.pad)).transpose(1, 2)
         return self.pw2(y)
 
@@ -429,7 +455,8 @@ def _sep_h(p: SepConvParams, c: BuildContext) -> int:
 
 def _sep_params(p: SepConvParams, c: BuildContext) -> int:
     d, h = c.d_model, _sep_h(p, c)
-    n = linear_params(d, h, p.bias) + h * p.kernel_size + (h if p.bias else 0)
+    k2 = p.kernel_size ** (2 if _grid(c) else 1)
+    n = linear_params(d, h, p.bias) + h * k2 + (h if p.bias else 0)
     n += linear_params(h, d, p.bias)
     return n + (2 if p.activation == "starrelu" else 0)
 
@@ -444,10 +471,13 @@ register(
         name="sepconv",
         role="token_mixer",
         params=SepConvParams,
-        build=lambda p, c: SepConv(c.d_model, p, c.causal),
+        build=lambda p, c: SepConv(c.d_model, p, c.causal, _grid(c)),
         n_params=_sep_params,
-        # matmuls and the depthwise conv (what torch.utils.flop_counter counts)
-        flops=lambda p, c, L: 4.0 * c.d_model * _sep_h(p, c) + 2.0 * _sep_h(p, c) * p.kernel_size,
+        # matmuls and the depthwise conv (what torch.utils.flop_counter counts); k×k on a grid
+        flops=lambda p, c, L: (
+            4.0 * c.d_model * _sep_h(p, c)
+            + 2.0 * _sep_h(p, c) * p.kernel_size ** (2 if _grid(c) else 1)
+        ),
         state_bytes=lambda p, c, L: 4 * _sep_h(p, c) * (p.kernel_size - 1) if c.causal else 0,
         check=_sep_check,
         paper="Yu et al., 2023, 'MetaFormer Baselines for Vision' (ConvFormer)",

@@ -3,7 +3,11 @@
 * ``token_embedding``: ``tokens [batch, seq] (int64) -> [batch, seq, d_model]``, with optional
   learned or sinusoidal absolute positions.
 * ``patch_embedding``: ``images [batch, channels, H, W] -> [batch, n_patches (+1), d_model]``
-  (ViT; Dosovitskiy et al., 2021).
+  (ViT; Dosovitskiy et al., 2021); without a CLS token the patches are an
+  ``(H/p) × (W/p)`` grid (row-major) that 2-D token mixers read.
+
+The stem of a vision hierarchy (a strided convolution) is ``downsample`` in
+:mod:`archir.blocks.vision`.
 """
 
 from __future__ import annotations
@@ -170,7 +174,10 @@ register(
                 shape[0],
                 _n_patches(p, c) + (1 if p.cls_token else 0),
                 c.d_model,
-            )
+            ),
+            # the patches form an (H/p) x (W/p) grid that 2-D mixers read; a CLS token
+            # makes the tokens a sequence
+            "out_grid": lambda p, c: (0, 0) if p.cls_token else (c.image_size // p.patch_size,) * 2,
         },
     )
 )

@@ -244,6 +244,16 @@ def validate_concrete(
     _check_norm(m.norm, ("model", "norm"), smap, trace)
     _check_norm(m.final_norm, ("model", "final_norm"), smap, trace)
     for gi, group in enumerate(m.layers):
+        if group.downsample is not None:
+            dpath: PathKey = ("model", "layers", gi, "downsample")
+            _validate_component(group.downsample, dpath, ("embedding",), smap, trace)
+            if not registry.get(group.downsample.kind).extra.get("downsample"):
+                down = [k.name for k in registry.kinds("embedding") if k.extra.get("downsample")]
+                raise SpecError(
+                    f"kind '{group.downsample.kind}' does not downsample a token grid",
+                    smap.locate(_translate(dpath + ("kind",), trace)) if smap else None,
+                    "a layer group's downsample is one of: " + ", ".join(down),
+                )
         for bi, block in enumerate(group.blocks):
             path: PathKey = ("model", "layers", gi, "blocks", bi)
             _validate_component(block, path, ("token_mixer", "channel_mixer", "norm"), smap, trace)
@@ -515,7 +525,8 @@ def _related(node: SearchNode, other: SearchNode) -> bool:
     """Could ``other``'s decision change whether ``node``'s option passes the graph checks?
 
     A block's checks depend on its own parameters and the model-wide fields (``d_model``
-    ...); a model-wide field's checks depend on every block.
+    ...); a model-wide field's checks depend on every block, and so do a layer group's
+    ``d_model`` and ``downsample`` (a vision stage).
     """
 
     def block_of(p: PathKey) -> PathKey | None:
@@ -526,9 +537,13 @@ def _related(node: SearchNode, other: SearchNode) -> bool:
     def model_wide(p: PathKey) -> bool:
         return len(p) >= 2 and p[0] == "model" and p[1] not in ("layers", "embed", "head")
 
+    def stage(p: PathKey) -> bool:
+        # a vision stage's width or downsampling changes what every later block sees
+        return len(p) >= 4 and p[:2] == ("model", "layers") and p[3] in ("d_model", "downsample")
+
     if other.path[:1] != ("model",):
         return False
-    if model_wide(node.path) or model_wide(other.path):
+    if model_wide(node.path) or model_wide(other.path) or stage(node.path) or stage(other.path):
         return True
     b = block_of(node.path)
     return b is not None and b == block_of(other.path)

@@ -15,6 +15,8 @@ The grammar::
         - repeat: 6
           share_weights: false  # one set of weights reused by every repeat (Universal Transformer)
           residual: pre_norm    # pre_norm | post_norm | peri_norm | parallel
+          # d_model: 32         # vision stages: this group's width, entered through
+          # downsample: {kind: downsample, stride: 2}   # a layer that shrinks the token grid
           blocks:
             - {kind: attention, n_heads: 4, pos: rope}
             - {kind: swiglu, expansion: 2.667}
@@ -130,11 +132,24 @@ class ComponentSpec(BaseModel):
 
 
 class LayerGroup(Strict):
-    """``blocks`` applied in order, the whole group repeated ``repeat`` times."""
+    """``blocks`` applied in order, the whole group repeated ``repeat`` times.
+
+    A group can start a **stage** of a vision hierarchy (PoolFormer, ConvFormer, CAFormer,
+    EdgeNeXt): ``downsample`` (a component of a kind that downsamples: ``downsample`` —
+    a strided convolution —, ``patch_merging``) runs once before the group's first
+    repeat, shrinking the image's token grid and changing the width to the group's
+    ``d_model`` (default: the width before it); every block of the group, and of later
+    groups until the next ``d_model``, works at that width. ``d_model`` that differs from
+    the width before the group without a ``downsample`` is an error (a residual cannot add
+    two widths), and so is a ``downsample`` in a model whose tokens are not an image's grid.
+    See :mod:`archir.blocks.vision`.
+    """
 
     repeat: int = Field(1, ge=1, le=MAX_REPEAT)
     share_weights: bool = False
     residual: Residual = "pre_norm"
+    d_model: int | None = Field(None, gt=0, le=MAX_D_MODEL)
+    downsample: ComponentSpec | None = None
     blocks: list[BlockSpec] = Field(min_length=1)
 
 
