@@ -31,6 +31,7 @@ MIXERS: dict[str, list[dict[str, Any]]] = {
     "s4d": [{"kind": "s4d"}],
     "hyena": [{"kind": "hyena"}],
     "rwkv": [{"kind": "rwkv"}],
+    "slstm": [{"kind": "slstm"}],
     # striped hybrid: first layer Mamba, second layer attention
     "hybrid": [{"kind": "mamba"}, {"kind": "attention", "n_heads": 4, "pos": "rope"}],
 }
