@@ -5,6 +5,7 @@ Families: ``norm``, ``embed``, ``heads``, ``attention``, ``mlp`` (MLP, SwiGLU, G
 ``ssd`` (Mamba-2), ``slstm`` (xLSTM's sLSTM),
 ``conv`` (Hyena, PoolFormer pooling, ConvFormer separable convolution, MLP-Mixer token MLP,
 identity),
+``mlstm`` (xLSTM's mLSTM),
 ``vision`` (the downsampling layers of vision hierarchies: strided convolution, patch merging).
 """
 
@@ -14,6 +15,7 @@ from archir.blocks import (  # noqa: F401
     embed,
     heads,
     mlp,
+    mlstm,
     moe,
     norm,
     recurrent,
