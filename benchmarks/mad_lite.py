@@ -32,6 +32,7 @@ MIXERS: dict[str, list[dict[str, Any]]] = {
     "hyena": [{"kind": "hyena"}],
     "rwkv": [{"kind": "rwkv"}],
     "slstm": [{"kind": "slstm"}],
+    "mlstm": [{"kind": "mlstm"}],
     # striped hybrid: first layer Mamba, second layer attention
     "hybrid": [{"kind": "mamba"}, {"kind": "attention", "n_heads": 4, "pos": "rope"}],
 }

@@ -31,6 +31,7 @@ KINDS = [
     "rwkv",
     "hyena",
     "linear_attention",
+    "mlstm",
     "moe",
 ]
 D, LAYERS, VOCAB, BATCH = 128, 4, 256, 16
