@@ -344,12 +344,29 @@ def plot_front(
 
 
 def export_best(best_dir: Path, spec: Any, model: Any) -> dict[str, Any]:
-    """Write ``best_dir/model.onnx`` with a parity check (the exporters package)."""
+    """Write ``best_dir/model.onnx`` at the precision the searched ``bits`` select
+    (``precision="auto"``: int8 / int4 MatMul for 8- / 4-bit blocks, fp32 elsewhere — the
+    graph whose size the search constrained and whose latency ``runtime: ort`` timed). The
+    fp32 graph passes the parity gate first; the quantized file's deviation and task quality
+    beside PyTorch's are reported (``quantized_parity``, ``quality``), not gated."""
     from exporters import export_onnx
 
-    report = export_onnx(spec, best_dir / "model.onnx", model=model, precision="fp32", check=True)
+    report = export_onnx(spec, best_dir / "model.onnx", model=model, precision="auto", check=True)
     out: dict[str, Any] = report.to_dict()
     return out
+
+
+def describe_export(rep: dict[str, Any]) -> str:
+    """One line for the run log: the blocks' precisions and, for a quantized file, its task
+    quality beside PyTorch's."""
+    counts: dict[str, int] = {}
+    for v in (rep.get("block_precision") or {}).values():
+        counts[v] = counts.get(v, 0) + 1
+    line = ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or "fp32"
+    q = rep.get("quality")
+    if q:
+        line += f"; {q['metric']} onnx {q['onnx']:.4g} vs torch {q['torch']:.4g}"
+    return line
 
 
 def export_decode_best(best_dir: Path, spec: Any, model: Any) -> dict[str, Any]:
@@ -434,7 +451,10 @@ def _write_best(
         try:
             best["export"] = export_best(bdir, bspec, model)
             best["export"]["wall_s"] = time.perf_counter() - t0
-            say(f"exported {bdir / 'model.onnx'} (parity checked)")
+            say(
+                f"exported {bdir / 'model.onnx'} (fp32 graph parity-checked; shipped at "
+                f"{describe_export(best['export'])})"
+            )
             if bspec.model.model.task == "causal_lm":
                 best["decode_export"] = export_decode_best(bdir, bspec, model)
                 if "error" in best["decode_export"]:

@@ -741,6 +741,19 @@ def test_best_is_exported_with_parity(tmp_path, monkeypatch):
     run = Path("runs") / "tiny"
     assert (run / "best" / "model.onnx").is_file(), res.best
     assert "error" not in res.best["export"]
+    # the file ships at the searched bits: each swiglu block's MatMuls at its own precision
+    from exporters.onnx_export import read_metadata
+
+    meta = read_metadata(run / "best" / "model.onnx")
+    assert meta["archir.precision"] == "auto"
+    best_spec = yaml.safe_load((run / "best" / "spec.yaml").read_text())
+    want = {16: "fp32", 8: "int8", 4: "int4"}
+    plan = res.best["export"]["block_precision"]
+    i = 0  # a layer repeated r times is r IR layers
+    for layer in best_spec["model"]["layers"]:
+        for _ in range(layer.get("repeat", 1)):
+            assert plan[f"layers.{i}.blocks.1"] == want[layer["blocks"][1]["bits"]], plan
+            i += 1
     # a language model also ships its decode step, parity-checked token by token
     assert (run / "best" / "decode.onnx").is_file(), res.best.get("decode_export")
     assert res.best["decode_export"]["parity"]["passed"]
