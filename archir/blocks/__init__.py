@@ -2,7 +2,7 @@
 
 Families: ``norm``, ``embed``, ``heads``, ``attention``, ``mlp`` (MLP, SwiGLU, GeGLU),
 ``moe``, ``recurrent`` (linear attention, GLA, RetNet, RWKV), ``ssm`` (Mamba, S4D),
-``ssd`` (Mamba-2), ``slstm`` (xLSTM's sLSTM),
+``ssd`` (Mamba-2), ``deltanet`` (Gated DeltaNet), ``slstm`` (xLSTM's sLSTM),
 ``conv`` (Hyena, PoolFormer pooling, ConvFormer separable convolution, MLP-Mixer token MLP,
 identity),
 ``mlstm`` (xLSTM's mLSTM),
@@ -12,6 +12,7 @@ identity),
 from archir.blocks import (  # noqa: F401
     attention,
     conv,
+    deltanet,
     embed,
     heads,
     mlp,
