@@ -7,7 +7,9 @@ The same spec, task and seed give the same metrics. With ``checkpoint_every`` it
 a checkpoint every that many steps and when it stops; ``resume=True`` continues from it,
 giving the same metrics as an uninterrupted run. Trainable modules a task adds
 (``Task.extra_modules``, e.g. the MAD compression decoder) are optimized and checkpointed
-with the model.
+with the model. A model with ``matformer`` FFNs trains its granularities jointly on every
+batch (MatFormer's joint loss, :meth:`Trainer._nested_step`) and its metrics add the task's
+metric at each granularity (``val_bpb@g0.25`` ...); every other model trains as before.
 
 Checkpoints hold no pickle (nothing archir loads can run code):
 
@@ -156,6 +158,8 @@ class Trainer:
         self.state: dict[str, Any] = {}  # other JSON kept in the checkpoint (ladder rungs)
         self._t0 = time.perf_counter()
         self._hash: str | None = None
+        #: MatFormer granularities trained jointly each step (empty: an ordinary model)
+        self.granularities = nested_granularities(self.model)
 
     @property
     def wall_s(self) -> float:
@@ -171,6 +175,8 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         x, y = self.task.train_batch(self.cfg.batch_size, self.seq_len, self.gen)
+        if self.granularities:
+            return self._nested_step(x, y)
         loss = self.task.loss(self.model, x, y)
         aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
         total = loss + aux if aux is not None else loss
@@ -184,6 +190,50 @@ class Trainer:
         self.last_loss = loss.item()
         self.step += 1
         return None
+
+    def _nested_step(self, x: torch.Tensor, y: torch.Tensor) -> str | None:
+        """MatFormer's joint step (Devvrit, Kudugunta et al., 2023, §3): the loss
+        ``Σ_i λ_i·L(M_i(x), y)`` over every granularity ``i`` on the same batch, with uniform
+        ``λ_i = 1/g`` (so gradient clipping sees one model's scale); gradients are
+        accumulated one granularity at a time (one forward and backward each).
+        ``last_loss`` is the full width's loss."""
+        from archir.blocks.mlp import use_granularity
+
+        self.opt.zero_grad(set_to_none=True)
+        n = len(self.granularities)
+        full = float("nan")
+        for g in self.granularities:
+            with use_granularity(self.model, g):
+                loss = self.task.loss(self.model, x, y)
+                aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
+            total = loss + aux if aux is not None else loss
+            if not torch.isfinite(total):
+                self.opt.zero_grad(set_to_none=True)
+                return f"loss became {total.item()} at step {self.step} (granularity {g:g})"
+            (total / n).backward()
+            if g == 1.0:
+                full = loss.item()
+        torch.nn.utils.clip_grad_norm_(self.trained.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.tokens += y.numel()
+        self.last_loss = full
+        self.step += 1
+        return None
+
+    def evaluate_granularities(self) -> dict[str, float]:
+        """The task's headline metric and ``val_loss`` at every MatFormer granularity but
+        the full width, named ``<metric>@g<granularity>`` (e.g. ``val_bpb@g0.25``); empty
+        for a model without MatFormer blocks."""
+        from archir.blocks.mlp import use_granularity
+
+        out: dict[str, float] = {}
+        for g in self.granularities:
+            with use_granularity(self.model, g):
+                ev = self.evaluate()
+            for k in dict.fromkeys((self.task.metric, "val_loss")):
+                if k in ev:
+                    out[f"{k}@g{g:g}"] = ev[k]
+        return out
 
     def evaluate(self) -> dict[str, float]:
         """The task's held-out metrics (``eval_batches`` batches of ``eval_batch_size``)."""
@@ -375,6 +425,7 @@ def _final_metrics(tr: Trainer, status: str, reason: str | None) -> dict[str, An
         ev = tr.evaluate()
         metrics.update(ev)
         tr.history.append({"step": tr.step, "train_loss": tr.last_loss, **ev})
+        metrics.update(tr.evaluate_granularities())
         if not all(math.isfinite(v) for v in ev.values() if isinstance(v, float)):
             metrics["status"] = "failed"
             metrics["reason"] = "evaluation produced a non-finite metric"
@@ -527,6 +578,29 @@ def train_ladder(
     if done and status == "ok":
         metrics.update({k: v for k, v in done[-1].items() if k not in ("rung", "wall_s")})
     return TrainResult(status, metrics, tr.model, tr.history)
+
+
+def nested_granularities(model: torch.nn.Module) -> list[float]:
+    """The granularities a model with MatFormer blocks trains jointly (every such block
+    must list the same ones); empty for any other model.
+
+    Raises:
+        TrainingError: two MatFormer blocks list different granularities.
+    """
+    from archir.blocks.mlp import matformer_modules
+
+    mods = matformer_modules(model)
+    if not mods:
+        return []
+    first = mods[0].granularities
+    for i, m in enumerate(mods[1:], 1):
+        if m.granularities != first:
+            raise TrainingError(
+                f"matformer block {i} has granularities {m.granularities}, block 0 has "
+                f"{first}: joint training needs the same granularities in every block",
+                hint="give every matformer block the same granularities",
+            )
+    return list(first)
 
 
 def seed_everything(seed: int) -> None:
