@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "tasks": "archir.cli.tasks",
     "mad": "archir.cli.mad",
     "import": "archir.cli.import_",
+    "extract": "archir.cli.extract",
     "search": "searchers.cli_search",
     "report": "searchers.cli_report",
     "export": "exporters.cli_export",
