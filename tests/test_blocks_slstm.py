@@ -183,10 +183,19 @@ _HAS_ORT = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
 
 
 @pytest.mark.skipif(not _HAS_ORT, reason="onnx/onnxruntime not installed")
-@pytest.mark.parametrize(("exporter", "op"), [("dynamo", "Scan"), ("legacy", "Loop")])
+@pytest.mark.parametrize(
+    ("exporter", "op"),
+    [
+        # ~12 s (torch.export); the default suite exports slstm through torch.export in
+        # tests/test_export_matrix.py (a whole model, four lengths) and test_decode.py
+        pytest.param("dynamo", "Scan", marks=pytest.mark.slow),
+        ("legacy", "Loop"),
+    ],
+)
 def test_export_has_a_dynamic_length_loop_matching_onnxruntime(exporter: str, op: str) -> None:
     """torch.export writes the recurrence as one ONNX ``Scan``, the TorchScript exporter as
-    a ``Loop``; both run at lengths other than the example's."""
+    a ``Loop``; both run at lengths other than the example's, with memory mixing (random
+    recurrent blocks)."""
     import onnxruntime as ort
 
     from exporters.graph import Axis, export_graph

@@ -31,6 +31,15 @@ vanilla and CUDA) uses ``log f = logsigmoid(f̃)``; with ``f ≤ 1`` the memory 
 the stabiliser stays bounded by the input-gate pre-activations. ``forget_gate: exp`` is the
 paper's other choice (``log f = f̃``).
 
+Where archir's layout differs from the reference (outputs are the same): the first-step test
+``n = 0`` is per element (the reference tests ``all(n == 0)`` over the batch; after any step
+``n ≥ 1``, so the two agree, and a batch may mix fresh and running states); the reference's
+``min(·, 1)`` on both rescaled gates is left out (the max already bounds them by 1); the
+norm weight is stored as itself (the reference stores ``weight − 1``); the ``powerlaw``
+forget bias uses the reference's first-block exponent 0.3 in every layer (the reference
+raises it to 1.6 with depth). Input projections start ``N(0, 2/(5·d))`` and the
+convolution at PyTorch's default, as the reference's layer.
+
 Forms. sLSTM is a true non-linear recurrence (``h_{t−1}`` enters every gate): there is no
 parallel or chunked form. Eagerly (training, ``torch.compile``) ``forward`` loops over time in
 Python; under export (``torch.export``, ``torch.onnx.export(dynamo=True)``,
