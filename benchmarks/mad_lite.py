@@ -33,6 +33,7 @@ MIXERS: dict[str, list[dict[str, Any]]] = {
     "rwkv": [{"kind": "rwkv"}],
     "slstm": [{"kind": "slstm"}],
     "mlstm": [{"kind": "mlstm"}],
+    "gated_deltanet": [{"kind": "gated_deltanet"}],
     # striped hybrid: first layer Mamba, second layer attention
     "hybrid": [{"kind": "mamba"}, {"kind": "attention", "n_heads": 4, "pos": "rope"}],
 }
