@@ -143,8 +143,9 @@ def gated_delta_rule(
         beta: ``[B, T, H]`` write strengths.
         chunk: longest chunk (under graph capture: every chunk).
         levels: levels of the log-depth scan over chunks under graph capture (see
-            :func:`scan_levels`; ``None``: enough for this call's length, which a symbolic
-            length cannot give).
+            :func:`scan_levels`), raised to what a concrete length needs; a symbolic length
+            (``torch.export``) gets exactly ``levels``, so the exported graph is exact up to
+            ``chunk·2^levels`` steps (``None``: 0).
 
     Returns:
         ``o [B, T, H, d_v]``.
@@ -193,7 +194,9 @@ def gated_delta_rule(
         )  # [B, H, nc, dk, dk]
         Bs = KtT @ W  # [B, H, nc, dk, dv]
         if capture:
-            lv = levels if levels is not None else max(0, (nc - 1).bit_length())
+            lv = levels if levels is not None else 0
+            if isinstance(nc, int):  # a concrete length (torch.compile, tracing) past levels
+                lv = max(lv, (nc - 1).bit_length())
             ends = _compose_scan(A, Bs, lv)
             enter = F.pad(ends, (0, 0, 0, 0, 1, 0)).narrow(2, 0, nc)
         else:
