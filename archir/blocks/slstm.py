@@ -128,8 +128,10 @@ def slstm_cell(
     # a fresh state has no past: log f + m -> ĩ, so m_t = ĩ_t and f' = 1 multiplies zeros
     lfm = torch.where(n == 0, i, logf + m)
     # h is the same for every m (c and n carry the same factor exp(−m)), so the gradient
-    # through the stabiliser is zero: not recorded (exact; a third fewer backward ops)
-    m_new = torch.maximum(i, lfm).detach()
+    # through the stabiliser is zero: not recorded (exact; a third fewer backward ops). The
+    # max as a Where: onnxruntime's fp16 converter keeps Max in fp32 and its casts inside
+    # the exported Scan body break the graph ("Graph is not a DAG")
+    m_new = torch.where(lfm > i, lfm, i).detach()
     ig = torch.exp(i - m_new)
     fg = torch.exp(lfm - m_new)
     c_new = fg * c + ig * torch.tanh(z)
