@@ -1,23 +1,34 @@
 """The block registry: the one place that knows every block kind.
 
-A block kind registers its role, its typed parameter model, how to build its module, and its
-cost rules (exact parameter count, forward FLOPs per token, inference state bytes). The spec
-loader, the IR passes, the compiler, the searchers and the exporters all ask the registry;
-adding a kind touches one file under ``archir/blocks/`` and its test.
+A block kind registers its role, its typed parameter model, how to build its module, its
+cost rules (exact parameter count, forward FLOPs per token, inference state bytes) and what it
+is (:class:`BlockKind`'s ``recurrent``, ``state_grows``, ``flops_exact`` and ``lacks``). The
+spec loader, the IR passes, the compiler, the searchers, the exporters and the tests all ask
+the registry; adding a kind touches one file under ``archir/blocks/`` and its test.
 
 Module conventions (all roles but embedding/head):
     ``forward(x)`` with ``x: [batch, seq, d_model]`` returns ``[batch, seq, d_model]``.
-Recurrent / state-space token mixers additionally provide
+Token mixers (and channel mixers that carry state, e.g. RWKV's) also decode one token at a
+time with a carried state (issue 14), unless the kind declares ``lacks={"step": reason}``:
     ``init_state(batch, device=None, dtype=None) -> state`` and
-    ``step(x_t: [batch, d_model], state) -> (y_t: [batch, d_model], state)``
-and must agree with ``forward`` to 1e-5.
+    ``step(x_t: [batch, d_model], state) -> (y_t: [batch, d_model], state)``,
+agreeing with ``forward`` to 1e-5 (a channel mixer without them is applied per token).
 Modules may set ``self.aux_loss`` (a scalar tensor) during ``forward``; the compiled model
 sums them (e.g. the MoE load-balancing loss).
+
+The registry-driven tests read these declarations, so a new kind is covered without editing
+a test: every kind exports to ONNX (``tests/test_export_matrix.py``), every mixer decodes
+like its forward in PyTorch and ONNX (``tests/test_decode.py``), every ``recurrent`` kind with
+a fixed state gets the step/parallel, causality, state-size and export checks of
+``tests/test_blocks_recurrent.py``, every ``flops_exact`` kind is counted against
+``torch.utils.flop_counter`` and every kind's state size grows with the length exactly when
+it declares ``state_grows`` (``tests/test_cost.py``). A kind that cannot meet one of them says
+so in ``lacks`` with the reason, which the tests print when they skip it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -93,6 +104,15 @@ class BuildContext:
     norm_eps: float | None = None
 
 
+#: Forms a kind provides unless it declares them in :attr:`BlockKind.lacks`:
+#:
+#: * ``step``: ``init_state``/``step``, decoding one token at a time with a carried state in
+#:   PyTorch (token mixers; channel mixers that carry state);
+#: * ``onnx``: the full-sequence ONNX export with dynamic batch and sequence axes that
+#:   matches PyTorch in onnxruntime at lengths it was not traced at;
+#: * ``onnx_decode``: the ONNX decode (step) graph with its states as inputs and outputs.
+FORMS: tuple[str, ...] = ("step", "onnx", "onnx_decode")
+
 ParamsFn = Callable[[Any, BuildContext], int]
 FlopsFn = Callable[[Any, BuildContext, int], float]
 StateFn = Callable[[Any, BuildContext, int], int]
@@ -122,15 +142,29 @@ class BlockKind:
         state_bytes: inference state held per sequence at length ``L`` (fp32 elements × 4):
             KV cache grows with ``L``; recurrent state does not.
         check: raises ``ValueError(message)`` when params do not fit the context
-            (e.g. heads not dividing ``d_model``).
+            (e.g. heads not dividing ``d_model``: use :func:`archir.blocks.common.check_heads`).
+            A message starting with a field name is located at that field in the spec.
         paper: the source paper (authors, year, title).
         summary: one line for ``archir blocks``.
-        recurrent: provides ``init_state``/``step`` (decoding with carried state).
-        extra: facts other passes read by name: ``out_shape(params, ctx, in_shape)`` for
-            embeddings and heads whose output is not ``[batch, seq, d_model]``,
-            ``flops_counts`` (a note on what the FLOPs rule counts; read by no pass),
-            ``flops_exact: True`` (the FLOPs rule equals ``torch.utils.flop_counter``'s count
-            of the module, matmul-class operations only — tested for every such kind).
+        recurrent: the kind is a recurrence (RNN, state-space model, linear attention …) whose
+            parallel or chunked ``forward`` and its ``step`` are two computations of one
+            function; with a fixed-size state (``state_grows`` false) it gets the recurrent
+            contract of ``tests/test_blocks_recurrent.py`` (step equals forward in fp64 and
+            fp32, causal, ``state_bytes`` equals the real state, export parity).
+        state_grows: the decoding state grows with the number of tokens seen (attention's KV
+            cache, a long convolution's history); ``False``: fixed size or none.
+            ``state_bytes`` must agree (``tests/test_cost.py`` checks both ways).
+        flops_exact: the ``flops`` rule equals ``torch.utils.flop_counter``'s count of the
+            module (matmul-class operations only) at the default parameters — tested for
+            every such kind. (``extra={"flops_exact": True}``, its spelling before it was a
+            field, is read as this field.)
+        lacks: forms of :data:`FORMS` the kind does not provide, each with the reason, e.g.
+            ``{"onnx": "no loopless form with a dynamic sequence length"}``; the registry-
+            driven tests skip the kind for that form and print the reason. Empty (the
+            default): the kind provides every form.
+        extra: further facts other passes read by name: ``out_shape(params, ctx, in_shape)``
+            for embeddings and heads whose output is not ``[batch, seq, d_model]``;
+            ``flops_counts`` (a note on what the FLOPs rule counts; read by no pass).
     """
 
     name: str
@@ -144,7 +178,21 @@ class BlockKind:
     state_bytes: StateFn = _zero
     check: CheckFn = _ok
     recurrent: bool = False
+    state_grows: bool = False
+    flops_exact: bool = False
+    lacks: Mapping[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.extra.get("flops_exact") and not self.flops_exact:
+            object.__setattr__(self, "flops_exact", True)
+
+    def provides(self, form: str) -> bool:
+        """Whether the kind provides ``form`` (one of :data:`FORMS`; ``ValueError`` for any
+        other name)."""
+        if form not in FORMS:
+            raise ValueError(f"unknown form '{form}' (forms: {', '.join(FORMS)})")
+        return form not in self.lacks
 
     @property
     def param_free(self) -> bool:
@@ -159,11 +207,28 @@ _REGISTRY: dict[str, BlockKind] = {}
 
 
 def register(kind: BlockKind) -> BlockKind:
-    """Add a kind to the registry. Raises ``ValueError`` on a duplicate name or bad role."""
+    """Add a kind to the registry.
+
+    Raises:
+        ValueError: a duplicate name, an unknown role, a form in ``lacks`` that is not one of
+            :data:`FORMS` or given without a reason, or ``recurrent``/``state_grows`` on a
+            kind that is not a token or channel mixer.
+    """
     if kind.name in _REGISTRY:
         raise ValueError(f"block kind '{kind.name}' is registered twice")
     if kind.role not in ROLES:
         raise ValueError(f"block kind '{kind.name}' has unknown role '{kind.role}'")
+    for form, why in kind.lacks.items():
+        if form not in FORMS:
+            raise ValueError(
+                f"block kind '{kind.name}' lacks unknown form '{form}' (forms: {', '.join(FORMS)})"
+            )
+        if not isinstance(why, str) or not why.strip():
+            raise ValueError(f"block kind '{kind.name}' lacks '{form}' without a reason")
+    if (kind.recurrent or kind.state_grows) and kind.role not in ("token_mixer", "channel_mixer"):
+        raise ValueError(
+            f"block kind '{kind.name}': recurrent/state_grows are for token and channel mixers"
+        )
     _REGISTRY[kind.name] = kind
     return kind
 
@@ -186,4 +251,5 @@ def kinds(role: str | None = None) -> list[BlockKind]:
 
 
 def names(role: str | None = None) -> list[str]:
+    """Names of :func:`kinds` (of one role), in the same order."""
     return [k.name for k in kinds(role)]

@@ -1,5 +1,6 @@
-"""Convolution / MetaFormer token mixers (hyena, pooling, sepconv, token_mlp, identity) and
-the mixture-of-experts channel mixer."""
+"""Convolution / MetaFormer token mixers (hyena, pooling, sepconv, token_mlp, identity — every
+token mixer the registry holds that neither tests/test_blocks_recurrent.py covers nor
+:data:`ELSEWHERE` names) and the mixture-of-experts channel mixer."""
 
 from __future__ import annotations
 
@@ -19,10 +20,18 @@ from archir.registry import BuildContext
 from archir.spec import spec_from_dict
 from tests.conftest import ZOO
 
-TOKEN_MIXERS = ["hyena", "pooling", "sepconv", "token_mlp", "identity"]
+#: token mixers tested in other files
+ELSEWHERE = {"attention": "tests/test_block_options.py, tests/test_cost.py, tests/test_decode.py"}
+#: the rest, from the registry: recurrent kinds with a fixed-size state have their own file
+TOKEN_MIXERS = [
+    k.name
+    for k in registry.kinds("token_mixer")
+    if not (k.recurrent and not k.state_grows) and k.name not in ELSEWHERE
+]
 D = 32
 MAX = 320
 
+#: parameter sets of every kind in TOKEN_MIXERS and of moe (exact parameter counts)
 VARIANTS: dict[str, list[dict[str, Any]]] = {
     "hyena": [{}, {"order": 3, "short_kernel": 4, "filter_layers": 0, "bias": False}],
     "pooling": [{}, {"pool_size": 5}],
@@ -58,9 +67,17 @@ def test_shapes_any_length(name: str, causal: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "kw"), [(n, kw) for n, vs in VARIANTS.items() for kw in vs], ids=str
+    ("name", "kw"),
+    [(n, kw) for n in [*TOKEN_MIXERS, "moe"] for kw in VARIANTS.get(n, [None])],
+    ids=str,
 )
-def test_exact_param_count(name: str, kw: dict[str, Any]) -> None:
+def test_exact_param_count(name: str, kw: dict[str, Any] | None) -> None:
+    if kw is None:
+        pytest.fail(
+            f"token mixer '{name}' has no entry in VARIANTS (tests/test_blocks_conv_moe.py): add "
+            "its parameter sets ({} for the defaults), or name the file that tests it in "
+            "ELSEWHERE"
+        )
     kind = registry.get(name)
     m, p, ctx = build(name, **kw)
     assert sum(q.numel() for q in m.parameters()) == kind.n_params(p, ctx)

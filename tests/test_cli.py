@@ -74,6 +74,13 @@ def test_blocks_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     att = next(d for d in data if d["kind"] == "attention")
     assert att["role"] == "token_mixer" and "Vaswani" in att["paper"]
     assert {"name": "n_heads", "type": "int", "default": "4"} in att["params"]
+    # what the kind declares (registry.BlockKind): a KV cache that grows, no recurrence
+    assert (att["recurrent"], att["state_grows"], att["flops_exact"], att["lacks"]) == (
+        False,
+        True,
+        True,
+        {},
+    )
     assert main(["blocks", "--role", "norm", "--json"]) == 0
     norms = {d["kind"] for d in json.loads(capsys.readouterr().out)}
     assert norms == set(registry.names("norm"))

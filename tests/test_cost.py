@@ -61,6 +61,8 @@ def test_zoo_params_equal_module(path: Path, capsys: pytest.CaptureFixture[str])
     assert sum(b["params"] for b in shown["blocks"]) == real
 
 
+#: non-default options of ``flops_exact`` kinds (each kind's defaults: the registry-driven
+#: test below); every kind named here must declare ``flops_exact``
 FLOP_CASES = {
     "attention_rope": [{"kind": "attention", "n_heads": 4}],
     "attention_gqa_alibi_window": [
@@ -87,19 +89,21 @@ def test_flops_per_token_match_torch_counter(case: str, seq: int) -> None:
     assert archir.analyze(s, seq_len=seq).flops_per_token == measured
 
 
-EXACT_KINDS = [k.name for k in registry.kinds() if k.extra.get("flops_exact")]
+EXACT_KINDS = [k.name for k in registry.kinds() if k.flops_exact]
 
 
 def test_flops_exact_kinds_are_declared() -> None:
-    # the registry says which FLOPs rules equal torch's counter; the list is not empty and
-    # holds the kinds the hand-written cases above cover
-    assert {"attention", "mlp", "swiglu", "geglu"} <= set(EXACT_KINDS)
+    # the registry says which FLOPs rules equal torch's counter; the kinds the hand-written
+    # cases above compare with the counter are among them
+    used = {b["kind"] for blocks in FLOP_CASES.values() for b in blocks}
+    undeclared = sorted(used - set(EXACT_KINDS))
+    assert not undeclared, f"FLOP_CASES uses kinds not declared flops_exact: {undeclared}"
 
 
 @pytest.mark.parametrize("kind", EXACT_KINDS)
 @pytest.mark.parametrize("seq", [8, 32])
 def test_flops_of_every_exact_kind_match_torch_counter(kind: str, seq: int) -> None:
-    """Every kind that declares ``flops_exact`` (registry ``extra``), at its default
+    """Every kind that declares ``flops_exact`` (registry ``BlockKind.flops_exact``), at its default
     parameters: the cost rule equals ``torch.utils.flop_counter`` on the real module."""
     s = spec([{"kind": kind}])
     model = archir.compile(s).eval()
@@ -127,16 +131,23 @@ def test_attention_state_grows_with_length() -> None:
     assert archir.analyze(window, 64).state_bytes == archir.analyze(window, 128).state_bytes
 
 
-# every recurrent token mixer but hyena, whose step keeps the whole history (its state
-# grows with the length: test_blocks_conv_moe.py::test_hyena_state_bytes_grow_with_length)
-RECURRENT = [k.name for k in registry.kinds("token_mixer") if k.recurrent and k.name != "hyena"]
+MIXERS = [k for role in ("token_mixer", "channel_mixer") for k in registry.kinds(role)]
 
 
-@pytest.mark.parametrize("kind", RECURRENT)
-def test_recurrent_state_does_not_grow(kind: str) -> None:
-    s = spec([{"kind": kind}, {"kind": "mlp"}])
+@pytest.mark.parametrize("kind", MIXERS, ids=lambda k: k.name)
+def test_state_grows_exactly_where_declared(kind: registry.BlockKind) -> None:
+    """The decoding state at 256 tokens exceeds the state at 64 exactly when the kind
+    declares ``state_grows`` (attention's KV cache, hyena's history); a ``recurrent`` kind
+    holds a state at all."""
+    s = spec([{"kind": kind.name}], repeat=1)
     short, long = archir.analyze(s, 64).state_bytes, archir.analyze(s, 256).state_bytes
-    assert short == long > 0
+    assert (long > short) == kind.state_grows, (
+        f"{kind.name}: state {short} B at 64 tokens, {long} B at 256, but the registry says "
+        f"state_grows={kind.state_grows}: fix its state_bytes rule or its declaration"
+    )
+    assert long >= short
+    if kind.recurrent:
+        assert short > 0
 
 
 def test_weight_bytes_honour_bits() -> None:

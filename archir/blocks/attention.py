@@ -331,6 +331,7 @@ register(
         check=_check,
         paper="Vaswani et al., 2017, 'Attention Is All You Need' (+ GQA, RoPE, ALiBi, windows)",
         summary="multi-head softmax attention; causal/bidirectional, rope/alibi/none, GQA, window",
-        extra={"flops_exact": True},
+        state_grows=True,
+        flops_exact=True,
     )
 )

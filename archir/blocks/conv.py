@@ -262,6 +262,7 @@ register(
         state_bytes=_hyena_state,
         check=_hyena_check,
         recurrent=True,
+        state_grows=True,
         paper="Poli et al., 2023, 'Hyena Hierarchy: Towards Larger Convolutional Language Models'",
         summary="gated implicit long convolution (FFT; direct depthwise conv when exporting), causal",
     )
@@ -482,7 +483,7 @@ register(
         check=_sep_check,
         paper="Yu et al., 2023, 'MetaFormer Baselines for Vision' (ConvFormer)",
         summary="separable conv: pointwise expand, act, depthwise conv, pointwise project",
-        extra={"flops_exact": True},
+        flops_exact=True,
     )
 )
 
@@ -586,9 +587,10 @@ register(
         # per token: two [d, T]x[T, H] matmuls per sequence, divided by T tokens
         flops=lambda p, c, L: 4.0 * c.d_model * _tok_h(p, c),
         state_bytes=lambda p, c, L: 4 * c.d_model * L,
+        state_grows=True,
         paper="Tolstikhin et al., 2021, 'MLP-Mixer: An all-MLP Architecture for Vision'",
         summary="MLP across the sequence axis (lower-triangular masked when causal)",
-        extra={"flops_exact": True},
+        flops_exact=True,
     )
 )
 
@@ -622,6 +624,6 @@ register(
         flops=lambda p, c, L: 0.0,
         paper="Yu et al., 2022, 'MetaFormer Is Actually What You Need for Vision' (identity)",
         summary="no-op token mixer (skip)",
-        extra={"flops_exact": True},
+        flops_exact=True,
     )
 )

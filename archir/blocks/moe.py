@@ -238,6 +238,7 @@ register(
             "Fedus et al., 2022, 'Switch Transformers'"
         ),
         summary="top-k routed mixture of FFN experts, capacity factor, load-balancing loss",
-        extra={"flops_counts": "router + top_k experts (sparse path)", "flops_exact": True},
+        flops_exact=True,
+        extra={"flops_counts": "router + top_k experts (sparse path)"},
     )
 )

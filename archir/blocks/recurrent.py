@@ -683,6 +683,6 @@ register(
         paper="Peng et al., 2023, 'RWKV: Reinventing RNNs for the Transformer Era' (RWKV-4)",
         summary="RWKV channel mixing: token shift, squared-ReLU FFN, receptance gate",
         recurrent=True,
-        extra={"flops_exact": True},
+        flops_exact=True,
     )
 )

@@ -139,13 +139,6 @@ def ssd_scan(
 _ssd_scan_eager = torch.compiler.disable(ssd_scan)
 
 
-def _compiling_only() -> bool:
-    """Under ``torch.compile`` but not exporting (``torch.export``, ``torch.onnx``)."""
-    return torch.compiler.is_compiling() and not (
-        torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
-    )
-
-
 def ssd_flops(L: int, H: int, P: int, G: int, N: int) -> int:
     """Matmul FLOPs of :func:`ssd_scan` over one sequence of length ``L`` (eager chunking,
     padding included): ``C Bᵀ`` (2·Q·N per step and group) and the masked map times ``Δx``
@@ -244,7 +237,8 @@ class Mamba2(nn.Module):
         xs, Bm, Cm = torch.split(xbc, [self.di, self.G * self.N, self.G * self.N], dim=-1)
         xs = xs.reshape(Bsz, T, self.H, self.P)
         Bm, Cm = Bm.reshape(Bsz, T, self.G, self.N), Cm.reshape(Bsz, T, self.G, self.N)
-        scan = _ssd_scan_eager if _compiling_only() else ssd_scan
+        # under torch.compile but not exporting: captured, yet not by an exporter
+        scan = _ssd_scan_eager if tracing() and not tracing(compiling=False) else ssd_scan
         y = scan(xs, dt, -torch.exp(self.A_log), Bm, Cm) + xs * self.D[:, None]
         return self.out_proj(self.norm(y.flatten(-2), z))
 
@@ -333,6 +327,6 @@ register(
         ),
         summary="Mamba-2 SSD: scalar decay per head, grouped B/C, chunked matmul form, gated norm",
         recurrent=True,
-        extra={"flops_exact": True},
+        flops_exact=True,
     )
 )

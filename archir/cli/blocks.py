@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
                         "summary": k.summary,
                         "paper": k.paper,
                         "recurrent": k.recurrent,
+                        "state_grows": k.state_grows,
+                        "flops_exact": k.flops_exact,
+                        "lacks": dict(k.lacks),
                         "params": _params(k),
                     }
                     for k in kinds
