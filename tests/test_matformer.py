@@ -246,3 +246,15 @@ def test_front_prices_mixes_without_training(trained_run: Path) -> None:
     assert by[(0.25, 0.25)].metrics["val_bpb"] == pytest.approx(m["val_bpb@g0.25"], rel=1e-6)
     # the smallest model is never dominated on params
     assert any(rows[i].params == by[(0.25, 0.25)].params for i in front)
+
+
+def test_front_cli_prints_the_priced_mixes(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["extract", str(trained_run), "--front", "--max-mixes", "3", "--eval-batches", "1"]
+    assert main([*argv, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["metric"] == "val_bpb" and len(doc["mixes"]) == 3 and doc["front"]
+    assert [m["granularities"] for m in doc["mixes"]] == [[0.25] * 2, [0.5] * 2, [1.0] * 2]
+    assert main(["extract", str(trained_run)]) == 2  # neither --granularity nor --front
+    assert "either --granularity" in capsys.readouterr().err
