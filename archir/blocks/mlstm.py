@@ -369,6 +369,6 @@ register(
         ),
         summary="xLSTM mLSTM block: matrix memory C, exp input gate, stabilised, chunkwise form",
         recurrent=True,
-        extra={"flops_exact": True},
+        flops_exact=True,
     )
 )
