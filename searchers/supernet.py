@@ -464,6 +464,13 @@ class SuperNet(nn.Module):
         self.ref_spec = ref
         self.spec = ref.model
         graph = build_graph(ref)
+        down = [n.name for n in graph if n.op == "downsample"]
+        if down:
+            raise SearchError(
+                f"a one-shot supernet cannot hold a vision hierarchy (stages with a "
+                f"downsample: {', '.join(down)})",
+                hint="search it with --searcher tpe, nsga2, random, gp or evolution",
+            )
         self.graph = graph
         L = int(seq_len or min(ref.model.train.seq_len, ref.model.model.max_seq_len))
         self.seq_len = L

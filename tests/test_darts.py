@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -19,6 +20,8 @@ from searchers.objectives import Objective, parse_constraint
 from searchers.oneshot import OneShotConfig
 from searchers.run import run_search
 from searchers.supernet import MixedBlock, build_supernet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_space(**search: object) -> dict:
@@ -502,3 +505,18 @@ def test_sampled_paths_do_not_keep_the_aux_loss_of_a_candidate_off_the_path():
     y = net(x)
     assert net.aux_loss() is None
     y.sum().backward()  # no second backward through the moe step's freed graph
+
+
+def test_a_vision_hierarchy_is_refused_by_the_supernet():
+    """The supernet's plan has no downsample step; it must refuse a hierarchy, not build a
+    model that skips the stages' downsampling."""
+    import copy
+
+    data = copy.deepcopy(load_spec(ROOT / "specs" / "zoo" / "poolformer-s.yaml").data)
+    data["model"]["layers"][2]["blocks"][0] = {
+        "role": "token_mixer",
+        "kind": {"choice": ["pooling", "sepconv"]},
+    }
+    with pytest.raises(SearchError, match="cannot hold a vision hierarchy") as e:
+        build_supernet(spec_from_dict(data))
+    assert "layers.1.downsample" in str(e.value) and "--searcher tpe" in e.value.hint
