@@ -312,3 +312,22 @@ def test_export_with_strong_decays_matches_onnxruntime() -> None:
         with torch.no_grad():
             ref = m(x)
         assert _rel(torch.from_numpy(got), ref) < 1e-5
+
+
+@pytest.mark.slow
+def test_torch_compile_across_lengths() -> None:
+    """Under ``torch.compile`` (AOT autograd) the rule runs eagerly behind a graph break:
+    outputs and input gradients equal eager ones at lengths of one chunk, several, past
+    max_seq_len, and one chunk again (the order that broke the compiled backward)."""
+    torch.manual_seed(4)
+    m, _ = _build(max_seq_len=64, chunk=8)
+    compiled = torch.compile(m, backend="aot_eager")
+    for T in (5, 40, 77, 17, 130):
+        x = torch.randn(2, T, D, requires_grad=True)
+        y = compiled(x)
+        (g,) = torch.autograd.grad(y.square().sum(), x)
+        x2 = x.detach().requires_grad_(True)
+        y2 = m(x2)
+        (g2,) = torch.autograd.grad(y2.square().sum(), x2)
+        torch.testing.assert_close(y, y2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g, g2, atol=1e-5, rtol=1e-5)

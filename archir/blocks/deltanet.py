@@ -212,6 +212,20 @@ def gated_delta_rule(
     return o[:, :T] if capture or pad else o
 
 
+#: :func:`gated_delta_rule` run eagerly inside a ``torch.compile``d model (a graph break):
+#: the loopless form's dynamic-length graph trips AOT autograd's backward (a view over the
+#: padded, symbolic length) once a second length is compiled, as Mamba-2's SSD scan does.
+#: ``torch.export`` and the ONNX exporters trace it.
+_gated_delta_rule_eager = torch.compiler.disable(gated_delta_rule)
+
+
+def _compiling_only() -> bool:
+    """Under ``torch.compile`` but not exporting (``torch.export``, ``torch.onnx``)."""
+    return torch.compiler.is_compiling() and not (
+        torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    )
+
+
 def gdr_flops(L: int, H: int, dk: int, dv: int, chunk: int) -> int:
     """Matmul FLOPs of :func:`gated_delta_rule` run eagerly over one sequence of length
     ``L`` (padding included). Per chunk of ``Q`` steps and head: ``K Kᵀ`` and ``Q Kᵀ``
@@ -350,7 +364,8 @@ class GatedDeltaNet(nn.Module):
         qkv = self.conv1d(F.pad(qkv.transpose(1, 2), (self.K - 1, 0)))
         q, k, v = self._qkv(F.silu(qkv.transpose(1, 2)))
         g, beta = self._gates(b, a)
-        o = gated_delta_rule(q, k, v, g, beta, self.chunk, self.levels)
+        rule = _gated_delta_rule_eager if _compiling_only() else gated_delta_rule
+        o = rule(q, k, v, g, beta, self.chunk, self.levels)
         o = self.norm(o, z.reshape(*z.shape[:-1], self.H, self.dv) if self.use_gate else None)
         return self.out_proj(o.reshape(*o.shape[:-2], -1))
 
