@@ -456,6 +456,6 @@ register(
         ),
         summary="Gated DeltaNet: gated delta rule, chunked WY form, log-depth chunk scan",
         recurrent=True,
-        extra={"flops_exact": True},
+        flops_exact=True,
     )
 )
