@@ -92,7 +92,7 @@ def aaren_scan(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     ≤ 0. The maxima are treated as constants by autograd (the ratio does not depend on them),
     so gradients are those of the exact softmax.
     """
-    Bsz, T, H, P = v.shape
+    T, P = v.shape[1], v.shape[-1]
     capture = tracing()
     Q, nc = chunking(T, capture)
     pad = nc * Q - T
@@ -124,7 +124,7 @@ def aaren_scan(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             + torch.exp(M_in[..., None] - m)[..., None] * W_in[..., None, :]
         )
     o = acc[..., :P] / acc[..., P:]
-    o = o.permute(0, 2, 3, 1, 4).reshape(Bsz, nc * Q, H, P)
+    o = o.permute(0, 2, 3, 1, 4).flatten(1, 2)  # [B, nc·Q, H, P]
     return o[:, :T] if capture or pad else o
 
 
@@ -173,9 +173,10 @@ class Aaren(nn.Module):
 
     def _scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [..., d] -> (s [..., H], v [..., H, P])``."""
-        k = self.k_proj(x).unflatten(-1, (self.H, 1, self.P))
+        lead = x.shape[:-1]  # (not unflatten: TorchScript would fix the batch size)
+        k = self.k_proj(x).reshape(*lead, self.H, 1, self.P)
         s = torch.matmul(k, self.q)[..., 0, 0] * self.scale
-        return s, self.v_proj(x).unflatten(-1, (self.H, self.P))
+        return s, self.v_proj(x).reshape(*lead, self.H, self.P)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, v = self._scores(x)
