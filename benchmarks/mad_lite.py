@@ -34,6 +34,7 @@ MIXERS: dict[str, list[dict[str, Any]]] = {
     "slstm": [{"kind": "slstm"}],
     "mlstm": [{"kind": "mlstm"}],
     "gated_deltanet": [{"kind": "gated_deltanet"}],
+    "aaren": [{"kind": "aaren"}],
     # striped hybrid: first layer Mamba, second layer attention
     "hybrid": [{"kind": "mamba"}, {"kind": "attention", "n_heads": 4, "pos": "rope"}],
 }

@@ -54,6 +54,7 @@ NON_DEFAULT: dict[str, dict[str, object] | str] = {
         "bias": True,
     },
     "gated_deltanet": {"n_heads": 2, "expand_v": 1.0, "d_conv": 2, "conv_bias": True},
+    "aaren": {"n_heads": 2, "head_dim": 8, "bias": True},
 }
 
 

@@ -6,10 +6,12 @@ Families: ``norm``, ``embed``, ``heads``, ``attention``, ``mlp`` (MLP, SwiGLU, G
 ``conv`` (Hyena, PoolFormer pooling, ConvFormer separable convolution, MLP-Mixer token MLP,
 identity),
 ``mlstm`` (xLSTM's mLSTM),
+``aaren`` (Attention as an RNN: a learned query over every prefix),
 ``vision`` (the downsampling layers of vision hierarchies: strided convolution, patch merging).
 """
 
 from archir.blocks import (  # noqa: F401
+    aaren,
     attention,
     conv,
     deltanet,
