@@ -19,7 +19,10 @@ Variants (monkeypatches of this process only; nothing in the library changes):
 * ``rope``: attention's rotary table accepts the ``SymInt`` length that non-strict
   torch.export passes (today ``rope_cos_sin`` only takes ``int`` or a tensor, so non-strict
   capture of any RoPE attention fails and torch.onnx falls back to the slower strict
-  capture).
+  capture);
+* ``steps<P>``: Mamba's exported scan unrolled over ``P`` steps per sub-chunk instead of
+  ``archir.blocks.ssm.EXPORT_STEPS`` (fewer ops to trace, decompose and optimize; a
+  divisor of ``EXPORT_CHUNK``).
 
 ORT ms: one session per exported graph (1 thread, sequential), median of ``--reps`` runs
 at batch 1 and T 128 and 512, the variants' sessions interleaved run by run (same machine
@@ -57,7 +60,7 @@ from archir.spec import load_spec, spec_from_dict
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "specs" / "zoo"
 CASES = ("mamba-block", "attn-block", "zoo-mamba", "zoo-hybrid", "zoo-transformer")
-VARIANTS = ("base", "noopt", "rope")
+VARIANTS = ("base", "noopt", "rope", "steps<P>")
 PHASES = {
     "capture": "torch/export/__init__.py:",
     "decomp": "_fx_passes.py:10(decompose_with_registry)",
@@ -93,6 +96,12 @@ def variant(name: str) -> Iterator[None]:
 
         at.rope_cos_sin = rope
         undo.append(lambda: setattr(at, "rope_cos_sin", orig_rope))
+    elif name.startswith("steps"):
+        import archir.blocks.ssm as ssm
+
+        old = ssm.EXPORT_STEPS
+        ssm.EXPORT_STEPS = int(name.removeprefix("steps"))
+        undo.append(lambda: setattr(ssm, "EXPORT_STEPS", old))
     elif name != "base":
         raise SystemExit(f"unknown variant {name!r}: {', '.join(VARIANTS)}")
     try:
