@@ -486,3 +486,17 @@ def test_quantizer_import_leaves_logging_alone() -> None:
         root.setLevel(saved_level)
         if saved_mod is not None:
             sys.modules[name] = saved_mod
+
+
+def test_rope_attention_captures_non_strict_with_a_symbolic_length() -> None:
+    """torch.onnx tries torch.export's non-strict capture first; RoPE attention used to fail
+    it ('SymInt' object has no attribute 'dim'), so every attention export paid for a second,
+    strict capture."""
+    from archir.blocks.attention import Attention, AttentionParams
+
+    m = Attention(32, AttentionParams(n_heads=2, pos="rope"), causal=True).eval()
+    x = torch.randn(2, 9, 32)
+    seq = torch.export.Dim("seq", min=2, max=64)
+    ep = torch.export.export(m, (x,), dynamic_shapes=({1: seq},), strict=False)
+    y = torch.randn(2, 23, 32)
+    torch.testing.assert_close(ep.module()(y), m(y))
