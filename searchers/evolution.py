@@ -134,6 +134,14 @@ def genome_of(data: dict[str, Any], parent: int = 0) -> Genome:
     run_id = 0
     for gi, g in enumerate(data["model"]["layers"]):
         repeat = int(g.get("repeat", 1))
+        stage = [k for k in ("d_model", "downsample") if g.get(k) is not None]
+        if stage:
+            raise SearchError(
+                f"model.layers.{gi}: evolution cannot mutate a vision hierarchy yet (this "
+                f"group opens a stage: {', '.join(stage)}); its operators would move blocks "
+                "across stages of different widths",
+                hint="search its choices with --searcher tpe, nsga2, random or gp",
+            )
         if repeat > 1 and any("name" in b or "inputs" in b for b in g["blocks"]):
             raise SearchError(
                 f"model.layers.{gi}: evolution cannot unroll a repeated layer group with named "
