@@ -18,13 +18,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import archir
 from archir import registry
 from archir.blocks import aaren
 from archir.blocks.aaren import CHUNK, aaren_scan
-from archir.errors import ArchirError
 from archir.registry import BuildContext
-from archir.spec import spec_from_dict
+from tests.block_util import assert_located_param_error
 
 D = 32
 
@@ -134,21 +132,7 @@ def test_params_flops_state_and_step(params: dict[str, Any]) -> None:
 def test_bad_params_are_located_spec_errors(
     params: dict[str, Any], field: str, message: str
 ) -> None:
-    data = {
-        "archir": 1,
-        "name": "bad",
-        "model": {
-            "vocab_size": 64,
-            "d_model": D,
-            "max_seq_len": 64,
-            "embed": {"kind": "token_embedding"},
-            "layers": [{"repeat": 1, "blocks": [{"kind": "aaren", **params}]}],
-            "head": {"kind": "lm_head"},
-        },
-    }
-    with pytest.raises(ArchirError, match=message) as e:
-        archir.compile(spec_from_dict(data))
-    assert f"model.layers.0.blocks.0.{field}" in str(e.value)
+    assert_located_param_error("aaren", params, field, message, D)
 
 
 _HAS_ORT = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))

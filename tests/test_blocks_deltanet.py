@@ -21,13 +21,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import archir
 from archir import registry
 from archir.blocks import deltanet
 from archir.blocks.deltanet import gated_delta_rule, scan_levels, unit_lower_inverse
-from archir.errors import ArchirError
 from archir.registry import BuildContext
-from archir.spec import spec_from_dict
+from tests.block_util import assert_located_param_error
 
 D = 32
 
@@ -259,21 +257,7 @@ def test_matches_transformers_qwen3_next_gated_deltanet() -> None:
 def test_bad_params_are_located_spec_errors(
     params: dict[str, Any], field: str, message: str
 ) -> None:
-    data = {
-        "archir": 1,
-        "name": "bad",
-        "model": {
-            "vocab_size": 64,
-            "d_model": D,
-            "max_seq_len": 64,
-            "embed": {"kind": "token_embedding"},
-            "layers": [{"repeat": 1, "blocks": [{"kind": "gated_deltanet", **params}]}],
-            "head": {"kind": "lm_head"},
-        },
-    }
-    with pytest.raises(ArchirError, match=message) as e:
-        archir.compile(spec_from_dict(data))
-    assert f"model.layers.0.blocks.0.{field}" in str(e.value)
+    assert_located_param_error("gated_deltanet", params, field, message, D)
 
 
 _HAS_ORT = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))

@@ -21,13 +21,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import archir
 from archir import registry
 from archir.blocks import ssd
 from archir.blocks.ssd import CHUNK, chunking, ssd_scan
-from archir.errors import ArchirError
 from archir.registry import BuildContext
 from archir.spec import spec_from_dict
+from tests.block_util import assert_located_param_error
 
 D = 32
 
@@ -224,21 +223,7 @@ def test_matches_transformers_mamba2_mixer() -> None:
 def test_bad_params_are_located_spec_errors(
     params: dict[str, Any], field: str, message: str
 ) -> None:
-    data = {
-        "archir": 1,
-        "name": "bad",
-        "model": {
-            "vocab_size": 64,
-            "d_model": D,
-            "max_seq_len": 64,
-            "embed": {"kind": "token_embedding"},
-            "layers": [{"repeat": 1, "blocks": [{"kind": "mamba2", **params}]}],
-            "head": {"kind": "lm_head"},
-        },
-    }
-    with pytest.raises(ArchirError, match=message) as e:
-        archir.compile(spec_from_dict(data))
-    assert f"model.layers.0.blocks.0.{field}" in str(e.value)
+    assert_located_param_error("mamba2", params, field, message, D)
 
 
 _HAS_ORT = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
