@@ -53,6 +53,7 @@ def test_train_option_out_of_range_from_spec_is_located(tmp_path, capsys):
     assert "train.grad_clip" in capsys.readouterr().err
 
 
+@pytest.mark.heavy
 def test_output_piped_into_head_is_not_an_error():
     proc = subprocess.run(
         f"{sys.executable} -m archir.cli schema | head -1",

@@ -352,6 +352,7 @@ def _gen(capfd: Any, *argv: str) -> tuple[int, dict[str, Any] | None, str]:
     return rc, info, err
 
 
+@pytest.mark.heavy
 def test_generate_greedy_is_the_same_on_torch_and_onnxruntime(tmp_path: Any, capfd: Any) -> None:
     import safetensors.torch
 
@@ -461,6 +462,7 @@ def test_generate_needs_weights_or_says_so(tmp_path: Any, capfd: Any) -> None:
 # --------------------------------------------------------------------------- search
 
 
+@pytest.mark.heavy
 def test_a_search_optimizes_decode_cost(tmp_path: Any) -> None:
     """decode_ms_per_token and prefill_ms are objectives/constraints like latency_ms,
     measured on the decode graph that ships; every trial records them."""

@@ -119,6 +119,7 @@ def _check_children(run: Path, name: str = "evo") -> list[optuna.trial.FrozenTri
     return done
 
 
+@pytest.mark.heavy
 def test_evolution_grows_a_family_from_a_concrete_seed(tmp_path):
     spec = seed_spec(tmp_path)
     run = tmp_path / "run"
@@ -147,6 +148,7 @@ def test_evolution_grows_a_family_from_a_concrete_seed(tmp_path):
     assert (run / "pareto.json").is_file()
 
 
+@pytest.mark.heavy
 def test_evolution_with_two_workers_shares_one_population(tmp_path):
     spec = seed_spec(tmp_path, budget={"trials": 10})
     run = tmp_path / "run"
@@ -174,6 +176,7 @@ def test_evolution_with_two_workers_shares_one_population(tmp_path):
     assert 10 <= len(counted) <= 12
 
 
+@pytest.mark.heavy
 def test_evolution_resumes_after_kill9(tmp_path):
     spec = seed_spec(
         tmp_path,

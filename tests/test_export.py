@@ -365,6 +365,7 @@ def test_mamba_export_path_matches_eager_values_and_gradients(monkeypatch) -> No
         assert torch.allclose(y, y2, atol=1e-5) and torch.allclose(g, g2, atol=1e-4)
 
 
+@pytest.mark.heavy
 def test_moe_expert_banks_are_quantized(tmp_path: Path) -> None:
     spec = spec_from_dict(
         {

@@ -391,6 +391,7 @@ def _counted(run: Path, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
     return [t for t in trials if consumes_budget(t, retried)]
 
 
+@pytest.mark.heavy
 def test_interrupted_trials_are_retried_and_not_counted(tmp_path):
     """Ctrl-C stops trial 0; the resumed search starts with its configuration (trial 1) and
     SIGTERM stops that one too; the third run retries it again (trial 2) and finishes with

@@ -361,6 +361,7 @@ def test_resume_with_other_rungs_is_refused(tmp_path):
     assert_refused(r, contains="rungs [4, 8, 16] -> [4, 16]")
 
 
+@pytest.mark.heavy
 def test_a_promotion_killed_with_kill_9_resumes_from_its_checkpoint(tmp_path):
     """kill -9 while a promotion trains; the same command again retries it from the
     checkpoint it had (no rung is trained twice or lost) and finishes the ladder."""
@@ -425,6 +426,7 @@ def test_a_promotion_killed_with_kill_9_resumes_from_its_checkpoint(tmp_path):
     assert [t.number for t in same] == [retry.number]
 
 
+@pytest.mark.heavy
 def test_two_workers_share_one_ladder(tmp_path):
     spec = _ladder_spec(tmp_path, trials=8)
     run = tmp_path / "run"
@@ -502,6 +504,7 @@ def test_a_rung_never_takes_more_than_its_share():
     assert [(t.number, r) for t, r in promotions(trials, objs, [], n_rungs=3, eta=3)] == [(6, 1)]
 
 
+@pytest.mark.heavy
 def test_a_promotion_queued_twice_is_trained_once(tmp_path):
     """Two workers may queue the same promotion at once; the second one to run reuses the
     first's model (``duplicate_of``) and trains nothing."""

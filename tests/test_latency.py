@@ -292,6 +292,7 @@ def test_parts_cover_every_block_once_plus_fixed() -> None:
     assert len({p.signature for p in g.parts}) == 3
 
 
+@pytest.mark.heavy
 def test_part_and_whole_measured_at_their_shape() -> None:
     import archir
     from exporters.latency.calibrate import measure_part
@@ -316,6 +317,7 @@ def _ops(path: Path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
+@pytest.mark.heavy
 def test_measured_graph_is_the_shipped_graph_at_its_bits(tmp_path: Path) -> None:
     """What `archir latency` / a search times is the file `archir export --precision auto`
     writes: the same exporter, the same nodes, the precision the bits select (int8:
@@ -440,6 +442,7 @@ def test_cli_predict_defaults_to_the_calibrated_runtimes(
     assert rc == 2 and "--runtime torch" in capsys.readouterr().err
 
 
+@pytest.mark.heavy
 def test_runner_times_a_gla_hyena_hybrid_at_several_lengths(tmp_path: Path) -> None:
     """A GLA -> Hyena chain (whose one-piece TorchScript export used to fail) is timed on
     its shipped graph, one session for every length, matching PyTorch."""

@@ -179,6 +179,7 @@ def _search(spec: Path, url: str, out: Path, trials: int) -> list[str]:
     ]
 
 
+@pytest.mark.heavy
 def test_two_machines_one_killed_and_restarted(pg, tmp_path):
     """Two ``archir search`` processes share one study, each with its own run folder (two
     machines); one is killed with kill -9 in the middle of a trial and started again. Both
@@ -261,6 +262,7 @@ def test_two_machines_one_killed_and_restarted(pg, tmp_path):
     st.engine.dispose()
 
 
+@pytest.mark.heavy
 def test_a_ladder_with_two_workers_on_postgresql(pg, tmp_path):
     """The fidelity ladder (issue 12) on a PostgreSQL study with 2 workers: promotions are
     trials like any other, their learning curves are intermediate values in the database."""

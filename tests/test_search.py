@@ -614,6 +614,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.heavy
 def test_kill9_then_resume_loses_nothing(tmp_path):
     spec = make_spec(
         tmp_path,
@@ -659,6 +660,7 @@ def test_kill9_then_resume_loses_nothing(tmp_path):
     assert "resuming" in out.stdout and "left running by a killed process" in out.stdout
 
 
+@pytest.mark.heavy
 def test_two_workers_share_a_study(tmp_path):
     spec = make_spec(
         tmp_path,

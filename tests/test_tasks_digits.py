@@ -37,6 +37,7 @@ def test_check_model_errors(zoo):
         get_task("digits:mnist")
 
 
+@pytest.mark.heavy
 def test_vit_digits_learns(zoo):
     spec = load_spec(zoo / "vit-digits.yaml")
     cfg = TrainSection(task="digits", steps=300, batch_size=64, lr=3e-3, warmup_steps=10)

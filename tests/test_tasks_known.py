@@ -69,6 +69,7 @@ def mlp_blocks() -> list[dict]:
     return [MLP_ONLY, swiglu] if MLP_ONLY else [swiglu]
 
 
+@pytest.mark.heavy
 def test_recall_attention_beats_mlp_only_fast():
     # 4 values -> chance 0.25
     attn = recall(16, 200, [ATTN, {"kind": "swiglu", "expansion": 2}])
