@@ -1,7 +1,7 @@
 """MAD lite table for the zoo's token mixers.
 
-For every token mixer (attention, linear attention, GLA, RetNet, Mamba, S4D, Hyena, RWKV and
-a striped Mamba + attention hybrid) it builds a MAD-style language model — embedding, 2 x
+For every token mixer in the block registry (``identity`` excepted) and a striped Mamba +
+attention hybrid it builds a MAD-style language model — embedding, 2 x
 (token mixer, SwiGLU) pre-norm blocks, RMSNorm, LM head — runs ``archir.tasks.mad.run_mad``
 with the ``lite`` preset and prints per-task scores, the mean and CPU seconds.
 Kinds missing from the block registry are skipped with a note.
@@ -22,22 +22,22 @@ from typing import Any
 
 import torch
 
-MIXERS: dict[str, list[dict[str, Any]]] = {
-    "attention": [{"kind": "attention", "n_heads": 4, "pos": "rope"}],
-    "linear_attention": [{"kind": "linear_attention"}],
-    "gla": [{"kind": "gla"}],
-    "retnet": [{"kind": "retnet"}],
-    "mamba": [{"kind": "mamba"}],
-    "s4d": [{"kind": "s4d"}],
-    "hyena": [{"kind": "hyena"}],
-    "rwkv": [{"kind": "rwkv"}],
-    "slstm": [{"kind": "slstm"}],
-    "mlstm": [{"kind": "mlstm"}],
-    "gated_deltanet": [{"kind": "gated_deltanet"}],
-    "aaren": [{"kind": "aaren"}],
+#: every token mixer at its defaults, except where a parameter is set here
+OVERRIDES: dict[str, dict[str, Any]] = {"attention": {"n_heads": 4, "pos": "rope"}}
+
+
+def mixers() -> dict[str, list[dict[str, Any]]]:
+    """Name -> the token mixers of its layers (cycled), from the registry."""
+    from archir import registry
+
+    out = {
+        k.name: [{"kind": k.name, **OVERRIDES.get(k.name, {})}]
+        for k in registry.kinds("token_mixer")
+        if k.name != "identity"
+    }
     # striped hybrid: first layer Mamba, second layer attention
-    "hybrid": [{"kind": "mamba"}, {"kind": "attention", "n_heads": 4, "pos": "rope"}],
-}
+    out["hybrid"] = [{"kind": "mamba"}, {"kind": "attention", **OVERRIDES["attention"]}]
+    return out
 
 
 def make_spec(name: str, mixers: list[dict[str, Any]], d_model: int, layers: int):
@@ -72,27 +72,28 @@ def main(argv: list[str] | None = None) -> int:
     from archir.tasks import mad
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mixers", help="comma-separated subset of " + ",".join(MIXERS))
+    table = mixers()
+    ap.add_argument("--mixers", help="comma-separated subset of " + ",".join(table))
     ap.add_argument("--tasks", help="comma-separated subset of MAD tasks")
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2, help="(mixer, SwiGLU) pairs")
     ap.add_argument("--steps", type=int, help="override the lite preset's steps per setting")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", help="write all results to this JSON file")
+    ap.add_argument("--json", help="write the results to this JSON file (after every mixer)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.steps:
         mad.PRESETS["lite"] = replace(mad.PRESETS["lite"], steps=args.steps)
     tasks = args.tasks.split(",") if args.tasks else list(mad.TASKS)
-    names = args.mixers.split(",") if args.mixers else list(MIXERS)
+    names = args.mixers.split(",") if args.mixers else list(table)
     have = set(registry.names())
     rows: dict[str, Any] = {}
     for name in names:
-        missing = sorted({m["kind"] for m in MIXERS[name]} - have)
+        missing = sorted({m["kind"] for m in table[name]} - have)
         if missing:
             print(f"skip {name}: kind(s) {missing} not in the registry", flush=True)
             continue
-        spec = make_spec(name, MIXERS[name], args.d_model, args.layers)
+        spec = make_spec(name, table[name], args.d_model, args.layers)
         t0 = time.process_time()
         try:
             report = mad.run_mad(
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip {name}: {exc}", flush=True)
             continue
         rows[name] = {**report.to_dict(), "total_cpu_s": time.process_time() - t0}
+        if args.json:  # after every mixer: a long run that is stopped keeps what it measured
+            with open(args.json, "w") as f:
+                payload = {"args": vars(args), "data_version": mad.DATA_VERSION, "results": rows}
+                json.dump(payload, f, indent=2)
     if not rows:
         return 1
     short = {
@@ -127,10 +132,6 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | " + " | ".join(cells) + f" | {r['mean']:.3f} | {r['total_cpu_s']:.0f} |"
         )
     print("\n".join(lines))
-    if args.json:
-        with open(args.json, "w") as f:
-            payload = {"args": vars(args), "data_version": mad.DATA_VERSION, "results": rows}
-            json.dump(payload, f, indent=2)
     return 0
 
 
