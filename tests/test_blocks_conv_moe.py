@@ -171,7 +171,9 @@ def test_hyena_step_past_max_len_raises() -> None:
 def test_hyena_state_bytes_grow_with_length() -> None:
     kind = registry.get("hyena")
     p, ctx = kind.params(), BuildContext(d_model=D)
-    assert kind.state_bytes(p, ctx, 200) - kind.state_bytes(p, ctx, 100) == 4 * 2 * D * 100
+    # one [d, L] history per long filter: order - 1 of them (safari's order)
+    grows = 4 * (p.order - 1) * D * 100
+    assert kind.state_bytes(p, ctx, 200) - kind.state_bytes(p, ctx, 100) == grows
 
 
 # --------------------------------------------------------------------------- moe

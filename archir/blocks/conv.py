@@ -15,7 +15,7 @@ are the fp32 inference state a decoder keeps per sequence.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,21 +31,35 @@ from archir.registry import MAX_DIM, BlockKind, BuildContext, KindParams, NoPara
 class HyenaParams(KindParams):
     """Parameters of ``hyena``.
 
+    Conventions: ``order`` and the layout of every tensor follow the reference code,
+    HazyResearch/safari ``src/models/sequence/hyena.py`` (``HyenaOperator``, ``HyenaFilter``,
+    ``ExponentialModulation``), so the numbers of a safari config give the same operator and
+    a safari checkpoint maps onto archir's parameters by reshapes (see :class:`Hyena`).
+
     Attributes:
-        order: recurrence depth N (N gates and N long filters; the paper's default is 2).
-        short_kernel: width of the short depthwise causal convolution over projections.
-        filter_width: hidden width of the implicit-filter MLP.
-        filter_layers: hidden (Linear + Sin) layers of the filter MLP after the first.
-        emb_dim: positional features fed to the filter MLP (odd: time + sin/cos bands).
+        order: safari's ``order`` N (its default 2): ``N + 1`` input projections (gates
+            ``x⁰..x^{N-1}`` and the value ``v``), ``N`` gates and ``N - 1`` long filters.
+            This is *not* the paper's §3 N, whose order-N operator has N filters: safari's
+            order N is the paper's order N - 1 with one more gate, applied to ``v`` before
+            the first filter. (archir before this convention: its order N is today's N + 1
+            with that innermost gate fixed to 1.) At least 2.
+        short_kernel: width of the short depthwise causal convolution over the projections
+            (safari ``short_filter_order``).
+        filter_width: hidden width of the implicit-filter MLP (safari ``filter_order``).
+        filter_layers: hidden (Linear + Sin) layers of the filter MLP after the first
+            (safari ``num_inner_mlps``, whose default is 2).
+        emb_dim: positional features fed to the filter MLP (odd: time + sin/cos bands;
+            safari ``emb_dim``, whose filter default is 3).
         decay_fast, decay_slow: fractions of the sequence over which the fastest / slowest
-            channel's exponential window decays to 1e-2.
+            filter channel's exponential window decays to 1e-2 (safari ``fast_decay_pct``,
+            ``slow_decay_pct``).
         fft: long-convolution path. ``auto``: FFT, except while exporting (ONNX's DFT
             lowering does not run in onnxruntime), where a direct causal convolution
             (a depthwise conv1d with a length-T kernel, O(T²)) is used; ``on``/``off`` force FFT / direct.
-        bias: biases on the input and output projections.
+        bias: biases on the input and output projections (safari: always).
     """
 
-    order: int = Field(2, ge=1, le=8)
+    order: int = Field(2, ge=1, le=9)
     short_kernel: int = Field(3, ge=1, le=64)
     filter_width: int = Field(64, ge=1, le=MAX_DIM)
     filter_layers: int = Field(1, ge=0, le=8)
@@ -54,6 +68,11 @@ class HyenaParams(KindParams):
     decay_slow: float = Field(1.5, gt=0)
     fft: Literal["auto", "on", "off"] = "auto"
     bias: bool = True
+
+    def hash_dump(self) -> dict[str, Any]:
+        """The validated parameters plus the ``order`` convention (``safari``), so a stored
+        study's hyena trial, built under archir's earlier order, is not taken for this one."""
+        return {**super().hash_dump(), "order_convention": "safari"}
 
 
 class Sin(nn.Module):
@@ -70,10 +89,19 @@ class Sin(nn.Module):
 
 class ImplicitFilter(nn.Module):
     """Hyena's implicit long filter: an MLP over sinusoidal positional features, times an
-    exponentially decaying window, one filter per channel (Poli et al., 2023, §3.3).
+    exponentially decaying window, one filter per channel (Poli et al., 2023, §3.3; safari's
+    ``HyenaFilter`` with ``PositionalEmbedding`` and ``ExponentialModulation``).
 
     ``forward(T) -> h [n_out, T]`` (the first ``T`` taps of the length-``max_len`` filter,
-    so the filter at a position never depends on the sequence length).
+    so the filter at a position never depends on the sequence length). Output channel ``j``
+    decays at rate ``linspace(ln(1e-2)/decay_slow, ln(1e-2)/decay_fast, n_out)[j]``; in
+    :class:`Hyena` channel ``j = c·(order-1) + o`` is filter ``o`` of model channel ``c``
+    (safari's channel-major ``(v o)`` layout).
+
+    Buffers (not parameters, not in the state dict): ``z [max_len, emb]`` the positional
+    features ``[t, cos(f·w), sin(−f·w)]`` (safari's ``pos_emb.z`` without its batch axis),
+    ``t [max_len, 1]`` = ``linspace(0, 1, max_len)`` and ``deltas [1, n_out]`` the decay
+    rates (safari's ``modulation.deltas``); the window is ``exp(−t·|δ|)``.
     """
 
     def __init__(self, n_out: int, max_len: int, p: HyenaParams) -> None:
@@ -87,8 +115,11 @@ class ImplicitFilter(nn.Module):
         target = 1e-2
         max_decay = math.log(target) / p.decay_fast
         min_decay = math.log(target) / p.decay_slow
+        # the window exp(-t·|δ|) is evaluated in forward, in the module's dtype (as safari's
+        # ExponentialModulation does), not cached: in fp64 it is then fp64 throughout
+        self.register_buffer("t", t, persistent=False)
         deltas = torch.linspace(min_decay, max_decay, n_out)[None, :]
-        self.register_buffer("window", torch.exp(-t * deltas.abs()), persistent=False)
+        self.register_buffer("deltas", deltas, persistent=False)
         layers: list[nn.Module] = [nn.Linear(z.shape[1], p.filter_width), Sin(p.filter_width)]
         for _ in range(p.filter_layers):
             layers += [nn.Linear(p.filter_width, p.filter_width), Sin(p.filter_width)]
@@ -96,7 +127,7 @@ class ImplicitFilter(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, T: int) -> torch.Tensor:
-        h = self.mlp(self.z[:T]) * self.window[:T]  # [T, n_out]
+        h = self.mlp(self.z[:T]) * torch.exp(-self.t[:T] * self.deltas.abs())  # [T, n_out]
         return h.transpose(0, 1)
 
 
@@ -125,30 +156,53 @@ def causal_conv_direct(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 class Hyena(nn.Module):
     """Hyena operator (Poli et al., 2023, "Hyena Hierarchy: Towards Larger Convolutional
-    Language Models").
+    Language Models"), as the reference code computes it (HazyResearch/safari,
+    ``HyenaOperator`` with one head, ``inner_factor`` 1, one block, no outer mixing, identity
+    activation).
 
-    ``x [batch, seq, d] -> [batch, seq, d]``, causal, ``seq <= max_seq_len``. The input is
-    projected to ``(N+1)·d`` channels, passed through a short depthwise causal convolution
-    and split into gates ``x¹..x^N`` and a value ``v``; then ``z¹ = v``,
-    ``z^{n+1} = x^n ⊙ (h^n * z^n + D^n ⊙ z^n)`` with implicit long filters ``h^n``; the
-    output projection maps ``z^{N+1}`` back to ``d``.
+    ``x [batch, seq, d] -> [batch, seq, d]``, causal, ``seq <= max_seq_len``. With
+    ``N = order``: the input is projected to ``(N+1)·d`` channels, passed through a short
+    depthwise causal convolution and split into ``x⁰, …, x^{N-1}, v`` (``d`` channels each,
+    in that order); then for ``o = 0 … N-2``::
+
+        v ← x^{N-1-o} ⊙ v
+        v ← h_o * v + D_o ⊙ v          (causal long convolution with implicit filter h_o)
+
+    and ``y = out_proj(x⁰ ⊙ v)`` — safari's loop over ``reversed(x[1:])`` and its final gate.
+
+    Porting a safari checkpoint (reshapes only): ``in_proj``, ``out_proj`` and
+    ``short_filter`` → ``in_proj``, ``out_proj``, ``short`` as they are; ``filter_fn
+    .implicit_filter.{0,2,4,…}`` (Linear) → ``filter.mlp.{0,2,4,…}``, the last one included;
+    safari's Sin frequency ``[1, w]`` (one module shared by every Sin of its MLP) →
+    ``filter.mlp.{1,3,…}.freq [w]`` (one per layer here: copy it into each); ``filter_fn
+    .bias [(N-1)·d]`` (channel-major ``(c o)``) → ``skip [d, N-1]``; the filter output and
+    its decay rates ``modulation.deltas`` are channel-major in both. Safari trains the
+    positional features ``pos_emb.z`` (``lr_pos_emb``; its pile config trains them at the
+    model's rate): archir keeps them as a fixed buffer, so copy a trained ``z[0]`` into
+    ``filter.z``. Not in archir: ``num_heads``/``inner_factor``/``num_blocks`` > 1, outer
+    mixing, ``post_order_ffn``, an output activation, dropouts, ``normalized`` filters, a
+    modulation ``shift``, ``modulate: false``, the initial Sin frequency ``w`` (archir: 1,
+    safari's ``HyenaFilter`` default). ``D`` starts at ``N(0, 0.02²)`` here, ``N(0, 1)``
+    in safari.
 
     Step form: ``init_state(batch)`` returns ``(short-conv buffer [B, (N+1)d, k-1],
-    history [B, N, d, max_seq_len], position [] int64)``; ``step(x_t [B, d], state)`` agrees
-    with ``forward`` to 1e-5. Raises ``ValueError`` past ``max_seq_len``.
+    history of the long convolutions' inputs [B, N-1, d, max_seq_len], position [] int64)``;
+    ``step(x_t [B, d], state)`` agrees with ``forward``. Raises ``ValueError`` past
+    ``max_seq_len``.
     """
 
     def __init__(self, d: int, max_len: int, p: HyenaParams) -> None:
         super().__init__()
         self.d, self.order, self.max_len, self.k = d, p.order, max_len, p.short_kernel
+        self.n_filters = p.order - 1
         self.fft = p.fft
         C = (p.order + 1) * d
         self.in_proj = nn.Linear(d, C, bias=p.bias)
         self.short = nn.Conv1d(C, C, p.short_kernel, groups=C, bias=True)
-        self.filter = ImplicitFilter(p.order * d, max_len, p)
+        self.filter = ImplicitFilter(d * self.n_filters, max_len, p)
         self.decode_limit = max_len  # the filter is max_len long
-        self.state_names = ("short conv inputs", "input history", "position")
-        self.skip = nn.Parameter(torch.randn(p.order, d) * 0.02)  # D^n
+        self.state_names = ("short conv inputs", "long convolutions' input history", "position")
+        self.skip = nn.Parameter(torch.randn(d, self.n_filters) * 0.02)  # D, channel-major
         self.out_proj = nn.Linear(d, d, bias=p.bias)
         init_linear(self.in_proj)
         init_linear(self.out_proj)
@@ -158,17 +212,22 @@ class Hyena(nn.Module):
             return not tracing(compiling=False)  # an exported graph takes the direct form
         return self.fft == "on"
 
+    def _filters(self, T: int) -> torch.Tensor:
+        """``[d, N-1, T]``: filter ``o`` of channel ``c`` at ``[c, o]``."""
+        return self.filter(T).view(self.d, self.n_filters, T)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         x = self.in_proj(x).transpose(1, 2)  # [B, C, T]
         x = self.short(F.pad(x, (self.k - 1, 0)))
         parts = x.split(d, dim=1)
-        gates, z = parts[:-1], parts[-1]
-        h = self.filter(T).view(self.order, d, T)
+        gates, v = parts[:-1], parts[-1]  # x⁰ … x^{N-1}, v
+        h = self._filters(T)
         conv = causal_conv_fft if self._use_fft() else causal_conv_direct
-        for n in range(self.order):
-            z = gates[n] * (conv(z, h[n]) + self.skip[n][:, None] * z)
-        return self.out_proj(z.transpose(1, 2))
+        for o in range(self.n_filters):
+            v = v * gates[self.order - 1 - o]
+            v = conv(v, h[:, o]) + self.skip[:, o, None] * v
+        return self.out_proj((v * gates[0]).transpose(1, 2))
 
     def init_state(
         self,
@@ -179,7 +238,7 @@ class Hyena(nn.Module):
         C = (self.order + 1) * self.d
         return (
             torch.zeros(batch, C, self.k - 1, device=device, dtype=dtype),
-            torch.zeros(batch, self.order, self.d, self.max_len, device=device, dtype=dtype),
+            torch.zeros(batch, self.n_filters, self.d, self.max_len, device=device, dtype=dtype),
             torch.zeros((), dtype=torch.long, device=device),
         )
 
@@ -193,19 +252,20 @@ class Hyena(nn.Module):
         win = torch.cat([buf, x], dim=-1)  # [B, C, k]
         xc = (win * self.short.weight[:, 0, :]).sum(-1) + self.short.bias
         parts = xc.split(self.d, dim=-1)
-        gates, z = parts[:-1], parts[-1]
+        gates, v = parts[:-1], parts[-1]
         L = self.max_len
-        h = self.filter(L).view(self.order, self.d, L)
+        h = self._filters(L)
         s = torch.arange(L, device=x_t.device)
         lag = pos - s
-        taps = h[:, :, lag.clamp(min=0)] * (lag >= 0).to(h.dtype)  # [N, d, L]: h[t - s]
+        taps = h[:, :, lag.clamp(min=0)] * (lag >= 0).to(h.dtype)  # [d, N-1, L]: h[t - s]
         here = (s == pos)[None, None, :]
         new_hist = []
-        for n in range(self.order):
-            hn = torch.where(here, z[..., None], hist[:, n])  # [B, d, L]
-            new_hist.append(hn)
-            z = gates[n] * ((hn * taps[n]).sum(-1) + self.skip[n] * z)
-        y = self.out_proj(z)
+        for o in range(self.n_filters):
+            u = v * gates[self.order - 1 - o]
+            hist_o = torch.where(here, u[..., None], hist[:, o])  # [B, d, L]
+            new_hist.append(hist_o)
+            v = (hist_o * taps[:, o]).sum(-1) + self.skip[:, o] * u
+        y = self.out_proj(v * gates[0])
         return y, (win[..., 1:], torch.stack(new_hist, dim=1), pos + 1)
 
 
@@ -215,7 +275,7 @@ def _hyena_params(p: HyenaParams, c: BuildContext) -> int:
     n = linear_params(d, C, p.bias) + C * p.short_kernel + C
     n += linear_params(1 + 2 * ((p.emb_dim - 1) // 2), w, True) + w
     n += p.filter_layers * (linear_params(w, w, True) + w)
-    n += w * N * d + N * d
+    n += w * (N - 1) * d + (N - 1) * d
     return n + linear_params(d, d, p.bias)
 
 
@@ -226,27 +286,32 @@ def _fft_flops(n: int) -> float:
 
 def _hyena_flops(p: HyenaParams, c: BuildContext, L: int) -> float:
     """Per token: projections, short conv, the filter MLP (evaluated once per position),
-    per order the long convolution (FFT path: 3 real FFTs of length 2L plus the complex
-    product, divided by L; direct path: the depthwise length-T convolution, 2·L per channel),
-    the skip term and the gate."""
+    per long filter (``order - 1`` of them) the gate before it, the long convolution (FFT
+    path: 3 real FFTs of length 2L plus the complex product, divided by L; direct path: the
+    depthwise length-T convolution, 2·L per channel) and the skip term, then the last gate."""
     d, N, w = c.d_model, p.order, p.filter_width
     C = (N + 1) * d
     f = 2.0 * d * C + 2.0 * C * p.short_kernel + 2.0 * d * d
     emb = 1 + 2 * ((p.emb_dim - 1) // 2)
-    f += 2.0 * (emb * w + p.filter_layers * w * w + w * N * d) + N * d  # MLP + window
+    f += 2.0 * (emb * w + p.filter_layers * w * w + w * (N - 1) * d) + (N - 1) * d  # MLP, window
     if p.fft == "off":
         long = 2.0 * L
     else:
         long = (3 * _fft_flops(2 * L) + 6.0 * (L + 1)) / L
-    return f + N * d * (long + 3.0)
+    return f + (N - 1) * d * (long + 3.0) + d
 
 
 def _hyena_state(p: HyenaParams, c: BuildContext, L: int) -> int:
     d, N = c.d_model, p.order
-    return 4 * (N * d * L + (N + 1) * d * (p.short_kernel - 1))
+    return 4 * ((N - 1) * d * L + (N + 1) * d * (p.short_kernel - 1))
 
 
 def _hyena_check(p: HyenaParams, c: BuildContext) -> None:
+    if p.order < 2:
+        raise ValueError(
+            f"order must be at least 2 (hyena's order is safari's: order N has N-1 long "
+            f"filters; archir's earlier order {p.order} is order {p.order + 1}), got {p.order}"
+        )
     if p.emb_dim % 2 == 0:
         raise ValueError(f"hyena emb_dim must be odd (time + sin/cos pairs), got {p.emb_dim}")
 

@@ -1,0 +1,205 @@
+"""Hyena (kind ``hyena``, Poli et al. 2023) against its reference code's conventions
+(HazyResearch/safari ``src/models/sequence/hyena.py``), beyond the registry-driven tests in
+tests/test_blocks_conv_moe.py.
+
+A safari ``HyenaOperator`` (one head) is written here from its equations, with every tensor
+in safari's layout: ``in_proj`` to ``order + 1`` parts, the short causal convolution, the
+implicit filter (positional features, Sin MLP whose one frequency vector is shared by every
+layer, channel-major ``(v o)`` outputs and decay rates), the FFT long convolution with the
+``D`` bias, and the gates in safari's order (``reversed(x[1:])``, then ``x[0]``). archir's
+block built from those tensors by reshapes only matches it to 1e-10 in fp64 (FFT and direct
+paths, orders 2 and 3); the step form matches too; the counts of projections, filters and
+state follow ``order``; ``order: 1`` is a located error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from archir import registry
+from archir.blocks.conv import Hyena, HyenaParams
+from archir.registry import BuildContext
+from tests.block_util import assert_located_param_error
+
+D, L = 8, 40
+
+
+def _build(d: int = D, max_len: int = L, **params: Any) -> tuple[Hyena, HyenaParams]:
+    kind = registry.get("hyena")
+    p = kind.params(**params)
+    ctx = BuildContext(d_model=d, max_seq_len=max_len)
+    kind.check(p, ctx)
+    torch.manual_seed(0)
+    m = kind.build(p, ctx)
+    assert isinstance(m, Hyena)
+    return m, p
+
+
+def _safari_tensors(p: HyenaParams, d: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """Random weights and the fixed tensors of a safari HyenaOperator, in safari's shapes
+    (``HyenaFilter`` of ``d·(order-1)`` channels; fp32, as safari builds them)."""
+    g = torch.Generator().manual_seed(1)
+    N, w, k = p.order, p.filter_width, p.short_kernel
+    C = (N + 1) * d
+    emb = p.emb_dim
+
+    def r(*shape: int, s: float = 0.5) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * s
+
+    t: dict[str, torch.Tensor] = {
+        "in_proj.weight": r(C, d),
+        "in_proj.bias": r(C),
+        "short_filter.weight": r(C, 1, k),
+        "short_filter.bias": r(C),
+        "out_proj.weight": r(d, d),
+        "out_proj.bias": r(d),
+        "filter_fn.bias": r((N - 1) * d),  # D, '(v o)'
+        # one Sin module, shared by every layer of the MLP (implicit_filter.1, .3, ...)
+        "filter_fn.implicit_filter.1.freq": 1.0 + r(1, w, s=0.2),
+        "filter_fn.implicit_filter.0.weight": r(w, emb),
+        "filter_fn.implicit_filter.0.bias": r(w),
+        f"filter_fn.implicit_filter.{2 * p.filter_layers + 2}.weight": r((N - 1) * d, w, s=0.3),
+    }
+    for i in range(p.filter_layers):  # num_inner_mlps
+        t[f"filter_fn.implicit_filter.{2 * i + 2}.weight"] = r(w, w, s=0.3)
+        t[f"filter_fn.implicit_filter.{2 * i + 2}.bias"] = r(w)
+    # PositionalEmbedding: z = [t, Re, Im] of exp(-i f w), t = linspace(0, 1, L)
+    bands = (emb - 1) // 2
+    tt = torch.linspace(0, 1, seq_len)[None, :, None]
+    ww = 2 * math.pi * torch.linspace(0, seq_len - 1, seq_len)[None, :, None] / seq_len
+    f = torch.linspace(1e-4, bands - 1, bands)[None, None]
+    zc = torch.exp(-1j * f * ww)
+    t["filter_fn.pos_emb.z"] = torch.cat([tt, zc.real, zc.imag], dim=-1)
+    t["filter_fn.pos_emb.t"] = tt
+    # ExponentialModulation over the d·(order-1) filter channels
+    fast, slow = math.log(1e-2) / p.decay_fast, math.log(1e-2) / p.decay_slow
+    t["filter_fn.modulation.deltas"] = torch.linspace(slow, fast, (N - 1) * d)[None, None]
+    return t
+
+
+def _safari_forward(u: torch.Tensor, t: dict[str, torch.Tensor], p: HyenaParams) -> torch.Tensor:
+    """safari's ``HyenaOperator.forward`` (one head, one block, identity activation, no
+    dropout), written from its equations: ``u [B, T, d] -> [B, T, d]``."""
+    B, T, d = u.shape
+    N, k = p.order, p.short_kernel
+    x = (u @ t["in_proj.weight"].T + t["in_proj.bias"]).transpose(1, 2)  # b d l
+    C = x.shape[1]
+    sw, sb = t["short_filter.weight"], t["short_filter.bias"]
+    uc = F.conv1d(x, sw, sb, padding=k - 1, groups=C)[..., :T]
+    *xs, v = uc.split(d, dim=1)
+    # implicit filter: Linear, Sin, (Linear, Sin)*, Linear (no bias); modulation
+    fil = "filter_fn.implicit_filter"
+    freq = t[f"{fil}.1.freq"]
+    z = t["filter_fn.pos_emb.z"][:, :T]
+    h = torch.sin(freq * (z @ t[f"{fil}.0.weight"].T + t[f"{fil}.0.bias"]))
+    for i in range(2, 2 * p.filter_layers + 2, 2):
+        h = torch.sin(freq * (h @ t[f"{fil}.{i}.weight"].T + t[f"{fil}.{i}.bias"]))
+    h = h @ t[f"{fil}.{2 * p.filter_layers + 2}.weight"].T  # [1, T, (N-1)·d]
+    h = h * torch.exp(-t["filter_fn.pos_emb.t"][:, :T] * t["filter_fn.modulation.deltas"].abs())
+    kk = h[0].T.reshape(d, N - 1, T).permute(1, 0, 2)  # 'c l (v o) -> c o v l'
+    bias = t["filter_fn.bias"].reshape(d, N - 1).T  # '(v o) -> o v'
+    n = 2 * T
+    for o, x_i in enumerate(reversed(xs[1:])):
+        v = v * x_i
+        k_f = torch.fft.rfft(kk[o], n=n) / n
+        y = torch.fft.irfft(torch.fft.rfft(v, n=n) * k_f, n=n, norm="forward")[..., :T]
+        v = y + v * bias[o][:, None]
+    y = (v * xs[0]).transpose(1, 2)
+    return y @ t["out_proj.weight"].T + t["out_proj.bias"]
+
+
+def _port(m: Hyena, t: dict[str, torch.Tensor], p: HyenaParams) -> None:
+    """Load safari-layout tensors into archir's block: renames and reshapes only (and, as a
+    port of a trained model would, safari's positional features into the ``z`` buffer)."""
+    sd = {
+        "short.weight": t["short_filter.weight"],
+        "short.bias": t["short_filter.bias"],
+        "skip": t["filter_fn.bias"].reshape(m.d, p.order - 1),
+    }
+    for name in ("in_proj.weight", "in_proj.bias", "out_proj.weight", "out_proj.bias"):
+        sd[name] = t[name]
+    fil = "filter_fn.implicit_filter."
+    for name, v in t.items():
+        if name.startswith(fil):
+            i, field = name[len(fil) :].split(".")
+            if field == "freq":  # safari's one shared Sin -> each Sin layer here
+                for j in range(1, 2 * p.filter_layers + 2, 2):
+                    sd[f"filter.mlp.{j}.freq"] = v.reshape(-1)
+            else:
+                sd[f"filter.mlp.{i}.{field}"] = v
+    m.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        m.filter.z.copy_(t["filter_fn.pos_emb.z"][0])
+
+
+@pytest.mark.parametrize(
+    "params,fft",
+    [
+        ({"order": 2, "filter_layers": 2, "emb_dim": 3}, "on"),  # safari's defaults
+        ({"order": 3, "filter_layers": 1, "emb_dim": 5, "short_kernel": 4}, "on"),
+        ({"order": 3, "filter_layers": 0, "emb_dim": 5, "decay_fast": 0.1}, "off"),
+    ],
+)
+def test_matches_safari_operator_from_its_tensors(params: dict[str, Any], fft: str) -> None:
+    m, p = _build(filter_width=12, fft=fft, **params)
+    t = _safari_tensors(p, D, L)
+    # same counts as safari: order+1 projections, order-1 filters, order-1 D's
+    assert m.in_proj.out_features == (p.order + 1) * D
+    assert m.filter.mlp[-1].out_features == (p.order - 1) * D
+    # the decay rates are safari's modulation's, in its channel-major layout, bit for bit
+    assert torch.equal(m.filter.deltas, t["filter_fn.modulation.deltas"][0])
+    assert torch.equal(m.filter.t, t["filter_fn.pos_emb.t"][0])
+    # the positional features are safari's (computed through sin/cos instead of exp(-i·))
+    torch.testing.assert_close(m.filter.z, t["filter_fn.pos_emb.z"][0], atol=1e-6, rtol=0)
+    _port(m, t, p)
+    m = m.double()
+    t64 = {name: v.double() for name, v in t.items()}
+    x = torch.randn(2, 29, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = _safari_forward(x, t64, p)
+        got = m(x)
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 1e-10, err
+    assert ref.abs().max() > 1e-3  # a real signal, not zeros
+
+
+def test_step_matches_forward_in_fp64() -> None:
+    m, p = _build(order=3, filter_width=12, short_kernel=4)
+    _port(m, _safari_tensors(p, D, L), p)
+    m = m.double()
+    x = torch.randn(2, 23, D, dtype=torch.float64)
+    with torch.no_grad():
+        full = m(x)
+        state = m.init_state(2, dtype=torch.float64)
+        ys = []
+        for i in range(x.shape[1]):
+            y, state = m.step(x[:, i], state)
+            ys.append(y)
+    err = ((torch.stack(ys, 1) - full).abs().max() / full.abs().max()).item()
+    assert err <= 1e-10, err
+
+
+@pytest.mark.parametrize("order", [2, 4])
+def test_counts_follow_order(order: int) -> None:
+    kind = registry.get("hyena")
+    m, p = _build(order=order, filter_width=16, short_kernel=3)
+    ctx = BuildContext(d_model=D, max_seq_len=L)
+    assert sum(q.numel() for q in m.parameters()) == kind.n_params(p, ctx)
+    assert m.skip.shape == (D, order - 1)
+    buf, hist, pos = m.init_state(3)
+    assert buf.shape == (3, (order + 1) * D, 2) and hist.shape == (3, order - 1, D, L)
+    real = 4 * (buf[0].numel() + hist[0].numel())
+    assert kind.state_bytes(p, ctx, L) == real
+
+
+def test_order_one_is_a_located_error() -> None:
+    assert_located_param_error("hyena", {"order": 1}, "order", "at least 2", d_model=D)
+
+
+def test_hash_marks_the_order_convention() -> None:
+    assert HyenaParams(order=3).hash_dump()["order_convention"] == "safari"
