@@ -22,7 +22,7 @@ of ``L``).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -331,11 +331,44 @@ register(
 
 
 class RetNetParams(KindParams):
+    """Parameters of ``retnet``.
+
+    Attributes:
+        n_heads: retention heads ``H`` (head ``h`` decays at ``γ_h = 1 − 2^(−5−h)``).
+        expand_v: value width ``dv = round(expand_v·d_model)`` (the paper uses 2).
+        pos: ``rope``: rotary positions on queries and keys (no xPos scale); ``none``.
+        rope_base: the rotary base (torchscale fixes it at 10000).
+        eps: epsilon of the per-head norm (fla's default 1e-5; torchscale's
+            ``layernorm_eps`` is 1e-6: write ``eps: 1.0e-6`` to port a torchscale model).
+        convention: which reference implementation the block follows, for everything the
+            paper leaves open (all else is shared):
+
+            * ``fla`` (default; fla-org/flash-linear-attention ``fla/layers/
+              multiscale_retention.py``): rotary frequencies ``base^(−2i/hk)`` in the
+              rotate-half layout; no retention normalisation; per-head GroupNorm (mean and
+              variance over the head, weight and bias of width ``dv``; fla's current layer
+              uses an RMSNorm with a weight instead). Projections initialised N(0, 0.02²).
+            * ``torchscale`` (microsoft/torchscale as of Nov 2023, ``torchscale/component/
+              multiscale_retention.py`` and ``RetNetRelPos`` in ``architecture/retnet.py``):
+              rotary angles ``base^(−linspace(0, 1, hk/2)_i)`` in the interleaved
+              "rotate every two" layout; the decay matrix divided by the square root of its
+              row sum, ``D_ts = γ^(t−s) / sqrt(Σ_{s'≤t} γ^(t−s'))``; in ``forward`` (the
+              parallel form) each score row divided by ``clamp(Σ_s |(QKᵀ ⊙ D)_ts|, 1,
+              5e4)`` (no gradient through it); the current per-head RMSNorm without affine
+              weights (the July 2023 release had a LayerNorm without affine weights and
+              biases on every projection: not offered). Projections initialised as
+              torchscale does (Xavier uniform, gain 2^−2.5 for q, k, v, g and 2^−1 for the
+              output).
+    """
+
     n_heads: int = Field(4, ge=1, le=MAX_DIM)
     expand_v: float = Field(2.0, gt=0, le=8)
     pos: Literal["rope", "none"] = "rope"
     rope_base: float = Field(10000.0, gt=1)
     eps: float = Field(1e-5, gt=0)
+    convention: Literal["fla", "torchscale"] = "fla"
+
+    added_later: ClassVar[frozenset[str]] = frozenset({"convention"})
 
 
 def _retnet_dv(p: RetNetParams, d: int) -> int:
@@ -357,19 +390,49 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def torchscale_angles(hd: int, base: float = 10000.0) -> torch.Tensor:
+    """torchscale's rotary angles per channel, ``[hd]`` fp32: ``θ_i = base^(−linspace(0, 1,
+    hd/2)_i)`` written twice in a row, ``(θ₀, θ₀, θ₁, θ₁, …)`` (``RetNetRelPos.angle``)."""
+    theta = 1.0 / (base ** torch.linspace(0, 1, hd // 2))
+    return theta.repeat_interleave(2)
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x·cos + rot(x)·sin`` with adjacent pairs rotated, ``(x₀, x₁, x₂, x₃, …) ->
+    (−x₁, x₀, −x₃, x₂, …)`` (torchscale's ``rotate_every_two``; a constant gather and a
+    sign, so the graph keeps a dynamic sequence axis). ``x [..., hd]``, ``cos, sin``
+    broadcastable to it."""
+    hd = x.shape[-1]
+    idx = torch.tensor([i ^ 1 for i in range(hd)], device=x.device)
+    sign = torch.tensor([(-1.0) ** (i + 1) for i in range(hd)], dtype=x.dtype, device=x.device)
+    return x * cos + x.index_select(-1, idx) * sign * sin
+
+
 class RetNet(nn.Module):
     """Multi-scale retention (Sun et al., 2023, "Retentive Network: A Successor to
     Transformer for Large Language Models").
 
     Per head ``h`` a fixed decay ``γ_h = 1 − 2^(−5−h)``: ``S_t = γ_h S_{t-1} + k_t v_tᵀ``,
     ``o_t = S_tᵀ q_t`` (keys scaled by ``hd^-½``; optional rotary positions on q, k — the
-    xPos length-extrapolation scale is omitted); then per-head GroupNorm, swish gate and output
-    projection: ``W_o(swish(W_g x) ⊙ GN(o))``. The retention-score normalizations of the paper
-    are omitted: GroupNorm is invariant to a per-head, per-token scale.
-    Values have width ``dv = expand_v·d`` (the paper uses 2).
-    ``forward``: ``[B, T, d] -> [B, T, d]`` via ``(QKᵀ ⊙ D) V``, ``D_ts = γ^(t−s)`` for ``s ≤ t``.
-    State: ``S [B, H, d/H, dv/H]`` and the position ``[B]``.
+    xPos length-extrapolation scale is omitted); then the per-head norm, swish gate and output
+    projection: ``W_o(swish(W_g x) ⊙ norm(o))``. Values have width ``dv = expand_v·d``.
+    ``forward``: ``[B, T, d] -> [B, T, d]`` via ``(QKᵀ ⊙ D) V``, ``D_ts = γ^(t−s)`` for
+    ``s ≤ t``. State: ``S [B, H, d/H, dv/H]`` and the position ``[B]``.
+
+    ``convention`` (see :class:`RetNetParams`) picks fla's or torchscale's rotary layout,
+    normalisations and norm. ``fla``: GroupNorm with weight and bias, no retention
+    normalisation (GroupNorm is invariant to a per-head, per-token scale up to its ``eps``).
+    ``torchscale``: ``D`` divided by ``sqrt`` of its row sum in both forms (the step divides
+    ``S_tᵀ q_t`` by ``sqrt((1 − γ^(t+1)) / (1 − γ))``: torchscale's recurrent form, which
+    carries ``S_t`` already divided), RMSNorm without weights. Its parallel form also divides
+    each score row by ``a_t = clamp(Σ_s |score_ts|, 1, 5e4)``; a fixed-size state cannot
+    carry ``Σ|·|``, and torchscale's own recurrent form omits it too, so ``step`` agrees
+    with ``forward`` exactly where ``a_t = 1`` and otherwise differs by the RMSNorm's
+    ``eps``: ``norm(o/a) = o / sqrt(mean(o²) + a²·eps)`` against ``o / sqrt(mean(o²) +
+    eps)``, as torchscale's two forms do.
     """
+
+    angle: torch.Tensor  # torchscale's rotary angles [hk] (buffer; torchscale convention)
 
     def __init__(self, d: int, p: RetNetParams) -> None:
         super().__init__()
@@ -379,24 +442,56 @@ class RetNet(nn.Module):
         self.rope = p.pos == "rope"
         self.base = p.rope_base
         self.eps = p.eps
+        self.torchscale = p.convention == "torchscale"
         self.q = nn.Linear(d, d, bias=False)
         self.k = nn.Linear(d, d, bias=False)
         self.v = nn.Linear(d, dv, bias=False)
         self.g = nn.Linear(d, dv, bias=False)
         self.o = nn.Linear(dv, d, bias=False)
-        self.gn_weight = nn.Parameter(torch.ones(dv))
-        self.gn_bias = nn.Parameter(torch.zeros(dv))
-        for layer in (self.q, self.k, self.v, self.g, self.o):
-            init_linear(layer)
+        if self.torchscale:
+            for layer in (self.q, self.k, self.v, self.g):
+                nn.init.xavier_uniform_(layer.weight, gain=2**-2.5)
+            nn.init.xavier_uniform_(self.o.weight, gain=2**-1)
+            self.register_buffer("angle", torchscale_angles(self.hk, p.rope_base), persistent=False)
+        else:
+            self.gn_weight = nn.Parameter(torch.ones(dv))
+            self.gn_bias = nn.Parameter(torch.zeros(dv))
+            for layer in (self.q, self.k, self.v, self.g, self.o):
+                init_linear(layer)
         log_gamma = torch.log1p(-(2.0 ** (-5.0 - torch.arange(p.n_heads, dtype=torch.float64))))
         self.register_buffer("log_gamma", log_gamma.float(), persistent=False)
 
-    def _out(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``o [..., H, hv]`` -> GroupNorm, swish gate, output projection ``[..., d]``."""
+    def _norm(self, o: torch.Tensor) -> torch.Tensor:
+        """``o [..., H, hv]`` -> the per-head norm, flattened ``[..., dv]``."""
+        if self.torchscale:
+            return (o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
         mu = o.mean(-1, keepdim=True)
         var = (o - mu).pow(2).mean(-1, keepdim=True)
-        o = ((o - mu) * torch.rsqrt(var + self.eps)).flatten(-2) * self.gn_weight + self.gn_bias
-        return self.o(F.silu(self.g(x)) * o)
+        return ((o - mu) * torch.rsqrt(var + self.eps)).flatten(-2) * self.gn_weight + self.gn_bias
+
+    def _out(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``o [..., H, hv]`` -> norm, swish gate, output projection ``[..., d]``."""
+        return self.o(F.silu(self.g(x)) * self._norm(o))
+
+    def _positions(
+        self, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q, k [..., hk]`` by the positions ``pos`` (broadcast over heads by the
+        caller's layout: ``[T]`` for ``[B, H, T, hk]``, ``[B, 1]`` for ``[B, H, hk]``)."""
+        if not self.rope:
+            return q, k
+        if self.torchscale:
+            ang = pos.to(self.angle.dtype)[..., None] * self.angle
+            cos, sin = ang.cos().to(q.dtype), ang.sin().to(q.dtype)
+            return _rotate_pairs(q, cos, sin), _rotate_pairs(k, cos, sin)
+        cos, sin = _rope_at(pos, self.hk, self.base)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def _decay_sum(self, n: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``Σ_{j<n} γ^j = (1 − γ^n) / (1 − γ)`` per head, for counts ``n [...]`` ->
+        ``[..., H]`` (torchscale's normaliser: the row sum of its decay matrix)."""
+        lg = self.log_gamma.to(dtype)
+        return (1 - torch.exp(n.to(dtype)[..., None] * lg)) / (1 - torch.exp(lg))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]
@@ -404,13 +499,17 @@ class RetNet(nn.Module):
         k = _heads(self.k(x), self.h) * self.hk**-0.5
         v = _heads(self.v(x), self.h)
         pos = torch.arange(T, device=x.device)
-        if self.rope:
-            cos, sin = _rope_at(pos, self.hk, self.base)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = self._positions(q, k, pos)
         rel = (pos[:, None] - pos[None, :]).to(x.dtype)  # t - s
         logd = rel[None] * self.log_gamma.to(x.dtype)[:, None, None]  # [H, T, S]
         decay = logd.masked_fill(~causal_mask(T, x.device), float("-inf")).exp()
-        o = ((q @ k.transpose(-1, -2)) * decay) @ v  # [B, H, T, hv]
+        if self.torchscale:
+            rows = self._decay_sum(pos + 1, x.dtype).transpose(0, 1)  # [H, T]
+            decay = decay * torch.rsqrt(rows)[..., None]
+        scores = (q @ k.transpose(-1, -2)) * decay
+        if self.torchscale:
+            scores = scores / scores.detach().abs().sum(-1, keepdim=True).clamp(1.0, 5e4)
+        o = scores @ v  # [B, H, T, hv]
         return self._out(o.transpose(1, 2), x)
 
     def init_state(
@@ -425,12 +524,12 @@ class RetNet(nn.Module):
         q = self.q(x).view(B, self.h, self.hk)
         k = self.k(x).view(B, self.h, self.hk) * self.hk**-0.5
         v = self.v(x).view(B, self.h, self.hv)
-        if self.rope:
-            cos, sin = _rope_at(pos, self.hk, self.base)
-            q, k = _rotate(q, cos[:, None], sin[:, None]), _rotate(k, cos[:, None], sin[:, None])
+        q, k = self._positions(q, k, pos[:, None])
         gamma = self.log_gamma.to(x.dtype).exp()[None, :, None, None]
         S = gamma * S + k[..., :, None] * v[..., None, :]
         o = torch.einsum("bhi,bhij->bhj", q, S)
+        if self.torchscale:
+            o = o * torch.rsqrt(self._decay_sum(pos + 1, x.dtype))[..., None]
         return self._out(o, x), (S, pos + 1)
 
 
@@ -444,13 +543,17 @@ def _retnet_check(p: RetNetParams, c: BuildContext) -> None:
 
 def _retnet_params(p: RetNetParams, c: BuildContext) -> int:
     d, dv = c.d_model, _retnet_dv(p, c.d_model)
-    return 2 * d * d + 2 * d * dv + dv * d + 2 * dv
+    norm = 0 if p.convention == "torchscale" else 2 * dv  # RMSNorm without weights
+    return 2 * d * d + 2 * d * dv + dv * d + norm
 
 
 def _retnet_flops(p: RetNetParams, c: BuildContext, L: int) -> float:
+    """Per token: the projections, ``QKᵀ`` (``L`` keys per query), the decay product, ``·V``;
+    ``torchscale`` adds the score-row normalisation (abs, sum, divide: 3 per score)."""
     d, dv = c.d_model, _retnet_dv(p, c.d_model)
     proj = 2.0 * d * (2 * d + 2 * dv) + 2.0 * dv * d
-    return proj + 2.0 * L * d + 1.0 * L * p.n_heads + 2.0 * L * dv
+    scores = 1.0 * L * p.n_heads * (4.0 if p.convention == "torchscale" else 1.0)
+    return proj + 2.0 * L * d + scores + 2.0 * L * dv
 
 
 register(
@@ -467,7 +570,10 @@ register(
             "Sun et al., 2023, 'Retentive Network: A Successor to Transformer for Large "
             "Language Models'"
         ),
-        summary="multi-scale retention: per-head decay 1-2^(-5-h), rotary, GroupNorm, swish gate",
+        summary=(
+            "multi-scale retention: per-head decay 1-2^(-5-h), rotary, per-head norm, swish "
+            "gate (fla's or torchscale's convention)"
+        ),
         recurrent=True,
     )
 )
