@@ -429,7 +429,9 @@ class RetNet(nn.Module):
     carry ``Σ|·|``, and torchscale's own recurrent form omits it too, so ``step`` agrees
     with ``forward`` exactly where ``a_t = 1`` and otherwise differs by the RMSNorm's
     ``eps``: ``norm(o/a) = o / sqrt(mean(o²) + a²·eps)`` against ``o / sqrt(mean(o²) +
-    eps)``, as torchscale's two forms do.
+    eps)``, as torchscale's two forms do (measured in fp64: 0 at torchscale's initial
+    weights; 1.3e-3 of the output's largest entry with q, k weights 4× or 16× those, eps
+    1e-6, T 256, d 128, 4 heads).
     """
 
     angle: torch.Tensor  # torchscale's rotary angles [hk] (buffer; torchscale convention)
