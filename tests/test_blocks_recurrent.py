@@ -436,11 +436,11 @@ def test_rwkv_backward_matches_step_form() -> None:
 
 
 def test_gla_gradients_stay_finite_with_closed_gates_fp32() -> None:
-    """Gates nearly closed on every step (log-gate −3.75, just inside the clamp, so
-    gradients flow) make the log-gate reach −60 within a chunk; the chunked form once
+    """Gates nearly closed on every step (log-gate −3.75, just above −GLA_FAST_LOG_DECAY, so
+    the fast rescaled form runs) make the log-gate reach −60 within a chunk; that form once
     rescaled keys by exp(+60), whose square overflowed fp32 in the backward pass (NaN
     gradients seen at step 318 of a search's 800-step training). Gradients now match the
-    step form's, in fp32."""
+    step form's, in fp32. Stronger gates: tests/test_blocks_gla.py."""
     torch.manual_seed(8)
     m, _ = _build("gla")
     with torch.no_grad():
@@ -458,9 +458,10 @@ def test_gla_gradients_stay_finite_with_closed_gates_fp32() -> None:
 
 def test_gla_firmly_closed_gate_exports_like_torch(tmp_path) -> None:
     """A trained GLA gate can sit at pre-activations below −18, where onnxruntime's Sigmoid
-    returns 0: a ``log(sigmoid(z))`` gate became −inf (clamped to the floor) in the exported
-    graph only — the main job's best model failed its parity gate by 0.012 on real text.
-    The gate is computed as ``min(z, 0) − log1p(exp(−|z|))`` and exports like torch."""
+    returns 0: a ``log(sigmoid(z))`` gate became −inf in the exported graph only — the main
+    job's best model failed its parity gate by 0.012 on real text. The gate is computed as
+    ``min(z, 0) − log1p(exp(−|z|))`` and exports like torch; with no clamp, gates far
+    below −4 per step (down to −56 here) export like torch too (the stable form)."""
     from archir.spec import spec_from_dict
     from exporters import export_onnx
 
@@ -482,9 +483,11 @@ def test_gla_firmly_closed_gate_exports_like_torch(tmp_path) -> None:
     model = archir.compile(spec, seed=0).eval()
     gla = model.blocks[0].fn
     with torch.no_grad():
-        gla.gk2.bias.fill_(-24.0)  # logsigmoid ≈ −24, /16 = −1.5: inside the −4 floor
+        gla.gk2.bias.fill_(-24.0)  # logsigmoid ≈ −24, /16 = −1.5
+        gla.gk2.bias[::2] = -900.0  # firmly closed: log-gate −56 per step
         x = torch.randn(2, 24, 32)
         assert (gla.gk2(gla.gk1(x)) < -18).float().mean() > 0.5
+        assert float(gla._log_gate(x).min()) < -50
         torch.testing.assert_close(
             gla._log_gate(x), torch.nn.functional.logsigmoid(gla.gk2(gla.gk1(x))) / 16.0
         )

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archir.blocks.common import check_heads, hidden_size, init_linear
+from archir.blocks.common import check_heads, hidden_size, init_linear, tracing
 from archir.registry import MAX_DIM, MAX_HIDDEN, BlockKind, BuildContext, KindParams, register
 
 State = tuple[torch.Tensor, ...]
@@ -147,20 +147,100 @@ register(
 
 # --------------------------------------------------------------------------- GLA
 
-# GLA's parallel form works in chunks of GLA_CHUNK steps with queries/keys rescaled by
-# exp(±cumulative log-gate) inside a chunk; the per-step log-gate is clamped to
-# [-GLA_MAX_LOG_DECAY, 0] in both forms (binds only for gate logits below −64 with the
-# default normalizer 16), which bounds every exponent by 64 (fp32-safe).
+# GLA's parallel form works in chunks of GLA_CHUNK steps, exact for any per-step log-gate
+# la ≤ 0 (no clamp: the recurrence is the paper's). Between chunks, each chunk's end state
+# from zero, Σ_s exp(Σ_{r>s} la_r) k_s v_sᵀ, is carried by a masked exp(segsum) of the chunk
+# totals, and a query reads the carried state through q_t·exp(G_t) (G_t = Σ_{r≤t} la_r within
+# the chunk): every exponent there is a sum of log-gates ≤ 0. Within a chunk,
+# A_ts = Σ_i q_ti k_si exp(G_ti − G_si) for s ≤ t takes one of two exact forms:
+# * fast (eager, while every per-step log-gate ≥ −GLA_FAST_LOG_DECAY: a fresh model, gate
+#   logits above −64 with the default normalizer 16): one matmul of queries and keys rescaled
+#   around the chunk's middle step m, exp(G_t − G_m) and exp(G_m − G_s), each at most
+#   exp(GLA_CHUNK/2 · GLA_FAST_LOG_DECAY) = e^32 (rescaling around the chunk's start reached
+#   e^64, whose square overflows fp32 in the backward pass);
+# * stable (any log-gate, e.g. −50 or −125 per step; always under graph capture, where the
+#   data cannot choose): sub-chunks of GLA_SUB steps. Query t in sub-chunk i and key s in an
+#   earlier sub-chunk j meet through the boundary b_i just before sub-chunk i, as a matmul of
+#   q_t·exp(Σ_{b_i<r≤t} la_r) and k_s·exp(Σ_{s<r≤b_i} la_r), both factors ≤ 1; within a
+#   sub-chunk the pairs are taken in log space, Σ_i q_ti k_si exp(Σ_{s<r≤t} la_ri), on a
+#   [.., GLA_SUB, GLA_SUB, hk] tensor. Every exponent is a direct sum of log-gates (a matmul
+#   with a 0/1 matrix), never a difference of prefix sums, so a weak gate next to strong ones
+#   keeps fp32 precision.
+# Exponents are floored at GLA_EXP_FLOOR before exp where they can be far below it (the
+# stable form, the decay between chunks): e^−80 ≈ 1.8e−35 is below any rounding of the result,
+# while fp32 exp of arguments under −87 (results that underflow) ran ~40x slower (AMD EPYC).
 GLA_CHUNK = 16
-GLA_MAX_LOG_DECAY = 4.0
+GLA_SUB = 4
+GLA_FAST_LOG_DECAY = 4.0
+GLA_EXP_FLOOR = -80.0
 
 
-def _segsum(g: torch.Tensor) -> torch.Tensor:
-    """``g [..., n] -> [..., n, n]``: ``Σ_{j<r≤i} g[r]`` for ``j ≤ i``, ``-inf`` above."""
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    """``exp`` of an exponent ``≤ 0`` floored at :data:`GLA_EXP_FLOOR`: below it fp32 ``exp``
+    takes a slow path (~40x, AMD EPYC) for terms that no rounding of the result can see."""
+    return torch.exp(torch.clamp(x, min=GLA_EXP_FLOOR))
+
+
+def _chunk_decay(g: torch.Tensor) -> torch.Tensor:
+    """Decay between chunks: ``g [..., n]`` (each chunk's total log-gate) -> ``[..., n, n]``
+    with ``exp(Σ_{j<r≤i} g_r)`` for ``j ≤ i`` (sums of log-gates, a cumulative sum over a
+    masked copy, not differences of prefix sums) and exactly 0 for ``j > i``."""
     n = g.shape[-1]
     idx = torch.arange(n, device=g.device)
     x = g[..., :, None].expand(*g.shape, n).masked_fill(idx[:, None] <= idx[None, :], 0.0)
-    return x.cumsum(-2).masked_fill(idx[:, None] < idx[None, :], float("-inf"))
+    return _exp(x.cumsum(-2)) * (idx[:, None] >= idx[None, :]).to(g.dtype)
+
+
+def _gla_intra_fast(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Within-chunk scores, fast form (exact while every per-step log-gate is
+    ``≥ −GLA_FAST_LOG_DECAY``; see :data:`GLA_CHUNK`).
+
+    ``q, k [..., C, hk]``, ``G [..., C, hk]`` (log-gate since the chunk start, inclusive) ->
+    ``A [..., C, C]`` with ``A_ts = Σ_i q_ti k_si exp(G_ti − G_si)`` for ``s ≤ t``, 0 above.
+    """
+    C = G.shape[-2]
+    mid = G[..., C // 2 : C // 2 + 1, :]
+    att = (q * torch.exp(G - mid)) @ (k * torch.exp(mid - G)).transpose(-1, -2)
+    tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    return att.masked_fill(~tril, 0.0)
+
+
+def _gla_intra_stable(q: torch.Tensor, k: torch.Tensor, la: torch.Tensor) -> torch.Tensor:
+    """Within-chunk scores, stable form: exact for any per-step log-gate ``la ≤ 0`` (every
+    factor is ``exp`` of a sum of log-gates, so ``≤ 1``; see :data:`GLA_CHUNK`).
+
+    ``q, k, la [..., C, hk]`` (``C`` a multiple of :data:`GLA_SUB`) -> ``A [..., C, C]`` with
+    ``A_ts = Σ_i q_ti k_si exp(Σ_{s<r≤t} la_ri)`` for ``s ≤ t``, 0 above. Plain out-of-place
+    ops with no data-dependent branch (autograd, torch.export and ONNX follow it).
+    """
+    *lead, C, hk = q.shape
+    P = GLA_SUB
+    M = C // P
+    dev, dty = q.device, q.dtype
+    c, ip = torch.arange(C, device=dev), torch.arange(P, device=dev)
+    sub = c // P  # each step's sub-chunk
+    # every exponent is a sum of log-gates: one matmul of a constant 0/1 matrix with la
+    r = c[None, :]
+    pre = (sub[:, None] * P <= r) & (r <= c[:, None])  # [C, C]: Σ_{b_i<r≤t}
+    i = torch.arange(M, device=dev)[:, None, None]
+    upto = (c[None, :, None] < r) & (r < i * P)  # [M, C, C]: Σ_{s<r≤b_i}
+    i, tp, sp = i[..., None], ip[None, :, None, None], ip[None, None, :, None]
+    seg = (i * P + sp < r) & (r <= i * P + tp)  # [M, P, P, C]: Σ_{s<r≤t} within sub-chunk i
+    rows = torch.cat([pre, upto.reshape(M * C, C), seg.reshape(M * P * P, C)]).to(dty)
+    e = _exp(torch.matmul(rows, la))  # [..., C + M·C + M·P·P, hk], each ≤ 1
+    e_pre, e_upto, e_seg = e.split([C, M * C, M * P * P], dim=-2)
+    # a key of an earlier sub-chunk through the boundary b_i before the query's sub-chunk i
+    qo = (q * e_pre).reshape(*lead, M, P, hk)
+    kk = k[..., None, :, :] * e_upto.reshape(*lead, M, C, hk)  # [..., M(i), C(s), hk]
+    off = torch.matmul(qo, kk.transpose(-1, -2)).reshape(*lead, C, C)
+    earlier = (sub[None, :] < sub[:, None]).to(dty)  # [C(t), C(s)]: s before t's sub-chunk
+    # pairs within a sub-chunk, in log space: [..., M, P(t), P(s)]
+    qs, ks = q.reshape(*lead, M, P, 1, hk), k.reshape(*lead, M, 1, P, hk)
+    diag = (qs * e_seg.reshape(*lead, M, P, P, hk) * ks).sum(-1)
+    # [M, P, M, P]: the diagonal blocks (same sub-chunk), causal within (s ≤ t)
+    eye = torch.eye(M, dtype=dty, device=dev)[:, None, :, None]
+    blocks = eye * (ip[:, None] >= ip[None, :]).to(dty)[None, :, None, :]
+    return off * earlier + (diag[..., None, :] * blocks).reshape(*lead, C, C)
 
 
 class GLAParams(KindParams):
@@ -184,10 +264,14 @@ class GLA(nn.Module):
     per-key-dimension forget gate ``log α_t = logsigmoid(W₂W₁x_t + b) / gate_normalizer``
     (low-rank ``gate_rank``); output ``W_o(swish(W_g x) ⊙ RMSNorm_head(o))``.
     Widths: keys ``dk = expand_k·d``, values ``dv = expand_v·d``, split over ``n_heads``.
-    ``forward``: ``[B, T, d] -> [B, T, d]`` by the chunked form: within chunks of
-    ``GLA_CHUNK`` steps ``A_ts = Σ_i q_ti k_si exp(G_ti − G_si)`` as one matmul of rescaled
-    queries and keys; between chunks the end states through a masked ``exp(segsum)``
-    (log-gate clamped, see ``GLA_MAX_LOG_DECAY``).
+    ``forward``: ``[B, T, d] -> [B, T, d]`` by the chunked form (see :data:`GLA_CHUNK`):
+    within chunks of ``GLA_CHUNK`` steps ``A_ts = Σ_i q_ti k_si exp(G_ti − G_si)``, between
+    chunks the end states through a masked ``exp(segsum)``. Exact for any gate (no clamp):
+    the paper's recurrence to rounding in fp64, and in fp32 stable (finite values and
+    gradients) for per-step log-gates down to −125 (gate logits of −2000) and beyond; the fast
+    rescaled-matmul form runs while every log-gate is ``≥ −GLA_FAST_LOG_DECAY`` (eager only),
+    the sub-chunked log-space form otherwise and always under graph capture.
+    ``step``: ``x_t [B, d] -> y_t [B, d]`` by the recurrence itself.
     State: ``S [B, H, dk/H, dv/H]``.
     """
 
@@ -211,13 +295,14 @@ class GLA(nn.Module):
             init_linear(layer)
 
     def _log_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., d]`` -> per-step log-gate ``log α [..., dk]`` (≤ 0, no floor)."""
         z = self.gk2(self.gk1(x))
         # logsigmoid(z) = min(z, 0) − log1p(exp(−|z|)), written out: the exporters lower
         # F.logsigmoid to Log(Sigmoid(z)), and onnxruntime's Sigmoid returns 0 below
-        # z ≈ −18, so a trained, firmly closed gate became log(0) = −inf (clamped to the
-        # −4 floor) in the exported graph only: logits off by 0.01 on real text
-        la = (torch.clamp(z, max=0.0) - torch.log1p(torch.exp(-z.abs()))) / self.norm_gate
-        return la.clamp(min=-GLA_MAX_LOG_DECAY)
+        # z ≈ −18, so a trained, firmly closed gate became log(0) = −inf in the exported
+        # graph only: logits off by 0.01 on real text. log1p(e^−|z|) below e^GLA_EXP_FLOOR
+        # is below the rounding of min(z, 0), and fp32 exp is slow there (see _exp)
+        return (torch.clamp(z, max=0.0) - torch.log1p(_exp(-z.abs()))) / self.norm_gate
 
     def _out(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``o [..., H, hv]`` -> normalized, gated, projected ``[..., d]``."""
@@ -238,26 +323,24 @@ class GLA(nn.Module):
         q = chunks(self.q(xp), hk) * self.scale
         k = chunks(self.k(xp), hk)
         v = chunks(self.v(xp), hv)
-        la = chunks(self._log_gate(xp), hk)
-        tril = torch.ones(C, C, dtype=x.dtype, device=x.device).tril()
-        G = tril @ la  # log-gate since the chunk start (inclusive), in [-C·MAX, 0]
-        qg = q * torch.exp(G)
-        # within a chunk: A_ts = Σ_i q_ti k_si exp(G_ti − G_si) for s ≤ t as one matmul of
-        # queries and keys rescaled around the chunk's middle step m — exp(G_t − G_m) and
-        # exp(G_m − G_s), each at most exp(C/2 · GLA_MAX_LOG_DECAY) = e^32 — not around its
-        # start (k / exp(G) reaches e^64, whose square overflows fp32 in the backward pass
-        # once a gate closes: NaN gradients)
-        mid = G[..., C // 2 : C // 2 + 1, :]
-        att = (q * torch.exp(G - mid)) @ (k * torch.exp(mid - G)).transpose(-1, -2)
-        att = att.masked_fill(tril == 0, 0.0)
+        lg = self._log_gate(xp)
+        # no data-dependent branch under capture (export, compile): the stable form there
+        stable = tracing() or bool(lg[:, :T].amin() < -GLA_FAST_LOG_DECAY)
+        la = chunks(lg, hk)
+        # log-gate since the chunk start (inclusive) and to its end (exclusive), as direct
+        # sums of log-gates ≤ 0 (matmuls with 0/1 matrices): [B, H, nc, C, hk] each
+        idx = torch.arange(C, device=x.device)
+        sums = torch.cat([idx[:, None] >= idx[None, :], idx[:, None] < idx[None, :]])
+        G, Gs = torch.matmul(sums.to(x.dtype), la).split(C, dim=-2)
+        att = _gla_intra_stable(q, k, la) if stable else _gla_intra_fast(q, k, G)
         o = att @ v  # [B, H, nc, C, hv]
-        # each chunk's own end state, then states carried across chunks (masked segsum)
-        g_end = G[..., -1, :]  # [B, H, nc, hk]
-        S = (k * torch.exp(g_end[..., None, :] - G)).transpose(-1, -2) @ v  # [B,H,nc,hk,hv]
-        trans = torch.exp(_segsum(g_end.transpose(-1, -2)))  # [B, H, hk, nc, nc]
+        # each chunk's own end state, then states carried across chunks
+        exp = _exp if stable else torch.exp  # fast: G, Gs ≥ −C·GLA_FAST_LOG_DECAY
+        S = (k * exp(Gs)).transpose(-1, -2) @ v  # [B, H, nc, hk, hv]
+        trans = _chunk_decay(G[..., -1, :].transpose(-1, -2))  # [B, H, hk, nc, nc]
         E = torch.einsum("bhkij,bhjkv->bhikv", trans, S)
         carry = F.pad(E, (0, 0, 0, 0, 1, 0))[:, :, :-1]  # state entering chunk i
-        o = o + qg @ carry
+        o = o + (q * exp(G)) @ carry
         o = o.permute(0, 2, 3, 1, 4).reshape(B, nc * C, H, hv)[:, :T]
         return self._out(o, x)
 
@@ -267,6 +350,8 @@ class GLA(nn.Module):
         return (torch.zeros(batch, self.h, self.hk, self.hv, device=device, dtype=dtype),)
 
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One token: ``x [B, d]``, ``S [B, H, hk, hv]`` -> ``y [B, d]`` and the new state,
+        ``S_t = diag(α_t) S_{t−1} + k_t v_tᵀ``, ``o_t = S_tᵀ q_t``."""
         B = x.shape[0]
         (S,) = state
         q = self.q(x).view(B, self.h, self.hk) * self.scale
@@ -291,18 +376,29 @@ def _gla_params(p: GLAParams, c: BuildContext) -> int:
 
 
 def _gla_flops(p: GLAParams, c: BuildContext, L: int) -> float:
+    """FLOPs per token of the chunked form as the exported graph computes it: the stable form
+    (see :data:`GLA_CHUNK`), which eager ``forward`` also runs once a log-gate is below
+    ``−GLA_FAST_LOG_DECAY``; the fast form skips ``sub`` (about 10 % of a default block at
+    d_model 128). A multiply-add is 2 FLOPs, a 0/1 matrix counts as dense, ``exp`` is not
+    counted."""
     d = c.d_model
     dk, dv = _gla_dims(p, d)
     proj = 2.0 * d * (2 * dk + 2 * dv) + 2.0 * (d * p.gate_rank + p.gate_rank * dk) + 2.0 * dv * d
     # chunked form: intra-chunk QKᵀ and AV (C×C per chunk), chunk end states,
-    # inter-chunk transfer (nc×nc per key/value pair) and the carried-state read-out
-    C = GLA_CHUNK
+    # inter-chunk transfer (nc×nc per key/value pair) and the carried-state read-out, the
+    # log-gate sums from and to the chunk's ends (a [2C, C] 0/1 matmul)
+    C, P = GLA_CHUNK, GLA_SUB
     nc = math.ceil(max(L, 1) / C)
     hv = dv // p.n_heads
     intra = 2.0 * C * dk + 2.0 * C * dv
     states = 2.0 * dk * hv + 2.0 * dk * hv  # end states per token + carried read-out
     inter = 2.0 * nc * dk * hv / C
-    return proj + intra + states + inter
+    sums = 4.0 * C * dk
+    # stable form: the sub-chunk log-gate sums (a [C + C·C/P + C·P, C] 0/1 matmul), the
+    # pairs within a sub-chunk in log space (q·e·k summed: 3 per pair and key dim), the keys
+    # scaled for each sub-chunk (C/P per key dim) and the queries (1)
+    sub = (2.0 * (C + C * C / P + C * P) + 3.0 * P + C / P + 1.0) * dk
+    return proj + intra + states + inter + sums + sub
 
 
 register(
