@@ -9,6 +9,7 @@ Examples::
     archir export SPEC --check-only                                  # parity report, no file
     archir export runs/lm/best --format safetensors --out deploy/    # spec.yaml + weights
     archir export runs/lm --decode --out step.onnx                   # one token per call, with state
+    archir export runs/lm --decode --precision auto --out step.onnx  # ... at the searched bits
     archir export imported/ --format hf --out hf-model/              # a transformers folder
 
 Weights come from ``--weights``, or the ``model.safetensors`` beside the spec in a folder;
@@ -73,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--decode",
         action="store_true",
         help="export the decode step of a causal LM: tokens [batch, 1] + state tensors in, "
-        "logits + updated states out (fp32; see exporters.decode)",
+        "logits + updated states out (--precision fp32/fp16/int8/int4/auto; see "
+        "exporters.decode)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
@@ -183,10 +185,17 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.decode:
         if args.opset is not None:
             raise ExportError("--opset does not apply to --decode", hint="drop the flag")
-        if args.precision not in (None, "fp32"):
+        from exporters.decode import DECODE_PRECISIONS
+
+        if args.precision is not None and args.precision not in DECODE_PRECISIONS:
             raise ExportError(
-                f"--decode exports fp32 only, not --precision {args.precision}",
-                hint="drop --precision",
+                f"--precision {args.precision} does not apply to --decode"
+                + (
+                    " (static int8 would need calibrated ranges for every state input)"
+                    if args.precision == "int8-static"
+                    else ""
+                ),
+                hint="--decode takes --precision " + ", ".join(DECODE_PRECISIONS),
             )
     if args.check_only:
         if args.out:
@@ -253,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             check_only=args.check_only,
             exporter=args.exporter or "auto",
+            precision=args.precision or "fp32",
         )
         if args.json:
             print(json.dumps(dreport.to_dict(), indent=2, default=str))

@@ -45,6 +45,12 @@ from archir.paths import check_out_file
 from exporters import parity as par
 
 DECODE_META = "archir.decode"
+#: the attribute of :class:`DecodeModule` holding the compiled model (module path prefix)
+WRAPPED = "model"
+#: precisions a decode graph is written at (:mod:`exporters.quantize`; ``auto``: each
+#: block's ``bits``). ``int8-static`` is not one: its activation ranges would have to be
+#: calibrated for every state input too.
+DECODE_PRECISIONS = ("fp32", "fp16", "int8", "int4", "auto")
 STATE_IN = "state_in.{}"
 STATE_OUT = "state_out.{}"
 POSITION_NOTE = (
@@ -182,6 +188,8 @@ class OrtDecodeLoop:
     def __init__(self, session: Any, layout: list[StateTensor]) -> None:
         self.session = session
         self.layout = layout
+        #: the logits of every ``run`` so far, in call order
+        self.outputs: list[np.ndarray] = []
 
     def get_inputs(self) -> list[Any]:
         return self.session.get_inputs()[:1]
@@ -193,14 +201,22 @@ class OrtDecodeLoop:
         tokens = next(iter(feeds.values()))
         stepper = OrtStepper(self.session, self.layout, tokens.shape[0])
         logits = [stepper.feed(tokens[:, t : t + 1]) for t in range(tokens.shape[1])]
-        return [np.concatenate(logits, axis=1)]
+        out = np.concatenate(logits, axis=1)
+        self.outputs.append(out)
+        return [out]
 
 
 @dataclass
 class DecodeReport:
     """What a decode export produced: ``path`` (``None`` when not written), the state
-    layout, the parity of the onnxruntime decode loop against PyTorch's full forward,
-    file size and seconds."""
+    layout, the parity of the fp32 onnxruntime decode loop against PyTorch's full forward
+    (the gate), file size and seconds.
+
+    At a reduced precision: ``precision`` (requested) and ``block_precision`` (IR block ->
+    precision used), ``quantized_parity`` (the written graph's loop against PyTorch:
+    max abs logit error, reported, not gated), ``top1_agreement`` (fraction of positions
+    whose next-token argmax equals PyTorch's) and ``fp32_bytes`` (the fp32 graph's size).
+    """
 
     path: str | None
     spec_name: str
@@ -212,6 +228,11 @@ class DecodeReport:
     notes: list[str] = field(default_factory=list)
     written: bool = False
     forced: bool = False
+    precision: str = "fp32"
+    block_precision: dict[str, str] = field(default_factory=dict)
+    quantized_parity: par.ParityReport | None = None
+    top1_agreement: float | None = None
+    fp32_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,8 +240,13 @@ class DecodeReport:
     def __str__(self) -> str:
         lines = [
             f"export {self.spec_name} (decode step) -> {self.path or '(not written)'}",
-            f"  exporter: torch.onnx ({self.exporter}), fp32, {self.export_s:.1f}s, "
-            f"{self.file_bytes:,} bytes",
+            f"  exporter: torch.onnx ({self.exporter}), {self.precision}, {self.export_s:.1f}s, "
+            f"{self.file_bytes:,} bytes"
+            + (
+                f" (fp32 {self.fp32_bytes:,})"
+                if self.precision != "fp32" and self.fp32_bytes
+                else ""
+            ),
             "  inputs:  tokens: int64[batch, 1] + " + f"{len(self.states)} state tensor(s)",
             "  outputs: logits: float32[batch, 1, vocab] + the updated states",
         ]
@@ -231,10 +257,46 @@ class DecodeReport:
             )
         if self.parity is not None:
             lines.append(f"  parity (decode loop vs full forward): {self.parity.summary()}")
+        if self.quantized_parity is not None:
+            agree = "" if self.top1_agreement is None else f"; top-1 {self.top1_agreement:.3f}"
+            lines.append(
+                f"  {self.precision} decode loop vs PyTorch (reported, not gated): "
+                f"{self.quantized_parity.summary()}{agree}"
+            )
+        if self.precision != "fp32":
+            lines.append(f"  precision per block: {precision_counts(self.block_precision)}")
         lines.extend(f"  note: {n}" for n in self.notes)
         if self.forced:
             lines.append("  WARNING: written with --force despite a parity failure")
         return "\n".join(lines)
+
+
+def precision_counts(plan: dict[str, str]) -> str:
+    """``int4 x1, int8 x2, fp32 x5`` for a block -> precision map (``fp32`` when empty)."""
+    counts: dict[str, int] = {}
+    for v in plan.values():
+        counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or "fp32"
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a precision the decode graph is not written at.
+
+    Raises:
+        ExportError: ``precision`` is not one of :data:`DECODE_PRECISIONS`.
+    """
+    if precision in DECODE_PRECISIONS:
+        return
+    why = (
+        " (static int8 calibrates activation ranges, which a decode graph would need for "
+        "every state input too)"
+        if precision == "int8-static"
+        else ""
+    )
+    raise ExportError(
+        f"a decode graph is not exported at precision '{precision}'{why}",
+        hint="use one of: " + ", ".join(DECODE_PRECISIONS),
+    )
 
 
 def _export_proto(
@@ -245,6 +307,7 @@ def _export_proto(
     full-sequence export; every growing axis a dimension from 0), ``legacy`` (TorchScript)
     or ``auto`` (dynamo, then legacy)."""
     from exporters.graph import DEFAULT_OPSET, Axis, export_graph
+    from exporters.onnx_export import module_to_block
 
     wrapper = DecodeModule(model)
     tokens = torch.zeros(2, 1, dtype=torch.long)
@@ -263,6 +326,9 @@ def _export_proto(
             }
         )
     out_axes = [{0: "batch"}] + [{i: a.name for i, a in ax.items()} for ax in axes[1:]]
+    # the wrapper holds the compiled model as ``model``: its blocks' module paths carry
+    # that prefix (``model.blocks.3.fn.q``), the tags the quantizer reads come from them
+    m2b = {f"{WRAPPED}.{k}": v for k, v in module_to_block(model).items()}
     ex = export_graph(
         wrapper,
         (tokens, *flat),
@@ -273,8 +339,55 @@ def _export_proto(
         leading=1,
         exporter=exporter,
         opset=DEFAULT_OPSET,
+        mod2block=m2b,
     )
+    tag_by_weights(ex.proto, model)
     return ex.proto, ex.exporter, ex.failures
+
+
+def tag_by_weights(proto: onnx.ModelProto, model: Any) -> int:
+    """Tag the untagged nodes that read a weight of ``model`` with that weight's IR block,
+    recognising the weight by its values (as stored or transposed). The TorchScript
+    exporter names a decode graph's nodes after the innermost module only (``/q/MatMul``:
+    a block's ``step`` is a method, not a module call) and its weights ``onnx::MatMul_N``,
+    so neither says the block. A weight whose values two blocks share (both zero-filled)
+    is left untagged. Returns the number of nodes tagged."""
+    from onnx import numpy_helper
+
+    from exporters.onnx_export import module_to_block
+    from exporters.quantize import BLOCK_KEY, node_block
+
+    m2b = module_to_block(model)
+    owner: dict[tuple[tuple[int, ...], bytes], str | None] = {}
+    for name, p in model.named_parameters():
+        block = next((b for k, b in m2b.items() if name.startswith(k + ".")), None)
+        if block is None or p.dim() != 2:
+            continue
+        w = p.detach().float().numpy()
+        for arr in (w, w.T):
+            key = (arr.shape, np.ascontiguousarray(arr).tobytes())
+            owner[key] = block if owner.get(key, block) == block else None
+    inits = {
+        i.name: i
+        for i in proto.graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+    }
+    found: dict[str, str | None] = {}
+    tagged = 0
+    for n in proto.graph.node:
+        if node_block(n) is not None:
+            continue
+        for x in n.input:
+            if x not in inits:
+                continue
+            if x not in found:
+                arr = numpy_helper.to_array(inits[x])
+                found[x] = owner.get((arr.shape, np.ascontiguousarray(arr).tobytes()))
+            if found[x] is not None:
+                n.metadata_props.add(key=BLOCK_KEY, value=str(found[x]))
+                tagged += 1
+                break
+    return tagged
 
 
 def decode_metadata(spec: Any, layout: list[StateTensor], limit: int | None) -> dict[str, Any]:
@@ -292,22 +405,78 @@ def decode_metadata(spec: Any, layout: list[StateTensor], limit: int | None) -> 
 
 
 def decode_proto(
-    spec: Any, model: Any, exporter: str = "auto"
+    spec: Any, model: Any, exporter: str = "auto", precision: str = "fp32"
 ) -> tuple[onnx.ModelProto, list[StateTensor], int | None, str, list[str]]:
     """The decode graph of ``model`` (in eval mode) with its metadata, its state layout and
     its token limit (``CompiledModel.seq_limit``), the exporter used and why any before it failed;
     no parity check. ``exporter``: ``auto`` (torch.export, falling back to TorchScript),
-    ``dynamo`` or ``legacy``.
+    ``dynamo`` or ``legacy``. ``precision``: one of :data:`DECODE_PRECISIONS`
+    (:func:`ship_decode`; the block -> precision map is in ``archir.block_precision``).
 
     Raises:
-        DecodeError: the model cannot decode; ExportError: ``torch.onnx.export`` failed.
+        DecodeError: the model cannot decode; ExportError: ``torch.onnx.export`` or a
+            quantizer failed, or an unsupported ``precision``.
     """
-    from exporters.onnx_export import _set_metadata, block_bits
-
+    check_precision(precision)
     layout = state_layout(model)  # raises DecodeError
     limit = model.seq_limit
     proto, used, failed = _export_proto(model, layout, exporter)
-    _set_metadata(proto, spec, "fp32", used, {b: "fp32" for b in block_bits(model)})
+    _label(proto, spec, model, layout, limit, used, "fp32", None)
+    if precision != "fp32":
+        proto, _ = ship_decode(proto, spec, model, layout, limit, used, precision)
+    return proto, layout, limit, used, failed
+
+
+def ship_decode(
+    proto: onnx.ModelProto,
+    spec: Any,
+    model: Any,
+    layout: list[StateTensor],
+    limit: int | None,
+    exporter: str,
+    precision: str,
+) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The fp32 decode graph ``proto`` (nodes tagged with their IR block) reduced to
+    ``precision`` by the quantizers of the full-sequence export
+    (:func:`exporters.graph.ship_precision`; ``auto``: int8 / int4 MatMul for 8- / 4-bit
+    blocks, fp32 elsewhere), with ``archir.precision``, ``archir.block_precision`` and
+    ``archir.decode`` written as in ``model.onnx``. ``proto`` itself is left as it is.
+    Returns ``(model, IR block -> precision)``.
+
+    Raises:
+        ExportError: an unsupported ``precision``, or a quantizer failed.
+    """
+    from exporters.graph import ship_precision
+    from exporters.onnx_export import block_bits
+    from exporters.quantize import gemm_to_matmul
+
+    check_precision(precision)
+    src = onnx.ModelProto()
+    src.CopyFrom(proto)  # the 4-bit quantizer rewrites the graph it is given
+    if precision != "fp16":
+        gemm_to_matmul(src)  # one token's Linear is a Gemm: the quantizers take MatMuls
+    final, plan = ship_precision(src, block_bits(model), precision)
+    _label(final, spec, model, layout, limit, exporter, precision, plan)
+    return final, plan
+
+
+def _label(
+    proto: onnx.ModelProto,
+    spec: Any,
+    model: Any,
+    layout: list[StateTensor],
+    limit: int | None,
+    exporter: str,
+    precision: str,
+    plan: dict[str, str] | None,
+) -> None:
+    """Write the archir metadata of a decode graph (those of ``model.onnx`` and
+    ``archir.decode``; ``plan`` ``None``: every block fp32)."""
+    from exporters.onnx_export import _set_metadata, block_bits
+
+    if plan is None:
+        plan = {b: "fp32" for b in block_bits(model)}
+    _set_metadata(proto, spec, precision, exporter, plan)
     proto.metadata_props.add(
         key=DECODE_META, value=json.dumps(decode_metadata(spec, layout, limit))
     )
@@ -320,7 +489,6 @@ def decode_proto(
                     "states": "see archir.decode",
                 }
             )
-    return proto, layout, limit, used, failed
 
 
 def export_decode(
@@ -335,6 +503,7 @@ def export_decode(
     check_only: bool = False,
     threads: int | None = 1,
     exporter: str = "auto",
+    precision: str = "fp32",
 ) -> DecodeReport:
     """Export a causal language model's decode step to ONNX (module docstring).
 
@@ -347,15 +516,23 @@ def export_decode(
         check: run the parity gate; ``force``: write despite a failure.
         exporter: ``auto`` (torch.export, as the full-sequence export; TorchScript when it
             fails, with a note), ``dynamo`` or ``legacy``.
+        precision: what the written graph holds, one of :data:`DECODE_PRECISIONS` — as
+            ``export_onnx``: ``auto`` follows each block's ``bits`` (int8 / int4 MatMul
+            for 8- / 4-bit blocks, fp32 elsewhere). The parity gate runs on the fp32
+            graph; the written graph's deviation from PyTorch (max abs logit error, top-1
+            agreement of the next-token predictions on the same tokens) is reported, not
+            gated.
 
     Raises:
-        DecodeError: the model cannot decode; ExportError: the export or the parity gate
-            failed; PathError: a bad ``out_path`` (checked first).
+        DecodeError: the model cannot decode; ExportError: the export, a quantizer or the
+            parity gate failed, or an unsupported ``precision`` (checked first);
+            PathError: a bad ``out_path``.
     """
     import archir
-    from exporters.onnx_export import load_weights, write_model
+    from exporters.onnx_export import _check_model, block_bits, load_weights, write_model
 
     t0 = time.perf_counter()
+    check_precision(precision)
     if not check_only and out_path is not None:
         check_out_file(out_path)
     if model is None:
@@ -368,6 +545,9 @@ def export_decode(
         proto, layout, limit, used, failures = decode_proto(spec, model, exporter)
         notes = [f"{used} exporter after: {f}" for f in failures]
         report_parity = None
+        inputs: list[torch.Tensor] = []
+        source = "random"
+        fp32_bytes = proto.ByteSize()
         if check:
             spec_model = spec.model
             the_task = par.resolve_task(spec_model, task)
@@ -379,7 +559,19 @@ def export_decode(
             )
             sess = par.make_session(proto.SerializeToString(), threads)
             report_parity = par.compare(OrtDecodeLoop(sess, layout), model, inputs, source=source)
-        data = proto.SerializeToString()
+        final, plan = proto, {}
+        q_parity, top1 = None, None
+        if precision != "fp32":
+            final, plan = ship_decode(proto, spec, model, layout, limit, used, precision)
+            low = [b for b, v in block_bits(model).items() if v < 4 and plan.get(b) == "int4"]
+            if low:
+                notes.append(
+                    "bits below 4 have no onnxruntime kernel; stored at 4 bits: " + ", ".join(low)
+                )
+            _check_model(final, f"{precision} decode")
+            if check:
+                q_parity, top1 = deviation(final, layout, model, inputs, source, threads)
+        data = final.SerializeToString()
         report = DecodeReport(
             path=None,
             spec_name=spec.model.name,
@@ -389,6 +581,11 @@ def export_decode(
             export_s=0.0,
             exporter=used,
             notes=notes,
+            precision=precision,
+            block_precision=plan,
+            quantized_parity=q_parity,
+            top1_agreement=top1,
+            fp32_bytes=fp32_bytes,
         )
         failed = report_parity is not None and not report_parity.passed
         if failed and not force:
@@ -401,12 +598,36 @@ def export_decode(
                 hint="the step form of a block is wrong in the export; --force writes it anyway",
             )
         if not check_only and out_path is not None:
-            report.path = write_model(out_path, proto, data)
+            report.path = write_model(out_path, final, data)
             report.written, report.forced = True, failed
         report.export_s = time.perf_counter() - t0
         return report
     finally:
         model.train(was_training)
+
+
+def deviation(
+    proto: onnx.ModelProto,
+    layout: list[StateTensor],
+    model: Any,
+    inputs: list[torch.Tensor],
+    source: str = "random",
+    threads: int | None = 1,
+) -> tuple[par.ParityReport, float]:
+    """How far a (quantized) decode graph's token-by-token logits are from PyTorch's
+    full forward on ``inputs`` (``[batch, T]`` token tensors): the ungated
+    :class:`~exporters.parity.ParityReport` (max abs logit error) and the top-1 agreement
+    (fraction of the ``batch × T`` positions whose argmax over the vocabulary is
+    PyTorch's)."""
+    loop = OrtDecodeLoop(par.make_session(proto.SerializeToString(), threads), layout)
+    rep = par.compare(loop, model, inputs, source=source, gated=False)
+    same = total = 0
+    with torch.no_grad():
+        for x, got in zip(inputs, loop.outputs):
+            ref = model(x).float().numpy()
+            same += int((ref.argmax(-1) == got.argmax(-1)).sum())
+            total += int(ref.shape[0] * ref.shape[1])
+    return rep, same / total if total else 1.0
 
 
 def read_decode_metadata(proto_or_path: Any) -> dict[str, Any]:
@@ -466,9 +687,12 @@ def measure_decode(
     max_runs: int = 200,
     prefill_runs: int = 2,
     exporter: str = "auto",
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """What generating costs, measured on the graph that ships (``ort``: the decode model
-    :func:`export_decode` writes; ``torch``: :meth:`CompiledModel.step`), batch 1.
+    :func:`export_decode` writes, at ``precision`` — by default ``auto``, each block's
+    ``bits``, as a search's ``best/decode.onnx``; ``torch``: :meth:`CompiledModel.step`
+    in float32, ``precision`` not used), batch 1.
 
     ``prefill_ms``: feeding a ``context``-token prompt token by token from zero states
     (what ``archir generate`` does; the fastest of ``prefill_runs`` runs). ``decode_ms_per_token``: one
@@ -476,11 +700,13 @@ def measure_decode(
     ``context`` entries, or ``window``), repeated from that same state
     (:func:`~exporters.latency.harness.measure`: the best window's median). ``state_bytes``:
     the bytes of every state tensor at that point (what a server keeps per sequence).
+    ``precision`` / ``block_precision``: what was timed (``fp32`` and ``{}`` for torch).
 
     Raises:
         DecodeError: the model cannot decode, or cannot reach ``context + 1`` tokens
             (``max_seq_len`` of learned positions, token_mlp, hyena).
-        ExportError: the decode graph did not export (``ort``).
+        ExportError: the decode graph did not export or quantize (``ort``), or an
+            unsupported ``precision``.
     """
     import archir
     from archir.errors import DecodeError
@@ -500,8 +726,12 @@ def measure_decode(
     vocab = max(1, spec.model.model.vocab_size)
     prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
     tok = torch.randint(0, vocab, (1,), generator=gen)
+    check_precision(precision)
+    timed, plan = "fp32", {}
     if runtime == "ort":
-        proto, layout, *_ = decode_proto(spec, model, exporter)
+        proto, layout, *_ = decode_proto(spec, model, exporter, precision)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        timed, plan = precision, json.loads(meta.get("archir.block_precision", "{}"))
         sess = par.make_session(proto.SerializeToString(), threads)
 
         def prefill() -> tuple[Callable[[], Any], int]:
@@ -548,6 +778,8 @@ def measure_decode(
         "state_bytes": nbytes,
         "context": context,
         "runtime": runtime,
+        "precision": timed,
+        "block_precision": plan,
         "threads": threads,
         "median_ms": m.median_ms,
         "cv": m.cv,

@@ -164,25 +164,44 @@ def _scope_of(node: onnx.NodeProto) -> str | None:
     return None
 
 
+def _owner(path: str | None, m2b: Mapping[str, str]) -> str | None:
+    """The block of the longest key of ``m2b`` that is ``path`` or a dotted prefix of it
+    (``model.blocks.3.fn.q`` -> the block of ``model.blocks.3``), else ``None``."""
+    while path:
+        if path in m2b:
+            return m2b[path]
+        path = path.rpartition(".")[0]
+    return None
+
+
 def tag_and_strip(
     proto: onnx.ModelProto, mod2block: Mapping[str, str] | None = None, every: str | None = None
 ) -> None:
-    """Tag every node with its IR block (``archir.block``: from the top-level module path it
-    came from, through ``mod2block``; or ``every`` for all of them — a part graph), drop
-    torch's bulky per-node metadata (stack traces hold local paths), and name unnamed
-    nodes."""
+    """Tag every node with its IR block (``archir.block``: from the module path it came from,
+    through ``mod2block`` — the path itself or its longest dotted prefix among the keys, so
+    a wrapper's paths such as the decode module's ``model.blocks.3.fn.q`` find
+    ``model.blocks.3``; a node outside any module call takes the block owning a weight it
+    reads, by the weight's name; or ``every`` for all of them — a part graph), drop torch's
+    bulky per-node metadata (stack traces hold local paths), and name unnamed nodes."""
     from exporters.quantize import BLOCK_KEY
 
     m2b = mod2block or {}
+    inits = {t.name for t in proto.graph.initializer} if m2b else set()
     for i, n in enumerate(proto.graph.node):
         scope = _scope_of(n)
+        legacy = None
         if scope is None and n.name:
             # legacy exporter: node names like /blocks.0/fn/q/MatMul
             parts = n.name.strip("/").split("/")
+            legacy = ".".join(parts[:-1])
             scope = parts[0] if parts and parts[0] in m2b else None
             if scope is None and len(parts) > 1 and parts[0] == "blocks":
                 scope = f"blocks.{parts[1]}" if parts[1].isdigit() else None
-        block = every or m2b.get(scope or "")
+        block = every or m2b.get(scope or "") or _owner(scope or legacy, m2b)
+        if block is None and inits:
+            # a weight used outside any module call (a block's step reading its own
+            # parameter, the embedding's step): the parameter's name says whose it is
+            block = next((b for w in n.input if w in inits if (b := _owner(w, m2b))), None)
         del n.metadata_props[:]
         if block:
             n.metadata_props.add(key=BLOCK_KEY, value=block)

@@ -82,6 +82,76 @@ def retag(model: onnx.ModelProto, tags: dict[str, str]) -> onnx.ModelProto:
     return model
 
 
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite each ``Gemm(A, W, C?)`` with an initializer weight ``W`` (``alpha``/``beta``
+    1, ``A`` not transposed) as ``MatMul(A, W or Wᵀ)`` followed by ``Add(C)`` when it has a
+    bias, in place: the MatMul keeps the Gemm's name and block tag (the Add gets
+    ``<name>_bias``). A ``Linear`` on a 2-D input — the decode graph's one token per
+    sequence, ``[batch, d]`` — exports as a Gemm, which the 4-bit quantizer does not take
+    and the int8 one renames past its node list; as a MatMul both quantize it like the
+    full-sequence graph's. Returns the number of nodes rewritten."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    attrs = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0}
+    out: list[onnx.NodeProto] = []
+    done = 0
+    transposed: set[str] = set()
+    for n in g.node:
+        a = dict(attrs)
+        a.update({x.name: helper.get_attribute_value(x) for x in n.attribute})
+        if (
+            n.op_type != "Gemm"
+            or n.input[1] not in inits
+            or a["alpha"] != 1.0
+            or a["beta"] != 1.0
+            or a["transA"]
+            or len(inits[n.input[1]].dims) != 2
+        ):
+            out.append(n)
+            continue
+        w = n.input[1]
+        if a["transB"]:
+            transposed.add(w)
+            name = f"{w}.T"
+            if name not in inits:
+                t = numpy_helper.from_array(numpy_helper.to_array(inits[w]).T.copy(), name)
+                g.initializer.append(t)
+                inits[name] = t
+            w = name
+        bias = len(n.input) > 2 and n.input[2] != ""
+        mm_out = f"{n.output[0]}_mm" if bias else n.output[0]
+        mm = helper.make_node("MatMul", [n.input[0], w], [mm_out], name=n.name)
+        mm.metadata_props.extend(n.metadata_props)
+        out.append(mm)
+        if bias:
+            add = helper.make_node(
+                "Add", [mm_out, n.input[2]], [n.output[0]], name=f"{n.name}_bias"
+            )
+            add.metadata_props.extend(n.metadata_props)
+            out.append(add)
+        done += 1
+    if done:
+        del g.node[:]
+        g.node.extend(out)
+        used = _read_names(g)
+        for i in [i for i in g.initializer if i.name in transposed and i.name not in used]:
+            g.initializer.remove(i)
+    return done
+
+
+def _read_names(g: onnx.GraphProto) -> set[str]:
+    """Every name a node of ``g`` or of its subgraphs reads, and ``g``'s outputs."""
+    names = {o.name for o in g.output}
+    for n in g.node:
+        names.update(n.input)
+        for at in n.attribute:
+            for sub in [at.g] if at.HasField("g") else list(at.graphs):
+                names |= _read_names(sub)
+    return names
+
+
 def plan_precision(
     model: onnx.ModelProto, precision: str, block_bits: dict[str, float]
 ) -> dict[str, str]:

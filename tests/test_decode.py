@@ -409,8 +409,8 @@ def test_generate_from_an_exported_decode_model(tmp_path: Any, capfd: Any) -> No
     assert rc == 0, err
     assert a_ is not None and b_ is not None and a_["tokens"] == b_["tokens"]
     assert a_["runtime"] == "ort"
-    rc = main(["export", str(f), "--decode", "--precision", "int8", "--out", str(step)])
-    assert rc == 2 and "fp32 only" in capfd.readouterr().err
+    rc = main(["export", str(f), "--decode", "--precision", "int8-static", "--out", str(step)])
+    assert rc == 2 and "--precision int8-static does not apply" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize(
