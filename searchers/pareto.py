@@ -370,24 +370,46 @@ def describe_export(rep: dict[str, Any]) -> str:
 
 
 def export_decode_best(best_dir: Path, spec: Any, model: Any) -> dict[str, Any]:
-    """Write ``best_dir/decode.onnx``, the decode step of a language model (parity-checked
-    token by token against PyTorch's forward); ``{"error": ...}`` when it cannot be made (a
-    bidirectional mixer, an export or parity failure), which does not fail the search."""
+    """Write ``best_dir/decode.onnx``, the decode step of a language model, at the precision
+    the searched ``bits`` select (``precision="auto"``, as ``model.onnx``: the graph whose
+    ``decode_ms_per_token`` a ``runtime: ort`` search timed). The fp32 decode graph passes
+    the parity gate token by token against PyTorch's forward; the written graph's deviation
+    (``quantized_parity``: max abs logit error; ``top1_agreement``) is reported, not gated.
+    ``{"error": ...}`` when it cannot be made (a bidirectional mixer, an export or parity
+    failure), which does not fail the search."""
     from exporters.decode import export_decode
 
     t0 = time.perf_counter()
     try:
-        rep = export_decode(spec, best_dir / "decode.onnx", model=model)
+        rep = export_decode(spec, best_dir / "decode.onnx", model=model, precision="auto")
     except ArchirError as exc:
         return {"error": str(exc)}
+    q = rep.quantized_parity
     return {
         "path": rep.path,
         "exporter": rep.exporter,
         "states": len(rep.states),
         "parity": rep.parity.to_dict() if rep.parity is not None else None,
+        "precision": rep.precision,
+        "block_precision": rep.block_precision,
+        "quantized_parity": q.to_dict() if q is not None else None,
+        "top1_agreement": rep.top1_agreement,
         "file_bytes": rep.file_bytes,
+        "fp32_bytes": rep.fp32_bytes,
         "wall_s": time.perf_counter() - t0,
     }
+
+
+def describe_decode_export(rep: dict[str, Any]) -> str:
+    """One line for the run log: the decode graph's block precisions and, for a quantized
+    graph, its max abs logit error and top-1 agreement beside PyTorch's."""
+    line = describe_export(rep)
+    q, top1 = rep.get("quantized_parity"), rep.get("top1_agreement")
+    if q and any(v != "fp32" for v in (rep.get("block_precision") or {}).values()):
+        line += f"; max |logit error| {q['max_abs_err']:.3g}"
+        if top1 is not None:
+            line += f", top-1 agreement {top1:.3f}"
+    return line
 
 
 def _write_best(
@@ -460,7 +482,10 @@ def _write_best(
                 if "error" in best["decode_export"]:
                     say(f"no decode graph: {best['decode_export']['error']}")
                 else:
-                    say(f"exported {bdir / 'decode.onnx'} (decode step, parity checked)")
+                    say(
+                        f"exported {bdir / 'decode.onnx'} (decode step, fp32 graph parity "
+                        f"checked; shipped at {describe_decode_export(best['decode_export'])})"
+                    )
         except ModuleNotFoundError as exc:
             best["export"] = {"error": f"exporters unavailable: {exc}"}
             say(f"no ONNX export: {exc}")

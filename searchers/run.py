@@ -530,14 +530,21 @@ class Evaluator:
         self, concrete: Spec, model: Any, log: _Log, metrics: dict[str, Any]
     ) -> dict[str, float]:
         """``decode_ms_per_token`` and ``prefill_ms`` of the fresh model (timing does not
-        depend on the weights) on the graph that ships (``search.decode``)."""
+        depend on the weights) on the graph that ships (``search.decode``): with ``runtime:
+        ort`` the decode graph at the trial's ``bits`` (``precision="auto"``, what
+        ``best/decode.onnx`` holds), with ``torch`` the float32 step."""
         from archir.errors import DecodeError
-        from exporters.decode import measure_decode
+        from exporters.decode import measure_decode, precision_counts
 
         dec = self.sec.decode
         try:
             rec = measure_decode(
-                concrete, model, runtime=dec.runtime, context=dec.context, threads=dec.threads
+                concrete,
+                model,
+                runtime=dec.runtime,
+                context=dec.context,
+                threads=dec.threads,
+                precision="auto",
             )
         except DecodeError as exc:
             raise TrialFailed(f"decode cost not measurable: {exc.message}") from None
@@ -545,7 +552,8 @@ class Evaluator:
         log(
             f"decode at context {dec.context} ({dec.runtime}): "
             f"{rec['decode_ms_per_token']:.3f} ms/token, prefill {rec['prefill_ms']:.1f} ms, "
-            f"state {rec['state_bytes']:,} bytes"
+            f"state {rec['state_bytes']:,} bytes; graph at "
+            f"{precision_counts(rec['block_precision']) if dec.runtime == 'ort' else 'fp32'}"
         )
         return {k: float(rec[k]) for k in DECODE_METRICS}
 
