@@ -352,37 +352,43 @@ def tag_by_weights(proto: onnx.ModelProto, model: Any) -> int:
     a block's ``step`` is a method, not a module call) and its weights ``onnx::MatMul_N``,
     so neither says the block. A weight whose values two blocks share (both zero-filled)
     is left untagged. Returns the number of nodes tagged."""
+    import hashlib
+
     from onnx import numpy_helper
 
     from exporters.onnx_export import module_to_block
     from exporters.quantize import BLOCK_KEY, node_block
 
-    m2b = module_to_block(model)
-    owner: dict[tuple[tuple[int, ...], bytes], str | None] = {}
-    for name, p in model.named_parameters():
-        block = next((b for k, b in m2b.items() if name.startswith(k + ".")), None)
-        if block is None or p.dim() != 2:
-            continue
-        w = p.detach().float().numpy()
-        for arr in (w, w.T):
-            key = (arr.shape, np.ascontiguousarray(arr).tobytes())
-            owner[key] = block if owner.get(key, block) == block else None
+    def key(a: np.ndarray) -> tuple[tuple[int, ...], str]:
+        return a.shape, hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
+
     inits = {
         i.name: i
         for i in proto.graph.initializer
         if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
     }
+    todo = [
+        n for n in proto.graph.node if node_block(n) is None and any(x in inits for x in n.input)
+    ]
+    if not todo:  # torch.export's scopes tagged every weight's reader
+        return 0
+    m2b = module_to_block(model)
+    owner: dict[tuple[tuple[int, ...], str], str | None] = {}
+    for name, p in model.named_parameters():
+        block = next((b for k, b in m2b.items() if name.startswith(k + ".")), None)
+        if block is None or p.dim() != 2:
+            continue
+        w = p.detach().float().numpy()
+        for k in {key(w), key(w.T)}:
+            owner[k] = block if owner.get(k, block) == block else None
     found: dict[str, str | None] = {}
     tagged = 0
-    for n in proto.graph.node:
-        if node_block(n) is not None:
-            continue
+    for n in todo:
         for x in n.input:
             if x not in inits:
                 continue
             if x not in found:
-                arr = numpy_helper.to_array(inits[x])
-                found[x] = owner.get((arr.shape, np.ascontiguousarray(arr).tobytes()))
+                found[x] = owner.get(key(numpy_helper.to_array(inits[x])))
             if found[x] is not None:
                 n.metadata_props.add(key=BLOCK_KEY, value=str(found[x]))
                 tagged += 1
