@@ -23,6 +23,15 @@ reproduces PyTorch's full-sequence logits at every position (``≤ 1e-4 ×`` the
 at batch 1 and 3. Exported fp32 with torch.export (``dynamo``, the exporter of the
 full-sequence model: ``batch`` and each growing cache axis a dynamic dimension from 0),
 falling back to the TorchScript exporter with a note.
+
+Precision (``export_decode(..., precision=)``, ``archir export --decode --precision``,
+``best/decode.onnx`` at ``auto``): every node is tagged with its IR block (:func:`_export_proto`,
+:func:`tag_by_weights`) and the fp32 graph that passed the gate is reduced per block by the
+quantizers of the full-sequence export (:func:`ship_decode`; ``auto``: int8 MatMulInteger for
+8-bit blocks, int4 MatMulNBits for 4-bit ones, fp32 elsewhere). The written graph's deviation
+from PyTorch on the same tokens (max abs logit error, top-1 agreement) is reported, not
+gated; ``archir.precision`` and ``archir.block_precision`` are written as in ``model.onnx``,
+and ``archir.decode`` is unchanged (states stay float32 / int64).
 """
 
 from __future__ import annotations
