@@ -159,3 +159,32 @@ def test_within_chunk_forms_agree_and_forward_picks_the_fast_one(
         m.gk2.bias[0] = -100.0  # one channel: log-gate −6.25
     m(x)
     assert calls == ["stable"]
+
+
+def test_padding_with_closed_bias_gates_takes_no_part() -> None:
+    """A length that is not a multiple of the chunk pads with zero inputs, whose gate logits
+    are the bias alone: strongly closed (−900) while every real token's gate is open. The
+    padded steps carry no decay, so the fast form runs on the real steps' gates only (it
+    rescaled around a padded middle step and gave NaN once), and forward equals step."""
+    torch.manual_seed(3)
+    m = _build(n_heads=2)
+    with torch.no_grad():
+        m.gk2.bias.fill_(-900.0)
+        m.gk1.weight.zero_()
+        m.gk1.weight[0, 0] = 1.0
+        m.gk2.weight.zero_()
+        m.gk2.weight[:, 0] = 1000.0  # z = 1000·x₀ − 900
+    x = torch.randn(2, GLA_CHUNK + 5, D)
+    x[..., 0] = 1.0  # real tokens: z = 100, open gates
+    assert float(m._log_gate(x).detach().min()) > -1e-6
+    assert float(m._log_gate(torch.zeros(D)).detach().min()) < -50  # a padded step's gate
+    y = m(x.requires_grad_(True))
+    grads = torch.autograd.grad(y.square().sum(), [x, *m.parameters()])
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        state = m.init_state(2)
+        steps = []
+        for t in range(x.shape[1]):
+            yt, state = m.step(x[:, t], state)
+            steps.append(yt)
+    assert _rel(torch.stack(steps, 1), y) < 1e-5

@@ -325,9 +325,12 @@ class GLA(nn.Module):
         q = chunks(self.q(xp), hk) * self.scale
         k = chunks(self.k(xp), hk)
         v = chunks(self.v(xp), hv)
-        lg = self._log_gate(xp)
+        # padded steps get log-gate 0: their gate logits (the bias alone) may be strongly
+        # closed while every real step's gate is open, and the fast form's rescaling around
+        # a padded middle step then overflowed (inf·0 = NaN in the real rows)
+        lg = F.pad(self._log_gate(x), (0, 0, 0, pad))
         # no data-dependent branch under capture (export, compile): the stable form there
-        stable = tracing() or bool(lg[:, :T].amin() < -GLA_FAST_LOG_DECAY)
+        stable = tracing() or bool(lg.amin() < -GLA_FAST_LOG_DECAY)
         la = chunks(lg, hk)
         # log-gate since the chunk start (inclusive) and to its end (exclusive), as direct
         # sums of log-gates ≤ 0 (matmuls with 0/1 matrices): [B, H, nc, C, hk] each
