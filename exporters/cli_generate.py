@@ -7,17 +7,22 @@ Examples::
     archir generate runs/lm --prompt "def main(" --max-new-tokens 80        # greedy, torch
     archir generate runs/lm --prompt "import " --runtime ort                  # same bytes, ORT
     archir generate runs/lm --prompt "class " --temperature 0.8 --top-k 20 --seed 1
+    archir generate runs/lm --prompt "import " --runtime ort --precision auto  # searched bits
     archir generate step.onnx --prompt "for i in "     # a decode model from `export --decode`
 
 Byte-level models (``vocab_size`` 256, the text tasks): the prompt's UTF-8 bytes are the
 tokens and each generated token is one byte. ``--runtime torch`` steps the PyTorch model
 (:meth:`archir.compiler.CompiledModel.step`); ``--runtime ort`` exports the decode step
 (:mod:`exporters.decode`) and runs it in onnxruntime. Greedy decoding gives the same bytes on
-both. Timing (prefill and ms per generated token) goes to stderr, or into ``--json``.
+both at ``--precision fp32`` (the default). ``--precision auto`` runs the decode graph at the
+precision the spec's ``bits`` select — what ``best/decode.onnx`` of a search ships (int8 / int4
+MatMul per block): its logits differ from PyTorch's by the quantization, so a greedy choice
+between near-equal logits can differ. Timing (prefill and ms per generated token) goes to stderr, or into ``--json``.
 
 Exit codes: 0 generated; 2 user error: a model that cannot decode, no weights (without
 ``--random-weights``), an empty prompt, a prompt byte outside the vocabulary, or a prompt
-plus ``--max-new-tokens`` past the ``max_seq_len`` of a model that cannot go past it.
+plus ``--max-new-tokens`` past the ``max_seq_len`` of a model that cannot go past it, or
+``--precision`` other than fp32 where it does not apply (``--runtime torch``, a ``.onnx`` file).
 """
 
 from __future__ import annotations
@@ -58,6 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=a.int_range(0, 2**63 - 1), default=0, help="sampling seed")
     p.add_argument("--runtime", choices=("torch", "ort"), default=None, help="default torch")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "int8", "int4", "auto"),
+        default="fp32",
+        help="--runtime ort: the decode graph's precision (default fp32; auto: the spec's bits, "
+        "as best/decode.onnx ships)",
+    )
     p.add_argument("--weights", type=a.regular_file, default=None, help="model.safetensors")
     p.add_argument(
         "--random-weights", action="store_true", help="generate with untrained weights on purpose"
@@ -161,6 +173,19 @@ def run(args: argparse.Namespace) -> int:
     src = Path(args.spec)
     runtime = args.runtime or ("ort" if src.suffix == ".onnx" and src.is_file() else "torch")
     t0 = time.perf_counter()
+    precision = getattr(args, "precision", "fp32")
+    if precision != "fp32" and src.suffix == ".onnx":
+        raise DecodeError(
+            f"--precision {precision} does not apply to a decode model file: it runs at the "
+            "precision it was exported at",
+            hint="drop --precision",
+        )
+    if precision != "fp32" and runtime != "ort":
+        raise DecodeError(
+            f"--precision {precision} applies to --runtime ort: --runtime torch runs the "
+            "trained weights as they are",
+            hint="add --runtime ort, or drop --precision",
+        )
     if src.suffix == ".onnx" and src.is_file():
         if runtime != "ort":
             raise DecodeError("a decode model (.onnx) runs on onnxruntime", hint="drop --runtime")
@@ -195,10 +220,17 @@ def run(args: argparse.Namespace) -> int:
         if runtime == "torch":
             tokens = torch_tokens(model, prompt, args.max_new_tokens, pick)
         else:
-            from exporters.decode import decode_proto, ort_generate_loop, read_decode_metadata
+            from exporters.decode import (
+                decode_proto,
+                ort_generate_loop,
+                read_decode_metadata,
+                ship_decode,
+            )
             from exporters.parity import make_session
 
-            proto, *_ = decode_proto(spec, model)
+            proto, layout, limit, used, _ = decode_proto(spec, model)
+            if precision != "fp32":  # the graph best/decode.onnx ships at these bits
+                proto, _ = ship_decode(proto, spec, model, layout, limit, used, precision)
             sess = make_session(proto.SerializeToString(), threads=None)
             tokens = ort_generate_loop(
                 sess, read_decode_metadata(proto), prompt, args.max_new_tokens, pick
@@ -223,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
     info = {
         "model": name,
         "runtime": runtime,
+        "precision": precision if runtime == "ort" and src.suffix != ".onnx" else None,
         "prompt_tokens": len(prompt),
         "new_tokens": len(got),
         "tokens": got,

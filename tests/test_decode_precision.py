@@ -271,3 +271,47 @@ def test_decode_cost_is_timed_on_the_graph_at_its_bits(trained: Any, tmp_path: A
     assert read_decode_metadata(proto)["vocab_size"] == VOCAB
     with torch.no_grad():
         assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long))).all()
+
+
+@pytest.mark.heavy
+def test_generate_runs_the_decode_graph_at_the_searched_bits(
+    trained: Any, tmp_path: Any, capfd: Any
+) -> None:
+    """``archir generate --runtime ort --precision auto`` runs the decode graph a search ships
+    (int8 / int4 blocks)."""
+    import safetensors.torch
+    import yaml
+
+    from archir.cli import main
+
+    spec, model = trained
+    f = tmp_path / "m.yaml"
+    f.write_text(yaml.safe_dump(spec_data(), sort_keys=False))
+    w = tmp_path / "w.safetensors"
+    safetensors.torch.save_model(model, str(w))
+    common = ["--prompt", "def f(", "--max-new-tokens", "8", "--weights", str(w), "--json"]
+    rc = main(["generate", str(f), "--runtime", "ort", "--precision", "auto", *common])
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["precision"] == "auto" and info["new_tokens"] == 8
+    assert all(0 <= t < VOCAB for t in info["tokens"])
+
+
+def test_generate_precision_where_it_does_not_apply_is_refused(tmp_path: Any, capfd: Any) -> None:
+    import yaml
+
+    from archir.cli import main
+
+    f = tmp_path / "m.yaml"
+    f.write_text(yaml.safe_dump(spec_data(), sort_keys=False))
+    common = ["--prompt", "def f(", "--random-weights"]
+    rc = main(["generate", str(f), "--precision", "int8", *common])
+    err = capfd.readouterr().err
+    assert rc == 2 and "--precision int8 applies to --runtime ort" in err
+    assert "Traceback" not in err
+    step = tmp_path / "step.onnx"
+    step.write_bytes(b"")  # refused before it is read
+    rc = main(["generate", str(step), "--precision", "auto", "--prompt", "x"])
+    err = capfd.readouterr().err
+    assert rc == 2 and "does not apply to a decode model file" in err
