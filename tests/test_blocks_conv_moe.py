@@ -301,6 +301,7 @@ def _export_and_compare(m: torch.nn.Module, seq_lens: tuple[int, ...]) -> float:
     return worst
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["hyena", "moe"])
 def test_onnx_export_dynamic_seq(name: str) -> None:
     """hyena exports through the direct (Toeplitz) long convolution; moe through the sparse

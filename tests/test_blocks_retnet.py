@@ -191,6 +191,7 @@ _HAS_ORT = all(importlib.util.find_spec(n) for n in ("onnx", "onnxruntime"))
 
 
 @pytest.mark.skipif(not _HAS_ORT, reason="onnx/onnxruntime not installed")
+@pytest.mark.heavy
 def test_torchscale_option_exports_with_a_dynamic_length() -> None:
     """``exporters.graph.export_graph`` (the one export path): onnxruntime matches PyTorch at
     lengths the export never saw, with score rows past the normalisation's clamp."""
