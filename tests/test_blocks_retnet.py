@@ -1,10 +1,10 @@
 """RetNet (kind ``retnet``, Sun et al. 2023) with ``convention: torchscale`` against
 microsoft/torchscale's equations (``MultiScaleRetention`` and ``RetNetRelPos``), written here:
 rotary angles ``1/10000^linspace(0, 1, hk/2)`` rotated "every two", the decay matrix divided
-by the square root of its row sum, the parallel form's score-row normalisation
-``clamp(Σ|·|, 1, 5e4)``, the recurrent form's ``scale`` update, RMSNorm without weights, swish
-gate. fp64 parity to 1e-10 for both forms; where the two forms differ (the RMSNorm's eps, as
-in torchscale); parameter count against the module; the default (``fla``) hash unchanged; a
+by the square root of its row sum, the recurrent form's ``scale`` update, RMSNorm without
+weights, swish gate. ``forward`` and ``step`` both equal torchscale's recurrent form (fp64,
+1e-10); its parallel form, which also divides score rows by ``clamp(Σ|·|, 1, 5e4)``, differs
+only through the RMSNorm's eps; parameter count against the module; the default (``fla``) hash unchanged; a
 located error for a bad value; one ONNX export of the torchscale option.
 """
 
@@ -134,27 +134,29 @@ def test_rotary_angles_and_decays_are_torchscale_s() -> None:
 
 
 @pytest.mark.parametrize("gain,T", [(1.0, 21), (6.0, 21), (6.0, 1)])
-def test_parallel_and_recurrent_forms_match_torchscale(gain: float, T: int) -> None:
-    """gain 6: score rows sum past 1, so the parallel form's normalisation acts."""
+def test_forward_and_step_are_torchscale_s_recurrent_form(gain: float, T: int) -> None:
+    """Both forms compute torchscale's recurrent form (what it decodes with), so they are one
+    function; gain 6: score rows sum past 1 (where torchscale's parallel form would divide)."""
     m = _torchscale_model(gain)
     x = torch.randn(2, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        par, rec = _torchscale_parallel(m, x, 1e-6), _torchscale_recurrent(m, x, 1e-6)
-        assert _rel(m(x), par) <= 1e-10
+        rec = _torchscale_recurrent(m, x, 1e-6)
+        assert _rel(m(x), rec) <= 1e-10
         assert _rel(_steps(m, x), rec) <= 1e-10
 
 
-def test_forms_differ_only_through_the_norm_eps() -> None:
-    """Where every score row's Σ|·| ≤ 1 the two forms are one function; beyond it they
-    differ by RMSNorm's eps alone (as torchscale's do): tiny at eps 1e-12, large at 1e-1."""
+def test_torchscale_s_parallel_form_differs_only_through_the_norm_eps() -> None:
+    """torchscale's parallel form also divides each score row by clamp(Σ|·|, 1, 5e4): where
+    every row's Σ|·| ≤ 1 it is archir's function exactly; beyond it they differ by RMSNorm's
+    eps alone (as torchscale's own two forms do): tiny at eps 1e-12, large at 1e-1."""
     x = torch.randn(2, 33, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         small = _torchscale_model(0.05)
-        assert _rel(_steps(small, x), small(x)) <= 1e-10
+        assert _rel(small(x), _torchscale_parallel(small, x, 1e-6)) <= 1e-10
         gaps = {}
         for eps in (1e-12, 1e-1):
             big = _torchscale_model(6.0, eps=eps)
-            gaps[eps] = _rel(_steps(big, x), big(x))
+            gaps[eps] = _rel(big(x), _torchscale_parallel(big, x, eps))
     assert gaps[1e-12] <= 1e-8 and gaps[1e-1] > 1e-3, gaps
 
 
@@ -194,7 +196,7 @@ _HAS_ORT = all(importlib.util.find_spec(n) for n in ("onnx", "onnxruntime"))
 @pytest.mark.heavy
 def test_torchscale_option_exports_with_a_dynamic_length() -> None:
     """``exporters.graph.export_graph`` (the one export path): onnxruntime matches PyTorch at
-    lengths the export never saw, with score rows past the normalisation's clamp."""
+    lengths the export never saw, with large scores (q, k weights 6x)."""
     import onnxruntime as ort
 
     from exporters.graph import Axis, export_graph
@@ -219,3 +221,66 @@ def test_torchscale_option_exports_with_a_dynamic_length() -> None:
         with torch.no_grad():
             ref = m(x)
         assert _rel(torch.from_numpy(got), ref) < 1e-5
+
+
+def _torchscale_lm(gain: float) -> Any:
+    """A 2-layer causal LM of torchscale RetNet + SwiGLU whose q, k weights are ``gain``× their
+    init (a stand-in for trained weights: score rows sum far past 1)."""
+    import archir
+    from archir.spec import spec_from_dict
+
+    spec = spec_from_dict(
+        {
+            "archir": 1,
+            "name": "retnet-torchscale",
+            "model": {
+                "task": "causal_lm",
+                "vocab_size": 64,
+                "d_model": 32,
+                "max_seq_len": 64,
+                "embed": {"kind": "token_embedding"},
+                "layers": [
+                    {
+                        "repeat": 2,
+                        "blocks": [
+                            {"kind": "retnet", "n_heads": 2, "convention": "torchscale"},
+                            {"kind": "swiglu"},
+                        ],
+                    }
+                ],
+                "head": {"kind": "lm_head"},
+            },
+        }
+    )
+    model = archir.compile(spec, seed=0).eval()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, RetNet):
+                mod.q.weight.mul_(gain)
+                mod.k.weight.mul_(gain)
+    return spec, model
+
+
+def test_a_large_weight_torchscale_lm_decodes_like_its_forward() -> None:
+    """Token-by-token decoding gives the full forward's logits (what the decode export's
+    gate checks) with scores far past where torchscale's parallel form would rescale."""
+    spec, model = _torchscale_lm(4.0)
+    tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(tokens)
+        state = model.init_state(2)
+        steps = []
+        for t in range(tokens.shape[1]):
+            logits, state = model.step(tokens[:, t], state)
+            steps.append(logits)
+    assert _rel(torch.stack(steps, 1).reshape(full.shape), full) <= 1e-5
+
+
+@pytest.mark.skipif(not _HAS_ORT, reason="onnx/onnxruntime not installed")
+@pytest.mark.heavy
+def test_a_large_weight_torchscale_lm_passes_the_decode_export_gate(tmp_path: Any) -> None:
+    from exporters.decode import export_decode
+
+    spec, model = _torchscale_lm(4.0)
+    rep = export_decode(spec, tmp_path / "d.onnx", model=model, task="random")
+    assert rep.parity is not None and rep.parity.passed, rep.parity

@@ -456,9 +456,10 @@ class RetNetParams(KindParams):
               multiscale_retention.py`` and ``RetNetRelPos`` in ``architecture/retnet.py``):
               rotary angles ``base^(−linspace(0, 1, hk/2)_i)`` in the interleaved
               "rotate every two" layout; the decay matrix divided by the square root of its
-              row sum, ``D_ts = γ^(t−s) / sqrt(Σ_{s'≤t} γ^(t−s'))``; in ``forward`` (the
-              parallel form) each score row divided by ``clamp(Σ_s |(QKᵀ ⊙ D)_ts|, 1,
-              5e4)`` (no gradient through it); the current per-head RMSNorm without affine
+              row sum, ``D_ts = γ^(t−s) / sqrt(Σ_{s'≤t} γ^(t−s'))`` (torchscale's
+              recurrent form; its parallel form's extra score-row division by
+              ``clamp(Σ_s |(QKᵀ ⊙ D)_ts|, 1, 5e4)`` is left out, see :class:`RetNet`);
+              the current per-head RMSNorm without affine
               weights (the July 2023 release had a LayerNorm without affine weights and
               biases on every projection: not offered). Projections initialised as
               torchscale does (Xavier uniform, gain 2^−2.5 for q, k, v, g and 2^−1 for the
@@ -528,14 +529,16 @@ class RetNet(nn.Module):
     normalisation (GroupNorm is invariant to a per-head, per-token scale up to its ``eps``).
     ``torchscale``: ``D`` divided by ``sqrt`` of its row sum in both forms (the step divides
     ``S_tᵀ q_t`` by ``sqrt((1 − γ^(t+1)) / (1 − γ))``: torchscale's recurrent form, which
-    carries ``S_t`` already divided), RMSNorm without weights. Its parallel form also divides
-    each score row by ``a_t = clamp(Σ_s |score_ts|, 1, 5e4)``; a fixed-size state cannot
-    carry ``Σ|·|``, and torchscale's own recurrent form omits it too, so ``step`` agrees
-    with ``forward`` exactly where ``a_t = 1`` and otherwise differs by the RMSNorm's
-    ``eps``: ``norm(o/a) = o / sqrt(mean(o²) + a²·eps)`` against ``o / sqrt(mean(o²) +
-    eps)``, as torchscale's two forms do (measured in fp64: 0 at torchscale's initial
-    weights; 1.3e-3 of the output's largest entry with q, k weights 4× or 16× those, eps
-    1e-6, T 256, d 128, 4 heads).
+    carries ``S_t`` already divided), RMSNorm without weights. ``forward`` and ``step`` both
+    compute torchscale's *recurrent* form, so they agree exactly (the decode export's
+    token-by-token gate holds for a trained model). torchscale's parallel (training) form
+    also divides each score row by ``a_t = clamp(Σ_s |score_ts|, 1, 5e4)``, which a
+    fixed-size state cannot carry; archir leaves it out. It changes the output only through
+    the RMSNorm's ``eps`` — ``o / sqrt(mean(o²) + a²·eps)`` against ``o / sqrt(mean(o²) +
+    eps)``, exactly as torchscale's own two forms differ: 0 at torchscale's initial weights,
+    1.3e-3 of the output's largest entry with q, k weights 4× or 16× those (fp64, eps 1e-6,
+    T 256, d 128, 4 heads). A torchscale checkpoint therefore gives here what torchscale's
+    recurrent inference gives.
     """
 
     angle: torch.Tensor  # torchscale's rotary angles [hk] (buffer; torchscale convention)
@@ -612,10 +615,7 @@ class RetNet(nn.Module):
         if self.torchscale:
             rows = self._decay_sum(pos + 1, x.dtype).transpose(0, 1)  # [H, T]
             decay = decay * torch.rsqrt(rows)[..., None]
-        scores = (q @ k.transpose(-1, -2)) * decay
-        if self.torchscale:
-            scores = scores / scores.detach().abs().sum(-1, keepdim=True).clamp(1.0, 5e4)
-        o = scores @ v  # [B, H, T, hv]
+        o = ((q @ k.transpose(-1, -2)) * decay) @ v  # [B, H, T, hv]
         return self._out(o.transpose(1, 2), x)
 
     def init_state(
@@ -654,11 +654,12 @@ def _retnet_params(p: RetNetParams, c: BuildContext) -> int:
 
 
 def _retnet_flops(p: RetNetParams, c: BuildContext, L: int) -> float:
-    """Per token: the projections, ``QKᵀ`` (``L`` keys per query), the decay product, ``·V``;
-    ``torchscale`` adds the score-row normalisation (abs, sum, divide: 3 per score)."""
+    """Per token: the projections, ``QKᵀ`` (``L`` keys per query), the decay product, ``·V``
+    (both conventions: torchscale's decay normalisation scales the batch-independent decay
+    matrix, not the scores)."""
     d, dv = c.d_model, _retnet_dv(p, c.d_model)
     proj = 2.0 * d * (2 * d + 2 * dv) + 2.0 * dv * d
-    scores = 1.0 * L * p.n_heads * (4.0 if p.convention == "torchscale" else 1.0)
+    scores = 1.0 * L * p.n_heads
     return proj + 2.0 * L * d + scores + 2.0 * L * dv
 
 
