@@ -275,7 +275,7 @@ def test_decode_cost_is_timed_on_the_graph_at_its_bits(trained: Any, tmp_path: A
 
 @pytest.mark.heavy
 def test_generate_runs_the_decode_graph_at_the_searched_bits(
-    trained: Any, tmp_path: Any, capfd: Any
+    trained: Any, tmp_path: Any, capfd: Any, monkeypatch: Any
 ) -> None:
     """``archir generate --runtime ort --precision auto`` runs the decode graph a search ships
     (int8 / int4 blocks)."""
@@ -289,12 +289,26 @@ def test_generate_runs_the_decode_graph_at_the_searched_bits(
     f.write_text(yaml.safe_dump(spec_data(), sort_keys=False))
     w = tmp_path / "w.safetensors"
     safetensors.torch.save_model(model, str(w))
+    import exporters.decode as dec
+
+    shipped: list[dict[str, str]] = []
+    ship = dec.ship_decode
+
+    def spy(*a: Any, **k: Any) -> Any:
+        final, plan = ship(*a, **k)
+        shipped.append(plan)
+        ops = {n.op_type for n in final.graph.node}
+        assert {"MatMulInteger", "MatMulNBits"} <= ops  # the quantized graph is what runs
+        return final, plan
+
+    monkeypatch.setattr(dec, "ship_decode", spy)
     common = ["--prompt", "def f(", "--max-new-tokens", "8", "--weights", str(w), "--json"]
     rc = main(["generate", str(f), "--runtime", "ort", "--precision", "auto", *common])
     out, err = capfd.readouterr()
     assert rc == 0, err
     info = json.loads(out)
     assert info["precision"] == "auto" and info["new_tokens"] == 8
+    assert len(shipped) == 1 and shipped[0][ATTN] == "int8" and shipped[0][MLP] == "int4"
     assert all(0 <= t < VOCAB for t in info["tokens"])
 
 
