@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 import archir
 from archir.errors import ArchirError
@@ -31,3 +32,13 @@ def assert_located_param_error(
     with pytest.raises(ArchirError, match=message) as e:
         archir.compile(spec_from_dict(data))
     assert f"model.layers.0.blocks.0.{field}" in str(e.value)
+
+
+def run_steps(m: Any, x: torch.Tensor) -> torch.Tensor:
+    """A token mixer's ``step`` over ``x [B, T, d]`` from its zero state -> ``[B, T, d]``."""
+    state = m.init_state(x.shape[0], dtype=x.dtype)
+    ys = []
+    for t in range(x.shape[1]):
+        y, state = m.step(x[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, 1)

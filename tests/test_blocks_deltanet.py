@@ -25,7 +25,7 @@ from archir import registry
 from archir.blocks import deltanet
 from archir.blocks.deltanet import gated_delta_rule, scan_levels, unit_lower_inverse
 from archir.registry import BuildContext
-from tests.block_util import assert_located_param_error
+from tests.block_util import assert_located_param_error, run_steps
 
 D = 32
 
@@ -38,15 +38,6 @@ def _build(d: int = D, max_seq_len: int = 2048, **params: Any) -> tuple[Any, Any
     module = kind.build(p, ctx)
     assert isinstance(module, deltanet.GatedDeltaNet)
     return module, p
-
-
-def _run_steps(m: Any, x: torch.Tensor) -> torch.Tensor:
-    state = m.init_state(x.shape[0], dtype=x.dtype)
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = m.step(x[:, t], state)
-        ys.append(y)
-    return torch.stack(ys, 1)
 
 
 def _naive(q, k, v, g, beta):  # type: ignore[no-untyped-def]
@@ -164,7 +155,7 @@ def test_params_flops_state_and_step(params: dict[str, Any]) -> None:
         with torch.no_grad(), counter:
             y = m(x)
         assert kind.flops(p, ctx, T) == counter.get_total_flops() / (2 * T)
-        torch.testing.assert_close(_run_steps(m, x), y, atol=1e-12, rtol=0)
+        torch.testing.assert_close(run_steps(m, x), y, atol=1e-12, rtol=0)
 
 
 def test_gradients_match_the_step_form() -> None:
@@ -177,7 +168,7 @@ def test_gradients_match_the_step_form() -> None:
     w = torch.randn(2, 19, D, dtype=torch.float64)
     params = [x, *m.parameters()]
     got = torch.autograd.grad((m(x) * w).sum(), params)
-    want = torch.autograd.grad((_run_steps(m, x) * w).sum(), params)
+    want = torch.autograd.grad((run_steps(m, x) * w).sum(), params)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 

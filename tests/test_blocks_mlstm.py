@@ -23,7 +23,7 @@ from archir import registry
 from archir.blocks import mlstm
 from archir.blocks.mlstm import chunking, mlstm_scan
 from archir.registry import BuildContext
-from tests.block_util import assert_located_param_error
+from tests.block_util import assert_located_param_error, run_steps
 
 D = 32
 
@@ -36,15 +36,6 @@ def _build(d: int = D, **params: Any) -> tuple[mlstm.MLSTM, mlstm.MLSTMParams]:
     module = kind.build(p, ctx)
     assert isinstance(module, mlstm.MLSTM)
     return module, p
-
-
-def _run_steps(m: mlstm.MLSTM, x: torch.Tensor) -> torch.Tensor:
-    state = m.init_state(x.shape[0], dtype=x.dtype)
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = m.step(x[:, t], state)
-        ys.append(y)
-    return torch.stack(ys, 1)
 
 
 def _naive(q, k, v, ig, fg, eps=1e-6):  # type: ignore[no-untyped-def]
@@ -166,7 +157,7 @@ def test_params_flops_state_and_step(params: dict[str, Any]) -> None:
         with torch.no_grad(), counter:
             y = m(x)
         assert kind.flops(p, ctx, T) == counter.get_total_flops() / (2 * T)
-        torch.testing.assert_close(_run_steps(m, x), y, atol=1e-12, rtol=0)
+        torch.testing.assert_close(run_steps(m, x), y, atol=1e-12, rtol=0)
 
 
 def test_gradients_match_the_step_form() -> None:
@@ -182,7 +173,7 @@ def test_gradients_match_the_step_form() -> None:
     w = torch.randn(2, 8 * 2 + 5, D, dtype=torch.float64)
     params = [x, *m.parameters()]
     got = torch.autograd.grad((m(x) * w).sum(), params)
-    want = torch.autograd.grad((_run_steps(m, x) * w).sum(), params)
+    want = torch.autograd.grad((run_steps(m, x) * w).sum(), params)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 

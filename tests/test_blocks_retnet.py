@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from archir import registry
 from archir.blocks.recurrent import RetNet, RetNetParams, torchscale_angles
 from archir.registry import BuildContext
-from tests.block_util import assert_located_param_error
+from tests.block_util import assert_located_param_error, run_steps
 
 D, H = 16, 2
 
@@ -98,15 +98,6 @@ def _torchscale_recurrent(m: RetNet, x: torch.Tensor, eps: float) -> torch.Tenso
     return _finish(m, torch.stack(outs, 1), g, eps)
 
 
-def _steps(m: RetNet, x: torch.Tensor) -> torch.Tensor:
-    state = m.init_state(x.shape[0], dtype=x.dtype)
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = m.step(x[:, t], state)
-        ys.append(y)
-    return torch.stack(ys, 1)
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -142,7 +133,7 @@ def test_forward_and_step_are_torchscale_s_recurrent_form(gain: float, T: int) -
     with torch.no_grad():
         rec = _torchscale_recurrent(m, x, 1e-6)
         assert _rel(m(x), rec) <= 1e-10
-        assert _rel(_steps(m, x), rec) <= 1e-10
+        assert _rel(run_steps(m, x), rec) <= 1e-10
 
 
 def test_torchscale_s_parallel_form_differs_only_through_the_norm_eps() -> None:

@@ -23,6 +23,7 @@ from archir.blocks.slstm import SLSTM, slstm_recurrence
 from archir.errors import ArchirError
 from archir.registry import BuildContext
 from archir.spec import spec_from_dict
+from tests.block_util import run_steps
 
 D = 32
 
@@ -86,15 +87,6 @@ def naive(m: SLSTM, x: torch.Tensor, stabilised: bool = True) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-def _steps(m: SLSTM, x: torch.Tensor) -> torch.Tensor:
-    state = m.init_state(x.shape[0], dtype=x.dtype)
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = m.step(x[:, t], state)
-        ys.append(y)
-    return torch.stack(ys, 1)
-
-
 @pytest.mark.parametrize(
     "params",
     [{}, {"forget_gate": "exp", "conv_kernel": 0, "n_heads": 2}, {"conv_kernel": 1}],
@@ -112,7 +104,7 @@ def test_forward_and_gradients_match_the_naive_recurrence(params: dict[str, Any]
     want = torch.autograd.grad(ref, params_, g)
     for a, b in zip(got, want):
         assert (a - b).abs().max() < 1e-11 * max(1.0, b.abs().max().item())
-    torch.testing.assert_close(_steps(m, x), y, atol=1e-12, rtol=0)
+    torch.testing.assert_close(run_steps(m, x), y, atol=1e-12, rtol=0)
 
 
 def test_stabiliser_leaves_the_output_unchanged_and_survives_extreme_gates() -> None:
