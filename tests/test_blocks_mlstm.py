@@ -109,6 +109,24 @@ def test_chunked_form_equals_the_recurrence(
         assert torch.isfinite(a).all() and _rel(a, b) < 10 * tol, name
 
 
+def test_closed_gates_give_finite_gradients() -> None:
+    """A closed forget gate with a strongly negative input gate (as training can reach) drives
+    the stabiliser m below −88, where fp32 exp(−m) is inf: the output was 0 and every gradient
+    NaN. Now values and gradients are finite, and step still equals forward."""
+    m, _ = _build()
+    with torch.no_grad():
+        m.igate.bias.fill_(-200.0)
+        m.fgate.bias.fill_(-100.0)
+    x = torch.randn(2, 40, D, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = m(x)
+    y.square().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()  # type: ignore[arg-type]
+    for name, q in m.named_parameters():
+        assert q.grad is not None and torch.isfinite(q.grad).all(), name
+    with torch.no_grad():
+        torch.testing.assert_close(run_steps(m, x), y, atol=1e-6, rtol=1e-5)
+
+
 def test_chunking_pads_least_and_capture_uses_fixed_chunks() -> None:
     assert chunking(1, 64) == (1, 1) and chunking(64, 64) == (64, 1)
     assert chunking(72, 64) == (36, 2)  # two chunks of 36, no padding

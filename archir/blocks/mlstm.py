@@ -8,7 +8,8 @@ pure-PyTorch backends). Per head, with ``k`` scaled by ``1/√d_head`` and gate 
     ``m_t = max(log σ(f̃_t) + m_{t−1}, ĩ_t)``
     ``C_t = exp(log σ(f̃_t) + m_{t−1} − m_t) C_{t−1} + exp(ĩ_t − m_t) k_t v_tᵀ``
     ``n_t = exp(log σ(f̃_t) + m_{t−1} − m_t) n_{t−1} + exp(ĩ_t − m_t) k_t``
-    ``h̃_t = C_tᵀ q_t / (max(|n_tᵀ q_t|, exp(−m_t)) + eps)``
+    ``h̃_t = C_tᵀ q_t / (max(|n_tᵀ q_t|, exp(−m_t)) + eps)``  (``−m_t`` capped at 80: see
+    :data:`_MAX_NEG_M`)
 
 from ``C_0 = 0``, ``n_0 = 0``, ``m_0 = 0``: an exponential input gate, a sigmoid forget gate
 (in log space), the normaliser state ``n`` and the max-stabiliser ``m``. Unrolled,
@@ -45,6 +46,17 @@ from archir.registry import MAX_DIM, BlockKind, BuildContext, KindParams, regist
 State = tuple[torch.Tensor, ...]
 
 _NEG_INF = float("-inf")
+#: cap on ``−m`` in the normaliser's floor ``exp(−m)``: a closed forget gate with a strongly
+#: negative input gate drives the stabiliser below −88, where fp32 ``exp(−m)`` is ``inf``; the
+#: output was then 0 (as in the reference) but every gradient NaN. Capped, the floor is e^80
+#: there: the output is ``num / e^80`` (below 1e-34 of ``num``, whose terms are ≤ 1 times
+#: ``q·k``, ``v``) and the gradients finite.
+_MAX_NEG_M = 80.0
+
+
+def _floor(m: torch.Tensor) -> torch.Tensor:
+    """The normaliser's lower bound ``exp(−m)``, with ``−m`` capped at :data:`_MAX_NEG_M`."""
+    return torch.exp(torch.clamp(-m, max=_MAX_NEG_M))
 
 
 def chunking(T: int, chunk: int, capture: bool = False) -> tuple[int, int]:
@@ -141,7 +153,7 @@ def mlstm_scan(
         )
         out = out + torch.matmul(qc, C_in) * torch.exp(carried - m)[..., None]
     num, qn = out[..., :Dh], out[..., Dh:]
-    h = num / (torch.maximum(qn.abs(), torch.exp(-m)[..., None]) + eps)  # [B, H, nc, Q, Dh]
+    h = num / (torch.maximum(qn.abs(), _floor(m)[..., None]) + eps)  # [B, H, nc, Q, Dh]
     h = h.permute(0, 2, 3, 1, 4).reshape(Bsz, nc * Q, H, Dh)
     return h[:, :T] if capture or pad else h
 
@@ -308,7 +320,7 @@ class MLSTM(nn.Module):
         n = fa[..., None] * n + ia[..., None] * k
         num = torch.matmul(q[..., None, :], C)[..., 0, :]  # [B, H, Dh]
         qn = (q * n).sum(-1, keepdim=True)
-        h = num / (torch.maximum(qn.abs(), torch.exp(-m_new)[..., None]) + self.eps)
+        h = num / (torch.maximum(qn.abs(), _floor(m_new)[..., None]) + self.eps)
         return self._out(h, xc, z), (window[..., 1:], C, n, m_new)
 
 
