@@ -41,8 +41,10 @@ State = tuple[torch.Tensor, ...]
 #   a sum of Δ·A ≤ 0), then the recurrence h = exp(Δ·A)·h + u from each sub-chunk's entering
 #   state over its STABLE_STEPS steps, every sub-chunk at once (a fixed count of steps, not a
 #   loop over the sequence) — products of factors ≤ 1, no overflow.
-# Between chunks both forms carry the chunk end states through ``carry_matrix`` (sums of
-# log-decays ≤ 0, stable).
+# Between chunks both forms carry the chunk end states by the recurrence over chunks
+# ``carry_in`` (eager: linear in the chunk count; its adjoint ``carry_back``), under graph
+# capture through the equivalent ``carry_matrix`` (no loop over a symbolic count); both are
+# sums of log-decays ≤ 0, stable.
 CHUNK = 32
 FAST_LOG_DECAY = 4.0
 #: steps of the stable form's recurrence (a sub-chunk; CHUNK is a multiple of it)
@@ -75,6 +77,32 @@ def carry_matrix(g: torch.Tensor) -> torch.Tensor:
     between = ((j < r) & (r < i)).to(g.dtype).reshape(nc * nc, nc)
     below = (idx[:, None] > idx[None, :]).to(g.dtype).reshape(nc * nc, 1)
     return (torch.exp(torch.matmul(between, g)) * below).view(Bsz, nc, nc, X)
+
+
+def carry_in(g: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """The states entering each chunk, by the recurrence over chunks (eager: linear in the
+    chunk count, where :func:`carry_matrix` is quadratic): ``g, S [B, nc, X]`` (each chunk's
+    total log-decay and end state from zero) -> ``H [B, nc, X]``, ``H_0 = 0``,
+    ``H_i = exp(g_{i−1}) H_{i−1} + S_{i−1}`` — the same as ``Σ_j carry_matrix(g)[:, i, j] S_j``.
+    Out of place (autograd can run through it); not for graph capture (a loop over chunks)."""
+    eg = torch.exp(g)
+    H = [torch.zeros_like(S[:, 0])]
+    for i in range(1, S.shape[1]):
+        H.append(eg[:, i - 1] * H[-1] + S[:, i - 1])
+    return torch.stack(H, 1)
+
+
+def carry_back(g: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """The adjoint of :func:`carry_in`: ``g, R [B, nc, X]`` (``R_i``: the gradient reaching
+    the state entering chunk ``i``) -> ``F [B, nc, X]``, ``F_k = Σ_{i>k} exp(Σ_{k<r<i} g_r)
+    R_i`` (the gradient of chunk ``k``'s end state; ``F_{nc−1} = 0``), by the recurrence
+    ``F_k = R_{k+1} + exp(g_{k+1}) F_{k+1}`` backwards over chunks."""
+    eg = torch.exp(g)
+    nc = R.shape[1]
+    F_ = [torch.zeros_like(R[:, 0])]
+    for k in range(nc - 2, -1, -1):
+        F_.append(R[:, k + 1] + eg[:, k + 1] * F_[-1])
+    return torch.stack(F_[::-1], 1)
 
 
 # Scratch buffers of the scan, reused between calls: on CPU a fresh [B, T, di, N] tensor is
@@ -144,8 +172,10 @@ def _scan_stable(
     g_sub = la.sum(3)  # [B, nc, M, X]: sub-chunk total log-decays
     after = torch.matmul(torch.ones(M, M, dtype=dty, device=dev).triu(1), g_sub)  # Σ_{r>m}
     S = (torch.exp(after) * S_sub).sum(2)  # [B, nc, X]: chunk end states from zero
-    L = carry_matrix(g_sub.sum(2))  # [B, nc, nc, X]
-    H = (L * S[:, None]).sum(2)  # [B, nc, X]: the state entering each chunk
+    if tracing():  # no loop over a (symbolic) chunk count
+        H = (carry_matrix(g_sub.sum(2)) * S[:, None]).sum(2)  # [B, nc, X]: entering each chunk
+    else:
+        H = carry_in(g_sub.sum(2), S)
     # the state entering each sub-chunk: the chunk's, decayed, plus the sub-chunks before
     before = torch.matmul(torch.ones(M, M, dtype=dty, device=dev).tril(-1), g_sub)  # Σ_{r<m}
     L_in = carry_matrix(g_sub.reshape(Bsz * nc, M, -1)).view(Bsz, nc, M, M, -1)
@@ -211,19 +241,11 @@ def _scan_export(
     return torch.cat(ys, 2).reshape(Bsz, T, di)
 
 
-def _between(nc: int, like: torch.Tensor) -> torch.Tensor:
-    """``[nc·nc, nc]`` 0/1: row ``(i, j)`` marks the chunks ``r`` with ``j < r < i`` (as in
-    :func:`carry_matrix`)."""
-    idx = torch.arange(nc, device=like.device)
-    i, j, r = idx[:, None, None], idx[None, :, None], idx[None, None, :]
-    return ((j < r) & (r < i)).to(like.dtype).reshape(nc * nc, nc)
-
-
 class _StableScan(torch.autograd.Function):
     """The stable form with a hand-written backward (eager training with strong decays; the
     same function as :func:`_scan_stable`, its recurrence run over whole chunks):
     the adjoint of the in-chunk recurrence ``δ_q = C_q gy_q + a_{q+1} δ_{q+1}`` run backwards
-    over the chunk's steps in place, the carry's adjoint through ``carry_matrix``, and the
+    over the chunk's steps in place, the carry's adjoint through ``carry_back``, and the
     end-state recurrence's adjoint ``ε_{q−1} = a_q ε_q``; ``∂la = ∂a·a`` plus the chunk
     total's share. Saves ``a`` and ``h`` (``[B, nc, Q, di, N]`` each)."""
 
@@ -244,22 +266,22 @@ class _StableScan(torch.autograd.Function):
         z = u[:, :, 0].clone()
         for q in range(1, Q):
             z.mul_(a[:, :, q]).add_(u[:, :, q])
-        L = carry_matrix(g.reshape(Bsz, nc, -1))  # [B, nc, nc, di·N]
-        H = (L * z.reshape(Bsz, 1, nc, -1)).sum(2).view(z.shape)
+        g = g.reshape(Bsz, nc, -1)
+        H = carry_in(g, z.reshape(Bsz, nc, -1)).view(z.shape)  # the state entering each chunk
         h = u  # overwritten step by step: h_q = a_q h_{q−1} + u_q
         prev = H
         for q in range(Q):
             h[:, :, q].addcmul_(a[:, :, q], prev)
             prev = h[:, :, q]
         y = torch.einsum("bkqdn,bkqn->bkqd", h, Cm)
-        ctx.save_for_backward(dt, A, ux, Bm, Cm, a, h, H, z, L)
+        ctx.save_for_backward(dt, A, ux, Bm, Cm, a, h, H, z, g)
         return y
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, gy: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        dt, A, ux, Bm, Cm, a, h, H, S, L = ctx.saved_tensors  # type: ignore[attr-defined]
+        dt, A, ux, Bm, Cm, a, h, H, S, g = ctx.saved_tensors  # type: ignore[attr-defined]
         Bsz, nc, Q, di = dt.shape
         N = A.shape[1]
         gy = gy.contiguous()
@@ -271,10 +293,12 @@ class _StableScan(torch.autograd.Function):
         torch.mul(delta[:, :, 1:], h[:, :, :-1], out=ga[:, :, 1:])
         torch.mul(delta[:, :, 0], H, out=ga[:, :, 0])
         gH = a[:, :, 0] * delta[:, :, 0]  # [B, nc, di, N]
-        X = di * N
-        gS = (L * gH.reshape(Bsz, nc, 1, X)).sum(1).view(S.shape)
-        W = (L * gH.reshape(Bsz, nc, 1, X) * S.reshape(Bsz, 1, nc, X)).reshape(Bsz, nc * nc, X)
-        gg = torch.matmul(_between(nc, dt).t(), W).view(Bsz, nc, di, N)  # ∂ chunk totals
+        # the carry H_i = exp(g_{i−1}) H_{i−1} + S_{i−1} backwards: F_k, the gradient of
+        # chunk k's end state S_k, is the total gradient reaching H_{k+1}; the chunk total
+        # g_k enters only H_{k+1}, through exp(g_k) H_k
+        F_ = carry_back(g, gH.reshape(Bsz, nc, -1))  # [B, nc, di·N]
+        gS = F_.view(S.shape)
+        gg = (F_ * torch.exp(g) * H.reshape(Bsz, nc, -1)).view(Bsz, nc, di, N)  # ∂ totals
         # the end-state recurrence z_q = a_q z_{q−1} + u_q (z_{Q−1} = S), backwards: z is
         # recomputed forwards, then ε runs back from ∂S
         gu = delta
@@ -344,15 +368,18 @@ def _scan_forward(
     # states carried between chunks: E_k = Σ_{j≤k} exp(Σ_{j<r≤k} g_r) S_j with S_j the end
     # state of chunk j started from zero and g_r the total log-decay of chunk r
     ehalf = torch.exp(half[:, :, 0])  # [B, nc, di, N]
-    S = (eG[:, :, -1] * h[:, :, -1]).view(Bsz, nc, 1, di * N)
-    L = carry_matrix((2.0 * half).view(Bsz, nc, di * N))  # [B, nc, nc, di·N]
-    carry = (L * S.transpose(1, 2)).sum(2).view(Bsz, nc, di, N)  # entering each chunk
+    S = (eG[:, :, -1] * h[:, :, -1]).view(Bsz, nc, di * N)
+    g = (2.0 * half).view(Bsz, nc, di * N)  # each chunk's total log-decay
+    if capture:  # no loop over a (symbolic) chunk count
+        carry = (carry_matrix(g) * S[:, None]).sum(2).view(Bsz, nc, di, N)
+    else:  # entering each chunk, linear in the chunk count
+        carry = carry_in(g, S).view(Bsz, nc, di, N)
     if capture:  # out of place: autograd can run through it (torch.compile)
         h = (h + (ehalf * carry)[:, :, None]) * eG
     else:
         h.add_((ehalf * carry)[:, :, None]).mul_(eG)  # [B, nc, Q, di, N]
     y = torch.einsum("bkqdn,bkqn->bkqd", h, Cm)
-    return y, (eG, h, L, ehalf)
+    return y, (eG, h, g, ehalf)
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -369,15 +396,15 @@ class _SelectiveScan(torch.autograd.Function):
         Bm: torch.Tensor,
         Cm: torch.Tensor,
     ) -> torch.Tensor:
-        y, (eG, h, L, ehalf) = _scan_forward(dt, A, ux, Bm, Cm)
-        ctx.save_for_backward(dt, A, ux, Bm, Cm, eG, h, L, ehalf)
+        y, (eG, h, g, ehalf) = _scan_forward(dt, A, ux, Bm, Cm)
+        ctx.save_for_backward(dt, A, ux, Bm, Cm, eG, h, g, ehalf)
         return y
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, gy: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        dt, A, ux, Bm, Cm, eG, h, L, ehalf = ctx.saved_tensors  # type: ignore[attr-defined]
+        dt, A, ux, Bm, Cm, eG, h, g, ehalf = ctx.saved_tensors  # type: ignore[attr-defined]
         Bsz, nc, Q, di = dt.shape
         N = A.shape[1]
         shape, flat = (Bsz, nc, Q, di, N), (Bsz, nc, Q, di * N)
@@ -388,8 +415,8 @@ class _SelectiveScan(torch.autograd.Function):
         rc = torch.matmul(triu, w.view(flat), out=_take(flat, eG, (eG, h))).view(shape)
         # gradient entering chunk k from later chunks: F_k = Σ_i L[i, k] R_i with
         # R_i = Σ_{s∈i} exp(G_s) C_s gy_s (G from chunk i's start)
-        R = (ehalf * rc[:, :, 0]).view(Bsz, nc, 1, di * N)
-        Fk = (L * R).sum(1).view(Bsz, nc, di, N)
+        R = (ehalf * rc[:, :, 0]).view(Bsz, nc, di * N)
+        Fk = carry_back(g, R).view(Bsz, nc, di, N)
         delta = rc.add_((ehalf * Fk)[:, :, None]).div_(eG)  # ∂loss/∂h_t (total)
         gla = torch.addcmul(h, ux[..., None], Bm[..., None, :], value=-1.0, out=w).mul_(delta)
         gdt = gla.mul_(A).sum(-1)  # Σ_n ∂la·A
@@ -491,7 +518,7 @@ class Mamba(nn.Module):
     output ``out_proj(y ⊙ silu(z))``.
 
     ``forward``: ``[B, T, d] -> [B, T, d]`` by a chunked parallel scan: cumulative sums within
-    chunks of ``CHUNK`` steps and a decay matrix between chunks (``carry_matrix``), with a
+    chunks of ``CHUNK`` steps and a recurrence between chunks (``carry_in``), with a
     hand-written backward (``selective_scan``); ~5x faster to train on CPU than autograd
     through the same scan (``benchmarks/mixers_speed.py``). State: conv window ``[B, d_inner, d_conv−1]`` and SSM state ``[B, d_inner, d_state]``.
     """
