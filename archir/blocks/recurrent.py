@@ -342,9 +342,16 @@ class GLA(nn.Module):
         # each chunk's own end state, then states carried across chunks
         exp = _exp if stable else torch.exp  # fast: G, Gs ≥ −C·GLA_FAST_LOG_DECAY
         S = (k * exp(Gs)).transpose(-1, -2) @ v  # [B, H, nc, hk, hv]
-        trans = _chunk_decay(G[..., -1, :].transpose(-1, -2))  # [B, H, hk, nc, nc]
-        E = torch.einsum("bhkij,bhjkv->bhikv", trans, S)
-        carry = F.pad(E, (0, 0, 0, 0, 1, 0))[:, :, :-1]  # state entering chunk i
+        if tracing():  # no loop over a (symbolic) chunk count: a masked decay matrix
+            trans = _chunk_decay(G[..., -1, :].transpose(-1, -2))  # [B, H, hk, nc, nc]
+            E = torch.einsum("bhkij,bhjkv->bhikv", trans, S)
+            carry = F.pad(E, (0, 0, 0, 0, 1, 0))[:, :, :-1]  # state entering chunk i
+        else:  # eager: the recurrence over chunks, linear in their count
+            decay = _exp(G[..., -1, :])[..., None]  # [B, H, nc, hk, 1]: each chunk's total
+            states = [torch.zeros_like(S[:, :, 0])]
+            for i in range(1, nc):
+                states.append(decay[:, :, i - 1] * states[-1] + S[:, :, i - 1])
+            carry = torch.stack(states, 2)  # [B, H, nc, hk, hv]: state entering chunk i
         o = o + (q * exp(G)) @ carry
         o = o.permute(0, 2, 3, 1, 4).reshape(B, nc * C, H, hv)[:, :T]
         return self._out(o, x)
