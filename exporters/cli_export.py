@@ -347,12 +347,9 @@ def show_onnx(path: str, as_json: bool) -> int:
             shape = ", ".join(str(d) for d in t["shape"])
             lines.append(f"  {kind[:-1]} {t['name']}: {t['dtype']}[{shape}]  {desc}")
     if info["block_precision"]:
-        counts: dict[str, int] = {}
-        for v in info["block_precision"].values():
-            counts[v] = counts.get(v, 0) + 1
-        lines.append(
-            "  precision per block: " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
-        )
+        from exporters.quantize import precision_counts
+
+        lines.append("  precision per block: " + precision_counts(info["block_precision"]))
     lines.append("  ops: " + ", ".join(f"{k} {v}" for k, v in list(info["ops"].items())[:14]))
     if info["spec"]:
         lines.append("  spec:")

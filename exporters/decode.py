@@ -52,6 +52,7 @@ import torch
 from archir.errors import ExportError
 from archir.paths import check_out_file
 from exporters import parity as par
+from exporters.quantize import precision_counts
 
 DECODE_META = "archir.decode"
 #: the attribute of :class:`DecodeModule` holding the compiled model (module path prefix)
@@ -278,14 +279,6 @@ class DecodeReport:
         if self.forced:
             lines.append("  WARNING: written with --force despite a parity failure")
         return "\n".join(lines)
-
-
-def precision_counts(plan: dict[str, str]) -> str:
-    """``int4 x1, int8 x2, fp32 x5`` for a block -> precision map (``fp32`` when empty)."""
-    counts: dict[str, int] = {}
-    for v in plan.values():
-        counts[v] = counts.get(v, 0) + 1
-    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or "fp32"
 
 
 def check_precision(precision: str) -> None:

@@ -128,7 +128,7 @@ class ExportReport:
         counts: dict[str, int] = {}
         for v in self.block_precision.values():
             counts[v] = counts.get(v, 0) + 1
-        line = "  precision per block: " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
+        line = "  precision per block: " + qz.precision_counts(self.block_precision)
         if len(counts) > 1:
             common = max(counts, key=lambda k: counts[k])
             rest = [f"{b}={p}" for b, p in self.block_precision.items() if p != common]

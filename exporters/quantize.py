@@ -46,6 +46,14 @@ INT4_BLOCK = 32
 INT4_ACCURACY_LEVEL = 4
 
 
+def precision_counts(plan: dict[str, str]) -> str:
+    """``int4 x1, int8 x2, fp32 x5`` for a block -> precision map (``fp32`` when empty)."""
+    counts: dict[str, int] = {}
+    for v in plan.values():
+        counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or "fp32"
+
+
 def node_block(node: onnx.NodeProto) -> str | None:
     for p in node.metadata_props:
         if p.key == BLOCK_KEY:

@@ -359,10 +359,9 @@ def export_best(best_dir: Path, spec: Any, model: Any) -> dict[str, Any]:
 def describe_export(rep: dict[str, Any]) -> str:
     """One line for the run log: the blocks' precisions and, for a quantized file, its task
     quality beside PyTorch's."""
-    counts: dict[str, int] = {}
-    for v in (rep.get("block_precision") or {}).values():
-        counts[v] = counts.get(v, 0) + 1
-    line = ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or "fp32"
+    from exporters.quantize import precision_counts
+
+    line = precision_counts(rep.get("block_precision") or {})
     q = rep.get("quality")
     if q:
         line += f"; {q['metric']} onnx {q['onnx']:.4g} vs torch {q['torch']:.4g}"

@@ -534,7 +534,8 @@ class Evaluator:
         ort`` the decode graph at the trial's ``bits`` (``precision="auto"``, what
         ``best/decode.onnx`` holds), with ``torch`` the float32 step."""
         from archir.errors import DecodeError
-        from exporters.decode import measure_decode, precision_counts
+        from exporters.decode import measure_decode
+        from exporters.quantize import precision_counts
 
         dec = self.sec.decode
         try:
