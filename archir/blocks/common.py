@@ -61,3 +61,29 @@ def check_heads(n_heads: int, **widths: int) -> None:
     for name, width in widths.items():
         if width % n_heads:
             raise ValueError(f"n_heads {n_heads} does not divide {name} {width}")
+
+
+def carry_in(g: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """The states entering each chunk, by the recurrence over chunks (eager: linear in the
+    chunk count, where :func:`carry_matrix` is quadratic): ``g, S [B, nc, ...]`` (``g`` broadcastable to ``S``) (each chunk's
+    total log-decay and end state from zero) -> ``H [B, nc, X]``, ``H_0 = 0``,
+    ``H_i = exp(g_{i−1}) H_{i−1} + S_{i−1}`` — the same as ``Σ_j carry_matrix(g)[:, i, j] S_j`` (:mod:`archir.blocks.ssm`).
+    Out of place (autograd can run through it); not for graph capture (a loop over chunks)."""
+    eg = torch.exp(g)
+    H = [torch.zeros_like(S[:, 0])]
+    for i in range(1, S.shape[1]):
+        H.append(eg[:, i - 1] * H[-1] + S[:, i - 1])
+    return torch.stack(H, 1)
+
+
+def carry_back(g: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """The adjoint of :func:`carry_in`: ``g, R [B, nc, X]`` (``R_i``: the gradient reaching
+    the state entering chunk ``i``) -> ``F [B, nc, X]``, ``F_k = Σ_{i>k} exp(Σ_{k<r<i} g_r)
+    R_i`` (the gradient of chunk ``k``'s end state; ``F_{nc−1} = 0``), by the recurrence
+    ``F_k = R_{k+1} + exp(g_{k+1}) F_{k+1}`` backwards over chunks."""
+    eg = torch.exp(g)
+    nc = R.shape[1]
+    F_ = [torch.zeros_like(R[:, 0])]
+    for k in range(nc - 2, -1, -1):
+        F_.append(R[:, k + 1] + eg[:, k + 1] * F_[-1])
+    return torch.stack(F_[::-1], 1)

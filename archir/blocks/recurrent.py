@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archir.blocks.common import check_heads, hidden_size, init_linear, tracing
+from archir.blocks.common import carry_in, check_heads, hidden_size, init_linear, tracing
 from archir.registry import MAX_DIM, MAX_HIDDEN, BlockKind, BuildContext, KindParams, register
 
 State = tuple[torch.Tensor, ...]
@@ -347,11 +347,8 @@ class GLA(nn.Module):
             E = torch.einsum("bhkij,bhjkv->bhikv", trans, S)
             carry = F.pad(E, (0, 0, 0, 0, 1, 0))[:, :, :-1]  # state entering chunk i
         else:  # eager: the recurrence over chunks, linear in their count
-            decay = _exp(G[..., -1, :])[..., None]  # [B, H, nc, hk, 1]: each chunk's total
-            states = [torch.zeros_like(S[:, :, 0])]
-            for i in range(1, nc):
-                states.append(decay[:, :, i - 1] * states[-1] + S[:, :, i - 1])
-            carry = torch.stack(states, 2)  # [B, H, nc, hk, hv]: state entering chunk i
+            g = torch.clamp(G[..., -1, :, None], min=GLA_EXP_FLOOR)  # [B, H, nc, hk, 1]
+            carry = carry_in(g.transpose(1, 2), S.transpose(1, 2)).transpose(1, 2)
         o = o + (q * exp(G)) @ carry
         o = o.permute(0, 2, 3, 1, 4).reshape(B, nc * C, H, hv)[:, :T]
         return self._out(o, x)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archir.blocks.common import init_linear, tracing
+from archir.blocks.common import carry_back, carry_in, init_linear, tracing
 from archir.registry import MAX_DIM, BlockKind, BuildContext, KindParams, register
 
 State = tuple[torch.Tensor, ...]
@@ -77,32 +77,6 @@ def carry_matrix(g: torch.Tensor) -> torch.Tensor:
     between = ((j < r) & (r < i)).to(g.dtype).reshape(nc * nc, nc)
     below = (idx[:, None] > idx[None, :]).to(g.dtype).reshape(nc * nc, 1)
     return (torch.exp(torch.matmul(between, g)) * below).view(Bsz, nc, nc, X)
-
-
-def carry_in(g: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """The states entering each chunk, by the recurrence over chunks (eager: linear in the
-    chunk count, where :func:`carry_matrix` is quadratic): ``g, S [B, nc, X]`` (each chunk's
-    total log-decay and end state from zero) -> ``H [B, nc, X]``, ``H_0 = 0``,
-    ``H_i = exp(g_{i−1}) H_{i−1} + S_{i−1}`` — the same as ``Σ_j carry_matrix(g)[:, i, j] S_j``.
-    Out of place (autograd can run through it); not for graph capture (a loop over chunks)."""
-    eg = torch.exp(g)
-    H = [torch.zeros_like(S[:, 0])]
-    for i in range(1, S.shape[1]):
-        H.append(eg[:, i - 1] * H[-1] + S[:, i - 1])
-    return torch.stack(H, 1)
-
-
-def carry_back(g: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """The adjoint of :func:`carry_in`: ``g, R [B, nc, X]`` (``R_i``: the gradient reaching
-    the state entering chunk ``i``) -> ``F [B, nc, X]``, ``F_k = Σ_{i>k} exp(Σ_{k<r<i} g_r)
-    R_i`` (the gradient of chunk ``k``'s end state; ``F_{nc−1} = 0``), by the recurrence
-    ``F_k = R_{k+1} + exp(g_{k+1}) F_{k+1}`` backwards over chunks."""
-    eg = torch.exp(g)
-    nc = R.shape[1]
-    F_ = [torch.zeros_like(R[:, 0])]
-    for k in range(nc - 2, -1, -1):
-        F_.append(R[:, k + 1] + eg[:, k + 1] * F_[-1])
-    return torch.stack(F_[::-1], 1)
 
 
 # Scratch buffers of the scan, reused between calls: on CPU a fresh [B, T, di, N] tensor is
