@@ -82,9 +82,11 @@ def carry_matrix(g: torch.Tensor) -> torch.Tensor:
 # Scratch buffers of the scan, reused between calls: on CPU a fresh [B, T, di, N] tensor is
 # served by mmap and costs more in page faults than the arithmetic done on it. Only scratch
 # that is dead when the forward or backward returns goes back (never saved activations);
-# at most _POOL_BYTES are kept per thread.
+# at most _POOL_BYTES are kept per thread: a training step of the fast form uses four such
+# buffers, 4 x 128 MiB at batch 8, T 1,024, d_inner 256 (with a 256 MiB cap the step at
+# T 1,024 paid 1.2-1.4x its time in page faults; benchmarks/mamba_scan.py).
 _POOL = threading.local()
-_POOL_BYTES = 256 * 2**20
+_POOL_BYTES = 768 * 2**20
 
 
 def _take(
@@ -233,10 +235,11 @@ class _StableScan(torch.autograd.Function):
         Cm: torch.Tensor,
     ) -> torch.Tensor:
         Bsz, nc, Q, di = dt.shape
-        la = dt[..., None] * A
+        shape = (Bsz, nc, Q, di, A.shape[1])
+        la = torch.mul(dt[..., None], A, out=_take(shape, dt))
         g = la.sum(2)  # [B, nc, di, N]
         a = torch.exp(la, out=la)
-        u = ux[..., None] * Bm[..., None, :]
+        u = torch.mul(ux[..., None], Bm[..., None, :], out=_take(shape, dt))
         z = u[:, :, 0].clone()
         for q in range(1, Q):
             z.mul_(a[:, :, q]).add_(u[:, :, q])
@@ -258,12 +261,15 @@ class _StableScan(torch.autograd.Function):
         dt, A, ux, Bm, Cm, a, h, H, S, g = ctx.saved_tensors  # type: ignore[attr-defined]
         Bsz, nc, Q, di = dt.shape
         N = A.shape[1]
+        shape = (Bsz, nc, Q, di, N)
+        saved = (a, h)  # full-size scratch below comes from the pool, never these
         gy = gy.contiguous()
-        gC = torch.einsum("bkqd,bkqdn->bkqn", gy, h)
-        delta = gy[..., None] * Cm[..., None, :]  # ∂y/∂h directly, then the adjoint
+        gC = (gy[..., None, :] @ h).squeeze(-2)
+        # ∂y/∂h directly, then the adjoint
+        delta = torch.mul(gy[..., None], Cm[..., None, :], out=_take(shape, a, saved))
         for q in range(Q - 2, -1, -1):
             delta[:, :, q].addcmul_(a[:, :, q + 1], delta[:, :, q + 1])
-        ga = torch.empty_like(a)
+        ga = _take(shape, a, saved)
         torch.mul(delta[:, :, 1:], h[:, :, :-1], out=ga[:, :, 1:])
         torch.mul(delta[:, :, 0], H, out=ga[:, :, 0])
         gH = a[:, :, 0] * delta[:, :, 0]  # [B, nc, di, N]
@@ -274,13 +280,13 @@ class _StableScan(torch.autograd.Function):
         gS = F_.view(S.shape)
         gg = (F_ * torch.exp(g) * H.reshape(Bsz, nc, -1)).view(Bsz, nc, di, N)  # ∂ totals
         # the end-state recurrence z_q = a_q z_{q−1} + u_q (z_{Q−1} = S), backwards: z is
-        # recomputed forwards, then ε runs back from ∂S
+        # recomputed forwards (u_q one step at a time), then ε runs back from ∂S
         gu = delta
-        u = ux[..., None] * Bm[..., None, :]
-        z = torch.empty_like(u)
-        z[:, :, 0] = u[:, :, 0]
+        z = _take(shape, a, saved)
+        torch.mul(ux[:, :, 0, :, None], Bm[:, :, 0, None, :], out=z[:, :, 0])
         for q in range(1, Q):
-            torch.addcmul(u[:, :, q], a[:, :, q], z[:, :, q - 1], out=z[:, :, q])
+            u_q = ux[:, :, q, :, None] * Bm[:, :, q, None, :]
+            torch.addcmul(u_q, a[:, :, q], z[:, :, q - 1], out=z[:, :, q])
         eps = gS
         for q in range(Q - 1, -1, -1):
             gu[:, :, q].add_(eps)
@@ -288,10 +294,15 @@ class _StableScan(torch.autograd.Function):
                 ga[:, :, q].addcmul_(eps, z[:, :, q - 1])
                 eps = eps * a[:, :, q]
         gla = ga.mul_(a).add_(gg[:, :, None])
-        gdt = (gla * A).sum(-1)
-        gA = (gla * dt[..., None]).reshape(-1, di, N).sum(0)
-        gux = (gu * Bm[..., None, :]).sum(-1)
-        gB = (gu * ux[..., None]).sum(-2)
+        tmp = torch.mul(gla, A, out=z)
+        gdt = tmp.sum(-1)
+        gA = torch.mul(gla, dt[..., None], out=tmp).view(-1, di, N).sum(0)
+        gux = (gu @ Bm[..., None]).squeeze(-1)
+        gB = (ux[..., None, :] @ gu).squeeze(-2)
+        del gla, tmp
+        # scratch and the saved a, h are dead now (a second backward through this graph
+        # would be refused by autograd's version check on saved tensors, not go wrong)
+        _give(delta, ga, z, a, h)
         return gdt, gA, gux, gB, gC
 
 
