@@ -3,6 +3,15 @@
     python benchmarks/latency_predictor.py --n 200                 # full: calibrate + 200 specs
     python benchmarks/latency_predictor.py --calibration FILE      # reuse a calibration
     python benchmarks/latency_predictor.py --n 30 --cal-budget-s 150   # reduced
+    python benchmarks/latency_predictor.py --n 100 --export-only --export-workers 2
+                                   # export the held-out graphs first (no timing: any load)
+
+Every held-out spec is exported once, as ``archir export`` ships it (the one export path,
+:func:`exporters.latency.harness.export_onnx_file`: torch.export, dynamic axes, the precision
+its bits select), into ``--export-dir`` (kept between runs, keyed by seed, draw and spec
+hash) by ``--export-workers`` processes; the measurement then only loads the files. A
+Mamba-heavy spec takes minutes to export, so exporting is split from timing: it can run
+on a loaded machine, the timing cannot.
 
 Held-out specs are drawn (seed different from the calibration's) from the ``specs/search/``
 spaces of width >= 64 and from ``benchmarks/latency_space.yaml`` (the same mixers over widths
@@ -19,11 +28,13 @@ quiet machine: the measured "truth" is only as good as its CV.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import multiprocessing
+import os
 import statistics
 import sys
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +53,80 @@ from exporters.latency.calibrate import (
 from exporters.latency.harness import (
     INTERLEAVED_ROUNDS,
     INTERLEAVED_WINDOW_S,
-    Runner,
     SpeedProbe,
+    example_tokens,
     measure_interleaved,
-    time_limit,
-    torch_threads,
+    ort_session,
 )
 
 SPACE = Path(__file__).resolve().parent / "latency_space.yaml"
 
 
+def export_path(root: Path, seed: int, i: int, data: dict[str, Any]) -> Path:
+    """Where held-out draw ``i`` of ``seed`` is cached (the spec's hash in the name, so a
+    changed space or spec never reuses a stale file)."""
+    h = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    return root / f"{seed}-{i:04d}-{h}.onnx"
+
+
+def export_one(job: tuple[dict[str, Any], str, float]) -> tuple[str, float, str | None]:
+    """Export one held-out spec as it ships (worker process). Returns (path, seconds,
+    error or None); the file appears only complete (written aside, then renamed)."""
+    import torch
+
+    from archir.spec import spec_from_dict
+    from exporters.latency.harness import export_onnx_file, time_limit
+
+    data, path, limit_s = job
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    part = path + ".part"
+    try:
+        with time_limit(limit_s):
+            export_onnx_file(spec_from_dict(data), part)
+        os.replace(part, path)
+        return path, time.perf_counter() - t, None
+    except Exception as exc:  # noqa: BLE001 - reported per spec
+        Path(part).unlink(missing_ok=True)
+        return path, time.perf_counter() - t, f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
+def export_all(
+    draws: list[Any], root: Path, seed: int, workers: int, limit_s: float
+) -> dict[int, float]:
+    """Export every draw not yet in ``root`` with ``workers`` processes; returns draw index
+    -> export seconds of the files written now."""
+    root.mkdir(parents=True, exist_ok=True)
+    jobs, index = [], {}
+    for i, (spec, _seq) in enumerate(draws):
+        path = export_path(root, seed, i, spec.data)
+        if not path.exists():
+            jobs.append((spec.data, str(path), limit_s))
+            index[str(path)] = i
+    took: dict[int, float] = {}
+    if not jobs:
+        return took
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, maxtasksperchild=4) as pool:
+        for k, (path, s, err) in enumerate(pool.imap_unordered(export_one, jobs), 1):
+            i = index[path]
+            if err:
+                print(f"export {i} failed after {s:.0f} s: {err}", file=sys.stderr)
+            else:
+                took[i] = s
+            print(
+                f"[{time.perf_counter() - t0:5.0f}s] exported {k}/{len(jobs)} "
+                f"(draw {i}: {s:.0f} s)",
+                file=sys.stderr,
+            )
+    return took
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="held-out specs (default 200)")
-    ap.add_argument("--runtime", default="ort", choices=["ort", "torch"])
+    ap.add_argument("--runtime", default="ort", choices=["ort"], help="the shipped graph")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calibration", default=None, help="reuse this calibration file")
     ap.add_argument("--cal-budget-s", type=float, default=540.0)
@@ -67,9 +138,30 @@ def main() -> int:
         "--window-s", type=float, default=INTERLEAVED_WINDOW_S, help="seconds per window"
     )
     ap.add_argument("--batch", type=int, default=50, help="held-out specs measured together")
-    ap.add_argument("--spec-limit-s", type=float, default=60.0)
+    ap.add_argument("--spec-limit-s", type=float, default=600.0, help="export time limit")
+    ap.add_argument(
+        "--export-dir",
+        default="/tmp/archir-latbench-exports",
+        help="held-out ONNX files, kept between runs",
+    )
+    ap.add_argument("--export-workers", type=int, default=1, help="export processes")
+    ap.add_argument(
+        "--export-only", action="store_true", help="export the held-out graphs, then stop"
+    )
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
+
+    spaces = [s for s in load_spaces(space_paths([SPACE])) if s.name != "tiny"]
+    draws = list(space_specs(args.n, args.seed, spaces))
+    root = Path(args.export_dir)
+    t_exp = time.perf_counter()
+    took = export_all(draws, root, args.seed, args.export_workers, args.spec_limit_s)
+    print(
+        f"held-out exports: {len(took)} written in {time.perf_counter() - t_exp:.0f} s",
+        file=sys.stderr,
+    )
+    if args.export_only:
+        return 0
 
     if args.calibration:
         cal = load_calibration(args.calibration, runtime=args.runtime, threads=args.threads)
@@ -94,66 +186,66 @@ def main() -> int:
     Y = np.asarray(wms)
     (a, b), *_ = np.linalg.lstsq(np.stack([F / Y, 1 / Y], 1), np.ones_like(Y), rcond=None)
 
-    spaces = [s for s in load_spaces(space_paths([SPACE])) if s.name != "tiny"]
     rows = []
     t0 = time.perf_counter()
     ms: dict[int, Any] = {}
-    draws = list(space_specs(args.n, args.seed, spaces))
     probe = SpeedProbe(args.runtime, args.threads)
     probe_ref = cal.get("probe_ms")  # the machine's speed during calibration
     slow_batches = 0
     for b0 in range(0, len(draws), args.batch):
-        # prepare a batch of held-out specs (compile, export at its shape, session), then
-        # measure them in interleaved rounds: each spec's windows are a round apart
+        # load a batch of held-out graphs (one onnxruntime session each), then measure them
+        # in interleaved rounds: each spec's windows are a round apart
         fns = {}
-        with ExitStack() as stack, torch_threads(args.threads):
-            for spec, seq in draws[b0 : b0 + args.batch]:
-                try:
-                    with time_limit(args.spec_limit_s):
-                        r = stack.enter_context(Runner(spec, args.runtime, threads=args.threads))
-                        fn = r.call_for(1, seq)
-                        fn()
-                except Exception as exc:
-                    msg = f"{type(exc).__name__}: {str(exc)[:120]}"
-                    print(f"skip {spec.name}: {msg}", file=sys.stderr)
-                    continue
-                g = graph_features(spec, 1, seq)
-                fns[len(rows)] = fn
-                kinds = sorted({q.kind for q in g.parts if q.kind != "fixed"})
-                rows.append(
-                    {
-                        "name": spec.name,
-                        "d_model": g.d_model,
-                        "depth": g.depth,
-                        "seq": seq,
-                        "kinds": kinds,
-                        "flops": g.flops,
-                        "_g": g,
-                    }
-                )
-            print(
-                f"[{time.perf_counter() - t0:5.0f}s] prepared {len(fns)} held-out specs",
-                file=sys.stderr,
+        for i in range(b0, min(b0 + args.batch, len(draws))):
+            spec, seq = draws[i]
+            path = export_path(root, args.seed, i, spec.data)
+            if not path.exists():
+                print(f"skip {spec.name}: not exported", file=sys.stderr)
+                continue
+            sess = ort_session(path, args.threads)
+            feed = {sess.get_inputs()[0].name: example_tokens(spec.model, 1, seq).numpy()}
+            fn = lambda sess=sess, feed=feed: sess.run(None, feed)  # noqa: E731
+            fn()
+            g = graph_features(spec, 1, seq)
+            fns[len(rows)] = fn
+            kinds = sorted({q.kind for q in g.parts if q.kind != "fixed"})
+            rows.append(
+                {
+                    "name": spec.name,
+                    "draw": i,
+                    "d_model": g.d_model,
+                    "depth": g.depth,
+                    "seq": seq,
+                    "kinds": kinds,
+                    "flops": g.flops,
+                    "precisions": sorted({q.precision for q in g.parts}),
+                    "export_s": took.get(i),
+                    "_g": g,
+                }
             )
-            stats: dict[str, Any] = {}
-            ms.update(
-                measure_interleaved(
-                    fns,
-                    rounds=args.rounds,
-                    window_s=args.window_s,
-                    warmup=1,
-                    probe=probe,
-                    probe_ref_ms=probe_ref,
-                    probe_stats=stats,
-                    progress=lambda k, s: print(f"  round {k} ({s:.0f} s)", file=sys.stderr),
-                )
+        print(
+            f"[{time.perf_counter() - t0:5.0f}s] loaded {len(fns)} held-out graphs",
+            file=sys.stderr,
+        )
+        stats: dict[str, Any] = {}
+        ms.update(
+            measure_interleaved(
+                fns,
+                rounds=args.rounds,
+                window_s=args.window_s,
+                warmup=1,
+                probe=probe,
+                probe_ref_ms=probe_ref,
+                probe_stats=stats,
+                progress=lambda k, s: print(f"  round {k} ({s:.0f} s)", file=sys.stderr),
             )
-            slow_batches += stats["fast_rounds"] < 2
-            print(
-                f"  probe {stats['best_ms']:.3f} ms (calibration {probe_ref or 0:.3f}), "
-                f"{stats['fast_rounds']}/{stats['rounds']} fast rounds",
-                file=sys.stderr,
-            )
+        )
+        slow_batches += stats["fast_rounds"] < 2
+        print(
+            f"  probe {stats['best_ms']:.3f} ms (calibration {probe_ref or 0:.3f}), "
+            f"{stats['fast_rounds']}/{stats['rounds']} fast rounds",
+            file=sys.stderr,
+        )
     rep = []
     for i, row in enumerate(rows):
         m = ms[i]
