@@ -82,9 +82,10 @@ def carry_matrix(g: torch.Tensor) -> torch.Tensor:
 # Scratch buffers of the scan, reused between calls: on CPU a fresh [B, T, di, N] tensor is
 # served by mmap and costs more in page faults than the arithmetic done on it. Only scratch
 # that is dead when the forward or backward returns goes back (never saved activations);
-# at most _POOL_BYTES are kept per thread: a training step of the fast form uses four such
-# buffers, 4 x 128 MiB at batch 8, T 1,024, d_inner 256 (with a 256 MiB cap the step at
-# T 1,024 paid 1.2-1.4x its time in page faults; benchmarks/mamba_scan.py).
+# at most _POOL_BYTES are kept per thread: a training step uses four such buffers (fast
+# form) or five (stable form), 128 MiB each at batch 8, T 1,024, d_inner 256 (with a
+# 256 MiB cap the fast form's step at T 1,024 paid 1.2-1.4x its time in page faults;
+# benchmarks/mamba_scan.py).
 _POOL = threading.local()
 _POOL_BYTES = 768 * 2**20
 
