@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,12 +126,10 @@ class ExportReport:
                 f"  quality ({q['task']}, {q['metric']}): torch {q['torch']:.4f}, "
                 f"onnx {q['onnx']:.4f}, delta {q['delta']:+.4f}"
             )
-        counts: dict[str, int] = {}
-        for v in self.block_precision.values():
-            counts[v] = counts.get(v, 0) + 1
+        counts = Counter(self.block_precision.values())
         line = "  precision per block: " + qz.precision_counts(self.block_precision)
         if len(counts) > 1:
-            common = max(counts, key=lambda k: counts[k])
+            common = counts.most_common(1)[0][0]
             rest = [f"{b}={p}" for b, p in self.block_precision.items() if p != common]
             line += f" (all {common} but " + ", ".join(rest[:12])
             line += (" ..." if len(rest) > 12 else "") + ")"

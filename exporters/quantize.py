@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,7 @@ INT4_ACCURACY_LEVEL = 4
 
 def precision_counts(plan: dict[str, str]) -> str:
     """``int4 x1, int8 x2, fp32 x5`` for a block -> precision map (``fp32`` when empty)."""
-    counts: dict[str, int] = {}
-    for v in plan.values():
-        counts[v] = counts.get(v, 0) + 1
+    counts = Counter(plan.values())
     return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or "fp32"
 
 

@@ -501,3 +501,26 @@ def test_rope_attention_captures_non_strict_with_a_symbolic_length() -> None:
     ep = torch.export.export(m, (x,), dynamic_shapes=({1: seq},), strict=False)
     y = torch.randn(2, 23, 32)
     torch.testing.assert_close(ep.module()(y), m(y))
+
+
+def test_export_report_names_the_blocks_off_the_common_precision() -> None:
+    """The report's precision line counts each precision and lists the blocks that differ
+    from the most common one."""
+    from exporters.onnx_export import ExportReport
+
+    rep = ExportReport(
+        path=None,
+        opset=20,
+        inputs=[],
+        outputs=[],
+        file_bytes=1,
+        parity=None,
+        precision="auto",
+        block_precision={"b0": "int8", "b1": "fp32", "b2": "int8", "b3": "int4"},
+        export_s=0.0,
+    )
+    assert "  precision per block: fp32 x1, int4 x1, int8 x2 (all int8 but b1=fp32, b3=int4)" in (
+        str(rep).splitlines()
+    )
+    rep.block_precision = {"b0": "fp32"}
+    assert "  precision per block: fp32 x1" in str(rep).splitlines()

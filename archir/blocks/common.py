@@ -65,10 +65,12 @@ def check_heads(n_heads: int, **widths: int) -> None:
 
 def carry_in(g: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     """The states entering each chunk, by the recurrence over chunks (eager: linear in the
-    chunk count, where :func:`carry_matrix` is quadratic): ``g, S [B, nc, ...]`` (``g`` broadcastable to ``S``) (each chunk's
-    total log-decay and end state from zero) -> ``H [B, nc, X]``, ``H_0 = 0``,
-    ``H_i = exp(g_{i−1}) H_{i−1} + S_{i−1}`` — the same as ``Σ_j carry_matrix(g)[:, i, j] S_j`` (:mod:`archir.blocks.ssm`).
-    Out of place (autograd can run through it); not for graph capture (a loop over chunks)."""
+    chunk count, where :func:`archir.blocks.ssm.carry_matrix` is quadratic).
+
+    ``g, S [B, nc, ...]`` (each chunk's total log-decay, broadcastable to ``S``, and its end
+    state from zero) -> ``H`` shaped like ``S``: ``H_0 = 0``, ``H_i = exp(g_{i−1}) H_{i−1} +
+    S_{i−1}`` — the same as ``Σ_j carry_matrix(g)[:, i, j] S_j``. Out of place (autograd
+    can run through it); not for graph capture (a loop over chunks)."""
     eg = torch.exp(g)
     H = [torch.zeros_like(S[:, 0])]
     for i in range(1, S.shape[1]):
