@@ -210,6 +210,9 @@ INTERRUPTED = (
 #: proposals in a row that were all models already seen before a worker stops (the space is
 #: exhausted, or the sampler keeps proposing what it has)
 MAX_CONSECUTIVE_DUPLICATES = 50
+#: the status of a newly drawn trial stopped unrun because lower-numbered trials of other
+#: workers had taken the last of the budget (PRUNED; never counted, never retried)
+OVER_BUDGET = "over budget"
 
 
 class _Log:
@@ -389,6 +392,16 @@ class Evaluator:
         # A trial with nothing expensive ahead (cost fidelity, no latency) records its model
         # with its result instead: one storage write less (RDB storages cannot group)
         started = started_system_attrs(trial)
+        ahead = self._budget_taken(trial, started)
+        if ahead is not None:
+            reason = (
+                f"the budget of {self.cfg.trials} models was reached by trials begun before "
+                f"this one ({ahead}) while it started: nothing was drawn or trained"
+            )
+            metrics.update(status=OVER_BUDGET, reason=reason)
+            self._attrs(trial, status=OVER_BUDGET, reason=reason)
+            log(reason)
+            raise optuna.TrialPruned(reason)
         with grouped(storage):
             storage.set_trial_system_attr(trial._trial_id, ATTR_HOST, HOST)
             storage.set_trial_system_attr(trial._trial_id, ATTR_PID, os.getpid())
@@ -777,6 +790,30 @@ class Evaluator:
         metrics["ladder"] = ladder
         return out
 
+    def _budget_taken(self, trial: optuna.Trial, started: dict[str, Any]) -> str | None:
+        """Whether newly drawn ``trial`` lost a race for the last of the budget: several
+        workers (or processes sharing a storage) each saw one model left and each created a
+        trial. Trial numbers are given in creation order, so the trials numbered below this
+        one keep their places: when the budget-counting finished trials plus the models
+        being drawn by lower-numbered running trials already fill ``--trials``, returns
+        those running trials' numbers (this trial then stops unrun), else None. Promotions
+        and retries are never stopped (they finish work the budget already counted)."""
+        if not self.shared or ATTR_CONTINUE in started or "failed_trial" in started:
+            return None
+        trials = trial.study.get_trials(deepcopy=False)
+        used = budget_used(trials)
+        drawing = [
+            t.number
+            for t in trials
+            if t.state == TrialState.RUNNING
+            and t.number < trial.number
+            and continues(t) is None
+            and not dead_here(t)
+        ]
+        if used + len(drawing) < self.cfg.trials:
+            return None
+        return f"{used} finished" + "".join(f", trial {n} running" for n in drawing)
+
     @staticmethod
     def _duplicate_of(finished: list[FrozenTrial], number: int, h: str) -> FrozenTrial | None:
         """A finished trial of the same model (spec hash ``h``), an original one first."""
@@ -1018,6 +1055,8 @@ def consumes_budget(t: FrozenTrial, retried: set[int]) -> bool:
     a = trial_attrs(t)
     if a.get("duplicate_of") is not None:
         return False  # the same model as an earlier trial: nothing was trained
+    if a.get("status") == OVER_BUDGET:
+        return False  # stopped unrun: other workers had taken the last of the budget
     if t.state == TrialState.FAIL:
         return a.get("status") != "interrupted" and t.number not in retried
     return True

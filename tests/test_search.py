@@ -368,6 +368,43 @@ def test_studies_of_earlier_versions_load_resume_and_report(tmp_path):
         assert a["spec_hash"] and a["status"] in ("ok", "infeasible") and a["values"]
 
 
+def test_a_trial_that_loses_the_race_for_the_last_model_stops_unrun(tmp_path):
+    """Two workers that both saw one model left each create a trial; the one numbered
+    higher stops unrun (PRUNED, status ``over budget``, not counted), so the study holds
+    exactly ``--trials`` drawn models — a two-worker ladder once drew nine of eight."""
+    from dataclasses import replace
+
+    from searchers.base import get_searcher
+    from searchers.run import OVER_BUDGET, Evaluator, TrialFailed, budget_used, open_storage
+    from searchers.setup import prepare_run
+
+    spec = make_spec(
+        tmp_path, objectives={"params": "minimize"}, fidelity="cost", budget={"trials": 3}
+    )
+    run = tmp_path / "run"
+    run_search(spec, out=run, trials=2, export=False, say=lambda s: None)
+    plan = prepare_run(spec, get_searcher("optuna")(), out=run, trials=3, say=lambda s: None)
+    cfg = replace(plan.cfg, workers=2)
+    study = optuna.load_study(study_name="tiny", storage=open_storage(None, run / "study.journal"))
+    other = study.ask()  # another worker's trial, begun first: it holds the third model
+    study.optimize(Evaluator(cfg, load_spec(spec)), n_trials=1, catch=(TrialFailed,))
+    late = study.trials[-1]
+    assert late.number == other.number + 1
+    assert late.state == optuna.trial.TrialState.PRUNED and not late.params
+    a = trial_attrs(late)
+    assert a["status"] == OVER_BUDGET
+    assert f"trial {other.number} running" in a["reason"] and "nothing was drawn" in a["reason"]
+    metrics = json.loads((run / "trials" / str(late.number) / "metrics.json").read_text())
+    assert metrics["status"] == OVER_BUDGET
+    assert budget_used(study.trials) == 2
+    # the other worker's trial ends without counting (interrupted): the next trial is
+    # drawn and evaluated as usual
+    other.set_user_attr("status", "interrupted")
+    study.tell(other, state=optuna.trial.TrialState.FAIL)
+    study.optimize(Evaluator(cfg, load_spec(spec)), n_trials=1, catch=(TrialFailed,))
+    assert trial_attrs(study.trials[-1])["status"] in ("ok", "infeasible")
+
+
 def test_trial_attrs_reads_both_layouts_and_killed_trials():
     from optuna.distributions import IntDistribution
     from optuna.trial import TrialState, create_trial
