@@ -50,7 +50,9 @@ it once, with its result.
 **The trial budget counts distinct models.** ``--trials N`` is reached when N trials count:
 COMPLETE (feasible or infeasible), PRUNED and FAIL trials, except a trial that reused the
 result of an identical model (``duplicate_of``: same concrete spec hash, nothing trained),
-a failed trial whose configuration was retried (killed process) and an interrupted one.
+a failed trial whose configuration was retried (killed process), an interrupted one and
+one stopped unrun because workers raced for the last model (:data:`OVER_BUDGET`: the
+lower-numbered trials keep their places, so several workers never draw more than N).
 A space smaller than the budget cannot loop forever: after
 :data:`MAX_CONSECUTIVE_DUPLICATES` proposals in a row that were all models already seen, a
 worker stops and says how many distinct models the study holds.
