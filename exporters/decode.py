@@ -709,6 +709,8 @@ def measure_decode(
     (:func:`~exporters.latency.harness.measure`: the best window's median). ``state_bytes``:
     the bytes of every state tensor at that point (what a server keeps per sequence).
     ``precision`` / ``block_precision``: what was timed (``fp32`` and ``{}`` for torch).
+    Times are in ms of :func:`~exporters.latency.harness.clock` (one thread: the calling
+    thread's CPU time).
 
     Raises:
         DecodeError: the model cannot decode, or cannot reach ``context + 1`` tokens
@@ -718,7 +720,7 @@ def measure_decode(
     """
     import archir
     from archir.errors import DecodeError
-    from exporters.latency.harness import measure, torch_threads
+    from exporters.latency.harness import clock, measure, torch_threads
 
     if model is None:
         model = archir.compile(spec, seed=0)
@@ -768,10 +770,11 @@ def measure_decode(
         raise ExportError(f"unknown runtime '{runtime}'", hint="ort or torch")
     with fixed, torch.no_grad():
         best_prefill = math.inf
+        timer = clock(threads)  # one thread: the calling thread's CPU time
         for _ in range(max(1, prefill_runs)):
-            t0 = time.perf_counter()
+            t0 = timer()
             one, nbytes = prefill()
-            best_prefill = min(best_prefill, time.perf_counter() - t0)
+            best_prefill = min(best_prefill, timer() - t0)
         m = measure(
             one,
             warmup=warmup,
@@ -779,6 +782,7 @@ def measure_decode(
             max_runs=max_runs,
             budget_s=budget_s,
             max_attempts=1,
+            timer=timer,
         )
     return {
         "decode_ms_per_token": m.best_ms,

@@ -133,7 +133,7 @@ def remeasure_all(
 
     from archir.errors import ArchirError
     from exporters.latency import measurement_record
-    from exporters.latency.harness import Runner, measure_interleaved, torch_threads
+    from exporters.latency.harness import Runner, clock, measure_interleaved, torch_threads
 
     seq = _seq(lat, train_seq)
     errors: dict[int, str] = {}
@@ -154,6 +154,7 @@ def remeasure_all(
                 rounds=REMEASURE_ROUNDS,
                 warmup=lat.warmup,
                 min_round_s=REMEASURE_MIN_ROUND_S,
+                timer=clock(lat.threads),
             )
     return {k: measurement_record(m) for k, m in ms.items()}, errors
 

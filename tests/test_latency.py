@@ -485,6 +485,33 @@ def test_cpu_share_flags_a_core_taken_by_another_process() -> None:
     assert m.cpu_share == 1.0  # not checked unless asked
 
 
+def test_one_thread_is_timed_by_its_cpu_time_so_waiting_is_not_counted() -> None:
+    """With one thread the harness times the calling thread's CPU time: time the thread
+    spends off the core (here: asleep, as when another process or the hypervisor holds the
+    core) is not counted, where the wall clock counts all of it."""
+    import time
+
+    from exporters.latency.harness import clock
+
+    assert clock(1) is time.thread_time and clock(4) is time.perf_counter
+
+    def call() -> None:  # 2 ms of waiting around ~0.5 ms of work
+        t = time.thread_time()
+        while time.thread_time() - t < 0.0005:
+            pass
+        time.sleep(0.002)
+
+    cpu = measure(call, warmup=0, min_runs=4, budget_s=0.003, timer=clock(1), max_attempts=1)
+    wall = measure(call, warmup=0, min_runs=4, budget_s=0.01, timer=clock(2), max_attempts=1)
+    assert (cpu.clock, wall.clock) == ("cpu", "wall")
+    assert 0.4 < cpu.best_ms < 1.5 and wall.best_ms > 2.0
+    got = measure_interleaved({"a": call}, rounds=2, window_s=0.003, timer=clock(1))["a"]
+    assert got.clock == "cpu" and got.best_ms < 1.5
+    # a measured spec says which clock timed it; one thread: CPU time
+    r = latency_ms(spec_from_dict(TINY), "torch", predict=False, seq=16, budget_s=0.05)
+    assert r["clock"] == "cpu"
+
+
 def test_a_part_is_exported_once_and_timed_at_several_lengths(tmp_path: Path) -> None:
     """Calibration measures one exported part at several lengths: one dynamic-length graph,
     one session, each callable fed its own length."""

@@ -33,6 +33,8 @@ from exporters.latency.harness import (
     LatencyError,
     Measurement,
     RuntimeUnavailableError,
+    clock,
+    clock_name,
     default_seq,
     measure,
     measure_interleaved,
@@ -93,11 +95,14 @@ def latency_ms(
 
     Returns:
         ``{"ms", "best_ms", "median_ms", "trimmed_mean_ms", "cv", "runs", "noisy",
-        "predicted", "band_ms"}``. ``ms`` is the value to optimise or constrain: for a
+        "clock", "predicted", "band_ms"}``. ``ms`` is the value to optimise or constrain: for a
         prediction the predicted latency (and best = median = trimmed mean = it, ``cv`` 0,
         ``runs`` 0, ``band_ms`` the 90 % band); for a measurement the best window median
         (:mod:`.harness`: the machine's speed without other load — what the predictor is
         fitted on), with ``band_ms`` the (10th, 90th) percentile of the run times.
+        ``clock``: what timed it (:func:`~.harness.clock`: ``"cpu"``, the calling
+        thread's CPU time, with one thread; ``"wall"`` with more); a prediction says the
+        clock of its calibration.
 
     Raises:
         LatencyError subclasses: unknown runtime, export failure, missing or mismatched
@@ -120,6 +125,7 @@ def latency_ms(
                 "cv": 0.0,
                 "runs": 0,
                 "noisy": False,
+                "clock": clock_name(clock(threads)),
                 "predicted": True,
                 "band_ms": p.band_ms,
                 "extrapolated": p.extrapolated,
@@ -142,6 +148,7 @@ def measurement_record(m: Measurement) -> dict[str, Any]:
         "runs": m.runs,
         "windows": m.windows,
         "noisy": m.noisy,
+        "clock": m.clock,
         "predicted": False,
         "band_ms": (lo, hi),
     }

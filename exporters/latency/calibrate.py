@@ -75,9 +75,9 @@ from exporters.latency.predictor import (
 )
 
 FORMAT = "archir-latency-calibration"
-VERSION = (
-    4  # 4: parts and wholes measured on the shipped graph (exporters.graph), at their precision
-)
+#: 4: parts and wholes measured on the shipped graph (exporters.graph), at their precision;
+#: 5: timed by the harness's clock (one thread: the calling thread's CPU time)
+VERSION = 5
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 SEQS = (128, 192, 256, 384, 512, 768, 1024)
 DEPTH = (2, 12)
@@ -498,11 +498,12 @@ def measure_part(
     to :func:`~.harness.measure`."""
     import tempfile as _tf
 
-    from exporters.latency.harness import MIN_CPU_SHARE, measure, torch_threads
+    from exporters.latency.harness import MIN_CPU_SHARE, clock, clock_name, measure, torch_threads
 
     with _tf.TemporaryDirectory(prefix="archir-part-") as tmp, torch_threads(threads):
         fn = part_callable(model, part, runtime, threads, tmp)
-        if threads == 1 and runtime == "ort":
+        kw.setdefault("timer", clock(threads))
+        if threads == 1 and clock_name(kw["timer"]) == "wall":
             kw.setdefault("min_cpu_share", MIN_CPU_SHARE)
         return measure(fn, **kw)
 
@@ -564,7 +565,7 @@ def calibrate(
         RuntimeUnavailableError: no spaces, or no sample could be measured.
     """
     import archir
-    from exporters.latency.harness import measure_interleaved, torch_threads
+    from exporters.latency.harness import clock, clock_name, measure_interleaved, torch_threads
 
     t0 = time.perf_counter()
     key = machine_key(runtime, threads)
@@ -706,6 +707,7 @@ def calibrate(
                 budget_s=max(0.0, budget_s - elapsed()),
                 min_rounds=rounds,
                 progress=said,
+                timer=clock(threads),
             )
             probe_ms = min(probe_ms or math.inf, stats["best_ms"])
             slow_batches += stats["fast_rounds"] < 2
@@ -738,6 +740,7 @@ def calibrate(
         "archir_version": archir.__version__,
         "platform": platform.platform(),
         "graph": "exporters.graph (torch.export, dynamic axes, precision auto)",
+        "clock": clock_name(clock(threads)),
         "wall_s": round(wall, 1),
         "prepare_s": round(prep_s, 1),
         "rounds": n_rounds,

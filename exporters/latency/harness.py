@@ -28,6 +28,15 @@ re-measured front use — the best of 5 interleaved windows of 30 whole specs re
 value the predictor is fitted on and the one searches optimise (``latency_ms(...)["ms"]``);
 the median, trimmed mean and CV stay in every record.
 
+**The clock.** With one intra-op thread (the default) onnxruntime and torch compute on the
+calling thread, and every call is timed by that thread's CPU time (:func:`clock`,
+``time.thread_time``): the time the core spent on the call, which neither another process
+taking the core nor a hypervisor's steal adds to. Wall time counts both, and on a shared VM
+they made the same spec's measured latency differ by more than 10 % between two runs for
+about a third of specs. What CPU time cannot remove — a neighbour slowing the memory
+system — the best window and the speed probe still handle. With several threads the work
+runs on pool threads and the clock is wall time (``Measurement.clock`` says which).
+
 Runtimes (:func:`measure_spec`): ``"ort"`` — onnxruntime ``CPUExecutionProvider`` on the
 graph ``archir export --precision auto`` ships (:func:`export_onnx_file`: the one export
 path, dynamic axes, the precision the spec's ``bits`` select), ``"torch"`` — torch eager
@@ -68,6 +77,18 @@ INTERLEAVED_MIN_RUNS = 2
 K = TypeVar("K")
 
 
+def clock(threads: int) -> Callable[[], float]:
+    """The timer of one call in seconds (module docstring): the calling thread's CPU time
+    (``time.thread_time``) with one intra-op thread, wall time (``time.perf_counter``)
+    with more."""
+    return time.thread_time if int(threads) <= 1 else time.perf_counter
+
+
+def clock_name(timer: Callable[[], float]) -> str:
+    """``"cpu"`` for the thread CPU clock, ``"wall"`` for anything else."""
+    return "cpu" if timer is time.thread_time else "wall"
+
+
 class LatencyError(ArchirError):
     """Base of the latency errors (bad runtime name, unusable calibration ...)."""
 
@@ -95,6 +116,7 @@ class Measurement:
         best_ms: the median of the fastest window (see the module docstring); equal to
             ``median_ms`` with one window.
         window_ms: each window's median, in order.
+        clock: ``"cpu"`` (the calling thread's CPU time) or ``"wall"`` (:func:`clock`).
     """
 
     median_ms: float
@@ -111,6 +133,7 @@ class Measurement:
     times_ms: list[float] = field(default_factory=list, repr=False)
     best_ms: float = 0.0
     window_ms: list[float] = field(default_factory=list)
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         if not self.best_ms:
@@ -271,6 +294,7 @@ def measure(
         )
         wall = time.perf_counter() - w0
         m = summarize([t for w in wins for t in w], cv_threshold, wins)
+        m.clock = clock_name(timer)
         if min_cpu_share is not None and wall > 0:
             m.cpu_share = (time.process_time() - c0) / wall
             m.noisy = m.noisy or m.cpu_share < min_cpu_share
@@ -381,6 +405,7 @@ def measure_interleaved(
     out: dict[K, Measurement] = {}
     for k, ws in wins.items():
         m = summarize([t for w in ws for t in w], cv_threshold, ws)
+        m.clock = clock_name(timer)
         # a spread across rounds is what the best window is for; untrusted is a best window
         # that no second window confirms within the threshold
         best2 = sorted(m.window_ms)[:2]
@@ -639,7 +664,10 @@ class Runner:
             RuntimeUnavailableError: the runtime fails on this input (e.g. torch.compile).
         """
         s = default_seq(self._sm, seq)
-        if self.threads == 1:
+        kw.setdefault("timer", clock(self.threads))
+        if self.threads == 1 and clock_name(kw["timer"]) == "wall":
+            # wall time with one thread: an attempt another process shared the core with
+            # is re-measured (the CPU clock does not count that time at all)
             kw.setdefault("min_cpu_share", MIN_CPU_SHARE)
         with torch_threads(self.threads):
             fn = self.call_for(batch, s)
