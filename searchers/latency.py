@@ -159,6 +159,54 @@ def remeasure_all(
     return {k: measurement_record(m) for k, m in ms.items()}, errors
 
 
+def shipped_latency(onnx_path: Any, spec: Any, lat: Any, train_seq: int) -> dict[str, Any]:
+    """Measured latency of the ONNX file a search ships (``best/model.onnx``: the
+    precision its bits select) on onnxruntime at the search's latency shape and threads,
+    interleaved as :func:`remeasure_all` measures (:func:`exporters.latency.harness.clock`:
+    one thread, the calling thread's CPU time). With the default ``latency.runtime: torch``
+    the search's own numbers are eager fp32; this is the number the user gets.
+
+    Returns:
+        :func:`exporters.latency.latency_ms`'s record plus ``runtime`` (``"ort"``),
+        ``file``, ``batch`` and ``seq``.
+
+    Raises:
+        ArchirError: the file does not load or run in onnxruntime, or the shape is past
+            ``max_seq_len``.
+    """
+    from archir.errors import ArchirError
+    from exporters.latency import measurement_record
+    from exporters.latency.harness import clock, example_tokens, measure_interleaved, ort_session
+
+    seq = _seq(lat, train_seq)
+    limit = spec.model.model.max_seq_len
+    if spec.model.model.task != "image_classification" and seq > limit:
+        raise ArchirError(
+            f"latency sequence length {seq} is past max_seq_len {limit}",
+            hint="lower search.latency.seq_len",
+        )
+    try:
+        sess = ort_session(onnx_path, lat.threads)
+        feed = {sess.get_inputs()[0].name: example_tokens(spec.model, lat.batch, seq).numpy()}
+        sess.run(None, feed)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+        raise ArchirError(f"{onnx_path} does not run in onnxruntime: {exc}") from exc
+    m = measure_interleaved(
+        {0: lambda: sess.run(None, feed)},
+        rounds=REMEASURE_ROUNDS,
+        warmup=lat.warmup,
+        min_round_s=REMEASURE_MIN_ROUND_S,
+        timer=clock(lat.threads),
+    )[0]
+    return {
+        **measurement_record(m),
+        "runtime": "ort",
+        "file": str(onnx_path),
+        "batch": lat.batch,
+        "seq": seq,
+    }
+
+
 def has_calibration(lat: Any) -> bool:
     """Whether a latency calibration exists for ``lat``'s runtime and threads."""
     from exporters.latency import find_calibration

@@ -476,6 +476,9 @@ def _write_best(
                 f"exported {bdir / 'model.onnx'} (fp32 graph parity-checked; shipped at "
                 f"{describe_export(best['export'])})"
             )
+            used = {o.metric for o in objectives} | {c.metric for c in constraints}
+            if "latency_ms" in used:
+                _shipped_latency(best, bdir / "model.onnx", bspec, cfg, say)
             if bspec.model.model.task == "causal_lm":
                 best["decode_export"] = export_decode_best(bdir, bspec, model)
                 if "error" in best["decode_export"]:
@@ -496,6 +499,34 @@ def _write_best(
         best["export"] = {"skipped": f"no trained weights ({why})"}
     write_text(bdir / "report.json", json.dumps(best, indent=2, default=str))
     return best
+
+
+def _shipped_latency(
+    best: dict[str, Any], path: Path, spec: Any, cfg: SearchConfig, say: Callable[[str], None]
+) -> None:
+    """``best["shipped_latency"]``: ``model.onnx`` timed on onnxruntime at the search's
+    latency shape (:func:`searchers.latency.shipped_latency`), said beside the value the
+    search ranked by when that was another runtime; an error is recorded, not raised."""
+    from searchers.latency import shipped_latency
+
+    lat = cfg.section.latency
+    try:
+        rec = shipped_latency(path, spec, lat, cfg.train_section.seq_len)
+    except ArchirError as exc:
+        best["shipped_latency"] = {"error": exc.message}
+        say(f"model.onnx latency not measured: {exc.message}")
+        return
+    best["shipped_latency"] = rec
+    searched = (best.get("values") or {}).get("latency_ms")
+    also = (
+        f"; the search ranked by {float(searched):.3f} ms on {lat.runtime}"
+        if searched is not None and lat.runtime != "ort"
+        else ""
+    )
+    say(
+        f"model.onnx runs in {rec['ms']:.3f} ms on onnxruntime at its shipped precision "
+        f"(batch {rec['batch']}, seq {rec['seq']}, {lat.threads} thread(s){also})"
+    )
 
 
 def _fidelity_doc(cfg: SearchConfig, trials: list[FrozenTrial], top: int | None) -> dict[str, Any]:

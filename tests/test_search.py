@@ -764,6 +764,43 @@ def test_proxy_search_single_objective_with_bits_and_report(tmp_path):
     assert bad.returncode == 2 and "no pareto.json" in bad.stderr
 
 
+def test_the_shipped_model_is_timed_on_onnxruntime_beside_the_searched_latency(tmp_path):
+    """With a latency objective on the default torch screen, best/model.onnx (the file at
+    its shipped precision) is timed on onnxruntime at the search's latency shape, and the
+    search says both numbers."""
+    pytest.importorskip("exporters")
+    from searchers.latency import shipped_latency
+
+    spec = make_spec(
+        tmp_path,
+        objectives={"val_bpb": "minimize", "latency_ms": "minimize"},
+        constraints={},
+        budget={"trials": 2},
+        fidelity={"kind": "proxy", "steps": 2},
+        latency={"repeats": 3, "warmup": 1, "seq_len": 16},
+    )
+    said: list[str] = []
+    res = run_search(spec, out=tmp_path / "run", say=said.append)
+    best = json.loads((tmp_path / "run" / "best" / "report.json").read_text())
+    rec = best["shipped_latency"]
+    assert rec["ms"] == res.best["shipped_latency"]["ms"]
+    assert rec["runtime"] == "ort" and rec["clock"] == "cpu" and rec["predicted"] is False
+    assert (rec["batch"], rec["seq"]) == (1, 16) and rec["ms"] > 0
+    assert rec["file"].endswith("model.onnx") and rec["windows"] >= 3
+    line = next(s for s in said if s.startswith("model.onnx runs in"))
+    assert "on onnxruntime at its shipped precision" in line and "ranked by" in line
+    assert f"{best['values']['latency_ms']:.3f} ms on torch" in line
+    # a shape the model cannot take is refused by name, not by an onnxruntime error
+    from archir.errors import ArchirError
+    from archir.spec import load_spec as _load
+    from archir.spec.sections import LatencySection
+
+    bspec = _load(tmp_path / "run" / "best" / "spec.yaml")
+    lat = LatencySection(seq_len=bspec.model.model.max_seq_len + 1)
+    with pytest.raises(ArchirError, match="past max_seq_len"):
+        shipped_latency(rec["file"], bspec, lat, 16)
+
+
 def test_best_is_exported_with_parity(tmp_path, monkeypatch):
     """As the main job runs: the default, relative run folder (runs/<study>); weights of
     trials off the front are removed, the best's exported."""
