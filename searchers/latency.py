@@ -13,7 +13,11 @@ decides how a search asks for them, from the spec's ``search.latency`` section:
   again, never predicted, all of them together in round-robin windows
   (:func:`exporters.latency.harness.measure_interleaved`, ``REMEASURE_ROUNDS`` rounds at
   least ``REMEASURE_MIN_ROUND_S`` apart) so a slow phase of the machine cannot favour one
-  member over another, DESIGN.md §7.
+  member over another, DESIGN.md §7;
+* **after the best model is exported** (:func:`shipped_latency`): ``best/model.onnx``, at
+  the precision its bits select, timed on onnxruntime at the same shape and threads
+  (``best/report.json`` ``shipped_latency``) — with the default ``runtime: torch`` the
+  numbers above are eager fp32, and this one is what the user gets.
 
 The value used is the record's ``ms`` in milliseconds: the predicted value, or for a
 measurement the best window median (the machine's speed without other load, what the
