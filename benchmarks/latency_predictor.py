@@ -57,9 +57,8 @@ from exporters.latency.harness import (
     SpeedProbe,
     clock,
     clock_name,
-    example_tokens,
     measure_interleaved,
-    ort_session,
+    onnx_file_callable,
 )
 
 SPACE = Path(__file__).resolve().parent / "latency_space.yaml"
@@ -212,10 +211,7 @@ def main() -> int:
             if not path.exists():
                 print(f"skip {spec.name}: not exported", file=sys.stderr)
                 continue
-            sess = ort_session(path, args.threads)
-            feed = {sess.get_inputs()[0].name: example_tokens(spec.model, 1, seq).numpy()}
-            fn = lambda sess=sess, feed=feed: sess.run(None, feed)  # noqa: E731
-            fn()
+            fn = onnx_file_callable(path, spec.model, 1, seq, args.threads)
             g = graph_features(spec, 1, seq)
             fns[len(rows)] = fn
             kinds = sorted({q.kind for q in g.parts if q.kind != "fixed"})

@@ -180,23 +180,18 @@ def shipped_latency(onnx_path: Any, spec: Any, lat: Any, train_seq: int) -> dict
     """
     from archir.errors import ArchirError
     from exporters.latency import measurement_record
-    from exporters.latency.harness import clock, example_tokens, measure_interleaved, ort_session
+    from exporters.latency.harness import clock, measure_interleaved, onnx_file_callable
+    from exporters.parity import check_seq_len
 
     seq = _seq(lat, train_seq)
-    limit = spec.model.model.max_seq_len
-    if spec.model.model.task != "image_classification" and seq > limit:
-        raise ArchirError(
-            f"latency sequence length {seq} is past max_seq_len {limit}",
-            hint="lower search.latency.seq_len",
-        )
+    if spec.model.model.task != "image_classification":
+        check_seq_len(seq, spec.model.model.max_seq_len, "tokens", spec.name)
     try:
-        sess = ort_session(onnx_path, lat.threads)
-        feed = {sess.get_inputs()[0].name: example_tokens(spec.model, lat.batch, seq).numpy()}
-        sess.run(None, feed)
+        fn = onnx_file_callable(onnx_path, spec.model, lat.batch, seq, lat.threads)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
         raise ArchirError(f"{onnx_path} does not run in onnxruntime: {exc}") from exc
     m = measure_interleaved(
-        {0: lambda: sess.run(None, feed)},
+        {0: fn},
         rounds=REMEASURE_ROUNDS,
         warmup=lat.warmup,
         min_round_s=REMEASURE_MIN_ROUND_S,

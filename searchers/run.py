@@ -804,14 +804,7 @@ class Evaluator:
             return None
         trials = trial.study.get_trials(deepcopy=False)
         used = budget_used(trials)
-        drawing = [
-            t.number
-            for t in trials
-            if t.state == TrialState.RUNNING
-            and t.number < trial.number
-            and continues(t) is None
-            and not dead_here(t)
-        ]
+        drawing = [t.number for t in drawing_trials(trials) if t.number < trial.number]
         if used + len(drawing) < self.cfg.trials:
             return None
         return f"{used} finished" + "".join(f", trial {n} running" for n in drawing)
@@ -1064,6 +1057,17 @@ def consumes_budget(t: FrozenTrial, retried: set[int]) -> bool:
     return True
 
 
+def live_running(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The RUNNING trials whose process is not known dead (:func:`dead_here`)."""
+    return [t for t in trials if t.state == TrialState.RUNNING and not dead_here(t)]
+
+
+def drawing_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The live running trials that draw a new model (not a ladder's promotion): each will
+    count against the budget unless it ends as a duplicate, interrupted or retried."""
+    return [t for t in live_running(trials) if continues(t) is None]
+
+
 def budget_used(trials: list[FrozenTrial]) -> int:
     """Finished trials that count against the budget: COMPLETE (incl. infeasible), PRUNED
     and FAIL — except trials that reused an identical model's result (``duplicate_of``),
@@ -1280,9 +1284,9 @@ def worker(
     while True:
         trials = study.get_trials(deepcopy=False)
         used = budget_used(trials)
-        running = [t for t in trials if t.state == TrialState.RUNNING and not dead_here(t)]
+        running = live_running(trials)
         waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
-        drawing = sum(1 for t in running if continues(t) is None)
+        drawing = len(drawing_trials(running))
         if deadline is not None and time.time() > deadline:
             say("time budget reached")
             break

@@ -498,14 +498,11 @@ def measure_part(
     to :func:`~.harness.measure`."""
     import tempfile as _tf
 
-    from exporters.latency.harness import MIN_CPU_SHARE, clock, clock_name, measure, torch_threads
+    from exporters.latency.harness import measure, timing_defaults, torch_threads
 
     with _tf.TemporaryDirectory(prefix="archir-part-") as tmp, torch_threads(threads):
         fn = part_callable(model, part, runtime, threads, tmp)
-        kw.setdefault("timer", clock(threads))
-        if threads == 1 and clock_name(kw["timer"]) == "wall":
-            kw.setdefault("min_cpu_share", MIN_CPU_SHARE)
-        return measure(fn, **kw)
+        return measure(fn, **timing_defaults(kw, threads))
 
 
 BATCH_ITEMS = 120

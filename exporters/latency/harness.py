@@ -91,6 +91,17 @@ def clock_name(timer: Callable[[], float]) -> str:
     return "cpu" if timer is time.thread_time else "wall"
 
 
+def timing_defaults(kw: dict[str, Any], threads: int) -> dict[str, Any]:
+    """:func:`measure` keywords ``kw`` with the defaults for ``threads``: the
+    :func:`clock`, and with one thread timed by wall time, the CPU-share check
+    (:data:`MIN_CPU_SHARE`: an attempt another process shared the core with is re-measured;
+    the CPU clock does not count that time at all)."""
+    kw.setdefault("timer", clock(threads))
+    if int(threads) <= 1 and clock_name(kw["timer"]) == "wall":
+        kw.setdefault("min_cpu_share", MIN_CPU_SHARE)
+    return kw
+
+
 class LatencyError(ArchirError):
     """Base of the latency errors (bad runtime name, unusable calibration ...)."""
 
@@ -566,6 +577,26 @@ def export_onnx_file(
     return ex.exporter
 
 
+def onnx_file_callable(
+    path: str | Path, spec_model: Any, batch: int, seq: int, threads: int
+) -> Callable[[], Any]:
+    """A no-argument callable running an exported model file on onnxruntime
+    (:func:`ort_session`) with :func:`example_tokens` ``[batch, seq]``; called once here,
+    so a file that does not run fails now.
+
+    Raises:
+        whatever onnxruntime raises for a file it cannot load or run.
+    """
+    sess = ort_session(path, threads)
+    feed = {sess.get_inputs()[0].name: example_tokens(spec_model, batch, seq).numpy()}
+
+    def run() -> Any:
+        return sess.run(None, feed)
+
+    run()
+    return run
+
+
 def ort_session(path: str | Path, threads: int) -> Any:
     """An onnxruntime CPU session with fixed intra-op threads and one inter-op thread."""
     import onnxruntime as ort
@@ -666,11 +697,7 @@ class Runner:
             RuntimeUnavailableError: the runtime fails on this input (e.g. torch.compile).
         """
         s = default_seq(self._sm, seq)
-        kw.setdefault("timer", clock(self.threads))
-        if self.threads == 1 and clock_name(kw["timer"]) == "wall":
-            # wall time with one thread: an attempt another process shared the core with
-            # is re-measured (the CPU clock does not count that time at all)
-            kw.setdefault("min_cpu_share", MIN_CPU_SHARE)
+        timing_defaults(kw, self.threads)
         with torch_threads(self.threads):
             fn = self.call_for(batch, s)
             try:
