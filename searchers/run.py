@@ -279,6 +279,9 @@ class Evaluator:
         #: that other searches join): the duplicate check reads the finished trials again
         #: after this trial was created, so a model finished just before it is not trained twice
         self.shared = (cfg.workers or 1) > 1 or cfg.storage_url is not None
+        #: ``seen`` was read after the current trial was created (the budget-race check):
+        #: fresh enough for a shared study's duplicate check
+        self.seen_after_start = False
         #: the current trial's model attributes (spec, spec_hash, spec_yaml; lineage)
         self._model: dict[str, Any] = {}
         #: the graph-mutation proposer of ``--searcher evolution`` (None otherwise)
@@ -458,7 +461,8 @@ class Evaluator:
         # the finished trials, read once per trial (by the worker loop just before it, else
         # here): duplicates and penalties both use it
         seen, self.seen = self.seen, None
-        if seen is None or self.shared:
+        fresh, self.seen_after_start = self.seen_after_start, False
+        if seen is None or (self.shared and not fresh):
             seen = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         finished = [t for t in seen if t.state == TrialState.COMPLETE]
         dup = self._duplicate_of(finished, trial.number, h)
@@ -803,6 +807,8 @@ class Evaluator:
         if not self.shared or ATTR_CONTINUE in started or "failed_trial" in started:
             return None
         trials = trial.study.get_trials(deepcopy=False)
+        # read after this trial was created: the duplicate check uses it, no second read
+        self.seen, self.seen_after_start = trials, True
         used = budget_used(trials)
         drawing = [t.number for t in drawing_trials(trials) if t.number < trial.number]
         if used + len(drawing) < self.cfg.trials:
