@@ -706,7 +706,7 @@ def measure_decode(
     (what ``archir generate`` does; the fastest of ``prefill_runs`` runs). ``decode_ms_per_token``: one
     more token with ``context`` tokens of state (the KV cache of attention holds
     ``context`` entries, or ``window``), repeated from that same state
-    (:func:`~exporters.latency.harness.measure`: the best window's median). ``state_bytes``:
+    (:func:`~exporters.latency.harness.measure`: the fastest call). ``state_bytes``:
     the bytes of every state tensor at that point (what a server keeps per sequence).
     ``precision`` / ``block_precision``: what was timed (``fp32`` and ``{}`` for torch).
     Times are in ms of :func:`~exporters.latency.harness.clock` (one thread: the calling
@@ -785,7 +785,7 @@ def measure_decode(
             timer=timer,
         )
     return {
-        "decode_ms_per_token": m.best_ms,
+        "decode_ms_per_token": m.min_ms,
         "prefill_ms": best_prefill * 1e3,
         "state_bytes": nbytes,
         "context": context,

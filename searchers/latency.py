@@ -20,8 +20,8 @@ decides how a search asks for them, from the spec's ``search.latency`` section:
   numbers above are eager fp32, and this one is what the user gets.
 
 The value used is the record's ``ms`` in milliseconds: the predicted value, or for a
-measurement the best window median (the machine's speed without other load, what the
-predictor is fitted on); the whole record (``median_ms``, ``trimmed_mean_ms``, ``cv``,
+measurement the fastest call (the machine's speed without other load, what the predictor is
+fitted on: :mod:`exporters.latency.harness`); the whole record (``median_ms``, ``trimmed_mean_ms``, ``cv``,
 ``runs``, ``noisy``, ``predicted``, ``band_ms``) is kept in the trial's metrics.
 """
 
@@ -30,9 +30,10 @@ from __future__ import annotations
 from typing import Any
 
 from archir.errors import SearchError
+from exporters.latency.harness import INTERLEAVED_ROUNDS
 
-REMEASURE_ROUNDS = 5  # the calibration's interleaved statistic (exporters.latency.harness)
-REMEASURE_MIN_ROUND_S = 0.5  # a front of a few members still gets windows seconds apart
+REMEASURE_ROUNDS = INTERLEAVED_ROUNDS  # the calibration's statistic (exporters.latency.harness)
+REMEASURE_MIN_ROUND_S = 0.25  # a front of a few members still gets windows seconds apart
 
 
 def _seq(lat: Any, train_seq: int) -> int:

@@ -3,8 +3,8 @@
 A calibration file is JSON (``format: archir-latency-calibration``, ``version``) holding the
 **key** it is valid for — CPU model and logical CPU count, runtime (``ort``/``torch``) and its
 version, intra-op threads — and the raw samples: ``specs`` (concrete spec data), ``parts``
-(spec index, IR node name or ``"fixed"``, batch, seq, ``ms`` = best window median, median,
-CV, runs, windows) and ``wholes`` (spec index, batch, seq, the same statistics). The predictor
+(spec index, IR node name or ``"fixed"``, batch, seq, ``ms`` = the fastest call, best window
+median, median, CV, runs, each window's median and fastest call) and ``wholes`` (spec index, batch, seq, the same statistics). The predictor
 (:class:`~.predictor.LatencyPredictor`) is refitted from the samples on load (a second or
 two), so the file stays readable, diffable and free of pickles. Loading a file whose key
 differs from the machine/runtime/threads asked for raises :class:`CalibrationMismatchError`;
@@ -27,7 +27,7 @@ timed every round, and more rounds (up to three times as many) while fewer than 
 ran at the probe's fastest speed so far, so a slow phase longer than a batch does not go
 into the samples; then the next batch, while the budget allows. The probe's fastest time is
 stored (``probe_ms``) for later measurements to compare against; a sample's value is its
-fastest window's median (``best_ms``, see :mod:`.harness` on why). Interleaving matters on a
+fastest call (``min_ms``, see :mod:`.harness` on why). Interleaving matters on a
 shared machine: a slow phase of a few seconds then costs every sample one window, instead of
 costing a few samples their whole measurement. A part takes one to a few seconds to export
 through torch.export (a Mamba block over ten: its dynamic-length scan makes torch.export
@@ -76,8 +76,10 @@ from exporters.latency.predictor import (
 
 FORMAT = "archir-latency-calibration"
 #: 4: parts and wholes measured on the shipped graph (exporters.graph), at their precision;
-#: 5: timed by the harness's clock (one thread: the calling thread's CPU time)
-VERSION = 5
+#: 5: timed by the harness's clock (one thread: the calling thread's CPU time);
+#: 6: a sample's ``ms`` is its fastest call over 20 interleaved rounds (was: the fastest
+#: window's median over 5)
+VERSION = 6
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 SEQS = (128, 192, 256, 384, 512, 768, 1024)
 DEPTH = (2, 12)
@@ -230,8 +232,8 @@ def samples_features(
 ) -> tuple[list[PartFeatures], list[float], list[GraphFeatures], list[float]]:
     """(part features, part ms, whole-spec features, whole ms) of a calibration's samples;
     samples whose spec no longer builds (a kind that changed) are skipped. ``spreads``, if
-    given, receives each used whole sample's ``log(second-best window / best window)``
-    (its measurement noise; 0 with fewer than two windows)."""
+    given, receives each used whole sample's ``log(second-fastest window's fastest call /
+    fastest call)`` (its measurement noise; 0 with fewer than two windows)."""
     from archir.ir import build_graph
     from archir.spec import spec_from_dict
 
@@ -262,7 +264,7 @@ def samples_features(
             wholes.append(g)
             wms.append(float(s["ms"]))
             if spreads is not None:
-                w = sorted(float(x) for x in s.get("window_ms", []) if x > 0)
+                w = sorted(float(x) for x in s.get("window_min_ms", []) if x > 0)
                 spreads.append(math.log(w[1] / w[0]) if len(w) >= 2 else 0.0)
     return parts, pms, wholes, wms
 
@@ -713,12 +715,14 @@ def calibrate(
             m = ms[i]
             rec = {
                 **meta,
-                "ms": m.best_ms,
+                "ms": m.min_ms,
+                "best_ms": m.best_ms,
                 "median_ms": m.median_ms,
                 "cv": round(m.cv, 4),
                 "runs": m.runs,
                 "windows": m.windows,
                 "window_ms": [round(w, 5) for w in m.window_ms],
+                "window_min_ms": [round(w, 5) for w in m.window_min_ms],
             }
             (parts if what == "part" else wholes).append(rec)
     probe.close()

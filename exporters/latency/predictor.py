@@ -38,9 +38,9 @@ number of whole specs. Three stages are fitted on those measurements:
 **Uncertainty band**: the 5th/95th percentiles of the out-of-fold ``log(measured /
 predicted)`` of the whole-spec samples (the part stages are not refitted per fold, so this
 alone is optimistic), combined in quadrature with the 90th percentile of the whole samples'
-own measurement noise (``log`` of second-best over best window) — a new measurement is as
-noisy as those were — and widened for kinds absent from the calibration or shapes outside
-it.
+own measurement noise (``log`` of the second-fastest window's fastest call over the fastest
+call) — a new measurement is as noisy as those were — and widened for kinds absent from the
+calibration or shapes outside it.
 
 Related work: nn-Meter (Zhang et al., 2021) predicts per fused kernel and sums; HELP (Lee et
 al., 2021) and LitePred (Feng et al., 2024) learn from graph features. This does both.
@@ -508,8 +508,9 @@ class LatencyPredictor:
         Args:
             parts: features of measured parts; part_ms: their measured times (ms).
             specs: features of measured whole specs; spec_ms: their measured times (ms).
-            spec_spread: each whole spec's measurement noise, ``log(second-best window /
-                best window)`` (may be empty): its 90th percentile widens the band.
+            spec_spread: each whole spec's measurement noise, ``log(second-fastest
+                window's fastest call / fastest call)`` (may be empty): its 90th percentile
+                widens the band.
 
         Raises:
             ValueError: fewer than 3 part samples, mismatched lengths, non-positive times.
