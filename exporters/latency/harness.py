@@ -16,23 +16,24 @@ A measurement of one callable (one forward pass) goes:
    is kept; if even that one is above the threshold the result says ``noisy=True``.
 
 Why the fastest call. On a shared machine (a cloud VM, a laptop with a browser open) the
-speed of the core changes all the time: on the 2-core VM this was built on, interference
-comes in bursts shorter than a millisecond whose density changes over seconds to minutes,
-and it slows different graphs differently (between the fast and the slow phases of one
-measurement, 60 exported specs ran 0.94-1.72× slower: small, overhead-bound graphs the
-most). A call that ran while nothing interfered is the graph's own cost, and interference
-only ever adds time (with the CPU clock below, not even preemption counts), so the fastest
-of many calls estimates it — the :mod:`timeit` rule. It repeats where window statistics do
-not: the 60 specs measured in two passes of 20 interleaved rounds each (2026-11-27) agreed
-within ±10 % for 95 % of them by their fastest call, 87 % by their fastest window's median
-and 93 % by their median window; with 10 rounds per pass, 76 %, 35-87 % and 77-95 %. Hence
-:func:`measure_interleaved` (round-robin windows, each callable's windows seconds apart;
-what calibration, the predictor benchmark and a search's re-measured front use) runs
-:data:`INTERLEAVED_ROUNDS` = 20 rounds: fast moments are rare in the slow phases, and a
-callable needs many chances to meet one. ``min_ms`` is the value the predictor is fitted on
-and the one searches optimise (``latency_ms(...)["ms"]``); on a loaded or shared machine
-the user's typical call is slower (the median, up to 1.4× on that VM), and the median,
-trimmed mean and CV stay in every record.
+speed of the core changes all the time. On the 2-core VM this was built on, interference
+comes and goes within seconds (a 0.8 ms probe met its fastest time, ±0.5 %, in every 5 s
+window of 90 s while its median moved by 18 %), its density changes over minutes, and it
+slows graphs differently (between the fast and the slow rounds of one measurement, 60
+exported specs ran 0.94-1.72× slower: small, overhead-bound graphs the most). A call that
+ran while nothing interfered is the graph's own cost, and interference only ever adds time
+(with the CPU clock below, not even preemption counts), so the fastest of many calls
+estimates it — the :mod:`timeit` rule. It repeats where window statistics do not: the 60
+specs measured in two passes of 20 interleaved rounds each (2026-11-27) agreed within ±10 %
+for 95 % of them by their fastest call, 87 % by their fastest window's median and 93 % by
+their median window; with 10 rounds per pass, 60-93 % (mean 76 %), 35-87 % and 77-97 %
+(four passes, every pair). Hence :func:`measure_interleaved` (round-robin windows, each
+callable's windows seconds apart; what calibration, the predictor benchmark and a search's
+re-measured front use) runs :data:`INTERLEAVED_ROUNDS` = 20 rounds: quiet moments are rare
+in the slow phases, and a callable needs many chances to meet one. ``min_ms`` is the value
+the predictor is fitted on and the one searches optimise (``latency_ms(...)["ms"]``); on a
+loaded or shared machine the user's typical call is slower (the median, up to 1.4× on that
+VM), and the median, trimmed mean and CV stay in every record.
 
 **The clock.** With one intra-op thread (the default) onnxruntime and torch compute on the
 calling thread, and every call is timed by that thread's CPU time (:func:`clock`,
