@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--windows",
         type=a.int_range(1, a.MAX_WINDOWS),
         default=None,
-        help="timed windows per attempt; 'best' is the fastest window's median (default 5)",
+        help="timed windows per attempt (default 5); 'fastest' is the fastest call",
     )
     p.add_argument(
         "--cv-threshold",
@@ -201,7 +201,7 @@ def _fmt(rt: str, r: dict[str, Any]) -> str:
         return f"{rt:8s} predicted {r['ms']:9.3f} ms   90% band [{lo:.3f}, {hi:.3f}]{extra}"
     flag = "  NOISY: machine too busy to trust" if r["noisy"] else ""
     return (
-        f"{rt:8s} best {r['ms']:9.3f} ms   median {r['median_ms']:9.3f} ms   trimmed mean "
+        f"{rt:8s} fastest {r['ms']:9.3f} ms   median {r['median_ms']:9.3f} ms   trimmed mean "
         f"{r['trimmed_mean_ms']:9.3f} ms   CV {r['cv']:.3f}   runs {r['runs']} in "
         f"{r.get('windows', 1)} windows{flag}"
     )

@@ -157,7 +157,7 @@ def test_interleaved_rounds_alternate_and_keep_each_best_window() -> None:
     assert ms["a"].window_min_ms == pytest.approx([4.0, 1.0, 1.0])
     assert ms["a"].best_ms == ms["a"].min_ms == pytest.approx(1.0)
     assert ms["b"].best_ms == pytest.approx(2.0) and ms["b"].runs == 6
-    assert not ms["a"].noisy  # the best window is confirmed by a second one
+    assert not ms["a"].noisy  # the fastest call is confirmed by a second window
     order.clear()
     slow["a"] = [0.004, 0.004, 0.001, 0.001, 0.004, 0.004]
     ms = measure_interleaved({"a": make("a")}, rounds=3, window_s=0.0, warmup=0, timer=clock)
