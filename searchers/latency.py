@@ -21,8 +21,9 @@ decides how a search asks for them, from the spec's ``search.latency`` section:
 
 The value used is the record's ``ms`` in milliseconds: the predicted value, or for a
 measurement the fastest call (the machine's speed without other load, what the predictor is
-fitted on: :mod:`exporters.latency.harness`); the whole record (``median_ms``, ``trimmed_mean_ms``, ``cv``,
-``runs``, ``noisy``, ``predicted``, ``band_ms``) is kept in the trial's metrics.
+fitted on: :mod:`exporters.latency.harness`); the whole record (``median_ms``,
+``trimmed_mean_ms``, ``cv``, ``runs``, ``noisy``, ``predicted``, ``band_ms``) is kept in the
+trial's metrics.
 """
 
 from __future__ import annotations

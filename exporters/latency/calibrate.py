@@ -4,7 +4,8 @@ A calibration file is JSON (``format: archir-latency-calibration``, ``version``)
 **key** it is valid for — CPU model and logical CPU count, runtime (``ort``/``torch``) and its
 version, intra-op threads — and the raw samples: ``specs`` (concrete spec data), ``parts``
 (spec index, IR node name or ``"fixed"``, batch, seq, ``ms`` = the fastest call, best window
-median, median, CV, runs, each window's median and fastest call) and ``wholes`` (spec index, batch, seq, the same statistics). The predictor
+median, median, CV, runs, each window's median and fastest call) and ``wholes`` (spec
+index, batch, seq, the same statistics). The predictor
 (:class:`~.predictor.LatencyPredictor`) is refitted from the samples on load (a second or
 two), so the file stays readable, diffable and free of pickles. Loading a file whose key
 differs from the machine/runtime/threads asked for raises :class:`CalibrationMismatchError`;
