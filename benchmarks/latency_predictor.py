@@ -334,19 +334,16 @@ def main() -> int:
         "confirmed_n": int(quiet.sum()),
         "confirmed_predictor_within_10pct": float(np.mean(np.abs(yp / y - 1)[quiet] <= 0.10)),
         "passes": args.passes,
-        "truth_pass2_vs_pass1_within_10pct": float(np.mean(np.abs(y2 / y - 1) <= 0.10))
-        if two
-        else None,
-        "truth_pass2_vs_pass1_within_5pct": float(np.mean(np.abs(y2 / y - 1) <= 0.05))
-        if two
-        else None,
-        "predictor_vs_pass2_within_10pct": float(np.mean(np.abs(yp / y2 - 1) <= 0.10))
-        if two
-        else None,
-        "predictor_vs_faster_pass_within_10pct": float(np.mean(np.abs(yp / ylo - 1) <= 0.10))
-        if two
-        else None,
-        "predictor_vs_faster_pass_spearman": float(spearmanr(ylo, yp).statistic) if two else None,
+        **{
+            k: (float(v) if two else None)
+            for k, v in (
+                ("truth_pass2_vs_pass1_within_10pct", np.mean(np.abs(y2 / y - 1) <= 0.10)),
+                ("truth_pass2_vs_pass1_within_5pct", np.mean(np.abs(y2 / y - 1) <= 0.05)),
+                ("predictor_vs_pass2_within_10pct", np.mean(np.abs(yp / y2 - 1) <= 0.10)),
+                ("predictor_vs_faster_pass_within_10pct", np.mean(np.abs(yp / ylo - 1) <= 0.10)),
+                ("predictor_vs_faster_pass_spearman", spearmanr(ylo, yp).statistic),
+            )
+        },
         "predictor_median_signed_err_pct": float(np.median(yp / y - 1) * 100),
         "repeat_within_5pct": float(np.mean(rep_err <= 0.05)),
         "repeat_within_10pct": float(np.mean(rep_err <= 0.10)),
