@@ -11,8 +11,8 @@ decides how a search asks for them, from the spec's ``search.latency`` section:
   ``warmup`` untimed runs and exactly ``repeats`` timed runs, one attempt — a quick screen;
 * **before the front is reported** (:func:`remeasure_all`): every Pareto member is measured
   again, never predicted, all of them together in round-robin windows
-  (:func:`exporters.latency.harness.measure_interleaved`, ``REMEASURE_ROUNDS`` rounds at
-  least ``REMEASURE_MIN_ROUND_S`` apart) so a slow phase of the machine cannot favour one
+  (:func:`exporters.latency.harness.measure_interleaved`, its default
+  ``INTERLEAVED_ROUNDS`` rounds, at least ``REMEASURE_MIN_ROUND_S`` apart) so a slow phase of the machine cannot favour one
   member over another, DESIGN.md §7;
 * **after the best model is exported** (:func:`shipped_latency`): ``best/model.onnx``, at
   the precision its bits select, timed on onnxruntime at the same shape and threads
@@ -31,9 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from archir.errors import SearchError
-from exporters.latency.harness import INTERLEAVED_ROUNDS
 
-REMEASURE_ROUNDS = INTERLEAVED_ROUNDS  # the calibration's statistic (exporters.latency.harness)
 REMEASURE_MIN_ROUND_S = 0.25  # a front of a few members still gets windows seconds apart
 
 
@@ -128,8 +126,9 @@ def remeasure_all(
     specs: dict[int, Any], lat: Any, train_seq: int
 ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
     """Measured latency of several concrete specs (a Pareto front), never predicted,
-    interleaved: ``REMEASURE_ROUNDS`` rounds, at least ``REMEASURE_MIN_ROUND_S`` apart, in
-    which every spec gets one window (the statistic calibration samples get).
+    interleaved (:func:`_measure_together`: the calibration's rounds, at least
+    ``REMEASURE_MIN_ROUND_S`` apart, in which every spec gets one window — the statistic
+    calibration samples get).
 
     Returns:
         (records by key as :func:`exporters.latency.latency_ms` returns them, error message
@@ -138,8 +137,7 @@ def remeasure_all(
     from contextlib import ExitStack
 
     from archir.errors import ArchirError
-    from exporters.latency import measurement_record
-    from exporters.latency.harness import Runner, clock, measure_interleaved, torch_threads
+    from exporters.latency.harness import Runner, torch_threads
 
     seq = _seq(lat, train_seq)
     errors: dict[int, str] = {}
@@ -155,14 +153,21 @@ def remeasure_all(
         if not fns:
             return {}, errors
         with torch_threads(lat.threads):
-            ms = measure_interleaved(
-                fns,
-                rounds=REMEASURE_ROUNDS,
-                warmup=lat.warmup,
-                min_round_s=REMEASURE_MIN_ROUND_S,
-                timer=clock(lat.threads),
-            )
-    return {k: measurement_record(m) for k, m in ms.items()}, errors
+            return _measure_together(fns, lat), errors
+
+
+def _measure_together(fns: dict[Any, Any], lat: Any) -> dict[Any, dict[str, Any]]:
+    """Records (:func:`exporters.latency.measurement_record`) of callables measured in
+    interleaved rounds (:func:`exporters.latency.harness.measure_interleaved` with the
+    calibration's rounds), at least ``REMEASURE_MIN_ROUND_S`` apart, on
+    :func:`~exporters.latency.harness.clock` for ``lat.threads``."""
+    from exporters.latency import measurement_record
+    from exporters.latency.harness import clock, measure_interleaved
+
+    ms = measure_interleaved(
+        fns, warmup=lat.warmup, min_round_s=REMEASURE_MIN_ROUND_S, timer=clock(lat.threads)
+    )
+    return {k: measurement_record(m) for k, m in ms.items()}
 
 
 def shipped_latency(onnx_path: Any, spec: Any, lat: Any, train_seq: int) -> dict[str, Any]:
@@ -181,8 +186,7 @@ def shipped_latency(onnx_path: Any, spec: Any, lat: Any, train_seq: int) -> dict
             ``max_seq_len``.
     """
     from archir.errors import ArchirError
-    from exporters.latency import measurement_record
-    from exporters.latency.harness import clock, measure_interleaved, onnx_file_callable
+    from exporters.latency.harness import onnx_file_callable
     from exporters.parity import check_seq_len
 
     seq = _seq(lat, train_seq)
@@ -192,15 +196,8 @@ def shipped_latency(onnx_path: Any, spec: Any, lat: Any, train_seq: int) -> dict
         fn = onnx_file_callable(onnx_path, spec.model, lat.batch, seq, lat.threads)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
         raise ArchirError(f"{onnx_path} does not run in onnxruntime: {exc}") from exc
-    m = measure_interleaved(
-        {0: fn},
-        rounds=REMEASURE_ROUNDS,
-        warmup=lat.warmup,
-        min_round_s=REMEASURE_MIN_ROUND_S,
-        timer=clock(lat.threads),
-    )[0]
     return {
-        **measurement_record(m),
+        **_measure_together({0: fn}, lat)[0],
         "runtime": "ort",
         "file": str(onnx_path),
         "batch": lat.batch,

@@ -517,7 +517,7 @@ def test_latency_objective_uses_exporters_and_front_is_remeasured(tmp_path, monk
 
     monkeypatch.setattr(xl, "latency_ms", spy)
     import exporters.latency.harness as xh
-    from searchers.latency import REMEASURE_ROUNDS
+    from exporters.latency.harness import INTERLEAVED_ROUNDS
 
     interleaved: list[int] = []
     real_inter = xh.measure_interleaved
@@ -549,7 +549,7 @@ def test_latency_objective_uses_exporters_and_front_is_remeasured(tmp_path, monk
     for row in doc["front"]:
         assert row["latency"]["remeasured"] and row["latency"]["predicted"] is False
         assert row["values"]["latency_ms"] == row["latency"]["ms"] == row["latency"]["min_ms"]
-        assert row["latency"]["windows"] == REMEASURE_ROUNDS  # one window per round
+        assert row["latency"]["windows"] == INTERLEAVED_ROUNDS  # one window per round
         assert row["values"]["latency_ms_search"] > 0
     # the trial screen goes through exporters.latency.latency_ms; the front is re-measured
     # together, interleaved (members that turn out dominated after re-measurement leave the

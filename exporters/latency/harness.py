@@ -161,8 +161,6 @@ class Measurement:
     def __post_init__(self) -> None:
         if not self.best_ms:
             self.best_ms = self.median_ms
-        if not self.min_ms:
-            self.min_ms = min(self.times_ms) if self.times_ms else self.best_ms
 
     @property
     def windows(self) -> int:
