@@ -267,6 +267,7 @@ def test_a_ladder_with_two_workers_on_postgresql(pg, tmp_path):
     """The fidelity ladder (issue 12) on a PostgreSQL study with 2 workers: promotions are
     trials like any other, their learning curves are intermediate values in the database."""
     from searchers.ladder import ATTR_CONTINUE
+    from searchers.run import OVER_BUDGET
 
     url = pg.create_db()
     data = yaml.safe_load(TINY.read_text())
@@ -291,9 +292,15 @@ def test_a_ladder_with_two_workers_on_postgresql(pg, tmp_path):
     study = optuna.load_study(study_name="lad", storage=open_storage(url, tmp_path / "j"))
     trials = study.trials
     assert study.metric_names == ["val_bpb", "params"]
-    assert all(t.state == TrialState.COMPLETE for t in trials), [
-        (t.number, t.state.name, trial_attrs(t).get("reason"), t.system_attrs) for t in trials
+    # a worker that lost the race for the last model stops its trial unrun (PRUNED, status
+    # OVER_BUDGET, never counted): every other trial completes
+    odd = [
+        (t.number, t.state.name, trial_attrs(t), t.system_attrs)
+        for t in trials
+        if t.state != TrialState.COMPLETE
+        and not (t.state == TrialState.PRUNED and trial_attrs(t).get("status") == OVER_BUDGET)
     ]
+    assert not odd, odd
     promoted = [t for t in trials if ATTR_CONTINUE in t.system_attrs]
     trained = [t for t in promoted if trial_attrs(t).get("duplicate_of") is None]
     assert trained
@@ -306,8 +313,6 @@ def test_a_ladder_with_two_workers_on_postgresql(pg, tmp_path):
             assert trial_attrs(t)["duplicate_of"] == t.system_attrs[ATTR_CONTINUE]
             assert t.intermediate_values == {}
     doc = json.loads((tmp_path / "run" / "pareto.json").read_text())
-    # each worker checks the budget before it draws, without a lock: when both find one
-    # model left at the same moment both draw it, so a busy machine may train up to one
-    # extra model per worker (never fewer than the budget)
-    assert 6 <= doc["fidelity"]["models_per_rung"][0] <= 6 + 2
+    # exactly the budget: a trial drawn in a race for the last model stopped unrun
+    assert doc["fidelity"]["models_per_rung"][0] == 6
     assert all(row["steps"] == doc["fidelity"]["steps"] for row in doc["front"])
