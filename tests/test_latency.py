@@ -578,3 +578,39 @@ def test_calibrate_writes_a_loadable_file_of_interleaved_samples(
     loaded = load_calibration(path, runtime="ort", threads=1)
     if len(loaded["parts"]) >= 3:
         assert predictor_from(loaded).n_parts == len(samples_features(loaded)[0])
+
+
+def test_calibration_widths_cover_every_kind_across_the_range():
+    """The calibration design (WidthCoverage): each drawn spec gets the width its kinds were
+    measured least at, so a kind that appears in few specs is still measured at narrow and
+    wide widths (the cycling design once left RetNet at d_model >= 256 only, and the
+    predictor then halved its time at d_model 96-128)."""
+    import importlib
+
+    cal = importlib.import_module("exporters.latency.calibrate")
+    space = Path(__file__).resolve().parents[1] / "benchmarks" / "latency_space.yaml"
+    spaces = cal.load_spaces(cal.space_paths([space]))
+    cov = cal.WidthCoverage(random.Random(0))
+    seen: set[str] = set()
+    widths: dict[str, set[int]] = {}
+    n_native = 0
+    for spec, seq in cal.space_specs(40, 7, spaces, width_for=cov):
+        if spec.model.model.d_model not in cal.WIDTHS:
+            n_native += 1
+        for p in graph_features(spec, 1, seq).parts:
+            if p.signature not in seen and p.kind != "fixed":
+                seen.add(p.signature)
+                cov.add(p)
+                widths.setdefault(p.model_kind, set()).add(p.d_model)
+    assert n_native >= 1  # some draws keep the search spaces' own (narrow) widths
+    for kind, ws in widths.items():
+        grid = ws & set(cal.WIDTHS)
+        assert min(grid) <= 96 and max(grid) >= 448 and len(grid) >= 6, (kind, sorted(ws))
+    # the choice itself: the level the spec's kinds have fewest samples at
+    spec, _ = next(cal.space_specs(1, 3, spaces))
+    kinds = {p.model_kind for p in graph_features(spec, 1, 1).parts if p.kind != "fixed"}
+    pick = cal.WidthCoverage(random.Random(0), native_every=10**9)
+    for w in cal.WIDTHS:
+        for k in kinds:
+            pick.count[(k, w)] = 0 if w == 192 else 3
+    assert pick(spec) == 192

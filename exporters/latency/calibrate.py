@@ -12,16 +12,16 @@ differs from the machine/runtime/threads asked for raises :class:`CalibrationMis
 a file of another format version raises :class:`CalibrationFormatError`.
 
 The design (:func:`calibrate`) covers the search spaces: concrete specs drawn from every
-space in ``specs/search/`` (plus extra space files) with their width replaced by levels
-cycling through :data:`WIDTHS` (64-512) and measured at a length cycling through
-:data:`SEQS` (128-1024). It runs batch by batch. **Prepare**: every **part** of a drawn spec
+space in ``specs/search/`` (plus extra space files) with their width replaced by the level
+of :data:`WIDTHS` (64-512) their kinds have been measured least at (:class:`WidthCoverage`)
+and measured at a length cycling through :data:`SEQS` (128-1024). It runs batch by batch. **Prepare**: every **part** of a drawn spec
 (a residual block, or the fixed embedding/final-norm/head part) not prepared before is
 exported alone through the one export path (:func:`exporters.graph.part_graph`: the shipped
 file's exporter and dynamic length, at the precision the part's ``bits`` ship as) and loaded
 into a session, measured at its own length and at up to :data:`EXTRA_SEQS` other lengths of
 :data:`SEQS` (one export, several samples); while whole specs have taken less than
 ``whole_share`` of the preparation time, so is the whole spec (the graph ``archir export
---precision auto`` writes, at two lengths), until a batch (about a hundred samples, a few GB
+--precision auto`` writes, at its length and the part's other lengths), until a batch (about a hundred samples, a few GB
 of sessions at most) is ready. **Measure**: the batch in ``rounds`` round-robin windows
 (:func:`~.harness.measure_interleaved`) — with the speed probe (:class:`~.harness.SpeedProbe`)
 timed every round, and more rounds (up to three times as many) while fewer than two rounds
@@ -69,6 +69,7 @@ from exporters.latency.harness import (
 )
 from exporters.latency.predictor import (
     FEATURE_VERSION,
+    FIXED,
     GraphFeatures,
     LatencyPredictor,
     PartFeatures,
@@ -420,12 +421,17 @@ def _with(spec: Any, d_model: int | None, seq: int) -> Any:
 
 
 def space_specs(
-    n: int, seed: int, spaces: Sequence[Any], *, widths: Sequence[int | None] | None = None
+    n: int,
+    seed: int,
+    spaces: Sequence[Any],
+    *,
+    widths: Sequence[int | None] | None = None,
+    width_for: Callable[[Any], int | None] | None = None,
 ) -> Iterator[tuple[Any, int]]:
     """``n`` (concrete spec, seq) pairs drawn from the open specs ``spaces`` in turn (random
     decisions through ``Spec.fix``), ``seq`` cycling through shuffled :data:`SEQS`; with
-    ``widths``, ``d_model`` is replaced by levels cycling through them (the calibration
-    design: every width for every block configuration the spaces can produce)."""
+    ``widths``, ``d_model`` is replaced by levels cycling through them; with ``width_for``,
+    by what it returns for the drawn spec (``None``: the width the space drew)."""
 
     rng = random.Random(seed)
 
@@ -447,11 +453,44 @@ def space_specs(
         if s is None:
             continue
         try:
+            if width_for is not None:
+                d = width_for(s)
             s = _with(s, d, seq)
         except Exception:
             continue
         made += 1
         yield s, seq
+
+
+class WidthCoverage:
+    """The calibration's width design: a drawn spec gets the level of :data:`WIDTHS` at
+    which its parts' kinds (each at the precision it ships as) have the fewest prepared
+    part exports so far, so every kind is measured across the whole width range and not
+    only at the widths of the few specs it happens to appear in (a RetNet calibrated at
+    d_model 256-512 alone was predicted at half its time at 96-128, length 768-1024); one
+    draw in ``native_every`` keeps the width its space drew (the search spaces' own
+    widths, chosen at random). Ties go to a random level.
+
+    Call it with a drawn spec (``space_specs(width_for=...)``); :meth:`add` each prepared
+    part.
+    """
+
+    def __init__(self, rng: random.Random, native_every: int = 4) -> None:
+        self.count: dict[tuple[str, int], int] = {}
+        self.rng = rng
+        self.native_every = native_every
+
+    def add(self, part: PartFeatures) -> None:
+        key = (part.model_kind, part.d_model)
+        self.count[key] = self.count.get(key, 0) + 1
+
+    def __call__(self, spec: Any) -> int | None:
+        if self.rng.randrange(self.native_every) == 0:  # at random: draws cycle the spaces
+            return None
+        kinds = {p.model_kind for p in graph_features(spec, 1, 1).parts if p.kind != FIXED}
+        levels = list(WIDTHS)
+        self.rng.shuffle(levels)
+        return min(levels, key=lambda w: sum(self.count.get((k, w), 0) for k in kinds))
 
 
 def part_callables(
@@ -548,8 +587,8 @@ def calibrate(
     ``budget_s`` seconds have passed; write the file (module docstring).
 
     The design: concrete specs drawn from ``specs/search/`` and ``spaces`` in turn, their
-    width replaced by levels cycling through :data:`WIDTHS` (or kept as the space draws
-    it, one draw in four) and measured at a sequence length cycling through :data:`SEQS`
+    width replaced by the level of :data:`WIDTHS` its kinds were measured least at (or
+    kept as the space draws it, one draw in four: :class:`WidthCoverage`) and measured at a sequence length cycling through :data:`SEQS`
     (batch 1). Of each drawn spec every **part** not prepared before (same kind,
     parameters, width, norm, residual, shape) is prepared alone; while whole specs have
     taken less than ``whole_share`` of the preparation time, the whole spec is prepared too
@@ -595,7 +634,8 @@ def calibrate(
         fn()
         return time.perf_counter() - t
 
-    draws = space_specs(100_000, seed, spaces_open, widths=(*WIDTHS, None, None, None))
+    coverage = WidthCoverage(random.Random(seed + 2))
+    draws = space_specs(100_000, seed, spaces_open, width_for=coverage)
     rng = random.Random(seed + 1)
     out_of_time = False
     probe = SpeedProbe(runtime, threads)
@@ -641,7 +681,7 @@ def calibrate(
                             r = stack.enter_context(
                                 Runner(spec, runtime, threads=threads, model=model)
                             )
-                            for t in [seq, *more[:1]]:
+                            for t in [seq, *more]:
                                 fn = r.call_for(1, t)
                                 est = first_call_s(fn)
                                 wmeta: dict[str, Any] = {"spec": idx, "batch": 1, "seq": t}
@@ -668,6 +708,7 @@ def calibrate(
                     except Exception as exc:
                         skip(exc, "part")
                         continue
+                    coverage.add(p)
                     for q, fn, est in zip(same, fns, ests):
                         meta: dict[str, Any] = {
                             "spec": idx,
