@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,26 @@ def test_predictor_fits_synthetic_calibration() -> None:
         assert set(pr.per_node_ms) == {q.name for q in g.parts}
     with pytest.raises(ValueError):
         LatencyPredictor().fit(parts[:2], pms[:2])
+
+
+def test_a_kind_predicted_outside_its_calibrated_widths_is_extrapolated() -> None:
+    """A part wider or narrower than its kind was calibrated at is extrapolated (band
+    widened) even when other kinds were calibrated at that width."""
+    parts, pms, wholes, wms = samples_features(_synthetic_cal(40))
+    keep = [i for i, q in enumerate(parts) if q.kind != "mamba" or q.d_model >= 128]
+    p = LatencyPredictor().fit([parts[i] for i in keep], [pms[i] for i in keep], wholes, wms)
+
+    def has_mamba(g: Any) -> bool:
+        return any(q.kind == "mamba" for q in g.parts)
+
+    narrow = [g for g in wholes if g.d_model == 64 and has_mamba(g)]
+    others = [g for g in wholes if g.d_model >= 128 or not has_mamba(g)]
+    assert narrow and any(g.d_model == 64 for g in others)
+    for g in narrow:
+        pr = p.predict(g)
+        assert pr.extrapolated
+        assert pr.band_ms[1] / pr.ms > math.exp(max(p.band_q[1], 0.0))
+    assert not any(p.predict(g).extrapolated for g in others)
 
 
 def test_parts_cover_every_block_once_plus_fixed() -> None:

@@ -40,7 +40,8 @@ predicted)`` of the whole-spec samples (the part stages are not refitted per fol
 alone is optimistic), combined in quadrature with the 90th percentile of the whole samples'
 own measurement noise (``log`` of the second-fastest window's fastest call over the fastest
 call) — a new measurement is as noisy as those were — and widened for kinds absent from the
-calibration or shapes outside it.
+calibration, parts wider or narrower than their kind was calibrated at, or shapes outside
+the calibration.
 
 Related work: nn-Meter (Zhang et al., 2021) predicts per fused kernel and sums; HELP (Lee et
 al., 2021) and LitePred (Feng et al., 2024) learn from graph features. This does both.
@@ -276,7 +277,8 @@ class Prediction:
         band_ms: ``(low, high)`` 90 % band from out-of-fold calibration errors.
         sum_of_parts_ms: Σ of the corrected part predictions, before composition.
         per_node_ms: each part's prediction, by IR node name (``"fixed"`` for the rest).
-        extrapolated: a kind or shape outside the calibration (band widened).
+        extrapolated: a kind, a kind's width or a shape outside the calibration (band
+            widened).
     """
 
     ms: float
@@ -314,6 +316,7 @@ class LatencyPredictor:
         self.random_state = random_state
         self.kinds: list[str] = []
         self.kind_role: dict[str, str] = {}
+        self.kind_widths: dict[str, tuple[int, int]] = {}
         self.coef: dict[str, np.ndarray] = {}
         self.gbr: Any = None
         self.comp_kind = "ratio"
@@ -331,6 +334,11 @@ class LatencyPredictor:
     def _fit_linear(self, parts: Sequence[PartFeatures], y: np.ndarray) -> None:
         self.kinds = sorted({p.model_kind for p in parts})
         self.kind_role = {p.model_kind: p.role for p in parts}
+        self.kind_widths = {
+            k: (min(ws), max(ws))
+            for k in self.kinds
+            if (ws := [p.d_model for p in parts if p.model_kind == k])
+        }
         self.coef = {}
         for k in self.kinds:
             idx = [i for i, p in enumerate(parts) if p.model_kind == k]
@@ -354,8 +362,11 @@ class LatencyPredictor:
         return (np.mean(pool, axis=0) if pool else np.zeros(len(FEATURES))), True
 
     def _linear(self, p: PartFeatures) -> tuple[float, bool]:
+        """Stage 1's milliseconds of part ``p`` and whether they are extrapolated: its kind
+        never calibrated, or calibrated only at narrower or wider widths."""
         c, ex = self._coef_for(p.model_kind, p.role)
-        return max(float(np.dot(c, p.x)), 1e-6), ex
+        lo, hi = self.kind_widths.get(p.model_kind, (p.d_model, p.d_model))
+        return max(float(np.dot(c, p.x)), 1e-6), ex or not lo <= p.d_model <= hi
 
     # ---- stage 2 -------------------------------------------------------------------
     def _pfeat(self, p: PartFeatures, lin_ms: float) -> list[float]:
