@@ -307,6 +307,9 @@ def main() -> int:
     ylo = np.minimum(y, y2)
     # measurements whose fastest call a second window confirmed (within 5 %)
     quiet = np.asarray([not r["noisy"] for r in rows])
+    inside = np.asarray([not r["extrapolated"] for r in rows])
+    sig = yp / y - 1
+    err = np.abs(sig)
     res = {
         "n": len(rows),
         "runtime": args.runtime,
@@ -328,6 +331,11 @@ def main() -> int:
         "predictor_median_abs_err_pct": float(np.median(np.abs(yp / y - 1)) * 100),
         "predictor_p95_abs_err_pct": float(np.quantile(np.abs(yp / y - 1), 0.95) * 100),
         "band_coverage": float(inband),
+        # a kind, a kind's width or a shape outside the calibration (band widened)
+        "extrapolated_n": int((~inside).sum()),
+        "predictor_within_10pct_not_extrapolated": (
+            float(np.mean(np.abs(yp / y - 1)[inside] <= 0.10)) if inside.any() else None
+        ),
         "flops_within_10pct": float(np.mean(np.abs(yf / y - 1) <= 0.10)),
         "flops_spearman": float(spearmanr(y, yf).statistic),
         "flops_median_abs_err_pct": float(np.median(np.abs(yf / y - 1)) * 100),
@@ -345,6 +353,12 @@ def main() -> int:
             )
         },
         "predictor_median_signed_err_pct": float(np.median(yp / y - 1) * 100),
+        # by the measured time: (specs, share within +-10 %, median signed error %)
+        "predictor_by_ms": {
+            name: (int(m.sum()), float(np.mean(err[m] <= 0.10)), float(np.median(sig[m]) * 100))
+            for name, m in (("<10", y < 10), ("10-50", (y >= 10) & (y <= 50)), (">50", y > 50))
+            if m.any()
+        },
         "repeat_within_5pct": float(np.mean(rep_err <= 0.05)),
         "repeat_within_10pct": float(np.mean(rep_err <= 0.10)),
         "repeat_median_abs_pct": float(np.median(rep_err) * 100),
