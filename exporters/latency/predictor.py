@@ -334,14 +334,12 @@ class LatencyPredictor:
     def _fit_linear(self, parts: Sequence[PartFeatures], y: np.ndarray) -> None:
         self.kinds = sorted({p.model_kind for p in parts})
         self.kind_role = {p.model_kind: p.role for p in parts}
-        self.kind_widths = {
-            k: (min(ws), max(ws))
-            for k in self.kinds
-            if (ws := [p.d_model for p in parts if p.model_kind == k])
-        }
+        self.kind_widths = {}
         self.coef = {}
         for k in self.kinds:
             idx = [i for i, p in enumerate(parts) if p.model_kind == k]
+            widths = [parts[i].d_model for i in idx]
+            self.kind_widths[k] = (min(widths), max(widths))
             A = np.asarray([parts[i].x for i in idx], dtype=float)
             yk = y[idx]
             scale = np.maximum(np.abs(A).max(axis=0), 1e-12)
