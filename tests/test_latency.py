@@ -635,3 +635,41 @@ def test_calibration_widths_cover_every_kind_across_the_range():
         for k in kinds:
             pick.count[(k, w)] = 0 if w == 192 else 3
     assert pick(spec) == 192
+
+
+def test_calibration_stops_an_export_at_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export may run only until ``budget_s`` is spent, not for its own limit (a Mamba
+    block takes a minute: the 540 s default calibration once took 596 s)."""
+    import importlib
+    import time
+    from contextlib import contextmanager
+
+    cal = importlib.import_module("exporters.latency.calibrate")
+
+    class Stop(BaseException):
+        pass
+
+    limits: list[tuple[float, float]] = []
+    real_limit = cal.time_limit
+
+    @contextmanager
+    def recorded(seconds: float) -> Any:
+        limits.append((seconds, time.perf_counter()))
+        with real_limit(seconds):
+            yield
+
+    def export(*args: Any, **kw: Any) -> Any:
+        raise Stop  # the first part export ends the calibration
+
+    monkeypatch.setattr(cal, "time_limit", recorded)
+    monkeypatch.setattr(cal, "part_callables", export)
+    t0 = time.perf_counter()
+    with pytest.raises(Stop):
+        cal.calibrate(
+            "ort", budget_s=60.0, part_limit_s=600.0, whole_share=0.0, out=tmp_path / "c.json"
+        )
+    [(limit, at)] = limits
+    assert 1.0 <= limit <= 60.0 - (at - t0) + 0.5
+    assert not (tmp_path / "c.json").exists()

@@ -649,8 +649,15 @@ def calibrate(
         def round_s(batch: list[Any] = items) -> float:  # one measuring round of a batch
             return sum(max(window_s, 2 * est) + 0.001 for *_, est in batch)
 
+        def left_s(batch: list[Any] = items) -> float:  # budget left once it is measured
+            return budget_s - elapsed() - rounds * round_s(batch)
+
         def fits(batch: list[Any] = items) -> bool:
-            return elapsed() + rounds * round_s(batch) < budget_s
+            return left_s(batch) > 0
+
+        def export_limit_s(limit_s: float) -> float:
+            # an export may not run past the budget either (a Mamba block takes a minute)
+            return max(min(limit_s, left_s()), 1.0)
 
         rss0 = rss_bytes()
         with ExitStack() as stack, torch_threads(threads):
@@ -679,7 +686,7 @@ def calibrate(
                 if want_whole and fits():
                     tw = time.perf_counter()
                     try:
-                        with time_limit(2 * part_limit_s):
+                        with time_limit(export_limit_s(2 * part_limit_s)):
                             r = stack.enter_context(
                                 Runner(spec, runtime, threads=threads, model=model)
                             )
@@ -704,7 +711,7 @@ def calibrate(
                     ]
                     seen.update(q.signature for q in same)
                     try:
-                        with time_limit(part_limit_s):
+                        with time_limit(export_limit_s(part_limit_s)):
                             fns = part_callables(model, same, runtime, threads, tmp)
                             ests = [first_call_s(fn) for fn in fns]
                     except Exception as exc:
