@@ -12,8 +12,8 @@ decides how a search asks for them, from the spec's ``search.latency`` section:
 * **before the front is reported** (:func:`remeasure_all`): every Pareto member is measured
   again, never predicted, all of them together in round-robin windows
   (:func:`exporters.latency.harness.measure_interleaved`, its default
-  ``INTERLEAVED_ROUNDS`` rounds, at least ``REMEASURE_MIN_ROUND_S`` apart) so a slow phase of the machine cannot favour one
-  member over another, DESIGN.md §7;
+  ``INTERLEAVED_ROUNDS`` rounds, at least ``REMEASURE_MIN_ROUND_S`` apart) so a slow phase
+  of the machine cannot favour one member over another, DESIGN.md §7;
 * **after the best model is exported** (:func:`shipped_latency`): ``best/model.onnx``, at
   the precision its bits select, timed on onnxruntime at the same shape and threads
   (``best/report.json`` ``shipped_latency``) — with the default ``runtime: torch`` the
