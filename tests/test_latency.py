@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,9 +253,18 @@ TRUE = {  # made-up per-kind coefficients on (lin, quad, act, w, one)
 }
 
 
-def _synthetic_cal(n: int, seed: int = 0, ratio: Any = None) -> dict:
-    """Specs from the built-in space with a made-up 'true' latency per part; whole specs
-    take 1.05 x the sum of their parts (or ``ratio(seq)`` x)."""
+def _synthetic_cal(
+    n: int,
+    seed: int = 0,
+    ratio: Any = None,
+    lengths: int = 1,
+    true: Any = None,
+    seqs: Sequence[int] = (128, 256, 512),
+) -> dict:
+    """Specs from the built-in space with a made-up 'true' latency per part (``true(part)``
+    ms, or :data:`TRUE`'s coefficients on its features), each measured at ``lengths`` of
+    ``seqs``; whole specs take 1.05 x the sum of their parts (or ``ratio(seq)`` x, or
+    ``ratio(seq, spec index)`` x for a two-argument ``ratio``)."""
     rng = random.Random(seed)
     cal: dict = {"specs": [], "parts": [], "wholes": []}
     for i in range(n):
@@ -263,20 +274,61 @@ def _synthetic_cal(n: int, seed: int = 0, ratio: Any = None) -> dict:
             rng.choice(["swiglu", "mlp"]),
             rng.choice([64, 128, 256]),
             rng.randint(2, 6),
-            512,
+            max(seqs),
             16,
         )
-        seq = rng.choice([128, 256, 512])
-        g = graph_features(spec_from_dict(data), 1, seq)
         cal["specs"].append(data)
-        total = 0.0
-        for p in g.parts:
-            ms = sum(c * x for c, x in zip(TRUE[p.kind], p.x))
-            total += ms
-            cal["parts"].append({"spec": i, "node": p.name, "batch": 1, "seq": seq, "ms": ms})
-        whole = total * (ratio(seq) if ratio else 1.05)
-        cal["wholes"].append({"spec": i, "batch": 1, "seq": seq, "ms": whole})
+        for seq in rng.sample(list(seqs), lengths):
+            g = graph_features(spec_from_dict(data), 1, seq)
+            total = 0.0
+            for p in g.parts:
+                ms = true(p) if true else sum(c * x for c, x in zip(TRUE[p.kind], p.x))
+                total += ms
+                cal["parts"].append({"spec": i, "node": p.name, "batch": 1, "seq": seq, "ms": ms})
+            if ratio is None:
+                r = 1.05
+            else:
+                r = ratio(seq, i) if len(inspect.signature(ratio).parameters) == 2 else ratio(seq)
+            cal["wholes"].append({"spec": i, "batch": 1, "seq": seq, "ms": total * r})
     return cal
+
+
+def test_score_and_length_features_extrapolate_attention_in_length() -> None:
+    """Attention at small head widths is bound by its ``n_heads · seq²`` score elements,
+    not by its FLOPs (``seq² · d_model``): calibrated at lengths 128-512 only, the predictor
+    must still get length 1024 and a head count it was calibrated with at other widths."""
+    data = make_spec_data(random.Random(0), "attention", "swiglu", 128, 2, 1024, 16)
+    g = graph_features(spec_from_dict(data), 1, 512)
+    att = next(p for p in g.parts if p.kind == "attention")
+    mlp = next(p for p in g.parts if p.kind == "swiglu")
+    heads = att.knobs[0]
+    assert heads > 0 and att.x[5] == pytest.approx(heads * 512**2 / 1e6)
+    assert att.x[6] == pytest.approx(att.x[1] * 512 / 1024) and mlp.x[5] == mlp.x[6] == 0.0
+
+    def true(p: Any) -> float:  # FLOPs, score traffic, and FLOPs slowing down with length
+        return 0.02 + 3.0 * p.x[0] + 2.0 * p.x[1] * (1 + p.seq / 1024) + 0.4 * p.x[5]
+
+    cal = samples_features(_synthetic_cal(40, seed=3, true=true, lengths=3))
+    p = LatencyPredictor().fit(*cal)
+    long = samples_features(_synthetic_cal(12, seed=9, true=true, lengths=1, seqs=(1024,)))
+    for g, y in zip(long[2], long[3]):
+        assert p.predict(g).ms == pytest.approx(y / 1.05 * p.comp_ratio, rel=0.02)
+
+
+def test_composition_is_judged_on_specs_it_was_not_fitted_on() -> None:
+    """Each spec's wholes at three lengths share one spec-specific ratio (no pattern to
+    learn): a model that remembers the spec from its other lengths looks good only when the
+    lengths of one spec are split between folds. The composition must stay a ratio."""
+    noise = [math.exp(random.Random(s).gauss(0, 0.1)) for s in range(40)]
+    cal = _synthetic_cal(40, seed=5, lengths=3, ratio=lambda seq, i: 1.05 * noise[i])
+    spreads: list[float] = []
+    groups: list[int] = []
+    parts, pms, wholes, wms = samples_features(cal, spreads, groups)
+    assert groups == [w["spec"] for w in cal["wholes"]]
+    p = LatencyPredictor().fit(parts, pms, wholes, wms, spreads, groups)
+    assert p.comp_kind == "ratio"
+    lo, hi = p.band_q  # the band is the spread of a new spec's ratio (sd 0.1), not 0
+    assert lo < -0.1 and hi > 0.1
 
 
 def test_predictor_fits_synthetic_calibration() -> None:

@@ -231,12 +231,13 @@ def predictor_from(data: dict[str, Any]) -> LatencyPredictor:
 
 
 def samples_features(
-    data: dict[str, Any], spreads: list[float] | None = None
+    data: dict[str, Any], spreads: list[float] | None = None, groups: list[int] | None = None
 ) -> tuple[list[PartFeatures], list[float], list[GraphFeatures], list[float]]:
     """(part features, part ms, whole-spec features, whole ms) of a calibration's samples;
     samples whose spec no longer builds (a kind that changed) are skipped. ``spreads``, if
     given, receives each used whole sample's ``log(second-fastest window's fastest call /
-    fastest call)`` (its measurement noise; 0 with fewer than two windows)."""
+    fastest call)`` (its measurement noise; 0 with fewer than two windows); ``groups``, if
+    given, its spec's index."""
     from archir.ir import build_graph
     from archir.spec import spec_from_dict
 
@@ -266,6 +267,8 @@ def samples_features(
         if g is not None:
             wholes.append(g)
             wms.append(float(s["ms"]))
+            if groups is not None:
+                groups.append(int(s["spec"]))
             if spreads is not None:
                 w = sorted(float(x) for x in s.get("window_min_ms", []) if x > 0)
                 spreads.append(math.log(w[1] / w[0]) if len(w) >= 2 else 0.0)
@@ -275,13 +278,14 @@ def samples_features(
 @lru_cache(maxsize=8)
 def _fit_cached(payload_json: str) -> LatencyPredictor:
     spreads: list[float] = []
-    parts, pms, wholes, wms = samples_features(json.loads(payload_json), spreads)
+    groups: list[int] = []
+    parts, pms, wholes, wms = samples_features(json.loads(payload_json), spreads, groups)
     if len(parts) < 3:
         raise CalibrationFormatError(
             "the calibration has fewer than 3 usable part samples",
             hint="re-run `archir latency calibrate` with a larger --budget-s",
         )
-    return LatencyPredictor().fit(parts, pms, wholes, wms, spreads)
+    return LatencyPredictor().fit(parts, pms, wholes, wms, spreads, groups)
 
 
 # --------------------------------------------------------------------------------------
