@@ -41,7 +41,7 @@ number of whole specs. Three stages are fitted on those measurements:
    the calibration's whole specs — folds by spec, so a spec measured at three lengths is
    never judged by a model fitted on its other lengths. The simplest of the three within
    one standard error of the best is kept (the ratio alone with fewer than
-   :data:`MIN_COMP_SPECS` whole samples). On 56 whole samples of 19 specs the learned
+   :data:`MIN_COMP_SPECS` whole samples). On 56 whole samples of 20 specs the learned
    models beat the ratio only when lengths of one spec were split between folds.
    On the 2-core VM this was built on the ratio runs from 1.0 for long sequences to 1.1-1.2
    for small widths at short lengths.
