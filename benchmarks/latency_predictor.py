@@ -319,6 +319,8 @@ def main() -> int:
         "calibration_parts": len(cal.get("parts", [])),
         "calibration_wholes": len(cal.get("wholes", [])),
         "calibration_wall_s": cal.get("wall_s"),
+        "composition": pred.comp_kind,
+        "composition_oof_rmse": pred.comp_oof_rmse,
         "predictor_fit_s": round(fit_s, 2),
         "predict_wall_ms_median": statistics.median(r["predict_wall_ms"] for r in rows),
         "heldout_wall_s": round(time.perf_counter() - t0, 1),
