@@ -295,8 +295,9 @@ def _synthetic_cal(
 
 def test_score_and_length_features_extrapolate_attention_in_length() -> None:
     """Attention at small head widths is bound by its ``n_heads · seq²`` score elements,
-    not by its FLOPs (``seq² · d_model``): calibrated at lengths 128-512 only, the predictor
-    must still get length 1024 and a head count it was calibrated with at other widths."""
+    not by its FLOPs (``seq² · d_model``), and a length-dependent kernel slows down per FLOP
+    as its working set grows: calibrated at lengths 128-512 only, the predictor must still
+    get length 1024."""
     data = make_spec_data(random.Random(0), "attention", "swiglu", 128, 2, 1024, 16)
     g = graph_features(spec_from_dict(data), 1, 512)
     att = next(p for p in g.parts if p.kind == "attention")
