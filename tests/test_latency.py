@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import random
@@ -207,7 +206,7 @@ def test_speed_probe_extends_rounds_through_a_long_slow_phase() -> None:
 
 def test_composition_learns_a_length_dependent_ratio() -> None:
     # wholes 15 % slower than their parts at seq 128, 4 % at 512 (as small-width specs are)
-    def ratio(seq: int) -> float:
+    def ratio(seq: int, spec: int) -> float:
         return 1.0 + 0.15 * (128 / seq) ** 0.9
 
     parts, pms, wholes, wms = samples_features(_synthetic_cal(60, seed=4, ratio=ratio))
@@ -263,8 +262,8 @@ def _synthetic_cal(
 ) -> dict:
     """Specs from the built-in space with a made-up 'true' latency per part (``true(part)``
     ms, or :data:`TRUE`'s coefficients on its features), each measured at ``lengths`` of
-    ``seqs``; whole specs take 1.05 x the sum of their parts (or ``ratio(seq)`` x, or
-    ``ratio(seq, spec index)`` x for a two-argument ``ratio``)."""
+    ``seqs``; whole specs take 1.05 x the sum of their parts (or ``ratio(seq, spec index)``
+    x)."""
     rng = random.Random(seed)
     cal: dict = {"specs": [], "parts": [], "wholes": []}
     for i in range(n):
@@ -285,10 +284,7 @@ def _synthetic_cal(
                 ms = true(p) if true else sum(c * x for c, x in zip(TRUE[p.kind], p.x))
                 total += ms
                 cal["parts"].append({"spec": i, "node": p.name, "batch": 1, "seq": seq, "ms": ms})
-            if ratio is None:
-                r = 1.05
-            else:
-                r = ratio(seq, i) if len(inspect.signature(ratio).parameters) == 2 else ratio(seq)
+            r = ratio(seq, i) if ratio else 1.05
             cal["wholes"].append({"spec": i, "batch": 1, "seq": seq, "ms": total * r})
     return cal
 

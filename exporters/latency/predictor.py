@@ -87,6 +87,7 @@ KNOBS: tuple[str, ...] = (
     "kernel_size",
     "d_ff",
 )
+_HEADS = KNOBS.index("n_heads")  # the knob the ``score`` feature multiplies
 FEATURE_VERSION = 4  # 4: score and quad_l; 3: parts carry the precision their bits ship at
 FIXED = "fixed"
 MIN_COMP_SPECS = 20
@@ -205,7 +206,7 @@ def graph_features(spec_or_graph: Any, batch: int, seq: int) -> GraphFeatures:
         quad = max(0.0, cL.flops_per_token - c1.flops_per_token) * tokens / 1e9
         act = tokens * m.d_model / 1e6
         knobs = _knobs(node.params) if node.op == "block" else (0.0,) * len(KNOBS)
-        score = batch * knobs[KNOBS.index("n_heads")] * float(seq) ** 2 / 1e6
+        score = batch * knobs[_HEADS] * float(seq) ** 2 / 1e6
         x = (lin, quad, act, full_params / 1e6, 1.0, score, quad * seq / 1024)
         flops += cL.flops_per_token * tokens
         params += cL.params
