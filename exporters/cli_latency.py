@@ -5,6 +5,7 @@
     archir latency SPEC [--runtime ort|torch|compile|both] [--batch B] [--seq T] [--threads N]
     archir latency SPEC --predict          # from this machine's calibration, with a band
     archir latency calibrate [--runtime ort] [--out FILE] [--budget-s 540] [--space FILE ...]
+    archir latency calibrate --if-missing  # keep a usable calibration of this machine
 
 Calibration measures single blocks (and the fixed embedding/head part) of specs drawn from
 ``specs/search/`` (plus ``--space`` files) at widths 64-512 and sequence lengths 128-1024,
@@ -79,11 +80,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=a.regular_file,
         help="calibrate: an extra search-space file to design on (repeatable)",
     )
+    p.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="calibrate: keep the calibration file if it exists and fits this machine, "
+        "runtime and threads (a resumed search keeps the predictor it started with)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
 # flags that only one of the two modes reads: refused in the other, not silently ignored
-_CALIBRATE_ONLY = {"out": "--out", "space": "--space"}
+_CALIBRATE_ONLY = {"out": "--out", "space": "--space", "if_missing": "--if-missing"}
 _MEASURE_ONLY = {
     "predict": "--predict",
     "calibration": "--calibration",
@@ -150,6 +157,39 @@ def _predict_runtimes(args: argparse.Namespace) -> list[str]:
     return have or ["ort"]
 
 
+def _keep(args: argparse.Namespace, runtime: str) -> bool:
+    """``--if-missing``: whether the calibration file (``--out`` or this machine's default)
+    exists and loads for ``runtime`` and ``--threads`` (then it is kept and described);
+    a file that does not load (another CPU, an older format) is said and made again."""
+    from pathlib import Path
+
+    from exporters.latency.calibrate import CalibrationError, default_path, load_calibration
+
+    path = Path(args.out) if args.out is not None else default_path(runtime, args.threads)
+    if not path.exists():
+        return False
+    try:
+        data = load_calibration(path, runtime=runtime, threads=args.threads)
+    except CalibrationError as exc:
+        print(f"calibrating again: {exc.message}", file=sys.stderr)
+        return False
+    info = {
+        "path": str(path),
+        "kept": True,
+        "parts": len(data.get("parts", [])),
+        "wholes": len(data.get("wholes", [])),
+        "created": data.get("created"),
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(
+            f"kept {path}: {info['parts']} part and {info['wholes']} whole-spec samples, "
+            f"made {info['created']} (drop --if-missing to calibrate again)"
+        )
+    return True
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from archir.paths import check_out_file
     from exporters.latency.calibrate import calibrate
@@ -161,6 +201,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     if runtime == "both":
         runtime = "ort"
     budget = args.budget_s if args.budget_s is not None else 540.0
+    if args.if_missing and _keep(args, runtime):
+        return 0
 
     def progress(msg: str) -> None:
         if not args.json:

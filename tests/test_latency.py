@@ -528,6 +528,41 @@ def test_cli_predict_defaults_to_the_calibrated_runtimes(
     assert rc == 2 and "--runtime torch" in capsys.readouterr().err
 
 
+def test_calibrate_if_missing_keeps_a_usable_file_and_remakes_a_stale_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README's main job runs `archir latency calibrate --if-missing` before its search: a
+    rerun (a resumed search) keeps the predictor it started with; a file of another machine
+    or format is made again; `--if-missing` belongs to calibrate only."""
+    import importlib
+
+    from exporters.latency.calibrate import default_path
+
+    cal = importlib.import_module("exporters.latency.calibrate")
+    monkeypatch.setenv("ARCHIR_CACHE", str(tmp_path / "cache"))
+    made: list[Any] = []
+
+    def fake_calibrate(runtime: str, **kw: Any) -> tuple[Path, dict]:
+        made.append(runtime)
+        path = _cal_file(default_path(runtime, 1), _synthetic_cal(20, seed=1))
+        data = json.loads(path.read_text())
+        return path, {**data, "wall_s": 1.0, "cv_median": 0.01, "skipped": {}}
+
+    monkeypatch.setattr(cal, "calibrate", fake_calibrate)
+    assert main(["latency", "calibrate", "--if-missing"]) == 0 and made == ["ort"]
+    before = default_path("ort", 1).read_bytes()
+    capsys.readouterr()
+    assert main(["latency", "calibrate", "--if-missing"]) == 0 and made == ["ort"]
+    assert "kept" in capsys.readouterr().out and default_path("ort", 1).read_bytes() == before
+    _cal_file(default_path("ort", 1), _synthetic_cal(20, seed=1), cpu="elsewhere")
+    assert main(["latency", "calibrate", "--if-missing"]) == 0 and made == ["ort", "ort"]
+    assert "calibrating again" in capsys.readouterr().err
+    spec = tmp_path / "s.yaml"
+    spec.write_text(json.dumps(TINY))
+    assert main(["latency", str(spec), "--if-missing"]) == 2
+    assert "--if-missing does not apply" in capsys.readouterr().err
+
+
 @pytest.mark.heavy
 def test_runner_times_a_gla_hyena_hybrid_at_several_lengths(tmp_path: Path) -> None:
     """A GLA -> Hyena chain (whose one-piece TorchScript export used to fail) is timed on
