@@ -160,14 +160,34 @@ def _predict_runtimes(args: argparse.Namespace) -> list[str]:
 def _keep(args: argparse.Namespace, runtime: str) -> bool:
     """``--if-missing``: whether the calibration file (``--out`` or this machine's default)
     exists and loads for ``runtime`` and ``--threads`` (then it is kept and described);
-    a file that does not load (another CPU, an older format) is said and made again."""
+    a calibration that does not load (another CPU, an older format, a torn file) is said and
+    made again.
+
+    Raises:
+        ArchirError: the file is JSON but not an archir calibration (not replaced).
+    """
     from pathlib import Path
 
-    from exporters.latency.calibrate import CalibrationError, default_path, load_calibration
+    from archir.errors import ArchirError
+    from exporters.latency.calibrate import (
+        FORMAT,
+        CalibrationError,
+        default_path,
+        load_calibration,
+    )
 
     path = Path(args.out) if args.out is not None else default_path(runtime, args.threads)
     if not path.exists():
         return False
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        found = None  # unreadable or torn: made again
+    if found is not None and not (isinstance(found, dict) and found.get("format") == FORMAT):
+        raise ArchirError(
+            f"{path} is not an archir latency calibration file; --if-missing does not replace it",
+            hint="give --out a new file name",
+        )
     try:
         data = load_calibration(path, runtime=runtime, threads=args.threads)
     except CalibrationError as exc:

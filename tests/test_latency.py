@@ -557,6 +557,13 @@ def test_calibrate_if_missing_keeps_a_usable_file_and_remakes_a_stale_one(
     _cal_file(default_path("ort", 1), _synthetic_cal(20, seed=1), cpu="elsewhere")
     assert main(["latency", "calibrate", "--if-missing"]) == 0 and made == ["ort", "ort"]
     assert "calibrating again" in capsys.readouterr().err
+    default_path("ort", 1).write_text('{"format": "archir-latency-calib')  # torn: made again
+    assert main(["latency", "calibrate", "--if-missing"]) == 0 and len(made) == 3
+    other = tmp_path / "notes.json"
+    other.write_text('{"mine": 1}')  # somebody else's JSON is never replaced
+    rc = main(["latency", "calibrate", "--if-missing", "--out", str(other)])
+    assert rc == 2 and "not an archir latency calibration" in capsys.readouterr().err
+    assert other.read_text() == '{"mine": 1}' and len(made) == 3
     spec = tmp_path / "s.yaml"
     spec.write_text(json.dumps(TINY))
     assert main(["latency", str(spec), "--if-missing"]) == 2
