@@ -4,8 +4,8 @@
     python benchmarks/screen_fidelity.py --space specs/search/hybrid-lm.yaml --n 30
     python benchmarks/screen_fidelity.py --export-only --export-workers 2   # any load
 
-A search with the default ``search.latency`` (``runtime: torch``, no calibration) ranks every
-trial by a **quick screen**: eager PyTorch at fp32, ``warmup`` untimed and ``repeats`` timed
+A search with the default ``search.latency`` (``runtime: torch``, no calibration; the main
+job's until 2026-11-27) ranks every trial by a **quick screen**: eager PyTorch at fp32, ``warmup`` untimed and ``repeats`` timed
 calls (:func:`searchers.latency.trial_latency`), and re-measures the Pareto front the same
 way before reporting. The user then runs ``best/model.onnx``: onnxruntime, at the precision
 the spec's per-block ``bits`` select. This script draws concrete specs from a search space
@@ -18,20 +18,19 @@ search trains and ranks — and measures, at the space's latency shape and threa
 * ``ort``: the shipped graph (``exporters.latency.harness.export_onnx_file``: the one export
   path at the bits' precision) on onnxruntime, interleaved with ``torch`` in the same rounds.
 
-It prints Spearman ρ and Kendall τ of ``screen`` and of ``torch`` against ``ort`` (a proxy
-ranks well when these are near 1), how often the proxy orders a pair of specs whose ``ort``
-times differ by more than 10 % the other way, and the ``ort / torch`` ratio per token mixer
-(why the ranking moves). Exports are cached in ``--export-dir`` (keyed by seed, draw and spec
+It prints, for each proxy — ``screen``, ``torch`` and, per ``--calibration FILE``, that
+calibration's prediction (``predicted_0`` ...) — Spearman ρ and Kendall τ against ``ort`` (a
+proxy ranks well when these are near 1) and how often it orders a pair of specs whose
+``ort`` times differ by more than 10 % the other way; then the median ``ort / torch`` of the
+specs holding each block kind (why the ranking moves). Exports are cached in ``--export-dir`` (keyed by seed, draw and spec
 hash), so timing can be repeated on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing
-import os
 import random
 import statistics
 import sys
@@ -44,32 +43,11 @@ import numpy as np
 from scipy.stats import kendalltau, spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency_predictor import export_one, export_path  # noqa: E402 - the same export workers
 
-
-def export_path(root: Path, seed: int, i: int, data: dict[str, Any]) -> Path:
-    """Where draw ``i`` of ``seed`` is cached (the spec's hash in the name)."""
-    h = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-    return root / f"screen-{seed}-{i:03d}-{h}.onnx"
-
-
-def export_one(job: tuple[dict[str, Any], str]) -> tuple[str, float, str | None]:
-    """Export one spec as it ships (worker process); the file appears only complete."""
-    import torch
-
-    from archir.spec import spec_from_dict
-    from exporters.latency.harness import export_onnx_file
-
-    data, path = job
-    torch.set_num_threads(1)
-    t = time.perf_counter()
-    part = path + ".part"
-    try:
-        export_onnx_file(spec_from_dict(data), part)
-        os.replace(part, path)
-        return path, time.perf_counter() - t, None
-    except Exception as exc:  # noqa: BLE001 - reported per spec
-        Path(part).unlink(missing_ok=True)
-        return path, time.perf_counter() - t, f"{type(exc).__name__}: {str(exc)[:160]}"
+#: export time limit per model (s); the main job's models take 13-55 s on this VM
+EXPORT_LIMIT_S = 600.0
 
 
 def draw_feasible(space: Any, sec: Any, n: int, seed: int) -> list[Any]:
@@ -142,7 +120,7 @@ def main() -> int:
     root = Path(args.export_dir)
     root.mkdir(parents=True, exist_ok=True)
     paths = [export_path(root, args.seed, i, s.data) for i, s in enumerate(specs)]
-    jobs = [(s.data, str(p)) for s, p in zip(specs, paths) if not p.exists()]
+    jobs = [(s.data, str(p), EXPORT_LIMIT_S) for s, p in zip(specs, paths) if not p.exists()]
     t0 = time.perf_counter()
     if jobs:
         ctx = multiprocessing.get_context("spawn")
@@ -165,6 +143,9 @@ def main() -> int:
     )
     from searchers.latency import trial_latency
 
+    # the default screen, whatever the space's own latency section says (the main job's
+    # now predicts onnxruntime): torch eager, never predicted
+    screen_lat = lat.model_copy(update={"runtime": "torch", "predict": False})
     rows: list[dict[str, Any]] = []
     fns: dict[tuple[int, str], Any] = {}
     with torch_threads(lat.threads), ExitStack() as stack:
@@ -172,7 +153,7 @@ def main() -> int:
             if not p.exists():
                 continue
             model = archir.compile(s).eval()
-            screen = trial_latency(s, lat, train_seq, model)["ms"]  # as a trial gets it
+            screen = trial_latency(s, screen_lat, train_seq, model)["ms"]  # as a trial got it
             r = stack.enter_context(Runner(s, "torch", threads=lat.threads, model=model))
             fns[(i, "torch")] = r.call_for(lat.batch, seq)  # as the front is re-measured
             fns[(i, "ort")] = onnx_file_callable(p, s.model, lat.batch, seq, lat.threads)
