@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import optuna
@@ -728,10 +729,14 @@ def test_two_workers_share_a_study(tmp_path):
             assert trial_attrs(by_number[dup])["spec_hash"] == trial_attrs(t)["spec_hash"]
             assert by_number[dup].values == t.values
             continue
-        # not marked duplicate: no trial of the same model had finished when it started
+        # not marked duplicate: no trial of the same model had finished when it started. A
+        # trial's completion time is stamped before its record reaches the journal, so the
+        # other worker sees it a few milliseconds later (CI once started trial 9 3.7 ms after
+        # trial 8's stamp, before the record landed): allow the write that long
+        visible = timedelta(milliseconds=50)
         for u in done:
             if u.number != t.number and trial_attrs(u)["spec_hash"] == trial_attrs(t)["spec_hash"]:
-                assert u.datetime_complete > t.datetime_start, (t.number, u.number)
+                assert u.datetime_complete + visible > t.datetime_start, (t.number, u.number)
     assert "[w0]" in out.stdout and "[w1]" in out.stdout
     for t in done:
         spec_file = run / trial_attrs(t)["spec"]
