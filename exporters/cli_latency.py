@@ -157,6 +157,11 @@ def _predict_runtimes(args: argparse.Namespace) -> list[str]:
     return have or ["ort"]
 
 
+def _say(args: argparse.Namespace, info: dict[str, Any], line: str) -> None:
+    """Print ``info`` as JSON under ``--json``, else the one ``line``."""
+    print(json.dumps(info, indent=1) if args.json else line)
+
+
 def _keep(args: argparse.Namespace, runtime: str) -> bool:
     """``--if-missing``: whether the calibration file (``--out`` or this machine's default)
     exists and loads for ``runtime`` and ``--threads`` (then it is kept and described);
@@ -170,8 +175,8 @@ def _keep(args: argparse.Namespace, runtime: str) -> bool:
 
     from archir.errors import ArchirError
     from exporters.latency.calibrate import (
-        FORMAT,
         CalibrationError,
+        NotACalibrationError,
         default_path,
         load_calibration,
     )
@@ -180,16 +185,11 @@ def _keep(args: argparse.Namespace, runtime: str) -> bool:
     if not path.exists():
         return False
     try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        found = None  # unreadable or torn: made again
-    if found is not None and not (isinstance(found, dict) and found.get("format") == FORMAT):
-        raise ArchirError(
-            f"{path} is not an archir latency calibration file; --if-missing does not replace it",
-            hint="give --out a new file name",
-        )
-    try:
         data = load_calibration(path, runtime=runtime, threads=args.threads)
+    except NotACalibrationError as exc:
+        raise ArchirError(
+            f"{exc.message}; --if-missing does not replace it", hint="give --out a new file name"
+        ) from None
     except CalibrationError as exc:
         print(f"calibrating again: {exc.message}", file=sys.stderr)
         return False
@@ -200,13 +200,12 @@ def _keep(args: argparse.Namespace, runtime: str) -> bool:
         "wholes": len(data.get("wholes", [])),
         "created": data.get("created"),
     }
-    if args.json:
-        print(json.dumps(info, indent=1))
-    else:
-        print(
-            f"kept {path}: {info['parts']} part and {info['wholes']} whole-spec samples, "
-            f"made {info['created']} (drop --if-missing to calibrate again)"
-        )
+    _say(
+        args,
+        info,
+        f"kept {path}: {info['parts']} part and {info['wholes']} whole-spec samples, "
+        f"made {info['created']} (drop --if-missing to calibrate again)",
+    )
     return True
 
 
@@ -245,14 +244,12 @@ def _calibrate(args: argparse.Namespace) -> int:
         "key": data["key"],
         "skipped": data["skipped"],
     }
-    if args.json:
-        print(json.dumps(info, indent=1))
-    else:
-        print(
-            f"wrote {path}: {info['parts']} part and {info['wholes']} whole-spec samples in "
-            f"{info['wall_s']} s "
-            f"(median CV {info['cv_median']:.3f}; key {data['key']})"
-        )
+    _say(
+        args,
+        info,
+        f"wrote {path}: {info['parts']} part and {info['wholes']} whole-spec samples in "
+        f"{info['wall_s']} s (median CV {info['cv_median']:.3f}; key {data['key']})",
+    )
     return 0
 
 

@@ -101,6 +101,11 @@ class CalibrationFormatError(CalibrationError):
     """The file is not a calibration file of this format version."""
 
 
+class NotACalibrationError(CalibrationFormatError):
+    """The file reads as JSON but is not an archir latency calibration at all (somebody
+    else's file: never replaced by ``archir latency calibrate --if-missing``)."""
+
+
 class CalibrationMissingError(CalibrationError):
     """No calibration file matches this machine/runtime/threads."""
 
@@ -190,7 +195,8 @@ def load_calibration(
         runtime, threads: what the caller will predict for (default: the file's own).
 
     Raises:
-        CalibrationFormatError: unreadable, another format or version.
+        CalibrationFormatError: unreadable or another version; NotACalibrationError (a
+            CalibrationFormatError): JSON of another format.
         CalibrationMismatchError: another CPU, runtime, runtime version or thread count.
     """
     p = Path(path)
@@ -201,7 +207,7 @@ def load_calibration(
             f"cannot read calibration {p}: {exc}", hint="run `archir latency calibrate`"
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CalibrationFormatError(
+        raise NotACalibrationError(
             f"{p} is not an archir latency calibration file",
             hint="run `archir latency calibrate`",
         )
