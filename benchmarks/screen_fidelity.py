@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import random
 import statistics
 import sys
@@ -44,7 +43,7 @@ from scipy.stats import kendalltau, spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency_predictor import export_one, export_path  # noqa: E402 - the same export workers
+from latency_predictor import export_all, export_path  # noqa: E402 - the same export workers
 
 #: export time limit per model (s); the main job's models take 13-55 s on this VM
 EXPORT_LIMIT_S = 600.0
@@ -109,25 +108,18 @@ def main() -> int:
     args = ap.parse_args()
 
     from archir.spec import load_spec
-    from archir.spec.sections import SearchSection
+    from archir.spec.sections import SearchSection, TrainSection
 
     space = load_spec(args.space)
     sec = SearchSection.model_validate(space.data.get("search") or {})
     lat = sec.latency
-    train_seq = int((space.data.get("train") or {}).get("seq_len") or 64)
+    train_seq = int(TrainSection.model_validate(space.data.get("train") or {}).seq_len)
     seq = int(lat.seq_len or train_seq)
     specs = draw_feasible(space, sec, args.n, args.seed)
     root = Path(args.export_dir)
     root.mkdir(parents=True, exist_ok=True)
+    export_all([(s, seq) for s in specs], root, args.seed, args.export_workers, EXPORT_LIMIT_S)
     paths = [export_path(root, args.seed, i, s.data) for i, s in enumerate(specs)]
-    jobs = [(s.data, str(p), EXPORT_LIMIT_S) for s, p in zip(specs, paths) if not p.exists()]
-    t0 = time.perf_counter()
-    if jobs:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(args.export_workers, maxtasksperchild=4) as pool:
-            for k, (_p, s, err) in enumerate(pool.imap_unordered(export_one, jobs), 1):
-                what = f"failed: {err}" if err else f"{s:.0f} s"
-                print(f"[{time.perf_counter() - t0:5.0f}s] export {k}/{len(jobs)} {what}")
     if args.export_only:
         return 0
 
@@ -158,18 +150,19 @@ def main() -> int:
             fns[(i, "torch")] = r.call_for(lat.batch, seq)  # as the front is re-measured
             fns[(i, "ort")] = onnx_file_callable(p, s.model, lat.batch, seq, lat.threads)
             m = s.model.model
-            mixers = sorted({b.kind for layer in m.layers for b in layer.blocks if b.kind})
+            kinds = sorted({b.kind for layer in m.layers for b in layer.blocks if b.kind})
             rows.append(
                 {
                     "draw": i,
                     "name": s.name,
                     "d_model": m.d_model,
                     "screen_ms": screen,
-                    "kinds": mixers,
+                    "kinds": kinds,
                 }
             )
         t1 = time.perf_counter()
         got = measure_interleaved(fns, warmup=lat.warmup, timer=clock(lat.threads))
+        timing_s = round(time.perf_counter() - t1, 1)
     for r in rows:
         r["torch_ms"] = got[(r["draw"], "torch")].min_ms
         r["ort_ms"] = got[(r["draw"], "ort")].min_ms
@@ -189,7 +182,7 @@ def main() -> int:
         "n": len(rows),
         "seq": seq,
         "threads": lat.threads,
-        "timing_s": round(time.perf_counter() - t1, 1),
+        "timing_s": timing_s,
     }
     print(
         f"\n{len(rows)} specs of {Path(args.space).name} at [{lat.batch}, {seq}], "
