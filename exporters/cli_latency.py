@@ -8,7 +8,7 @@
     archir latency calibrate --if-missing  # keep a usable calibration of this machine
 
 Calibration measures single blocks (and the fixed embedding/head part) of specs drawn from
-``specs/search/`` (plus ``--space`` files) at widths 64-512 and sequence lengths 128-1024,
+``specs/search/`` (plus ``--space`` files) at widths 64-512 and sequence lengths 64-1024,
 and a share of whole specs; see :mod:`exporters.latency.calibrate`.
 """
 

@@ -693,6 +693,38 @@ def test_calibrate_writes_a_loadable_file_of_interleaved_samples(
         assert predictor_from(loaded).n_parts == len(samples_features(loaded)[0])
 
 
+def test_calibration_lengths_cover_every_search_spaces_latency_shape():
+    """Every space in ``specs/search/`` ranks trials at its ``search.latency`` length (or
+    ``train.seq_len``); the calibration must measure parts at that length, or every trial of
+    the space is predicted by extrapolation (the main job's 64 tokens were, below the old
+    128-1024 design). The held-out benchmark keeps drawing at its old lengths."""
+    import importlib
+    import sys
+
+    from archir.spec import load_spec
+    from archir.spec.sections import SearchSection, TrainSection
+
+    cal = importlib.import_module("exporters.latency.calibrate")
+    asked = {}
+    for path in cal.space_paths():
+        spec = load_spec(path)
+        sec = SearchSection.model_validate(spec.data.get("search") or {})
+        seq = sec.latency.seq_len or TrainSection.model_validate(spec.data["train"]).seq_len
+        asked[path.name] = seq
+    assert asked["hybrid-lm-quick.yaml"] == 64
+    for name, seq in asked.items():
+        if name != "tiny.yaml":  # a test/demo space: widths 16-32, below WIDTHS as well
+            assert seq in cal.SEQS, (name, seq, cal.SEQS)
+    # the calibration design draws the main job's length
+    spaces = cal.load_spaces(cal.space_paths())
+    assert 64 in {seq for _, seq in cal.space_specs(16, 1234, spaces)}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("latency_predictor")
+    assert min(bench.HELDOUT_SEQS) == 128
+    drawn = {seq for _, seq in cal.space_specs(16, 1234, spaces, seqs=bench.HELDOUT_SEQS)}
+    assert drawn <= set(bench.HELDOUT_SEQS)
+
+
 def test_calibration_widths_cover_every_kind_across_the_range():
     """The calibration design (WidthCoverage): each drawn spec gets the width its kinds were
     measured least at, so a kind that appears in few specs is still measured at narrow and

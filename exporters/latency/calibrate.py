@@ -14,7 +14,7 @@ a file of another format version raises :class:`CalibrationFormatError`.
 The design (:func:`calibrate`) covers the search spaces: concrete specs drawn from every
 space in ``specs/search/`` (plus extra space files) with their width replaced by the level
 of :data:`WIDTHS` (64-512) their kinds have been measured least at (:class:`WidthCoverage`)
-and measured at a length cycling through :data:`SEQS` (128-1024). It runs batch by batch.
+and measured at a length cycling through :data:`SEQS` (64-1024). It runs batch by batch.
 **Prepare**: every **part** of a drawn spec (a residual block, or the fixed
 embedding/final-norm/head part) not prepared before is exported alone through the one export
 path (:func:`exporters.graph.part_graph`: the shipped file's exporter and dynamic length, at
@@ -84,7 +84,10 @@ FORMAT = "archir-latency-calibration"
 #: window's median over 5)
 VERSION = 6
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
-SEQS = (128, 192, 256, 384, 512, 768, 1024)
+#: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
+#: models were all predicted by extrapolation (session 15: Kendall tau 0.87-0.88 against the
+#: shipped latency without 64, 0.91 with it, ``benchmarks/screen_fidelity.py``)
+SEQS = (64, 128, 192, 256, 384, 512, 768, 1024)
 DEPTH = (2, 12)
 BITS = (4, 8, 16)
 
@@ -438,9 +441,10 @@ def space_specs(
     *,
     widths: Sequence[int | None] | None = None,
     width_for: Callable[[Any], int | None] | None = None,
+    seqs: Sequence[int] = SEQS,
 ) -> Iterator[tuple[Any, int]]:
     """``n`` (concrete spec, seq) pairs drawn from the open specs ``spaces`` in turn (random
-    decisions through ``Spec.fix``), ``seq`` cycling through shuffled :data:`SEQS`; with
+    decisions through ``Spec.fix``), ``seq`` cycling through shuffled ``seqs``; with
     ``widths``, ``d_model`` is replaced by levels cycling through them; with ``width_for``,
     by what it returns for the drawn spec (``None``: the width the space drew)."""
 
@@ -452,7 +456,7 @@ def space_specs(
             rng.shuffle(ys)
             yield from ys
 
-    s_it = levels(SEQS)
+    s_it = levels(seqs)
     w_it = levels(widths) if widths else None
     made = tries = 0
     while made < n and tries < 20 * n + 100:
