@@ -8,15 +8,17 @@ Graph (``export_decode``)::
     outputs: logits float32 [batch, 1, vocab],  state_out.0 ... state_out.{n-1}
 
 ``state_out.i`` is fed back as ``state_in.i`` for the next token. What each state is comes
-from the blocks' ``init_state`` / ``step`` (:meth:`archir.compiler.CompiledModel.step`): a KV
-cache ``[batch, n_kv_heads, past, head_dim]`` for attention (``past`` grows by one per token;
-with a sliding window it stops at ``window``: the axis is named ``past_window``), fixed-size
-recurrent states for the state-space and recurrent kinds, the last inputs of a convolution or
-pooling window, a token MLP's running sums, and int64 position counters ``[]`` where a block
-needs one. The metadata key ``archir.decode`` holds JSON describing each state tensor — input
-and output name, block, meaning, dtype, symbolic shape, and ``init_shape``: the shape to fill
-with zeros before the first token (``batch`` replaced by the batch size) — and the position
-handling, so nothing of archir is needed to generate (see :func:`ort_generate_loop`).
+from the blocks' ``init_state`` / ``step`` (:meth:`archir.compiler.CompiledModel.step`): a
+KV cache ``[batch, n_kv_heads, past, head_dim]`` for attention (``past`` grows by one per
+token; with a sliding window it stops at ``window``: the axis is named ``past_window``),
+Hyena's history of its long convolutions' inputs ``[batch, order - 1, d_model, past]``
+(growing the same way), fixed-size recurrent states for the state-space and recurrent kinds,
+the last inputs of a convolution or pooling window, a token MLP's running sums, and int64
+position counters ``[]`` where a block needs one. The metadata key ``archir.decode`` holds
+JSON describing each state tensor — input and output name, block, meaning, dtype, symbolic
+shape, and ``init_shape``: the shape to fill with zeros before the first token (``batch``
+replaced by the batch size) — and the position handling, so nothing of archir is needed to
+generate (see :func:`ort_generate_loop`).
 
 The export is refused unless onnxruntime, fed a real text token by token from zero states,
 reproduces PyTorch's full-sequence logits at every position (``≤ 1e-4 ×`` the logits' scale),

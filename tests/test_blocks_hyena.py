@@ -191,10 +191,17 @@ def test_counts_follow_order(order: int) -> None:
     ctx = BuildContext(d_model=D, max_seq_len=L)
     assert sum(q.numel() for q in m.parameters()) == kind.n_params(p, ctx)
     assert m.skip.shape == (D, order - 1)
-    buf, hist, pos = m.init_state(3)
-    assert buf.shape == (3, (order + 1) * D, 2) and hist.shape == (3, order - 1, D, L)
+    buf, hist = m.init_state(3)
+    assert buf.shape == (3, (order + 1) * D, 2) and hist.shape == (3, order - 1, D, 0)
+    # the history grows by one position per token (O(t) per token, not O(max_seq_len))
+    state = (buf, hist)
+    with torch.no_grad():
+        for _ in range(5):
+            _, state = m.step(torch.randn(3, D), state)
+    buf, hist = state
+    assert hist.shape == (3, order - 1, D, 5)
     real = 4 * (buf[0].numel() + hist[0].numel())
-    assert kind.state_bytes(p, ctx, L) == real
+    assert kind.state_bytes(p, ctx, 5) == real
 
 
 def test_order_one_is_a_located_error() -> None:

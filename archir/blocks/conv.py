@@ -186,9 +186,12 @@ class Hyena(nn.Module):
     in safari.
 
     Step form: ``init_state(batch)`` returns ``(short-conv buffer [B, (N+1)d, k-1],
-    history of the long convolutions' inputs [B, N-1, d, max_seq_len], position [] int64)``;
-    ``step(x_t [B, d], state)`` agrees with ``forward``. Raises ``ValueError`` past
-    ``max_seq_len``.
+    history of the long convolutions' inputs [B, N-1, d, 0])``; ``step(x_t [B, d], state)``
+    agrees with ``forward`` and appends one position to the history (``[B, N-1, d, t]``
+    after ``t`` tokens, like attention's KV cache), so one token costs O(t·d) — the
+    convolution ``Σ_{s<=t} h[t-s]·u[s]`` over the tokens seen, with the filter read
+    backwards from a fixed reversed copy — instead of O(max_seq_len·d). Raises
+    ``ValueError`` past ``max_seq_len``.
     """
 
     def __init__(self, d: int, max_len: int, p: HyenaParams) -> None:
@@ -201,7 +204,7 @@ class Hyena(nn.Module):
         self.short = nn.Conv1d(C, C, p.short_kernel, groups=C, bias=True)
         self.filter = ImplicitFilter(d * self.n_filters, max_len, p)
         self.decode_limit = max_len  # the filter is max_len long
-        self.state_names = ("short conv inputs", "long convolutions' input history", "position")
+        self.state_names = ("short conv inputs", "long convolutions' input history")
         self.skip = nn.Parameter(torch.randn(d, self.n_filters) * 0.02)  # D, channel-major
         self.out_proj = nn.Linear(d, d, bias=p.bias)
         init_linear(self.in_proj)
@@ -234,19 +237,19 @@ class Hyena(nn.Module):
         batch: int,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         C = (self.order + 1) * self.d
         return (
             torch.zeros(batch, C, self.k - 1, device=device, dtype=dtype),
-            torch.zeros(batch, self.n_filters, self.d, self.max_len, device=device, dtype=dtype),
-            torch.zeros((), dtype=torch.long, device=device),
+            torch.zeros(batch, self.n_filters, self.d, 0, device=device, dtype=dtype),
         )
 
     def step(
-        self, x_t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        buf, hist, pos = state
-        if not tracing() and int(pos) >= self.max_len:
+        self, x_t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        buf, hist = state
+        t = hist.shape[-1]  # tokens seen; this one is position t
+        if not tracing() and t >= self.max_len:
             raise ValueError(f"hyena: step past max_seq_len {self.max_len}")
         x = self.in_proj(x_t)[..., None]  # [B, C, 1]
         win = torch.cat([buf, x], dim=-1)  # [B, C, k]
@@ -254,19 +257,19 @@ class Hyena(nn.Module):
         parts = xc.split(self.d, dim=-1)
         gates, v = parts[:-1], parts[-1]
         L = self.max_len
-        h = self._filters(L)
-        s = torch.arange(L, device=x_t.device)
-        lag = pos - s
-        taps = h[:, :, lag.clamp(min=0)] * (lag >= 0).to(h.dtype)  # [d, N-1, L]: h[t - s]
-        here = (s == pos)[None, None, :]
-        new_hist = []
+        # the filter reversed: back[..., L-1-j] = h[j]; the past positions s = 0..t-1 take
+        # h[t - s] = back[..., L-1-t+s], the new one h[0]
+        back = self._filters(L).flip(-1).transpose(0, 1)  # [N-1, d, L]
+        taps, h0 = back[..., L - 1 - t : L - 1], back[..., L - 1]  # [N-1, d, t], [N-1, d]
+        past = torch.matmul(hist[..., None, :], taps[..., None])[..., 0, 0]  # [B, N-1, d]
+        us = []
         for o in range(self.n_filters):
             u = v * gates[self.order - 1 - o]
-            hist_o = torch.where(here, u[..., None], hist[:, o])  # [B, d, L]
-            new_hist.append(hist_o)
-            v = (hist_o * taps[:, o]).sum(-1) + self.skip[:, o] * u
+            us.append(u)
+            v = past[:, o] + (h0[o] + self.skip[:, o]) * u
         y = self.out_proj(v * gates[0])
-        return y, (win[..., 1:], torch.stack(new_hist, dim=1), pos + 1)
+        # one copy of the history per token (the appended position of every filter at once)
+        return y, (win[..., 1:], torch.cat([hist, torch.stack(us, dim=1)[..., None]], dim=-1))
 
 
 def _hyena_params(p: HyenaParams, c: BuildContext) -> int:
