@@ -123,12 +123,13 @@ def trial_latency(spec: Any, lat: Any, train_seq: int, model: Any = None) -> dic
 
 
 def remeasure_all(
-    specs: dict[int, Any], lat: Any, train_seq: int
+    specs: dict[int, Any], lat: Any, train_seq: int, models: dict[int, Any] | None = None
 ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
     """Measured latency of several concrete specs (a Pareto front), never predicted,
     interleaved (:func:`_measure_together`: the calibration's rounds, at least
     ``REMEASURE_MIN_ROUND_S`` apart, in which every spec gets one window — the statistic
-    calibration samples get).
+    calibration samples get). ``models``: compiled models by key (trained weights) to
+    measure instead of compiling the spec afresh.
 
     Returns:
         (records by key as :func:`exporters.latency.latency_ms` returns them, error message
@@ -145,7 +146,8 @@ def remeasure_all(
     with ExitStack() as stack:
         for k, spec in specs.items():
             try:
-                r = stack.enter_context(Runner(spec, lat.runtime, threads=lat.threads))
+                model = (models or {}).get(k)
+                r = stack.enter_context(Runner(spec, lat.runtime, threads=lat.threads, model=model))
                 with torch_threads(lat.threads):
                     fns[k] = r.call_for(lat.batch, seq)
             except ArchirError as exc:

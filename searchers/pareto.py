@@ -16,11 +16,13 @@ gets ``spec.yaml`` and ``report.json``, the report names that host, and the expo
 skipped — the search still finishes normally.
 
 When a search optimizes or constrains ``latency_ms``, every front member is **re-measured**
-before it is reported (:func:`searchers.latency.remeasure_all`: measured, never predicted, with
-the full harness): its row carries the re-measured value in ``values.latency_ms``, the
-search-time value in ``values.latency_ms_search`` and the measurement record in ``latency``;
-members that now break a latency constraint, or that the re-measured values show to be
-dominated by another member, leave the front.
+before it is reported (:func:`searchers.latency.remeasure_all`: measured, never predicted,
+with the full harness, on the trial's trained weights where the run folder holds them — what
+``best/model.onnx`` ships; ``latency.weights`` says ``trained`` or ``initial``): its row
+carries the re-measured value in ``values.latency_ms``, the search-time value in
+``values.latency_ms_search`` and the measurement record in ``latency``; members that now
+break a latency constraint, or that the re-measured values show to be dominated by another
+member, leave the front.
 """
 
 from __future__ import annotations
@@ -178,6 +180,32 @@ def trial_spec(t: FrozenTrial, run_dir: Path) -> Any:
     return spec_from_text(text, file=where)
 
 
+def trial_weights(t: FrozenTrial, run_dir: Path) -> tuple[int, Path]:
+    """The trial whose training produced ``t``'s model (``t`` itself, or the trial it
+    repeated: its ``duplicate_of`` attribute) and that trial's weights file in ``run_dir``
+    (which may not exist: pruned, never trained, or trained on another host)."""
+    src = trial_attrs(t).get("duplicate_of")
+    n = t.number if src is None else int(src)
+    return n, run_dir / "trials" / str(n) / "model.safetensors"
+
+
+def trained_model(spec: Any, weights: Path, run_dir: Path) -> Any:
+    """``spec`` compiled with the trained ``weights`` (a safetensors file inside
+    ``run_dir``), in eval mode.
+
+    Raises:
+        ArchirError: the file lies outside ``run_dir``; whatever safetensors raises for a
+            file that is torn or does not fit the spec.
+    """
+    from safetensors.torch import load_model
+
+    from archir.compiler import compile as compile_spec
+
+    model = compile_spec(spec, seed=0)
+    load_model(model, str(inside(run_dir, weights)))
+    return model.eval()
+
+
 def _vector(
     t: FrozenTrial, objectives: list[Objective], remeasured: dict[int, dict[str, Any]]
 ) -> list[float]:
@@ -205,12 +233,24 @@ def remeasure_front(
     run_dir = Path(cfg.run_dir)
     lat, seq = cfg.section.latency, cfg.train_section.seq_len
     specs: dict[int, Any] = {}
+    models: dict[int, Any] = {}
     for t in front:
         try:
             specs[t.number] = trial_spec(t, run_dir)
         except (ArchirError, OSError) as exc:
             say(f"trial {t.number}: latency not re-measured ({exc}); search-time value kept")
-    out, errors = remeasure_all(specs, lat, seq)
+            continue
+        # with the weights that ship: a trained model can run slower than a freshly
+        # initialized one (routing, tiny values), and best/model.onnx is the trained one
+        _, weights = trial_weights(t, run_dir)
+        if weights.is_file():
+            try:
+                models[t.number] = trained_model(specs[t.number], weights, run_dir)
+            except Exception as exc:  # noqa: BLE001 - a torn file: measure the initial weights
+                say(f"trial {t.number}: trained weights not loaded ({exc}); re-measured at init")
+    out, errors = remeasure_all(specs, lat, seq, models)
+    for n, rec in out.items():
+        rec["weights"] = "trained" if n in models else "initial"
     for n, msg in errors.items():
         say(f"trial {n}: latency not re-measured ({msg}); search-time value kept")
     lat_cons = [c for c in constraints if c.metric == "latency_ms"]
@@ -436,10 +476,8 @@ def _write_best(
     write_text(bdir / "spec.yaml", text)
     bspec = spec_from_text(text, file=where)
     best = trial_row(best_t, objectives, constraints, remeasured)
-    src_n = trial_attrs(best_t).get("duplicate_of")
-    src_n = best_t.number if src_n is None else int(src_n)
+    src_n, weights = trial_weights(best_t, run_dir)
     src_t = next((t for t in trials if t.number == src_n), best_t)
-    weights = run_dir / "trials" / str(src_n) / "model.safetensors"
     host = src_t.system_attrs.get(ATTR_HOST)
     cost_only = cfg.section.fidelity.kind == "cost"
     trained = not cost_only and any(
@@ -461,13 +499,7 @@ def _write_best(
         if export:
             best["export"] = {"skipped": msg}
     if export and weights.is_file():
-        from safetensors.torch import load_model
-
-        from archir.compiler import compile as compile_spec
-
-        model = compile_spec(bspec, seed=0)
-        load_model(model, str(weights))
-        model.eval()
+        model = trained_model(bspec, weights, run_dir)
         t0 = time.perf_counter()
         try:
             best["export"] = export_best(bdir, bspec, model)

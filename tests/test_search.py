@@ -571,6 +571,61 @@ def test_latency_objective_uses_exporters_and_front_is_remeasured(tmp_path, monk
     assert not (tmp_path / "r2").exists()
 
 
+def test_front_is_remeasured_with_its_trained_weights(tmp_path, monkeypatch):
+    """The front's latency is re-measured on the model that ships: the trial's trained
+    weights (a trained model can run slower than a fresh one), not a fresh compile of its
+    spec; a torn weights file falls back to the initial weights and says so."""
+    from safetensors.torch import load_file
+
+    import archir
+    import searchers.latency as sl
+
+    monkeypatch.setenv("ARCHIR_CACHE", str(tmp_path / "cache"))
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    real = sl.remeasure_all
+
+    def spy(specs, lat, seq, models=None):
+        for k, m in (models or {}).items():
+            seen[k] = {n: v.detach().clone() for n, v in m.state_dict().items()}
+        return real(specs, lat, seq, models)
+
+    monkeypatch.setattr(sl, "remeasure_all", spy)
+    spec = make_spec(
+        tmp_path,
+        objectives={"val_bpb": "minimize", "latency_ms": "minimize"},
+        constraints={},
+        fidelity={"kind": "proxy", "steps": 3},
+        budget={"trials": 3},
+        latency={"repeats": 2, "warmup": 1},
+    )
+    run = tmp_path / "run"
+    said: list[str] = []
+    run_search(spec, out=run, export=False, say=said.append)
+    doc = json.loads((run / "pareto.json").read_text())
+    assert doc["front"] and seen
+    for row in doc["front"]:
+        n = int(row["trial"])
+        assert row["latency"]["weights"] == "trained"
+        src = int(row.get("duplicate_of", n))
+        saved = load_file(str(run / "trials" / str(src) / "model.safetensors"))
+        assert set(saved) <= set(seen[n])
+        assert all(torch.equal(seen[n][k], v) for k, v in saved.items())
+        fresh = archir.compile(load_spec(run / "trials" / str(n) / "spec.yaml"), seed=0)
+        assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+
+    # a torn weights file: re-measured at the initial weights, said, the report still made
+    n = int(doc["front"][0]["trial"])
+    w = run / "trials" / str(int(doc["front"][0].get("duplicate_of", n))) / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    seen.clear()
+    said.clear()
+    run_search(spec, out=run, export=False, say=said.append)
+    doc = json.loads((run / "pareto.json").read_text())
+    row = next(r for r in doc["front"] + doc["trials"] if int(r["trial"]) == n and "latency" in r)
+    assert row["latency"]["weights"] == "initial" and n not in seen
+    assert any(f"trial {n}: trained weights not loaded" in m for m in said)
+
+
 def test_conditional_space_and_seed_reproduces(tmp_path):
     def proposals(seed: int, sub: str) -> list[dict]:
         spec = make_spec(
