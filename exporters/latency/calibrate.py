@@ -85,8 +85,8 @@ FORMAT = "archir-latency-calibration"
 VERSION = 6
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 #: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
-#: models were all predicted by extrapolation (session 15: Kendall tau 0.87-0.88 against the
-#: shipped latency without 64, 0.91 with it, ``benchmarks/screen_fidelity.py``)
+#: models were all predicted by extrapolation (session 15: Kendall tau 0.86-0.89 against the
+#: shipped latency without 64, 0.91-0.93 with it, ``benchmarks/screen_fidelity.py``)
 SEQS = (64, 128, 192, 256, 384, 512, 768, 1024)
 DEPTH = (2, 12)
 BITS = (4, 8, 16)
