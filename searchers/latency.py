@@ -13,7 +13,8 @@ decides how a search asks for them, from the spec's ``search.latency`` section:
   again, never predicted, all of them together in round-robin windows
   (:func:`exporters.latency.harness.measure_interleaved`, its default
   ``INTERLEAVED_ROUNDS`` rounds, at least ``REMEASURE_MIN_ROUND_S`` apart) so a slow phase
-  of the machine cannot favour one member over another, DESIGN.md §7;
+  of the machine cannot favour one member over another, DESIGN.md §7, and with the speed
+  probe (more rounds until two ran at the calibrated speed, :func:`_measure_together`);
 * **after the best model is exported** (:func:`shipped_latency`): ``best/model.onnx``, at
   the precision its bits select, timed on onnxruntime at the same shape and threads
   (``best/report.json`` ``shipped_latency``) — with the default ``runtime: torch`` the
@@ -28,6 +29,7 @@ trial's metrics.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
 from archir.errors import SearchError
@@ -135,8 +137,6 @@ def remeasure_all(
         (records by key as :func:`exporters.latency.latency_ms` returns them, error message
         by key for the specs that could not be measured — export failure and the like).
     """
-    from contextlib import ExitStack
-
     from archir.errors import ArchirError
     from exporters.latency.harness import Runner, torch_threads
 
@@ -158,17 +158,54 @@ def remeasure_all(
             return _measure_together(fns, lat), errors
 
 
+def probe_reference_ms(lat: Any) -> float | None:
+    """The speed probe's fastest time in this machine's calibration for ``lat``'s runtime
+    and threads (ms): the machine's speed when it was calibrated; ``None`` without a usable
+    calibration."""
+    from exporters.latency import find_calibration
+    from exporters.latency.calibrate import CalibrationError, load_calibration
+
+    path = find_calibration(lat.runtime, lat.threads)
+    if path is None:
+        return None
+    try:
+        ref = load_calibration(path, runtime=lat.runtime, threads=lat.threads).get("probe_ms")
+    except (CalibrationError, OSError):
+        return None
+    return float(ref) if ref else None
+
+
 def _measure_together(fns: dict[Any, Any], lat: Any) -> dict[Any, dict[str, Any]]:
     """Records (:func:`exporters.latency.measurement_record`) of callables measured in
     interleaved rounds (:func:`exporters.latency.harness.measure_interleaved` with the
     calibration's rounds), at least ``REMEASURE_MIN_ROUND_S`` apart, on
-    :func:`~exporters.latency.harness.clock` for ``lat.threads``."""
+    :func:`~exporters.latency.harness.clock` for ``lat.threads``, **with the speed probe**:
+    rounds go on (up to three times as many) until two ran at the machine's calibrated
+    speed (:func:`probe_reference_ms`; without a calibration, the probe's fastest window
+    here). A 2-3 ms model measured in 20 rounds alone spans 5 s, which one slow phase of
+    this VM can cover: over 6-8 repeats its fastest call moved 1.18-1.71x, with the probe
+    1.12-1.17x (``benchmarks/front_measure_spread.py``)."""
     from exporters.latency import measurement_record
-    from exporters.latency.harness import clock, measure_interleaved
-
-    ms = measure_interleaved(
-        fns, warmup=lat.warmup, min_round_s=REMEASURE_MIN_ROUND_S, timer=clock(lat.threads)
+    from exporters.latency.harness import (
+        RuntimeUnavailableError,
+        SpeedProbe,
+        clock,
+        measure_interleaved,
     )
+
+    with ExitStack() as stack:
+        try:
+            probe: SpeedProbe | None = stack.enter_context(SpeedProbe(lat.runtime, lat.threads))
+        except RuntimeUnavailableError:  # no probe: the plain rounds
+            probe = None
+        ms = measure_interleaved(
+            fns,
+            warmup=lat.warmup,
+            min_round_s=REMEASURE_MIN_ROUND_S,
+            timer=clock(lat.threads),
+            probe=probe,
+            probe_ref_ms=probe_reference_ms(lat) if probe is not None else None,
+        )
     return {k: measurement_record(m) for k, m in ms.items()}
 
 

@@ -797,3 +797,44 @@ def test_calibration_stops_an_export_at_its_budget(
     [(limit, at)] = limits
     assert 1.0 <= limit <= 60.0 - (at - t0) + 0.5
     assert not (tmp_path / "c.json").exists()
+
+
+def test_front_measurement_uses_the_calibrated_machine_speed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The front re-measure and the shipped file's latency run the speed probe against the
+    probe time of this machine's calibration (rounds go on until two ran at that speed);
+    another machine's file, a torn one or none gives no reference (the probe's own fastest
+    window is used)."""
+    from types import SimpleNamespace
+
+    import exporters.latency.harness as xh
+    from exporters.latency.calibrate import default_path
+    from searchers.latency import _measure_together, probe_reference_ms
+
+    monkeypatch.setenv("ARCHIR_CACHE", str(tmp_path / "cache"))
+    lat = SimpleNamespace(runtime="ort", threads=1, warmup=1)
+    assert probe_reference_ms(lat) is None
+    _cal_file(default_path("ort", 1), {**_synthetic_cal(20, seed=1), "probe_ms": 0.8125})
+    assert probe_reference_ms(lat) == 0.8125
+    _cal_file(default_path("ort", 1), {**_synthetic_cal(20, seed=1), "probe_ms": 0.8}, cpu="x")
+    assert probe_reference_ms(lat) is None
+    default_path("ort", 1).write_text('{"format": "archir-latency-cal')
+    assert probe_reference_ms(lat) is None
+
+    _cal_file(default_path("ort", 1), {**_synthetic_cal(20, seed=1), "probe_ms": 1e-6})
+    seen: list[Any] = []
+    real = xh.measure_interleaved
+
+    def spy(fns: Any, **kw: Any) -> Any:
+        seen.append((kw["probe"], kw["probe_ref_ms"]))
+        return real(fns, **kw)
+
+    monkeypatch.setattr(xh, "measure_interleaved", spy)
+    monkeypatch.setattr("searchers.latency.REMEASURE_MIN_ROUND_S", 0.0)  # no pauses: quick
+    rec = _measure_together({0: lambda: sum(range(100))}, lat)[0]
+    ((probe, ref),) = seen
+    assert isinstance(probe, xh.SpeedProbe) and ref == 1e-6
+    # a reference no round can reach: every round up to three times the default is run,
+    # and the result says the machine never ran at its calibrated speed
+    assert rec["windows"] == 3 * xh.INTERLEAVED_ROUNDS and rec["noisy"]
