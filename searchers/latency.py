@@ -236,7 +236,8 @@ def shipped_latency(onnx_path: Any, spec: Any, lat: Any, train_seq: int) -> dict
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
         raise ArchirError(f"{onnx_path} does not run in onnxruntime: {exc}") from exc
     return {
-        **_measure_together({0: fn}, lat)[0],
+        # the probe on the runtime measured here, against this machine's ort calibration
+        **_measure_together({0: fn}, lat.model_copy(update={"runtime": "ort"}))[0],
         "runtime": "ort",
         "file": str(onnx_path),
         "batch": lat.batch,

@@ -693,13 +693,14 @@ def test_calibrate_writes_a_loadable_file_of_interleaved_samples(
         assert predictor_from(loaded).n_parts == len(samples_features(loaded)[0])
 
 
-def test_calibration_lengths_cover_every_search_spaces_latency_shape():
+def test_calibration_lengths_cover_every_search_spaces_latency_shape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Every space in ``specs/search/`` ranks trials at its ``search.latency`` length (or
     ``train.seq_len``); the calibration must measure parts at that length, or every trial of
     the space is predicted by extrapolation (the main job's 64 tokens were, below the old
     128-1024 design). The held-out benchmark keeps drawing at its old lengths."""
     import importlib
-    import sys
 
     from archir.spec import load_spec
     from archir.spec.sections import SearchSection, TrainSection
@@ -718,7 +719,7 @@ def test_calibration_lengths_cover_every_search_spaces_latency_shape():
     # the calibration design draws the main job's length
     spaces = cal.load_spaces(cal.space_paths())
     assert 64 in {seq for _, seq in cal.space_specs(16, 1234, spaces)}
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     bench = importlib.import_module("latency_predictor")
     assert min(bench.HELDOUT_SEQS) == 128
     drawn = {seq for _, seq in cal.space_specs(16, 1234, spaces, seqs=bench.HELDOUT_SEQS)}
