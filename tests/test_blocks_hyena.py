@@ -9,7 +9,9 @@ layer, channel-major ``(v o)`` outputs and decay rates), the FFT long convolutio
 ``D`` bias, and the gates in safari's order (``reversed(x[1:])``, then ``x[0]``). archir's
 block built from those tensors by reshapes only matches it to 1e-10 in fp64 (FFT and direct
 paths, orders 2 and 3); the step form matches too; the counts of projections, filters and
-state follow ``order``; ``order: 1`` is a located error.
+state follow ``order``; ``order: 1`` is a located error. The exported graph's long-sequence
+form (a DFT as MatMuls) is the causal convolution, and an exported Hyena matches PyTorch on
+both sides of the length where it switches to it.
 """
 
 from __future__ import annotations
@@ -210,3 +212,61 @@ def test_order_one_is_a_located_error() -> None:
 
 def test_hash_marks_the_order_convention() -> None:
     assert HyenaParams(order=3).hash_dump()["order_convention"] == "safari"
+
+
+@pytest.mark.parametrize("T", [1, 2, 31, 32, 33, 97, 257, 700])
+@pytest.mark.parametrize("n1", [8, 64])
+def test_dft_long_convolution_is_the_causal_convolution(T: int, n1: int) -> None:
+    """The exported graph's long-sequence form (Cooley–Tukey DFT as MatMuls) against the
+    convolution's definition ``y[t] = Σ_{s<=t} h[t-s]·z[s]`` (fp64 sums) and the FFT path,
+    at lengths around the factor sizes, batch 1 and 3."""
+    from archir.blocks.conv import causal_conv_dft, causal_conv_fft
+
+    gen = torch.Generator().manual_seed(T)
+    for B in (1, 3):
+        z = torch.randn(B, 5, T, generator=gen)
+        h = torch.randn(5, T, generator=gen) / math.sqrt(T)
+        zz, hh = z.double(), h.double()
+        ref = torch.stack(
+            [(hh[:, : t + 1].flip(-1) * zz[..., : t + 1]).sum(-1) for t in range(T)], -1
+        )
+        got = causal_conv_dft(z, h, n1)
+        assert got.shape == (B, 5, T)
+        scale = ref.abs().max().item()
+        assert (got.double() - ref).abs().max().item() <= 2e-6 * scale
+        fft = causal_conv_fft(z, h).double()
+        assert (got.double() - fft).abs().max().item() <= 2e-6 * scale
+
+
+def test_exported_graph_switches_to_the_dft_past_the_direct_length(tmp_path) -> None:
+    """An exported Hyena holds both forms behind an ONNX ``If`` on the length and matches
+    PyTorch (its FFT) on onnxruntime on both sides of :data:`DIRECT_MAX_LEN`."""
+    import numpy as np
+    import onnx
+
+    from archir.blocks.conv import DIRECT_MAX_LEN
+    from exporters.parity import make_session
+
+    torch.manual_seed(0)
+    m = Hyena(D, 2 * DIRECT_MAX_LEN, HyenaParams(order=3, filter_width=12)).eval()
+    path = tmp_path / "hyena.onnx"
+    T_ = torch.export.Dim("T", min=2, max=2 * DIRECT_MAX_LEN)
+    torch.onnx.export(
+        m,
+        (torch.randn(1, 40, D),),
+        str(path),
+        input_names=["x"],
+        dynamic_shapes={"x": {0: torch.export.Dim("B", min=1, max=8), 1: T_}},
+        opset_version=20,
+        dynamo=True,
+        verbose=False,
+    )
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("If") == m.n_filters and "DFT" not in ops
+    sess = make_session(str(path))
+    for T in (1, 40, DIRECT_MAX_LEN, DIRECT_MAX_LEN + 1, 2 * DIRECT_MAX_LEN):
+        x = torch.randn(2, T, D)
+        with torch.no_grad():
+            ref = m(x).numpy()  # eager: the FFT
+        got = sess.run(None, {"x": x.numpy()})[0]
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), T
