@@ -270,3 +270,41 @@ def test_exported_graph_switches_to_the_dft_past_the_direct_length(tmp_path) -> 
             ref = m(x).numpy()  # eager: the FFT
         got = sess.run(None, {"x": x.numpy()})[0]
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), T
+
+
+def test_step_keeps_its_reversed_filter_until_the_parameters_change() -> None:
+    """Eager decoding computes the reversed filter once, not every token, and computes it
+    again after an in-place parameter update (the step still agrees with ``forward``)."""
+    m, _ = _build(order=3, filter_width=12)
+    m.eval()
+    x = torch.randn(1, 6, D)
+
+    def decode() -> torch.Tensor:
+        state = m.init_state(1)
+        ys = []
+        with torch.no_grad():
+            for i in range(x.shape[1]):
+                y, state = m.step(x[:, i], state)
+                ys.append(y)
+        return torch.stack(ys, 1)
+
+    calls = 0
+    inner = m._filters
+
+    def counting(T: int) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return inner(T)
+
+    m._filters = counting  # type: ignore[method-assign]
+    with torch.no_grad():
+        first = decode()
+        assert calls == 1  # six tokens, one filter
+        assert decode() is not None and calls == 1  # and the next sequence reuses it
+        torch.testing.assert_close(first, m(x), atol=1e-5, rtol=1e-4)
+        m.filter.mlp[0].weight.mul_(1.5)  # what an optimizer step does
+        before = calls
+        second = decode()
+        assert calls == before + 1
+        torch.testing.assert_close(second, m(x), atol=1e-5, rtol=1e-4)
+        assert (second - first).abs().max() > 1e-4

@@ -297,6 +297,7 @@ class Hyena(nn.Module):
         self.short = nn.Conv1d(C, C, p.short_kernel, groups=C, bias=True)
         self.filter = ImplicitFilter(d * self.n_filters, max_len, p)
         self.decode_limit = max_len  # the filter is max_len long
+        self._back: tuple[tuple[Any, ...], torch.Tensor] | None = None  # _reversed_filters
         self.state_names = ("short conv inputs", "long convolutions' input history")
         self.skip = nn.Parameter(torch.randn(d, self.n_filters) * 0.02)  # D, channel-major
         self.out_proj = nn.Linear(d, d, bias=p.bias)
@@ -307,6 +308,25 @@ class Hyena(nn.Module):
         if self.fft == "auto":
             return not tracing(compiling=False)  # an exported graph takes the direct form
         return self.fft == "on"
+
+    def _reversed_filters(self) -> torch.Tensor:
+        """``[N-1, d, max_len]``, every filter read backwards (``[..., L-1-j] = h[j]``), for
+        :meth:`step`. It depends on the filter's parameters only, so eager inference keeps
+        it between tokens, keyed by each parameter's storage and version counter (an
+        optimizer step, ``load_state_dict`` or ``.to()`` changes the key); a traced graph
+        computes it (onnxruntime folds it into a constant), and so does a step that
+        records gradients for the filter."""
+        L = self.max_len
+        tensors = (*self.filter.parameters(), *self.filter.buffers())
+        if tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return self._filters(L).flip(-1).transpose(0, 1)
+        try:
+            key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        except RuntimeError:  # inference tensors keep no version counter
+            return self._filters(L).flip(-1).transpose(0, 1)
+        if self._back is None or self._back[0] != key:
+            self._back = (key, self._filters(L).flip(-1).transpose(0, 1))
+        return self._back[1]
 
     def _long_conv(self, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if self._use_fft():
@@ -358,7 +378,7 @@ class Hyena(nn.Module):
         L = self.max_len
         # the filter reversed: back[..., L-1-j] = h[j]; the past positions s = 0..t-1 take
         # h[t - s] = back[..., L-1-t+s], the new one h[0]
-        back = self._filters(L).flip(-1).transpose(0, 1)  # [N-1, d, L]
+        back = self._reversed_filters()  # [N-1, d, L]
         taps, h0 = back[..., L - 1 - t : L - 1], back[..., L - 1]  # [N-1, d, t], [N-1, d]
         past = torch.matmul(hist[..., None, :], taps[..., None])[..., 0, 0]  # [B, N-1, d]
         us = []
