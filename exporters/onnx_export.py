@@ -304,14 +304,17 @@ def fold_constant_weights(proto: onnx.ModelProto) -> int:
         return 0
     del g.node[:]
     g.node.extend(keep)
-    for n in g.node:
+    # subgraphs (an If's branches) read main-graph values too; ONNX names are unique across
+    # the nested graphs, so renaming inside them is safe
+    every = [m for n in g.node for m in (n, *qz.subgraph_nodes(n))]
+    for n in every:
         for j, x in enumerate(n.input):
             if x in rename:
                 n.input[j] = rename[x]
     for o in g.output:
         if o.name in rename:  # never the case for archir models; keep the graph valid
             g.node.append(onnx.helper.make_node("Identity", [rename[o.name]], [o.name]))
-    used = {x for n in g.node for x in n.input} | {o.name for o in g.output}
+    used = {x for n in every for x in n.input} | {o.name for o in g.output}
     for i in [i for i in g.initializer if i.name in arrays and i.name not in used]:
         g.initializer.remove(i)
     # value_info entries of removed outputs would confuse the checker's shape inference

@@ -524,3 +524,121 @@ def test_export_report_names_the_blocks_off_the_common_precision() -> None:
     )
     rep.block_precision = {"b0": "fp32"}
     assert "  precision per block: fp32 x1" in str(rep).splitlines()
+
+
+def test_sort_nodes_puts_a_subgraph_after_what_it_reads() -> None:
+    """onnxruntime's quantizers sort nodes by their listed inputs only; an ``If`` whose
+    branches read a value of the main graph must still come after that value's producer."""
+    from onnx import TensorProto, helper
+
+    from exporters.quantize import outer_inputs, sort_nodes
+
+    def branch(name: str) -> onnx.GraphProto:
+        out = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [2])
+        return helper.make_graph(
+            [helper.make_node("Identity", ["a"], [f"{name}_y"])], name, [], [out]
+        )
+
+    cond = helper.make_node("Identity", ["c"], ["c2"])
+    produce_a = helper.make_node("Relu", ["x"], ["a"])
+    if_node = helper.make_node(
+        "If", ["c2"], ["y"], then_branch=branch("then"), else_branch=branch("else")
+    )
+    graph = helper.make_graph(
+        [cond, if_node, produce_a],  # the If before the node making its branches' input
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    assert outer_inputs(if_node) == {"a"}
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(model)
+    sort_nodes(model)
+    assert [n.op_type for n in model.graph.node] == ["Identity", "Relu", "If"]
+    onnx.checker.check_model(model)
+    sess = make_session(model.SerializeToString())
+    x = np.array([-1.0, 2.0], dtype=np.float32)
+    np.testing.assert_array_equal(sess.run(None, {"x": x, "c": np.array(True)})[0], [0.0, 2.0])
+    before = [n.name for n in model.graph.node]
+    assert [n.name for n in sort_nodes(model).graph.node] == before  # a valid order stays
+
+
+@pytest.mark.parametrize(
+    "precision",
+    # int8 / int8-static failed the checker before sort_nodes; int4 and fp16 (15 s each) in
+    # the heavy pass
+    ["int8", "int8-static", *(pytest.param(p, marks=pytest.mark.heavy) for p in ("int4", "fp16"))],
+)
+def test_hyena_past_the_direct_length_exports_at_every_precision(
+    precision: str, tmp_path: Path
+) -> None:
+    """A Hyena model longer than ``DIRECT_MAX_LEN`` exports its long convolution behind an
+    ``If`` (the DFT past that length); every precision's quantizer keeps the file valid and
+    runnable on both sides of the switch (int8 failed the checker before ``sort_nodes``)."""
+    from archir.blocks.conv import DIRECT_MAX_LEN
+
+    data = lm_spec(d=16, layers=1).data
+    data["model"]["max_seq_len"] = DIRECT_MAX_LEN + 64
+    data["model"]["layers"][0]["blocks"][0] = {"kind": "hyena", "filter_width": 8}
+    spec = spec_from_dict(data)
+    model = archir.compile(spec, seed=0).eval()
+    path = tmp_path / f"h-{precision}.onnx"
+    export_onnx(spec, path, model=model, check=False, task="random", precision=precision)
+    proto = onnx.load(str(path))
+    assert "If" in [n.op_type for n in proto.graph.node]
+    sess = make_session(str(path))
+    for T in (40, DIRECT_MAX_LEN + 30):
+        x = torch.randint(0, 64, (1, T))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        assert got.shape == ref.shape and np.isfinite(got).all()
+        # the same function at reduced precision (untrained weights, so no quality bar
+        # beyond that; fp16 close)
+        assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9, (precision, T)
+        if precision == "fp16":
+            assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
+
+
+def test_weight_folding_follows_reads_inside_a_subgraph() -> None:
+    """``fold_constant_weights`` renames a folded weight where an ``If`` branch reads it
+    (the checker rejected the graph before: the branch read a removed name)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", "wt"], [f"{name}_y"])],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 2])],
+        )
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+            helper.make_node(
+                "If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else")
+            ),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    assert oe.fold_constant_weights(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["If"]
+    assert {i.name for i in model.graph.initializer} == {"w.T"}  # w: nothing reads it now
+    onnx.checker.check_model(model, full_check=True)
+    x = np.ones((1, 3), dtype=np.float32)
+    got = make_session(model.SerializeToString()).run(None, {"x": x, "c": np.array(False)})[0]
+    np.testing.assert_array_equal(got, x @ w.T)
