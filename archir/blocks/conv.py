@@ -306,7 +306,7 @@ class Hyena(nn.Module):
 
     def _use_fft(self) -> bool:
         if self.fft == "auto":
-            return not tracing(compiling=False)  # an exported graph takes the direct form
+            return not tracing(compiling=False)  # an exported graph: causal_conv_export
         return self.fft == "on"
 
     def _reversed_filters(self) -> torch.Tensor:
