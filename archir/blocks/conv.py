@@ -158,10 +158,10 @@ def causal_conv_direct(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 #: longest sequence an exported Hyena graph convolves directly (ONNX ``Conv``, O(T²));
 #: longer ones take :func:`causal_conv_dft`. Measured on onnxruntime, 1 thread, 128
-#: channels: direct 0.43 / 1.6 / 6.6 / 31 ms at T 128 / 256 / 512 / 1,024, the factorised
-#: DFT (``n1`` 64) 1.2 / 1.4 / 3.0 / 7.8 ms (benchmarks/README.md, "Hyena's long
-#: convolution in onnxruntime").
-DIRECT_MAX_LEN = 256
+#: channels: direct 2.4 / 3.6 / 6.3 / 25 ms at T 300 / 384 / 512 / 1,024, the factorised
+#: DFT (``n1`` 64) 2.7 / 2.7 / 2.8 / 6.9 ms (``benchmarks/hyena_long_conv.py``; numbers in
+#: benchmarks/README.md, issue 14 part 6).
+DIRECT_MAX_LEN = 320
 #: first factor of the exported DFT's length (``n = n1 · n2``, ``n2`` from the sequence)
 DFT_N1 = 64
 
@@ -192,7 +192,9 @@ def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = DFT_N1) -> torch
     """
     B, C, T = z.shape
     half = n1 // 2
-    n2 = (2 * T + n1 - 1) // n1
+    # n2 a multiple of 8: onnxruntime's GEMM packs columns in panels (n2 18 ran 1.4x slower
+    # than 16), and never 1, which would make torch.export specialise a short traced length
+    n2 = 8 * ((2 * T + 8 * n1 - 1) // (8 * n1))
     n = n1 * n2
     L = half * n2  # the nonzero first half of the padded length, >= T
     a1 = torch.arange(n1, device=z.device)
@@ -202,7 +204,7 @@ def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = DFT_N1) -> torch
     Wr, Wi = _cis(a1[:, None] * a2[None, :], n)  # twiddles [n1, n2]
     x = torch.cat([z.reshape(B * C, T), h], 0)  # both spectra in one pass
     M = x.shape[0]
-    x = torch.cat([x, x.new_zeros(M, L - T)], 1)
+    x = F.pad(x, (0, L - T))  # no zero-width tensor when L == T
     x = x.view(M, half, n2).permute(1, 0, 2).reshape(half, M * n2)  # [t1, (m t2)]
     A = torch.cat([c1, s1], 0) @ x  # [2·n1, M·n2]
     Ar, Ai = A[:n1].view(n1, M, n2), A[n1:].view(n1, M, n2)
@@ -221,7 +223,8 @@ def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = DFT_N1) -> torch
     # stage one backwards, real part only: Re(e^{+iθ}·D) = cos θ·Dr − sin θ·Di (s1 = −sin θ)
     G = torch.cat([c1.T, s1.T], 1) / n  # [n1/2, 2·n1]
     y = G @ torch.cat([Dr, Di], 0).view(2 * n1, B * C * n2)  # [s1, (b c s2)]
-    return y.view(half, B * C, n2).permute(1, 0, 2).reshape(B, C, L)[..., :T]
+    y = y.view(half, B * C, n2).permute(1, 0, 2).contiguous().view(B, C, L)
+    return y.split([T, L - T], dim=-1)[0]  # a split: the traced size is T, not min(T, L)
 
 
 def causal_conv_export(z: torch.Tensor, h: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -236,9 +239,10 @@ def causal_conv_export(z: torch.Tensor, h: torch.Tensor, max_len: int) -> torch.
         return causal_conv_direct(z, h)
     torch._check(z.shape[-1] <= max_len)
 
+    # cond's branches must return the same layout: a fresh [B, C, T] tensor (``* 1.0``)
     def direct(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         torch._check(h.shape[-1] == z.shape[-1])
-        return causal_conv_direct(z, h) * 1.0  # a dense result: cond's branches must agree
+        return causal_conv_direct(z, h) * 1.0
 
     def dft(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         torch._check(h.shape[-1] == z.shape[-1])
