@@ -362,67 +362,34 @@ def _quantize(
     return sort_nodes(out), plan
 
 
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """``node``'s subgraphs: an ``If``'s branches, a ``Loop`` / ``Scan`` body."""
+    return [
+        g
+        for a in node.attribute
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))
+    ]
+
+
 def subgraph_nodes(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """Every node inside ``node``'s subgraphs (``If`` branches, ``Loop`` / ``Scan``
-    bodies), nested ones included."""
-    out: list[onnx.NodeProto] = []
-    for a in node.attribute:
-        for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-            for n in g.node:
-                out.append(n)
-                out.extend(subgraph_nodes(n))
-    return out
-
-
-def outer_inputs(node: onnx.NodeProto) -> set[str]:
-    """The names a node's subgraphs (the branches of an ``If``, a ``Loop`` or ``Scan`` body)
-    read from the enclosing graphs: implicit inputs that ``node.input`` does not list."""
-    names: set[str] = set()
-    for a in node.attribute:
-        for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-            local = {v.name for v in g.input} | {t.name for t in g.initializer}
-            local |= {o for n in g.node for o in n.output}
-            for n in g.node:
-                names |= {x for x in n.input if x and x not in local}
-                names |= outer_inputs(n) - local
-    return names
+    """Every node inside ``node``'s subgraphs, nested ones included."""
+    return [m for g in _subgraphs(node) for n in g.node for m in (n, *subgraph_nodes(n))]
 
 
 def sort_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Order the main graph's nodes so that every node comes after the producers of its
-    inputs, the implicit ones of its subgraphs included (onnxruntime's quantizers sort
-    without them and can put an ``If`` — e.g. Hyena's long convolution, whose branches
-    read the filter from the main graph — before the node computing what its branches
-    read, which the checker rejects). Keeps the existing order wherever it is valid; a
-    graph with a cycle is returned as it is (the checker then names it)."""
-    import heapq
-
-    nodes = list(model.graph.node)
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    deps = [
-        {producer[x] for x in (*n.input, *outer_inputs(n)) if x in producer and producer[x] != i}
-        for i, n in enumerate(nodes)
-    ]
-    users: list[list[int]] = [[] for _ in nodes]
-    for i, d in enumerate(deps):
-        for j in d:
-            users[j].append(i)
-    left = [len(d) for d in deps]
-    ready = [i for i, k in enumerate(left) if k == 0]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for u in users[i]:
-            left[u] -= 1
-            if left[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) != len(nodes) or order == list(range(len(nodes))):
+    """Order the nodes so that every node comes after the producers of its inputs, the
+    values its subgraphs read from the enclosing graph included (onnxruntime's quantizers
+    sort without those and can put an ``If`` — e.g. Hyena's long convolution, whose
+    branches read the filter from the main graph — before the node computing what its
+    branches read, which the checker rejects). ``onnx_ir``'s ``Graph.sort`` counts them and
+    keeps a valid order as it is; a model without subgraphs is returned unchanged."""
+    if not any(_subgraphs(n) for n in model.graph.node):
         return model
-    del model.graph.node[:]
-    model.graph.node.extend(nodes[i] for i in order)
-    return model
+    from onnxscript import ir
+
+    m = ir.from_proto(model)
+    m.graph.sort()
+    return ir.to_proto(m)
 
 
 def file_size(path: str | os.PathLike) -> int:
