@@ -9,7 +9,8 @@ batch 1, 1 thread. Three forms of the same function:
   length-T kernel (O(T²)) — every exported Hyena before this change, and the exported form
   up to :data:`~archir.blocks.conv.DIRECT_MAX_LEN` positions since;
 * ``dft``: :func:`archir.blocks.conv.causal_conv_dft` (``n1`` = ``--n1``, default
-  :data:`~archir.blocks.conv.DFT_N1`), the exported form past ``DIRECT_MAX_LEN``;
+  :data:`~archir.blocks.conv.DFT_N1`), the exported form past ``DIRECT_MAX_LEN``; it runs
+  channels last (``[1, T, channels]``), as in the exported model, and is fed that layout;
 * ``torch fft``: :func:`archir.blocks.conv.causal_conv_fft` in eager torch (what the
   PyTorch model runs).
 
@@ -48,12 +49,15 @@ class _Form(torch.nn.Module):
 
 def _export(fn, n1: int, channels: int, path: Path) -> None:  # type: ignore[no-untyped-def]
     T = torch.export.Dim("T", min=2, max=8192)
+    last = fn is causal_conv_dft  # channels last
     torch.onnx.export(
         _Form(fn, n1),
-        (torch.randn(1, channels, 300), torch.randn(channels, 300)),
+        (torch.randn(1, 300, channels), torch.randn(300, channels))
+        if last
+        else (torch.randn(1, channels, 300), torch.randn(channels, 300)),
         str(path),
         input_names=["z", "h"],
-        dynamic_shapes={"z": {2: T}, "h": {1: T}},
+        dynamic_shapes={"z": {1: T}, "h": {0: T}} if last else {"z": {2: T}, "h": {1: T}},
         opset_version=20,
         dynamo=True,
         verbose=False,
@@ -82,10 +86,14 @@ def main() -> None:
         for T in args.seqs:
             z = torch.randn(1, C, T, generator=gen)
             h = torch.randn(C, T, generator=gen) / T**0.5
-            feed = {"z": z.numpy(), "h": h.numpy()}
+            feeds = {
+                "direct": {"z": z.numpy(), "h": h.numpy()},
+                "dft": {"z": z.transpose(1, 2).numpy().copy(), "h": h.T.numpy().copy()},
+            }
             ref = causal_conv_fft(z, h).numpy()
-            err = float(np.abs(sessions["dft"].run(None, feed)[0] - ref).max() / np.abs(ref).max())
-            calls = {k: (lambda s=s, f=feed: s.run(None, f)) for k, s in sessions.items()}
+            got = sessions["dft"].run(None, feeds["dft"])[0].transpose(0, 2, 1)
+            err = float(np.abs(got - ref).max() / np.abs(ref).max())
+            calls = {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
             calls["torch"] = lambda z=z, h=h: causal_conv_fft(z, h)
             with torch.inference_mode():
                 m = measure_interleaved(calls, rounds=10, window_s=0.05, min_runs=3)

@@ -304,9 +304,10 @@ def _export_and_compare(m: torch.nn.Module, seq_lens: tuple[int, ...]) -> float:
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", ["hyena", "moe"])
 def test_onnx_export_dynamic_seq(name: str) -> None:
-    """hyena exports its long convolution as the direct ``Conv`` (``max_seq_len`` 320: no
-    DFT branch; tests/test_blocks_hyena.py covers it); moe through the sparse dispatch.
-    Both run in onnxruntime at lengths other than the traced 16."""
+    """hyena exports its long convolution behind an ``If`` (``max_seq_len`` 320: the direct
+    ``Conv`` at 37 positions, the factorised DFT at 300; tests/test_blocks_hyena.py covers
+    the switch); moe through the sparse dispatch. Both run in onnxruntime at lengths other
+    than the traced 16."""
     m, _, _ = build(name)
     assert _export_and_compare(m, (37, 300)) < 1e-5
 

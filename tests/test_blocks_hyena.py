@@ -217,9 +217,9 @@ def test_hash_marks_the_order_convention() -> None:
 @pytest.mark.parametrize("T", [1, 2, 31, 32, 33, 97, 257, 700])
 @pytest.mark.parametrize("n1", [8, 64])
 def test_dft_long_convolution_is_the_causal_convolution(T: int, n1: int) -> None:
-    """The exported graph's long-sequence form (Cooley–Tukey DFT as MatMuls) against the
-    convolution's definition ``y[t] = Σ_{s<=t} h[t-s]·z[s]`` (fp64 sums) and the FFT path,
-    at lengths around the factor sizes, batch 1 and 3."""
+    """The exported graph's long-sequence form (Cooley–Tukey DFT as MatMuls, channels last)
+    against the convolution's definition ``y[t] = Σ_{s<=t} h[t-s]·z[s]`` (fp64 sums) and the
+    FFT path, at lengths around the factor sizes, batch 1 and 3."""
     from archir.blocks.conv import causal_conv_dft, causal_conv_fft
 
     gen = torch.Generator().manual_seed(T)
@@ -230,12 +230,28 @@ def test_dft_long_convolution_is_the_causal_convolution(T: int, n1: int) -> None
         ref = torch.stack(
             [(hh[:, : t + 1].flip(-1) * zz[..., : t + 1]).sum(-1) for t in range(T)], -1
         )
-        got = causal_conv_dft(z, h, n1)
-        assert got.shape == (B, 5, T)
+        got = causal_conv_dft(z.transpose(1, 2), h.T, n1)
+        assert got.shape == (B, T, 5)
+        got = got.transpose(1, 2)
         scale = ref.abs().max().item()
         assert (got.double() - ref).abs().max().item() <= 2e-6 * scale
         fft = causal_conv_fft(z, h).double()
         assert (got.double() - fft).abs().max().item() <= 2e-6 * scale
+
+
+@pytest.mark.parametrize("order,layers", [(2, 1), (3, 1), (4, 0)])
+def test_filter_taps_by_group_are_the_filter(order: int, layers: int) -> None:
+    """The exported graph's per-filter taps (``ImplicitFilter.taps``, time first, computed
+    from the last Linear's rows of each filter) are the filter ``forward`` gives, regrouped:
+    group ``o`` holds filter ``o`` of every channel."""
+    m = Hyena(D, 64, HyenaParams(order=order, filter_width=12, filter_layers=layers))
+    with torch.no_grad():
+        ref = m._filters(40)  # [d, N-1, T]
+        got = m.filter.taps(40, m.n_filters)
+    assert len(got) == order - 1
+    for o, g in enumerate(got):
+        assert g.shape == (40, D)
+        torch.testing.assert_close(g, ref[:, o].T, rtol=1e-6, atol=1e-7)
 
 
 def test_exported_graph_switches_to_the_dft_past_the_direct_length(tmp_path) -> None:
@@ -263,8 +279,15 @@ def test_exported_graph_switches_to_the_dft_past_the_direct_length(tmp_path) -> 
         dynamo=True,
         verbose=False,
     )
-    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
     assert ops.count("If") == m.n_filters and "DFT" not in ops
+    # the DFT branch runs channels last, as the graph around it: no Transpose inside
+    for node in graph.node:
+        if node.op_type == "If":
+            dft = next(a.g for a in node.attribute if a.name == "else_branch")
+            inner = [n.op_type for n in dft.node]
+            assert "MatMul" in inner and "Transpose" not in inner
     sess = make_session(str(path))
     for T in (1, 40, DIRECT_MAX_LEN, DIRECT_MAX_LEN + 1, 2 * DIRECT_MAX_LEN):
         x = torch.randn(2, T, D)

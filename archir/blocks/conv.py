@@ -128,6 +128,20 @@ class ImplicitFilter(nn.Module):
         layers.append(nn.Linear(p.filter_width, n_out, bias=False))
         self.mlp = nn.Sequential(*layers)
 
+    def taps(self, T: int, groups: int) -> list[torch.Tensor]:
+        """The first ``T`` taps, time first, in ``groups`` interleaved groups of channels:
+        group ``o`` is ``[T, n_out / groups]``, channels ``o, o + groups, …`` — the same
+        numbers as ``forward(T)[o::groups].T``, computed from the matching rows of the last
+        Linear and decay rates, so no strided gather runs on the taps (onnxruntime's
+        ``Gather`` on a last axis cost 125 µs per 16k taps)."""
+        hidden = self.mlp[:-1](self.z[:T])  # [T, width]
+        weight = self.mlp[-1].weight  # [n_out, width]
+        return [
+            (hidden @ weight[o::groups].transpose(0, 1))
+            * torch.exp(-self.t[:T] * self.deltas[:, o::groups].abs())
+            for o in range(groups)
+        ]
+
     def forward(self, T: int) -> torch.Tensor:
         h = self.mlp(self.z[:T]) * torch.exp(-self.t[:T] * self.deltas.abs())  # [T, n_out]
         return h.transpose(0, 1)
@@ -158,10 +172,10 @@ def causal_conv_direct(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 #: longest sequence an exported Hyena graph convolves directly (ONNX ``Conv``, O(T²));
 #: longer ones take :func:`causal_conv_dft`. Measured on onnxruntime, 1 thread, 128
-#: channels: direct 2.4 / 3.6 / 6.3 / 25 ms at T 300 / 384 / 512 / 1,024, the factorised
-#: DFT (``n1`` 64) 2.7 / 2.7 / 2.8 / 6.9 ms (``benchmarks/hyena_long_conv.py``; numbers in
-#: benchmarks/README.md, issue 14 part 6).
-DIRECT_MAX_LEN = 320
+#: channels: direct 0.33 / 0.59 / 1.26 / 5.1 ms at T 128 / 160 / 256 / 512, the
+#: factorised DFT (``n1`` 64, channels last) 0.37 / 0.37 / 0.37 / 0.82 ms
+#: (``benchmarks/hyena_long_conv.py``; numbers in benchmarks/README.md, issue 14 part 6).
+DIRECT_MAX_LEN = 128
 #: first factor of the exported DFT's length (``n = n1 · n2``, ``n2`` from the sequence)
 DFT_N1 = 64
 
@@ -182,16 +196,26 @@ def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = DFT_N1) -> torch
     O(T²); float32 angles are reduced modulo ``n`` in int64, so the result matches the FFT
     to ~1e-6 relative.
 
-    ``z [batch, channels, T]``, ``h [channels, T]`` -> ``[batch, channels, T]``. With
-    ``t = t1·n2 + t2`` and ``k = k1 + n1·k2``: stage one sums over ``t1`` (an ``[n1, n1/2]``
-    DFT: the upper half of the zero-padded input is zero), a twiddle ``exp(-2πi·k1·t2/n)``,
-    stage two over ``t2`` (``[n2, n2]``). The spectra of ``z`` and ``h`` are multiplied in
-    that order of frequencies, and the inverse runs the same stages backwards, computing only
-    the first ``T`` outputs (``t = s2 + n2·s1``, ``s1 < n1/2``). Every MatMul is one GEMM
-    over all channels (the stage-one operands are transposed once).
+    **Channels last**: ``z [batch, T, channels]``, ``h [T, channels]`` ->
+    ``[batch, T, channels]`` — the layout of the projections around it, so the graph holds
+    no transpose (time is the contracted axis of every MatMul, channels ride along).
+
+    With ``t = t1·n2 + t2`` and ``k = k1 + n1·k2``: stage one sums over ``t1`` (an
+    ``[n1, n1/2]`` DFT: the upper half of the zero-padded input is zero), then for each
+    ``k1`` one ``[n2, n2]`` complex matrix sums over ``t2`` with the twiddle
+    ``exp(-2πi·k1·t2/n)`` folded in. The inputs are real, so only ``k1 <= n1/2`` is
+    computed: the rest is conjugate (``X[k1 + n1·k2] = conj(X[n - k1 - n1·k2])``, and after
+    the inverse's stage two ``D[n1 - k1] = conj(D[k1])``), which halves every stage. Complex
+    values are kept as real and imaginary halves of the contracted axis, so each complex
+    MatMul is one real MatMul with a ``[[Re, -Im], [Im, Re]]`` block matrix. The spectra of
+    ``z`` and ``h`` are multiplied, and the inverse runs the same stages backwards,
+    computing only the first ``T`` outputs (``t = s2 + n2·s1``, ``s1 < n1/2``), with ``k1``
+    and ``n1 - k1`` folded into one term (weight 2; 1 for ``k1 = 0`` and ``n1/2``, whose
+    terms are real).
     """
-    B, C, T = z.shape
+    B, T, C = z.shape
     half = n1 // 2
+    K = half + 1  # frequencies k1 = 0 … n1/2 of stage one
     # n2 a multiple of 8: onnxruntime's GEMM packs columns in panels (n2 18 ran 1.4x slower
     # than 16), and never 1, which would make torch.export specialise a short traced length
     n2 = 8 * ((2 * T + 8 * n1 - 1) // (8 * n1))
@@ -199,55 +223,58 @@ def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = DFT_N1) -> torch
     L = half * n2  # the nonzero first half of the padded length, >= T
     a1 = torch.arange(n1, device=z.device)
     a2 = torch.arange(n2, device=z.device)
-    c1, s1 = _cis(a1[:, None] * a1[None, :half], n1)  # [n1, n1/2]
-    F2r, F2i = _cis(a2[:, None] * a2[None, :], n2)  # [n2, n2]
-    Wr, Wi = _cis(a1[:, None] * a2[None, :], n)  # twiddles [n1, n2]
-    x = torch.cat([z.reshape(B * C, T), h], 0)  # both spectra in one pass
-    M = x.shape[0]
-    x = F.pad(x, (0, L - T))  # no zero-width tensor when L == T
-    x = x.view(M, half, n2).permute(1, 0, 2).reshape(half, M * n2)  # [t1, (m t2)]
-    A = torch.cat([c1, s1], 0) @ x  # [2·n1, M·n2]
-    Ar, Ai = A[:n1].view(n1, M, n2), A[n1:].view(n1, M, n2)
-    # onnxruntime broadcasts a middle axis slowly: expand the twiddles once
-    wr = Wr[:, None, :].expand(n1, M, n2).contiguous()
-    wi = Wi[:, None, :].expand(n1, M, n2).contiguous()
-    Br, Bi = Ar * wr - Ai * wi, Ar * wi + Ai * wr
-    Xr, Xi = Br @ F2r - Bi @ F2i, Br @ F2i + Bi @ F2r  # [k1, m, k2]
-    Zr, Hr = Xr[:, : B * C].view(n1, B, C, n2), Xr[:, B * C :].view(n1, 1, C, n2)
-    Zi, Hi = Xi[:, : B * C].view(n1, B, C, n2), Xi[:, B * C :].view(n1, 1, C, n2)
-    Pr = (Zr * Hr - Zi * Hi).view(n1, B * C, n2)
-    Pi = (Zr * Hi + Zi * Hr).view(n1, B * C, n2)
-    Cr, Ci = Pr @ F2r + Pi @ F2i, Pi @ F2r - Pr @ F2i  # conj(F2): the inverse's stage two
-    wr, wi = wr[:, : B * C], wi[:, : B * C]
-    Dr, Di = Cr * wr + Ci * wi, Ci * wr - Cr * wi  # conj(twiddle)
-    # stage one backwards, real part only: Re(e^{+iθ}·D) = cos θ·Dr − sin θ·Di (s1 = −sin θ)
-    G = torch.cat([c1.T, s1.T], 1) / n  # [n1/2, 2·n1]
-    y = G @ torch.cat([Dr, Di], 0).view(2 * n1, B * C * n2)  # [s1, (b c s2)]
-    y = y.view(half, B * C, n2).permute(1, 0, 2).contiguous().view(B, C, L)
-    return y.split([T, L - T], dim=-1)[0]  # a split: the traced size is T, not min(T, L)
+    c1, s1 = _cis(a1[:K, None] * a1[None, :half], n1)  # [K, n1/2]
+    F1 = torch.stack([c1, s1], 1).reshape(2 * K, half)  # rows (k1, re | im)
+    F2r, F2i = _cis(a2[:, None] * a2[None, :], n2)  # [n2, n2], symmetric
+    Wr, Wi = _cis(a1[:K, None] * a2[None, :], n)  # twiddles [K, n2]
+    # stage two per k1, twiddle folded in: P[k1][k2, t2] = F2[k2, t2]·W[k1, t2]
+    Pr, Pi = F2r * Wr[:, None] - F2i * Wi[:, None], F2r * Wi[:, None] + F2i * Wr[:, None]
+    P = torch.cat([torch.cat([Pr, -Pi], 2), torch.cat([Pi, Pr], 2)], 1)  # [K, 2·n2, 2·n2]
+    # its inverse: Q[k1][s2, k2] = conj(W[k1, s2]·F2[s2, k2])
+    Qr = F2r * Wr[:, :, None] - F2i * Wi[:, :, None]
+    Qi = -(F2r * Wi[:, :, None] + F2i * Wr[:, :, None])
+    Q = torch.cat([torch.cat([Qr, -Qi], 2), torch.cat([Qi, Qr], 2)], 1)
+
+    def spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[..., T, C]`` -> real and imaginary parts ``[..., K, n2, C]``."""
+        lead = x.shape[:-2]
+        x = F.pad(x, (0, 0, 0, L - T)).reshape(*lead, half, n2 * C)  # [.., t1, (t2 c)]
+        A = (F1 @ x).view(*lead, K, 2 * n2, C)  # [.., k1, (re|im t2), c]
+        re, im = (P @ A).view(*lead, K, 2, n2, C).unbind(-3)
+        return re, im
+
+    Zr, Zi = spectrum(z)  # [B, K, n2, C]
+    Hr, Hi = spectrum(h)  # [K, n2, C]
+    Y = torch.cat([Zr * Hr - Zi * Hi, Zr * Hi + Zi * Hr], -2)  # [B, K, 2·n2, C]
+    D = Q @ Y  # [B, K, (re|im s2), C]
+    # stage one backwards, real part only: Re(e^{+iθ}·D) = cos θ·Dr − sin θ·Di (s1 = −sin θ);
+    # k1 and n1 − k1 are conjugate, so each 0 < k1 < n1/2 counts twice
+    one = torch.ones(1, device=z.device)  # no in-place writes: this runs inside torch.cond
+    fold = torch.cat([one, torch.full((half - 1,), 2.0, device=z.device), one])
+    G = torch.stack([c1.T * fold, s1.T * fold], 2).reshape(half, 2 * K) / n  # cols (k1, re|im)
+    y = (G @ D.reshape(B, 2 * K, n2 * C)).view(B, L, C)  # [b, (s1 s2), c]
+    return y.split([T, L - T], dim=1)[0]  # a split: the traced size is T, not min(T, L)
 
 
-def causal_conv_export(z: torch.Tensor, h: torch.Tensor, max_len: int) -> torch.Tensor:
-    """The causal convolution as an exported graph computes it: under ``torch.export`` a
-    ``torch.cond`` (ONNX ``If``) on the sequence length — :func:`causal_conv_direct` up to
-    :data:`DIRECT_MAX_LEN` positions, :func:`causal_conv_dft` beyond; under the TorchScript
-    exporter (no ``If`` from a length), and for a model whose ``max_len`` (``max_seq_len``)
-    is at most :data:`DIRECT_MAX_LEN`, the direct form alone (no ``If``). The ``If`` costs
-    nothing measurable: a 4-layer Hyena model at T 64–256 ran at 0.99–1.02× the graph
-    without it in six of seven timings (1.10× once). Shapes as :func:`causal_conv_direct`."""
-    if max_len <= DIRECT_MAX_LEN or not torch.compiler.is_exporting():
-        return causal_conv_direct(z, h)
+def causal_conv_export(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The causal convolution of an exported Hyena graph past :data:`DIRECT_MAX_LEN`
+    (channels last, shapes as :func:`causal_conv_dft`): a ``torch.cond`` (ONNX ``If``) on
+    the sequence length — :func:`causal_conv_direct` up to :data:`DIRECT_MAX_LEN` positions
+    (transposed to channels first and back), :func:`causal_conv_dft` beyond. Call it only
+    under ``torch.export`` (:meth:`Hyena.forward` does). The ``If`` costs nothing
+    measurable: a 4-layer Hyena model at T 64–256 ran at 0.99–1.02× the graph without it
+    in six of seven timings (1.10× once)."""
 
-    # cond's branches must return the same layout: a fresh [B, C, T] tensor (``* 1.0``)
+    # cond's branches must return the same layout: a fresh, contiguous [B, T, C] tensor
     def direct(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        torch._check(h.shape[-1] == z.shape[-1])
-        return causal_conv_direct(z, h) * 1.0
+        torch._check(h.shape[0] == z.shape[1])
+        return causal_conv_direct(z.transpose(1, 2), h.transpose(0, 1)).transpose(1, 2).contiguous()
 
     def dft(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        torch._check(h.shape[-1] == z.shape[-1])
+        torch._check(h.shape[0] == z.shape[1])
         return causal_conv_dft(z, h) * 1.0
 
-    return torch.cond(z.shape[-1] <= DIRECT_MAX_LEN, direct, dft, (z, h))
+    return torch.cond(z.shape[1] <= DIRECT_MAX_LEN, direct, dft, (z, h))
 
 
 class Hyena(nn.Module):
@@ -338,16 +365,24 @@ class Hyena(nn.Module):
     def _long_conv(self, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if self._use_fft():
             return causal_conv_fft(v, h)
-        if self.fft == "off":
-            return causal_conv_direct(v, h)
-        return causal_conv_export(v, h, self.max_len)
+        return causal_conv_direct(v, h)
 
     def _filters(self, T: int) -> torch.Tensor:
         """``[d, N-1, T]``: filter ``o`` of channel ``c`` at ``[c, o]``."""
         return self.filter(T).view(self.d, self.n_filters, T)
 
+    def _exports_channels_last(self) -> bool:
+        """An exported graph of a model longer than :data:`DIRECT_MAX_LEN` runs the long
+        convolutions channels last behind an ``If`` (:func:`causal_conv_export`); shorter
+        models and the TorchScript exporter keep the direct ``Conv`` (no ``If``)."""
+        return (
+            self.fft == "auto" and self.max_len > DIRECT_MAX_LEN and torch.compiler.is_exporting()
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
+        if self._exports_channels_last():
+            return self._forward_channels_last(x)
         x = self.in_proj(x).transpose(1, 2)  # [B, C, T]
         x = self.short(F.pad(x, (self.k - 1, 0)))
         parts = x.split(d, dim=1)
@@ -357,6 +392,21 @@ class Hyena(nn.Module):
             v = v * gates[self.order - 1 - o]
             v = self._long_conv(v, h[:, o]) + self.skip[:, o, None] * v
         return self.out_proj((v * gates[0]).transpose(1, 2))
+
+    def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` as the exported graph computes it: the same function, in
+        ``[B, T, C]`` from the short convolution on (the factorised DFT needs no transpose
+        in that layout, and neither does ``out_proj``)."""
+        B, T, d = x.shape
+        x = self.in_proj(x).transpose(1, 2)  # [B, C, T]
+        x = self.short(F.pad(x, (self.k - 1, 0))).transpose(1, 2)  # [B, T, C]
+        parts = x.split(d, dim=-1)
+        gates, v = parts[:-1], parts[-1]
+        h = self.filter.taps(T, self.n_filters)  # N-1 × [T, d]
+        for o in range(self.n_filters):
+            v = v * gates[self.order - 1 - o]
+            v = causal_conv_export(v, h[o]) + self.skip[:, o] * v
+        return self.out_proj(v * gates[0])
 
     def init_state(
         self,
