@@ -255,20 +255,22 @@ def test_filter_taps_by_group_are_the_filter(order: int, layers: int) -> None:
 
 
 def test_exported_graph_switches_to_the_dft_past_the_direct_length(tmp_path) -> None:
-    """An exported Hyena holds both forms behind an ONNX ``If`` on the length and matches
-    PyTorch (its FFT) on onnxruntime on both sides of :data:`DIRECT_MAX_LEN`, traced at a
-    length where the DFT's derived sizes would be 1 (torch.export specialised the graph to
-    the traced length when they were)."""
+    """An exported Hyena holds its forms behind ONNX ``If`` nodes on the length (the direct
+    ``Conv``, the DFT with ``n1`` 64, and past :data:`DFT_N1_MAX_LEN` the DFT with ``n1``
+    128) and matches PyTorch (its FFT) on onnxruntime on both sides of every switch, traced
+    at a length where the DFT's derived sizes would be 1 (torch.export specialised the graph
+    to the traced length when they were)."""
     import numpy as np
     import onnx
 
-    from archir.blocks.conv import DIRECT_MAX_LEN
+    from archir.blocks.conv import DFT_N1_MAX_LEN, DIRECT_MAX_LEN
     from exporters.parity import make_session
 
     torch.manual_seed(0)
-    m = Hyena(D, 2 * DIRECT_MAX_LEN, HyenaParams(order=3, filter_width=12)).eval()
+    L = DFT_N1_MAX_LEN + 64
+    m = Hyena(D, L, HyenaParams(order=3, filter_width=12)).eval()
     path = tmp_path / "hyena.onnx"
-    T_ = torch.export.Dim("T", min=2, max=2 * DIRECT_MAX_LEN)
+    T_ = torch.export.Dim("T", min=2, max=L)
     torch.onnx.export(
         m,
         (torch.randn(2, 16, D),),  # traced short: nothing may specialise the length
@@ -282,14 +284,20 @@ def test_exported_graph_switches_to_the_dft_past_the_direct_length(tmp_path) -> 
     graph = onnx.load(str(path)).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("If") == m.n_filters and "DFT" not in ops
-    # the DFT branch runs channels last, as the graph around it: no Transpose inside
+
+    def branch(node, name):  # type: ignore[no-untyped-def]
+        return next(a.g for a in node.attribute if a.name == name)
+
+    # both DFTs run channels last, as the graph around them: no Transpose inside
     for node in graph.node:
         if node.op_type == "If":
-            dft = next(a.g for a in node.attribute if a.name == "else_branch")
-            inner = [n.op_type for n in dft.node]
-            assert "MatMul" in inner and "Transpose" not in inner
+            by_length = [n for n in branch(node, "else_branch").node if n.op_type == "If"]
+            assert len(by_length) == 1
+            for name in ("then_branch", "else_branch"):
+                inner = [n.op_type for n in branch(by_length[0], name).node]
+                assert "MatMul" in inner and "Transpose" not in inner
     sess = make_session(str(path))
-    for T in (1, 40, DIRECT_MAX_LEN, DIRECT_MAX_LEN + 1, 2 * DIRECT_MAX_LEN):
+    for T in (1, 40, DIRECT_MAX_LEN, DIRECT_MAX_LEN + 1, DFT_N1_MAX_LEN, DFT_N1_MAX_LEN + 1, L):
         x = torch.randn(2, T, D)
         with torch.no_grad():
             ref = m(x).numpy()  # eager: the FFT

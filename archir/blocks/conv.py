@@ -177,7 +177,12 @@ def causal_conv_direct(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 #: (``benchmarks/hyena_long_conv.py``; numbers in benchmarks/README.md, issue 14 part 6).
 DIRECT_MAX_LEN = 128
 #: first factor of the exported DFT's length (``n = n1 · n2``, ``n2`` from the sequence)
+#: up to :data:`DFT_N1_MAX_LEN` positions, and :data:`DFT_N1_LONG` beyond (a second
+#: ``If``): one convolution, 128 channels, 1 thread, ``n1`` 64 / 128 ran 1.37 / 2.00 ms at
+#: T 768, 2.08 / 2.01 at 1,024, 7.28 / 5.22 at 2,048 and 28.8 / 18.4 at 4,096
 DFT_N1 = 64
+DFT_N1_MAX_LEN = 1024
+DFT_N1_LONG = 128
 
 
 def _cis(num: torch.Tensor, den: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,11 +261,14 @@ def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = DFT_N1) -> torch
     return y.split([T, L - T], dim=1)[0]  # a split: the traced size is T, not min(T, L)
 
 
-def causal_conv_export(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def causal_conv_export(z: torch.Tensor, h: torch.Tensor, max_len: int) -> torch.Tensor:
     """The causal convolution of an exported Hyena graph past :data:`DIRECT_MAX_LEN`
     (channels last, shapes as :func:`causal_conv_dft`): a ``torch.cond`` (ONNX ``If``) on
     the sequence length — :func:`causal_conv_direct` up to :data:`DIRECT_MAX_LEN` positions
-    (transposed to channels first and back), :func:`causal_conv_dft` beyond. Call it only
+    (transposed to channels first and back), :func:`causal_conv_dft` beyond (``n1``
+    :data:`DFT_N1` up to :data:`DFT_N1_MAX_LEN` positions, :data:`DFT_N1_LONG` past it,
+    behind a second ``If`` that only a model with ``max_len`` (``max_seq_len``) past
+    :data:`DFT_N1_MAX_LEN` holds). Call it only
     under ``torch.export`` (:meth:`Hyena.forward` does). The ``If`` costs nothing
     measurable: a 4-layer Hyena model at T 64–256 ran at 0.99–1.02× the graph without it
     in six of seven timings (1.10× once)."""
@@ -274,7 +282,16 @@ def causal_conv_export(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         torch._check(h.shape[0] == z.shape[1])
         return causal_conv_dft(z, h) * 1.0
 
-    return torch.cond(z.shape[1] <= DIRECT_MAX_LEN, direct, dft, (z, h))
+    def dft_long(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        torch._check(h.shape[0] == z.shape[1])
+        return causal_conv_dft(z, h, DFT_N1_LONG) * 1.0
+
+    def dft_by_length(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        torch._check(h.shape[0] == z.shape[1])
+        return torch.cond(z.shape[1] <= DFT_N1_MAX_LEN, dft, dft_long, (z, h))
+
+    long = dft_by_length if max_len > DFT_N1_MAX_LEN else dft
+    return torch.cond(z.shape[1] <= DIRECT_MAX_LEN, direct, long, (z, h))
 
 
 class Hyena(nn.Module):
@@ -405,7 +422,7 @@ class Hyena(nn.Module):
         h = self.filter.taps(T, self.n_filters)  # N-1 × [T, d]
         for o in range(self.n_filters):
             v = v * gates[self.order - 1 - o]
-            v = causal_conv_export(v, h[o]) + self.skip[:, o] * v
+            v = causal_conv_export(v, h[o], self.max_len) + self.skip[:, o] * v
         return self.out_proj(v * gates[0])
 
     def init_state(
