@@ -154,8 +154,13 @@ def crowding(vectors: list[list[float]]) -> list[float]:
 
 
 def rank(entries: list[Entry]) -> list[Entry]:
-    """Best first: feasible by (Pareto rank, larger crowding distance, trial number), then
-    infeasible by total relative violation."""
+    """Best first: feasible by (Pareto rank, larger crowding distance, objective values in
+    the order the spec lists them, trial number), then infeasible by total relative
+    violation. The objective values break ties of crowding distance, which the two ends of
+    a front always have (both infinite): with one place to fill, the end that is best in the
+    first-listed objective goes on. (Before, the lower trial number did: on the main job
+    that sent the two fastest, smallest models of a front to the top rung, best 2.181
+    instead of 1.94–2.11.)"""
     ok = [e for e in entries if e.violation <= 0]
     bad = sorted(
         (e for e in entries if e.violation > 0), key=lambda e: (e.violation, e.trial.number)
@@ -165,13 +170,10 @@ def rank(entries: list[Entry]) -> list[Entry]:
     for r in sorted(set(ranks)):
         layer = [e for e, q in zip(ok, ranks) if q == r]
         dist = crowding([e.vector for e in layer])
-        keyed += [
-            e
-            for _, _, e in sorted(
-                zip([-d for d in dist], [e.trial.number for e in layer], layer),
-                key=lambda x: (x[0], x[1]),
-            )
-        ]
+        order = sorted(
+            range(len(layer)), key=lambda i: (-dist[i], layer[i].vector, layer[i].trial.number)
+        )
+        keyed += [layer[i] for i in order]
     return keyed + bad
 
 

@@ -213,6 +213,19 @@ def test_rank_puts_feasible_first_then_front_then_spread():
     assert got[:2] == [2, 4] and set(got[2:4]) == {3, 6} and got[4:] == [1, 5, 0]
 
 
+def test_rank_breaks_a_tie_of_the_front_ends_by_the_first_objective():
+    """The two ends of a front both have infinite crowding distance: the one best in the
+    first-listed objective ranks first, whatever the trial numbers (the lower trial number
+    won before, which on the main job sent the fastest, smallest models to the top rung)."""
+    fast = _entry(3, [2.99, 0.69])  # worse quality, lowest latency, lower trial number
+    good = _entry(12, [2.67, 1.97])
+    middle = _entry(4, [2.79, 1.62])
+    assert [e.trial.number for e in rank([fast, middle, good])] == [12, 3, 4]
+    assert [e.trial.number for e in rank([good, fast])] == [12, 3]
+    # equal vectors: the trial number decides
+    assert [e.trial.number for e in rank([_entry(9, [1, 1]), _entry(2, [1, 1])])] == [2, 9]
+
+
 def _ft(
     number: int,
     values: list[float],
