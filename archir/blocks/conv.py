@@ -15,6 +15,7 @@ are the fp32 inference state a decoder keeps per sequence.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -143,8 +144,7 @@ class ImplicitFilter(nn.Module):
         ]
 
     def forward(self, T: int) -> torch.Tensor:
-        h = self.mlp(self.z[:T]) * torch.exp(-self.t[:T] * self.deltas.abs())  # [T, n_out]
-        return h.transpose(0, 1)
+        return self.taps(T, 1)[0].transpose(0, 1)
 
 
 def causal_conv_fft(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -277,19 +277,18 @@ def causal_conv_export(z: torch.Tensor, h: torch.Tensor, max_len: int) -> torch.
         torch._check(h.shape[0] == z.shape[1])
         return causal_conv_direct(z.transpose(1, 2), h.transpose(0, 1)).transpose(1, 2).contiguous()
 
-    def dft(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        torch._check(h.shape[0] == z.shape[1])
-        return causal_conv_dft(z, h) * 1.0
+    def dft(n1: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def branch(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+            torch._check(h.shape[0] == z.shape[1])
+            return causal_conv_dft(z, h, n1) * 1.0
 
-    def dft_long(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        torch._check(h.shape[0] == z.shape[1])
-        return causal_conv_dft(z, h, DFT_N1_LONG) * 1.0
+        return branch
 
     def dft_by_length(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         torch._check(h.shape[0] == z.shape[1])
-        return torch.cond(z.shape[1] <= DFT_N1_MAX_LEN, dft, dft_long, (z, h))
+        return torch.cond(z.shape[1] <= DFT_N1_MAX_LEN, dft(DFT_N1), dft(DFT_N1_LONG), (z, h))
 
-    long = dft_by_length if max_len > DFT_N1_MAX_LEN else dft
+    long = dft_by_length if max_len > DFT_N1_MAX_LEN else dft(DFT_N1)
     return torch.cond(z.shape[1] <= DIRECT_MAX_LEN, direct, long, (z, h))
 
 
@@ -397,32 +396,24 @@ class Hyena(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
-        if self._exports_channels_last():
-            return self._forward_channels_last(x)
-        x = self.in_proj(x).transpose(1, 2)  # [B, C, T]
-        x = self.short(F.pad(x, (self.k - 1, 0)))
-        parts = x.split(d, dim=1)
+        # an exported graph past DIRECT_MAX_LEN runs channels last from the short
+        # convolution on: the factorised DFT needs no transpose then, nor does out_proj
+        last = self._exports_channels_last()
+        x = self.short(F.pad(self.in_proj(x).transpose(1, 2), (self.k - 1, 0)))  # [B, C, T]
+        if last:
+            x = x.transpose(1, 2)  # [B, T, C]
+        parts = x.split(d, dim=-1 if last else 1)
         gates, v = parts[:-1], parts[-1]  # x⁰ … x^{N-1}, v
-        h = self._filters(T)
+        # N-1 filters, [T, d] each (channels last) or [d, T]
+        h = self.filter.taps(T, self.n_filters) if last else self._filters(T).unbind(1)
         for o in range(self.n_filters):
             v = v * gates[self.order - 1 - o]
-            v = self._long_conv(v, h[:, o]) + self.skip[:, o, None] * v
-        return self.out_proj((v * gates[0]).transpose(1, 2))
-
-    def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` as the exported graph computes it: the same function, in
-        ``[B, T, C]`` from the short convolution on (the factorised DFT needs no transpose
-        in that layout, and neither does ``out_proj``)."""
-        B, T, d = x.shape
-        x = self.in_proj(x).transpose(1, 2)  # [B, C, T]
-        x = self.short(F.pad(x, (self.k - 1, 0))).transpose(1, 2)  # [B, T, C]
-        parts = x.split(d, dim=-1)
-        gates, v = parts[:-1], parts[-1]
-        h = self.filter.taps(T, self.n_filters)  # N-1 × [T, d]
-        for o in range(self.n_filters):
-            v = v * gates[self.order - 1 - o]
-            v = causal_conv_export(v, h[o], self.max_len) + self.skip[:, o] * v
-        return self.out_proj(v * gates[0])
+            if last:
+                v = causal_conv_export(v, h[o], self.max_len) + self.skip[:, o] * v
+            else:
+                v = self._long_conv(v, h[o]) + self.skip[:, o, None] * v
+        v = v * gates[0]
+        return self.out_proj(v if last else v.transpose(1, 2))
 
     def init_state(
         self,
