@@ -5,7 +5,7 @@ Usage::
 
     python benchmarks/onnx_vs_torch.py [--threads 2] [--seqs 128 512] [--repeats 20]
         [--kinds attention swiglu ...] [--zoo specs/zoo/*.yaml] [--markdown out.md]
-        [--baseline DIR] [--no-quant]
+        [--baseline DIR] [--no-quant] [--max-seq-len 1024]
 
 Batch 1. Each per-kind model is one layer group of 4 × (kind [+ mlp for token mixers]) at
 d_model 128 (the stack the matrix test uses, scaled up), vocab 256. Latency is the median
@@ -42,7 +42,7 @@ from exporters import export_onnx
 from exporters.parity import make_session
 
 
-def kind_spec(kind: str, d: int = 128) -> Any:
+def kind_spec(kind: str, d: int = 128, max_seq_len: int = 1024) -> Any:
     k = registry.get(kind)
     blocks: list[dict[str, Any]]
     if k.role == "token_mixer":
@@ -57,7 +57,7 @@ def kind_spec(kind: str, d: int = 128) -> Any:
                 "task": "causal_lm",
                 "vocab_size": 256,
                 "d_model": d,
-                "max_seq_len": 1024,
+                "max_seq_len": max_seq_len,
                 "embed": {"kind": "token_embedding"},
                 "layers": [{"repeat": 4, "blocks": blocks}],
                 "head": {"kind": "lm_head"},
@@ -224,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", nargs="*", default=None, help="default: every mixer kind")
     ap.add_argument("--zoo", nargs="*", default=None, help="default: specs/zoo/*.yaml")
     ap.add_argument("--no-quant", action="store_true")
+    ap.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=1024,
+        help="max_seq_len of the per-kind models (default 1024; longer --seqs are cut to it)",
+    )
     ap.add_argument("--markdown", default=None, help="also write the table here")
     ap.add_argument(
         "--baseline",
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 rows += bench_one(
                     kind,
-                    kind_spec(kind),
+                    kind_spec(kind, max_seq_len=args.max_seq_len),
                     args.seqs,
                     args.threads,
                     args.repeats,

@@ -215,11 +215,12 @@ def test_hash_marks_the_order_convention() -> None:
 
 
 @pytest.mark.parametrize("T", [1, 2, 31, 32, 33, 97, 257, 700])
-@pytest.mark.parametrize("n1", [8, 64])
-def test_dft_long_convolution_is_the_causal_convolution(T: int, n1: int) -> None:
-    """The exported graph's long-sequence form (Cooley–Tukey DFT as MatMuls, channels last)
-    against the convolution's definition ``y[t] = Σ_{s<=t} h[t-s]·z[s]`` (fp64 sums) and the
-    FFT path, at lengths around the factor sizes, batch 1 and 3."""
+@pytest.mark.parametrize("n1,m1", [(8, 1), (64, 1), (8, 2), (16, 8), (64, 8)])
+def test_dft_long_convolution_is_the_causal_convolution(T: int, n1: int, m1: int) -> None:
+    """The exported graph's long-sequence form (Cooley–Tukey DFT as MatMuls, channels last;
+    two stages, or three with ``m1 > 1``) against the convolution's definition
+    ``y[t] = Σ_{s<=t} h[t-s]·z[s]`` (fp64 sums) and the FFT path, at lengths around the
+    factor sizes, batch 1 and 3."""
     from archir.blocks.conv import causal_conv_dft, causal_conv_fft
 
     gen = torch.Generator().manual_seed(T)
@@ -230,7 +231,7 @@ def test_dft_long_convolution_is_the_causal_convolution(T: int, n1: int) -> None
         ref = torch.stack(
             [(hh[:, : t + 1].flip(-1) * zz[..., : t + 1]).sum(-1) for t in range(T)], -1
         )
-        got = causal_conv_dft(z.transpose(1, 2), h.T, n1)
+        got = causal_conv_dft(z.transpose(1, 2), h.T, n1, m1)
         assert got.shape == (B, T, 5)
         got = got.transpose(1, 2)
         scale = ref.abs().max().item()
@@ -256,18 +257,20 @@ def test_filter_taps_by_group_are_the_filter(order: int, layers: int) -> None:
 
 def test_exported_graph_switches_to_the_dft_past_the_direct_length(tmp_path) -> None:
     """An exported Hyena holds its forms behind ONNX ``If`` nodes on the length (the direct
-    ``Conv``, the DFT with ``n1`` 64, and past :data:`DFT_N1_MAX_LEN` the DFT with ``n1``
-    128) and matches PyTorch (its FFT) on onnxruntime on both sides of every switch, traced
-    at a length where the DFT's derived sizes would be 1 (torch.export specialised the graph
-    to the traced length when they were)."""
+    ``Conv`` up to :data:`DIRECT_MAX_LEN`, then each form of :data:`DFT_FORMS`, the last a
+    three-stage DFT; one ``If`` per form, in a row) and matches PyTorch (its FFT) on
+    onnxruntime on both sides of every switch, traced at a length where the DFT's derived
+    sizes would be 1 (torch.export specialised the graph to the traced length when they
+    were)."""
     import numpy as np
     import onnx
 
-    from archir.blocks.conv import DFT_N1_MAX_LEN, DIRECT_MAX_LEN
+    from archir.blocks.conv import DFT_FORMS, DIRECT_MAX_LEN
     from exporters.parity import make_session
 
     torch.manual_seed(0)
-    L = DFT_N1_MAX_LEN + 64
+    limits = [DIRECT_MAX_LEN] + [up_to for up_to, _, _ in DFT_FORMS[:-1]]
+    L = limits[-1] + 64  # reaches every form
     m = Hyena(D, L, HyenaParams(order=3, filter_width=12)).eval()
     path = tmp_path / "hyena.onnx"
     T_ = torch.export.Dim("T", min=2, max=L)
@@ -282,22 +285,24 @@ def test_exported_graph_switches_to_the_dft_past_the_direct_length(tmp_path) -> 
         verbose=False,
     )
     graph = onnx.load(str(path)).graph
-    ops = [n.op_type for n in graph.node]
-    assert ops.count("If") == m.n_filters and "DFT" not in ops
+    ifs = [n for n in graph.node if n.op_type == "If"]
+    assert len(ifs) == m.n_filters * (1 + len(DFT_FORMS))
+    assert "DFT" not in [n.op_type for n in graph.node]
 
-    def branch(node, name):  # type: ignore[no-untyped-def]
-        return next(a.g for a in node.attribute if a.name == name)
+    def branches(node):  # type: ignore[no-untyped-def]
+        return [[n.op_type for n in a.g.node] for a in node.attribute if a.type == a.GRAPH]
 
-    # both DFTs run channels last, as the graph around them: no Transpose inside
-    for node in graph.node:
-        if node.op_type == "If":
-            by_length = [n for n in branch(node, "else_branch").node if n.op_type == "If"]
-            assert len(by_length) == 1
-            for name in ("then_branch", "else_branch"):
-                inner = [n.op_type for n in branch(by_length[0], name).node]
-                assert "MatMul" in inner and "Transpose" not in inner
+    # not nested; the direct form is a Conv, and every DFT runs channels last, as the graph
+    # around it (no Transpose inside), with two more MatMuls each way for three stages
+    forms = [ops for node in ifs for ops in branches(node) if "MatMul" in ops or "Conv" in ops]
+    assert not any("If" in ops for node in ifs for ops in branches(node))
+    assert sum("Conv" in ops for ops in forms) == m.n_filters
+    dfts = [ops for ops in forms if "MatMul" in ops]
+    assert all("Transpose" not in ops for ops in dfts)
+    want = [9 if m1 > 1 else 6 for _, _, m1 in DFT_FORMS] * m.n_filters
+    assert sorted(ops.count("MatMul") for ops in dfts) == sorted(want)
     sess = make_session(str(path))
-    for T in (1, 40, DIRECT_MAX_LEN, DIRECT_MAX_LEN + 1, DFT_N1_MAX_LEN, DFT_N1_MAX_LEN + 1, L):
+    for T in (1, 40, *[t + d for t in limits for d in (0, 1)], L):
         x = torch.randn(2, T, D)
         with torch.no_grad():
             ref = m(x).numpy()  # eager: the FFT

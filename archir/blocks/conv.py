@@ -176,13 +176,25 @@ def causal_conv_direct(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 #: factorised DFT (``n1`` 64, channels last) 0.37 / 0.37 / 0.37 / 0.82 ms
 #: (``benchmarks/hyena_long_conv.py``; numbers in benchmarks/README.md, issue 14 part 6).
 DIRECT_MAX_LEN = 128
-#: first factor of the exported DFT's length (``n = n1 · n2``, ``n2`` from the sequence)
-#: up to :data:`DFT_N1_MAX_LEN` positions, and :data:`DFT_N1_LONG` beyond (a second
-#: ``If``): one convolution, 128 channels, 1 thread, ``n1`` 64 / 128 ran 1.37 / 2.00 ms at
-#: T 768, 2.08 / 2.01 at 1,024, 7.28 / 5.22 at 2,048 and 28.8 / 18.4 at 4,096
-DFT_N1 = 64
-DFT_N1_MAX_LEN = 1024
-DFT_N1_LONG = 128
+#: the DFT forms of an exported Hyena graph past :data:`DIRECT_MAX_LEN`, shortest first:
+#: ``(longest T, n1, m1)`` of :func:`causal_conv_dft` (the last one has no limit). Each
+#: further form is one more ``If``, present only in models whose ``max_seq_len`` reaches it
+#: (:func:`causal_conv_export`). One convolution, 128 channels, batch 1, 1 thread,
+#: onnxruntime, ms (session 18, ``benchmarks/hyena_long_conv.py``; torch's FFT in eager:
+#: 0.37 / 0.76 / 1.68 / 4.57 ms):
+#:
+#: ======  =======  =======  =======  ========
+#: T       (64, 1)  (32, 8)  (64, 8)  (128, 1)
+#: ======  =======  =======  =======  ========
+#: 512     0.82     1.53     3.57     0.92
+#: 1,024   2.11     1.54     3.62     2.04
+#: 2,048   6.96     3.71     3.60     5.37
+#: 4,096   28.0     12.2     9.86     18.3
+#: ======  =======  =======  =======  ========
+#:
+#: (32, 8) would win at 769–1,024 positions, but a form costs export time (one Hyena filter:
+#: 10 s with one DFT form, 21 s with two), and the calibration's models are 1,024 long.
+DFT_FORMS: tuple[tuple[int, int, int], ...] = ((1024, 64, 1), (0, 64, 8))
 
 
 def _cis(num: torch.Tensor, den: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,13 +205,21 @@ def _cis(num: torch.Tensor, den: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cos(ang), torch.sin(ang)
 
 
-def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = DFT_N1) -> torch.Tensor:
+def _blocks(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+    """A complex matrix ``[..., M, N]`` as the real block matrix ``[[re, -im], [im, re]]``
+    ``[..., 2M, 2N]``: rows and columns are (real | imaginary, index)."""
+    return torch.cat([torch.cat([re, -im], -1), torch.cat([im, re], -1)], -2)
+
+
+def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = 64, m1: int = 1) -> torch.Tensor:
     """The same causal convolution through a length-``n`` DFT (``n = n1·n2 >= 2T``)
-    factorised as Cooley–Tukey's two stages, each a MatMul with a small DFT matrix built in
-    the graph (export form for long sequences: onnxruntime has no fast FFT, and its ``DFT``
-    kernel runs slower than a direct ``Conv``). O(T·(n1 + n2)) multiply-adds instead of
-    O(T²); float32 angles are reduced modulo ``n`` in int64, so the result matches the FFT
-    to ~1e-6 relative.
+    factorised by Cooley–Tukey, each stage a MatMul with a small DFT matrix built in the
+    graph (export form for long sequences: onnxruntime has no fast FFT, and its ``DFT``
+    kernel runs slower than a direct ``Conv``). Stage two is itself factorised
+    ``n2 = m1·m2`` when ``m1 > 1`` (three stages). Multiply-adds per padded position, for
+    each transform: ``n1/2 + 2·n2`` (two stages) or ``n1/2 + 2·m1 + 2·m2`` (three), instead
+    of ``T`` for the direct form; float32 angles are reduced modulo ``n`` in int64, so the
+    result matches the FFT to ~1e-6 relative.
 
     **Channels last**: ``z [batch, T, channels]``, ``h [T, channels]`` ->
     ``[batch, T, channels]`` — the layout of the projections around it, so the graph holds
@@ -207,13 +227,19 @@ def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = DFT_N1) -> torch
 
     With ``t = t1·n2 + t2`` and ``k = k1 + n1·k2``: stage one sums over ``t1`` (an
     ``[n1, n1/2]`` DFT: the upper half of the zero-padded input is zero), then for each
-    ``k1`` one ``[n2, n2]`` complex matrix sums over ``t2`` with the twiddle
-    ``exp(-2πi·k1·t2/n)`` folded in. The inputs are real, so only ``k1 <= n1/2`` is
-    computed: the rest is conjugate (``X[k1 + n1·k2] = conj(X[n - k1 - n1·k2])``, and after
-    the inverse's stage two ``D[n1 - k1] = conj(D[k1])``), which halves every stage. Complex
-    values are kept as real and imaginary halves of the contracted axis, so each complex
-    MatMul is one real MatMul with a ``[[Re, -Im], [Im, Re]]`` block matrix. The spectra of
-    ``z`` and ``h`` are multiplied, and the inverse runs the same stages backwards,
+    ``k1`` a complex ``[n2, n2]`` DFT sums over ``t2`` with the twiddle
+    ``exp(-2πi·k1·t2/n)`` folded into its matrix. With ``m1 > 1`` that DFT runs as two
+    stages, ``t2 = t2a·m2 + t2b`` and ``k2 = k2a + m1·k2b``: an ``[m1, m1]`` matrix per
+    ``k1`` over ``t2a``, then an ``[m2, m2]`` matrix per ``(k1, k2a)`` over ``t2b``; both
+    twiddles (``exp(-2πi·k1·t2/n)`` splits into a ``t2a`` and a ``t2b`` factor, and the
+    inner ``exp(-2πi·k2a·t2b/n2)``) are folded into those matrices, and each stage's
+    output rows are ordered so that the next stage reads them without a transpose. The
+    inputs are real, so only ``k1 <= n1/2`` is computed: the rest is conjugate
+    (``X[k1 + n1·k2] = conj(X[n - k1 - n1·k2])``, and after the inverse's stage two
+    ``D[n1 - k1] = conj(D[k1])``), which halves every stage. Complex values are kept as
+    real and imaginary halves of the contracted axis, so each complex MatMul is one real
+    MatMul with a ``[[Re, -Im], [Im, Re]]`` block matrix. The spectra of ``z`` and ``h``
+    are multiplied, and the inverse runs the same stages backwards (conjugate matrices),
     computing only the first ``T`` outputs (``t = s2 + n2·s1``, ``s1 < n1/2``), with ``k1``
     and ``n1 - k1`` folded into one term (weight 2; 1 for ``k1 = 0`` and ``n1/2``, whose
     terms are real).
@@ -221,37 +247,64 @@ def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = DFT_N1) -> torch
     B, T, C = z.shape
     half = n1 // 2
     K = half + 1  # frequencies k1 = 0 … n1/2 of stage one
-    # n2 a multiple of 8: onnxruntime's GEMM packs columns in panels (n2 18 ran 1.4x slower
+    # m2 a multiple of 8: onnxruntime's GEMM packs columns in panels (n2 18 ran 1.4x slower
     # than 16), and never 1, which would make torch.export specialise a short traced length
-    n2 = 8 * ((2 * T + 8 * n1 - 1) // (8 * n1))
+    m2 = 8 * ((2 * T + 8 * n1 * m1 - 1) // (8 * n1 * m1))
+    n2 = m1 * m2
     n = n1 * n2
     L = half * n2  # the nonzero first half of the padded length, >= T
     a1 = torch.arange(n1, device=z.device)
-    a2 = torch.arange(n2, device=z.device)
-    c1, s1 = _cis(a1[:K, None] * a1[None, :half], n1)  # [K, n1/2]
+    k1 = a1[:K]
+    c1, s1 = _cis(k1[:, None] * a1[None, :half], n1)  # [K, n1/2]
     F1 = torch.stack([c1, s1], 1).reshape(2 * K, half)  # rows (k1, re | im)
-    F2r, F2i = _cis(a2[:, None] * a2[None, :], n2)  # [n2, n2], symmetric
-    Wr, Wi = _cis(a1[:K, None] * a2[None, :], n)  # twiddles [K, n2]
-    # stage two per k1, twiddle folded in: P[k1][k2, t2] = F2[k2, t2]·W[k1, t2]
-    Pr, Pi = F2r * Wr[:, None] - F2i * Wi[:, None], F2r * Wi[:, None] + F2i * Wr[:, None]
-    P = torch.cat([torch.cat([Pr, -Pi], 2), torch.cat([Pi, Pr], 2)], 1)  # [K, 2·n2, 2·n2]
-    # its inverse: Q[k1][s2, k2] = conj(W[k1, s2]·F2[s2, k2])
-    Qr = F2r * Wr[:, :, None] - F2i * Wi[:, :, None]
-    Qi = -(F2r * Wi[:, :, None] + F2i * Wr[:, :, None])
-    Q = torch.cat([torch.cat([Qr, -Qi], 2), torch.cat([Qi, Qr], 2)], 1)
+    aa = torch.arange(m1, device=z.device)
+    ab = torch.arange(m2, device=z.device)
+    # the [m2, m2] stage per (k1, k2a): exp(-2πi·k2b·t2b/m2) · exp(-2πi·(k1 + n1·k2a)·t2b/n)
+    fr, fi = _cis(ab[:, None] * ab[None, :], m2)  # [m2, m2], symmetric
+    wr, wi = _cis((k1[:, None] + n1 * aa[None, :])[:, :, None] * ab, n)  # [K, m1, m2]
+    cr, ci = wr[:, :, None, :], wi[:, :, None, :]  # on the columns t2b
+    Pb = _blocks(fr * cr - fi * ci, fr * ci + fi * cr)  # [K, m1, (re|im k2b), (re|im t2b)]
+    # its inverse per (k1, k2a), [s2b, k2b]: the conjugate, the twiddle on the rows s2b
+    rr, ri = wr[:, :, :, None], wi[:, :, :, None]
+    Qb = _blocks(fr * rr - fi * ri, -(fr * ri + fi * rr))
+    if m1 > 1:
+        # the [m1, m1] stage per k1: exp(-2πi·k2a·t2a/m1) · exp(-2πi·k1·m2·t2a/n);
+        # rows (k2a, re|im) so that its output is (k2a, (re|im t2b)), cols (re|im, t2a)
+        gr, gi = _cis(aa[:, None] * aa[None, :], m1)  # [m1, m1], symmetric
+        wr, wi = _cis((m2 * k1)[:, None] * aa, n)  # [K, m1]
+        cr, ci = wr[:, None, :], wi[:, None, :]  # on the columns t2a
+        ar, ai = gr * cr - gi * ci, gr * ci + gi * cr
+        Pa = torch.stack([torch.cat([ar, -ai], -1), torch.cat([ai, ar], -1)], 2)
+        Pa = Pa.reshape(K, 2 * m1, 2 * m1)
+        # its inverse, [s2a, k2a]: the conjugate, the twiddle on the rows s2a;
+        # rows (re|im, s2a), cols (k2a, re|im)
+        rr, ri = wr[:, :, None], wi[:, :, None]
+        ur, ui = gr * rr - gi * ri, -(gr * ri + gi * rr)
+        Qa = torch.cat(
+            [
+                torch.stack([ur, -ui], -1).reshape(K, m1, 2 * m1),
+                torch.stack([ui, ur], -1).reshape(K, m1, 2 * m1),
+            ],
+            1,
+        )
 
     def spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[..., T, C]`` -> real and imaginary parts ``[..., K, n2, C]``."""
+        """``[..., T, C]`` -> real and imaginary parts ``[..., K, m1, m2, C]``."""
         lead = x.shape[:-2]
         x = F.pad(x, (0, 0, 0, L - T)).reshape(*lead, half, n2 * C)  # [.., t1, (t2 c)]
-        A = (F1 @ x).view(*lead, K, 2 * n2, C)  # [.., k1, (re|im t2), c]
-        re, im = (P @ A).view(*lead, K, 2, n2, C).unbind(-3)
+        A = F1 @ x  # [.., (k1 re|im), (t2a t2b c)]
+        if m1 > 1:
+            A = Pa @ A.view(*lead, K, 2 * m1, m2 * C)  # [.., k1, (k2a re|im), (t2b c)]
+        S = Pb @ A.view(*lead, K, m1, 2 * m2, C)  # [.., k1, k2a, (re|im k2b), c]
+        re, im = S.view(*lead, K, m1, 2, m2, C).unbind(-3)
         return re, im
 
-    Zr, Zi = spectrum(z)  # [B, K, n2, C]
-    Hr, Hi = spectrum(h)  # [K, n2, C]
-    Y = torch.cat([Zr * Hr - Zi * Hi, Zr * Hi + Zi * Hr], -2)  # [B, K, 2·n2, C]
-    D = Q @ Y  # [B, K, (re|im s2), C]
+    Zr, Zi = spectrum(z)  # [B, K, m1, m2, C]
+    Hr, Hi = spectrum(h)  # [K, m1, m2, C]
+    Y = torch.cat([Zr * Hr - Zi * Hi, Zr * Hi + Zi * Hr], -2)  # [B, K, m1, (re|im k2b), C]
+    D = Qb @ Y  # [B, K, k2a, (re|im s2b), C]
+    if m1 > 1:
+        D = Qa @ D.view(B, K, 2 * m1, m2 * C)  # [B, K, (re|im s2a), (s2b c)]
     # stage one backwards, real part only: Re(e^{+iθ}·D) = cos θ·Dr − sin θ·Di (s1 = −sin θ);
     # k1 and n1 − k1 are conjugate, so each 0 < k1 < n1/2 counts twice
     one = torch.ones(1, device=z.device)  # no in-place writes: this runs inside torch.cond
@@ -263,33 +316,50 @@ def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = DFT_N1) -> torch
 
 def causal_conv_export(z: torch.Tensor, h: torch.Tensor, max_len: int) -> torch.Tensor:
     """The causal convolution of an exported Hyena graph past :data:`DIRECT_MAX_LEN`
-    (channels last, shapes as :func:`causal_conv_dft`): a ``torch.cond`` (ONNX ``If``) on
-    the sequence length — :func:`causal_conv_direct` up to :data:`DIRECT_MAX_LEN` positions
-    (transposed to channels first and back), :func:`causal_conv_dft` beyond (``n1``
-    :data:`DFT_N1` up to :data:`DFT_N1_MAX_LEN` positions, :data:`DFT_N1_LONG` past it,
-    behind a second ``If`` that only a model with ``max_len`` (``max_seq_len``) past
-    :data:`DFT_N1_MAX_LEN` holds). Call it only under ``torch.export``
-    (:meth:`Hyena.forward` does). The ``If`` itself costs nothing measurable (session 16);
-    the direct branch's two transposes cost a 4-layer Hyena model 3–4 % at T 128."""
+    (channels last, shapes as :func:`causal_conv_dft`), chosen by ONNX ``If`` nodes
+    (``torch.cond``) on the sequence length: :func:`causal_conv_direct` up to
+    :data:`DIRECT_MAX_LEN` positions (transposed to channels first and back), then the
+    forms of :data:`DFT_FORMS` in turn, as far as ``max_len`` (``max_seq_len``) reaches.
+    With one DFT form that is one ``If``. With more, the ``If`` nodes run one after the
+    other, each computing its form or passing the previous result on (a copy), not nested:
+    torch.export traces a nested ``cond`` again at every level (one Hyena filter with three
+    forms: 29 s nested, 21 s in a row; with four: 63 s / 29 s). Call it only under
+    ``torch.export`` (:meth:`Hyena.forward` does). The ``If`` itself costs nothing
+    measurable (session 16); the direct branch's two transposes cost a 4-layer Hyena model
+    3–4 % at T 128."""
 
     # cond's branches must return the same layout: a fresh, contiguous [B, T, C] tensor
     def direct(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         torch._check(h.shape[0] == z.shape[1])
         return causal_conv_direct(z.transpose(1, 2), h.transpose(0, 1)).transpose(1, 2).contiguous()
 
-    def dft(n1: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        def branch(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def dft(n1: int, m1: int) -> Callable[..., torch.Tensor]:
+        def branch(z: torch.Tensor, h: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
             torch._check(h.shape[0] == z.shape[1])
-            return causal_conv_dft(z, h, n1) * 1.0
+            return causal_conv_dft(z, h, n1, m1) * 1.0
 
         return branch
 
-    def dft_by_length(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        torch._check(h.shape[0] == z.shape[1])
-        return torch.cond(z.shape[1] <= DFT_N1_MAX_LEN, dft(DFT_N1), dft(DFT_N1_LONG), (z, h))
+    def zeros(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return z.new_zeros(z.shape)
 
-    long = dft_by_length if max_len > DFT_N1_MAX_LEN else dft(DFT_N1)
-    return torch.cond(z.shape[1] <= DIRECT_MAX_LEN, direct, long, (z, h))
+    def keep(z: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y * 1.0  # a branch may not return its input itself
+
+    T = z.shape[1]
+    # the forms max_len reaches: form i covers lengths (limits[i - 1], limits[i]]
+    limits = [DIRECT_MAX_LEN] + [up_to for up_to, _, _ in DFT_FORMS[:-1]]
+    reached = [dft(n1, m1) for lo, (_, n1, m1) in zip(limits, DFT_FORMS) if max_len > lo]
+    if not reached:
+        return direct(z, h)
+    if len(reached) == 1:
+        return torch.cond(T <= DIRECT_MAX_LEN, direct, reached[0], (z, h))
+    y = torch.cond(T <= DIRECT_MAX_LEN, direct, zeros, (z, h))
+    for i, form in enumerate(reached):
+        lo, hi = limits[i], limits[i + 1] if i + 1 < len(reached) else 0
+        inside = T > lo if not hi else (T - lo - 1) // (hi - lo) == 0  # lo < T <= hi
+        y = torch.cond(inside, form, keep, (z, h, y))
+    return y
 
 
 class Hyena(nn.Module):
