@@ -238,29 +238,37 @@ def parity_inputs(
     """Inputs for the gate: ``(inputs, source)``.
 
     Token models get ``[batch, seq]`` for ``shapes`` (default ``(1, 1), (3, 17), (2, L)``
-    with ``L = min(train.seq_len, max_seq_len)``); image models get batches 1 and 3.
+    with ``L = min(train.seq_len, max_seq_len)``, and ``(1, max_seq_len)`` when that is
+    longer: a graph may switch forms with the length, e.g. Hyena's long convolution); image
+    models get batches 1 and 3. Each shape comes from ``task`` where the task can feed it,
+    else random (``source`` says which: ``task:NAME``, ``random`` or
+    ``task:NAME + random``).
     """
     m = spec_model.model
+    image = is_image_model(spec_model)
     L = max(2, min(spec_model.train.seq_len, m.max_seq_len))
     if shapes is None:
         shapes = [(1, 1), (3, min(17, m.max_seq_len)), (2, L)]
-        if is_image_model(spec_model):
+        if m.max_seq_len > L:
+            shapes.append((1, m.max_seq_len))
+        if image:
             shapes = [(1, 0), (3, 0)]
     gen = torch.Generator().manual_seed(seed)
     out: list[torch.Tensor] = []
-    source = "random"
-    if task is not None:
-        try:
-            for b, t in shapes:
+    fed = 0
+    for b, t in shapes:
+        x = None
+        if task is not None:
+            try:
                 x = task.train_batch(b, max(t, 1), gen)[0]
-                if not is_image_model(spec_model):
+                if not image:
                     x = x[:, : max(t, 1)]
-                out.append(x)
-            source = f"task:{task.name}"
-        except Exception:  # noqa: BLE001 - data too short for a shape etc.: random instead
-            out = []
-    if not out:
-        out = [random_input(spec_model, b, max(t, 1), gen) for b, t in shapes]
+                fed += 1
+            except Exception:  # noqa: BLE001 - data too short for a shape etc.: random
+                x = None
+        out.append(x if x is not None else random_input(spec_model, b, max(t, 1), gen))
+    name = f"task:{task.name}" if task is not None else ""
+    source = "random" if not fed else name if fed == len(shapes) else f"{name} + random"
     return out, source
 
 

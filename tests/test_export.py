@@ -144,6 +144,54 @@ def test_parity_gate_refuses_a_broken_export(tmp_path: Path, monkeypatch, capsys
     assert not (tmp_path / "c.onnx").exists()
 
 
+def test_parity_gate_feeds_the_longest_length(tmp_path: Path, monkeypatch) -> None:
+    """A graph may switch forms with the length: a Hyena longer than ``DIRECT_MAX_LEN``
+    runs its long convolution as a DFT past it. The gate feeds ``max_seq_len`` too, so an
+    export whose long form is wrong is refused although every input up to the training
+    length (which takes the direct form) matches."""
+    import archir.blocks.conv as conv
+    from exporters.parity import parity_inputs
+
+    spec = spec_from_dict(
+        {
+            "archir": 1,
+            "name": "long-hyena",
+            "model": {
+                "task": "causal_lm",
+                "vocab_size": 64,
+                "d_model": 16,
+                "max_seq_len": conv.DIRECT_MAX_LEN + 72,
+                "embed": {"kind": "token_embedding"},
+                "layers": [{"blocks": [{"kind": "hyena", "filter_width": 8}]}],
+                "head": {"kind": "lm_head"},
+            },
+            "train": {"seq_len": 64},
+        }
+    )
+    inputs, source = parity_inputs(spec.model, None)
+    assert [tuple(x.shape) for x in inputs] == [(1, 1), (3, 17), (2, 64), (1, 200)]
+    assert source == "random"
+
+    class Short:  # a task whose data is shorter than max_seq_len
+        name = "short"
+
+        def train_batch(self, b: int, t: int, gen: torch.Generator) -> tuple[torch.Tensor]:
+            if t > 100:
+                raise ValueError("too long")
+            return (torch.full((b, t), 7),)
+
+    inputs, source = parity_inputs(spec.model, Short())
+    assert source == "task:short + random"  # one shape at a time, not all or nothing
+    assert [bool((x == 7).all()) for x in inputs] == [True, True, True, False]
+    real = conv.causal_conv_dft
+    monkeypatch.setattr(conv, "causal_conv_dft", lambda *a, **k: real(*a, **k) * 1.01)
+    with pytest.raises(ExportError, match="parity check failed") as exc:
+        export_onnx(spec, tmp_path / "bad.onnx", task="random")
+    assert "[1, 200]" in str(exc.value)
+    monkeypatch.setattr(conv, "causal_conv_dft", real)
+    assert export_onnx(spec, tmp_path / "ok.onnx", task="random").parity.passed
+
+
 @pytest.mark.slow  # 29 s; auto precision, MoE banks and static int8 keep quantization covered
 def test_quantized_variants_smaller_and_reported(tmp_path: Path) -> None:
     spec = lm_spec(d=128, layers=2, expansion=4.0)  # linear-heavy
