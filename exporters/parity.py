@@ -232,15 +232,21 @@ def resolve_task(spec_model: Any, task: Any) -> Any:
     return the_task
 
 
+#: the longest input the gate feeds (positions): past every length at which an archir graph
+#: switches forms (Hyena's last DFT form starts past 1,024), short enough that a long-context
+#: attention model's ``[heads, T, T]`` scores stay small (8 heads: 134 MB at 2,048)
+PARITY_LONG_MAX = 2048
+
+
 def parity_inputs(
     spec_model: Any, task: Any, seed: int = 0, shapes: Sequence[tuple[int, int]] | None = None
 ) -> tuple[list[torch.Tensor], str]:
     """Inputs for the gate: ``(inputs, source)``.
 
     Token models get ``[batch, seq]`` for ``shapes`` (default ``(1, 1), (3, 17), (2, L)``
-    with ``L = min(train.seq_len, max_seq_len)``, and ``(1, max_seq_len)`` when that is
-    longer: a graph may switch forms with the length, e.g. Hyena's long convolution); image
-    models get batches 1 and 3. Each shape comes from ``task`` where the task can feed it,
+    with ``L = min(train.seq_len, max_seq_len)``, and ``(1, min(max_seq_len,``
+    :data:`PARITY_LONG_MAX` ``))`` when that is longer: a graph may switch forms with the
+    length, e.g. Hyena's long convolution); image models get batches 1 and 3. Each shape comes from ``task`` where the task can feed it,
     else random (``source`` says which: ``task:NAME``, ``random`` or
     ``task:NAME + random``).
     """
@@ -249,8 +255,8 @@ def parity_inputs(
     L = max(2, min(spec_model.train.seq_len, m.max_seq_len))
     if shapes is None:
         shapes = [(1, 1), (3, min(17, m.max_seq_len)), (2, L)]
-        if m.max_seq_len > L:
-            shapes.append((1, m.max_seq_len))
+        if min(m.max_seq_len, PARITY_LONG_MAX) > L:
+            shapes.append((1, min(m.max_seq_len, PARITY_LONG_MAX)))
         if image:
             shapes = [(1, 0), (3, 0)]
     gen = torch.Generator().manual_seed(seed)

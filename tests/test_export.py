@@ -150,7 +150,7 @@ def test_parity_gate_feeds_the_longest_length(tmp_path: Path, monkeypatch) -> No
     export whose long form is wrong is refused although every input up to the training
     length (which takes the direct form) matches."""
     import archir.blocks.conv as conv
-    from exporters.parity import parity_inputs
+    from exporters.parity import PARITY_LONG_MAX, parity_inputs
 
     spec = spec_from_dict(
         {
@@ -170,6 +170,11 @@ def test_parity_gate_feeds_the_longest_length(tmp_path: Path, monkeypatch) -> No
     )
     inputs, source = parity_inputs(spec.model, None)
     assert [tuple(x.shape) for x in inputs] == [(1, 1), (3, 17), (2, 64), (1, 200)]
+    # the longest input reaches every form (and no further: attention's scores grow as T²)
+    assert PARITY_LONG_MAX > max(up_to for up_to, _, _ in conv.DFT_FORMS)
+    long = spec.model.model_copy(deep=True)
+    long.model.max_seq_len = 100_000
+    assert max(x.shape[1] for x in parity_inputs(long, None)[0]) == PARITY_LONG_MAX
     assert source == "random"
 
     class Short:  # a task whose data is shorter than max_seq_len
