@@ -246,9 +246,9 @@ def parity_inputs(
     Token models get ``[batch, seq]`` for ``shapes`` (default ``(1, 1), (3, 17), (2, L)``
     with ``L = min(train.seq_len, max_seq_len)``, and ``(1, min(max_seq_len,``
     :data:`PARITY_LONG_MAX` ``))`` when that is longer: a graph may switch forms with the
-    length, e.g. Hyena's long convolution); image models get batches 1 and 3. Each shape comes from ``task`` where the task can feed it,
-    else random (``source`` says which: ``task:NAME``, ``random`` or
-    ``task:NAME + random``).
+    length, e.g. Hyena's long convolution); image models get batches 1 and 3. Each shape
+    comes from ``task`` where the task can feed it, else random (``source`` says which:
+    ``task:NAME``, ``random`` or ``task:NAME + random``).
     """
     m = spec_model.model
     image = is_image_model(spec_model)

@@ -347,7 +347,8 @@ def causal_conv_export(z: torch.Tensor, h: torch.Tensor, max_len: int) -> torch.
         return y * 1.0  # a branch may not return its input itself
 
     T = z.shape[1]
-    # the forms max_len reaches: form i covers lengths (limits[i - 1], limits[i]]
+    # the DFT forms max_len reaches: form i covers (limits[i], limits[i + 1]], the last
+    # every length past limits[i]
     limits = [DIRECT_MAX_LEN] + [up_to for up_to, _, _ in DFT_FORMS[:-1]]
     reached = [dft(n1, m1) for lo, (_, n1, m1) in zip(limits, DFT_FORMS) if max_len > lo]
     if not reached:
