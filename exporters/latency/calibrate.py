@@ -84,8 +84,8 @@ FORMAT = "archir-latency-calibration"
 #: window's median over 5); 7: Hyena's exported long convolution is a factorised DFT past
 #: 320 positions in models longer than that (``archir.blocks.conv.causal_conv_export``);
 #: 8: that DFT computes half the spectrum and runs channels last, and takes over past 128;
-#: 9: Gated DeltaNet's 1×1 inverse blocks are products (its graph changed); Hyena's DFT
-#: runs three stages past 1,024 positions
+#: 9: Gated DeltaNet's 1×1 inverse blocks are products, causal attention's mask is one
+#: Trilu (both graphs changed); Hyena's DFT runs three stages past 1,024 positions
 VERSION = 9
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 #: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
