@@ -773,6 +773,7 @@ class Evaluator:
             log(f"checkpoint not usable ({exc}); training from step 0")
             shutil.rmtree(inside(self.run_dir, ck))
             result = run()
+        raise_if_interrupted()
         timing["train_s"] = time.perf_counter() - t
         m = {k: v for k, v in result.metrics.items() if k not in ("history", "rungs")}
         metrics["train"] = m
@@ -911,6 +912,7 @@ class Evaluator:
         state: dict[str, Any] = {"first": None, "pruned": False, "diverged": None}
 
         def callback(step: int, ev: dict[str, float]) -> bool:
+            raise_if_interrupted()
             loss = float(ev.get("train_loss", math.nan))
             log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items() if k != "step"))
             if state["first"] is None:
@@ -927,6 +929,7 @@ class Evaluator:
 
         t = time.perf_counter()
         result = train(concrete, task, None, cfg, callback=callback, model=model)
+        raise_if_interrupted()
         timing["train_s"] = time.perf_counter() - t
         m = {k: v for k, v in result.metrics.items() if k != "history"}
         metrics["train"] = m
@@ -1099,24 +1102,47 @@ def _closest(trials: list[FrozenTrial], k: int = 3) -> str:
 
 
 # -- interrupted and stale trials ---------------------------------------------------------
+#: the signal (Ctrl-C or SIGTERM) that arrived inside :func:`sigterm_interrupts`, if any
+_pending_signal: int | None = None
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
+    global _pending_signal
+    _pending_signal = signum
     raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raise :class:`KeyboardInterrupt` again for a Ctrl-C or SIGTERM that arrived inside
+    :func:`sigterm_interrupts` and whose exception was lost. Python ignores an exception
+    raised inside a weakref callback or ``__del__``, e.g. the module lock's callback of an
+    import that a trial's first training step runs: the search then went on and ended with
+    exit 0. The training callback and the end of each trial's training call this, so such
+    a signal stops the search at the next evaluation."""
+    if _pending_signal is not None:
+        raise KeyboardInterrupt
 
 
 @contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """Inside the block, SIGTERM raises :class:`KeyboardInterrupt` as Ctrl-C does, so a
     search stopped either way records its running trial as interrupted (retried on
-    resume). The previous handler is restored afterwards; nothing happens outside the main
-    thread."""
+    resume); either signal is also remembered (:func:`raise_if_interrupted`). Ctrl-C keeps
+    Python's handling where it was ignored (e.g. a background job). The previous handlers
+    are restored afterwards; nothing happens outside the main thread."""
+    global _pending_signal
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+        _pending_signal = None
 
 
 @contextmanager

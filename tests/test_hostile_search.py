@@ -557,3 +557,36 @@ def test_inside_takes_paths_relative_to_the_current_folder(tmp_path, monkeypatch
     (run / "out").symlink_to(tmp_path)
     with pytest.raises(PathError):
         inside(run, run / "out" / "z")
+
+
+def test_a_ctrl_c_lost_in_a_weakref_callback_still_stops_the_search() -> None:
+    """Python ignores an exception raised inside a weakref callback (``Exception ignored
+    in: <function _get_module_lock.<locals>.cb>``): a Ctrl-C that lands in an import's
+    module-lock callback was lost, and the search ran on to exit 0 (a heavy test caught it).
+    Inside ``sigterm_interrupts`` the signal is remembered, and ``raise_if_interrupted``
+    (called by the training callback and after each trial's training) raises it again."""
+    import weakref
+
+    from searchers.run import raise_if_interrupted, sigterm_interrupts
+
+    class Obj:
+        pass
+
+    def lost_interrupt() -> None:
+        obj = Obj()
+        # the callback runs when obj dies; the KeyboardInterrupt raised in it is ignored
+        ref = weakref.ref(obj, lambda _: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))
+        del obj
+        assert ref() is None
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist may ignore it
+    try:
+        raise_if_interrupted()  # nothing pending
+        with sigterm_interrupts():
+            lost_interrupt()  # returns normally: the interrupt was swallowed
+            with pytest.raises(KeyboardInterrupt):
+                raise_if_interrupted()
+        raise_if_interrupted()  # forgotten once the search is over
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
