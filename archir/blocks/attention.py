@@ -196,6 +196,11 @@ class Attention(nn.Module):
 
     def _mask(self, T: int, device: torch.device) -> torch.Tensor | None:
         if self.pos != "alibi" and self.window is None:
+            if self.causal and torch.compiler.is_exporting():
+                # the exporter lowers is_causal to a Trilu of ones, an Equal, a Where and an
+                # Expand per layer (2.1 ms of 16 per layer at T 1,024 in onnxruntime); an
+                # additive -inf upper triangle is one Trilu
+                return torch.full((T, T), float("-inf"), device=device).triu(1)
             return None
         i = torch.arange(T, device=device)[:, None]
         j = torch.arange(T, device=device)[None, :]
@@ -226,11 +231,6 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         mask = self._mask(T, x.device)
-        if mask is None and self.causal and torch.compiler.is_exporting():
-            # the exporter builds is_causal's mask from a Trilu of ones, an Equal, a Where
-            # and an Expand per layer (2.1 ms of 16 per layer at T 1,024 in onnxruntime);
-            # an additive -inf upper triangle is one Trilu
-            mask = torch.full((T, T), float("-inf"), device=x.device).triu(1)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:

@@ -211,6 +211,13 @@ def _blocks(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat([re, -im], -1), torch.cat([im, re], -1)], -2)
 
 
+def _cmul(
+    ar: torch.Tensor, ai: torch.Tensor, br: torch.Tensor, bi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The complex product ``(ar + i·ai)(br + i·bi)`` as real and imaginary parts."""
+    return ar * br - ai * bi, ar * bi + ai * br
+
+
 def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = 64, m1: int = 1) -> torch.Tensor:
     """The same causal convolution through a length-``n`` DFT (``n = n1·n2 >= 2T``)
     factorised by Cooley–Tukey, each stage a MatMul with a small DFT matrix built in the
@@ -262,24 +269,23 @@ def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = 64, m1: int = 1)
     # the [m2, m2] stage per (k1, k2a): exp(-2πi·k2b·t2b/m2) · exp(-2πi·(k1 + n1·k2a)·t2b/n)
     fr, fi = _cis(ab[:, None] * ab[None, :], m2)  # [m2, m2], symmetric
     wr, wi = _cis((k1[:, None] + n1 * aa[None, :])[:, :, None] * ab, n)  # [K, m1, m2]
-    cr, ci = wr[:, :, None, :], wi[:, :, None, :]  # on the columns t2b
-    Pb = _blocks(fr * cr - fi * ci, fr * ci + fi * cr)  # [K, m1, (re|im k2b), (re|im t2b)]
+    # [K, m1, (re|im k2b), (re|im t2b)], the twiddle on the columns t2b
+    Pb = _blocks(*_cmul(fr, fi, wr[:, :, None, :], wi[:, :, None, :]))
     # its inverse per (k1, k2a), [s2b, k2b]: the conjugate, the twiddle on the rows s2b
-    rr, ri = wr[:, :, :, None], wi[:, :, :, None]
-    Qb = _blocks(fr * rr - fi * ri, -(fr * ri + fi * rr))
+    qr, qi = _cmul(fr, fi, wr[:, :, :, None], wi[:, :, :, None])
+    Qb = _blocks(qr, -qi)
     if m1 > 1:
         # the [m1, m1] stage per k1: exp(-2πi·k2a·t2a/m1) · exp(-2πi·k1·m2·t2a/n);
         # rows (k2a, re|im) so that its output is (k2a, (re|im t2b)), cols (re|im, t2a)
         gr, gi = _cis(aa[:, None] * aa[None, :], m1)  # [m1, m1], symmetric
         wr, wi = _cis((m2 * k1)[:, None] * aa, n)  # [K, m1]
-        cr, ci = wr[:, None, :], wi[:, None, :]  # on the columns t2a
-        ar, ai = gr * cr - gi * ci, gr * ci + gi * cr
+        ar, ai = _cmul(gr, gi, wr[:, None, :], wi[:, None, :])  # twiddle on the columns t2a
         Pa = torch.stack([torch.cat([ar, -ai], -1), torch.cat([ai, ar], -1)], 2)
         Pa = Pa.reshape(K, 2 * m1, 2 * m1)
         # its inverse, [s2a, k2a]: the conjugate, the twiddle on the rows s2a;
         # rows (re|im, s2a), cols (k2a, re|im)
-        rr, ri = wr[:, :, None], wi[:, :, None]
-        ur, ui = gr * rr - gi * ri, -(gr * ri + gi * rr)
+        ur, ui = _cmul(gr, gi, wr[:, :, None], wi[:, :, None])
+        ui = -ui
         Qa = torch.cat(
             [
                 torch.stack([ur, -ui], -1).reshape(K, m1, 2 * m1),
