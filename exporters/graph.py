@@ -297,6 +297,7 @@ def export_graph(
     if exporter not in ("auto", "dynamo", "legacy"):
         raise ExportError(f"unknown exporter '{exporter}'", hint="dynamo, legacy or auto")
     _memoize_torchlib()
+    from exporters import causal_attention
     from exporters.onnx_export import fold_constant_weights
 
     args = tuple(args)
@@ -328,9 +329,11 @@ def export_graph(
                         dynamic_shapes=shapes,
                         optimize=True,
                         verbose=False,
+                        custom_translation_table=causal_attention.translations(),
                     )
                     assert prog is not None
                     proto = prog.model_proto
+                    causal_attention.expand(proto)
                 else:
                     f = io.BytesIO()
                     torch.onnx.export(

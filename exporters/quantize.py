@@ -351,6 +351,7 @@ def _quantize(
                 if calibration is None:
                     raise ExportError("int8-static needs calibration data")
                 out = retag(to_int8_static(out, static, calibration, tmp), tags)
+                unquantize_subgraph_reads(out)
         except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - quantizer internals
@@ -374,6 +375,57 @@ def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 def subgraph_nodes(node: onnx.NodeProto) -> list[onnx.NodeProto]:
     """Every node inside ``node``'s subgraphs, nested ones included."""
     return [m for g in _subgraphs(node) for n in g.node for m in (n, *subgraph_nodes(n))]
+
+
+#: operations onnxruntime's ``QDQPropagationTransformer`` moves a ``DequantizeLinear`` past
+_QDQ_PROPAGATES = frozenset(
+    {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Flatten", "MaxPool", "Resize"}
+)
+
+
+def unquantize_subgraph_reads(model: onnx.ModelProto) -> int:
+    """Drop each ``QuantizeLinear``/``DequantizeLinear`` pair whose dequantized value reaches
+    an ``If``/``Loop``/``Scan`` branch read only through reshapes and transposes, in place;
+    returns how many. onnxruntime 1.32 aborts the process loading such a graph (its QDQ
+    propagation moves the ``DequantizeLinear`` past the reshape and looks the branch's
+    read up among the ``If`` node's explicit inputs: a C++ assertion, not an error) —
+    what a static int8 export of an attention whose values ``v`` feed the causal
+    attention's ``If`` (:mod:`exporters.causal_attention`) produced. The value stays fp32
+    there; its ``MatMul`` keeps its int8 weights."""
+    g = model.graph
+    read_inside = {i for n in g.node for m in subgraph_nodes(n) for i in m.input}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    producer = {o: n for n in g.node for o in n.output}
+
+    def reaches_a_branch(name: str) -> bool:
+        todo, seen = [name], set()
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in read_inside:
+                return True
+            todo += [
+                o for c in consumers.get(t, []) if c.op_type in _QDQ_PROPAGATES for o in c.output
+            ]
+        return False
+
+    dropped = 0
+    for dq in [n for n in g.node if n.op_type == "DequantizeLinear"]:
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or not reaches_a_branch(dq.output[0]):
+            continue
+        for c in consumers.get(dq.output[0], []):
+            c.input[:] = [q.input[0] if i == dq.output[0] else i for i in c.input]
+        g.node.remove(dq)
+        if all(c is dq for c in consumers.get(q.output[0], [])):
+            g.node.remove(q)
+        dropped += 1
+    return dropped
 
 
 def sort_nodes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -695,3 +695,86 @@ def test_weight_folding_follows_reads_inside_a_subgraph() -> None:
     x = np.ones((1, 3), dtype=np.float32)
     got = make_session(model.SerializeToString()).run(None, {"x": x, "c": np.array(False)})[0]
     np.testing.assert_array_equal(got, x @ w.T)
+
+
+def _branch_ops(node: onnx.NodeProto) -> dict[str, list[str]]:
+    return {a.name: [n.op_type for n in a.g.node] for a in node.attribute if a.type == a.GRAPH}
+
+
+def test_causal_attention_scores_query_chunks_past_the_switch(tmp_path: Path) -> None:
+    """A causal attention in a model longer than ``CHUNK_MIN_LEN`` exports one ``If`` per
+    layer: every score up to that length, past it ``N_CHUNKS`` query chunks (one softmax
+    each), each against only the keys it may see. Plain ONNX (no ``archir`` domain left), and
+    the values of eager SDPA on both sides of the switch and at lengths no multiple of the
+    chunk count, grouped-query heads and peaked (trained-like) scores included."""
+    from archir.blocks.attention import CHUNK_MIN_LEN, N_CHUNKS
+
+    L = CHUNK_MIN_LEN + 328
+    data = lm_spec(d=32, layers=2, n_kv_heads=2).data
+    data["model"]["max_seq_len"] = L
+    spec = spec_from_dict(data)
+    model = archir.compile(spec, seed=0).eval()
+    with torch.no_grad():  # peaked attention, as after training: near-one-hot softmax rows
+        for name, p in model.named_parameters():
+            if name.endswith((".q.weight", ".k.weight")):
+                p.mul_(6.0)
+    path = tmp_path / "a.onnx"
+    export_onnx(spec, path, model=model, task="random")  # the parity gate passes
+    proto = onnx.load(str(path))
+    assert all(o.domain != "archir" for o in proto.opset_import)
+    assert all(n.domain != "archir" for n in proto.graph.node)
+    ifs = [n for n in proto.graph.node if n.op_type == "If"]
+    assert len(ifs) == 2
+    for node in ifs:
+        ops = _branch_ops(node)
+        every, chunks = ops["then_branch"], ops["else_branch"]
+        assert every.count("Softmax") == 1 and chunks.count("Softmax") == N_CHUNKS
+    sess = make_session(str(path))
+    for B, T in [
+        (1, 1),
+        (2, 5),
+        (1, CHUNK_MIN_LEN),
+        (2, CHUNK_MIN_LEN + 1),
+        (1, 203),
+        (2, 257),
+        (1, L),
+    ]:
+        x = torch.randint(0, 64, (B, T))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6, (B, T)
+
+
+def test_short_windowed_and_alibi_attention_export_without_the_switch(tmp_path: Path) -> None:
+    """No ``If`` where chunking does not apply: a model no longer than ``CHUNK_MIN_LEN``
+    (the plain scores, one Softmax per layer) and an attention whose mask is not the causal
+    triangle (a window, ALiBi: their mask as before)."""
+    from archir.blocks.attention import CHUNK_MIN_LEN
+
+    cases = [({}, CHUNK_MIN_LEN), ({"window": 16}, 300), ({"pos": "alibi"}, 300)]
+    for block, L in cases:
+        data = lm_spec(d=32, layers=1, **block).data
+        data["model"]["max_seq_len"] = L
+        spec = spec_from_dict(data)
+        path = tmp_path / f"m{L}{len(block)}.onnx"
+        export_onnx(spec, path, task="random")
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert "If" not in ops and ops.count("Softmax") == 1, block
+
+
+def test_exported_scores_count_the_pairs_the_graph_scores() -> None:
+    """The latency features count the query-key pairs the exported attention computes:
+    ``seq²`` up to the switch (or when it does not apply), ``c²·n(n+1)/2`` in chunks of
+    ``c`` (0.5625·seq² at 8 chunks), the last chunk cut to the sequence."""
+    from archir.blocks.attention import AttentionParams, exported_scores
+
+    p = AttentionParams(n_heads=4)
+    assert exported_scores(p, True, 1024, 192) == 192**2
+    assert exported_scores(p, True, 192, 192) == 192**2
+    assert exported_scores(p, True, 1024, 1024) == 128 * 128 * 36 == int(0.5625 * 1024**2)
+    # 193 = 7 chunks of 25 and one of 18 rows; chunk i sees 25·(i+1) keys, the last all 193
+    assert exported_scores(p, True, 1024, 193) == 25 * 25 * 28 + 18 * 193
+    assert exported_scores(p, False, 1024, 1024) == 1024**2
+    assert exported_scores(AttentionParams(n_heads=4, window=64), True, 1024, 1024) == 1024**2
+    assert exported_scores(AttentionParams(n_heads=4, causal=False), True, 1024, 1024) == 1024**2

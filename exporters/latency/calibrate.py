@@ -85,8 +85,10 @@ FORMAT = "archir-latency-calibration"
 #: 320 positions in models longer than that (``archir.blocks.conv.causal_conv_export``);
 #: 8: that DFT computes half the spectrum and runs channels last, and takes over past 128;
 #: 9: Gated DeltaNet's 1×1 inverse blocks are products, causal attention's mask is one
-#: Trilu (both graphs changed); Hyena's DFT runs three stages past 1,024 positions
-VERSION = 9
+#: Trilu (both graphs changed); Hyena's DFT runs three stages past 1,024 positions;
+#: 10: causal attention past 192 positions scores its queries in 8 chunks
+#: (``archir.blocks.attention.causal_attention``)
+VERSION = 10
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 #: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
 #: models were all predicted by extrapolation (session 15: Kendall tau 0.86-0.89 against the

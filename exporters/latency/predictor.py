@@ -18,7 +18,8 @@ number of whole specs. Three stages are fitted on those measurements:
    * ``score`` — elements of per-head ``seq × seq`` matrices, ``batch · n_heads · seq²``,
      millions (attention scores, RetNet's decay matrix: memory-bound at small head widths —
      attention at ``d_model`` 64 with 4 heads holds 16 MB of scores at length 1024; 0 for a
-     kind without ``n_heads``);
+     kind without ``n_heads``; attention counts the pairs its exported graph scores,
+     :func:`archir.blocks.attention.exported_scores`: about half past 192 positions);
    * ``quad_l`` — ``quad · seq / 1024``: the sequence-dependent FLOPs cost more per FLOP as
      their working set leaves the cache with length (Hyena's FFT convolution at length
      768-1024 ran 1.4-2.2× a fit linear in ``quad``).
@@ -67,6 +68,7 @@ from typing import Any
 
 import numpy as np
 
+from archir.blocks.attention import exported_scores
 from archir.cost import node_cost
 from archir.ir import Graph, build_graph
 
@@ -88,7 +90,7 @@ KNOBS: tuple[str, ...] = (
     "d_ff",
 )
 _HEADS = KNOBS.index("n_heads")  # the knob the ``score`` feature multiplies
-FEATURE_VERSION = 4  # 4: score and quad_l; 3: parts carry the precision their bits ship at
+FEATURE_VERSION = 5  # 5: attention's score/quad count the pairs its exported graph scores; 4: score and quad_l; 3: parts carry the precision their bits ship at
 FIXED = "fixed"
 MIN_COMP_SPECS = 20
 
@@ -207,6 +209,11 @@ def graph_features(spec_or_graph: Any, batch: int, seq: int) -> GraphFeatures:
         act = tokens * m.d_model / 1e6
         knobs = _knobs(node.params) if node.op == "block" else (0.0,) * len(KNOBS)
         score = batch * knobs[_HEADS] * float(seq) ** 2 / 1e6
+        if node.op == "block" and node.kind == "attention":
+            # past CHUNK_MIN_LEN the exported causal attention scores about half the pairs
+            part = exported_scores(node.params, m.task == "causal_lm", m.max_seq_len, seq)
+            score *= part / float(seq) ** 2
+            quad *= part / float(seq) ** 2
         x = (lin, quad, act, full_params / 1e6, 1.0, score, quad * seq / 1024)
         flops += cL.flops_per_token * tokens
         params += cL.params

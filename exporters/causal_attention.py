@@ -1,0 +1,216 @@
+"""Causal attention in the exported graph: ``archir::causal_attention`` written as ONNX.
+
+Under ``torch.export`` a causal attention without ALiBi or a window calls the custom
+operation :func:`archir.blocks.attention.causal_attention`, which the exporter keeps whole
+(:data:`TRANSLATIONS` makes it one ``archir.CausalAttention`` node); :func:`expand` then
+replaces each such node with plain ONNX:
+
+* up to :data:`~archir.blocks.attention.CHUNK_MIN_LEN` positions, or for a model whose
+  ``max_seq_len`` never goes past it: ``softmax(q·scale @ kᵀ + mask) @ v`` with the
+  additive ``-inf`` upper triangle as the mask (one ``Trilu``);
+* past it, behind an ``If`` on the length: the queries in
+  :data:`~archir.blocks.attention.N_CHUNKS` chunks of ``c = ceil(seq / n)`` positions,
+  chunk ``i`` scoring only keys ``[0, (i+1)·c)`` (``Slice`` clamps the last chunk to the
+  sequence), so ``(n+1)/(2n)`` of the ``seq²`` scores are computed and stored.
+
+Same values as eager ``scaled_dot_product_attention(..., is_causal=True)`` up to float
+rounding (the scale is applied to ``q`` once). The graph stays opset-20 standard ONNX: no
+``archir`` domain is left in a written file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+from onnx import TensorProto, helper
+
+from archir.blocks.attention import CHUNK_MIN_LEN, N_CHUNKS
+
+DOMAIN = "archir"
+OP = "CausalAttention"
+
+
+def _register_schema() -> None:
+    """Declare ``archir.CausalAttention`` to onnx (onnxscript looks every operation up), once
+    per process."""
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has(OP, DOMAIN):
+        return
+    param = OpSchema.FormalParameter
+    schema = OpSchema(
+        OP,
+        DOMAIN,
+        1,
+        inputs=[param("q", "T"), param("k", "T"), param("v", "T")],
+        outputs=[param("y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors")],
+        attributes=[
+            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "score scale"),
+            OpSchema.Attribute("max_len", OpSchema.AttrType.INT, "longest sequence"),
+        ],
+    )
+    onnx.defs.register_schema(schema)
+
+
+def _translate(q: Any, k: Any, v: Any, scale: float, max_len: int) -> Any:
+    """onnxscript translation of ``archir::causal_attention``: one ``archir`` node."""
+    from onnxscript import values
+
+    return values.Opset(DOMAIN, 1).CausalAttention(
+        q, k, v, scale=float(scale), max_len=int(max_len)
+    )
+
+
+def translations() -> dict[Any, Any]:
+    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
+    import torch
+
+    import archir.blocks.attention  # noqa: F401 - registers the operation
+
+    _register_schema()
+    return {torch.ops.archir.causal_attention.default: _translate}
+
+
+class _Names:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.i = 0
+
+    def __call__(self, what: str) -> str:
+        self.i += 1
+        return f"{self.prefix}/{what}_{self.i}"
+
+
+def _const(nodes: list[onnx.NodeProto], name: _Names, values: list[int] | float) -> str:
+    out = name("const")
+    if isinstance(values, float):
+        t = helper.make_tensor(out, TensorProto.FLOAT, [], [values])
+    else:
+        t = helper.make_tensor(out, TensorProto.INT64, [len(values)], values)
+    nodes.append(helper.make_node("Constant", [], [out], name=out, value=t))
+    return out
+
+
+def _node(
+    nodes: list[onnx.NodeProto], name: _Names, op: str, inputs: list[str], **attrs: Any
+) -> str:
+    out = name(op)
+    nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+    return out
+
+
+def _attend(nodes: list[onnx.NodeProto], name: _Names, q: str, kt: str, v: str, mask: str) -> str:
+    s = _node(nodes, name, "MatMul", [q, kt])
+    s = _node(nodes, name, "Add", [s, mask])
+    p = _node(nodes, name, "Softmax", [s], axis=-1)
+    return _node(nodes, name, "MatMul", [p, v])
+
+
+def _merge_heads(nodes: list[onnx.NodeProto], name: _Names, y: str, out: str) -> None:
+    """``[batch, heads, seq, head_dim] -> [batch, seq, heads·head_dim]`` into ``out``."""
+    t = _node(nodes, name, "Transpose", [y], perm=[0, 2, 1, 3])
+    shape = _const(nodes, name, [0, 0, -1])
+    nodes.append(helper.make_node("Reshape", [t, shape], [out], name=name("Reshape")))
+
+
+def _expand_one(node: onnx.NodeProto, elem_type: int) -> list[onnx.NodeProto]:
+    """The plain-ONNX nodes computing one ``archir.CausalAttention`` node whose output has
+    the ONNX element type ``elem_type``."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    scale, max_len = float(attrs["scale"]), int(attrs["max_len"])
+    q, k, v = node.input
+    (y,) = node.output
+    name = _Names(node.name or "causal_attention")
+    top: list[onnx.NodeProto] = []
+    T = _node(top, name, "Shape", [q], start=2, end=3)  # [1]
+    full = _node(
+        top,
+        name,
+        "Expand",
+        [_const(top, name, float("-inf")), _node(top, name, "Concat", [T, T], axis=0)],
+    )
+    mask = _node(top, name, "Trilu", [full, _const(top, name, [1])], upper=1)
+
+    # the scale and kᵀ inside each branch: onnxruntime fuses them into the MatMul there
+    def scaled(nodes: list[onnx.NodeProto]) -> tuple[str, str]:
+        qs = _node(nodes, name, "Mul", [q, _const(nodes, name, scale)])
+        return qs, _node(nodes, name, "Transpose", [k], perm=[0, 1, 3, 2])
+
+    if max_len <= CHUNK_MIN_LEN:
+        _merge_heads(top, name, _attend(top, name, *scaled(top), v, mask), y)
+    else:
+        plain: list[onnx.NodeProto] = []
+        _merge_heads(plain, name, _attend(plain, name, *scaled(plain), v, mask), name("plain_y"))
+        chunked: list[onnx.NodeProto] = []
+        qs = _node(chunked, name, "Mul", [q, _const(chunked, name, scale)])
+        n = N_CHUNKS
+        c = _node(
+            chunked,
+            name,
+            "Div",
+            [
+                _node(chunked, name, "Add", [T, _const(chunked, name, [n - 1])]),
+                _const(chunked, name, [n]),
+            ],
+        )
+        zero = _const(chunked, name, [0])
+        ends = [_node(chunked, name, "Mul", [c, _const(chunked, name, [i + 1])]) for i in range(n)]
+        parts = []
+        for i in range(n):
+            lo, hi = zero if i == 0 else ends[i - 1], ends[i]
+            qi = _node(chunked, name, "Slice", [qs, lo, hi, _const(chunked, name, [2])])
+            ki = _node(chunked, name, "Slice", [k, zero, hi, _const(chunked, name, [2])])
+            ki = _node(chunked, name, "Transpose", [ki], perm=[0, 1, 3, 2])
+            vi = _node(chunked, name, "Slice", [v, zero, hi, _const(chunked, name, [2])])
+            lo2 = _node(chunked, name, "Concat", [lo, zero], axis=0)
+            hi2 = _node(chunked, name, "Concat", [hi, hi], axis=0)
+            mi = _node(chunked, name, "Slice", [mask, lo2, hi2, _const(chunked, name, [0, 1])])
+            parts.append(_attend(chunked, name, qi, ki, vi, mi))
+        y_all = _node(chunked, name, "Concat", parts, axis=2)
+        _merge_heads(chunked, name, y_all, name("chunked_y"))
+
+        def graph(nodes: list[onnx.NodeProto], what: str) -> onnx.GraphProto:
+            out = helper.make_tensor_value_info(nodes[-1].output[0], elem_type, None)
+            return helper.make_graph(nodes, name(what), [], [out])
+
+        short = _node(top, name, "LessOrEqual", [T, _const(top, name, [CHUNK_MIN_LEN])])
+        top.append(
+            helper.make_node(
+                "If",
+                [short],
+                [y],
+                name=name("If"),
+                then_branch=graph(plain, "every_score"),
+                else_branch=graph(chunked, "query_chunks"),
+            )
+        )
+    for n_ in top:
+        n_.metadata_props.extend(node.metadata_props)
+    return top
+
+
+def expand(proto: onnx.ModelProto) -> int:
+    """Replace every ``archir.CausalAttention`` node of ``proto``'s main graph with plain
+    ONNX (module docstring), in place, and drop the ``archir`` opset import. Returns the
+    number of nodes replaced."""
+    g = proto.graph
+    found = [i for i, n in enumerate(g.node) if n.domain == DOMAIN and n.op_type == OP]
+    if not found:
+        return 0
+    types = {v.name: v.type.tensor_type.elem_type for v in g.value_info}
+    new: list[onnx.NodeProto] = []
+    for n in list(g.node):
+        if n.domain == DOMAIN and n.op_type == OP:
+            new.extend(_expand_one(n, types.get(n.output[0]) or TensorProto.FLOAT))
+        else:
+            new.append(n)
+    del g.node[:]
+    g.node.extend(new)
+    keep = [o for o in proto.opset_import if o.domain != DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+    for f in [f for f in proto.functions if f.domain == DOMAIN]:
+        proto.functions.remove(f)
+    return len(found)
