@@ -272,6 +272,22 @@ def test_mamba_backward_twice_with_retain_graph(strong: bool) -> None:
         torch.autograd.grad(loss, list(m.parameters()))
 
 
+@pytest.mark.parametrize("name", KINDS)
+def test_a_run_under_inference_mode_leaves_later_runs_alone(name: str) -> None:
+    """A forward under ``torch.inference_mode`` (how deployment code evaluates) and then an
+    ordinary forward and backward on the same thread: the same values, no error. Mamba's
+    scan handed the scratch buffer it made under inference mode to the next forward, which
+    torch refused to write ("Inplace update to inference tensor outside InferenceMode")."""
+    torch.manual_seed(3)
+    m, _ = _build(name)
+    x = torch.randn(2, 24, D)
+    with torch.inference_mode():
+        want = m(x)
+    got = m(x)
+    got.square().sum().backward()
+    torch.testing.assert_close(got.detach(), want.clone(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["mamba", "gla", "rwkv"])
 def test_long_sequence_fp32_is_stable(name: str) -> None:
     torch.manual_seed(4)

@@ -94,16 +94,20 @@ def _take(
     shape: tuple[int, ...], like: torch.Tensor, avoid: tuple[torch.Tensor, ...] = ()
 ) -> torch.Tensor:
     """An uninitialized scratch tensor of ``shape`` (``like``'s dtype and device) that shares
-    no memory with ``avoid``."""
+    no memory with ``avoid``. A buffer made under ``torch.inference_mode`` is not handed out
+    outside it (torch refuses writes to it there: a Mamba run under inference mode made the
+    next ordinary forward on the thread raise)."""
     bufs: list[torch.Tensor] = getattr(_POOL, "bufs", [])
     n = math.prod(shape)
     ptrs = {t.data_ptr() for t in avoid}
+    inference = torch.is_inference_mode_enabled()
     for i, b in enumerate(bufs):
         if (
             b.numel() == n
             and b.dtype == like.dtype
             and b.device == like.device
             and b.data_ptr() not in ptrs
+            and (inference or not b.is_inference())
         ):
             return bufs.pop(i).view(shape)
     return torch.empty(shape, dtype=like.dtype, device=like.device)
