@@ -198,6 +198,13 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     out = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    # the converter keeps an fp32 initializer read only by an op it leaves in fp32 (rope's
+    # float Range) but declares it fp16 in value_info, which the checker rejects: an
+    # initializer's type is its own
+    inits = {i.name for i in out.graph.initializer}
+    kept = [v for v in out.graph.value_info if v.name not in inits]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(kept)
     wrapped = OnnxModel(out)
     wrapped.topological_sort()
     return wrapped.model

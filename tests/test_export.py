@@ -778,3 +778,35 @@ def test_exported_scores_count_the_pairs_the_graph_scores() -> None:
     assert exported_scores(p, False, 1024, 1024) == 1024**2
     assert exported_scores(AttentionParams(n_heads=4, window=64), True, 1024, 1024) == 1024**2
     assert exported_scores(AttentionParams(n_heads=4, causal=False), True, 1024, 1024) == 1024**2
+
+
+@pytest.mark.parametrize(
+    "precision", ["fp16", "int8-static", pytest.param("int4", marks=pytest.mark.heavy)]
+)
+def test_causal_attention_past_the_switch_exports_at_every_precision(
+    precision: str, tmp_path: Path
+) -> None:
+    """The chunked causal attention's ``If`` survives every precision: fp16 (the converter
+    declared rope's fp32 ``Range`` bounds fp16 and the checker rejected every attention
+    model before), static int8 (onnxruntime aborted loading the graph: its values ``v``
+    reach the branches through reshapes) and int4, on both sides of the switch."""
+    from archir.blocks.attention import CHUNK_MIN_LEN
+
+    data = lm_spec(d=32, layers=1).data
+    data["model"]["max_seq_len"] = CHUNK_MIN_LEN + 64
+    data["model"]["vocab_size"] = 256
+    spec = spec_from_dict(data)
+    model = archir.compile(spec, seed=0).eval()
+    path = tmp_path / f"a-{precision}.onnx"
+    export_onnx(spec, path, model=model, precision=precision)
+    assert "If" in [n.op_type for n in onnx.load(str(path)).graph.node]
+    sess = make_session(str(path))
+    for T in (40, CHUNK_MIN_LEN + 50):
+        x = torch.randint(0, 256, (1, T))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        assert got.shape == ref.shape and np.isfinite(got).all()
+        assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.97, (precision, T)
+        if precision == "fp16":
+            assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
