@@ -1,21 +1,22 @@
 """Causal attention in the exported graph: ``archir::causal_attention`` written as ONNX.
 
-Under ``torch.export`` a causal attention without ALiBi or a window calls the custom
-operation :func:`archir.blocks.attention.causal_attention`, which the exporter keeps whole
-(:data:`TRANSLATIONS` makes it one ``archir.CausalAttention`` node); :func:`expand` then
+Under ``torch.export`` a causal attention calls the custom operation
+:func:`archir.blocks.attention.causal_attention`, which the exporter keeps whole
+(:func:`translations` makes it one ``archir.CausalAttention`` node); :func:`expand` then
 replaces each such node with plain ONNX:
 
 * up to :data:`~archir.blocks.attention.CHUNK_MIN_LEN` positions, or for a model whose
-  ``max_seq_len`` never goes past it: ``softmax(q·scale @ kᵀ + mask) @ v`` with the
-  additive ``-inf`` upper triangle as the mask (one ``Trilu``);
+  ``max_seq_len`` never goes past it: ``softmax(q·scale @ kᵀ + mask) @ v``, the mask the
+  additive ``-inf`` upper triangle (one ``Trilu``) or the block's own (ALiBi, a window);
 * past it, behind an ``If`` on the length: the queries in
   :data:`~archir.blocks.attention.N_CHUNKS` chunks of ``c = ceil(seq / n)`` positions,
-  chunk ``i`` scoring only keys ``[0, (i+1)·c)`` (``Slice`` clamps the last chunk to the
-  sequence), so ``(n+1)/(2n)`` of the ``seq²`` scores are computed and stored.
+  chunk ``i`` scoring only keys ``[0, (i+1)·c)`` against its rows of the mask (``Slice``
+  clamps the last chunk to the sequence), so ``(n+1)/(2n)`` of the ``seq²`` scores are
+  computed and stored.
 
-Same values as eager ``scaled_dot_product_attention(..., is_causal=True)`` up to float
-rounding (the scale is applied to ``q`` once). The graph stays opset-20 standard ONNX: no
-``archir`` domain is left in a written file.
+Same values as eager ``scaled_dot_product_attention`` up to float rounding (the scale is
+applied to ``q`` once). The graph stays opset-20 standard ONNX: no ``archir`` domain is
+left in a written file.
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ def _register_schema() -> None:
         OP,
         DOMAIN,
         1,
-        inputs=[param("q", "T"), param("k", "T"), param("v", "T")],
+        inputs=[
+            param("q", "T"),
+            param("k", "T"),
+            param("v", "T"),
+            param("mask", "T", param_option=OpSchema.FormalParameterOption.Optional),
+        ],
         outputs=[param("y", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors")],
         attributes=[
@@ -54,13 +60,13 @@ def _register_schema() -> None:
     onnx.defs.register_schema(schema)
 
 
-def _translate(q: Any, k: Any, v: Any, scale: float, max_len: int) -> Any:
+def _translate(q: Any, k: Any, v: Any, mask: Any, scale: float, max_len: int) -> Any:
     """onnxscript translation of ``archir::causal_attention``: one ``archir`` node."""
     from onnxscript import values
 
-    return values.Opset(DOMAIN, 1).CausalAttention(
-        q, k, v, scale=float(scale), max_len=int(max_len)
-    )
+    op = values.Opset(DOMAIN, 1)
+    extra = () if mask is None else (mask,)
+    return op.CausalAttention(q, k, v, *extra, scale=float(scale), max_len=int(max_len))
 
 
 def translations() -> dict[Any, Any]:
@@ -120,18 +126,22 @@ def _expand_one(node: onnx.NodeProto, elem_type: int) -> list[onnx.NodeProto]:
     the ONNX element type ``elem_type``."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     scale, max_len = float(attrs["scale"]), int(attrs["max_len"])
-    q, k, v = node.input
+    q, k, v = node.input[:3]
+    given = node.input[3] if len(node.input) > 3 else ""
     (y,) = node.output
     name = _Names(node.name or "causal_attention")
     top: list[onnx.NodeProto] = []
     T = _node(top, name, "Shape", [q], start=2, end=3)  # [1]
-    full = _node(
-        top,
-        name,
-        "Expand",
-        [_const(top, name, float("-inf")), _node(top, name, "Concat", [T, T], axis=0)],
-    )
-    mask = _node(top, name, "Trilu", [full, _const(top, name, [1])], upper=1)
+    if given:  # ALiBi, a window: [T, T] or [heads, T, T]
+        mask = given
+    else:
+        full = _node(
+            top,
+            name,
+            "Expand",
+            [_const(top, name, float("-inf")), _node(top, name, "Concat", [T, T], axis=0)],
+        )
+        mask = _node(top, name, "Trilu", [full, _const(top, name, [1])], upper=1)
 
     # the scale and kᵀ inside each branch: onnxruntime fuses them into the MatMul there
     def scaled(nodes: list[onnx.NodeProto]) -> tuple[str, str]:
@@ -166,7 +176,7 @@ def _expand_one(node: onnx.NodeProto, elem_type: int) -> list[onnx.NodeProto]:
             vi = _node(chunked, name, "Slice", [v, zero, hi, _const(chunked, name, [2])])
             lo2 = _node(chunked, name, "Concat", [lo, zero], axis=0)
             hi2 = _node(chunked, name, "Concat", [hi, hi], axis=0)
-            mi = _node(chunked, name, "Slice", [mask, lo2, hi2, _const(chunked, name, [0, 1])])
+            mi = _node(chunked, name, "Slice", [mask, lo2, hi2, _const(chunked, name, [-2, -1])])
             parts.append(_attend(chunked, name, qi, ki, vi, mi))
         y_all = _node(chunked, name, "Concat", parts, axis=2)
         _merge_heads(chunked, name, y_all, name("chunked_y"))

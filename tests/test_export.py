@@ -746,21 +746,35 @@ def test_causal_attention_scores_query_chunks_past_the_switch(tmp_path: Path) ->
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6, (B, T)
 
 
-def test_short_windowed_and_alibi_attention_export_without_the_switch(tmp_path: Path) -> None:
-    """No ``If`` where chunking does not apply: a model no longer than ``CHUNK_MIN_LEN``
-    (the plain scores, one Softmax per layer) and an attention whose mask is not the causal
-    triangle (a window, ALiBi: their mask as before)."""
-    from archir.blocks.attention import CHUNK_MIN_LEN
+def test_masked_causal_attention_scores_chunks_and_short_models_do_not_switch(
+    tmp_path: Path,
+) -> None:
+    """ALiBi and a sliding window score their query chunks too, each against its rows of
+    the block's own mask (the same values as eager, on both sides of the switch); a model no
+    longer than ``CHUNK_MIN_LEN`` has no ``If`` (the plain scores, one Softmax per layer)."""
+    from archir.blocks.attention import CHUNK_MIN_LEN, N_CHUNKS
 
-    cases = [({}, CHUNK_MIN_LEN), ({"window": 16}, 300), ({"pos": "alibi"}, 300)]
-    for block, L in cases:
+    L = CHUNK_MIN_LEN + 100
+    for block, max_len in [({}, CHUNK_MIN_LEN), ({"window": 24}, L), ({"pos": "alibi"}, L)]:
         data = lm_spec(d=32, layers=1, **block).data
-        data["model"]["max_seq_len"] = L
+        data["model"]["max_seq_len"] = max_len
         spec = spec_from_dict(data)
-        path = tmp_path / f"m{L}{len(block)}.onnx"
-        export_onnx(spec, path, task="random")
-        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-        assert "If" not in ops and ops.count("Softmax") == 1, block
+        model = archir.compile(spec, seed=0).eval()
+        path = tmp_path / f"m{max_len}{len(block)}.onnx"
+        export_onnx(spec, path, model=model, task="random")
+        nodes = onnx.load(str(path)).graph.node
+        ifs = [n for n in nodes if n.op_type == "If"]
+        if max_len <= CHUNK_MIN_LEN:
+            assert not ifs and [n.op_type for n in nodes].count("Softmax") == 1
+            continue
+        assert len(ifs) == 1 and _branch_ops(ifs[0])["else_branch"].count("Softmax") == N_CHUNKS
+        sess = make_session(str(path))
+        for T in (30, CHUNK_MIN_LEN + 1, L):
+            x = torch.randint(0, 64, (2, T))
+            with torch.no_grad():
+                ref = model(x).numpy()
+            got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+            assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6, (block, T)
 
 
 def test_exported_scores_count_the_pairs_the_graph_scores() -> None:
@@ -776,7 +790,8 @@ def test_exported_scores_count_the_pairs_the_graph_scores() -> None:
     # 193 = 7 chunks of 25 and one of 18 rows; chunk i sees 25·(i+1) keys, the last all 193
     assert exported_scores(p, True, 1024, 193) == 25 * 25 * 28 + 18 * 193
     assert exported_scores(p, False, 1024, 1024) == 1024**2
-    assert exported_scores(AttentionParams(n_heads=4, window=64), True, 1024, 1024) == 1024**2
+    alibi = AttentionParams(n_heads=4, pos="alibi")
+    assert exported_scores(alibi, True, 1024, 1024) == 128 * 128 * 36
     assert exported_scores(AttentionParams(n_heads=4, causal=False), True, 1024, 1024) == 1024**2
 
 

@@ -8,7 +8,7 @@ Shapes: ``x [batch, seq, d_model] -> [batch, seq, d_model]``; ``head_dim`` defau
 ``d_model / n_heads`` (``q_dim = n_heads·head_dim``, ``kv_dim = n_kv_heads·head_dim``).
 Cost: FLOPs per token at length L = projections ``2·d·(2·q_dim + 2·kv_dim)`` plus scores and
 values ``4·L·q_dim`` (counted densely; a window masks but does not skip). The exported
-graph of a causal attention without ALiBi or a window scores only about half of the pairs
+graph of a causal attention scores only about half of the pairs
 past :data:`CHUNK_MIN_LEN` positions (:func:`causal_attention`, :func:`exported_scores`), as
 eager torch's fused kernel does.
 Inference state: KV cache ``2 · n_kv_heads · head_dim · min(L, window) · 4`` bytes.
@@ -230,8 +230,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         mask = self._mask(T, x.device)
-        if mask is None and self.causal and torch.compiler.is_exporting():
-            return self.o(causal_attention(q, k, v, self.hd**-0.5, self.max_len))
+        if self.causal and torch.compiler.is_exporting():
+            return self.o(causal_attention(q, k, v, mask, self.hd**-0.5, self.max_len))
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
@@ -294,11 +294,18 @@ N_CHUNKS = 8
 
 @torch.library.custom_op("archir::causal_attention", mutates_args=())
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_len: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    max_len: int,
 ) -> torch.Tensor:
     """Causal softmax attention as one operation of an exported graph: ``q, k, v [batch,
     heads, seq, head_dim] -> [batch, seq, heads·head_dim]`` (heads merged); the values of
-    ``scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)``.
+    ``scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)``, or with an
+    additive ``mask [seq, seq]`` / ``[heads, seq, seq]`` (ALiBi, a window; ``-inf`` at least
+    on every future key) ``..., attn_mask=mask``.
 
     torch.export keeps it whole, and :mod:`exporters.causal_attention` writes it into ONNX:
     up to :data:`CHUNK_MIN_LEN` positions every score, past it (only when ``max_len``, the
@@ -308,13 +315,21 @@ def causal_attention(
     ``MultiHeadAttention`` and ``GroupQueryAttention`` compute them all); eager torch's SDPA
     does. One layer, 4 heads of 16, T 1,024, 1 thread: eager 3.8 ms, every score 6.6 ms,
     8 chunks 3.4 ms."""
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if mask is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return y.transpose(1, 2).flatten(2)
 
 
 @causal_attention.register_fake
 def _(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_len: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    max_len: int,
 ) -> torch.Tensor:
     B, H, T, hd = q.shape
     return q.new_empty(B, T, H * hd)
@@ -323,10 +338,10 @@ def _(
 def exported_scores(p: AttentionParams, causal: bool, max_len: int, seq: int) -> int:
     """Score elements per head (query-key pairs) the exported graph computes at length
     ``seq``: ``seq²``, or in :data:`N_CHUNKS` query chunks (:func:`causal_attention`) for a
-    causal attention without ALiBi or a window, in a model whose ``max_seq_len``
+    causal attention (ALiBi and windows included) in a model whose ``max_seq_len``
     (``max_len``) goes past :data:`CHUNK_MIN_LEN`, at a length past it. ``causal`` is the
     model's (``p.causal`` overrides it)."""
-    if not (causal if p.causal is None else p.causal) or p.pos == "alibi" or p.window:
+    if not (causal if p.causal is None else p.causal):
         return seq * seq
     if max_len <= CHUNK_MIN_LEN or seq <= CHUNK_MIN_LEN:
         return seq * seq
