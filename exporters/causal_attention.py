@@ -1,7 +1,9 @@
 """Causal attention in the exported graph: ``archir::causal_attention`` written as ONNX.
 
-Under ``torch.export`` a causal attention calls the custom operation
-:func:`archir.blocks.attention.causal_attention`, which the exporter keeps whole
+Under ``torch.export`` inside :func:`exporters.graph.export_graph` (which enters
+:func:`archir.blocks.attention.chunked_causal_attention`) a causal attention calls the
+custom operation :func:`archir.blocks.attention.causal_attention`, which the exporter keeps
+whole
 (:func:`translations` makes it one ``archir.CausalAttention`` node); :func:`expand` then
 replaces each such node with plain ONNX:
 

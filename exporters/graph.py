@@ -297,6 +297,7 @@ def export_graph(
     if exporter not in ("auto", "dynamo", "legacy"):
         raise ExportError(f"unknown exporter '{exporter}'", hint="dynamo, legacy or auto")
     _memoize_torchlib()
+    from archir.blocks.attention import chunked_causal_attention
     from exporters import causal_attention
     from exporters.onnx_export import fold_constant_weights
 
@@ -311,6 +312,8 @@ def export_graph(
                 captured_stderr(),
                 warnings.catch_warnings(),
                 torch.no_grad(),
+                # the chunked causal attention, which only this exporter can write
+                chunked_causal_attention() if which == "dynamo" else contextlib.nullcontext(),
             ):
                 warnings.simplefilter("ignore")
                 if which == "dynamo":

@@ -825,3 +825,25 @@ def test_causal_attention_past_the_switch_exports_at_every_precision(
         assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.97, (precision, T)
         if precision == "fp16":
             assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
+
+
+def test_a_plain_torch_onnx_export_of_an_archir_model_still_works() -> None:
+    """Outside archir's exporter, ``torch.onnx.export(..., dynamo=True)`` of a model with
+    causal attention lowers SDPA itself: the custom operation (which only archir's exporter
+    can write) is not used, and onnxruntime reproduces the model past the switch length."""
+    from archir.blocks.attention import CHUNK_MIN_LEN
+
+    data = lm_spec(d=32, layers=1).data
+    data["model"]["max_seq_len"] = CHUNK_MIN_LEN + 64
+    model = archir.compile(spec_from_dict(data), seed=0).eval()
+    x = torch.randint(0, 64, (1, CHUNK_MIN_LEN + 10))
+    seq = torch.export.Dim("seq", min=2, max=CHUNK_MIN_LEN + 64)
+    prog = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=({1: seq},), verbose=False)
+    assert prog is not None
+    proto = prog.model_proto
+    assert all(n.domain != "archir" for n in proto.graph.node)
+    sess = make_session(proto.SerializeToString())
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -30,7 +30,10 @@ Options the published model families need (Hugging Face names in brackets):
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from typing import ClassVar, Literal
 
 import torch
@@ -231,7 +234,15 @@ class Attention(nn.Module):
             v = v.repeat_interleave(rep, dim=1)
         mask = self._mask(T, x.device)
         if self.causal and torch.compiler.is_exporting():
-            return self.o(causal_attention(q, k, v, mask, self.hd**-0.5, self.max_len))
+            if getattr(
+                _CHUNKED, "on", False
+            ):  # archir's exporter: it knows how to write the operation
+                return self.o(causal_attention(q, k, v, mask, self.hd**-0.5, self.max_len))
+            if mask is None:
+                # a plain torch.onnx.export lowers is_causal to a Trilu of ones, an Equal, a
+                # Where and an Expand per layer (2.1 ms of 16 per layer at T 1,024 in
+                # onnxruntime); an additive -inf upper triangle is one Trilu
+                mask = torch.full((T, T), float("-inf"), device=x.device).triu(1)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
@@ -284,6 +295,23 @@ class Attention(nn.Module):
         return self.o(y.reshape(B, -1)), (k_c, v_c, pos + 1)
 
 
+_CHUNKED = threading.local()
+
+
+@contextlib.contextmanager
+def chunked_causal_attention() -> Iterator[None]:
+    """While active (on this thread), a causal attention captured by ``torch.export``
+    calls :func:`causal_attention`, which only an exporter given its translation can write
+    (``exporters.graph.export_graph`` is: it enters this). Outside it, a plain
+    ``torch.onnx.export`` of an archir model lowers SDPA itself, as before."""
+    before = getattr(_CHUNKED, "on", False)
+    _CHUNKED.on = True
+    try:
+        yield
+    finally:
+        _CHUNKED.on = before
+
+
 #: Exported causal attention (:func:`causal_attention`): up to this many positions the
 #: exported graph scores every query against every key; past it, in :data:`N_CHUNKS` query
 #: chunks, each against only the keys it may see (chosen by an ONNX ``If`` on the length).
@@ -307,7 +335,8 @@ def causal_attention(
     additive ``mask [seq, seq]`` / ``[heads, seq, seq]`` (ALiBi, a window; ``-inf`` at least
     on every future key) ``..., attn_mask=mask``.
 
-    torch.export keeps it whole, and :mod:`exporters.causal_attention` writes it into ONNX:
+    Used under :func:`chunked_causal_attention` (archir's exporter). torch.export keeps it
+    whole, and :mod:`exporters.causal_attention` writes it into ONNX:
     up to :data:`CHUNK_MIN_LEN` positions every score, past it (only when ``max_len``, the
     model's ``max_seq_len``, goes past it) the queries in :data:`N_CHUNKS` chunks, each
     scoring only the keys it may see — ``(n+1)/(2n)`` of the ``seq²`` scores (0.56 at 8).
