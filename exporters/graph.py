@@ -181,9 +181,10 @@ def tag_and_strip(
     through ``mod2block`` — the path itself or its longest dotted prefix among the keys, so
     a wrapper's paths such as the decode module's ``model.blocks.3.fn.q`` find
     ``model.blocks.3``; a node outside any module call takes the block owning a weight it
-    reads, by the weight's name; or ``every`` for all of them — a part graph), drop torch's
-    bulky per-node metadata (stack traces hold local paths), and name unnamed nodes."""
-    from exporters.quantize import BLOCK_KEY
+    reads, by the weight's name; or ``every`` for all of them — a part graph; the nodes of an
+    ``If`` branch take the ``If``'s), drop torch's bulky per-node metadata (stack traces hold
+    local paths), subgraphs included, and name unnamed nodes."""
+    from exporters.quantize import BLOCK_KEY, subgraph_nodes
 
     m2b = mod2block or {}
     inits = {t.name for t in proto.graph.initializer} if m2b else set()
@@ -202,11 +203,15 @@ def tag_and_strip(
             # a weight used outside any module call (a block's step reading its own
             # parameter, the embedding's step): the parameter's name says whose it is
             block = next((b for w in n.input if w in inits if (b := _owner(w, m2b))), None)
-        del n.metadata_props[:]
-        if block:
-            n.metadata_props.add(key=BLOCK_KEY, value=block)
-        if not n.name:
-            n.name = f"{n.op_type}_{i}"
+        for j, m in enumerate([n, *subgraph_nodes(n)]):
+            # an If branch's nodes (Hyena's convolution, the chunked attention) belong to
+            # the If's block and carry torch's stack traces too (local paths, ~9 % of a
+            # Hyena file)
+            del m.metadata_props[:]
+            if block:
+                m.metadata_props.add(key=BLOCK_KEY, value=block)
+            if not m.name:
+                m.name = f"{m.op_type}_{i}" if j == 0 else f"{n.name}/{m.op_type}_{j}"
 
 
 def _legacy_axes(

@@ -847,3 +847,28 @@ def test_a_plain_torch_onnx_export_of_an_archir_model_still_works() -> None:
         ref = model(x).numpy()
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_if_branches_ship_without_torch_metadata_or_local_paths(tmp_path: Path) -> None:
+    """The nodes inside ``If`` branches (Hyena's long convolution from ``torch.cond``, the
+    chunked attention) lose torch's per-node metadata like the main graph's: a shipped
+    file held the stack traces, with this checkout's paths, of every branch node (9 % of a
+    Hyena file); they carry their ``If``'s block tag instead."""
+    from archir.blocks.conv import DIRECT_MAX_LEN
+    from exporters.quantize import BLOCK_KEY, subgraph_nodes
+
+    data = lm_spec(d=16, layers=1).data
+    data["model"]["max_seq_len"] = DIRECT_MAX_LEN + 64
+    data["model"]["layers"][0]["blocks"][0] = {"kind": "hyena", "filter_width": 8}
+    path = tmp_path / "h.onnx"
+    export_onnx(spec_from_dict(data), path, task="random")
+    proto = onnx.load(str(path))
+    ifs = [n for n in proto.graph.node if n.op_type == "If"]
+    inside = [m for n in ifs for m in subgraph_nodes(n)]
+    assert ifs and inside
+    for n in ifs:
+        block = {p.key: p.value for p in n.metadata_props}[BLOCK_KEY]
+        for m in subgraph_nodes(n):
+            assert {p.key: p.value for p in m.metadata_props} == {BLOCK_KEY: block}
+    root = str(Path(archir.__file__).resolve().parent.parent)
+    assert root.encode() not in path.read_bytes()
