@@ -14,7 +14,7 @@ replaces each such node with plain ONNX:
   :data:`~archir.blocks.attention.N_CHUNKS` chunks of ``c = ceil(seq / n)`` positions,
   chunk ``i`` scoring only keys ``[0, (i+1)·c)`` against its rows of the mask (``Slice``
   clamps the last chunk to the sequence), so ``(n+1)/(2n)`` of the ``seq²`` scores are
-  computed and stored.
+  computed and stored; with a sliding window ``w``, only keys from ``i·c − w + 1`` on.
 
 Same values as eager ``scaled_dot_product_attention`` up to float rounding (the scale is
 applied to ``q`` once). The graph stays opset-20 standard ONNX: no ``archir`` domain is
@@ -57,18 +57,23 @@ def _register_schema() -> None:
         attributes=[
             OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "score scale"),
             OpSchema.Attribute("max_len", OpSchema.AttrType.INT, "longest sequence"),
+            OpSchema.Attribute("window", OpSchema.AttrType.INT, "sliding window (0: none)"),
         ],
     )
     onnx.defs.register_schema(schema)
 
 
-def _translate(q: Any, k: Any, v: Any, mask: Any, scale: float, max_len: int) -> Any:
+def _translate(
+    q: Any, k: Any, v: Any, mask: Any, scale: float, max_len: int, window: int = 0
+) -> Any:
     """onnxscript translation of ``archir::causal_attention``: one ``archir`` node."""
     from onnxscript import values
 
     op = values.Opset(DOMAIN, 1)
     extra = () if mask is None else (mask,)
-    return op.CausalAttention(q, k, v, *extra, scale=float(scale), max_len=int(max_len))
+    return op.CausalAttention(
+        q, k, v, *extra, scale=float(scale), max_len=int(max_len), window=int(window)
+    )
 
 
 def translations() -> dict[Any, Any]:
@@ -128,6 +133,7 @@ def _expand_one(node: onnx.NodeProto, elem_type: int) -> list[onnx.NodeProto]:
     the ONNX element type ``elem_type``."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     scale, max_len = float(attrs["scale"]), int(attrs["max_len"])
+    window = int(attrs.get("window", 0))
     q, k, v = node.input[:3]
     given = node.input[3] if len(node.input) > 3 else ""
     (y,) = node.output
@@ -172,11 +178,16 @@ def _expand_one(node: onnx.NodeProto, elem_type: int) -> list[onnx.NodeProto]:
         parts = []
         for i in range(n):
             lo, hi = zero if i == 0 else ends[i - 1], ends[i]
+            # the first key chunk i may see: 0, or with a window the first query's window
+            first = zero
+            if window and i > 0:
+                past = _node(chunked, name, "Sub", [lo, _const(chunked, name, [window - 1])])
+                first = _node(chunked, name, "Max", [past, zero])
             qi = _node(chunked, name, "Slice", [qs, lo, hi, _const(chunked, name, [2])])
-            ki = _node(chunked, name, "Slice", [k, zero, hi, _const(chunked, name, [2])])
+            ki = _node(chunked, name, "Slice", [k, first, hi, _const(chunked, name, [2])])
             ki = _node(chunked, name, "Transpose", [ki], perm=[0, 1, 3, 2])
-            vi = _node(chunked, name, "Slice", [v, zero, hi, _const(chunked, name, [2])])
-            lo2 = _node(chunked, name, "Concat", [lo, zero], axis=0)
+            vi = _node(chunked, name, "Slice", [v, first, hi, _const(chunked, name, [2])])
+            lo2 = _node(chunked, name, "Concat", [lo, first], axis=0)
             hi2 = _node(chunked, name, "Concat", [hi, hi], axis=0)
             mi = _node(chunked, name, "Slice", [mask, lo2, hi2, _const(chunked, name, [-2, -1])])
             parts.append(_attend(chunked, name, qi, ki, vi, mi))

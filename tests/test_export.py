@@ -755,7 +755,8 @@ def test_masked_causal_attention_scores_chunks_and_short_models_do_not_switch(
     tmp_path: Path,
 ) -> None:
     """ALiBi and a sliding window score their query chunks too, each against its rows of
-    the block's own mask (the same values as eager, on both sides of the switch); a model no
+    the block's own mask, the window's chunks without the keys before it (the same values
+    as eager, on both sides of the switch); a model no
     longer than ``CHUNK_MIN_LEN`` has no ``If`` (the plain scores, one Softmax per layer)."""
     from archir.blocks.attention import CHUNK_MIN_LEN, N_CHUNKS
 
@@ -785,7 +786,8 @@ def test_masked_causal_attention_scores_chunks_and_short_models_do_not_switch(
 def test_exported_scores_count_the_pairs_the_graph_scores() -> None:
     """The latency features count the query-key pairs the exported attention computes:
     ``seq²`` up to the switch (or when it does not apply), ``c²·n(n+1)/2`` in chunks of
-    ``c`` (0.5625·seq² at 8 chunks), the last chunk cut to the sequence."""
+    ``c`` (0.5625·seq² at 8 chunks), the last chunk cut to the sequence, a window's chunks
+    without the keys before it."""
     from archir.blocks.attention import AttentionParams, exported_scores
 
     p = AttentionParams(n_heads=4)
@@ -797,6 +799,9 @@ def test_exported_scores_count_the_pairs_the_graph_scores() -> None:
     assert exported_scores(p, False, 1024, 1024) == 1024**2
     alibi = AttentionParams(n_heads=4, pos="alibi")
     assert exported_scores(alibi, True, 1024, 1024) == 128 * 128 * 36
+    # a window of 64: chunk i > 0 sees keys from 128·i − 63 to 128·(i+1), 191 of them
+    window = AttentionParams(n_heads=4, window=64)
+    assert exported_scores(window, True, 1024, 1024) == 128 * 128 + 7 * 128 * 191
     assert exported_scores(AttentionParams(n_heads=4, causal=False), True, 1024, 1024) == 1024**2
 
 

@@ -237,7 +237,9 @@ class Attention(nn.Module):
             if getattr(
                 _CHUNKED, "on", False
             ):  # archir's exporter: it knows how to write the operation
-                return self.o(causal_attention(q, k, v, mask, self.hd**-0.5, self.max_len))
+                return self.o(
+                    causal_attention(q, k, v, mask, self.hd**-0.5, self.max_len, self.window or 0)
+                )
             if mask is None:
                 # a plain torch.onnx.export lowers is_causal to a Trilu of ones, an Equal, a
                 # Where and an Expand per layer (2.1 ms of 16 per layer at T 1,024 in
@@ -328,6 +330,7 @@ def causal_attention(
     mask: torch.Tensor | None,
     scale: float,
     max_len: int,
+    window: int = 0,
 ) -> torch.Tensor:
     """Causal softmax attention as one operation of an exported graph: ``q, k, v [batch,
     heads, seq, head_dim] -> [batch, seq, heads·head_dim]`` (heads merged); the values of
@@ -339,7 +342,9 @@ def causal_attention(
     whole, and :mod:`exporters.causal_attention` writes it into ONNX:
     up to :data:`CHUNK_MIN_LEN` positions every score, past it (only when ``max_len``, the
     model's ``max_seq_len``, goes past it) the queries in :data:`N_CHUNKS` chunks, each
-    scoring only the keys it may see — ``(n+1)/(2n)`` of the ``seq²`` scores (0.56 at 8).
+    scoring only the keys it may see — ``(n+1)/(2n)`` of the ``seq²`` scores (0.56 at 8);
+    with a sliding ``window`` (0: none; ``mask`` then holds it) none before the window of
+    its first query either.
     onnxruntime has no CPU attention kernel that skips the masked half (its ``Attention``,
     ``MultiHeadAttention`` and ``GroupQueryAttention`` compute them all); eager torch's SDPA
     does. One layer, 4 heads of 16, T 1,024, 1 thread: eager 3.8 ms, every score 6.6 ms,
@@ -359,6 +364,7 @@ def _(
     mask: torch.Tensor | None,
     scale: float,
     max_len: int,
+    window: int = 0,
 ) -> torch.Tensor:
     B, H, T, hd = q.shape
     return q.new_empty(B, T, H * hd)
@@ -367,15 +373,19 @@ def _(
 def exported_scores(p: AttentionParams, causal: bool, max_len: int, seq: int) -> int:
     """Score elements per head (query-key pairs) the exported graph computes at length
     ``seq``: ``seq²``, or in :data:`N_CHUNKS` query chunks (:func:`causal_attention`) for a
-    causal attention (ALiBi and windows included) in a model whose ``max_seq_len``
-    (``max_len``) goes past :data:`CHUNK_MIN_LEN`, at a length past it. ``causal`` is the
-    model's (``p.causal`` overrides it)."""
+    causal attention (ALiBi and windows included; a window's chunks skip the keys before it)
+    in a model whose ``max_seq_len`` (``max_len``) goes past :data:`CHUNK_MIN_LEN`, at a
+    length past it. ``causal`` is the model's (``p.causal`` overrides it)."""
     if not (causal if p.causal is None else p.causal):
         return seq * seq
     if max_len <= CHUNK_MIN_LEN or seq <= CHUNK_MIN_LEN:
         return seq * seq
     c = -(-seq // N_CHUNKS)
-    return sum(min(c, max(0, seq - i * c)) * min((i + 1) * c, seq) for i in range(N_CHUNKS))
+    w = p.window or seq
+    return sum(
+        min(c, max(0, seq - i * c)) * (min((i + 1) * c, seq) - max(0, i * c - w + 1))
+        for i in range(N_CHUNKS)
+    )
 
 
 def _head_dim(p: AttentionParams, d_model: int) -> int:
