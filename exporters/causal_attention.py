@@ -3,16 +3,16 @@
 Under ``torch.export`` inside :func:`exporters.graph.export_graph` (which enters
 :func:`archir.blocks.attention.chunked_causal_attention`) a causal attention calls the
 custom operation :func:`archir.blocks.attention.causal_attention`, which the exporter keeps
-whole
-(:func:`translations` makes it one ``archir.CausalAttention`` node); :func:`expand` then
-replaces each such node with plain ONNX:
+whole (:func:`translations` makes it one ``archir.CausalAttention`` node); :func:`expand`
+then replaces each such node with plain ONNX:
 
 * up to :data:`~archir.blocks.attention.CHUNK_MIN_LEN` positions, or for a model whose
   ``max_seq_len`` never goes past it: ``softmax(q·scale @ kᵀ + mask) @ v``, the mask the
   additive ``-inf`` upper triangle (one ``Trilu``) or the block's own (ALiBi, a window);
-* past it, behind an ``If`` on the length: the queries in
-  :data:`~archir.blocks.attention.N_CHUNKS` chunks of ``c = ceil(seq / n)`` positions,
-  chunk ``i`` scoring only keys ``[0, (i+1)·c)`` against its rows of the mask (``Slice``
+* past it, behind an ``If`` on the length: the queries in ``n`` chunks of ``c = ceil(seq
+  / n)`` positions (``n`` 8, and 16 past 1,024 positions behind a second ``If`` in the
+  first's else-branch: :data:`~archir.blocks.attention.CHUNK_FORMS`), chunk ``i``
+  scoring only keys ``[0, (i+1)·c)`` against its rows of the mask (``Slice``
   clamps the last chunk to the sequence), so ``(n+1)/(2n)`` of the ``seq²`` scores are
   computed and stored; with a sliding window ``w``, only keys from ``i·c − w + 1`` on.
 
@@ -28,7 +28,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper
 
-from archir.blocks.attention import CHUNK_MIN_LEN, N_CHUNKS
+from archir.blocks.attention import CHUNK_MIN_LEN, chunk_forms
 
 DOMAIN = "archir"
 OP = "CausalAttention"
@@ -152,63 +152,83 @@ def _expand_one(node: onnx.NodeProto, elem_type: int) -> list[onnx.NodeProto]:
         mask = _node(top, name, "Trilu", [full, _const(top, name, [1])], upper=1)
 
     # the scale and kᵀ inside each branch: onnxruntime fuses them into the MatMul there
-    def scaled(nodes: list[onnx.NodeProto]) -> tuple[str, str]:
+    def plain(nodes: list[onnx.NodeProto], out: str) -> list[onnx.NodeProto]:
         qs = _node(nodes, name, "Mul", [q, _const(nodes, name, scale)])
-        return qs, _node(nodes, name, "Transpose", [k], perm=[0, 1, 3, 2])
+        kt = _node(nodes, name, "Transpose", [k], perm=[0, 1, 3, 2])
+        _merge_heads(nodes, name, _attend(nodes, name, qs, kt, v, mask), out)
+        return nodes
 
-    if max_len <= CHUNK_MIN_LEN:
-        _merge_heads(top, name, _attend(top, name, *scaled(top), v, mask), y)
-    else:
-        plain: list[onnx.NodeProto] = []
-        _merge_heads(plain, name, _attend(plain, name, *scaled(plain), v, mask), name("plain_y"))
-        chunked: list[onnx.NodeProto] = []
-        qs = _node(chunked, name, "Mul", [q, _const(chunked, name, scale)])
-        n = N_CHUNKS
+    def chunked(n: int, out: str) -> list[onnx.NodeProto]:
+        nodes: list[onnx.NodeProto] = []
+        qs = _node(nodes, name, "Mul", [q, _const(nodes, name, scale)])
         c = _node(
-            chunked,
+            nodes,
             name,
             "Div",
             [
-                _node(chunked, name, "Add", [T, _const(chunked, name, [n - 1])]),
-                _const(chunked, name, [n]),
+                _node(nodes, name, "Add", [T, _const(nodes, name, [n - 1])]),
+                _const(nodes, name, [n]),
             ],
         )
-        zero = _const(chunked, name, [0])
-        ends = [_node(chunked, name, "Mul", [c, _const(chunked, name, [i + 1])]) for i in range(n)]
+        zero = _const(nodes, name, [0])
+        ends = [_node(nodes, name, "Mul", [c, _const(nodes, name, [i + 1])]) for i in range(n)]
         parts = []
         for i in range(n):
             lo, hi = zero if i == 0 else ends[i - 1], ends[i]
             # the first key chunk i may see: 0, or with a window the first query's window
             first = zero
             if window and i > 0:
-                past = _node(chunked, name, "Sub", [lo, _const(chunked, name, [window - 1])])
-                first = _node(chunked, name, "Max", [past, zero])
-            qi = _node(chunked, name, "Slice", [qs, lo, hi, _const(chunked, name, [2])])
-            ki = _node(chunked, name, "Slice", [k, first, hi, _const(chunked, name, [2])])
-            ki = _node(chunked, name, "Transpose", [ki], perm=[0, 1, 3, 2])
-            vi = _node(chunked, name, "Slice", [v, first, hi, _const(chunked, name, [2])])
-            lo2 = _node(chunked, name, "Concat", [lo, first], axis=0)
-            hi2 = _node(chunked, name, "Concat", [hi, hi], axis=0)
-            mi = _node(chunked, name, "Slice", [mask, lo2, hi2, _const(chunked, name, [-2, -1])])
-            parts.append(_attend(chunked, name, qi, ki, vi, mi))
-        y_all = _node(chunked, name, "Concat", parts, axis=2)
-        _merge_heads(chunked, name, y_all, name("chunked_y"))
+                past = _node(nodes, name, "Sub", [lo, _const(nodes, name, [window - 1])])
+                first = _node(nodes, name, "Max", [past, zero])
+            qi = _node(nodes, name, "Slice", [qs, lo, hi, _const(nodes, name, [2])])
+            ki = _node(nodes, name, "Slice", [k, first, hi, _const(nodes, name, [2])])
+            ki = _node(nodes, name, "Transpose", [ki], perm=[0, 1, 3, 2])
+            vi = _node(nodes, name, "Slice", [v, first, hi, _const(nodes, name, [2])])
+            lo2 = _node(nodes, name, "Concat", [lo, first], axis=0)
+            hi2 = _node(nodes, name, "Concat", [hi, hi], axis=0)
+            mi = _node(nodes, name, "Slice", [mask, lo2, hi2, _const(nodes, name, [-2, -1])])
+            parts.append(_attend(nodes, name, qi, ki, vi, mi))
+        _merge_heads(nodes, name, _node(nodes, name, "Concat", parts, axis=2), out)
+        return nodes
 
-        def graph(nodes: list[onnx.NodeProto], what: str) -> onnx.GraphProto:
-            out = helper.make_tensor_value_info(nodes[-1].output[0], elem_type, None)
-            return helper.make_graph(nodes, name(what), [], [out])
+    def choose(
+        nodes: list[onnx.NodeProto],
+        up_to: int,
+        short: list[onnx.NodeProto],
+        long: list[onnx.NodeProto],
+        out: str,
+    ) -> None:
+        """``If (T <= up_to) short else long`` into ``out``."""
 
-        short = _node(top, name, "LessOrEqual", [T, _const(top, name, [CHUNK_MIN_LEN])])
-        top.append(
+        def graph(branch: list[onnx.NodeProto], what: str) -> onnx.GraphProto:
+            result = helper.make_tensor_value_info(branch[-1].output[0], elem_type, None)
+            return helper.make_graph(branch, name(what), [], [result])
+
+        cond = _node(nodes, name, "LessOrEqual", [T, _const(nodes, name, [up_to])])
+        nodes.append(
             helper.make_node(
                 "If",
-                [short],
-                [y],
+                [cond],
+                [out],
                 name=name("If"),
-                then_branch=graph(plain, "every_score"),
-                else_branch=graph(chunked, "query_chunks"),
+                then_branch=graph(short, f"up_to_{up_to}"),
+                else_branch=graph(long, f"past_{up_to}"),
             )
         )
+
+    forms = chunk_forms(max_len)
+    if not forms:
+        plain(top, y)
+    else:
+        # If (T <= 192) every score else If (T <= 1,024) 8 chunks else 16 chunks, nested
+        # from the longest form in: no torch.export cost, this is written directly
+        *shorter, (lo, n) = forms
+        inner = chunked(n, name("chunked_y"))
+        for lo_i, n_i in reversed(shorter):
+            outer: list[onnx.NodeProto] = []
+            choose(outer, lo, chunked(n_i, name("chunked_y")), inner, name("chunked_y"))
+            inner, lo = outer, lo_i
+        choose(top, CHUNK_MIN_LEN, plain([], name("plain_y")), inner, y)
     for n_ in top:
         n_.metadata_props.extend(node.metadata_props)
     return top

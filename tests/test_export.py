@@ -708,13 +708,16 @@ def _branch_ops(node: onnx.NodeProto) -> dict[str, list[str]]:
 
 def test_causal_attention_scores_query_chunks_past_the_switch(tmp_path: Path) -> None:
     """A causal attention in a model longer than ``CHUNK_MIN_LEN`` exports one ``If`` per
-    layer: every score up to that length, past it ``N_CHUNKS`` query chunks (one softmax
-    each), each against only the keys it may see. Plain ONNX (no ``archir`` domain left), and
-    the values of eager SDPA on both sides of the switch and at lengths no multiple of the
-    chunk count, grouped-query heads and peaked (trained-like) scores included."""
-    from archir.blocks.attention import CHUNK_MIN_LEN, N_CHUNKS
+    layer: every score up to that length, past it query chunks (one softmax each), each
+    against only the keys it may see — 8 chunks up to 1,024 positions and 16 past, one
+    ``If`` nested in the other for a model that long. Plain ONNX (no ``archir`` domain
+    left), and the values of eager SDPA on both sides of each switch and at lengths no
+    multiple of the chunk count, grouped-query heads and peaked (trained-like) scores
+    included."""
+    from archir.blocks.attention import CHUNK_FORMS, CHUNK_MIN_LEN
 
-    L = CHUNK_MIN_LEN + 328
+    (_, n_short), (long_from, n_long) = CHUNK_FORMS
+    L = long_from + 76
     data = lm_spec(d=32, layers=2, n_kv_heads=2).data
     data["model"]["max_seq_len"] = L
     spec = spec_from_dict(data)
@@ -731,9 +734,13 @@ def test_causal_attention_scores_query_chunks_past_the_switch(tmp_path: Path) ->
     ifs = [n for n in proto.graph.node if n.op_type == "If"]
     assert len(ifs) == 2
     for node in ifs:
-        ops = _branch_ops(node)
-        every, chunks = ops["then_branch"], ops["else_branch"]
-        assert every.count("Softmax") == 1 and chunks.count("Softmax") == N_CHUNKS
+        outer = _branch_ops(node)
+        assert outer["then_branch"].count("Softmax") == 1
+        (inner,) = [a.g.node[-1] for a in node.attribute if a.name == "else_branch"]
+        assert inner.op_type == "If"
+        chunks = _branch_ops(inner)
+        assert chunks["then_branch"].count("Softmax") == n_short
+        assert chunks["else_branch"].count("Softmax") == n_long
     sess = make_session(str(path))
     for B, T in [
         (1, 1),
@@ -742,7 +749,9 @@ def test_causal_attention_scores_query_chunks_past_the_switch(tmp_path: Path) ->
         (2, CHUNK_MIN_LEN + 1),
         (1, 203),
         (2, 257),
-        (1, L),
+        (1, long_from),
+        (1, long_from + 1),
+        (2, L),
     ]:
         x = torch.randint(0, 64, (B, T))
         with torch.no_grad():
@@ -794,6 +803,9 @@ def test_exported_scores_count_the_pairs_the_graph_scores() -> None:
     assert exported_scores(p, True, 1024, 192) == 192**2
     assert exported_scores(p, True, 192, 192) == 192**2
     assert exported_scores(p, True, 1024, 1024) == 128 * 128 * 36 == int(0.5625 * 1024**2)
+    # past 1,024 positions 16 chunks: 2,048 = 16 × 128, Σ (i+1) = 136
+    assert exported_scores(p, True, 2048, 2048) == 128 * 128 * 136
+    assert exported_scores(p, True, 2048, 1024) == 128 * 128 * 36  # 8 chunks up to 1,024
     # 193 = 7 chunks of 25 and one of 18 rows; chunk i sees 25·(i+1) keys, the last all 193
     assert exported_scores(p, True, 1024, 193) == 25 * 25 * 28 + 18 * 193
     assert exported_scores(p, False, 1024, 1024) == 1024**2

@@ -315,11 +315,27 @@ def chunked_causal_attention() -> Iterator[None]:
 
 
 #: Exported causal attention (:func:`causal_attention`): up to this many positions the
-#: exported graph scores every query against every key; past it, in :data:`N_CHUNKS` query
-#: chunks, each against only the keys it may see (chosen by an ONNX ``If`` on the length).
+#: exported graph scores every query against every key; past it, in query chunks
+#: (:data:`CHUNK_FORMS`), each against only the keys it may see (chosen by ONNX ``If``
+#: nodes on the length).
 CHUNK_MIN_LEN = 192
 #: query chunks of the exported causal attention past :data:`CHUNK_MIN_LEN` positions
 N_CHUNKS = 8
+#: ``(past this many positions, chunks)``: the exported causal attention's chunk counts
+#: (onnxruntime, 1 thread, one layer ``[1, 4, T, 16]``: 8 chunks 3.41 / 14.6 / 71.6 ms at T
+#: 1,024 / 2,048 / 4,096, 16 chunks 3.19 / 13.0 / 65.0; at 256-512 8 are faster)
+CHUNK_FORMS: tuple[tuple[int, int], ...] = ((CHUNK_MIN_LEN, N_CHUNKS), (1024, 16))
+
+
+def chunk_forms(max_len: int) -> list[tuple[int, int]]:
+    """The ``(past this many positions, chunks)`` forms of :data:`CHUNK_FORMS` a model of
+    ``max_seq_len`` ``max_len`` reaches (none: it never goes past :data:`CHUNK_MIN_LEN`)."""
+    return [(lo, n) for lo, n in CHUNK_FORMS if max_len > lo]
+
+
+def chunks_at(max_len: int, seq: int) -> int:
+    """Query chunks of the exported causal attention at length ``seq`` (1: every score)."""
+    return max([n for lo, n in chunk_forms(max_len) if seq > lo], default=1)
 
 
 @torch.library.custom_op("archir::causal_attention", mutates_args=())
@@ -341,8 +357,9 @@ def causal_attention(
     Used under :func:`chunked_causal_attention` (archir's exporter). torch.export keeps it
     whole, and :mod:`exporters.causal_attention` writes it into ONNX:
     up to :data:`CHUNK_MIN_LEN` positions every score, past it (only when ``max_len``, the
-    model's ``max_seq_len``, goes past it) the queries in :data:`N_CHUNKS` chunks, each
-    scoring only the keys it may see — ``(n+1)/(2n)`` of the ``seq²`` scores (0.56 at 8);
+    model's ``max_seq_len``, goes past it) the queries in ``n`` chunks (8, and 16 past 1,024
+    positions: :data:`CHUNK_FORMS`), each scoring only the keys it may see —
+    ``(n+1)/(2n)`` of the ``seq²`` scores (0.56 at 8);
     with a sliding ``window`` (0: none; ``mask`` then holds it) none before the window of
     its first query either.
     onnxruntime has no CPU attention kernel that skips the masked half (its ``Attention``,
@@ -372,19 +389,20 @@ def _(
 
 def exported_scores(p: AttentionParams, causal: bool, max_len: int, seq: int) -> int:
     """Score elements per head (query-key pairs) the exported graph computes at length
-    ``seq``: ``seq²``, or in :data:`N_CHUNKS` query chunks (:func:`causal_attention`) for a
+    ``seq``: ``seq²``, or in query chunks (:func:`chunks_at`, :func:`causal_attention`) for a
     causal attention (ALiBi and windows included; a window's chunks skip the keys before it)
     in a model whose ``max_seq_len`` (``max_len``) goes past :data:`CHUNK_MIN_LEN`, at a
     length past it. ``causal`` is the model's (``p.causal`` overrides it)."""
     if not (causal if p.causal is None else p.causal):
         return seq * seq
-    if max_len <= CHUNK_MIN_LEN or seq <= CHUNK_MIN_LEN:
+    n = chunks_at(max_len, seq)
+    if n == 1:
         return seq * seq
-    c = -(-seq // N_CHUNKS)
+    c = -(-seq // n)
     w = p.window or seq
     return sum(
         min(c, max(0, seq - i * c)) * (min((i + 1) * c, seq) - max(0, i * c - w + 1))
-        for i in range(N_CHUNKS)
+        for i in range(n)
     )
 
 

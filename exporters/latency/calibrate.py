@@ -86,7 +86,7 @@ FORMAT = "archir-latency-calibration"
 #: 8: that DFT computes half the spectrum and runs channels last, and takes over past 128;
 #: 9: Gated DeltaNet's 1×1 inverse blocks are products, causal attention's mask is one
 #: Trilu (both graphs changed); Hyena's DFT runs three stages past 1,024 positions;
-#: 10: causal attention past 192 positions scores its queries in 8 chunks
+#: 10: causal attention past 192 positions scores its queries in 8 chunks (16 past 1,024)
 #: (``archir.blocks.attention.causal_attention``)
 VERSION = 10
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
