@@ -8,8 +8,8 @@ Shapes: ``x [batch, seq, d_model] -> [batch, seq, d_model]``; ``head_dim`` defau
 ``d_model / n_heads`` (``q_dim = n_heads·head_dim``, ``kv_dim = n_kv_heads·head_dim``).
 Cost: FLOPs per token at length L = projections ``2·d·(2·q_dim + 2·kv_dim)`` plus scores and
 values ``4·L·q_dim`` (counted densely; a window masks but does not skip). The exported
-graph of a causal attention scores only about half of the pairs
-past :data:`CHUNK_MIN_LEN` positions (:func:`causal_attention`, :func:`exported_scores`), as
+graph of a causal attention scores only about half of the pairs past
+:data:`CHUNK_MIN_LEN` positions (:func:`causal_attention`, :func:`exported_scores`), as
 eager torch's fused kernel does.
 Inference state: KV cache ``2 · n_kv_heads · head_dim · min(L, window) · 4`` bytes.
 
@@ -234,9 +234,8 @@ class Attention(nn.Module):
             v = v.repeat_interleave(rep, dim=1)
         mask = self._mask(T, x.device)
         if self.causal and torch.compiler.is_exporting():
-            if getattr(
-                _CHUNKED, "on", False
-            ):  # archir's exporter: it knows how to write the operation
+            # archir's exporter (chunked_causal_attention) knows how to write the operation
+            if getattr(_CHUNKED, "on", False):
                 return self.o(
                     causal_attention(q, k, v, mask, self.hd**-0.5, self.max_len, self.window or 0)
                 )
@@ -355,13 +354,13 @@ def causal_attention(
     on every future key) ``..., attn_mask=mask``.
 
     Used under :func:`chunked_causal_attention` (archir's exporter). torch.export keeps it
-    whole, and :mod:`exporters.causal_attention` writes it into ONNX:
-    up to :data:`CHUNK_MIN_LEN` positions every score, past it (only when ``max_len``, the
-    model's ``max_seq_len``, goes past it) the queries in ``n`` chunks (8, and 16 past 1,024
-    positions: :data:`CHUNK_FORMS`), each scoring only the keys it may see —
-    ``(n+1)/(2n)`` of the ``seq²`` scores (0.56 at 8);
-    with a sliding ``window`` (0: none; ``mask`` then holds it) none before the window of
-    its first query either.
+    whole, and :mod:`exporters.causal_attention` writes it into ONNX: up to
+    :data:`CHUNK_MIN_LEN` positions every score; past it (only when ``max_len``, the
+    model's ``max_seq_len``, goes past it) the queries in ``n`` chunks (8, and 16 past
+    1,024 positions: :data:`CHUNK_FORMS`), each scoring only the keys it may see —
+    ``(n+1)/(2n)`` of the ``seq²`` scores (0.56 at 8) — and with a sliding ``window`` (0:
+    none; ``mask`` then holds it) none before the window of its first query either.
+
     onnxruntime has no CPU attention kernel that skips the masked half (its ``Attention``,
     ``MultiHeadAttention`` and ``GroupQueryAttention`` compute them all); eager torch's SDPA
     does. One layer, 4 heads of 16, T 1,024, 1 thread: eager 3.8 ms, every score 6.6 ms,

@@ -90,7 +90,9 @@ KNOBS: tuple[str, ...] = (
     "d_ff",
 )
 _HEADS = KNOBS.index("n_heads")  # the knob the ``score`` feature multiplies
-FEATURE_VERSION = 5  # 5: attention's score/quad count the pairs its exported graph scores; 4: score and quad_l; 3: parts carry the precision their bits ship at
+# 5: attention's score and quad count the pairs its exported graph scores; 4: score and
+# quad_l; 3: parts carry the precision their bits ship at
+FEATURE_VERSION = 5
 FIXED = "fixed"
 MIN_COMP_SPECS = 20
 
