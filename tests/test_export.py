@@ -765,8 +765,8 @@ def test_masked_causal_attention_scores_chunks_and_short_models_do_not_switch(
 ) -> None:
     """ALiBi and a sliding window score their query chunks too, each against its rows of
     the block's own mask, the window's chunks without the keys before it (the same values
-    as eager, on both sides of the switch); a model no
-    longer than ``CHUNK_MIN_LEN`` has no ``If`` (the plain scores, one Softmax per layer)."""
+    as eager, on both sides of the switch); a model no longer than ``CHUNK_MIN_LEN`` has no
+    ``If`` (the plain scores, one Softmax per layer)."""
     from archir.blocks.attention import CHUNK_MIN_LEN, N_CHUNKS
 
     L = CHUNK_MIN_LEN + 100
