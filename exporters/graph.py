@@ -371,12 +371,29 @@ def export_graph(
                 fold_constant_weights(proto)
             return Exported(proto, which, errors)
         except Exception as exc:  # noqa: BLE001 - exporter internals
+            if (limit := _time_limit_in(exc)) is not None:
+                # a time limit (the calibration's budget) stops the export: no fallback
+                # (the legacy exporter ran on past the budget and printed its whole graph)
+                raise limit from None
             errors.append(f"{which}: {failure_reason(exc)}")
     raise ExportError(
         "torch.onnx.export failed: " + " | ".join(errors),
         hint="a block's forward may use data-dependent shapes or a Python loop over time; "
         "the message names the operation",
     )
+
+
+def _time_limit_in(exc: BaseException) -> TimeoutError | None:
+    """The :class:`TimeoutError` (``exporters.latency.harness.time_limit``) that ``exc`` is
+    or wraps (the exporters re-raise what they catch as their own errors), if any."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, TimeoutError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def model_io(spec_model: Any) -> tuple[str, str, dict[int, Axis], dict[int, str]]:

@@ -884,3 +884,31 @@ def test_if_branches_ship_without_torch_metadata_or_local_paths(tmp_path: Path) 
             assert {p.key: p.value for p in m.metadata_props} == {BLOCK_KEY: block}
     root = str(Path(archir.__file__).resolve().parent.parent)
     assert root.encode() not in path.read_bytes()
+
+
+def test_a_time_limit_stops_the_export_without_the_fallback(monkeypatch) -> None:
+    """A :class:`TimeoutError` from the calibration's time limit, raised inside the dynamo
+    exporter (which wraps it in its own error), stops ``export_graph``: the legacy exporter
+    is not tried (it ran on past the budget and printed its whole TorchScript graph at the
+    end of every default calibration)."""
+    from exporters.graph import export_graph
+
+    tried: list[object] = []
+
+    def export(*args: object, **kwargs: object) -> None:
+        tried.append(kwargs.get("dynamo"))
+        try:
+            raise TimeoutError("took longer than 60 s")
+        except TimeoutError as exc:
+            raise RuntimeError("Failed to export the model with torch.export") from exc
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    with pytest.raises(TimeoutError, match="longer than 60 s"):
+        export_graph(
+            torch.nn.Linear(4, 4).eval(),
+            (torch.randn(2, 4),),
+            input_names=["x"],
+            output_names=["y"],
+            exporter="auto",
+        )
+    assert tried == [True]
