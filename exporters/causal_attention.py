@@ -239,14 +239,15 @@ def expand(proto: onnx.ModelProto) -> int:
     ONNX (module docstring), in place, and drop the ``archir`` opset import. Returns the
     number of nodes replaced."""
     g = proto.graph
-    found = [i for i, n in enumerate(g.node) if n.domain == DOMAIN and n.op_type == OP]
-    if not found:
+    if not any(n.domain == DOMAIN and n.op_type == OP for n in g.node):
         return 0
     types = {v.name: v.type.tensor_type.elem_type for v in g.value_info}
     new: list[onnx.NodeProto] = []
+    replaced = 0
     for n in list(g.node):
         if n.domain == DOMAIN and n.op_type == OP:
             new.extend(_expand_one(n, types.get(n.output[0]) or TensorProto.FLOAT))
+            replaced += 1
         else:
             new.append(n)
     del g.node[:]
@@ -256,4 +257,4 @@ def expand(proto: onnx.ModelProto) -> int:
     proto.opset_import.extend(keep)
     for f in [f for f in proto.functions if f.domain == DOMAIN]:
         proto.functions.remove(f)
-    return len(found)
+    return replaced

@@ -132,16 +132,24 @@ def captured_stderr() -> Iterator[Any]:
                     h.setStream(st)
 
 
-def failure_reason(exc: BaseException) -> str:
-    """One line naming why an exporter failed: the innermost cause's type and first line
-    (torch.onnx wraps the torch.export error in a generic 'Failed to export' message)."""
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps (``__cause__`` or ``__context__``), outermost first, at
+    most 16."""
     seen: list[BaseException] = [exc]
     cur: BaseException | None = exc
     while cur is not None and len(seen) < 16:
         cur = cur.__cause__ or cur.__context__
-        if cur is not None:
+        if cur is not None and all(cur is not e for e in seen):
             seen.append(cur)
-    inner = seen[-1]
+        else:
+            break
+    return seen
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line naming why an exporter failed: the innermost cause's type and first line
+    (torch.onnx wraps the torch.export error in a generic 'Failed to export' message)."""
+    inner = _chain(exc)[-1]
     lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
     text = lines[0] if lines else ""
     for ln in lines:  # a data-dependent branch or a violated shape constraint says more
@@ -386,14 +394,7 @@ def export_graph(
 def _time_limit_in(exc: BaseException) -> TimeoutError | None:
     """The :class:`TimeoutError` (``exporters.latency.harness.time_limit``) that ``exc`` is
     or wraps (the exporters re-raise what they catch as their own errors), if any."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, TimeoutError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
+    return next((e for e in _chain(exc) if isinstance(e, TimeoutError)), None)
 
 
 def model_io(spec_model: Any) -> tuple[str, str, dict[int, Axis], dict[int, str]]:

@@ -798,23 +798,27 @@ def test_exported_scores_count_the_pairs_the_graph_scores() -> None:
     ``c`` (0.5625·seq² at 8 chunks), the last chunk cut to the sequence, a window's chunks
     without the keys before it."""
     from archir.blocks.attention import AttentionParams, exported_scores
+    from archir.registry import BuildContext
+
+    def ctx(max_len: int, causal: bool = True) -> BuildContext:
+        return BuildContext(d_model=64, max_seq_len=max_len, causal=causal)
 
     p = AttentionParams(n_heads=4)
-    assert exported_scores(p, True, 1024, 192) == 192**2
-    assert exported_scores(p, True, 192, 192) == 192**2
-    assert exported_scores(p, True, 1024, 1024) == 128 * 128 * 36 == int(0.5625 * 1024**2)
+    assert exported_scores(p, ctx(1024), 192) == 192**2
+    assert exported_scores(p, ctx(192), 192) == 192**2
+    assert exported_scores(p, ctx(1024), 1024) == 128 * 128 * 36 == int(0.5625 * 1024**2)
     # past 1,024 positions 16 chunks: 2,048 = 16 × 128, Σ (i+1) = 136
-    assert exported_scores(p, True, 2048, 2048) == 128 * 128 * 136
-    assert exported_scores(p, True, 2048, 1024) == 128 * 128 * 36  # 8 chunks up to 1,024
+    assert exported_scores(p, ctx(2048), 2048) == 128 * 128 * 136
+    assert exported_scores(p, ctx(2048), 1024) == 128 * 128 * 36  # 8 chunks up to 1,024
     # 193 = 7 chunks of 25 and one of 18 rows; chunk i sees 25·(i+1) keys, the last all 193
-    assert exported_scores(p, True, 1024, 193) == 25 * 25 * 28 + 18 * 193
-    assert exported_scores(p, False, 1024, 1024) == 1024**2
+    assert exported_scores(p, ctx(1024), 193) == 25 * 25 * 28 + 18 * 193
+    assert exported_scores(p, ctx(1024, False), 1024) == 1024**2
     alibi = AttentionParams(n_heads=4, pos="alibi")
-    assert exported_scores(alibi, True, 1024, 1024) == 128 * 128 * 36
+    assert exported_scores(alibi, ctx(1024), 1024) == 128 * 128 * 36
     # a window of 64: chunk i > 0 sees keys from 128·i − 63 to 128·(i+1), 191 of them
     window = AttentionParams(n_heads=4, window=64)
-    assert exported_scores(window, True, 1024, 1024) == 128 * 128 + 7 * 128 * 191
-    assert exported_scores(AttentionParams(n_heads=4, causal=False), True, 1024, 1024) == 1024**2
+    assert exported_scores(window, ctx(1024), 1024) == 128 * 128 + 7 * 128 * 191
+    assert exported_scores(AttentionParams(n_heads=4, causal=False), ctx(1024), 1024) == 1024**2
 
 
 @pytest.mark.parametrize(

@@ -386,21 +386,21 @@ def _(
     return q.new_empty(B, T, H * hd)
 
 
-def exported_scores(p: AttentionParams, causal: bool, max_len: int, seq: int) -> int:
+def exported_scores(p: AttentionParams, c: BuildContext, seq: int) -> int:
     """Score elements per head (query-key pairs) the exported graph computes at length
     ``seq``: ``seq²``, or in query chunks (:func:`chunks_at`, :func:`causal_attention`) for a
     causal attention (ALiBi and windows included; a window's chunks skip the keys before it)
-    in a model whose ``max_seq_len`` (``max_len``) goes past :data:`CHUNK_MIN_LEN`, at a
-    length past it. ``causal`` is the model's (``p.causal`` overrides it)."""
-    if not (causal if p.causal is None else p.causal):
+    in a model whose ``max_seq_len`` goes past :data:`CHUNK_MIN_LEN`, at a length past it.
+    ``c`` is the block's build context (``p.causal`` overrides its ``causal``)."""
+    if not (c.causal if p.causal is None else p.causal):
         return seq * seq
-    n = chunks_at(max_len, seq)
+    n = chunks_at(c.max_seq_len, seq)
     if n == 1:
         return seq * seq
-    c = -(-seq // n)
+    size = -(-seq // n)  # rows per chunk
     w = p.window or seq
     return sum(
-        min(c, max(0, seq - i * c)) * (min((i + 1) * c, seq) - max(0, i * c - w + 1))
+        min(size, max(0, seq - i * size)) * (min((i + 1) * size, seq) - max(0, i * size - w + 1))
         for i in range(n)
     )
 

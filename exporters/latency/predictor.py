@@ -211,9 +211,9 @@ def graph_features(spec_or_graph: Any, batch: int, seq: int) -> GraphFeatures:
         act = tokens * m.d_model / 1e6
         knobs = _knobs(node.params) if node.op == "block" else (0.0,) * len(KNOBS)
         score = batch * knobs[_HEADS] * float(seq) ** 2 / 1e6
-        if node.op == "block" and node.kind == "attention":
+        if node.op == "block" and node.kind == "attention" and node.ctx is not None:
             # past CHUNK_MIN_LEN the exported causal attention scores about half the pairs
-            part = exported_scores(node.params, m.task == "causal_lm", m.max_seq_len, seq)
+            part = exported_scores(node.params, node.ctx, seq)
             score *= part / float(seq) ** 2
             quad *= part / float(seq) ** 2
         x = (lin, quad, act, full_params / 1e6, 1.0, score, quad * seq / 1024)
