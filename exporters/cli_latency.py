@@ -5,6 +5,7 @@
     archir latency SPEC [--runtime ort|torch|compile|both] [--batch B] [--seq T] [--threads N]
     archir latency SPEC --predict          # from this machine's calibration, with a band
     archir latency calibrate [--runtime ort] [--out FILE] [--budget-s 540] [--space FILE ...]
+                             [--export-workers N]
     archir latency calibrate --if-missing  # keep a usable calibration of this machine
 
 Calibration measures single blocks (and the fixed embedding/head part) of specs drawn from
@@ -25,6 +26,7 @@ HELP = "measure or predict forward latency (ms); 'calibrate' fits the predictor 
 
 MAX_BATCH = 4096
 MAX_CV = 1.0
+MAX_EXPORT_WORKERS = 16
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,11 +88,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="calibrate: keep the calibration file if it exists and fits this machine, "
         "runtime and threads (a resumed search keeps the predictor it started with)",
     )
+    p.add_argument(
+        "--export-workers",
+        type=a.int_range(1, MAX_EXPORT_WORKERS),
+        default=None,
+        help="calibrate: processes exporting a batch's graphs (default: up to 2, one per "
+        "--threads CPUs; nothing is measured while they run)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
 # flags that only one of the two modes reads: refused in the other, not silently ignored
-_CALIBRATE_ONLY = {"out": "--out", "space": "--space", "if_missing": "--if-missing"}
+_CALIBRATE_ONLY = {
+    "out": "--out",
+    "space": "--space",
+    "if_missing": "--if-missing",
+    "export_workers": "--export-workers",
+}
 _MEASURE_ONLY = {
     "predict": "--predict",
     "calibration": "--calibration",
@@ -234,6 +248,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         out=args.out,
         spaces=args.space,
         progress=progress,
+        export_workers=args.export_workers,
     )
     info = {
         "path": str(path),

@@ -675,8 +675,12 @@ def test_calibrate_writes_a_loadable_file_of_interleaved_samples(
     f = tmp_path / "space.yaml"
     f.write_text(yaml.safe_dump(space))
     monkeypatch.setattr(cal, "space_paths", lambda extra=(): [f])
-    path, data = cal.calibrate("ort", budget_s=90.0, out=tmp_path / "cal.json", rounds=2)
+    path, data = cal.calibrate(
+        "ort", budget_s=90.0, out=tmp_path / "cal.json", rounds=2, export_workers=2
+    )
     assert path.exists() and data["version"] == VERSION and data["rounds"] == 2
+    # exported by two processes, parts and wholes
+    assert data["export_workers"] == 2 and min(data["export_s"].values()) > 0
     assert data["parts"] and data["wholes"] and data["wall_s"] < 180 and data["probe_ms"] > 0
     # one export measured at several lengths
     by_node: dict[tuple[int, str], set[int]] = {}
@@ -692,6 +696,60 @@ def test_calibrate_writes_a_loadable_file_of_interleaved_samples(
     loaded = load_calibration(path, runtime="ort", threads=1)
     if len(loaded["parts"]) >= 3:
         assert predictor_from(loaded).n_parts == len(samples_features(loaded)[0])
+
+
+def test_calibration_export_processes_write_graphs_and_survive_one_that_dies(
+    tmp_path: Path,
+) -> None:
+    """The calibration's export processes write the graph of a whole spec or of one part,
+    report a failed export instead of raising, and a process killed mid-export fails only
+    its job: the pool starts again for the next one."""
+    import importlib
+    import os
+    import signal
+
+    import onnx
+
+    cal = importlib.import_module("exporters.latency.calibrate")
+    fixed = {"name": "fixed", "kind": "fixed", "batch": 1, "seq": 8, "d_model": 16}
+    mixer = {**fixed, "name": "layers.0.blocks.0", "kind": "attention"}
+
+    def job(name: str, part: dict[str, Any] | None, spec: dict[str, Any] = TINY) -> dict:
+        return {
+            "spec": spec,
+            "part": part,
+            "path": str(tmp_path / name),
+            "threads": 1,
+            "limit_s": 120.0,
+        }
+
+    ex = cal._Exporters(2)
+    try:
+        futs = [ex.submit(job("whole.onnx", None)), ex.submit(job("part.onnx", mixer))]
+        for f in futs:
+            res = ex.result(f)
+            assert res["error"] is None and res["s"] > 0, res
+        whole = onnx.load(str(tmp_path / "whole.onnx"))
+        part = onnx.load(str(tmp_path / "part.onnx"))
+        assert [i.name for i in whole.graph.input] == ["tokens"]
+        assert [i.name for i in part.graph.input] == ["input"]  # [1, seq, 16] floats
+        assert any(n.op_type == "Softmax" for n in part.graph.node)
+        bad = json.loads(json.dumps(TINY))
+        bad["model"]["layers"][0]["blocks"][0]["n_heads"] = 3  # 16 is not divisible by 3
+        res = ex.result(ex.submit(job("bad.onnx", mixer, bad)))
+        assert res["error"] == "build:GraphError", res
+        # a process killed while it exports: its job fails, the next one runs
+        f = ex.submit(job("killed.onnx", mixer))
+        for pid in list(ex.pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        res = ex.result(f)
+        assert res["error"] == "export:BrokenProcessPool", res
+        ex.restart_if_broken()
+        assert ex.pool is None
+        res = ex.result(ex.submit(job("again.onnx", fixed)))
+        assert res["error"] is None and (tmp_path / "again.onnx").exists()
+    finally:
+        ex.close()
 
 
 def test_calibration_lengths_cover_every_search_spaces_latency_shape(
@@ -790,11 +848,16 @@ def test_calibration_stops_an_export_at_its_budget(
         raise Stop  # the first part export ends the calibration
 
     monkeypatch.setattr(cal, "time_limit", recorded)
-    monkeypatch.setattr(cal, "part_callables", export)
+    monkeypatch.setattr("exporters.latency.parts.part_module_and_input", export)
     t0 = time.perf_counter()
     with pytest.raises(Stop):
         cal.calibrate(
-            "ort", budget_s=60.0, part_limit_s=600.0, whole_share=0.0, out=tmp_path / "c.json"
+            "ort",
+            budget_s=60.0,
+            part_limit_s=600.0,
+            whole_share=0.0,
+            out=tmp_path / "c.json",
+            export_workers=1,  # in this process, where the patches apply
         )
     [(limit, at)] = limits
     assert 1.0 <= limit <= 60.0 - (at - t0) + 0.5

@@ -20,11 +20,14 @@ embedding/final-norm/head part) not prepared before is exported alone through th
 path (:func:`exporters.graph.part_graph`: the shipped file's exporter and dynamic length, at
 the precision the part's ``bits`` ship as) and loaded into a session, measured at its own
 length and at up to :data:`EXTRA_SEQS` other lengths of :data:`SEQS` (one export, several
-samples); while whole specs have taken less than ``whole_share`` of the preparation time, so
+samples); while whole specs have taken less than ``whole_share`` of the export time, so
 is the whole spec (the graph ``archir export --precision auto`` writes, at its length and
 its parts' other lengths), until a batch (about a hundred samples, a few GB of sessions at
-most) is ready. **Measure**: the batch in ``rounds`` round-robin windows
-(:func:`~.harness.measure_interleaved`) — with the speed probe
+most) is ready. The exports run in up to :data:`EXPORT_WORKERS` spawned processes
+(:func:`export_job`; one per CPU at the calibrated thread count), which write the graphs
+into the batch's temporary folder while this process loads them; a process that dies
+fails only the export it held. **Measure** (no export running): the batch in ``rounds``
+round-robin windows (:func:`~.harness.measure_interleaved`) — with the speed probe
 (:class:`~.harness.SpeedProbe`) timed every round, and more rounds (up to three times as
 many) while fewer than two rounds ran at the probe's fastest speed so far, so a slow phase
 longer than a batch does not go into the samples; then the next batch, while the budget
@@ -34,7 +37,8 @@ Interleaving matters on a shared machine: a slow phase of a few seconds then cos
 sample one window, instead of costing a few samples their whole measurement. A part takes
 one to a few seconds to export through torch.export (a Mamba block over ten: its
 dynamic-length scan makes torch.export reason about many symbolic shapes), so a 9-minute
-budget covers a few hundred part samples and a few dozen whole specs.
+budget covers a few hundred part samples and a few dozen whole specs (exports were about 80 %
+of it with one process).
 
 Files live in ``$ARCHIR_CACHE/latency/`` (default ``~/.cache/archir/latency/``) named
 ``<runtime>-t<threads>-<cpu slug>.json``.
@@ -53,10 +57,12 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from exporters.latency.harness import (
     DEFAULT_THREADS,
@@ -574,6 +580,262 @@ BATCH_BYTES = 3 * 2**30  # resident memory a batch of prepared sessions may add
 
 #: lengths each exported part is measured at besides its own (one export, several samples)
 EXTRA_SEQS = 2
+#: export processes preparing a batch (none runs while a batch is measured). Exports were
+#: about 80 % of the default calibration's time (416 of 540 s) and each runs on one core, so
+#: two processes on a 2-core machine give about twice the samples in the same budget
+EXPORT_WORKERS = 2
+
+
+def default_export_workers(threads: int = DEFAULT_THREADS) -> int:
+    """Export processes for a calibration at ``threads`` intra-op threads: as many as the
+    CPUs hold at that thread count, at most :data:`EXPORT_WORKERS`; 1 means in this
+    process."""
+    return max(1, min(EXPORT_WORKERS, (os.cpu_count() or 1) // max(1, int(threads))))
+
+
+_LAST_MODEL: dict[str, tuple[Any, Any]] = {}
+
+
+def _compiled(spec_data: dict[str, Any]) -> tuple[Any, Any]:
+    """``(spec, model)`` of concrete spec data, compiled with seed 0 (the same initial
+    weights in every process). The last one is kept: a spec's parts are exported in turn."""
+    key = json.dumps(spec_data, sort_keys=True)
+    if key not in _LAST_MODEL:
+        import archir
+        from archir.spec import spec_from_dict
+
+        _LAST_MODEL.clear()
+        spec = spec_from_dict(spec_data)
+        _LAST_MODEL[key] = (spec, archir.compile(spec, seed=0).eval())
+    return _LAST_MODEL[key]
+
+
+def export_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Export one calibration graph to ``job["path"]``: the whole spec ``job["spec"]`` (spec
+    data) as ``archir export --precision auto`` writes it when ``job["part"]`` is None, else
+    that part alone (``{"name", "kind", "batch", "seq", "d_model"}``: a residual block, or
+    the fixed part) as :func:`part_callables` exports it. Runs in an export process (or in
+    this one), ``job["threads"]`` torch threads, stopped after ``job["limit_s"]`` seconds.
+
+    Returns:
+        ``{"s": seconds, "error": None}``, or with ``error`` ``"build:<exception type>"``
+        (the spec did not compile), ``"whole:…"`` or ``"part:…"`` (the export failed or
+        ran out of time) and ``message``. Never raises an ``Exception``.
+    """
+    from types import SimpleNamespace
+
+    from exporters.latency.harness import export_onnx_file, torch_threads
+    from exporters.latency.parts import export_module, part_bits, part_module_and_input
+
+    t = time.perf_counter()
+    stage = "build"
+    try:
+        with torch_threads(int(job["threads"])):
+            spec, model = _compiled(job["spec"])
+            stage = "whole" if job["part"] is None else "part"
+            with time_limit(float(job["limit_s"])):
+                if job["part"] is None:
+                    export_onnx_file(spec, job["path"], model)
+                else:
+                    part = SimpleNamespace(**job["part"])
+                    module, x = part_module_and_input(model, part)
+                    export_module(
+                        module,
+                        x,
+                        job["path"],
+                        threads=int(job["threads"]),
+                        bits=part_bits(model, part),
+                        max_seq=int(spec.model.model.max_seq_len),
+                    )
+    except Exception as exc:  # reported, counted under `skipped`
+        return {
+            "s": time.perf_counter() - t,
+            "error": f"{stage}:{type(exc).__name__}",
+            "message": str(exc)[:300],
+        }
+    return {"s": time.perf_counter() - t, "error": None}
+
+
+class _Exporters:
+    """Where :func:`export_job` runs: ``workers`` spawned processes, or this process (1).
+    A process that dies (out of memory, a crash in a native library) fails the jobs it
+    held; the pool is then started again."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, int(workers))
+        self.pool: Any = None
+
+    def submit(self, job: dict[str, Any]) -> Future[dict[str, Any]]:
+        if self.workers == 1:
+            done: Future[dict[str, Any]] = Future()
+            done.set_result(export_job(job))
+            return done
+        if self.pool is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+        return cast("Future[dict[str, Any]]", self.pool.submit(export_job, job))
+
+    @staticmethod
+    def result(fut: Future[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return fut.result()
+        except BrokenProcessPool as exc:
+            return {"s": 0.0, "error": f"export:{type(exc).__name__}", "message": str(exc)}
+
+    def restart_if_broken(self) -> None:
+        if self.pool is not None and getattr(self.pool, "_broken", False):
+            self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+#: a prepared sample: ("part" | "whole", record fields, callable, estimated seconds per call)
+Item = tuple[str, dict[str, Any], Callable[[], Any], float]
+
+
+class _Batch:
+    """The samples of one calibration batch being prepared: exports in flight (at most one
+    per export process, so none waits in a queue) and the sessions loaded from the finished
+    ones. Counts failures into ``skipped`` and export seconds into ``export_s``."""
+
+    def __init__(
+        self,
+        runtime: str,
+        threads: int,
+        exporters: _Exporters,
+        coverage: WidthCoverage,
+        skipped: dict[str, int],
+        export_s: dict[str, float],
+    ) -> None:
+        self.runtime, self.threads, self.exporters = runtime, threads, exporters
+        self.coverage, self.skipped, self.export_s = coverage, skipped, export_s
+        self.items: list[Item] = []
+        # future -> (job, spec, spec index, the samples it serves: parts, or whole lengths)
+        self.pending: dict[Future[dict[str, Any]], tuple[dict[str, Any], Any, int, list[Any]]]
+        self.pending = {}
+        self.stack: ExitStack | None = None
+        self.tmp = ""
+
+    def open(self, stack: ExitStack) -> None:
+        """Sessions and files live until ``stack`` closes (after the batch is measured)."""
+        self.stack = stack
+        self.tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="archir-cal-"))
+
+    def round_s(self, window_s: float) -> float:
+        """Seconds of one measuring round, the samples still being exported included."""
+        coming = sum(len(what) for *_, what in self.pending.values())
+        known = sum(max(window_s, 2 * est) + 0.001 for *_, est in self.items)
+        return known + coming * (window_s + 0.001)
+
+    def whole_busy(self) -> bool:
+        return any(job["part"] is None for job, *_ in self.pending.values())
+
+    def submit(
+        self,
+        spec: Any,
+        idx: int,
+        part: PartFeatures | None,
+        what: list[Any],
+        limit_s: float,
+        limit_for: Callable[[float], float],
+    ) -> None:
+        """Export the whole ``spec`` (``part`` None; ``what``: its lengths) or one part
+        (``what``: the part at each of its lengths), within ``limit_for(limit_s)`` seconds
+        reckoned once an export process is free."""
+        while len(self.pending) >= self.exporters.workers:
+            self.collect(block=True)
+        job = {
+            "spec": spec.data,
+            "part": None
+            if part is None
+            else {k: getattr(part, k) for k in ("name", "kind", "batch", "seq", "d_model")},
+            "path": str(Path(self.tmp) / f"g{idx}-{time.perf_counter_ns()}.onnx"),
+            "threads": self.threads,
+            "limit_s": limit_for(limit_s),
+        }
+        fut: Future[dict[str, Any]]
+        if self.runtime == "ort":
+            fut = self.exporters.submit(job)
+        else:  # eager torch: nothing to export
+            fut = Future()
+            fut.set_result({"s": 0.0, "error": None})
+        self.pending[fut] = (job, spec, idx, what)
+        self.collect(block=False)
+
+    def collect(self, block: bool) -> None:
+        """Load the finished exports (waiting for one first when ``block``)."""
+        if not self.pending:
+            return
+        done, _ = wait(
+            list(self.pending), timeout=None if block else 0, return_when=FIRST_COMPLETED
+        )
+        for fut in done:
+            job, spec, idx, what = self.pending.pop(fut)
+            self._take(self.exporters.result(fut), job, spec, idx, what)
+        self.exporters.restart_if_broken()
+
+    def drain(self) -> None:
+        while self.pending:
+            self.collect(block=True)
+
+    def _first_call_s(self, fn: Callable[[], Any]) -> float:
+        fn()  # warm-up (allocations)
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    def _take(
+        self, res: dict[str, Any], job: dict[str, Any], spec: Any, idx: int, what: list[Any]
+    ) -> None:
+        whole = job["part"] is None
+        self.export_s["whole" if whole else "part"] += float(res["s"])
+        if res["error"]:
+            self.skipped[res["error"]] = self.skipped.get(res["error"], 0) + 1
+            return
+        assert self.stack is not None
+        ort = self.runtime == "ort"
+        try:
+            if whole:
+                model = None if ort else _compiled(spec.data)[1]
+                r = self.stack.enter_context(
+                    Runner(
+                        spec,
+                        self.runtime,
+                        threads=self.threads,
+                        model=model,
+                        onnx_file=job["path"] if ort else None,
+                    )
+                )
+                new: list[Item] = []
+                for t in what:
+                    fn = r.call_for(1, t)
+                    meta = {"spec": idx, "batch": 1, "seq": t}
+                    new.append(("whole", meta, fn, self._first_call_s(fn)))
+                self.items += new
+                return
+            if ort:
+                from exporters.latency.parts import part_input, session_callables
+
+                vocab = int(spec.model.model.vocab_size)
+                xs = [part_input(vocab, q) for q in what]
+                fns = session_callables(job["path"], xs, self.threads)
+            else:
+                model = _compiled(spec.data)[1]
+                fns = part_callables(model, what, self.runtime, self.threads, self.tmp)
+            ests = [self._first_call_s(fn) for fn in fns]
+        except Exception as exc:
+            name = f"{'whole' if whole else 'part'}:{type(exc).__name__}"
+            self.skipped[name] = self.skipped.get(name, 0) + 1
+            return
+        self.coverage.add(what[0])
+        for q, fn, est in zip(what, fns, ests):
+            meta = {"spec": idx, "node": q.name, "kind": q.kind, "batch": 1, "seq": q.seq}
+            self.items.append(("part", meta, fn, est))
 
 
 def _more_seqs(rng: random.Random, seq: int, max_seq: int) -> list[int]:
@@ -603,6 +865,7 @@ def calibrate(
     rounds: int = INTERLEAVED_ROUNDS,
     part_limit_s: float = 60.0,
     progress: Callable[[str], None] | None = None,
+    export_workers: int | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Prepare the designed set batch by batch, measure each batch interleaved, until
     ``budget_s`` seconds have passed; write the file (module docstring).
@@ -612,12 +875,15 @@ def calibrate(
     as the space draws it, one draw in four: :class:`WidthCoverage`) and measured at a
     sequence length cycling through :data:`SEQS` (batch 1). Of each drawn spec every
     **part** not prepared before (same kind, parameters, width, norm, residual, shape) is
-    prepared alone; while whole specs have taken less than ``whole_share`` of the
-    preparation time, the whole spec is prepared too (the composition stage). A batch (at
-    most :data:`BATCH_ITEMS` samples or :data:`BATCH_BYTES` of new resident memory) is
-    measured in ``rounds`` interleaved rounds and released before the next is prepared. A
-    part or spec whose export takes longer than ``part_limit_s`` is abandoned and counted
-    under ``skipped``.
+    prepared alone; while whole specs have taken less than ``whole_share`` of the export
+    time, the whole spec is prepared too (the composition stage). onnxruntime graphs are
+    exported by ``export_workers`` processes (default :func:`default_export_workers`; 1: in
+    this process) while this one loads the finished ones; a batch (at most
+    :data:`BATCH_ITEMS` samples or :data:`BATCH_BYTES` of new resident memory) is measured,
+    with no export running, in ``rounds`` interleaved rounds and released before the next
+    is prepared. A part or spec whose export takes longer than ``part_limit_s`` (a whole
+    spec: twice that) is abandoned and counted under ``skipped``, as is one whose export
+    process died.
 
     Returns:
         (path written, calibration data).
@@ -639,8 +905,9 @@ def calibrate(
     wholes: list[dict[str, Any]] = []
     seen: set[str] = set()
     skipped: dict[str, int] = {}
-    whole_s = 0.0
     prep_s = 0.0
+    if export_workers is None:
+        export_workers = default_export_workers(threads)
     n_rounds = 0
 
     def elapsed() -> float:
@@ -650,12 +917,6 @@ def calibrate(
         name = f"{what}:{type(exc).__name__}"
         skipped[name] = skipped.get(name, 0) + 1
 
-    def first_call_s(fn: Callable[[], Any]) -> float:
-        fn()  # warm-up (allocations)
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
     coverage = WidthCoverage(random.Random(seed + 2))
     draws = space_specs(100_000, seed, spaces_open, width_for=coverage)
     rng = random.Random(seed + 1)
@@ -663,140 +924,119 @@ def calibrate(
     probe = SpeedProbe(runtime, threads)
     probe_ms: float | None = None  # the probe's fastest window so far: the machine's speed
     slow_batches = 0
-    while not out_of_time:
-        items: list[tuple[str, dict[str, Any], Callable[[], Any], float]] = []
+    exporters = _Exporters(export_workers if runtime == "ort" else 1)
+    export_s = {"whole": 0.0, "part": 0.0}  # export seconds, summed over the processes
+    try:
+        while not out_of_time:
+            batch = _Batch(runtime, threads, exporters, coverage, skipped, export_s)
 
-        def round_s(batch: list[Any] = items) -> float:  # one measuring round of a batch
-            return sum(max(window_s, 2 * est) + 0.001 for *_, est in batch)
+            def left_s(b: _Batch = batch) -> float:  # budget left once the batch is measured
+                return budget_s - elapsed() - rounds * b.round_s(window_s)
 
-        def left_s(batch: list[Any] = items) -> float:  # budget left once it is measured
-            return budget_s - elapsed() - rounds * round_s(batch)
+            def export_limit_s(limit_s: float) -> float:
+                # an export may not run past the budget either (a Mamba block takes a minute)
+                return max(min(limit_s, left_s()), 1.0)
 
-        def fits(batch: list[Any] = items) -> bool:
-            return left_s(batch) > 0
-
-        def export_limit_s(limit_s: float) -> float:
-            # an export may not run past the budget either (a Mamba block takes a minute)
-            return max(min(limit_s, left_s()), 1.0)
-
-        rss0 = rss_bytes()
-        with ExitStack() as stack, torch_threads(threads):
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="archir-cal-"))
-            tb = time.perf_counter()
-            for spec, seq in draws:
-                if not fits():
-                    out_of_time = True
-                    break
-                try:
-                    g = graph_features(spec, 1, seq)
+            rss0 = rss_bytes()
+            with ExitStack() as stack, torch_threads(threads):
+                batch.open(stack)
+                tb = time.perf_counter()
+                for spec, seq in draws:
+                    if left_s() <= 0:
+                        out_of_time = True
+                        break
+                    try:
+                        g = graph_features(spec, 1, seq)
+                    except Exception as exc:
+                        skip(exc, "build")
+                        continue
                     todo = list(
                         {p.signature: p for p in g.parts if p.signature not in seen}.values()
                     )
-                    want_whole = whole_s < whole_share * max(prep_s + time.perf_counter() - tb, 1)
+                    spent = export_s["whole"] + export_s["part"]
+                    want_whole = not batch.whole_busy() and export_s["whole"] < whole_share * max(
+                        spent, 1
+                    )
                     if not todo and not want_whole:
                         continue
-                    model = archir.compile(spec).eval()
-                except Exception as exc:
-                    skip(exc, "build")
-                    continue
-                idx = len(specs)
-                specs.append(spec.data)
-                # one export serves several lengths (the graph's length is dynamic)
-                more = _more_seqs(rng, seq, spec.model.model.max_seq_len)
-                if want_whole and fits():
-                    tw = time.perf_counter()
-                    try:
-                        with time_limit(export_limit_s(2 * part_limit_s)):
-                            r = stack.enter_context(
-                                Runner(spec, runtime, threads=threads, model=model)
-                            )
-                            for t in [seq, *more]:
-                                fn = r.call_for(1, t)
-                                est = first_call_s(fn)
-                                wmeta: dict[str, Any] = {"spec": idx, "batch": 1, "seq": t}
-                                items.append(("whole", wmeta, fn, est))
-                    except Exception as exc:
-                        skip(exc, "whole")
-                    whole_s += time.perf_counter() - tw
-                others = [graph_features(spec, 1, t) for t in more]
-                for p in todo:
-                    if not fits():
+                    idx = len(specs)
+                    specs.append(spec.data)
+                    # one export serves several lengths (the graph's length is dynamic)
+                    more = _more_seqs(rng, seq, spec.model.model.max_seq_len)
+                    if want_whole and left_s() > 0:
+                        batch.submit(
+                            spec, idx, None, [seq, *more], 2 * part_limit_s, export_limit_s
+                        )
+                    others = [graph_features(spec, 1, t) for t in more]
+                    for p in todo:
+                        if left_s() <= 0:
+                            break
+                        seen.add(p.signature)
+                        same = [p] + [
+                            q
+                            for o in others
+                            for q in o.parts
+                            if q.name == p.name and q.signature not in seen
+                        ]
+                        seen.update(q.signature for q in same)
+                        batch.submit(spec, idx, p, same, part_limit_s, export_limit_s)
+                    if progress:
+                        progress(
+                            f"[{elapsed():6.1f}s] {len(parts) + len(wholes)} measured, batch: "
+                            f"{len(batch.items)} prepared (round ~{batch.round_s(window_s):.1f}s)"
+                            f"  {spec.name} d{spec.model.model.d_model} seq {seq}"
+                        )
+                    if len(batch.items) >= BATCH_ITEMS or (
+                        rss0 and rss_bytes() - rss0 > BATCH_BYTES
+                    ):
                         break
-                    seen.add(p.signature)
-                    same = [p] + [
-                        q
-                        for o in others
-                        for q in o.parts
-                        if q.name == p.name and q.signature not in seen
-                    ]
-                    seen.update(q.signature for q in same)
-                    try:
-                        with time_limit(export_limit_s(part_limit_s)):
-                            fns = part_callables(model, same, runtime, threads, tmp)
-                            ests = [first_call_s(fn) for fn in fns]
-                    except Exception as exc:
-                        skip(exc, "part")
-                        continue
-                    coverage.add(p)
-                    for q, fn, est in zip(same, fns, ests):
-                        meta: dict[str, Any] = {
-                            "spec": idx,
-                            "node": q.name,
-                            "kind": q.kind,
-                            "batch": 1,
-                            "seq": q.seq,
-                        }
-                        items.append(("part", meta, fn, est))
-                if progress:
-                    progress(
-                        f"[{elapsed():6.1f}s] {len(parts) + len(wholes)} measured, batch: "
-                        f"{len(items)} prepared (round ~{round_s():.1f}s)  {spec.name} "
-                        f"d{spec.model.model.d_model} seq {seq}"
-                    )
-                if len(items) >= BATCH_ITEMS or (rss0 and rss_bytes() - rss0 > BATCH_BYTES):
+                else:
+                    out_of_time = True
+                batch.drain()  # nothing is measured while an export runs
+                prep_s += time.perf_counter() - tb
+                items = batch.items
+                if not items:
                     break
-            else:
-                out_of_time = True
-            prep_s += time.perf_counter() - tb
-            if not items:
-                break
 
-            def said(r: int, s: float, n: int = len(items)) -> None:
-                if progress:
-                    progress(f"[{elapsed():6.1f}s] batch of {n}: round {r} ({s:.1f}s)")
+                def said(r: int, s: float, n: int = len(items)) -> None:
+                    if progress:
+                        progress(f"[{elapsed():6.1f}s] batch of {n}: round {r} ({s:.1f}s)")
 
-            stats: dict[str, Any] = {}
-            ms = measure_interleaved(
-                {i: it[2] for i, it in enumerate(items)},
-                rounds=rounds,
-                window_s=window_s,
-                warmup=1,
-                probe=probe,
-                probe_ref_ms=probe_ms,
-                probe_stats=stats,
-                budget_s=max(0.0, budget_s - elapsed()),
-                min_rounds=rounds,
-                progress=said,
-                timer=clock(threads),
-            )
-            probe_ms = min(probe_ms or math.inf, stats["best_ms"])
-            slow_batches += stats["fast_rounds"] < 2
-        n_rounds = max(n_rounds, rounds)
-        for i, (what, meta, _, _) in enumerate(items):
-            m = ms[i]
-            rec = {
-                **meta,
-                "ms": m.min_ms,
-                "best_ms": m.best_ms,
-                "median_ms": m.median_ms,
-                "cv": round(m.cv, 4),
-                "runs": m.runs,
-                "windows": m.windows,
-                "window_ms": [round(w, 5) for w in m.window_ms],
-                "window_min_ms": [round(w, 5) for w in m.window_min_ms],
-            }
-            (parts if what == "part" else wholes).append(rec)
-    probe.close()
+                stats: dict[str, Any] = {}
+                ms = measure_interleaved(
+                    {i: it[2] for i, it in enumerate(items)},
+                    rounds=rounds,
+                    window_s=window_s,
+                    warmup=1,
+                    probe=probe,
+                    probe_ref_ms=probe_ms,
+                    probe_stats=stats,
+                    budget_s=max(0.0, budget_s - elapsed()),
+                    min_rounds=rounds,
+                    progress=said,
+                    timer=clock(threads),
+                )
+                probe_ms = min(probe_ms or math.inf, stats["best_ms"])
+                slow_batches += stats["fast_rounds"] < 2
+            n_rounds = max(n_rounds, rounds)
+            for i, (what, meta, _, _) in enumerate(items):
+                m = ms[i]
+                rec = {
+                    **meta,
+                    "ms": m.min_ms,
+                    "best_ms": m.best_ms,
+                    "median_ms": m.median_ms,
+                    "cv": round(m.cv, 4),
+                    "runs": m.runs,
+                    "windows": m.windows,
+                    "window_ms": [round(w, 5) for w in m.window_ms],
+                    "window_min_ms": [round(w, 5) for w in m.window_min_ms],
+                }
+                (parts if what == "part" else wholes).append(rec)
+    finally:
+        exporters.close()
+        probe.close()
+        _LAST_MODEL.clear()
     if not parts:
         raise RuntimeUnavailableError(
             f"no calibration sample could be measured on runtime '{runtime}' ({skipped})"
@@ -815,6 +1055,8 @@ def calibrate(
         "clock": clock_name(clock(threads)),
         "wall_s": round(wall, 1),
         "prepare_s": round(prep_s, 1),
+        "export_workers": exporters.workers,
+        "export_s": {k: round(v, 1) for k, v in export_s.items()},
         "rounds": n_rounds,
         "probe_ms": probe_ms,
         "slow_batches": slow_batches,

@@ -629,7 +629,9 @@ class Runner:
     Building it does the expensive part once (compile, export, session); :meth:`measure`
     then times one input shape. On onnxruntime the graph is the shipped one
     (:func:`export_onnx_file`: dynamic axes, so one session serves every shape, at the
-    precision the spec's ``bits`` select unless ``precision`` says otherwise). Use as a
+    precision the spec's ``bits`` select unless ``precision`` says otherwise), or
+    ``onnx_file`` when given: a graph :func:`export_onnx_file` wrote already (the
+    calibration's export processes), which the runner reads and does not remove. Use as a
     context manager to remove the temporary ONNX file.
     """
 
@@ -641,6 +643,7 @@ class Runner:
         threads: int = DEFAULT_THREADS,
         precision: str = "auto",
         model: Any = None,
+        onnx_file: str | Path | None = None,
     ) -> None:
         import archir
 
@@ -654,6 +657,10 @@ class Runner:
         self.exporter_used: str | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._sm = spec.model
+        if onnx_file is not None and runtime == "ort":  # exported already (calibration)
+            self.model = model
+            self.session = ort_session(onnx_file, self.threads)
+            return
         with torch_threads(self.threads):
             self.model = model if model is not None else archir.compile(spec)
             self.model.eval()

@@ -41,6 +41,50 @@ def fixed_module(model: Any) -> Any:
     return Fixed()
 
 
+def export_module(
+    module: Any,
+    example: Any,
+    path: str | Path,
+    *,
+    threads: int = 1,
+    bits: float = 16.0,
+    max_seq: int | None = None,
+) -> None:
+    """Write ``module``'s graph to ``path`` by the one export path
+    (:func:`exporters.graph.part_graph`: the shipped file's exporter, dynamic length, the
+    precision ``bits`` select), exported at ``example`` (its size-1 axes stay static).
+
+    Raises:
+        RuntimeUnavailableError: the export fails.
+    """
+    import onnx
+
+    from archir.errors import ExportError
+    from exporters.graph import part_graph
+
+    with torch_threads(threads):
+        try:
+            ex, _ = part_graph(module, example, bits=bits, max_seq=max_seq)
+        except ExportError as exc:
+            raise RuntimeUnavailableError(f"ONNX export failed: {exc}") from exc
+    onnx.save(ex.proto, str(path))
+
+
+def session_callables(
+    path: str | Path, examples: list[Any], threads: int
+) -> list[Callable[[], Any]]:
+    """No-argument callables running the one-input ONNX file ``path`` on each of
+    ``examples`` (torch tensors), one onnxruntime session with ``threads`` intra-op threads
+    serving them all."""
+    sess = ort_session(path, threads)
+    name = sess.get_inputs()[0].name
+
+    def ort_run(feed: dict[str, Any]) -> Callable[[], Any]:
+        return lambda: sess.run(None, feed)
+
+    return [ort_run({name: x.numpy()}) for x in examples]
+
+
 def module_callables(
     module: Any,
     examples: list[Any],
@@ -52,35 +96,17 @@ def module_callables(
     max_seq: int | None = None,
 ) -> list[Callable[[], Any]]:
     """No-argument callables running ``module`` on each of ``examples`` (the same module at
-    several lengths): onnxruntime — one graph made by the one export path
-    (:func:`exporters.graph.part_graph`: the shipped file's exporter, dynamic length, the
-    precision ``bits`` select) saved into ``tmpdir``, one session with ``threads`` intra-op
-    threads serving every example; torch — eager under ``no_grad``. The first example is
-    the export's (its size-1 axes stay static).
+    several lengths): onnxruntime — one graph made by :func:`export_module` (exported at
+    the first example) saved into ``tmpdir``, one session with ``threads`` intra-op threads
+    serving every example (:func:`session_callables`); torch — eager under ``no_grad``.
 
     Raises:
         RuntimeUnavailableError: the export fails.
     """
     if runtime == "ort":
-        import onnx
-
-        from archir.errors import ExportError
-        from exporters.graph import part_graph
-
         path = Path(tmpdir) / f"m{len(list(Path(tmpdir).iterdir()))}.onnx"
-        with torch_threads(threads):
-            try:
-                ex, _ = part_graph(module, examples[0], bits=bits, max_seq=max_seq)
-            except ExportError as exc:
-                raise RuntimeUnavailableError(f"ONNX export failed: {exc}") from exc
-        onnx.save(ex.proto, str(path))
-        sess = ort_session(path, threads)
-        name = sess.get_inputs()[0].name
-
-        def ort_run(feed: dict[str, Any]) -> Callable[[], Any]:
-            return lambda: sess.run(None, feed)
-
-        return [ort_run({name: x.numpy()}) for x in examples]
+        export_module(module, examples[0], path, threads=threads, bits=bits, max_seq=max_seq)
+        return session_callables(path, examples, threads)
     import torch
 
     def eager(x: Any) -> Callable[[], Any]:
@@ -150,14 +176,22 @@ def part_bits(model: Any, part: Any) -> float:
     return float(node.bits)
 
 
-def part_module_and_input(model: Any, part: Any) -> tuple[Any, Any]:
-    """The module measuring one part (:class:`~.predictor.PartFeatures`) of a compiled model
-    and its input: a residual block on ``[batch, seq, d]`` floats, or the fixed part on
-    ``[batch, seq]`` tokens."""
+def part_input(vocab_size: int, part: Any) -> Any:
+    """The input a part (:class:`~.predictor.PartFeatures`) is measured on: ``[batch, seq,
+    d_model]`` floats for a residual block, ``[batch, seq]`` tokens below ``vocab_size``
+    for the fixed part (both deterministic)."""
     import torch
 
     if part.kind == "fixed":
         g = torch.Generator().manual_seed(0)
-        vocab = max(1, int(model.spec.model.vocab_size))
-        return fixed_module(model), torch.randint(0, vocab, (part.batch, part.seq), generator=g)
-    return node_modules(model)[part.name], part_example(part.d_model, part.batch, part.seq)
+        return torch.randint(0, max(1, int(vocab_size)), (part.batch, part.seq), generator=g)
+    return part_example(part.d_model, part.batch, part.seq)
+
+
+def part_module_and_input(model: Any, part: Any) -> tuple[Any, Any]:
+    """The module measuring one part (:class:`~.predictor.PartFeatures`) of a compiled model
+    and its input (:func:`part_input`): a residual block, or the fixed part."""
+    x = part_input(model.spec.model.vocab_size, part)
+    if part.kind == "fixed":
+        return fixed_module(model), x
+    return node_modules(model)[part.name], x
