@@ -187,7 +187,9 @@ def _chunk_decay(g: torch.Tensor) -> torch.Tensor:
     masked copy, not differences of prefix sums) and exactly 0 for ``j > i``."""
     n = g.shape[-1]
     idx = torch.arange(n, device=g.device)
-    x = g[..., :, None].expand(*g.shape, n).masked_fill(idx[:, None] <= idx[None, :], 0.0)
+    # a product with the 0/1 mask, not expand + masked_fill: one broadcast Mul in the
+    # exported graph instead of Expand and Where over [..., n, n] (g is finite)
+    x = g[..., :, None] * (idx[:, None] > idx[None, :]).to(g.dtype)
     return _exp(x.cumsum(-2)) * (idx[:, None] >= idx[None, :]).to(g.dtype)
 
 
@@ -239,10 +241,10 @@ def _gla_intra_stable(q: torch.Tensor, k: torch.Tensor, la: torch.Tensor) -> tor
     att = F.pad(off * earlier, (0, P, P, 0))  # [..., C, C]
     # the pairs within a sub-chunk, in log space, then placed on the diagonal blocks
     pairs = (q[..., tg, :] * e_seg * k[..., sg, :]).sum(-1)  # [..., M·n]
-    place = (torch.arange(P * P, device=dev)[None, :] == (tt * P + ss)[:, None]).to(dty)
-    diag = torch.matmul(pairs.reshape(*lead, M, n), place).reshape(*lead, M, P, 1, P)
-    eye = torch.eye(M, dtype=dty, device=dev)[:, None, :, None]  # [M, 1, M, 1]
-    return att + (diag * eye).reshape(*lead, C, C)
+    # one 0/1 matmul puts pair (t, s) at t·C + s (was: into [M, P·P] blocks, then a
+    # broadcast product with eye(M): a 7-D Mul, 2.5 % of an exported GLA at 1,024)
+    place = (torch.arange(C * C, device=dev)[None, :] == (tg * C + sg)[:, None]).to(dty)
+    return att + torch.matmul(pairs, place).reshape(*lead, C, C)
 
 
 class GLAParams(KindParams):
@@ -344,7 +346,7 @@ class GLA(nn.Module):
         S = (k * exp(Gs)).transpose(-1, -2) @ v  # [B, H, nc, hk, hv]
         if tracing():  # no loop over a (symbolic) chunk count: a masked decay matrix
             trans = _chunk_decay(G[..., -1, :].transpose(-1, -2))  # [B, H, hk, nc, nc]
-            E = torch.einsum("bhkij,bhjkv->bhikv", trans, S)
+            E = (trans @ S.transpose(2, 3)).transpose(2, 3)  # [B, H, nc, hk, hv]
             carry = F.pad(E, (0, 0, 0, 0, 1, 0))[:, :, :-1]  # state entering chunk i
         else:  # eager: the recurrence over chunks, linear in their count
             g = torch.clamp(G[..., -1, :, None], min=GLA_EXP_FLOOR)  # [B, H, nc, hk, 1]
@@ -405,11 +407,12 @@ def _gla_flops(p: GLAParams, c: BuildContext, L: int) -> float:
     sums = 4.0 * C * dk
     # QKᵀ in the stable form: the sub-chunk log-gate sums (a [rows, C] 0/1 matmul), queries
     # and keys scaled, the matmul of sub-chunks with the keys before them, the pairs within a
-    # sub-chunk in log space (q·e·k summed: 3 per pair and key dim) and their placement
+    # sub-chunk in log space (q·e·k summed: 3 per pair and key dim) and their placement (a
+    # [M·n, C·C] 0/1 matmul per chunk)
     M, Lq, n = C // P, C - P, P * (P + 1) // 2
     rows = Lq + (M - 1) * Lq + M * n
     per_dk = 2.0 * rows + (Lq + (M - 1) * Lq + 2.0 * (M - 1) * P * Lq + 3.0 * M * n) / C
-    qk = per_dk * dk + (2.0 * M * n * P * P / C + C) * p.n_heads
+    qk = per_dk * dk + 2.0 * M * n * C * p.n_heads
     return proj + av + qk + states + inter + sums
 
 

@@ -93,8 +93,9 @@ FORMAT = "archir-latency-calibration"
 #: 9: Gated DeltaNet's 1×1 inverse blocks are products, causal attention's mask is one
 #: Trilu (both graphs changed); Hyena's DFT runs three stages past 1,024 positions;
 #: 10: causal attention past 192 positions scores its queries in 8 chunks (16 past 1,024)
-#: (``archir.blocks.attention.causal_attention``)
-VERSION = 10
+#: (``archir.blocks.attention.causal_attention``); 11: GLA's exported carry between chunks
+#: is a Mul and a MatMul (was Expand, Where and an Einsum: about 5 % of the graph at 1,024)
+VERSION = 11
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 #: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
 #: models were all predicted by extrapolation (session 15: Kendall tau 0.86-0.89 against the
