@@ -94,7 +94,8 @@ FORMAT = "archir-latency-calibration"
 #: Trilu (both graphs changed); Hyena's DFT runs three stages past 1,024 positions;
 #: 10: causal attention past 192 positions scores its queries in 8 chunks (16 past 1,024)
 #: (``archir.blocks.attention.causal_attention``); 11: GLA's exported carry between chunks
-#: is a Mul and a MatMul (was Expand, Where and an Einsum: about 5 % of the graph at 1,024)
+#: is a Mul and a MatMul (was Expand, Where and an Einsum) and one MatMul places the pairs
+#: within a sub-chunk (was a 7-D Mul with eye): 8 % of the graph at 1,024
 VERSION = 11
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 #: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
@@ -582,8 +583,9 @@ BATCH_BYTES = 3 * 2**30  # resident memory a batch of prepared sessions may add
 #: lengths each exported part is measured at besides its own (one export, several samples)
 EXTRA_SEQS = 2
 #: export processes preparing a batch (none runs while a batch is measured). Exports were
-#: about 80 % of the default calibration's time (416 of 540 s) and each runs on one core, so
-#: two processes on a 2-core machine give about twice the samples in the same budget
+#: about 80 % of the default calibration's time (416 of 540 s) and each runs on one core: two
+#: processes on a 2-core machine gave 1.6 times the samples in the same budget (231 parts +
+#: 27 wholes -> 368 + 42)
 EXPORT_WORKERS = 2
 
 
