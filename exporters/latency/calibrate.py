@@ -531,24 +531,28 @@ def part_callables(
 ) -> list[Callable[[], Any]]:
     """No-argument callables running one part of a compiled model alone at each of the
     shapes of ``parts`` (the same IR node at several lengths; onnxruntime: one graph from
-    the one export path, dynamic length, at the precision its bits ship as, one session;
-    torch: eager), see :func:`~.parts.module_callables`.
+    the one export path, dynamic length, at the precision its bits ship as, one session:
+    :func:`~.parts.export_part` and :func:`~.parts.session_callables`; torch: eager,
+    :func:`~.parts.module_callables`).
 
     Raises:
         RuntimeUnavailableError: the export fails.
     """
-    from exporters.latency.parts import module_callables, part_bits, part_module_and_input
-
-    mods = [part_module_and_input(model, p) for p in parts]
-    return module_callables(
-        mods[0][0],
-        [x for _, x in mods],
-        runtime,
-        threads,
-        tmpdir,
-        bits=part_bits(model, parts[0]),
-        max_seq=int(model.spec.model.max_seq_len),
+    from exporters.latency.parts import (
+        export_part,
+        module_callables,
+        part_input,
+        part_module_and_input,
+        session_callables,
     )
+
+    if runtime == "ort":
+        path = Path(tmpdir) / f"m{len(list(Path(tmpdir).iterdir()))}.onnx"
+        export_part(model, parts[0], path, threads=threads)
+        xs = [part_input(model.spec.model.vocab_size, p) for p in parts]
+        return session_callables(path, xs, threads)
+    mods = [part_module_and_input(model, p) for p in parts]
+    return module_callables(mods[0][0], [x for _, x in mods], runtime, threads, tmpdir)
 
 
 def part_callable(
@@ -617,7 +621,7 @@ def export_job(job: dict[str, Any]) -> dict[str, Any]:
     """Export one calibration graph to ``job["path"]``: the whole spec ``job["spec"]`` (spec
     data) as ``archir export --precision auto`` writes it when ``job["part"]`` is None, else
     that part alone (``{"name", "kind", "batch", "seq", "d_model"}``: a residual block, or
-    the fixed part) as :func:`part_callables` exports it. Runs in an export process (or in
+    the fixed part; :func:`~.parts.export_part`, as :func:`part_callables` exports it). Runs in an export process (or in
     this one), ``job["threads"]`` torch threads, stopped after ``job["limit_s"]`` seconds.
 
     Returns:
@@ -628,7 +632,7 @@ def export_job(job: dict[str, Any]) -> dict[str, Any]:
     from types import SimpleNamespace
 
     from exporters.latency.harness import export_onnx_file, torch_threads
-    from exporters.latency.parts import export_module, part_bits, part_module_and_input
+    from exporters.latency.parts import export_part
 
     t = time.perf_counter()
     stage = "build"
@@ -641,15 +645,7 @@ def export_job(job: dict[str, Any]) -> dict[str, Any]:
                     export_onnx_file(spec, job["path"], model)
                 else:
                     part = SimpleNamespace(**job["part"])
-                    module, x = part_module_and_input(model, part)
-                    export_module(
-                        module,
-                        x,
-                        job["path"],
-                        threads=int(job["threads"]),
-                        bits=part_bits(model, part),
-                        max_seq=int(spec.model.model.max_seq_len),
-                    )
+                    export_part(model, part, job["path"], threads=int(job["threads"]))
     except Exception as exc:  # reported, counted under `skipped`
         return {
             "s": time.perf_counter() - t,

@@ -70,6 +70,26 @@ def export_module(
     onnx.save(ex.proto, str(path))
 
 
+def export_part(model: Any, part: Any, path: str | Path, *, threads: int = 1) -> None:
+    """Write one part (:class:`~.predictor.PartFeatures`, or anything with its ``name``,
+    ``kind``, ``batch``, ``seq`` and ``d_model``) of a compiled model alone to ``path``:
+    :func:`export_module` at the part's shape, the precision its bits ship as
+    (:func:`part_bits`), dynamic length up to the model's ``max_seq_len``.
+
+    Raises:
+        RuntimeUnavailableError: the export fails.
+    """
+    module, x = part_module_and_input(model, part)
+    export_module(
+        module,
+        x,
+        path,
+        threads=threads,
+        bits=part_bits(model, part),
+        max_seq=int(model.spec.model.max_seq_len),
+    )
+
+
 def session_callables(
     path: str | Path, examples: list[Any], threads: int
 ) -> list[Callable[[], Any]]:
