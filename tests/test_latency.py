@@ -37,6 +37,7 @@ from exporters.latency.harness import (
     summarize,
     trimmed_mean,
 )
+from exporters.latency.predictor import KNOBS
 
 TINY = {
     "archir": 1,
@@ -362,6 +363,23 @@ def test_a_kind_predicted_outside_its_calibrated_widths_is_extrapolated() -> Non
         assert pr.extrapolated
         assert pr.band_ms[1] / pr.ms > math.exp(max(p.band_q[1], 0.0))
     assert not any(p.predict(g).extrapolated for g in others)
+
+
+def test_a_knob_value_outside_the_calibrated_range_is_extrapolated() -> None:
+    """A part whose knob lies outside every calibrated value of its kind (a Mamba with
+    ``d_state`` 128 where 8-64 were calibrated; a Hyena of ``order`` 2 calibrated only at 3
+    was predicted 34-40 % slow) is extrapolated, at a width and length that were
+    calibrated; a knob inside the range is not."""
+    parts, pms, wholes, wms = samples_features(_synthetic_cal(40))
+    p = LatencyPredictor().fit(parts, pms, wholes, wms)
+    states = {q.knobs[KNOBS.index("d_state")] for q in parts if q.kind == "mamba"}
+    assert max(states) == 64 and min(states) == 8
+    for d_state, outside in ((128, True), (4, True), (16, False), (32, False)):
+        data = make_spec_data(random.Random(1), "mamba", "swiglu", 128, 2, 1024, 16)
+        for layer in data["model"]["layers"]:
+            layer["blocks"][0]["d_state"] = d_state
+        pr = p.predict(graph_features(spec_from_dict(data), 1, 256))
+        assert pr.extrapolated is outside, d_state
 
 
 def test_parts_cover_every_block_once_plus_fixed() -> None:
