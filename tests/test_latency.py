@@ -699,7 +699,9 @@ def test_calibrate_writes_a_loadable_file_of_interleaved_samples(
     assert path.exists() and data["version"] == VERSION and data["rounds"] == 2
     # exported by two processes, parts and wholes
     assert data["export_workers"] == 2 and min(data["export_s"].values()) > 0
-    assert data["parts"] and data["wholes"] and data["wall_s"] < 180 and data["probe_ms"] > 0
+    assert data["parts"] and data["wholes"] and data["probe_ms"] > 0
+    # the last batch is cut to what its rounds can measure in the budget left
+    assert data["wall_s"] < 90.0 + 10.0
     # one export measured at several lengths
     by_node: dict[tuple[int, str], set[int]] = {}
     for r in data["parts"]:
@@ -837,6 +839,29 @@ def test_calibration_widths_cover_every_kind_across_the_range():
         for k in kinds:
             pick.count[(k, w)] = 0 if w == 192 else 3
     assert pick(spec) == 192
+
+
+def test_a_batch_that_would_run_past_the_budget_drops_its_newest_samples() -> None:
+    """A batch's rounds (each sample's window: ``window_s`` or two calls, plus the speed
+    probe's) must fit in the budget left: the newest samples go first, none when it fits."""
+    import importlib
+
+    cal = importlib.import_module("exporters.latency.calibrate")
+    b = cal._Batch("ort", 1, None, None, {}, {})  # type: ignore[arg-type]
+
+    def fn() -> None:
+        return None
+
+    # ten 20 ms-window samples, then two of 0.5 s calls (1 s windows)
+    b.items = [("part", {"i": i}, fn, 0.001) for i in range(10)]
+    b.items += [("whole", {"i": 10 + i}, fn, 0.5) for i in range(2)]
+    full = b.round_s(0.02)
+    assert full == pytest.approx(10 * 0.021 + 2 * 1.001)
+    assert b.fit_to(20 * (full + 0.02) + 0.01, 20, 0.02) == 0 and len(b.items) == 12
+    # room for the small ones and one slow sample: the last one goes
+    assert b.fit_to(20 * (full - 1.001 + 0.02) + 0.01, 20, 0.02) == 1
+    assert [it[1]["i"] for it in b.items] == list(range(11))
+    assert b.fit_to(0.0, 20, 0.02) == 11 and b.items == []
 
 
 def test_calibration_stops_an_export_at_its_budget(

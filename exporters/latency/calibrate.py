@@ -31,7 +31,8 @@ round-robin windows (:func:`~.harness.measure_interleaved`) — with the speed p
 (:class:`~.harness.SpeedProbe`) timed every round, and more rounds (up to three times as
 many) while fewer than two rounds ran at the probe's fastest speed so far, so a slow phase
 longer than a batch does not go into the samples; then the next batch, while the budget
-allows. The probe's fastest time is stored (``probe_ms``) for later measurements to compare
+allows (a batch's newest samples whose rounds would not fit in the budget left are dropped,
+counted as ``skipped["budget"]``). The probe's fastest time is stored (``probe_ms``) for later measurements to compare
 against; a sample's value is its fastest call (``min_ms``, see :mod:`.harness` on why).
 Interleaving matters on a shared machine: a slow phase of a few seconds then costs every
 sample one window, instead of costing a few samples their whole measurement. A part takes
@@ -731,6 +732,18 @@ class _Batch:
         known = sum(max(window_s, 2 * est) + 0.001 for *_, est in self.items)
         return known + coming * (window_s + 0.001)
 
+    def fit_to(self, seconds: float, rounds: int, window_s: float) -> int:
+        """Drop the newest samples until ``rounds`` measuring rounds (each with the speed
+        probe's window) fit in ``seconds``; return how many were dropped. The budget is
+        checked before each draw, but one draw's exports can add many slow samples (a
+        d_model 512 spec at length 1,024): measured in full, they ran the default
+        calibration 8-26 s past its budget."""
+        dropped = 0
+        while self.items and rounds * (self.round_s(window_s) + window_s) > seconds:
+            self.items.pop()
+            dropped += 1
+        return dropped
+
     def whole_busy(self) -> bool:
         return any(job["part"] is None for job, *_ in self.pending.values())
 
@@ -993,6 +1006,10 @@ def calibrate(
                     out_of_time = True
                 batch.drain()  # nothing is measured while an export runs
                 prep_s += time.perf_counter() - tb
+                late = batch.fit_to(budget_s - elapsed(), rounds, window_s)
+                if late:
+                    skipped["budget"] = skipped.get("budget", 0) + late
+                    out_of_time = True
                 items = batch.items
                 if not items:
                     break
