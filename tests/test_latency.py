@@ -831,13 +831,18 @@ def test_calibration_widths_cover_every_kind_across_the_range():
     for kind, ws in widths.items():
         grid = ws & set(cal.WIDTHS)
         assert min(grid) <= 96 and max(grid) >= 448 and len(grid) >= 6, (kind, sorted(ws))
-    # the choice itself: the level the spec's kinds have fewest samples at
+    # the choice itself: the level the spec's kinds, with their knobs, have fewest samples at
     spec, _ = next(cal.space_specs(1, 3, spaces))
-    kinds = {p.model_kind for p in graph_features(spec, 1, 1).parts if p.kind != "fixed"}
+    cells = {(p.model_kind, p.knobs) for p in graph_features(spec, 1, 1).parts}
+    cells -= {("fixed", graph_features(spec, 1, 1).parts[-1].knobs)}
     pick = cal.WidthCoverage(random.Random(0), native_every=10**9)
     for w in cal.WIDTHS:
-        for k in kinds:
-            pick.count[(k, w)] = 0 if w == 192 else 3
+        for k, knobs in cells:
+            pick.count[(k, knobs, w)] = 0 if w == 192 else 3
+    assert pick(spec) == 192
+    # the same kinds with other knob values, measured many times at 192, do not count
+    for k, knobs in cells:
+        pick.count[(k, (*knobs[:-1], knobs[-1] + 1.0), 192)] = 100
     assert pick(spec) == 192
 
 

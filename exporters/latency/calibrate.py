@@ -13,8 +13,8 @@ a file of another format version raises :class:`CalibrationFormatError`.
 
 The design (:func:`calibrate`) covers the search spaces: concrete specs drawn from every
 space in ``specs/search/`` (plus extra space files) with their width replaced by the level
-of :data:`WIDTHS` (64-512) their kinds have been measured least at (:class:`WidthCoverage`)
-and measured at a length cycling through :data:`SEQS` (64-1024). It runs batch by batch.
+of :data:`WIDTHS` (64-512) their kinds, with their knob values, have been measured least at
+(:class:`WidthCoverage`) and measured at a length cycling through :data:`SEQS` (64-1024). It runs batch by batch.
 **Prepare**: every **part** of a drawn spec (a residual block, or the fixed
 embedding/final-norm/head part) not prepared before is exported alone through the one export
 path (:func:`exporters.graph.part_graph`: the shipped file's exporter and dynamic length, at
@@ -96,8 +96,10 @@ FORMAT = "archir-latency-calibration"
 #: 10: causal attention past 192 positions scores its queries in 8 chunks (16 past 1,024)
 #: (``archir.blocks.attention.causal_attention``); 11: GLA's exported carry between chunks
 #: is a Mul and a MatMul (was Expand, Where and an Einsum) and one MatMul places the pairs
-#: within a sub-chunk (was a 7-D Mul with eye): 8 % of the graph at 1,024
-VERSION = 11
+#: within a sub-chunk (was a 7-D Mul with eye): 8 % of the graph at 1,024; 12: RetNet's
+#: decay is a Trilu of exp(max(t - s, 0)·log γ) (was a broadcast Where over [H, T, T]); the
+#: width design counts each kind's knob values apart
+VERSION = 12
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 #: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
 #: models were all predicted by extrapolation (session 15: Kendall tau 0.86-0.89 against the
@@ -494,33 +496,37 @@ def space_specs(
 
 class WidthCoverage:
     """The calibration's width design: a drawn spec gets the level of :data:`WIDTHS` at
-    which its parts' kinds (each at the precision it ships as) have the fewest prepared
-    part exports so far, so every kind is measured across the whole width range and not
-    only at the widths of the few specs it happens to appear in (a RetNet calibrated at
-    d_model 256-512 alone was predicted at half its time at 96-128, length 768-1024); one
-    draw in ``native_every`` keeps the width its space drew (the search spaces' own
-    widths, chosen at random). Ties go to a random level.
+    which its parts' kinds — each with its knob values (:data:`~.predictor.KNOBS`) and at
+    the precision it ships as — have the fewest prepared part exports so far, so every kind
+    and knob value is measured across the whole width range and not only at the widths of
+    the few specs it happens to appear in (a RetNet calibrated at d_model 256-512 alone was
+    predicted at half its time at 96-128, length 768-1024; one with 4 heads calibrated at
+    d_model 96 and up was predicted 12-17 % fast at 64-128); one draw in ``native_every``
+    keeps the width its space drew (the search spaces' own widths, chosen at random). Ties
+    go to a random level.
 
     Call it with a drawn spec (``space_specs(width_for=...)``); :meth:`add` each prepared
     part.
     """
 
     def __init__(self, rng: random.Random, native_every: int = 4) -> None:
-        self.count: dict[tuple[str, int], int] = {}
+        self.count: dict[tuple[str, tuple[float, ...], int], int] = {}
         self.rng = rng
         self.native_every = native_every
 
     def add(self, part: PartFeatures) -> None:
-        key = (part.model_kind, part.d_model)
+        key = (part.model_kind, part.knobs, part.d_model)
         self.count[key] = self.count.get(key, 0) + 1
 
     def __call__(self, spec: Any) -> int | None:
         if self.rng.randrange(self.native_every) == 0:  # at random: draws cycle the spaces
             return None
-        kinds = {p.model_kind for p in graph_features(spec, 1, 1).parts if p.kind != FIXED}
+        cells = {
+            (p.model_kind, p.knobs) for p in graph_features(spec, 1, 1).parts if p.kind != FIXED
+        }
         levels = list(WIDTHS)
         self.rng.shuffle(levels)
-        return min(levels, key=lambda w: sum(self.count.get((k, w), 0) for k in kinds))
+        return min(levels, key=lambda w: sum(self.count.get((*c, w), 0) for c in cells))
 
 
 def part_callables(
