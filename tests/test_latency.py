@@ -330,6 +330,56 @@ def test_composition_is_judged_on_specs_it_was_not_fitted_on() -> None:
     assert lo < -0.1 and hi > 0.1
 
 
+def test_the_band_covers_new_specs_whose_parts_were_never_measured() -> None:
+    """Every calibrated whole spec had its own parts measured, so a band set from the
+    composition's out-of-fold errors alone judges specs whose parts were known exactly.
+    Here each part's time carries its own unlearnable ±15 % (per signature): the band must
+    cover about 90 % of new specs, as refitting the part stages per fold without the
+    fold's parts gives; the composition-only band covers far fewer."""
+    import hashlib
+
+    def true(p: Any) -> float:
+        u = int(hashlib.sha256(p.signature.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        return sum(c * x for c, x in zip(TRUE[p.kind], p.x)) * (1 + 0.3 * (u - 0.5))
+
+    cal = _synthetic_cal(30, seed=11, true=true, lengths=2)
+    spreads: list[float] = []
+    groups: list[int] = []
+    fit_args = samples_features(cal, spreads, groups)
+    new = samples_features(_synthetic_cal(40, seed=12, true=true, lengths=1))
+
+    class CompositionOnly(LatencyPredictor):
+        def _pipeline_oof(self, *a: Any) -> Any:
+            return [math.nan] * len(a[3])  # no refits: the composition's band stays
+
+    def coverage(p: LatencyPredictor) -> float:
+        preds = [p.predict(g) for g in new[2]]
+        return sum(q.band_ms[0] <= y <= q.band_ms[1] for q, y in zip(preds, new[3])) / len(preds)
+
+    full = LatencyPredictor().fit(*fit_args, spreads, groups)
+    comp = CompositionOnly().fit(*fit_args, spreads, groups)
+    assert full.band_q[1] - full.band_q[0] > 1.5 * (comp.band_q[1] - comp.band_q[0])
+    assert coverage(full) >= 0.8 and coverage(comp) < 0.7
+    # a band given (as a calibration file stores it) is used as it is, without refits
+    given = LatencyPredictor().fit(*fit_args, spreads, groups, band=(-0.3, 0.2))
+    assert given.band_q == (-0.3, 0.2)
+
+
+def test_a_calibration_file_stores_its_band_and_a_changed_file_refits_it() -> None:
+    """``band_record`` stores the band with the samples' hash; :func:`predictor_from` uses it
+    for those samples, and refits for any other samples (an edited or torn file)."""
+    from exporters.latency.calibrate import band_record, predictor_from
+
+    cal = _synthetic_cal(30, seed=4, lengths=1)
+    rec = band_record(cal)
+    fitted = predictor_from(cal).band_q
+    assert rec["q"] == list(fitted) and len(rec["samples_sha256"]) == 64
+    stored = {**cal, "band": {**rec, "q": [-0.4, 0.3]}}
+    assert predictor_from(stored).band_q == (-0.4, 0.3)
+    changed = {**stored, "wholes": [{**w, "ms": w["ms"] * 1.01} for w in cal["wholes"]]}
+    assert predictor_from(changed).band_q != (-0.4, 0.3)
+
+
 def test_predictor_fits_synthetic_calibration() -> None:
     parts, pms, wholes, wms = samples_features(_synthetic_cal(40))
     assert len(wholes) == 40 and len(parts) > 40

@@ -5,9 +5,11 @@ A calibration file is JSON (``format: archir-latency-calibration``, ``version``)
 version, intra-op threads — and the raw samples: ``specs`` (concrete spec data), ``parts``
 (spec index, IR node name or ``"fixed"``, batch, seq, ``ms`` = the fastest call, best window
 median, median, CV, runs, each window's median and fastest call) and ``wholes`` (spec
-index, batch, seq, the same statistics). The predictor
-(:class:`~.predictor.LatencyPredictor`) is refitted from the samples on load (a second or
-two), so the file stays readable, diffable and free of pickles. Loading a file whose key
+index, batch, seq, the same statistics), and the predictor's uncertainty ``band`` fitted on
+those samples (:func:`band_record`: its ``log`` bounds and the samples' hash). The predictor
+(:class:`~.predictor.LatencyPredictor`) is refitted from the samples on load (a few seconds;
+the band is refitted too, about 6 s more, only when the stored one was fitted on other
+samples), so the file stays readable, diffable and free of pickles. Loading a file whose key
 differs from the machine/runtime/threads asked for raises :class:`CalibrationMismatchError`;
 a file of another format version raises :class:`CalibrationFormatError`.
 
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -250,10 +253,36 @@ def find_calibration(runtime: str = "ort", threads: int = DEFAULT_THREADS) -> Pa
     return p if p.exists() else None
 
 
-def predictor_from(data: dict[str, Any]) -> LatencyPredictor:
-    """Fit a predictor from a loaded calibration (cached per file content)."""
+def _samples_json(data: dict[str, Any]) -> str:
     payload = {k: data.get(k, []) for k in ("specs", "parts", "wholes")}
-    return _fit_cached(json.dumps(payload, sort_keys=True))
+    return json.dumps(payload, sort_keys=True)
+
+
+def _band_key(samples_json: str) -> str:
+    """What a stored band was fitted on: the samples and the predictor's feature version."""
+    h = hashlib.sha256(samples_json.encode())
+    h.update(f"features {FEATURE_VERSION}".encode())
+    return h.hexdigest()
+
+
+def band_record(data: dict[str, Any]) -> dict[str, Any]:
+    """The predictor's band for a calibration's samples, to store in its file (``band``):
+    ``{"q": [log low, log high], "samples_sha256": ...}``. Fitting it refits the part
+    stages once per fold (seconds); a file that carries it is loaded without."""
+    samples = _samples_json(data)
+    return {"q": list(_fit_cached(samples).band_q), "samples_sha256": _band_key(samples)}
+
+
+def predictor_from(data: dict[str, Any]) -> LatencyPredictor:
+    """Fit a predictor from a loaded calibration (cached per file content); the band is
+    the file's stored one (``band``) when it was fitted on these samples."""
+    samples = _samples_json(data)
+    rec = data.get("band")
+    if isinstance(rec, dict) and rec.get("samples_sha256") == _band_key(samples):
+        q = rec.get("q")
+        if isinstance(q, list) and len(q) == 2 and all(isinstance(v, int | float) for v in q):
+            return _fit_cached(samples, (float(q[0]), float(q[1])))
+    return _fit_cached(samples)
 
 
 def samples_features(
@@ -302,7 +331,7 @@ def samples_features(
 
 
 @lru_cache(maxsize=8)
-def _fit_cached(payload_json: str) -> LatencyPredictor:
+def _fit_cached(payload_json: str, band: tuple[float, float] | None = None) -> LatencyPredictor:
     spreads: list[float] = []
     groups: list[int] = []
     parts, pms, wholes, wms = samples_features(json.loads(payload_json), spreads, groups)
@@ -311,7 +340,7 @@ def _fit_cached(payload_json: str) -> LatencyPredictor:
             "the calibration has fewer than 3 usable part samples",
             hint="re-run `archir latency calibrate` with a larger --budget-s",
         )
-    return LatencyPredictor().fit(parts, pms, wholes, wms, spreads, groups)
+    return LatencyPredictor().fit(parts, pms, wholes, wms, spreads, groups, band)
 
 
 # --------------------------------------------------------------------------------------
@@ -587,6 +616,8 @@ def measure_part(
         return measure(fn, **timing_defaults(kw, threads))
 
 
+#: seconds of a calibration's budget kept for fitting its band (at most 2 % of the budget)
+BAND_FIT_S = 10.0
 BATCH_ITEMS = 120
 BATCH_BYTES = 3 * 2**30  # resident memory a batch of prepared sessions may add
 
@@ -935,6 +966,9 @@ def calibrate(
         name = f"{what}:{type(exc).__name__}"
         skipped[name] = skipped.get(name, 0) + 1
 
+    # the budget less what fitting the band at the end takes (:func:`band_record`, 6-8 s
+    # on the default calibration's samples here)
+    measure_s = budget_s - min(BAND_FIT_S, 0.02 * budget_s)
     coverage = WidthCoverage(random.Random(seed + 2))
     draws = space_specs(100_000, seed, spaces_open, width_for=coverage)
     rng = random.Random(seed + 1)
@@ -949,7 +983,7 @@ def calibrate(
             batch = _Batch(runtime, threads, exporters, coverage, skipped, export_s)
 
             def left_s(b: _Batch = batch) -> float:  # budget left once the batch is measured
-                return budget_s - elapsed() - rounds * b.round_s(window_s)
+                return measure_s - elapsed() - rounds * b.round_s(window_s)
 
             def export_limit_s(limit_s: float) -> float:
                 # an export may not run past the budget either (a Mamba block takes a minute)
@@ -1012,7 +1046,7 @@ def calibrate(
                     out_of_time = True
                 batch.drain()  # nothing is measured while an export runs
                 prep_s += time.perf_counter() - tb
-                late = batch.fit_to(budget_s - elapsed(), rounds, window_s)
+                late = batch.fit_to(measure_s - elapsed(), rounds, window_s)
                 if late:
                     skipped["budget"] = skipped.get("budget", 0) + late
                     out_of_time = True
@@ -1033,7 +1067,7 @@ def calibrate(
                     probe=probe,
                     probe_ref_ms=probe_ms,
                     probe_stats=stats,
-                    budget_s=max(0.0, budget_s - elapsed()),
+                    budget_s=max(0.0, measure_s - elapsed()),
                     min_rounds=rounds,
                     progress=said,
                     timer=clock(threads),
@@ -1063,7 +1097,6 @@ def calibrate(
         raise RuntimeUnavailableError(
             f"no calibration sample could be measured on runtime '{runtime}' ({skipped})"
         )
-    wall = elapsed()
     cvs = sorted(float(r["cv"]) for r in parts + wholes)
     data = {
         "format": FORMAT,
@@ -1075,7 +1108,7 @@ def calibrate(
         "platform": platform.platform(),
         "graph": "exporters.graph (torch.export, dynamic axes, precision auto)",
         "clock": clock_name(clock(threads)),
-        "wall_s": round(wall, 1),
+        "wall_s": 0.0,  # set once the band is fitted
         "prepare_s": round(prep_s, 1),
         "export_workers": exporters.workers,
         "export_s": {k: round(v, 1) for k, v in export_s.items()},
@@ -1089,4 +1122,9 @@ def calibrate(
         "parts": parts,
         "wholes": wholes,
     }
+    try:
+        data["band"] = band_record(data)
+    except CalibrationFormatError:  # too few samples to fit: nothing to store
+        pass
+    data["wall_s"] = round(elapsed(), 1)
     return save_calibration(data, path), data
