@@ -16,32 +16,32 @@ a file of another format version raises :class:`CalibrationFormatError`.
 The design (:func:`calibrate`) covers the search spaces: concrete specs drawn from every
 space in ``specs/search/`` (plus extra space files) with their width replaced by the level
 of :data:`WIDTHS` (64-512) their kinds, with their knob values, have been measured least at
-(:class:`WidthCoverage`) and measured at a length cycling through :data:`SEQS` (64-1024). It runs batch by batch.
-**Prepare**: every **part** of a drawn spec (a residual block, or the fixed
-embedding/final-norm/head part) not prepared before is exported alone through the one export
-path (:func:`exporters.graph.part_graph`: the shipped file's exporter and dynamic length, at
-the precision the part's ``bits`` ship as) and loaded into a session, measured at its own
-length and at up to :data:`EXTRA_SEQS` other lengths of :data:`SEQS` (one export, several
-samples); while whole specs have taken less than ``whole_share`` of the export time, so
-is the whole spec (the graph ``archir export --precision auto`` writes, at its length and
+(:class:`WidthCoverage`) and measured at a length cycling through :data:`SEQS` (64-1024). It
+runs batch by batch. **Prepare**: every **part** of a drawn spec (a residual block, or the
+fixed embedding/final-norm/head part) not prepared before is exported alone through the one
+export path (:func:`exporters.graph.part_graph`: the shipped file's exporter and dynamic
+length, at the precision the part's ``bits`` ship as) and loaded into a session, measured at
+its own length and at up to :data:`EXTRA_SEQS` other lengths of :data:`SEQS` (one export,
+several samples); while whole specs have taken less than ``whole_share`` of the export time,
+so is the whole spec (the graph ``archir export --precision auto`` writes, at its length and
 its parts' other lengths), until a batch (about a hundred samples, a few GB of sessions at
 most) is ready. The exports run in up to :data:`EXPORT_WORKERS` spawned processes
 (:func:`export_job`; one per CPU at the calibrated thread count), which write the graphs
-into the batch's temporary folder while this process loads them; a process that dies
-fails only the export it held. **Measure** (no export running): the batch in ``rounds``
+into the batch's temporary folder while this process loads them; a process that dies fails
+only the export it held. **Measure** (no export running): the batch in ``rounds``
 round-robin windows (:func:`~.harness.measure_interleaved`) — with the speed probe
 (:class:`~.harness.SpeedProbe`) timed every round, and more rounds (up to three times as
 many) while fewer than two rounds ran at the probe's fastest speed so far, so a slow phase
 longer than a batch does not go into the samples; then the next batch, while the budget
 allows (a batch's newest samples whose rounds would not fit in the budget left are dropped,
-counted as ``skipped["budget"]``). The probe's fastest time is stored (``probe_ms``) for later measurements to compare
-against; a sample's value is its fastest call (``min_ms``, see :mod:`.harness` on why).
-Interleaving matters on a shared machine: a slow phase of a few seconds then costs every
-sample one window, instead of costing a few samples their whole measurement. A part takes
-one to a few seconds to export through torch.export (a Mamba block over ten: its
-dynamic-length scan makes torch.export reason about many symbolic shapes), so a 9-minute
-budget covers a few hundred part samples and a few dozen whole specs (exports were about 80 %
-of it with one process).
+counted as ``skipped["budget"]``). The probe's fastest time is stored (``probe_ms``) for
+later measurements to compare against; a sample's value is its fastest call (``min_ms``, see
+:mod:`.harness` on why). Interleaving matters on a shared machine: a slow phase of a few
+seconds then costs every sample one window, instead of costing a few samples their whole
+measurement. A part takes one to a few seconds to export through torch.export (a Mamba block
+over ten: its dynamic-length scan makes torch.export reason about many symbolic shapes), so
+a 9-minute budget covers a few hundred part samples and a few dozen whole specs (exports
+were about 80 % of it with one process).
 
 Files live in ``$ARCHIR_CACHE/latency/`` (default ``~/.cache/archir/latency/``) named
 ``<runtime>-t<threads>-<cpu slug>.json``.

@@ -49,12 +49,12 @@ number of whole specs. Three stages are fitted on those measurements:
 
 **Uncertainty band**: the 5th/95th percentiles of the out-of-fold ``log(measured /
 predicted)`` of the whole-spec samples — each fold predicted by part stages and a
-composition refitted without the fold's specs and without the part samples of their
-parts, as a new spec's parts were not measured — combined in quadrature with the 90th percentile of the whole samples'
-own measurement noise (``log`` of the second-fastest window's fastest call over the fastest
-call) — a new measurement is as noisy as those were — and widened for kinds absent from the
-calibration, parts wider or narrower than their kind was calibrated at, or shapes outside
-the calibration.
+composition refitted without the fold's specs and without the part samples of their parts,
+as a new spec's parts were not measured — combined in quadrature with the 90th percentile of
+the whole samples' own measurement noise (``log`` of the second-fastest window's fastest
+call over the fastest call) — a new measurement is as noisy as those were — and widened for
+kinds absent from the calibration, parts wider or narrower than their kind was calibrated
+at or with a knob value outside its calibrated ones, or shapes outside the calibration.
 
 Related work: nn-Meter (Zhang et al., 2021) predicts per fused kernel and sums; HELP (Lee et
 al., 2021) and LitePred (Feng et al., 2024) learn from graph features. This does both.
