@@ -659,8 +659,9 @@ def export_job(job: dict[str, Any]) -> dict[str, Any]:
     """Export one calibration graph to ``job["path"]``: the whole spec ``job["spec"]`` (spec
     data) as ``archir export --precision auto`` writes it when ``job["part"]`` is None, else
     that part alone (``{"name", "kind", "batch", "seq", "d_model"}``: a residual block, or
-    the fixed part; :func:`~.parts.export_part`, as :func:`part_callables` exports it). Runs in an export process (or in
-    this one), ``job["threads"]`` torch threads, stopped after ``job["limit_s"]`` seconds.
+    the fixed part; :func:`~.parts.export_part`, as :func:`part_callables` exports it).
+    Runs in an export process (or in this one), ``job["threads"]`` torch threads, stopped
+    after ``job["limit_s"]`` seconds.
 
     Returns:
         ``{"s": seconds, "error": None}``, or with ``error`` ``"build:<exception type>"``

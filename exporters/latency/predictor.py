@@ -396,7 +396,7 @@ class LatencyPredictor:
         c, ex = self._coef_for(p.model_kind, p.role)
         lo, hi = self.kind_widths.get(p.model_kind, (p.d_model, p.d_model))
         knobs_in = True
-        if p.model_kind in self.kind_knobs and len(p.knobs) == len(KNOBS):
+        if p.model_kind in self.kind_knobs:
             k_lo, k_hi = self.kind_knobs[p.model_kind]
             v = np.asarray(p.knobs, dtype=float)
             knobs_in = bool(np.all((k_lo <= v) & (v <= k_hi)))
@@ -541,7 +541,7 @@ class LatencyPredictor:
             sub._fit_parts([parts[i] for i in keep], y[keep])
             pers = [sub.part_ms(g.parts)[0] for g in specs]
             sums = np.asarray([max(sum(p), 1e-6) for p in pers], dtype=float)
-            if self.comp_kind == "ratio" or self.comp_model is None:
+            if self.comp_model is None:  # the ratio
                 pred = math.log(self._ratio(sums[tr], ys[tr])) + np.log(sums[te])
             else:
                 Z = np.asarray([sub._zfeat(g, p) for g, p in zip(specs, pers)], dtype=float)
@@ -552,11 +552,9 @@ class LatencyPredictor:
             r[te] = np.log(ys[te]) - pred
         return r
 
-    def _fit_comp(
-        self, Z: np.ndarray, sums: np.ndarray, y: np.ndarray, groups: Sequence[int] = ()
-    ) -> None:
+    def _fit_comp(self, Z: np.ndarray, sums: np.ndarray, y: np.ndarray, folds: np.ndarray) -> None:
         """Choose and fit the composition model; set the band from out-of-fold errors.
-        ``groups``: each sample's spec (its lengths share a fold), or empty (one each)."""
+        ``folds``: each sample's fold (:meth:`_folds`: a spec's lengths share one)."""
         self.comp_kind, self.comp_model, self.comp_ratio = "ratio", None, 1.0
         if len(y) < 3:
             return
@@ -564,7 +562,6 @@ class LatencyPredictor:
         if len(y) < 10:
             return
         target = np.log(y) - np.log(sums)
-        folds = self._folds(groups, len(y))
         cands = ["ratio", *self._comp_models()] if len(y) >= MIN_COMP_SPECS else ["ratio"]
         oof = {c: np.zeros(len(y)) for c in cands}
         for f in range(5):
@@ -638,14 +635,15 @@ class LatencyPredictor:
         pers = [self.part_ms(g.parts)[0] for g in specs]
         sums = np.asarray([max(sum(p), 1e-6) for p in pers], dtype=float)
         Z = np.asarray([self._zfeat(g, p) for g, p in zip(specs, pers)], dtype=float)
-        self._fit_comp(Z, sums, ys, spec_groups)
+        folds = self._folds(spec_groups, len(ys))
+        self._fit_comp(Z, sums, ys, folds)
         if band is not None:
             self.band_q = (float(band[0]), float(band[1]))
             return self
         if len(ys) >= 10:
             # the band from the whole pipeline's out-of-fold errors (parts refitted without
             # the fold's specs' parts), where every fold could be fitted
-            r = self._pipeline_oof(parts, y, specs, ys, self._folds(spec_groups, len(ys)))
+            r = self._pipeline_oof(parts, y, specs, ys, folds)
             if not np.isnan(r).any():
                 self.band_q = (float(np.quantile(r, 0.05)), float(np.quantile(r, 0.95)))
         if len(spec_spread):
