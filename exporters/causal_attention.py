@@ -15,6 +15,10 @@ then replaces each such node with plain ONNX:
   scoring only keys ``[0, (i+1)·c)`` against its rows of the mask (``Slice``
   clamps the last chunk to the sequence), so ``(n+1)/(2n)`` of the ``seq²`` scores are
   computed and stored; with a sliding window ``w``, only keys from ``i·c − w + 1`` on.
+  The plain causal mask of every chunk is a slice of one ``[c, n·c]`` band (``-inf``
+  where ``column − row > (n−1)·c``), not of a ``[seq, seq]`` mask: at 4,096 positions
+  that was 64 MB written per layer, and 15-24 % of the graph's time at 512-4,096
+  (``benchmarks/README.md``).
 
 Same values as eager ``scaled_dot_product_attention`` up to float rounding (the scale is
 applied to ``q`` once). The graph stays opset-20 standard ONNX: no ``archir`` domain is
@@ -140,19 +144,17 @@ def _expand_one(node: onnx.NodeProto, elem_type: int) -> list[onnx.NodeProto]:
     name = _Names(node.name or "causal_attention")
     top: list[onnx.NodeProto] = []
     T = _node(top, name, "Shape", [q], start=2, end=3)  # [1]
-    if given:  # ALiBi, a window: [T, T] or [heads, T, T]
-        mask = given
-    else:
-        full = _node(
-            top,
-            name,
-            "Expand",
-            [_const(top, name, float("-inf")), _node(top, name, "Concat", [T, T], axis=0)],
-        )
-        mask = _node(top, name, "Trilu", [full, _const(top, name, [1])], upper=1)
+
+    def future(nodes: list[onnx.NodeProto], rows: str, cols: str, diag: str) -> str:
+        """``[rows, cols]``: ``-inf`` where ``column - row >= diag``, 0 elsewhere."""
+        shape = _node(nodes, name, "Concat", [rows, cols], axis=0)
+        full = _node(nodes, name, "Expand", [_const(nodes, name, float("-inf")), shape])
+        return _node(nodes, name, "Trilu", [full, diag], upper=1)
 
     # the scale and kᵀ inside each branch: onnxruntime fuses them into the MatMul there
     def plain(nodes: list[onnx.NodeProto], out: str) -> list[onnx.NodeProto]:
+        # ALiBi, a window: the block's own [T, T] or [heads, T, T]; else the causal one
+        mask = given or future(nodes, T, T, _const(nodes, name, [1]))
         qs = _node(nodes, name, "Mul", [q, _const(nodes, name, scale)])
         kt = _node(nodes, name, "Transpose", [k], perm=[0, 1, 3, 2])
         _merge_heads(nodes, name, _attend(nodes, name, qs, kt, v, mask), out)
@@ -172,6 +174,13 @@ def _expand_one(node: onnx.NodeProto, elem_type: int) -> list[onnx.NodeProto]:
         )
         zero = _const(nodes, name, [0])
         ends = [_node(nodes, name, "Mul", [c, _const(nodes, name, [i + 1])]) for i in range(n)]
+        if not given:
+            # one [c, n·c] band instead of the [T, T] mask (64 MB at 4,096 positions, built
+            # per layer): chunk i's rows of the causal mask, over keys [0, (i+1)·c), are
+            # its columns from (n-1-i)·c on (-inf where key > query, i.e. column - row >=
+            # (n-1)·c + 1), the last chunk's rows and keys cut at T
+            diag = _node(nodes, name, "Add", [ends[n - 2], _const(nodes, name, [1])])
+            band = future(nodes, c, ends[n - 1], diag)
         parts = []
         for i in range(n):
             lo, hi = zero if i == 0 else ends[i - 1], ends[i]
@@ -184,9 +193,26 @@ def _expand_one(node: onnx.NodeProto, elem_type: int) -> list[onnx.NodeProto]:
             ki = _node(nodes, name, "Slice", [k, first, hi, _const(nodes, name, [2])])
             ki = _node(nodes, name, "Transpose", [ki], perm=[0, 1, 3, 2])
             vi = _node(nodes, name, "Slice", [v, first, hi, _const(nodes, name, [2])])
-            lo2 = _node(nodes, name, "Concat", [lo, first], axis=0)
-            hi2 = _node(nodes, name, "Concat", [hi, hi], axis=0)
-            mi = _node(nodes, name, "Slice", [mask, lo2, hi2, _const(nodes, name, [-2, -1])])
+            if given:
+                lo2 = _node(nodes, name, "Concat", [lo, first], axis=0)
+                hi2 = _node(nodes, name, "Concat", [hi, hi], axis=0)
+            else:
+                # rows [0, min(hi, T) - lo), columns (n-1-i)·c + [0, min(hi, T))
+                hi_t = _node(nodes, name, "Min", [hi, T])
+                col = zero if i == n - 1 else ends[n - 2 - i]
+                lo2 = _node(nodes, name, "Concat", [zero, col], axis=0)
+                hi2 = _node(
+                    nodes,
+                    name,
+                    "Concat",
+                    [
+                        _node(nodes, name, "Sub", [hi_t, lo]),
+                        _node(nodes, name, "Add", [col, hi_t]),
+                    ],
+                    axis=0,
+                )
+            src = given or band
+            mi = _node(nodes, name, "Slice", [src, lo2, hi2, _const(nodes, name, [-2, -1])])
             parts.append(_attend(nodes, name, qi, ki, vi, mi))
         _merge_heads(nodes, name, _node(nodes, name, "Concat", parts, axis=2), out)
         return nodes

@@ -733,14 +733,19 @@ def test_causal_attention_scores_query_chunks_past_the_switch(tmp_path: Path) ->
     assert all(n.domain != "archir" for n in proto.graph.node)
     ifs = [n for n in proto.graph.node if n.op_type == "If"]
     assert len(ifs) == 2
+    # no [T, T] mask outside the branches: the plain scores build theirs, each chunked form
+    # one [T/n, T] band its chunks slice
+    assert "Trilu" not in [n.op_type for n in proto.graph.node]
     for node in ifs:
         outer = _branch_ops(node)
         assert outer["then_branch"].count("Softmax") == 1
+        assert outer["then_branch"].count("Trilu") == 1
         (inner,) = [a.g.node[-1] for a in node.attribute if a.name == "else_branch"]
         assert inner.op_type == "If"
         chunks = _branch_ops(inner)
         assert chunks["then_branch"].count("Softmax") == n_short
         assert chunks["else_branch"].count("Softmax") == n_long
+        assert chunks["then_branch"].count("Trilu") == chunks["else_branch"].count("Trilu") == 1
     sess = make_session(str(path))
     for B, T in [
         (1, 1),

@@ -101,8 +101,9 @@ FORMAT = "archir-latency-calibration"
 #: is a Mul and a MatMul (was Expand, Where and an Einsum) and one MatMul places the pairs
 #: within a sub-chunk (was a 7-D Mul with eye): 8 % of the graph at 1,024; 12: RetNet's
 #: decay is a Trilu of exp(max(t - s, 0)·log γ) (was a broadcast Where over [H, T, T]); the
-#: width design counts each kind's knob values apart
-VERSION = 12
+#: width design counts each kind's knob values apart; 13: causal attention's chunks slice
+#: their mask from one [T/n, T] band (was a [T, T] mask built per layer)
+VERSION = 13
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 #: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
 #: models were all predicted by extrapolation (session 15: Kendall tau 0.86-0.89 against the
