@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -72,13 +73,19 @@ def _median_ms(fn: Any, repeats: int) -> float:
 
 def _interleaved_ms(fns: dict[str, Any], repeats: int) -> dict[str, float]:
     """Median ms of each callable: 3 warm-up passes each, then ``repeats`` rounds that call
-    every one in turn."""
+    every one in turn, in an order shuffled each round (seeded). In a fixed order, the session
+    called right after another onnxruntime session ran 1.4-1.6× slower than the one called
+    after eager torch: the same file exported by the same tree twice (``--baseline`` at the
+    working tree) timed 54-59 ms against 38 ms at length 512 (zoo:hybrid, session 22)."""
     for fn in fns.values():
         for _ in range(3):
             fn()
     ts: dict[str, list[float]] = {k: [] for k in fns}
+    keys, rng = list(fns), random.Random(0)
     for _ in range(repeats):
-        for k, fn in fns.items():
+        rng.shuffle(keys)
+        for k in keys:
+            fn = fns[k]
             t = time.perf_counter()
             fn()
             ts[k].append(time.perf_counter() - t)
