@@ -73,10 +73,12 @@ def _median_ms(fn: Any, repeats: int) -> float:
 
 def _interleaved_ms(fns: dict[str, Any], repeats: int) -> dict[str, float]:
     """Median ms of each callable: 3 warm-up passes each, then ``repeats`` rounds that call
-    every one in turn, in an order shuffled each round (seeded). In a fixed order, the session
-    called right after another onnxruntime session ran 1.4-1.6× slower than the one called
-    after eager torch: the same file exported by the same tree twice (``--baseline`` at the
-    working tree) timed 54-59 ms against 38 ms at length 512 (zoo:hybrid, session 22)."""
+    every one in turn, in an order shuffled each round (seeded). In a fixed order with
+    ``--threads 2``, the session called right after another onnxruntime session ran
+    1.4-1.6× slower than the one called after eager torch (the other session's worker
+    threads still spinning, presumably): the same file exported by the same tree twice
+    (``--baseline`` at the working tree) timed 54-59 ms against 38 ms at length 512
+    (zoo:hybrid, session 22); shuffled, 44.6 against 44.5."""
     for fn in fns.values():
         for _ in range(3):
             fn()

@@ -10,8 +10,9 @@ then replaces each such node with plain ONNX:
   ``max_seq_len`` never goes past it: ``softmax(q·scale @ kᵀ + mask) @ v``, the mask the
   additive ``-inf`` upper triangle (one ``Trilu``) or the block's own (ALiBi, a window);
 * past it, behind an ``If`` on the length: the queries in ``n`` chunks of ``c = ceil(seq
-  / n)`` positions (``n`` 8, and 16 past 1,024 positions behind a second ``If`` in the
-  first's else-branch: :data:`~archir.blocks.attention.CHUNK_FORMS`), chunk ``i``
+  / n)`` positions (``n`` 8; 16 past 1,024 positions behind a second ``If`` in the
+  first's else-branch, 32 past 2,048 behind a third:
+  :data:`~archir.blocks.attention.CHUNK_FORMS`), chunk ``i``
   scoring only keys ``[0, (i+1)·c)`` against its rows of the mask (``Slice``
   clamps the last chunk to the sequence), so ``(n+1)/(2n)`` of the ``seq²`` scores are
   computed and stored; with a sliding window ``w``, only keys from ``i·c − w + 1`` on.
@@ -246,7 +247,8 @@ def _expand_one(node: onnx.NodeProto, elem_type: int) -> list[onnx.NodeProto]:
     if not forms:
         plain(top, y)
     else:
-        # If (T <= 192) every score else If (T <= 1,024) 8 chunks else 16 chunks, nested
+        # If (T <= 192) every score else If (T <= 1,024) 8 chunks else If (T <= 2,048) 16
+        # chunks else 32, nested
         # from the longest form in: no torch.export cost, this is written directly
         *shorter, (lo, n) = forms
         inner = chunked(n, name("chunked_y"))

@@ -709,14 +709,14 @@ def _branch_ops(node: onnx.NodeProto) -> dict[str, list[str]]:
 def test_causal_attention_scores_query_chunks_past_the_switch(tmp_path: Path) -> None:
     """A causal attention in a model longer than ``CHUNK_MIN_LEN`` exports one ``If`` per
     layer: every score up to that length, past it query chunks (one softmax each), each
-    against only the keys it may see — 8 chunks up to 1,024 positions and 16 past, one
-    ``If`` nested in the other for a model that long. Plain ONNX (no ``archir`` domain
+    against only the keys it may see — 8 chunks up to 1,024 positions, 16 up to 2,048 and
+    32 past, each ``If`` nested in the one before for a model that long. Plain ONNX (no ``archir`` domain
     left), and the values of eager SDPA on both sides of each switch and at lengths no
     multiple of the chunk count, grouped-query heads and peaked (trained-like) scores
     included."""
     from archir.blocks.attention import CHUNK_FORMS, CHUNK_MIN_LEN
 
-    (_, n_short), (long_from, n_long) = CHUNK_FORMS
+    long_from = CHUNK_FORMS[-1][0]
     L = long_from + 76
     data = lm_spec(d=32, layers=2, n_kv_heads=2).data
     data["model"]["max_seq_len"] = L
@@ -740,12 +740,17 @@ def test_causal_attention_scores_query_chunks_past_the_switch(tmp_path: Path) ->
         outer = _branch_ops(node)
         assert outer["then_branch"].count("Softmax") == 1
         assert outer["then_branch"].count("Trilu") == 1
-        (inner,) = [a.g.node[-1] for a in node.attribute if a.name == "else_branch"]
-        assert inner.op_type == "If"
-        chunks = _branch_ops(inner)
-        assert chunks["then_branch"].count("Softmax") == n_short
-        assert chunks["else_branch"].count("Softmax") == n_long
-        assert chunks["then_branch"].count("Trilu") == chunks["else_branch"].count("Trilu") == 1
+        inner = node
+        for i, (_, n) in enumerate(CHUNK_FORMS):
+            (inner,) = [a.g.node[-1] for a in inner.attribute if a.name == "else_branch"]
+            assert inner.op_type == "If"
+            chunks = _branch_ops(inner)
+            assert chunks["then_branch"].count("Softmax") == n
+            assert chunks["then_branch"].count("Trilu") == 1
+            if i == len(CHUNK_FORMS) - 2:  # the longest form: the last else-branch
+                assert chunks["else_branch"].count("Softmax") == CHUNK_FORMS[-1][1]
+                assert chunks["else_branch"].count("Trilu") == 1
+                break
     sess = make_session(str(path))
     for B, T in [
         (1, 1),
@@ -754,6 +759,8 @@ def test_causal_attention_scores_query_chunks_past_the_switch(tmp_path: Path) ->
         (2, CHUNK_MIN_LEN + 1),
         (1, 203),
         (2, 257),
+        (1, 1024),
+        (1, 1025),
         (1, long_from),
         (1, long_from + 1),
         (2, L),

@@ -322,8 +322,10 @@ CHUNK_MIN_LEN = 192
 N_CHUNKS = 8
 #: ``(past this many positions, chunks)``: the exported causal attention's chunk counts
 #: (onnxruntime, 1 thread, one layer ``[1, 4, T, 16]``: 8 chunks 3.41 / 14.6 / 71.6 ms at T
-#: 1,024 / 2,048 / 4,096, 16 chunks 3.19 / 13.0 / 65.0; at 256-512 8 are faster)
-CHUNK_FORMS: tuple[tuple[int, int], ...] = ((CHUNK_MIN_LEN, N_CHUNKS), (1024, 16))
+#: 1,024 / 2,048 / 4,096, 16 chunks 3.19 / 13.0 / 65.0; at 256-512 8 are faster; 4 layers
+#: at d_model 128 past 2,048 with each chunk's mask a slice of one band, 32 chunks 373 ms
+#: at 4,096 against 16's 408 (eager 382), 64 no faster)
+CHUNK_FORMS: tuple[tuple[int, int], ...] = ((CHUNK_MIN_LEN, N_CHUNKS), (1024, 16), (2048, 32))
 
 
 def chunk_forms(max_len: int) -> list[tuple[int, int]]:
@@ -356,8 +358,8 @@ def causal_attention(
     Used under :func:`chunked_causal_attention` (archir's exporter). torch.export keeps it
     whole, and :mod:`exporters.causal_attention` writes it into ONNX: up to
     :data:`CHUNK_MIN_LEN` positions every score; past it (only when ``max_len``, the
-    model's ``max_seq_len``, goes past it) the queries in ``n`` chunks (8, and 16 past
-    1,024 positions: :data:`CHUNK_FORMS`), each scoring only the keys it may see —
+    model's ``max_seq_len``, goes past it) the queries in ``n`` chunks (8; 16 past 1,024
+    positions, 32 past 2,048: :data:`CHUNK_FORMS`), each scoring only the keys it may see —
     ``(n+1)/(2n)`` of the ``seq²`` scores (0.56 at 8) — and with a sliding ``window`` (0:
     none; ``mask`` then holds it) none before the window of its first query either.
 

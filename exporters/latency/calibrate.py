@@ -102,7 +102,8 @@ FORMAT = "archir-latency-calibration"
 #: within a sub-chunk (was a 7-D Mul with eye): 8 % of the graph at 1,024; 12: RetNet's
 #: decay is a Trilu of exp(max(t - s, 0)·log γ) (was a broadcast Where over [H, T, T]); the
 #: width design counts each kind's knob values apart; 13: causal attention's chunks slice
-#: their mask from one [T/n, T] band (was a [T, T] mask built per layer)
+#: their mask from one [T/n, T] band (was a [T, T] mask built per layer), 32 chunks past
+#: 2,048 positions
 VERSION = 13
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 #: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
