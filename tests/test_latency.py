@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -885,12 +884,10 @@ def test_the_held_out_space_draws_the_search_spaces_blocks() -> None:
 
 
 def test_calibration_widths_cover_every_kind_across_the_range():
-    """The calibration design (WidthCoverage): each drawn spec gets the width that widens
-    the range its kinds were measured at, then the one they were measured least at, so a
-    kind that appears in few specs is still measured at the narrowest and widest widths
-    (the cycling design once left RetNet at d_model >= 256 only, and the predictor then
-    halved its time at d_model 96-128; the fewest-samples design left fp32 MoE at 128-384,
-    and specs with it at d_model 64 were missed by 11-12 %)."""
+    """The calibration design (WidthCoverage): each drawn spec gets the width its kinds were
+    measured least at, so a kind that appears in few specs is still measured at narrow and
+    wide widths (the cycling design once left RetNet at d_model >= 256 only, and the
+    predictor then halved its time at d_model 96-128)."""
     import importlib
 
     cal = importlib.import_module("exporters.latency.calibrate")
@@ -900,7 +897,7 @@ def test_calibration_widths_cover_every_kind_across_the_range():
     seen: set[str] = set()
     widths: dict[str, set[int]] = {}
     n_native = 0
-    for spec, seq in cal.space_specs(30, 7, spaces, width_for=cov):
+    for spec, seq in cal.space_specs(40, 7, spaces, width_for=cov):
         if spec.model.model.d_model not in cal.WIDTHS:
             n_native += 1
         for p in graph_features(spec, 1, seq).parts:
@@ -911,8 +908,7 @@ def test_calibration_widths_cover_every_kind_across_the_range():
     assert n_native >= 1  # some draws keep the search spaces' own (narrow) widths
     for kind, ws in widths.items():
         grid = ws & set(cal.WIDTHS)
-        assert min(grid) == min(cal.WIDTHS) and max(grid) >= 448, (kind, sorted(ws))
-        assert len(grid) >= 5, (kind, sorted(ws))
+        assert min(grid) <= 96 and max(grid) >= 448 and len(grid) >= 6, (kind, sorted(ws))
     # the choice itself: the level the spec's kinds, with their knobs, have fewest samples at
     spec, _ = next(cal.space_specs(1, 3, spaces))
     parts = graph_features(spec, 1, 1).parts
@@ -926,12 +922,6 @@ def test_calibration_widths_cover_every_kind_across_the_range():
     for k, knobs in cells:
         pick.count[(k, (*knobs[:-1], knobs[-1] + 1.0), 192)] = 100
     assert pick(spec) == 192
-    # kinds measured at 128-384 only: a width outside that range comes first
-    for p in parts:
-        if p.kind != "fixed":
-            for w in (128, 384):
-                pick.add(dataclasses.replace(p, d_model=w))
-    assert all(not 128 <= pick(spec) <= 384 for _ in range(5))
 
 
 def test_a_batch_that_would_run_past_the_budget_drops_its_newest_samples() -> None:

@@ -103,7 +103,7 @@ FORMAT = "archir-latency-calibration"
 #: decay is a Trilu of exp(max(t - s, 0)·log γ) (was a broadcast Where over [H, T, T]); the
 #: width design counts each kind's knob values apart; 13: causal attention's chunks slice
 #: their mask from one [T/n, T] band (was a [T, T] mask built per layer), 32 chunks past
-#: 2,048 positions; the width design widens each kind's measured range first
+#: 2,048 positions
 VERSION = 13
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 #: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
@@ -526,20 +526,15 @@ def space_specs(
 
 
 class WidthCoverage:
-    """The calibration's width design: a drawn spec gets the level of :data:`WIDTHS` that
-    first widens the range of widths its parts' kinds (each at the precision it ships as)
-    were measured at — for as many of them as it can — then, among those, the level at which
-    its kinds have the fewest prepared part exports so far, then the fewest with its knob
-    values (:data:`~.predictor.KNOBS`). The predictor treats a kind outside its calibrated
-    widths as extrapolated, and a kind appears in only a few of the ~30 specs a default
-    budget draws: by the fewest exports alone, fp32 MoE was measured at 128-384 and Hyena
-    at 128-512 in one calibration, and every held-out miss of seed 69315 (-12 %, +11 %,
-    +11 %) had one of them at d_model 64, the main job's width. Simulated over 20 design
-    seeds of 32 specs, each kind's range reached 64 in 85-100 % of them and 512 in 55-95 %
-    that way, 95-100 % and 85-100 % this way. Before that, cycling widths left RetNet at
-    d_model 256-512 alone (predicted at half its time at 96-128, length 768-1024). One draw
-    in ``native_every`` keeps the width its space drew (the search spaces' own widths,
-    chosen at random). Ties go to a random level.
+    """The calibration's width design: a drawn spec gets the level of :data:`WIDTHS` at
+    which its parts' kinds — each with its knob values (:data:`~.predictor.KNOBS`) and at
+    the precision it ships as — have the fewest prepared part exports so far, so every kind
+    and knob value is measured across the whole width range and not only at the widths of
+    the few specs it happens to appear in (a RetNet calibrated at d_model 256-512 alone was
+    predicted at half its time at 96-128, length 768-1024; one with 4 heads calibrated at
+    d_model 96 and up was predicted 12-17 % fast at 64-128); one draw in ``native_every``
+    keeps the width its space drew (the search spaces' own widths, chosen at random). Ties
+    go to a random level.
 
     Call it with a drawn spec (``space_specs(width_for=...)``); :meth:`add` each prepared
     part.
@@ -547,41 +542,22 @@ class WidthCoverage:
 
     def __init__(self, rng: random.Random, native_every: int = 4) -> None:
         self.count: dict[tuple[str, tuple[float, ...], int], int] = {}
-        self.kind_count: dict[tuple[str, int], int] = {}
-        self.span: dict[str, tuple[int, int]] = {}
         self.rng = rng
         self.native_every = native_every
 
     def add(self, part: PartFeatures) -> None:
         key = (part.model_kind, part.knobs, part.d_model)
         self.count[key] = self.count.get(key, 0) + 1
-        kind = (part.model_kind, part.d_model)
-        self.kind_count[kind] = self.kind_count.get(kind, 0) + 1
-        lo, hi = self.span.get(part.model_kind, (part.d_model, part.d_model))
-        self.span[part.model_kind] = (min(lo, part.d_model), max(hi, part.d_model))
-
-    def _widens(self, kind: str, w: int) -> bool:
-        if kind not in self.span:
-            return True
-        lo, hi = self.span[kind]
-        return w < lo or w > hi
 
     def __call__(self, spec: Any) -> int | None:
         if self.rng.randrange(self.native_every) == 0:  # at random: draws cycle the spaces
             return None
-        parts = [p for p in graph_features(spec, 1, 1).parts if p.kind != FIXED]
-        kinds = {p.model_kind for p in parts}
-        cells = {(p.model_kind, p.knobs) for p in parts}
+        cells = {
+            (p.model_kind, p.knobs) for p in graph_features(spec, 1, 1).parts if p.kind != FIXED
+        }
         levels = list(WIDTHS)
         self.rng.shuffle(levels)
-        return min(
-            levels,
-            key=lambda w: (
-                -sum(self._widens(k, w) for k in kinds),
-                sum(self.kind_count.get((k, w), 0) for k in kinds),
-                sum(self.count.get((*c, w), 0) for c in cells),
-            ),
-        )
+        return min(levels, key=lambda w: sum(self.count.get((*c, w), 0) for c in cells))
 
 
 def part_callables(
