@@ -18,8 +18,8 @@ then replaces each such node with plain ONNX:
   computed and stored; with a sliding window ``w``, only keys from ``i·c − w + 1`` on.
   The plain causal mask of every chunk is a slice of one ``[c, n·c]`` band (``-inf``
   where ``column − row > (n−1)·c``), not of a ``[seq, seq]`` mask: at 4,096 positions
-  that was 64 MB written per layer, and 15-24 % of the graph's time at 512-4,096
-  (``benchmarks/README.md``).
+  that was 64 MB written per layer; the band took 3 % off an attention model's time at
+  512, 6 % at 1,024 and 11-12 % at 2,048-4,096 (``benchmarks/README.md``).
 
 Same values as eager ``scaled_dot_product_attention`` up to float rounding (the scale is
 applied to ``q`` once). The graph stays opset-20 standard ONNX: no ``archir`` domain is

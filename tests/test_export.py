@@ -710,10 +710,10 @@ def test_causal_attention_scores_query_chunks_past_the_switch(tmp_path: Path) ->
     """A causal attention in a model longer than ``CHUNK_MIN_LEN`` exports one ``If`` per
     layer: every score up to that length, past it query chunks (one softmax each), each
     against only the keys it may see — 8 chunks up to 1,024 positions, 16 up to 2,048 and
-    32 past, each ``If`` nested in the one before for a model that long. Plain ONNX (no ``archir`` domain
-    left), and the values of eager SDPA on both sides of each switch and at lengths no
-    multiple of the chunk count, grouped-query heads and peaked (trained-like) scores
-    included."""
+    32 past, each ``If`` nested in the one before for a model that long. Plain ONNX (no
+    ``archir`` domain left), and the values of eager SDPA on both sides of each switch and
+    at lengths no multiple of the chunk count, grouped-query heads and peaked
+    (trained-like) scores included."""
     from archir.blocks.attention import CHUNK_FORMS, CHUNK_MIN_LEN
 
     long_from = CHUNK_FORMS[-1][0]
