@@ -734,23 +734,22 @@ def test_causal_attention_scores_query_chunks_past_the_switch(tmp_path: Path) ->
     ifs = [n for n in proto.graph.node if n.op_type == "If"]
     assert len(ifs) == 2
     # no [T, T] mask outside the branches: the plain scores build theirs, each chunked form
-    # one [T/n, T] band its chunks slice
+    # one [c, n·c] band its chunks slice
     assert "Trilu" not in [n.op_type for n in proto.graph.node]
     for node in ifs:
         outer = _branch_ops(node)
         assert outer["then_branch"].count("Softmax") == 1
         assert outer["then_branch"].count("Trilu") == 1
         inner = node
-        for i, (_, n) in enumerate(CHUNK_FORMS):
+        for _, n in CHUNK_FORMS[:-1]:  # each form but the longest: a then-branch
             (inner,) = [a.g.node[-1] for a in inner.attribute if a.name == "else_branch"]
             assert inner.op_type == "If"
             chunks = _branch_ops(inner)
             assert chunks["then_branch"].count("Softmax") == n
             assert chunks["then_branch"].count("Trilu") == 1
-            if i == len(CHUNK_FORMS) - 2:  # the longest form: the last else-branch
-                assert chunks["else_branch"].count("Softmax") == CHUNK_FORMS[-1][1]
-                assert chunks["else_branch"].count("Trilu") == 1
-                break
+        # the longest form: the innermost else-branch
+        assert chunks["else_branch"].count("Softmax") == CHUNK_FORMS[-1][1]
+        assert chunks["else_branch"].count("Trilu") == 1
     sess = make_session(str(path))
     for B, T in [
         (1, 1),
