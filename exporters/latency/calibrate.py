@@ -22,7 +22,8 @@ fixed embedding/final-norm/head part) not prepared before is exported alone thro
 export path (:func:`exporters.graph.part_graph`: the shipped file's exporter and dynamic
 length, at the precision the part's ``bits`` ship as) and loaded into a session, measured at
 its own length and at up to :data:`EXTRA_SEQS` other lengths of :data:`SEQS` (one export,
-several samples); while whole specs have taken less than ``whole_share`` of the export time,
+several samples; every designed spec's ``max_seq_len`` is raised to 1,024 so they can be any
+of them); while whole specs have taken less than ``whole_share`` of the export time,
 so is the whole spec (the graph ``archir export --precision auto`` writes, at its length and
 its parts' other lengths), until a batch (about a hundred samples, a few GB of sessions at
 most) is ready. The exports run in up to :data:`EXPORT_WORKERS` spawned processes
@@ -103,8 +104,9 @@ FORMAT = "archir-latency-calibration"
 #: decay is a Trilu of exp(max(t - s, 0)·log γ) (was a broadcast Where over [H, T, T]); the
 #: width design counts each kind's knob values apart; 13: causal attention's chunks slice
 #: their mask from one [T/n, T] band (was a [T, T] mask built per layer), 32 chunks past
-#: 2,048 positions
-VERSION = 13
+#: 2,048 positions; 14: every designed spec's max_seq_len reaches 1,024, so the extra
+#: lengths of a sample span all of SEQS (they were mostly 256 or shorter)
+VERSION = 14
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 #: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
 #: models were all predicted by extrapolation (session 15: Kendall tau 0.86-0.89 against the
@@ -466,15 +468,16 @@ def load_spaces(paths: Sequence[str | Path]) -> list[Any]:
     return out
 
 
-def _with(spec: Any, d_model: int | None, seq: int) -> Any:
-    """The spec with ``d_model`` replaced (when given) and ``max_seq_len >= seq``."""
+def _with(spec: Any, d_model: int | None, seq: int, max_seq: int = 0) -> Any:
+    """The spec with ``d_model`` replaced (when given) and ``max_seq_len >= max(seq,
+    max_seq)``."""
     from archir.ir import build_graph
     from archir.spec import spec_from_dict
 
     data = copy.deepcopy(spec.data)
     if d_model is not None:
         data["model"]["d_model"] = d_model
-    data["model"]["max_seq_len"] = max(int(data["model"].get("max_seq_len", 0)), seq)
+    data["model"]["max_seq_len"] = max(int(data["model"].get("max_seq_len", 0)), seq, max_seq)
     data.setdefault("train", {})["seq_len"] = seq
     data.pop("search", None)
     s = spec_from_dict(data)
@@ -490,11 +493,13 @@ def space_specs(
     widths: Sequence[int | None] | None = None,
     width_for: Callable[[Any], int | None] | None = None,
     seqs: Sequence[int] = SEQS,
+    max_seq: int = 0,
 ) -> Iterator[tuple[Any, int]]:
     """``n`` (concrete spec, seq) pairs drawn from the open specs ``spaces`` in turn (random
     decisions through ``Spec.fix``), ``seq`` cycling through shuffled ``seqs``; with
     ``widths``, ``d_model`` is replaced by levels cycling through them; with ``width_for``,
-    by what it returns for the drawn spec (``None``: the width the space drew)."""
+    by what it returns for the drawn spec (``None``: the width the space drew). Each spec's
+    ``max_seq_len`` is raised to ``seq`` and to ``max_seq``."""
 
     rng = random.Random(seed)
 
@@ -518,7 +523,7 @@ def space_specs(
         try:
             if width_for is not None:
                 d = width_for(s)
-            s = _with(s, d, seq)
+            s = _with(s, d, seq, max_seq)
         except Exception:
             continue
         made += 1
@@ -925,7 +930,8 @@ def calibrate(
     The design: concrete specs drawn from ``specs/search/`` and ``spaces`` in turn, their
     width replaced by the level of :data:`WIDTHS` its kinds were measured least at (or kept
     as the space draws it, one draw in four: :class:`WidthCoverage`) and measured at a
-    sequence length cycling through :data:`SEQS` (batch 1). Of each drawn spec every
+    sequence length cycling through :data:`SEQS` (batch 1), its ``max_seq_len`` raised to
+    the longest of them so the extra lengths span all of :data:`SEQS`. Of each drawn spec every
     **part** not prepared before (same kind, parameters, width, norm, residual, shape) is
     prepared alone; while whole specs have taken less than ``whole_share`` of the export
     time, the whole spec is prepared too (the composition stage). onnxruntime graphs are
@@ -973,7 +979,11 @@ def calibrate(
     # on the default calibration's samples here)
     measure_s = budget_s - min(BAND_FIT_S, 0.02 * budget_s)
     coverage = WidthCoverage(random.Random(seed + 2))
-    draws = space_specs(100_000, seed, spaces_open, width_for=coverage)
+    # every spec reaches the longest calibrated length, so the extra lengths one export is
+    # measured at span all of SEQS: with the spaces' own max_seq_len (256-512) they piled up
+    # short (session 22's calibration: 66-86 part samples at each length up to 256, 12-17 at
+    # 512-1,024; Hyena never past 512, and predicted 12-28 % fast at 768-1,024)
+    draws = space_specs(100_000, seed, spaces_open, width_for=coverage, max_seq=max(SEQS))
     rng = random.Random(seed + 1)
     out_of_time = False
     probe = SpeedProbe(runtime, threads)
