@@ -22,9 +22,9 @@ fixed embedding/final-norm/head part) not prepared before is exported alone thro
 export path (:func:`exporters.graph.part_graph`: the shipped file's exporter and dynamic
 length, at the precision the part's ``bits`` ship as) and loaded into a session, measured at
 its own length and at up to :data:`EXTRA_SEQS` other lengths of :data:`SEQS` (one export,
-several samples; every designed spec's ``max_seq_len`` is raised to 1,024 so they can be any
-of them); while whole specs have taken less than ``whole_share`` of the export time,
-so is the whole spec (the graph ``archir export --precision auto`` writes, at its length and
+several samples; every designed spec's ``max_seq_len`` is raised to the longest of
+:data:`SEQS` so they can be any of them); while whole specs have taken less than
+``whole_share`` of the export time, so is the whole spec (the graph ``archir export --precision auto`` writes, at its length and
 its parts' other lengths), until a batch (about a hundred samples, a few GB of sessions at
 most) is ready. The exports run in up to :data:`EXPORT_WORKERS` spawned processes
 (:func:`export_job`; one per CPU at the calibrated thread count), which write the graphs
