@@ -947,6 +947,73 @@ def test_calibration_widths_cover_every_kind_across_the_range():
     assert pick(spec) == 192
 
 
+def test_calibration_design_measures_rare_kinds_at_the_widths_searches_draw() -> None:
+    """The default calibration's design (seed 1234, the first ~140 part exports: what a
+    9-minute calibration prepares) measures every fp32 mixer kind of ``specs/search/`` at
+    six or more widths of WIDTHS, one of them 64 or 96 — the widths those spaces draw. The
+    design before (widths by the sum over a spec's kinds, one draw per turn) measured
+    Hyena, in one spec in five, at 128 and 320-512 only, and every held-out miss of the
+    2026-11-28 predictor was a d_model 64-96 spec predicted by extrapolation."""
+    import importlib
+
+    cal = importlib.import_module("exporters.latency.calibrate")
+    spaces = cal.load_spaces(cal.space_paths())
+    cov = cal.WidthCoverage(random.Random(1234 + 2))
+    draws = cal.space_specs(
+        10_000, 1234, spaces, choose=cov.choose, candidates=cal.CANDIDATES, max_seq=1024
+    )
+    seen: set[str] = set()
+    widths: dict[str, set[int]] = {}
+    n = 0
+    for spec, seq in draws:
+        for p in graph_features(spec, 1, seq).parts:
+            if p.signature not in seen:
+                seen.add(p.signature)
+                cov.add(p)
+                widths.setdefault(p.model_kind, set()).add(p.d_model)
+                n += 1
+        if n >= 140:
+            break
+    mixers = {"attention", "gla", "hyena", "mamba", "retnet", "moe", "swiglu"}
+    assert mixers <= set(widths)
+    for kind in mixers:
+        grid = widths[kind] & set(cal.WIDTHS)
+        assert len(grid) >= 6 and min(grid) <= 96, (kind, sorted(widths[kind]))
+
+
+def test_width_coverage_fills_the_least_measured_kind_first_and_chooses_rare_kinds() -> None:
+    """WidthCoverage's level: where the spec's least-measured kind has fewest exports (not
+    the sum over its kinds, which a common kind dominates); choose(): of several drawn
+    specs, the one whose kinds are measured least."""
+    import importlib
+
+    cal = importlib.import_module("exporters.latency.calibrate")
+    space = Path(__file__).resolve().parents[1] / "benchmarks" / "latency_space.yaml"
+    spaces = cal.load_spaces(cal.space_paths([space]))
+    specs = [s for s, _ in cal.space_specs(30, 11, spaces)]
+    kinds_of = [
+        {p.model_kind for p in graph_features(s, 1, 1).parts if p.kind != "fixed"} for s in specs
+    ]
+    spec, kinds = next((s, k) for s, k in zip(specs, kinds_of) if len(k) >= 2)
+    rare, *common = sorted(kinds)
+    pick = cal.WidthCoverage(random.Random(0), native_every=10**9)
+    for w in cal.WIDTHS:
+        pick.kind_count[(rare, w)] = 0 if w == 96 else 2
+        for k in common:
+            pick.kind_count[(k, w)] = 1 if w == 448 else 40
+    # the sum over kinds is 40+ at 96 and least at 448; the rare kind was never measured at 96
+    assert pick(spec) == 96
+    # choose(): a spec with a kind never measured beats specs whose kinds were measured
+    many = cal.WidthCoverage(random.Random(0), native_every=10**9)
+    new = next(i for i, k in enumerate(kinds_of) if not k <= kinds)
+    for k in kinds:
+        for w in cal.WIDTHS:
+            many.kind_count[(k, w)] = 10
+    others = [s for s, k in zip(specs, kinds_of) if k <= kinds][:3]
+    chosen, width = many.choose([*others, specs[new]])
+    assert chosen is specs[new] and width in cal.WIDTHS
+
+
 def test_a_batch_that_would_run_past_the_budget_drops_its_newest_samples() -> None:
     """A batch's rounds (each sample's window: ``window_s`` or two calls, plus the speed
     probe's) must fit in the budget left: the newest samples go first, none when it fits."""

@@ -14,8 +14,9 @@ differs from the machine/runtime/threads asked for raises :class:`CalibrationMis
 a file of another format version raises :class:`CalibrationFormatError`.
 
 The design (:func:`calibrate`) covers the search spaces: concrete specs drawn from every
-space in ``specs/search/`` (plus extra space files) with their width replaced by the level
-of :data:`WIDTHS` (64-512) their kinds, with their knob values, have been measured least at
+space in ``specs/search/`` (plus extra space files), :data:`CANDIDATES` per turn of which
+the one whose kinds are measured least is kept, with its width replaced by the level of
+:data:`WIDTHS` (64-512) its least-measured kinds have been measured least at
 (:class:`WidthCoverage`) and measured at a length cycling through :data:`SEQS` (64-1024). It
 runs batch by batch. **Prepare**: every **part** of a drawn spec (a residual block, or the
 fixed embedding/final-norm/head part) not prepared before is exported alone through the one
@@ -105,8 +106,13 @@ FORMAT = "archir-latency-calibration"
 #: width design counts each kind's knob values apart; 13: causal attention's chunks slice
 #: their mask from one [T/n, T] band (was a [T, T] mask built per layer), 32 chunks past
 #: 2,048 positions; 14: every designed spec's max_seq_len reaches 1,024, so the extra
-#: lengths of a sample span all of SEQS (they were mostly 256 or shorter)
-VERSION = 14
+#: lengths of a sample span all of SEQS (they were mostly 256 or shorter); 15: the width
+#: design fills each kind's least-measured width first and keeps, of :data:`CANDIDATES`
+#: draws, the spec whose kinds are measured least (Hyena was never measured at 64-96)
+VERSION = 15
+#: specs drawn per turn of the calibration design, of which :meth:`WidthCoverage.choose`
+#: keeps one
+CANDIDATES = 3
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 #: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
 #: models were all predicted by extrapolation (session 15: Kendall tau 0.86-0.89 against the
@@ -494,11 +500,15 @@ def space_specs(
     width_for: Callable[[Any], int | None] | None = None,
     seqs: Sequence[int] = SEQS,
     max_seq: int = 0,
+    choose: Callable[[Sequence[Any]], tuple[Any, int | None]] | None = None,
+    candidates: int = 1,
 ) -> Iterator[tuple[Any, int]]:
     """``n`` (concrete spec, seq) pairs drawn from the open specs ``spaces`` in turn (random
     decisions through ``Spec.fix``), ``seq`` cycling through shuffled ``seqs``; with
     ``widths``, ``d_model`` is replaced by levels cycling through them; with ``width_for``,
-    by what it returns for the drawn spec (``None``: the width the space drew). Each spec's
+    by what it returns for the drawn spec (``None``: the width the space drew); with
+    ``choose``, ``candidates`` specs are drawn from the space each turn and ``choose``
+    returns the one kept and its width (:meth:`WidthCoverage.choose`). Each spec's
     ``max_seq_len`` is raised to ``seq`` and to ``max_seq``."""
 
     rng = random.Random(seed)
@@ -517,11 +527,16 @@ def space_specs(
         space = spaces[tries % len(spaces)]
         seq = next(s_it)
         d = next(w_it) if w_it else None
-        s = draw_from_space(space, rng)
+        if choose is not None:
+            drawn = [draw_from_space(space, rng) for _ in range(max(candidates, 1))]
+            pool = [c for c in drawn if c is not None]
+            s, d = choose(pool) if pool else (None, None)
+        else:
+            s = draw_from_space(space, rng)
         if s is None:
             continue
         try:
-            if width_for is not None:
+            if width_for is not None and choose is None:
                 d = width_for(s)
             s = _with(s, d, seq, max_seq)
         except Exception:
@@ -532,37 +547,73 @@ def space_specs(
 
 class WidthCoverage:
     """The calibration's width design: a drawn spec gets the level of :data:`WIDTHS` at
-    which its parts' kinds — each with its knob values (:data:`~.predictor.KNOBS`) and at
-    the precision it ships as — have the fewest prepared part exports so far, so every kind
-    and knob value is measured across the whole width range and not only at the widths of
-    the few specs it happens to appear in (a RetNet calibrated at d_model 256-512 alone was
-    predicted at half its time at 96-128, length 768-1024; one with 4 heads calibrated at
-    d_model 96 and up was predicted 12-17 % fast at 64-128); one draw in ``native_every``
-    keeps the width its space drew (the search spaces' own widths, chosen at random). Ties
-    go to a random level.
+    which its least-measured kind (each at the precision it ships as) has the fewest
+    prepared part exports so far — then the next least-measured, then the sum over its
+    kinds with their knob values (:data:`~.predictor.KNOBS`) — so every kind is measured
+    across the whole width range and not only at the widths of the few specs it happens to
+    appear in. (A RetNet calibrated at d_model 256-512 alone was predicted at half its time
+    at 96-128; one with 4 heads calibrated at d_model 96 and up was predicted 12-17 % fast at
+    64-128; with the sum over kinds alone, kinds that appear in few specs — Hyena, in one
+    spec in five — were left out at 64-96, the widths the search spaces draw most, and every
+    held-out miss of the 2026-11-28 predictor was there.) One draw in ``native_every`` keeps
+    the width its space drew (the search spaces' own widths, chosen at random). Ties go to
+    a random level.
 
-    Call it with a drawn spec (``space_specs(width_for=...)``); :meth:`add` each prepared
-    part.
+    Call it with a drawn spec (``space_specs(width_for=...)``), or give :meth:`choose`
+    several (``space_specs(choose=..., candidates=...)``); :meth:`add` each prepared part.
     """
 
     def __init__(self, rng: random.Random, native_every: int = 4) -> None:
         self.count: dict[tuple[str, tuple[float, ...], int], int] = {}
+        self.kind_count: dict[tuple[str, int], int] = {}
         self.rng = rng
         self.native_every = native_every
 
     def add(self, part: PartFeatures) -> None:
         key = (part.model_kind, part.knobs, part.d_model)
         self.count[key] = self.count.get(key, 0) + 1
+        kw = (part.model_kind, part.d_model)
+        self.kind_count[kw] = self.kind_count.get(kw, 0) + 1
 
-    def __call__(self, spec: Any) -> int | None:
-        if self.rng.randrange(self.native_every) == 0:  # at random: draws cycle the spaces
-            return None
-        cells = {
+    @staticmethod
+    def _cells(spec: Any) -> set[tuple[str, tuple[float, ...]]]:
+        return {
             (p.model_kind, p.knobs) for p in graph_features(spec, 1, 1).parts if p.kind != FIXED
         }
+
+    def _width(self, cells: set[tuple[str, tuple[float, ...]]]) -> int | None:
+        if self.rng.randrange(self.native_every) == 0:  # at random: draws cycle the spaces
+            return None
+        kinds = {k for k, _ in cells}
         levels = list(WIDTHS)
         self.rng.shuffle(levels)
-        return min(levels, key=lambda w: sum(self.count.get((*c, w), 0) for c in cells))
+
+        def score(w: int) -> tuple[list[int], int]:
+            return (
+                sorted(self.kind_count.get((k, w), 0) for k in kinds),
+                sum(self.count.get((*c, w), 0) for c in cells),
+            )
+
+        return min(levels, key=score)
+
+    def __call__(self, spec: Any) -> int | None:
+        return self._width(self._cells(spec))
+
+    def choose(self, specs: Sequence[Any]) -> tuple[Any, int | None]:
+        """Of drawn ``specs`` (one space's), the one whose kinds are measured least at the
+        width it gets (sum over its kinds of ``1 / (1 + exports so far)``; the first on a
+        tie), and that width: kinds that appear in few specs are drawn more often."""
+        best: tuple[float, Any, int | None] | None = None
+        for spec in specs:
+            cells = self._cells(spec)
+            d = self._width(cells)
+            w = int(spec.model.model.d_model) if d is None else d
+            gain = sum(1.0 / (1 + self.kind_count.get((k, w), 0)) for k in {k for k, _ in cells})
+            if best is None or gain > best[0]:
+                best = (gain, spec, d)
+        if best is None:
+            raise ValueError("choose() needs at least one spec")
+        return best[1], best[2]
 
 
 def part_callables(
@@ -927,7 +978,8 @@ def calibrate(
     """Prepare the designed set batch by batch, measure each batch interleaved, until
     ``budget_s`` seconds have passed; write the file (module docstring).
 
-    The design: concrete specs drawn from ``specs/search/`` and ``spaces`` in turn, their
+    The design: concrete specs drawn from ``specs/search/`` and ``spaces`` in turn
+    (:data:`CANDIDATES` per turn, the one whose kinds are measured least kept), their
     width replaced by the level of :data:`WIDTHS` its kinds were measured least at (or kept
     as the space draws it, one draw in four: :class:`WidthCoverage`) and measured at a
     sequence length cycling through :data:`SEQS` (batch 1), its ``max_seq_len`` raised to
@@ -983,7 +1035,14 @@ def calibrate(
     # measured at span all of SEQS: with the spaces' own max_seq_len (256-512) they piled up
     # short (session 22's calibration: 66-86 part samples at each length up to 256, 12-17 at
     # 512-1,024; Hyena never past 512, and predicted 12-28 % fast at 768-1,024)
-    draws = space_specs(100_000, seed, spaces_open, width_for=coverage, max_seq=max(SEQS))
+    draws = space_specs(
+        100_000,
+        seed,
+        spaces_open,
+        choose=coverage.choose,
+        candidates=CANDIDATES,
+        max_seq=max(SEQS),
+    )
     rng = random.Random(seed + 1)
     out_of_time = False
     probe = SpeedProbe(runtime, threads)
