@@ -981,6 +981,41 @@ def test_calibration_design_measures_rare_kinds_at_the_widths_searches_draw() ->
         assert len(grid) >= 6 and min(grid) <= 96, (kind, sorted(widths[kind]))
 
 
+def test_calibration_whole_specs_are_drawn_at_the_widths_searches_draw(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two of every three whole specs the calibration prepares keep the width their space
+    draws (d_model 64-128 in ``specs/search/hybrid-lm*.yaml``: where searches and the
+    held-out seeds draw), and none is narrower than WIDTHS (the test space's 16-32 take the
+    width design's level). The composition stage is fitted on these specs; drawn by the
+    width design alone, as its parts are, they put a third of its few specs at d_model
+    192-512 and a third at 16-32."""
+    import importlib
+
+    cal = importlib.import_module("exporters.latency.calibrate")
+
+    class Stop(BaseException):
+        pass
+
+    wholes: list[Any] = []
+
+    def submit(self: Any, spec: Any, idx: int, part: Any, *a: Any, **kw: Any) -> None:
+        if part is None:
+            wholes.append(spec)
+            if len(wholes) == 9:
+                raise Stop
+
+    monkeypatch.setattr(cal._Batch, "submit", submit)
+    with pytest.raises(Stop):
+        cal.calibrate("ort", budget_s=600.0, out=tmp_path / "c.json", export_workers=1)
+    widths = [int(s.model.model.d_model) for s in wholes]
+    assert min(widths) >= min(cal.WIDTHS), widths
+    hybrid = [w for s, w in zip(wholes, widths) if s.name.startswith("hybrid-lm")]
+    native = sum(w in (64, 96, 128) for w in hybrid)
+    assert native >= 4 and native >= len(hybrid) // 2, (hybrid, widths)
+    assert not (tmp_path / "c.json").exists()
+
+
 def test_width_coverage_fills_the_least_measured_kind_first_and_chooses_rare_kinds() -> None:
     """WidthCoverage's level: where the spec's least-measured kind has fewest exports (not
     the sum over its kinds, which a common kind dominates); choose(): of several drawn

@@ -25,8 +25,10 @@ length, at the precision the part's ``bits`` ship as) and loaded into a session,
 its own length and at up to :data:`EXTRA_SEQS` other lengths of :data:`SEQS` (one export,
 several samples; every designed spec's ``max_seq_len`` is raised to the longest of
 :data:`SEQS` so they can be any of them); while whole specs have taken less than
-``whole_share`` of the export time, so is the whole spec (the graph ``archir export --precision auto`` writes, at its length and
-its parts' other lengths), until a batch (about a hundred samples, a few GB of sessions at
+``whole_share`` of the export time, so is a whole spec (the graph ``archir export
+--precision auto`` writes, at its length and its parts' other lengths) — two in three
+(:data:`WHOLE_NATIVE`) drawn apart at the width their space draws, so the composition is
+fitted where searches draw — until a batch (about a hundred samples, a few GB of sessions at
 most) is ready. The exports run in up to :data:`EXPORT_WORKERS` spawned processes
 (:func:`export_job`; one per CPU at the calibrated thread count), which write the graphs
 into the batch's temporary folder while this process loads them; a process that dies fails
@@ -108,11 +110,18 @@ FORMAT = "archir-latency-calibration"
 #: 2,048 positions; 14: every designed spec's max_seq_len reaches 1,024, so the extra
 #: lengths of a sample span all of SEQS (they were mostly 256 or shorter); 15: the width
 #: design fills each kind's least-measured width first and keeps, of :data:`CANDIDATES`
-#: draws, the spec whose kinds are measured least (Hyena was never measured at 64-96)
-VERSION = 15
+#: draws, the spec whose kinds are measured least (Hyena was never measured at 64-96);
+#: 16: two of every three whole specs keep the width their space draws (:data:`WHOLE_NATIVE`)
+VERSION = 16
 #: specs drawn per turn of the calibration design, of which :meth:`WidthCoverage.choose`
 #: keeps one
 CANDIDATES = 3
+#: (a, b): a of every b whole specs are drawn apart, keeping the width their space draws
+#: (below WIDTHS: the width design's), so the composition stage is fitted on specs like
+#: those searches draw (d_model 64-128 in ``specs/search/hybrid-lm*.yaml``); the others are
+#: the width design's draw. With every whole from the width design, a third of the dozen
+#: whole specs a calibration affords sat at d_model 192-512 and a third at 16-32.
+WHOLE_NATIVE = (2, 3)
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 #: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
 #: models were all predicted by extrapolation (session 15: Kendall tau 0.86-0.89 against the
@@ -581,8 +590,8 @@ class WidthCoverage:
             (p.model_kind, p.knobs) for p in graph_features(spec, 1, 1).parts if p.kind != FIXED
         }
 
-    def _width(self, cells: set[tuple[str, tuple[float, ...]]]) -> int | None:
-        if self.rng.randrange(self.native_every) == 0:  # at random: draws cycle the spaces
+    def _width(self, cells: set[tuple[str, tuple[float, ...]]], native: bool = True) -> int | None:
+        if native and self.rng.randrange(self.native_every) == 0:  # at random
             return None
         kinds = {k for k, _ in cells}
         levels = list(WIDTHS)
@@ -598,6 +607,10 @@ class WidthCoverage:
 
     def __call__(self, spec: Any) -> int | None:
         return self._width(self._cells(spec))
+
+    def level(self, spec: Any) -> int:
+        """The level of :data:`WIDTHS` for ``spec``, never its own width."""
+        return int(self._width(self._cells(spec), native=False) or WIDTHS[0])
 
     def choose(self, specs: Sequence[Any]) -> tuple[Any, int | None]:
         """Of drawn ``specs`` (one space's), the one whose kinds are measured least at the
@@ -986,7 +999,9 @@ def calibrate(
     the longest of them so the extra lengths span all of :data:`SEQS`. Of each drawn spec every
     **part** not prepared before (same kind, parameters, width, norm, residual, shape) is
     prepared alone; while whole specs have taken less than ``whole_share`` of the export
-    time, the whole spec is prepared too (the composition stage). onnxruntime graphs are
+    time, a whole spec is prepared too (the composition stage): two in three
+    (:data:`WHOLE_NATIVE`) drawn apart at the width their space draws, with their parts,
+    the third the design's spec. onnxruntime graphs are
     exported by ``export_workers`` processes (default :func:`default_export_workers`; 1: in
     this process) while this one loads the finished ones; a batch (at most
     :data:`BATCH_ITEMS` samples or :data:`BATCH_BYTES` of new resident memory) is measured,
@@ -1043,6 +1058,16 @@ def calibrate(
         candidates=CANDIDATES,
         max_seq=max(SEQS),
     )
+    # the whole specs' own draws: the spaces' widths, as a search draws them (a width
+    # below WIDTHS, the test space's 16-32, takes the width design's instead)
+    natives = space_specs(
+        100_000,
+        seed + 3,
+        spaces_open,
+        width_for=lambda s: None if s.model.model.d_model >= min(WIDTHS) else coverage.level(s),
+        max_seq=max(SEQS),
+    )
+    n_wholes = 0
     rng = random.Random(seed + 1)
     out_of_time = False
     probe = SpeedProbe(runtime, threads)
@@ -1069,6 +1094,17 @@ def calibrate(
                     if left_s() <= 0:
                         out_of_time = True
                         break
+                    spent = export_s["whole"] + export_s["part"]
+                    want_whole = not batch.whole_busy() and export_s["whole"] < whole_share * max(
+                        spent, 1
+                    )
+                    if want_whole:
+                        # most whole specs as the spaces draw them (:data:`WHOLE_NATIVE`)
+                        if n_wholes % WHOLE_NATIVE[1] < WHOLE_NATIVE[0]:
+                            spec, seq = next(natives)
+                        elif spec.model.model.d_model < min(WIDTHS):
+                            want_whole = False  # the test space's own 16-32: parts only
+                        n_wholes += want_whole
                     try:
                         g = graph_features(spec, 1, seq)
                     except Exception as exc:
@@ -1076,10 +1112,6 @@ def calibrate(
                         continue
                     todo = list(
                         {p.signature: p for p in g.parts if p.signature not in seen}.values()
-                    )
-                    spent = export_s["whole"] + export_s["part"]
-                    want_whole = not batch.whole_busy() and export_s["whole"] < whole_share * max(
-                        spent, 1
                     )
                     if not todo and not want_whole:
                         continue
