@@ -988,8 +988,8 @@ def test_calibration_whole_specs_are_drawn_at_the_widths_searches_draw(
     draws (d_model 64-128 in ``specs/search/hybrid-lm*.yaml``: where searches and the
     held-out seeds draw), and none is narrower than WIDTHS (the test space's 16-32 take the
     width design's level). The composition stage is fitted on these specs; drawn by the
-    width design alone, as its parts are, they put a third of its few specs at d_model
-    192-512 and a third at 16-32."""
+    width design alone, as its parts are, they put 8 of its dozen specs at d_model 192-512
+    and 2 at 16 (session 23's calibration)."""
     import importlib
 
     cal = importlib.import_module("exporters.latency.calibrate")

@@ -119,8 +119,8 @@ CANDIDATES = 3
 #: (a, b): a of every b whole specs are drawn apart, keeping the width their space draws
 #: (below WIDTHS: the width design's), so the composition stage is fitted on specs like
 #: those searches draw (d_model 64-128 in ``specs/search/hybrid-lm*.yaml``); the others are
-#: the width design's draw. With every whole from the width design, a third of the dozen
-#: whole specs a calibration affords sat at d_model 192-512 and a third at 16-32.
+#: the width design's draw. With every whole from the width design, 8 of the dozen whole
+#: specs a calibration affords sat at d_model 192-512 and 2 at 16 (session 23's).
 WHOLE_NATIVE = (2, 3)
 WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 #: 64 is the main job's latency shape (``specs/search/hybrid-lm-quick.yaml``): below 128 its
