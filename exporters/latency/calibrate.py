@@ -590,9 +590,11 @@ class WidthCoverage:
             (p.model_kind, p.knobs) for p in graph_features(spec, 1, 1).parts if p.kind != FIXED
         }
 
-    def _width(self, cells: set[tuple[str, tuple[float, ...]]], native: bool = True) -> int | None:
-        if native and self.rng.randrange(self.native_every) == 0:  # at random
-            return None
+    def _native(self) -> bool:
+        """One draw in ``native_every``, at random: keep the width the space drew."""
+        return self.rng.randrange(self.native_every) == 0
+
+    def _level(self, cells: set[tuple[str, tuple[float, ...]]]) -> int:
         kinds = {k for k, _ in cells}
         levels = list(WIDTHS)
         self.rng.shuffle(levels)
@@ -606,11 +608,12 @@ class WidthCoverage:
         return min(levels, key=score)
 
     def __call__(self, spec: Any) -> int | None:
-        return self._width(self._cells(spec))
+        cells = self._cells(spec)
+        return None if self._native() else self._level(cells)
 
     def level(self, spec: Any) -> int:
         """The level of :data:`WIDTHS` for ``spec``, never its own width."""
-        return int(self._width(self._cells(spec), native=False) or WIDTHS[0])
+        return self._level(self._cells(spec))
 
     def choose(self, specs: Sequence[Any]) -> tuple[Any, int | None]:
         """Of drawn ``specs`` (one space's), the one whose kinds are measured least at the
@@ -619,7 +622,7 @@ class WidthCoverage:
         best: tuple[float, Any, int | None] | None = None
         for spec in specs:
             cells = self._cells(spec)
-            d = self._width(cells)
+            d = None if self._native() else self._level(cells)
             w = int(spec.model.model.d_model) if d is None else d
             gain = sum(1.0 / (1 + self.kind_count.get((k, w), 0)) for k in {k for k, _ in cells})
             if best is None or gain > best[0]:
