@@ -83,6 +83,7 @@ from exporters.latency.harness import (
     time_limit,
 )
 from exporters.latency.predictor import (
+    COMPOSITION_VERSION,
     FEATURE_VERSION,
     FIXED,
     GraphFeatures,
@@ -278,9 +279,11 @@ def _samples_json(data: dict[str, Any]) -> str:
 
 
 def _band_key(samples_json: str) -> str:
-    """What a stored band was fitted on: the samples and the predictor's feature version."""
+    """What a stored band was fitted on: the samples, the predictor's feature version and
+    how it chooses its composition model."""
     h = hashlib.sha256(samples_json.encode())
     h.update(f"features {FEATURE_VERSION}".encode())
+    h.update(f" composition {COMPOSITION_VERSION}".encode())
     return h.hexdigest()
 
 
