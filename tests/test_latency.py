@@ -1159,9 +1159,10 @@ def test_front_measurement_uses_the_calibrated_machine_speed(
 def test_composition_keeps_a_learned_model_that_beats_the_ratio_out_of_fold() -> None:
     """Wholes 5 % slower than their parts plus 2.5-10 % falling with length (a pattern),
     times ±4 % per spec (noise): on 18 specs the boosted composition's out-of-fold error is
-    below the ratio's, though not by one standard error. It is kept, and predicts new specs better than the
-    ratio would (on 13 calibrations of this VM the boosted model beat the ratio on held-out
-    specs every time; the one-standard-error rule had kept the ratio for two of them)."""
+    below the ratio's, though not by one standard error. It is kept, and predicts new specs
+    better than the ratio would (on 13 calibrations of this VM the boosted model beat the
+    ratio on held-out specs every time; the one-standard-error rule had kept the ratio for
+    two of them)."""
     noise = [math.exp(random.Random(100 + s).gauss(0, 0.04)) for s in range(18)]
 
     def ratio(seq: int, i: int) -> float:
