@@ -1162,7 +1162,7 @@ def test_composition_keeps_a_learned_model_that_beats_the_ratio_out_of_fold() ->
     below the ratio's, though not by one standard error. It is kept, and predicts new specs
     better than the ratio would (on 13 calibrations of this VM the boosted model beat the
     ratio on held-out specs every time; the one-standard-error rule had kept the ratio for
-    two of them)."""
+    three of them)."""
     noise = [math.exp(random.Random(100 + s).gauss(0, 0.04)) for s in range(18)]
 
     def ratio(seq: int, i: int) -> float:

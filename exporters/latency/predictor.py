@@ -583,7 +583,7 @@ class LatencyPredictor:
         # the lowest out-of-fold error (:data:`COMPOSITION_VERSION`): on 13 calibrations of
         # this VM (sessions 23-25) the boosted composition beat the ratio on 240 held-out
         # specs every time (92.4 % within ±10 % on average, against 84.8 %), while the
-        # one-standard-error rule kept the ratio for 2 of them (-6.6 and -6.7 points): 12-21
+        # one-standard-error rule kept the ratio for 3 of them (-5.8 to -6.7 points): 12-21
         # whole specs cannot show what held-out specs do. On specs whose ratio has no pattern
         # to learn the ratio still has the lowest out-of-fold error and is kept.
         self.comp_kind = min(cands, key=lambda c: err[c])
