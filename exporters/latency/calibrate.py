@@ -610,9 +610,12 @@ class WidthCoverage:
 
         return min(levels, key=score)
 
-    def __call__(self, spec: Any) -> int | None:
-        cells = self._cells(spec)
+    def _width(self, cells: set[tuple[str, tuple[float, ...]]]) -> int | None:
+        """None (keep the space's width) one draw in ``native_every``, else the level."""
         return None if self._native() else self._level(cells)
+
+    def __call__(self, spec: Any) -> int | None:
+        return self._width(self._cells(spec))
 
     def level(self, spec: Any) -> int:
         """The level of :data:`WIDTHS` for ``spec``, never its own width."""
@@ -625,7 +628,7 @@ class WidthCoverage:
         best: tuple[float, Any, int | None] | None = None
         for spec in specs:
             cells = self._cells(spec)
-            d = None if self._native() else self._level(cells)
+            d = self._width(cells)
             w = int(spec.model.model.d_model) if d is None else d
             gain = sum(1.0 / (1 + self.kind_count.get((k, w), 0)) for k in {k for k, _ in cells})
             if best is None or gain > best[0]:
