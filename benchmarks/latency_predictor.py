@@ -49,6 +49,7 @@ from scipy.stats import spearmanr
 
 from exporters.latency import graph_features, load_calibration
 from exporters.latency.calibrate import (
+    DEFAULT_BUDGET_S,
     calibrate,
     load_spaces,
     predictor_from,
@@ -139,7 +140,7 @@ def main() -> int:
     ap.add_argument("--runtime", default="ort", choices=["ort"], help="the shipped graph")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calibration", default=None, help="reuse this calibration file")
-    ap.add_argument("--cal-budget-s", type=float, default=540.0)
+    ap.add_argument("--cal-budget-s", type=float, default=DEFAULT_BUDGET_S)
     ap.add_argument("--seed", type=int, default=98765, help="held-out seed (calibration: 1234)")
     ap.add_argument(
         "--rounds", type=int, default=INTERLEAVED_ROUNDS, help="interleaved rounds (as calibration)"

@@ -4,7 +4,7 @@
 
     archir latency SPEC [--runtime ort|torch|compile|both] [--batch B] [--seq T] [--threads N]
     archir latency SPEC --predict          # from this machine's calibration, with a band
-    archir latency calibrate [--runtime ort] [--out FILE] [--budget-s 540] [--space FILE ...]
+    archir latency calibrate [--runtime ort] [--out FILE] [--budget-s 1080] [--space FILE ...]
                              [--export-workers N]
     archir latency calibrate --if-missing  # keep a usable calibration of this machine
 
@@ -53,7 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--calibration", type=a.regular_file, default=None, help="calibration file (default: cache)"
     )
     p.add_argument(
-        "--budget-s", type=a.seconds, default=None, help="seconds (measure: per attempt)"
+        "--budget-s",
+        type=a.seconds,
+        default=None,
+        help="seconds (measure: per attempt; calibrate: the whole run, default 1080)",
     )
     p.add_argument(
         "--windows",
@@ -225,7 +228,7 @@ def _keep(args: argparse.Namespace, runtime: str) -> bool:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from archir.paths import check_out_file
-    from exporters.latency.calibrate import calibrate
+    from exporters.latency.calibrate import DEFAULT_BUDGET_S, calibrate
 
     if args.out is not None:
         check_out_file(args.out)
@@ -233,7 +236,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     runtime = args.runtime or "ort"
     if runtime == "both":
         runtime = "ort"
-    budget = args.budget_s if args.budget_s is not None else 540.0
+    budget = args.budget_s if args.budget_s is not None else DEFAULT_BUDGET_S
     if args.if_missing and _keep(args, runtime):
         return 0
 

@@ -44,8 +44,9 @@ later measurements to compare against; a sample's value is its fastest call (``m
 seconds then costs every sample one window, instead of costing a few samples their whole
 measurement. A part takes one to a few seconds to export through torch.export (a Mamba block
 over ten: its dynamic-length scan makes torch.export reason about many symbolic shapes), so
-a 9-minute budget covers a few hundred part samples and a few dozen whole specs (exports
-were about 80 % of it with one process).
+the default 18-minute budget (:data:`DEFAULT_BUDGET_S`) covers a few hundred part samples
+and 20-odd whole specs at up to three lengths each (on the 2-core VM of session 26: 461
+parts and 63 samples of 21 whole specs in the first 1,080 s of a longer run).
 
 Files live in ``$ARCHIR_CACHE/latency/`` (default ``~/.cache/archir/latency/``) named
 ``<runtime>-t<threads>-<cpu slug>.json``.
@@ -130,6 +131,13 @@ WIDTHS = (64, 96, 128, 192, 256, 320, 384, 448, 512)
 SEQS = (64, 128, 192, 256, 384, 512, 768, 1024)
 DEPTH = (2, 12)
 BITS = (4, 8, 16)
+#: seconds a calibration runs by default (``archir latency calibrate``; the main job's
+#: middle step; once per machine). 540 s until session 26: it affords 14-16 whole specs,
+#: and the composition's level learned from so few moved by several percent between
+#: calibrations. Thirds of one 1,540 s calibration, each as much as a 540 s one, predicted
+#: a new seed 97.5 / 75.0 / 87.5 % within ±10 %; any two thirds together 100 % (benchmarks/
+#: README.md, "A longer calibration").
+DEFAULT_BUDGET_S = 1080.0
 
 
 class CalibrationError(LatencyError):
@@ -705,7 +713,7 @@ BATCH_BYTES = 3 * 2**30  # resident memory a batch of prepared sessions may add
 #: lengths each exported part is measured at besides its own (one export, several samples)
 EXTRA_SEQS = 2
 #: export processes preparing a batch (none runs while a batch is measured). Exports were
-#: about 80 % of the default calibration's time (416 of 540 s) and each runs on one core: two
+#: about 80 % of a 540 s calibration's time (416 s) and each runs on one core: two
 #: processes on a 2-core machine gave 1.6 times the samples in the same budget (231 parts +
 #: 27 wholes -> 368 + 42)
 EXPORT_WORKERS = 2
@@ -986,7 +994,7 @@ def calibrate(
     runtime: str = "ort",
     *,
     threads: int = DEFAULT_THREADS,
-    budget_s: float = 540.0,
+    budget_s: float = DEFAULT_BUDGET_S,
     out: str | Path | None = None,
     seed: int = 1234,
     spaces: Sequence[str | Path] = (),
