@@ -134,9 +134,9 @@ BITS = (4, 8, 16)
 #: seconds a calibration runs by default (``archir latency calibrate``; the main job's
 #: middle step; once per machine). 540 s until session 26: it affords 14-16 whole specs,
 #: and the composition's level learned from so few moved by several percent between
-#: calibrations. Thirds of one 1,540 s calibration, each as much as a 540 s one, predicted
-#: a new seed 97.5 / 75.0 / 87.5 % within ±10 %; any two thirds together 100 % (benchmarks/
-#: README.md, "A longer calibration").
+#: calibrations. On two new seeds, five 540 s-sized calibrations (thirds and halves of
+#: longer ones) put 87.8 % of specs within ±10 % on average (75-100 % each), four 1,080
+#: s-sized ones 96.9 % (92.5-100 %) (benchmarks/README.md, "A longer calibration").
 DEFAULT_BUDGET_S = 1080.0
 
 
