@@ -1076,7 +1076,7 @@ def test_calibration_stops_an_export_at_its_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An export may run only until ``budget_s`` is spent, not for its own limit (a Mamba
-    block takes a minute: the 540 s default calibration once took 596 s)."""
+    block takes a minute: the then-default 540 s calibration once took 596 s)."""
     import importlib
     import time
     from contextlib import contextmanager
