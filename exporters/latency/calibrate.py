@@ -45,8 +45,8 @@ seconds then costs every sample one window, instead of costing a few samples the
 measurement. A part takes one to a few seconds to export through torch.export (a Mamba block
 over ten: its dynamic-length scan makes torch.export reason about many symbolic shapes), so
 the default 18-minute budget (:data:`DEFAULT_BUDGET_S`) covers a few hundred part samples
-and 20-odd whole specs at up to three lengths each (on the 2-core VM of session 26: 461
-parts and 63 samples of 21 whole specs in the first 1,080 s of a longer run).
+and 20-odd whole specs at up to three lengths each (the main job's calibration on the
+2-core VM of session 26: 529 part samples and 66 samples of 22 whole specs in 1,097.8 s).
 
 Files live in ``$ARCHIR_CACHE/latency/`` (default ``~/.cache/archir/latency/``) named
 ``<runtime>-t<threads>-<cpu slug>.json``.
