@@ -724,6 +724,35 @@ def test_a_part_is_exported_once_and_timed_at_several_lengths(tmp_path: Path) ->
     assert len(list(tmp_path.iterdir())) == 1  # one graph for both lengths
 
 
+def test_calibrate_runs_for_the_default_budget_its_help_states(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`archir latency calibrate` without ``--budget-s`` runs for
+    :data:`~exporters.latency.calibrate.DEFAULT_BUDGET_S` (1,080 s since session 26), the
+    number its help prints (a literal there: the parser does not import the calibration)."""
+    import importlib
+
+    from exporters.latency.calibrate import DEFAULT_BUDGET_S, default_path
+
+    cal = importlib.import_module("exporters.latency.calibrate")
+    monkeypatch.setenv("ARCHIR_CACHE", str(tmp_path / "cache"))
+    budgets: list[float] = []
+
+    def fake_calibrate(runtime: str, **kw: Any) -> tuple[Path, dict]:
+        budgets.append(kw["budget_s"])
+        path = _cal_file(default_path(runtime, 1), _synthetic_cal(20, seed=1))
+        data = json.loads(path.read_text())
+        return path, {**data, "wall_s": 1.0, "cv_median": 0.01, "skipped": {}}
+
+    monkeypatch.setattr(cal, "calibrate", fake_calibrate)
+    assert main(["latency", "calibrate"]) == 0
+    assert main(["latency", "calibrate", "--budget-s", "30"]) == 0
+    assert budgets == [DEFAULT_BUDGET_S, 30.0]
+    with pytest.raises(SystemExit):
+        main(["latency", "--help"])
+    assert f"default {DEFAULT_BUDGET_S:g}" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.slow  # about a minute: every part goes through torch.export
 def test_calibrate_writes_a_loadable_file_of_interleaved_samples(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
