@@ -346,3 +346,52 @@ def test_step_keeps_its_reversed_filter_until_the_parameters_change() -> None:
         assert calls == before + 1
         torch.testing.assert_close(second, m(x), atol=1e-5, rtol=1e-4)
         assert (second - first).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "T,max_len,form",
+    [
+        (64, 1024, "direct"),
+        (128, 1024, "direct"),
+        (192, 128, "direct"),
+        (129, 1024, "dft"),
+        (256, 1024, "dft"),
+        (384, 1024, "dft"),
+        (1024, 1024, "dft"),
+        (1500, 2048, "dft"),
+    ],
+)
+def test_exported_flops_are_those_of_the_form_the_export_runs(
+    T: int, max_len: int, form: str
+) -> None:
+    """What the latency predictor counts for an exported Hyena: the direct convolution's
+    ``2·T²`` up to :data:`DIRECT_MAX_LEN` (or in a model no longer than it), past it exactly
+    the MatMul FLOPs that :func:`causal_conv_dft` runs in the form the export picks (torch's
+    FLOP counter) plus the complex product — not the FFT estimate, flat in ``T``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from archir.blocks.conv import (
+        DFT_FORMS,
+        DIRECT_MAX_LEN,
+        causal_conv_dft,
+        exported_conv_form,
+        exported_long_conv_flops,
+    )
+
+    p = HyenaParams(order=3)
+    c = BuildContext(d_model=8, max_seq_len=max_len)
+    assert exported_conv_form(p, c, T) == form
+    assert exported_conv_form(p.model_copy(update={"fft": "on"}), c, T) == "fft"
+    assert exported_conv_form(p.model_copy(update={"fft": "off"}), c, T) == "direct"
+    flops = exported_long_conv_flops(p, c, T)
+    if form == "direct":
+        assert flops == 2.0 * T * T
+        return
+    limits = [DIRECT_MAX_LEN] + [up_to for up_to, _, _ in DFT_FORMS[:-1]]
+    _, n1, m1 = DFT_FORMS[max(i for i, lo in enumerate(limits) if T > lo)]
+    with FlopCounterMode(display=False) as counter:
+        causal_conv_dft(torch.randn(1, T, 1), torch.randn(T, 1), n1, m1)
+    m2 = 8 * ((2 * T + 8 * n1 * m1 - 1) // (8 * n1 * m1))
+    product = 6.0 * (n1 // 2 + 1) * m1 * m2
+    assert flops - product == counter.get_total_flops()
+    assert flops > 3.0 * T * 128  # several times the FFT estimate's ~126-171 per position

@@ -37,7 +37,7 @@ from exporters.latency.harness import (
     summarize,
     trimmed_mean,
 )
-from exporters.latency.predictor import KNOBS
+from exporters.latency.predictor import FEATURES, KNOBS
 
 TINY = {
     "archir": 1,
@@ -312,6 +312,63 @@ def test_score_and_length_features_extrapolate_attention_in_length() -> None:
     long = samples_features(_synthetic_cal(12, seed=9, true=true, lengths=1, seqs=(1024,)))
     for g, y in zip(long[2], long[3]):
         assert p.predict(g).ms == pytest.approx(y / 1.05 * p.comp_ratio, rel=0.02)
+
+
+#: one Hyena part (order 3, filter_width 32, RMSNorm) alone in onnxruntime, 1 thread, ms, at
+#: lengths 64 … 1,024 (the 2-core AMD EPYC VM, 2026-11-29): the exported graph's direct
+#: convolution to 128 positions, then a DFT padded to 512, 1,024, 1,536 and 2,048 points
+_HYENA_SEQS = (64, 128, 192, 256, 384, 512, 768, 1024)
+_HYENA_MS = {
+    64: (0.336, 0.72, 0.958, 1.062, 1.93, 2.194, 3.513, 5.283),
+    96: (0.49, 1.076, 1.326, 1.486, 2.747, 3.186, 5.443, 8.111),
+    128: (0.667, 1.508, 1.805, 2.118, 3.932, 4.666, 7.572, 10.804),
+    192: (1.046, 2.353, 2.797, 3.31, 6.148, 7.183, 11.364, 17.224),
+}
+
+
+def _hyena_spec(d_model: int) -> Any:
+    block = {"kind": "hyena", "order": 3, "filter_width": 32}
+    return spec_from_dict(
+        {
+            "archir": 1,
+            "name": "hyena-grid",
+            "model": {
+                "task": "causal_lm",
+                "vocab_size": 256,
+                "d_model": d_model,
+                "max_seq_len": 1024,
+                "norm": "rmsnorm",
+                "embed": {"kind": "token_embedding"},
+                "layers": [{"repeat": 1, "blocks": [block, {"kind": "swiglu", "expansion": 2}]}],
+                "head": {"kind": "lm_head", "tie_embeddings": True},
+            },
+        }
+    )
+
+
+def test_hyena_features_follow_its_exported_graph_and_fit_its_measured_steps() -> None:
+    """An exported Hyena convolves directly (a depthwise ``Conv``, ``conv``) up to 128
+    positions and by a padded DFT of MatMuls (``quad``) past them: measured times step up at
+    129 and 385 positions and stay nearly flat in between (192 vs 256: one 512-point DFT).
+    A per-kind linear fit of the features must follow those steps: with the FFT FLOPs the
+    cost pass counts (smooth in length) the same fit missed by up to 18 % at d_model 64-192
+    (-15 to -18 % at 128 positions, +8 to +17 % at 256); with the exported graph's it must
+    stay within 8 %."""
+    parts, ms = [], []
+    for d, times in _HYENA_MS.items():
+        spec = _hyena_spec(d)
+        for seq, t in zip(_HYENA_SEQS, times):
+            hy = next(p for p in graph_features(spec, 1, seq).parts if p.kind == "hyena")
+            conv, quad = hy.x[FEATURES.index("conv")], hy.x[FEATURES.index("quad")]
+            assert (conv > 0 and quad == 0) if seq <= 128 else (conv == 0 and quad > 0)
+            parts.append(hy)
+            ms.append(t)
+    short = next(p for p in parts if p.d_model == 64 and p.seq == 64)
+    assert short.x[FEATURES.index("conv")] == pytest.approx(2 * 64 * (2 * 64 - 2) * 64 / 1e9)
+    fit = LatencyPredictor(correction=False).fit(parts, ms)
+    got, _ = fit.part_ms(parts)
+    worst = max(abs(g / t - 1) for g, t in zip(got, ms))
+    assert worst < 0.08, worst
 
 
 def test_composition_is_judged_on_specs_it_was_not_fitted_on() -> None:

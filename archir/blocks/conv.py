@@ -547,21 +547,77 @@ def _fft_flops(n: int) -> float:
     return 2.5 * n * math.log2(max(n, 2))
 
 
-def _hyena_flops(p: HyenaParams, c: BuildContext, L: int) -> float:
+def exported_conv_form(p: HyenaParams, c: BuildContext, seq: int) -> str:
+    """How an exported graph computes the long convolutions at length ``seq``: ``"fft"``
+    (``fft="on"``: ONNX ``DFT``), ``"direct"`` (a depthwise ``Conv`` with a length-``seq``
+    kernel: ``fft="off"``, or up to :data:`DIRECT_MAX_LEN` positions, or in a model whose
+    ``max_seq_len`` stays within it) or ``"dft"`` (:func:`causal_conv_dft`, MatMuls; see
+    :func:`causal_conv_export`)."""
+    if p.fft == "on":
+        return "fft"
+    if p.fft == "off" or seq <= DIRECT_MAX_LEN or c.max_seq_len <= DIRECT_MAX_LEN:
+        return "direct"
+    return "dft"
+
+
+def exported_long_conv_flops(p: HyenaParams, c: BuildContext, seq: int) -> float:
+    """FLOPs of one long convolution (one filter, one channel, one sequence) at length
+    ``seq`` as an **exported** graph computes it (:func:`causal_conv_export`): the direct
+    depthwise convolution (``2·seq²``) up to :data:`DIRECT_MAX_LEN` positions or in a model
+    whose ``max_seq_len`` stays within it; past it the factorised DFT form of
+    :data:`DFT_FORMS` that covers ``seq`` — its MatMul stages over the padded length for the
+    spectra of the input and of the filter and for the inverse, and the complex product.
+    ``fft="on"`` exports ONNX ``DFT`` (the FFT estimate), ``"off"`` the direct form. The
+    filter's spectrum is counted once per sequence (exact at batch 1). The FFT estimate of
+    :func:`_hyena_flops` is flat in ``seq`` where the exported work jumps at 129 positions
+    (2·128² against a DFT over 512 points) and grows with the DFT's padding."""
+    form = exported_conv_form(p, c, seq)
+    if form == "fft":
+        return 3 * _fft_flops(2 * seq) + 6.0 * (seq + 1)
+    if form == "direct":
+        return 2.0 * seq * seq
+    limits = [DIRECT_MAX_LEN] + [up_to for up_to, _, _ in DFT_FORMS[:-1]]
+    i = max(j for j, lo in enumerate(limits) if seq > lo)
+    _, n1, m1 = DFT_FORMS[i]
+    half = n1 // 2
+    K = half + 1
+    m2 = 8 * ((2 * seq + 8 * n1 * m1 - 1) // (8 * n1 * m1))
+    n2 = m1 * m2
+    stage_one = 2 * K * half * n2  # multiply-adds of [2K, n1/2] @ [n1/2, n2]
+    stage_a = K * (2 * m1) ** 2 * m2 if m1 > 1 else 0
+    stage_b = K * m1 * (2 * m2) ** 2
+    forward = stage_one + stage_a + stage_b
+    inverse = stage_b + stage_a + half * 2 * K * n2
+    return 2.0 * (2 * forward + inverse) + 6.0 * K * n2
+
+
+def _hyena_flops(p: HyenaParams, c: BuildContext, L: int, exported: bool = False) -> float:
     """Per token: projections, short conv, the filter MLP (evaluated once per position),
     per long filter (``order - 1`` of them) the gate before it, the long convolution (FFT
     path: 3 real FFTs of length 2L plus the complex product, divided by L; direct path: the
-    depthwise length-T convolution, 2·L per channel) and the skip term, then the last gate."""
+    depthwise length-T convolution, 2·L per channel; ``exported``: the forms an exported
+    graph runs, :func:`exported_long_conv_flops` / L) and the skip term, then the last
+    gate."""
     d, N, w = c.d_model, p.order, p.filter_width
     C = (N + 1) * d
     f = 2.0 * d * C + 2.0 * C * p.short_kernel + 2.0 * d * d
     emb = 1 + 2 * ((p.emb_dim - 1) // 2)
     f += 2.0 * (emb * w + p.filter_layers * w * w + w * (N - 1) * d) + (N - 1) * d  # MLP, window
-    if p.fft == "off":
+    if exported:
+        long = exported_long_conv_flops(p, c, L) / L
+    elif p.fft == "off":
         long = 2.0 * L
     else:
         long = (3 * _fft_flops(2 * L) + 6.0 * (L + 1)) / L
     return f + (N - 1) * d * (long + 3.0) + d
+
+
+def exported_hyena_flops(p: HyenaParams, c: BuildContext, L: int) -> float:
+    """FLOPs per token of a Hyena block at length ``L`` as its exported graph computes
+    them (:func:`_hyena_flops` with :func:`exported_long_conv_flops`): what the latency
+    predictor's features count, where the cost pass (``archir.cost``) counts the FFT that
+    PyTorch runs."""
+    return _hyena_flops(p, c, L, exported=True)
 
 
 def _hyena_state(p: HyenaParams, c: BuildContext, L: int) -> int:
