@@ -5,7 +5,7 @@ its norm, mixer and residual add) and one **fixed** part (embedding, final norm,
 merges). Calibration (:mod:`.calibrate`) measures parts alone in onnxruntime and a modest
 number of whole specs. Three stages are fitted on those measurements:
 
-1. **Per-kind analytic model.** Every part has five shape features from the cost pass
+1. **Per-kind analytic model.** Every part has eight shape features from the cost pass
    (``archir.cost``):
 
    * ``lin``   — sequence-independent FLOPs × tokens (projections, MLPs, head), GFLOP;
