@@ -349,7 +349,7 @@ def _hyena_spec(d_model: int) -> Any:
 def test_hyena_features_follow_its_exported_graph_and_fit_its_measured_steps() -> None:
     """An exported Hyena convolves directly (a depthwise ``Conv``, ``conv``) up to 128
     positions and by a padded DFT of MatMuls (``quad``) past them: measured times step up at
-    129 and 385 positions and stay nearly flat in between (192 vs 256: one 512-point DFT).
+    129 and 257 positions and stay nearly flat in between (192 vs 256: one 512-point DFT).
     A per-kind linear fit of the features must follow those steps: with the FFT FLOPs the
     cost pass counts (smooth in length) the same fit missed by up to 18 % at d_model 64-192
     (-15 to -18 % at 128 positions, +8 to +17 % at 256); with the exported graph's it must

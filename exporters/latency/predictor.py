@@ -28,7 +28,7 @@ number of whole specs. Three stages are fitted on those measurements:
      and a DFT of MatMuls past them (:func:`archir.blocks.conv.exported_conv_form`), at
      several times more FLOPs per millisecond. Hyena's ``lin`` and ``quad`` count the
      FLOPs its exported graph runs (:func:`archir.blocks.conv.exported_hyena_flops`: the
-     DFT's padded length, stepping at 129, 257, 385 ... positions), not the FFT PyTorch
+     DFT's padded length, stepping at 129, 257, 513 and 769 positions), not the FFT PyTorch
      runs: on a grid of d_model 64-192 × 64-1,024 positions a fit of the old features
      missed by up to 18 % (a sawtooth in length), one of these by at most 7 %.
 
