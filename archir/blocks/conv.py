@@ -197,6 +197,18 @@ DIRECT_MAX_LEN = 128
 DFT_FORMS: tuple[tuple[int, int, int], ...] = ((1024, 64, 1), (0, 64, 8))
 
 
+def _form_limits() -> list[int]:
+    """The length past which each form of :data:`DFT_FORMS` starts (the first:
+    :data:`DIRECT_MAX_LEN`)."""
+    return [DIRECT_MAX_LEN] + [up_to for up_to, _, _ in DFT_FORMS[:-1]]
+
+
+def _dft_m2(T: Any, n1: int, m1: int) -> Any:
+    """``m2`` of :func:`causal_conv_dft` at length ``T`` (an int, or symbolic under export):
+    a multiple of 8 with ``n1·m1·m2 >= 2T``."""
+    return 8 * ((2 * T + 8 * n1 * m1 - 1) // (8 * n1 * m1))
+
+
 def _cis(num: torch.Tensor, den: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos`` and ``sin`` of ``-2π·num/den`` (``num`` int64, reduced modulo ``den`` in
     integers first, so the angle stays exact for long transforms; ``den`` may be symbolic)."""
@@ -256,7 +268,7 @@ def causal_conv_dft(z: torch.Tensor, h: torch.Tensor, n1: int = 64, m1: int = 1)
     K = half + 1  # frequencies k1 = 0 … n1/2 of stage one
     # m2 a multiple of 8: onnxruntime's GEMM packs columns in panels (n2 18 ran 1.4x slower
     # than 16), and never 1, which would make torch.export specialise a short traced length
-    m2 = 8 * ((2 * T + 8 * n1 * m1 - 1) // (8 * n1 * m1))
+    m2 = _dft_m2(T, n1, m1)
     n2 = m1 * m2
     n = n1 * n2
     L = half * n2  # the nonzero first half of the padded length, >= T
@@ -355,7 +367,7 @@ def causal_conv_export(z: torch.Tensor, h: torch.Tensor, max_len: int) -> torch.
     T = z.shape[1]
     # the DFT forms max_len reaches: form i covers (limits[i], limits[i + 1]], the last
     # every length past limits[i]
-    limits = [DIRECT_MAX_LEN] + [up_to for up_to, _, _ in DFT_FORMS[:-1]]
+    limits = _form_limits()
     reached = [dft(n1, m1) for lo, (_, n1, m1) in zip(limits, DFT_FORMS) if max_len > lo]
     if not reached:
         return direct(z, h)
@@ -576,12 +588,11 @@ def exported_long_conv_flops(p: HyenaParams, c: BuildContext, seq: int) -> float
         return 3 * _fft_flops(2 * seq) + 6.0 * (seq + 1)
     if form == "direct":
         return 2.0 * seq * seq
-    limits = [DIRECT_MAX_LEN] + [up_to for up_to, _, _ in DFT_FORMS[:-1]]
-    i = max(j for j, lo in enumerate(limits) if seq > lo)
+    i = max(j for j, lo in enumerate(_form_limits()) if seq > lo)
     _, n1, m1 = DFT_FORMS[i]
     half = n1 // 2
     K = half + 1
-    m2 = 8 * ((2 * seq + 8 * n1 * m1 - 1) // (8 * n1 * m1))
+    m2 = _dft_m2(seq, n1, m1)
     n2 = m1 * m2
     stage_one = 2 * K * half * n2  # multiply-adds of [2K, n1/2] @ [n1/2, n2]
     stage_a = K * (2 * m1) ** 2 * m2 if m1 > 1 else 0
