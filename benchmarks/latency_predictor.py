@@ -31,6 +31,17 @@ predictor's (against the first pass, and against the faster of the two). A predi
 be judged more finely than that. ``--earlier-truth A.json B.json`` (the ``--json`` files of
 earlier runs on the same seed, made at other times) also judges it against each spec's
 median over every pass of every run: the truth over time, not one phase of the machine.
+
+**Reference panel.** The machine's speed moves by a few percent within minutes and hours
+(on the 2-core VM the whole held-out set ran 2-7 % faster or slower from one measurement to
+the next), and the speed probe (a small MLP) sees only a fraction of it. So the first
+``--reference-n`` (12) draws of ``--reference-seed`` (26457; never the held-out seed) are
+timed in the same interleaved rounds as the held-out graphs, every pass. A pass's *level* is
+the panel's median time relative to each member's median over all passes compared
+(:func:`panel_levels`); the held-out times divided by their pass's level are the truth on
+one speed. Reported beside the raw scores: the two passes' agreement on one speed, and
+with ``--earlier-truth`` (runs made with the same panel) the predictor against each spec's
+median over every levelled pass of every run.
 """
 
 from __future__ import annotations
@@ -80,6 +91,30 @@ def export_path(root: Path, seed: int, i: int, data: dict[str, Any]) -> Path:
     changed space or spec never reuses a stale file)."""
     h = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
     return root / f"{seed}-{i:04d}-{h}.onnx"
+
+
+def panel_levels(passes: list[list[float]]) -> list[float]:
+    """The machine's speed in each pass, from a reference panel timed in the same rounds.
+
+    ``passes[p][k]`` is panel member ``k``'s fastest call (ms) in pass ``p`` (every pass of
+    every run being compared). Each member's reference is its median over all passes; a
+    pass's level is the median over members of time / reference, so 1.03 means the machine
+    ran 3 % slower than usual in that pass. Dividing a held-out time by its pass's level
+    puts all passes on one speed (the panel's median over them).
+
+    Raises:
+        ValueError: no passes, or passes of different panels (lengths differ), or a
+            non-positive time.
+    """
+    if not passes or not passes[0]:
+        raise ValueError("no panel times")
+    if any(len(q) != len(passes[0]) for q in passes):
+        raise ValueError("panel passes of different lengths: not the same panel")
+    a = np.asarray(passes, dtype=float)
+    if not (a > 0).all():
+        raise ValueError("panel times must be positive")
+    ref = np.median(a, axis=0)
+    return [float(np.median(q / ref)) for q in a]
 
 
 def export_one(job: tuple[dict[str, Any], str, float]) -> tuple[str, float, str | None]:
@@ -175,6 +210,17 @@ def main() -> int:
         help="time the held-out graphs by the harness's clock (one thread: thread CPU "
         "time, as calibration) or by wall time (the clock before calibration version 5)",
     )
+    ap.add_argument(
+        "--reference-seed",
+        type=int,
+        default=26457,
+        help="the reference panel: the first --reference-n draws of this seed, timed in "
+        "the same rounds as the held-out graphs, tell the machine's speed in each pass "
+        "(default 26457)",
+    )
+    ap.add_argument(
+        "--reference-n", type=int, default=12, help="reference panel size (0: no panel)"
+    )
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument(
         "--earlier-truth",
@@ -186,15 +232,26 @@ def main() -> int:
     )
     args = ap.parse_args()
     earlier: list[Any] = []
+    earlier_panel: list[Any] = []  # each earlier run's "reference" (None: made without one)
     for f in args.earlier_truth:
         try:
-            earlier.append(json.loads(Path(f).read_text())["rows"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            doc = json.loads(Path(f).read_text())
+            earlier.append(doc["rows"])
+            earlier_panel.append(doc.get("reference"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             print(f"{f}: not a --json file of this benchmark ({exc})", file=sys.stderr)
             return 2
 
     spaces = [s for s in load_spaces(space_paths([SPACE])) if s.name != "tiny"]
     draws = list(space_specs(args.n, args.seed, spaces, seqs=HELDOUT_SEQS))
+    if args.reference_n and args.reference_seed == args.seed:
+        print(
+            f"--reference-seed {args.seed} is the held-out seed: the panel must be other "
+            "specs (choose another seed, or --reference-n 0)",
+            file=sys.stderr,
+        )
+        return 2
+    refs = list(space_specs(args.reference_n, args.reference_seed, spaces, seqs=HELDOUT_SEQS))
     for i, (f, run) in enumerate(zip(args.earlier_truth, earlier)):
         by_draw = {e["draw"]: e for e in run}
         for d, (spec, seq) in enumerate(draws):
@@ -206,6 +263,7 @@ def main() -> int:
     root = Path(args.export_dir)
     t_exp = time.perf_counter()
     took = export_all(draws, root, args.seed, args.export_workers, args.spec_limit_s)
+    export_all(refs, root, args.reference_seed, args.export_workers, args.spec_limit_s)
     print(
         f"held-out exports: {len(took)} written in {time.perf_counter() - t_exp:.0f} s",
         file=sys.stderr,
@@ -243,6 +301,17 @@ def main() -> int:
     probe = SpeedProbe(args.runtime, args.threads)
     probe_ref = cal.get("probe_ms")  # the machine's speed during calibration
     slow_batches = 0
+    # the reference panel: loaded once, timed in every batch's rounds
+    panel_fns: dict[Any, Any] = {}
+    for k, (spec, seq) in enumerate(refs):
+        path = export_path(root, args.reference_seed, k, spec.data)
+        if not path.exists():
+            print(f"reference {k} ({spec.name}) not exported: no panel", file=sys.stderr)
+            panel_fns = {}
+            break
+        panel_fns[("ref", k)] = onnx_file_callable(path, spec.model, 1, seq, args.threads)
+    panel_passes: list[list[float]] = []  # per batch and pass: each member's fastest call
+    panel_probe: list[float] = []  # the speed probe's fastest window in the same pass
     for b0 in range(0, len(draws), args.batch):
         # load a batch of held-out graphs (one onnxruntime session each), then measure them
         # in interleaved rounds: each spec's windows are a round apart
@@ -278,7 +347,7 @@ def main() -> int:
         for pass_ in range(args.passes):
             stats: dict[str, Any] = {}
             got = measure_interleaved(
-                fns,
+                {**fns, **panel_fns},
                 rounds=args.rounds,
                 window_s=args.window_s,
                 warmup=1,
@@ -288,6 +357,11 @@ def main() -> int:
                 progress=lambda k, s: print(f"  round {k} ({s:.0f} s)", file=sys.stderr),
                 timer=clock(args.threads) if args.clock == "harness" else time.perf_counter,
             )
+            if panel_fns:
+                panel_passes.append([got.pop(k).min_ms for k in panel_fns])
+                panel_probe.append(stats["best_ms"])
+                for i in fns:
+                    rows[i].setdefault("_panel_pass", []).append(len(panel_passes) - 1)
             (ms if pass_ == 0 else again).update(got)
             slow_batches += stats["fast_rounds"] < 2
             print(
@@ -328,6 +402,15 @@ def main() -> int:
             f"rep {even / odd:.3f} {','.join(row['kinds'])}",
             file=sys.stderr,
         )
+    for r in rows:
+        if "_panel_pass" in r:
+            r["panel_pass"] = r.pop("_panel_pass")
+    reference = {
+        "seed": args.reference_seed,
+        "names": [[spec.name, seq] for spec, seq in refs],
+        "passes": panel_passes,
+        "probe_ms": panel_probe,
+    }
     y = np.asarray([r["measured_ms"] for r in rows])
     yp = np.asarray([r["predicted_ms"] for r in rows])
     yf = np.asarray([r["flops_ms"] for r in rows])
@@ -433,9 +516,88 @@ def main() -> int:
         )
         for r, v in zip(rows, over):
             r["measured_ms_median_over_runs"] = v
+    if panel_passes:
+        # the truth on one speed: each pass's times divided by the panel's level in it
+        levels = panel_levels(panel_passes)
+        yn = np.asarray([r["measured_ms"] / levels[r["panel_pass"][0]] for r in rows])
+        y2n = np.asarray(
+            [
+                (r["measured_ms_pass2"] or r["measured_ms"]) / levels[r["panel_pass"][-1]]
+                for r in rows
+            ]
+        )
+        res.update(
+            {
+                "panel_levels": levels,
+                "truth_pass2_vs_pass1_within_5pct_panel": float(
+                    np.mean(np.abs(y2n / yn - 1) <= 0.05)
+                ),
+                "truth_pass2_vs_pass1_within_10pct_panel": float(
+                    np.mean(np.abs(y2n / yn - 1) <= 0.10)
+                ),
+            }
+        )
+        same = [
+            e is not None
+            and e.get("seed") == reference["seed"]
+            and e.get("names") == reference["names"]
+            for e in earlier_panel
+        ]
+        if earlier and all(same):
+            # every pass of every run on one speed, then each spec's median over them
+            allp = [q for e in earlier_panel for q in e["passes"]] + panel_passes
+            lv = panel_levels(allp)
+            offs, o = [], 0
+            for e in earlier_panel:
+                offs.append(o)
+                o += len(e["passes"])
+            mine = o
+            over_n = []
+            for r in rows:
+                times = [
+                    r["measured_ms"] / lv[mine + r["panel_pass"][0]],
+                    (r["measured_ms_pass2"] or r["measured_ms"]) / lv[mine + r["panel_pass"][-1]],
+                ]
+                for run, off in zip(earlier, offs):
+                    e = run[r["draw"]]
+                    pp = e["panel_pass"]
+                    times += [
+                        e["measured_ms"] / lv[off + pp[0]],
+                        (e["measured_ms_pass2"] or e["measured_ms"]) / lv[off + pp[-1]],
+                    ]
+                over_n.append(float(np.median(times)))
+            ymn = np.asarray(over_n)
+            mine_n = np.asarray([r["measured_ms"] / lv[mine + r["panel_pass"][0]] for r in rows])
+            res.update(
+                {
+                    "panel_levels_over_runs": lv,
+                    "predictor_vs_panel_median_over_runs_within_10pct": float(
+                        np.mean(np.abs(yp / ymn - 1) <= 0.10)
+                    ),
+                    "predictor_vs_panel_median_over_runs_median_signed_err_pct": float(
+                        np.median(yp / ymn - 1) * 100
+                    ),
+                    "truth_this_run_vs_panel_median_over_runs_within_10pct": float(
+                        np.mean(np.abs(mine_n / ymn - 1) <= 0.10)
+                    ),
+                    "truth_this_run_vs_panel_median_over_runs_within_5pct": float(
+                        np.mean(np.abs(mine_n / ymn - 1) <= 0.05)
+                    ),
+                }
+            )
+            for r, v in zip(rows, over_n):
+                r["measured_ms_panel_median_over_runs"] = v
+        elif earlier:
+            print(
+                "an earlier run has no panel or another one: no panel-levelled truth over runs",
+                file=sys.stderr,
+            )
     print(json.dumps(res, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": res, "rows": rows}, indent=1))
+        out: dict[str, Any] = {"summary": res, "rows": rows}
+        if panel_passes:
+            out["reference"] = reference
+        Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -941,6 +941,31 @@ def test_calibration_lengths_cover_every_search_spaces_latency_shape(
     assert drawn <= set(bench.HELDOUT_SEQS)
 
 
+def test_the_reference_panel_puts_every_pass_on_one_speed(monkeypatch: Any) -> None:
+    """``benchmarks/latency_predictor.py``'s reference panel: a pass where the whole machine
+    ran 6 % slower gets level 1.06 relative to the other (each member's median over passes
+    as its reference), so dividing by it makes the two passes agree; a member that moved
+    alone does not move the level (the median over members); mismatched panels are refused."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("latency_predictor")
+    fast = [4.0, 12.0, 40.0, 75.0, 9.0]
+    slow = [t * 1.06 for t in fast]
+    lv = bench.panel_levels([fast, slow])
+    assert lv[1] / lv[0] == pytest.approx(1.06)
+    assert [t / lv[1] for t in slow] == pytest.approx([t / lv[0] for t in fast])
+    odd = [*fast[:4], fast[4] * 2.0]  # one member slowed alone: not the machine
+    lv3 = bench.panel_levels([fast, fast, odd])
+    assert lv3 == pytest.approx([1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="same panel"):
+        bench.panel_levels([fast, fast[:3]])
+    with pytest.raises(ValueError, match="positive"):
+        bench.panel_levels([fast, [0.0, *fast[1:]]])
+    with pytest.raises(ValueError, match="no panel"):
+        bench.panel_levels([])
+
+
 def test_calibration_lengths_span_every_calibrated_length() -> None:
     """The design's specs reach the longest calibrated length, so the extra lengths each
     export is measured at are drawn from all of SEQS: with the spaces' own max_seq_len
