@@ -1292,3 +1292,107 @@ def test_composition_keeps_a_learned_model_that_beats_the_ratio_out_of_fold() ->
     learned = mean_err(p)
     p.comp_kind, p.comp_model = "ratio", None
     assert learned < 0.6 * mean_err(p)
+
+
+def _retnet_stack(heads: list[int], d: int = 32, max_seq: int = 256) -> dict[str, Any]:
+    """An LM of one RetNet layer per entry of ``heads`` (each with an MLP), then attention."""
+    layers = [
+        {"blocks": [{"kind": "retnet", "n_heads": h}, {"kind": "mlp", "expansion": 2}]}
+        for h in heads
+    ]
+    layers.append({"blocks": [{"kind": "attention", "n_heads": 4}, {"kind": "mlp"}]})
+    return {
+        "archir": 1,
+        "name": "retnet-stack",
+        "model": {
+            "task": "causal_lm",
+            "vocab_size": 64,
+            "d_model": d,
+            "max_seq_len": max_seq,
+            "embed": {"kind": "token_embedding"},
+            "layers": layers,
+            "head": {"kind": "lm_head"},
+        },
+        "train": {"seq_len": 32},
+    }
+
+
+def test_retnet_layers_of_one_key_share_one_decay_in_the_features() -> None:
+    """The first RetNet layer of each (heads, convention) builds the decay; every later one
+    takes it (``shared`` = its ``H·T²`` elements in millions, and the key); other kinds and
+    other head counts do not."""
+    from exporters.latency.predictor import shared_key
+
+    g = graph_features(spec_from_dict(_retnet_stack([4, 2, 4, 4])), 1, 200)
+    ret = [p for p in g.parts if p.kind == "retnet"]
+    assert [p.shared for p in ret] == pytest.approx([0.0, 0.0, 0.16, 0.16])
+    assert [p.shared_key for p in ret] == ["", "", "retnet:4:fla", "retnet:4:fla"]
+    assert all(p.shared == 0 and p.shared_key == "" for p in g.parts if p.kind != "retnet")
+    assert shared_key("retnet", {"n_heads": 2, "convention": "torchscale"}) == "retnet:2:torchscale"
+    assert shared_key("attention", {"n_heads": 4}) == ""
+
+
+def test_onnxruntime_builds_the_retnet_decay_once_for_layers_of_one_key(tmp_path: Path) -> None:
+    """What the predictor's sharing rests on: in the session onnxruntime runs for a whole
+    exported model, three RetNet layers with the same heads compute one decay matrix (one
+    ``Exp`` over ``[H, T, T]`` in the optimised graph; a 4- and a 2-head layer: two)."""
+    import onnx
+    import onnxruntime as ort
+
+    from exporters.latency.harness import export_onnx_file
+
+    def exps(heads: list[int]) -> int:
+        path = tmp_path / f"m{len(heads)}-{heads[-1]}.onnx"
+        export_onnx_file(spec_from_dict(_retnet_stack(heads)), path)
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return sum(n.op_type == "Exp" for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+    one = exps([4])
+    assert exps([4, 4, 4]) == one
+    assert exps([4, 2]) == one + 1
+
+
+def test_shared_subgraphs_are_priced_once_in_the_whole() -> None:
+    """A later RetNet layer of the same key is predicted below the same part alone by the
+    decay's measured time at its elements (interpolated between the measured lengths,
+    proportional beyond them; at most half the part); without shared samples nothing
+    changes."""
+    from exporters.latency.predictor import LatencyPredictor
+
+    g = graph_features(spec_from_dict(_retnet_stack([4, 4])), 1, 384)
+    ret = [i for i, p in enumerate(g.parts) if p.kind == "retnet"]
+    parts = [p for p in g.parts for _ in range(2)]
+    ms = [1.0 + 10 * p.x[0] + 3.0 * p.x[5] for p in parts]
+    samples = [("retnet:4:fla", 4 * t * t / 1e6, m) for t, m in ((256, 0.2), (512, 0.8))]
+    plain = LatencyPredictor(correction=False).fit(parts, ms)
+    shared = LatencyPredictor(correction=False).fit(parts, ms, shared=samples)
+    e = 4 * 384 * 384 / 1e6
+    want = 0.2 + (0.8 - 0.2) * (e - 0.262144) / (1.048576 - 0.262144)
+    assert shared.shared_ms("retnet:4:fla", e) == pytest.approx(want)
+    assert shared.shared_ms("retnet:4:fla", 2 * 1.048576) == pytest.approx(1.6)
+    assert shared.shared_ms("retnet:2:fla", e) == 0.0
+    a, _ = plain.part_ms(g.parts)
+    b, _ = shared.part_ms(g.parts)
+    saved = [x - y for x, y in zip(a, b)]
+    assert saved[ret[0]] == 0 and saved[ret[1]] == pytest.approx(min(0.5 * a[ret[1]], want))
+    assert sum(saved) == pytest.approx(saved[ret[1]])
+
+
+def test_calibration_measures_the_retnet_decay_alone() -> None:
+    """``measure_shared``: one record per RetNet key and length of SHARED_SEQS, the decay
+    exported alone and timed (longer, slower); eager torch shares nothing: no records."""
+    import importlib
+
+    cal = importlib.import_module("exporters.latency.calibrate")
+    data = [_retnet_stack([4, 4], max_seq=1024), _retnet_stack([2], max_seq=1024)]
+    recs = cal.measure_shared(data, "ort", 1, rounds=2, window_s=0.005, budget_s=30)
+    got = {(r["key"], r["seq"]): r["ms"] for r in recs}
+    assert set(got) == {(k, t) for k in ("retnet:4:fla", "retnet:2:fla") for t in cal.SHARED_SEQS}
+    assert all(v > 0 for v in got.values())
+    assert got[("retnet:4:fla", 1024)] > got[("retnet:4:fla", 128)]
+    assert cal.measure_shared(data, "torch", 1) == []
+    # and a calibration's records become the predictor's price per element
+    s = cal.shared_samples({"shared": recs + [{"key": "x"}]})
+    assert len(s) == len(recs) and {k for k, _, _ in s} == {"retnet:4:fla", "retnet:2:fla"}

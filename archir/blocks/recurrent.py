@@ -609,6 +609,26 @@ class RetNet(nn.Module):
         lg = self.log_gamma.to(dtype)
         return (1 - torch.exp(n.to(dtype)[..., None] * lg)) / (1 - torch.exp(lg))
 
+    def decay(self, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The decay matrix ``D [H, T, T]`` for positions ``pos [T]`` (``arange(T)``):
+        ``γ_h^(t−s)`` for ``s ≤ t``, 0 above the diagonal (torchscale: each row scaled by
+        ``1 / sqrt(Σ_s γ^(t−s))``). It depends on the length, the heads and the
+        convention only, not on the weights: in a whole exported model every RetNet layer
+        with the same ``n_heads`` and convention computes the same subgraph, and
+        onnxruntime builds it once (the latency predictor counts it once,
+        :func:`exporters.latency.predictor.graph_features`)."""
+        # t - s clamped at 0 (no overflow) and the upper triangle zeroed by ``tril`` (one
+        # Trilu in the graph), the same values as masking the exponent with -inf; the
+        # exported masked_fill (a broadcast Where over [H, T, T]) took 4.4 of the 7 ms
+        # building the decay at d_model 64, H 4, length 768
+        posf = pos.to(dtype)
+        rel = (posf[:, None] - posf[None, :]).clamp_min(0.0)  # max(t - s, 0)
+        d = torch.tril((rel[None] * self.log_gamma.to(dtype)[:, None, None]).exp())
+        if self.torchscale:
+            rows = self._decay_sum(pos + 1, dtype).transpose(0, 1)  # [H, T]
+            d = d * torch.rsqrt(rows)[..., None]
+        return d
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]
         q = _heads(self.q(x), self.h)
@@ -616,17 +636,7 @@ class RetNet(nn.Module):
         v = _heads(self.v(x), self.h)
         pos = torch.arange(T, device=x.device)
         q, k = self._positions(q, k, pos)
-        # γ^(t-s) for s <= t, 0 above the diagonal: t - s clamped at 0 (no overflow) and the
-        # upper triangle zeroed by ``tril`` (one Trilu in the graph), the same values as
-        # masking the exponent with -inf; the exported masked_fill (a broadcast Where over
-        # [H, T, T]) took 4.4 of the 7 ms building the decay at d_model 64, H 4, length 768
-        posf = pos.to(x.dtype)
-        rel = (posf[:, None] - posf[None, :]).clamp_min(0.0)  # max(t - s, 0)
-        decay = torch.tril((rel[None] * self.log_gamma.to(x.dtype)[:, None, None]).exp())
-        if self.torchscale:
-            rows = self._decay_sum(pos + 1, x.dtype).transpose(0, 1)  # [H, T]
-            decay = decay * torch.rsqrt(rows)[..., None]
-        o = ((q @ k.transpose(-1, -2)) * decay) @ v  # [B, H, T, hv]
+        o = ((q @ k.transpose(-1, -2)) * self.decay(pos, x.dtype)) @ v  # [B, H, T, hv]
         return self._out(o.transpose(1, 2), x)
 
     def init_state(

@@ -91,6 +91,8 @@ from exporters.latency.predictor import (
     LatencyPredictor,
     PartFeatures,
     graph_features,
+    shared_elements,
+    shared_key,
 )
 
 FORMAT = "archir-latency-calibration"
@@ -283,7 +285,24 @@ def find_calibration(runtime: str = "ort", threads: int = DEFAULT_THREADS) -> Pa
 
 def _samples_json(data: dict[str, Any]) -> str:
     payload = {k: data.get(k, []) for k in ("specs", "parts", "wholes")}
+    if data.get("shared"):  # files before the shared subgraphs keep their stored band
+        payload["shared"] = data["shared"]
     return json.dumps(payload, sort_keys=True)
+
+
+def shared_samples(data: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """``(key, elements in millions, ms)`` of a calibration's ``shared`` samples (shared
+    subgraphs measured alone: :func:`measure_shared`); malformed entries are skipped."""
+    out = []
+    for s in data.get("shared", []) or []:
+        try:
+            key, seq, ms = str(s["key"]), int(s["seq"]), float(s["ms"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        e = shared_elements(key, seq)
+        if e > 0 and ms > 0:
+            out.append((key, e, ms))
+    return out
 
 
 def _band_key(samples_json: str) -> str:
@@ -370,7 +389,10 @@ def _fit_cached(payload_json: str, band: tuple[float, float] | None = None) -> L
             "the calibration has fewer than 3 usable part samples",
             hint="re-run `archir latency calibrate` with a larger --budget-s",
         )
-    return LatencyPredictor().fit(parts, pms, wholes, wms, spreads, groups, band)
+    data = json.loads(payload_json)
+    return LatencyPredictor().fit(
+        parts, pms, wholes, wms, spreads, groups, band, shared=shared_samples(data)
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -990,6 +1012,124 @@ def rss_bytes() -> int:
         return 0
 
 
+#: lengths each shared subgraph is measured at (a line in its elements, ``H·T²``)
+SHARED_SEQS = (128, 256, 512, 1024)
+#: seconds of the budget kept for measuring the shared subgraphs (at most 3 % of it)
+SHARED_S = 30.0
+
+
+def shared_modules(spec_datas: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Shared-subgraph key (:func:`~.predictor.shared_key`) -> a module computing that
+    subgraph alone from an input ``[1, T, d_model]`` (only its length is read), for every
+    key that a block of ``spec_datas`` has: RetNet's decay matrix
+    (:meth:`archir.blocks.recurrent.RetNet.decay`, the very code the block runs). Specs
+    that do not build are skipped."""
+    import torch
+    from torch import nn
+
+    import archir
+    from archir.blocks.recurrent import RetNet
+    from archir.ir import build_graph
+    from archir.spec import spec_from_dict
+    from exporters.latency.parts import node_modules
+
+    class Decay(nn.Module):
+        def __init__(self, block: RetNet) -> None:
+            super().__init__()
+            self.block = block
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block.decay(torch.arange(x.shape[1], device=x.device), x.dtype)
+
+    out: dict[str, Any] = {}
+    for data in spec_datas:
+        try:
+            spec = spec_from_dict(data)
+            want = {
+                n.name: shared_key(n.kind or "", n.params)
+                for n in build_graph(spec)
+                if n.op == "block"
+            }
+        except Exception:
+            continue
+        want = {name: k for name, k in want.items() if k and k not in out}
+        if not want:
+            continue
+        model = archir.compile(spec, seed=0).eval()
+        mods = node_modules(model)
+        for name, key in want.items():
+            rb = next((m for m in mods[name].modules() if isinstance(m, RetNet)), None)
+            if rb is not None and key not in out:
+                out[key] = (
+                    Decay(rb).eval(),
+                    int(spec.model.model.max_seq_len),
+                    spec.model.model.d_model,
+                )
+    return out
+
+
+def measure_shared(
+    spec_datas: Sequence[dict[str, Any]],
+    runtime: str,
+    threads: int,
+    *,
+    rounds: int = INTERLEAVED_ROUNDS,
+    window_s: float = INTERLEAVED_WINDOW_S,
+    budget_s: float = SHARED_S,
+    probe: Any = None,
+    probe_ref_ms: float | None = None,
+) -> list[dict[str, Any]]:
+    """Measure every shared subgraph of ``spec_datas``' blocks alone (one export per key,
+    dynamic length, at :data:`SHARED_SEQS`), interleaved; returns the calibration's
+    ``shared`` records ``{"key", "seq", "ms", ...}``. Only onnxruntime shares them (eager
+    torch recomputes RetNet's decay in every layer): another runtime returns ``[]``, as
+    does a subgraph whose export fails."""
+    import torch
+
+    from exporters.latency.harness import clock, measure_interleaved, torch_threads
+    from exporters.latency.parts import module_callables
+
+    if runtime != "ort":
+        return []
+    t0 = time.perf_counter()
+    fns: dict[tuple[str, int], Callable[[], Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="archir-shared-") as tmp, torch_threads(threads):
+        for key, (mod, _max_seq, d) in shared_modules(spec_datas).items():
+            if time.perf_counter() - t0 > budget_s / 2:
+                break
+            seqs = list(SHARED_SEQS)
+            xs = [torch.zeros(1, t, d) for t in seqs]
+            try:
+                cs = module_callables(mod, xs, runtime, threads, tmp, max_seq=max(SEQS))
+            except RuntimeUnavailableError:
+                continue
+            fns.update({(key, t): c for t, c in zip(seqs, cs)})
+        if not fns:
+            return []
+        got = measure_interleaved(
+            fns,
+            rounds=rounds,
+            window_s=window_s,
+            warmup=1,
+            probe=probe,
+            probe_ref_ms=probe_ref_ms,
+            budget_s=max(0.0, budget_s - (time.perf_counter() - t0)),
+            min_rounds=3,
+            timer=clock(threads),
+        )
+    return [
+        {
+            "key": key,
+            "seq": t,
+            "ms": m.min_ms,
+            "median_ms": m.median_ms,
+            "cv": round(m.cv, 4),
+            "window_min_ms": [round(w, 5) for w in m.window_min_ms],
+        }
+        for (key, t), m in got.items()
+    ]
+
+
 def calibrate(
     runtime: str = "ort",
     *,
@@ -1061,7 +1201,8 @@ def calibrate(
 
     # the budget less what fitting the band at the end takes (:func:`band_record`, 6-8 s
     # on the default calibration's samples here)
-    measure_s = budget_s - min(BAND_FIT_S, 0.02 * budget_s)
+    shared_s = min(SHARED_S, 0.03 * budget_s) if runtime == "ort" else 0.0
+    measure_s = budget_s - min(BAND_FIT_S, 0.02 * budget_s) - shared_s
     coverage = WidthCoverage(random.Random(seed + 2))
     # every spec reaches the longest calibrated length, so the extra lengths one export is
     # measured at span all of SEQS: with the spaces' own max_seq_len (256-512) they piled up
@@ -1210,6 +1351,21 @@ def calibrate(
                     "window_min_ms": [round(w, 5) for w in m.window_min_ms],
                 }
                 (parts if what == "part" else wholes).append(rec)
+        # RetNet's decay, built once per graph for all its RetNet layers of one key
+        shared = (
+            measure_shared(
+                specs,
+                runtime,
+                threads,
+                rounds=rounds,
+                window_s=window_s,
+                budget_s=max(0.0, min(shared_s, budget_s - elapsed() - BAND_FIT_S)),
+                probe=probe,
+                probe_ref_ms=probe_ms,
+            )
+            if shared_s > 0
+            else []
+        )
     finally:
         exporters.close()
         probe.close()
@@ -1242,6 +1398,7 @@ def calibrate(
         "specs": specs,
         "parts": parts,
         "wholes": wholes,
+        "shared": shared,
     }
     try:
         data["band"] = band_record(data)
