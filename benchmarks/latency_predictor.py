@@ -117,6 +117,19 @@ def panel_levels(passes: list[list[float]]) -> list[float]:
     return [float(np.median(q / ref)) for q in a]
 
 
+def against_truth(tag: str, pred: Any, mine: Any, truth: Any) -> dict[str, float]:
+    """The predictor (``pred``) and this run's measurement (``mine``) against an aggregate
+    ``truth`` (ms arrays of one order), under keys ``predictor_vs_<tag>_...`` and
+    ``truth_this_run_vs_<tag>_...``."""
+    e, m = np.asarray(pred) / truth - 1, np.asarray(mine) / truth - 1
+    return {
+        f"predictor_vs_{tag}_within_10pct": float(np.mean(np.abs(e) <= 0.10)),
+        f"predictor_vs_{tag}_median_signed_err_pct": float(np.median(e) * 100),
+        f"truth_this_run_vs_{tag}_within_10pct": float(np.mean(np.abs(m) <= 0.10)),
+        f"truth_this_run_vs_{tag}_within_5pct": float(np.mean(np.abs(m) <= 0.05)),
+    }
+
+
 def export_one(job: tuple[dict[str, Any], str, float]) -> tuple[str, float, str | None]:
     """Export one held-out spec as it ships (worker process). Returns (path, seconds,
     error or None); the file appears only complete (written aside, then renamed)."""
@@ -497,23 +510,8 @@ def main() -> int:
                 times += [e["measured_ms"], e["measured_ms_pass2"]]
             over.append(float(np.median([t for t in times if t])))
         ym = np.asarray(over)
-        res.update(
-            {
-                "truth_runs": 1 + len(earlier),
-                "predictor_vs_median_over_runs_within_10pct": float(
-                    np.mean(np.abs(yp / ym - 1) <= 0.10)
-                ),
-                "predictor_vs_median_over_runs_median_signed_err_pct": float(
-                    np.median(yp / ym - 1) * 100
-                ),
-                "truth_this_run_vs_median_over_runs_within_10pct": float(
-                    np.mean(np.abs(y / ym - 1) <= 0.10)
-                ),
-                "truth_this_run_vs_median_over_runs_within_5pct": float(
-                    np.mean(np.abs(y / ym - 1) <= 0.05)
-                ),
-            }
-        )
+        res["truth_runs"] = 1 + len(earlier)
+        res.update(against_truth("median_over_runs", yp, y, ym))
         for r, v in zip(rows, over):
             r["measured_ms_median_over_runs"] = v
     if panel_passes:
@@ -568,23 +566,8 @@ def main() -> int:
                 over_n.append(float(np.median(times)))
             ymn = np.asarray(over_n)
             mine_n = np.asarray([r["measured_ms"] / lv[mine + r["panel_pass"][0]] for r in rows])
-            res.update(
-                {
-                    "panel_levels_over_runs": lv,
-                    "predictor_vs_panel_median_over_runs_within_10pct": float(
-                        np.mean(np.abs(yp / ymn - 1) <= 0.10)
-                    ),
-                    "predictor_vs_panel_median_over_runs_median_signed_err_pct": float(
-                        np.median(yp / ymn - 1) * 100
-                    ),
-                    "truth_this_run_vs_panel_median_over_runs_within_10pct": float(
-                        np.mean(np.abs(mine_n / ymn - 1) <= 0.10)
-                    ),
-                    "truth_this_run_vs_panel_median_over_runs_within_5pct": float(
-                        np.mean(np.abs(mine_n / ymn - 1) <= 0.05)
-                    ),
-                }
-            )
+            res["panel_levels_over_runs"] = lv
+            res.update(against_truth("panel_median_over_runs", yp, mine_n, ymn))
             for r, v in zip(rows, over_n):
                 r["measured_ms_panel_median_over_runs"] = v
         elif earlier:

@@ -4,8 +4,9 @@ A calibration file is JSON (``format: archir-latency-calibration``, ``version``)
 **key** it is valid for — CPU model and logical CPU count, runtime (``ort``/``torch``) and its
 version, intra-op threads — and the raw samples: ``specs`` (concrete spec data), ``parts``
 (spec index, IR node name or ``"fixed"``, batch, seq, ``ms`` = the fastest call, best window
-median, median, CV, runs, each window's median and fastest call) and ``wholes`` (spec
-index, batch, seq, the same statistics), and the predictor's uncertainty ``band`` fitted on
+median, median, CV, runs, each window's median and fastest call), ``wholes`` (spec
+index, batch, seq, the same statistics) and ``shared`` (shared subgraph key, seq, the fastest
+call; absent in files written before 2026-11-29: nothing is then shared), and the predictor's uncertainty ``band`` fitted on
 those samples (:func:`band_record`: its ``log`` bounds and the samples' hash). The predictor
 (:class:`~.predictor.LatencyPredictor`) is refitted from the samples on load (a few seconds;
 the band is refitted too, about 6 s more, only when the stored one was fitted on other
@@ -40,7 +41,11 @@ longer than a batch does not go into the samples; then the next batch, while the
 allows (a batch's newest samples whose rounds would not fit in the budget left are dropped,
 counted as ``skipped["budget"]``). The probe's fastest time is stored (``probe_ms``) for
 later measurements to compare against; a sample's value is its fastest call (``min_ms``, see
-:mod:`.harness` on why). Interleaving matters on a shared machine: a slow phase of a few
+:mod:`.harness` on why). Last, the **shared subgraphs** (:func:`measure_shared`, at most
+:data:`SHARED_S` of the budget): RetNet's decay matrix, which onnxruntime builds once for
+every RetNet layer of the same heads and convention in a whole graph, is exported and timed
+alone at :data:`SHARED_SEQS` for every such key of the designed specs (``shared``), so the
+predictor prices a later layer's part without it. Interleaving matters on a shared machine: a slow phase of a few
 seconds then costs every sample one window, instead of costing a few samples their whole
 measurement. A part takes one to a few seconds to export through torch.export (a Mamba block
 over ten: its dynamic-length scan makes torch.export reason about many symbolic shapes), so
