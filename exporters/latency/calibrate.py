@@ -1017,7 +1017,8 @@ def rss_bytes() -> int:
         return 0
 
 
-#: lengths each shared subgraph is measured at (a line in its elements, ``H·T²``)
+#: lengths each shared subgraph is measured at (interpolated between them by its elements,
+#: ``H·T²``)
 SHARED_SEQS = (128, 256, 512, 1024)
 #: seconds of the budget kept for measuring the shared subgraphs (at most 3 % of it)
 SHARED_S = 30.0
