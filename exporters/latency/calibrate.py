@@ -388,13 +388,13 @@ def samples_features(
 def _fit_cached(payload_json: str, band: tuple[float, float] | None = None) -> LatencyPredictor:
     spreads: list[float] = []
     groups: list[int] = []
-    parts, pms, wholes, wms = samples_features(json.loads(payload_json), spreads, groups)
+    data = json.loads(payload_json)
+    parts, pms, wholes, wms = samples_features(data, spreads, groups)
     if len(parts) < 3:
         raise CalibrationFormatError(
             "the calibration has fewer than 3 usable part samples",
             hint="re-run `archir latency calibrate` with a larger --budget-s",
         )
-    data = json.loads(payload_json)
     return LatencyPredictor().fit(
         parts, pms, wholes, wms, spreads, groups, band, shared=shared_samples(data)
     )
@@ -1025,8 +1025,8 @@ SHARED_S = 30.0
 
 
 def shared_modules(spec_datas: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Shared-subgraph key (:func:`~.predictor.shared_key`) -> a module computing that
-    subgraph alone from an input ``[1, T, d_model]`` (only its length is read), for every
+    """Shared-subgraph key (:func:`~.predictor.shared_key`) -> (a module computing that
+    subgraph alone from an input ``[1, T, d_model]``, only its length read; ``d_model``), for every
     key that a block of ``spec_datas`` has: RetNet's decay matrix
     (:meth:`archir.blocks.recurrent.RetNet.decay`, the very code the block runs). Specs
     that do not build are skipped."""
@@ -1066,11 +1066,7 @@ def shared_modules(spec_datas: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for name, key in want.items():
             rb = next((m for m in mods[name].modules() if isinstance(m, RetNet)), None)
             if rb is not None and key not in out:
-                out[key] = (
-                    Decay(rb).eval(),
-                    int(spec.model.model.max_seq_len),
-                    spec.model.model.d_model,
-                )
+                out[key] = (Decay(rb).eval(), spec.model.model.d_model)
     return out
 
 
@@ -1100,7 +1096,7 @@ def measure_shared(
     t0 = time.perf_counter()
     fns: dict[tuple[str, int], Callable[[], Any]] = {}
     with tempfile.TemporaryDirectory(prefix="archir-shared-") as tmp, torch_threads(threads):
-        for key, (mod, _max_seq, d) in shared_modules(spec_datas).items():
+        for key, (mod, d) in shared_modules(spec_datas).items():
             if time.perf_counter() - t0 > budget_s / 2:
                 break
             seqs = list(SHARED_SEQS)
@@ -1358,19 +1354,15 @@ def calibrate(
                 }
                 (parts if what == "part" else wholes).append(rec)
         # RetNet's decay, built once per graph for all its RetNet layers of one key
-        shared = (
-            measure_shared(
-                specs,
-                runtime,
-                threads,
-                rounds=rounds,
-                window_s=window_s,
-                budget_s=max(0.0, min(shared_s, budget_s - elapsed() - BAND_FIT_S)),
-                probe=probe,
-                probe_ref_ms=probe_ms,
-            )
-            if shared_s > 0
-            else []
+        shared = measure_shared(
+            specs,
+            runtime,
+            threads,
+            rounds=rounds,
+            window_s=window_s,
+            budget_s=max(0.0, min(shared_s, budget_s - elapsed() - BAND_FIT_S)),
+            probe=probe,
+            probe_ref_ms=probe_ms,
         )
     finally:
         exporters.close()
